@@ -1,0 +1,224 @@
+//! The denoising loop: flow-matching Euler steps of the DiT under a pruning schedule, with optional true CFG.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, Bool, DType, Tensor};
+use qwen_image::{
+    dit::{DitInput, ImageShape, PlannedStats, QwenImageTransformer},
+    ops::QwenBackend,
+};
+use qwen_image_pruning::{PruningSchedule, StepContext, StepOutcome, TokenPruningCache};
+
+use crate::{PipelineError, Result};
+
+/// Text conditioning of one branch (prompt or negative prompt).
+#[derive(Clone, Debug)]
+pub struct TextConditioning<B: Backend> {
+    /// `[1, text_tokens, joint_attention_dim]`.
+    pub embeds: Tensor<B, 3>,
+    /// `[1, text_tokens]`, `true` = valid; `None` when every token is valid.
+    pub mask: Option<Tensor<B, 2, Bool>>,
+}
+
+/// Everything the loop needs besides the model and the schedule.
+#[derive(Clone, Debug)]
+pub struct DenoiseInputs<B: Backend> {
+    /// Initial noise, packed: `[1, target_tokens, in_channels]`.
+    pub latents: Tensor<B, 3>,
+    /// Packed condition-image latents, all images concatenated: `[1, condition_tokens, in_channels]`.
+    pub image_latents: Tensor<B, 3>,
+    /// The prompt.
+    pub prompt: TextConditioning<B>,
+    /// The negative prompt; with `cfg_scale > 1` the loop runs true CFG.
+    pub negative: Option<TextConditioning<B>>,
+    /// True-CFG scale; CFG runs only when it is > 1 and a negative prompt is given.
+    pub cfg_scale: f32,
+    /// Token grids: the target first, then each condition image.
+    pub img_shapes: Vec<ImageShape>,
+    /// `num_steps + 1` values of σ (the last one usually 0); the Euler update is `x += (σ_{i+1} − σ_i)·v`.
+    pub sigmas: Vec<f32>,
+    /// The timestep fed to the DiT at each step (`num_steps` values): σ itself, or σ as the pipeline rounds it.
+    pub timesteps: Vec<f32>,
+}
+
+/// The pruning caches of one denoising run: one per CFG branch (the branches see different text, so their
+/// condition tokens' K/V differ).
+#[derive(Clone, Debug, Default)]
+pub struct DenoiseCaches<B: Backend> {
+    /// Cache of the prompt branch.
+    pub prompt: TokenPruningCache<B>,
+    /// Cache of the negative-prompt branch.
+    pub negative: TokenPruningCache<B>,
+}
+
+impl<B: Backend> DenoiseCaches<B> {
+    /// Drops every entry of both caches.
+    pub fn clear(&mut self) {
+        self.prompt.clear();
+        self.negative.clear();
+    }
+
+    /// Bytes held by both caches.
+    pub fn size_bytes(&self) -> usize {
+        self.prompt.size_bytes() + self.negative.size_bytes()
+    }
+}
+
+/// What one denoising step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// 0-based step index.
+    pub step: usize,
+    /// σ of the step.
+    pub sigma: f32,
+    /// Wall time of the step (the device is synchronized before the clock stops).
+    pub time: Duration,
+    /// Image tokens computed, summed over blocks and CFG branches.
+    pub computed_tokens: usize,
+    /// Condition tokens reused from the cache, summed over blocks and branches.
+    pub reused_tokens: usize,
+    /// Cache entries written.
+    pub cached_entries: usize,
+    /// Bytes held by the caches after the step.
+    pub cache_bytes: usize,
+    /// Relative L2 change of the velocity against the previous step.
+    pub velocity_change: Option<f32>,
+    /// The schedule's plan, summarized (`compute`, `cache`, `reuse` counts over blocks × condition images).
+    pub plan_summary: String,
+}
+
+fn summarize(plan: &qwen_image_pruning::StepPlan) -> String {
+    use qwen_image_pruning::GroupAction::*;
+    let (mut c, mut s, mut r) = (0, 0, 0);
+    for l in &plan.layers {
+        for g in &l.conditions {
+            match g.action {
+                Compute => c += 1,
+                ComputeAndCache => s += 1,
+                Reuse(_) => r += 1,
+            }
+        }
+    }
+    format!("compute {c}, cache {s}, reuse {r}")
+}
+
+fn rel_change<B: Backend>(a: &Tensor<B, 3>, b: &Tensor<B, 3>) -> f32 {
+    let a = a.clone().cast(DType::F32);
+    let b = b.clone().cast(DType::F32);
+    let num: f32 = (a - b.clone()).square().sum().into_scalar().to_f32();
+    let den: f32 = b.square().sum().into_scalar().to_f32();
+    if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    }
+}
+
+trait ToF32 {
+    fn to_f32(self) -> f32;
+}
+impl<E: burn::tensor::ElementConversion> ToF32 for E {
+    fn to_f32(self) -> f32 {
+        self.elem::<f32>()
+    }
+}
+
+/// True CFG with per-token norm rescaling: `comb = neg + s·(cond − neg)`, rescaled so that each token's L2 norm over
+/// the channels equals the conditional prediction's.
+pub fn true_cfg<B: Backend>(cond: Tensor<B, 3>, neg: Tensor<B, 3>, scale: f32) -> Tensor<B, 3> {
+    let comb = neg.clone() + (cond.clone() - neg) * scale;
+    let norm = |t: Tensor<B, 3>| t.square().sum_dim(2).sqrt();
+    let (cond_norm, comb_norm) = (norm(cond), norm(comb.clone()));
+    comb * (cond_norm / comb_norm)
+}
+
+/// Runs the Euler loop. Returns the final latents `[1, target_tokens, channels]` (in the model dtype) and one
+/// report per step; `on_step` sees each report as soon as the step ends.
+pub fn denoise<B: QwenBackend>(
+    model: &QwenImageTransformer<B>,
+    inputs: &DenoiseInputs<B>,
+    schedule: &mut dyn PruningSchedule,
+    caches: &mut DenoiseCaches<B>,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<(Tensor<B, 3>, Vec<StepReport>)> {
+    let num_steps = inputs.sigmas.len().saturating_sub(1);
+    if num_steps == 0 || inputs.timesteps.len() != num_steps {
+        return Err(PipelineError::invalid(format!(
+            "{} sigmas and {} timesteps: need num_steps + 1 sigmas (num_steps ≥ 1) and num_steps timesteps",
+            inputs.sigmas.len(),
+            inputs.timesteps.len()
+        )));
+    }
+    let device = model.device().clone();
+    let dtype = model.dtype();
+    let cfg = inputs.negative.as_ref().filter(|_| inputs.cfg_scale > 1.0);
+    let mut x = inputs.latents.clone().cast(dtype);
+    let image_latents = inputs.image_latents.clone().cast(dtype);
+    let mut reports = Vec::with_capacity(num_steps);
+    let mut last_v: Option<Tensor<B, 3>> = None;
+
+    for step in 0..num_steps {
+        let start = Instant::now();
+        let (sigma, sigma_next) = (inputs.sigmas[step], inputs.sigmas[step + 1]);
+        let input_of = |text: &TextConditioning<B>, x: &Tensor<B, 3>| DitInput {
+            hidden_states: Tensor::cat(vec![x.clone(), image_latents.clone()], 1),
+            encoder_hidden_states: text.embeds.clone(),
+            encoder_hidden_states_mask: text.mask.clone(),
+            timestep: vec![inputs.timesteps[step]],
+            img_shapes: inputs.img_shapes.clone(),
+        };
+        let cond_input = input_of(&inputs.prompt, &x);
+        let layout = cond_input.layout();
+        let ctx = StepContext {
+            step,
+            num_steps,
+            sigma,
+            sigma_next,
+            num_layers: model.num_layers(),
+            layout: &layout,
+        };
+        let plan = schedule.plan_step(&ctx)?;
+        let (v_cond, mut stats) = model.forward_planned(&cond_input, &plan, step, &mut caches.prompt)?;
+        let v = match cfg {
+            Some(neg) => {
+                let (v_neg, s2) =
+                    model.forward_planned(&input_of(neg, &x), &plan, step, &mut caches.negative)?;
+                stats = PlannedStats {
+                    computed_tokens: stats.computed_tokens + s2.computed_tokens,
+                    reused_tokens: stats.reused_tokens + s2.reused_tokens,
+                    cached_entries: stats.cached_entries + s2.cached_entries,
+                };
+                true_cfg(v_cond, v_neg, inputs.cfg_scale)
+            }
+            None => v_cond,
+        };
+        // Euler step in f32, stored in the model dtype (as diffusers does).
+        let xf = x.cast(DType::F32) + v.clone().cast(DType::F32) * (sigma_next - sigma);
+        x = xf.cast(dtype);
+        let velocity_change = last_v.as_ref().map(|p| rel_change(&v, p));
+        B::sync(&device).map_err(|e| PipelineError::Device(format!("{e:?}")))?;
+        last_v = Some(v);
+        let report = StepReport {
+            step,
+            sigma,
+            time: start.elapsed(),
+            computed_tokens: stats.computed_tokens,
+            reused_tokens: stats.reused_tokens,
+            cached_entries: stats.cached_entries,
+            cache_bytes: caches.size_bytes(),
+            velocity_change,
+            plan_summary: summarize(&plan),
+        };
+        let mut outcome = StepOutcome::new(step, plan);
+        outcome.computed_tokens = report.computed_tokens;
+        outcome.reused_tokens = report.reused_tokens;
+        outcome.cached_entries = report.cached_entries;
+        outcome.cache_bytes = report.cache_bytes;
+        outcome.velocity_change = report.velocity_change;
+        outcome.seconds = Some(report.time.as_secs_f64());
+        schedule.observe(&outcome);
+        on_step(&report);
+        reports.push(report);
+    }
+    Ok((x, reports))
+}

@@ -1,0 +1,284 @@
+//! Plans: what happens to each token group at each layer of one denoising step.
+
+use serde::{Deserialize, Serialize};
+
+use crate::PruneError;
+
+/// A group of tokens of the DiT's joint sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TokenGroup {
+    /// The text (prompt) stream.
+    Text,
+    /// The noisy target latent tokens (the image being generated).
+    Target,
+    /// The tokens of condition image `k` (0-based, in `img_shapes` order after the target).
+    Condition(usize),
+}
+
+impl std::fmt::Display for TokenGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenGroup::Text => write!(f, "text"),
+            TokenGroup::Target => write!(f, "target"),
+            TokenGroup::Condition(k) => write!(f, "condition image {k}"),
+        }
+    }
+}
+
+/// How reused condition tokens provide their keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum ReuseMode {
+    /// Attend to the post-QK-norm, post-RoPE K and V exactly as they were cached. The condition tokens cost
+    /// nothing at this layer.
+    #[default]
+    KeyValue,
+    /// Recompute K and V from the cached layer-input hidden states with the current step's modulation (LayerNorm,
+    /// modulate, K/V projections, QK-norm, RoPE). No Q, attention output or MLP is computed for these tokens.
+    RecomputeKeyValue,
+}
+
+/// What one token group does at one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum GroupAction {
+    /// Compute the tokens normally; nothing is cached.
+    #[default]
+    Compute,
+    /// Compute the tokens normally and cache their layer-input hidden states and post-norm post-RoPE K and V.
+    ComputeAndCache,
+    /// Do not compute the tokens; attend to cached keys and values.
+    Reuse(ReuseMode),
+}
+
+impl GroupAction {
+    /// Whether the tokens are computed (their hidden states are updated) at this layer.
+    pub fn computes(self) -> bool {
+        matches!(self, GroupAction::Compute | GroupAction::ComputeAndCache)
+    }
+
+    /// Whether this action reads the cache.
+    pub fn reuses(self) -> bool {
+        matches!(self, GroupAction::Reuse(_))
+    }
+}
+
+/// Which tokens of a group an action applies to.
+///
+/// Today only [`TokenSubset::All`] is executed by the model; the type leaves room for schedules that recompute only
+/// some tokens (an edited region) and reuse the rest, without breaking existing schedules.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TokenSubset {
+    /// Every token of the group.
+    #[default]
+    All,
+    /// Only these token indices (0-based within the group, strictly increasing); the action of the other tokens
+    /// is given by [`GroupPlan::rest`].
+    Indices(Vec<u32>),
+}
+
+/// The decision for one token group at one layer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct GroupPlan {
+    /// The action for the tokens selected by `tokens`.
+    pub action: GroupAction,
+    /// The tokens `action` applies to.
+    pub tokens: TokenSubset,
+    /// The action of the tokens not in `tokens` (ignored when `tokens` is [`TokenSubset::All`]).
+    pub rest: GroupAction,
+}
+
+impl GroupPlan {
+    /// A plan applying `action` to every token of the group.
+    pub fn all(action: GroupAction) -> Self {
+        GroupPlan { action, tokens: TokenSubset::All, rest: action }
+    }
+
+    /// The action if it applies to the whole group, `None` for a token subset.
+    pub fn uniform_action(&self) -> Option<GroupAction> {
+        match self.tokens {
+            TokenSubset::All => Some(self.action),
+            _ if self.action == self.rest => Some(self.action),
+            _ => None,
+        }
+    }
+}
+
+impl From<GroupAction> for GroupPlan {
+    fn from(action: GroupAction) -> Self {
+        GroupPlan::all(action)
+    }
+}
+
+/// What every token group does at one layer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct LayerPlan {
+    /// The text stream.
+    pub text: GroupPlan,
+    /// The target (noisy latent) tokens.
+    pub target: GroupPlan,
+    /// One entry per condition image, in `img_shapes` order.
+    pub conditions: Vec<GroupPlan>,
+}
+
+impl LayerPlan {
+    /// Text and target computed; all `num_conditions` condition images take `action`.
+    pub fn with_conditions(num_conditions: usize, action: GroupAction) -> Self {
+        LayerPlan {
+            text: GroupPlan::all(GroupAction::Compute),
+            target: GroupPlan::all(GroupAction::Compute),
+            conditions: vec![GroupPlan::all(action); num_conditions],
+        }
+    }
+
+    /// Everything computed, nothing cached.
+    pub fn compute_all(num_conditions: usize) -> Self {
+        Self::with_conditions(num_conditions, GroupAction::Compute)
+    }
+
+    /// The plan of `group`, if the group exists.
+    pub fn group(&self, group: TokenGroup) -> Option<&GroupPlan> {
+        match group {
+            TokenGroup::Text => Some(&self.text),
+            TokenGroup::Target => Some(&self.target),
+            TokenGroup::Condition(k) => self.conditions.get(k),
+        }
+    }
+
+    /// Every group with its plan, in sequence order (text, target, condition images).
+    pub fn groups(&self) -> impl Iterator<Item = (TokenGroup, &GroupPlan)> {
+        [(TokenGroup::Text, &self.text), (TokenGroup::Target, &self.target)]
+            .into_iter()
+            .chain(self.conditions.iter().enumerate().map(|(k, p)| (TokenGroup::Condition(k), p)))
+    }
+}
+
+/// The plan of one denoising step: one [`LayerPlan`] per transformer block.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct StepPlan {
+    /// Per-layer plans, index = block index.
+    pub layers: Vec<LayerPlan>,
+}
+
+impl StepPlan {
+    /// A plan from per-layer plans.
+    pub fn new(layers: Vec<LayerPlan>) -> Self {
+        StepPlan { layers }
+    }
+
+    /// Every layer computes everything and caches nothing.
+    pub fn compute_all(num_layers: usize, num_conditions: usize) -> Self {
+        StepPlan { layers: vec![LayerPlan::compute_all(num_conditions); num_layers] }
+    }
+
+    /// Whether any group reuses cached tokens at any layer.
+    pub fn reuses_anything(&self) -> bool {
+        self.layers.iter().any(|l| l.groups().any(|(_, p)| p.action.reuses() || p.rest.reuses()))
+    }
+
+    /// Checks the plan's structure against the model and the token layout: one plan per layer, one per condition
+    /// image, text and target only computed (their reuse is not implemented), token subsets in range.
+    pub fn validate_shape(&self, num_layers: usize, layout: &TokenLayout) -> Result<(), PruneError> {
+        if self.layers.len() != num_layers {
+            return Err(PruneError::InvalidPlan(format!(
+                "the plan has {} layer plans but the model has {num_layers} layers",
+                self.layers.len()
+            )));
+        }
+        for (layer, lp) in self.layers.iter().enumerate() {
+            if lp.conditions.len() != layout.condition_tokens.len() {
+                return Err(PruneError::InvalidPlan(format!(
+                    "layer {layer}: the plan has {} condition groups but the input has {} condition images",
+                    lp.conditions.len(),
+                    layout.condition_tokens.len()
+                )));
+            }
+            for (group, plan) in lp.groups() {
+                let len = layout.group_len(group).unwrap_or(0);
+                if let TokenSubset::Indices(idx) = &plan.tokens {
+                    if !idx.windows(2).all(|w| w[0] < w[1]) || idx.last().is_some_and(|&i| i as usize >= len)
+                    {
+                        return Err(PruneError::InvalidPlan(format!(
+                            "layer {layer}, {group}: token indices must be strictly increasing and < {len}"
+                        )));
+                    }
+                }
+                let only_compute = matches!(group, TokenGroup::Text | TokenGroup::Target);
+                if only_compute && (plan.action.reuses() || plan.rest.reuses()) {
+                    return Err(PruneError::Unsupported(format!(
+                        "layer {layer}: reusing {group} tokens is not supported (only condition images)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, before anything runs, that every cache read of this plan will hit.
+    ///
+    /// `lookup(layer, k)` returns, for condition image `k` at block `layer`, `None` if nothing is cached, else the
+    /// number of cached tokens and whether the layer-input hidden states were cached. A condition image that is
+    /// reused at some block and computed again at a later block takes that later block's input from the cache, so
+    /// its hidden states must be there.
+    pub fn check_cache(
+        &self,
+        step: usize,
+        layout: &TokenLayout,
+        lookup: impl Fn(usize, usize) -> Option<(usize, bool)>,
+    ) -> Result<(), PruneError> {
+        let mut live = vec![true; layout.condition_tokens.len()];
+        for (layer, lp) in self.layers.iter().enumerate() {
+            for (k, plan) in lp.conditions.iter().enumerate() {
+                let group = TokenGroup::Condition(k);
+                let needs_hidden = match plan.action {
+                    GroupAction::Reuse(ReuseMode::KeyValue) => false,
+                    GroupAction::Reuse(ReuseMode::RecomputeKeyValue) => true,
+                    GroupAction::Compute | GroupAction::ComputeAndCache if live[k] => continue,
+                    GroupAction::Compute | GroupAction::ComputeAndCache => true,
+                };
+                let (cached, has_hidden) =
+                    lookup(layer, k).ok_or(PruneError::CacheMiss { step, layer, group })?;
+                let expected = layout.condition_tokens[k];
+                if cached != expected {
+                    return Err(PruneError::CacheShapeMismatch { layer, group, cached, expected });
+                }
+                if needs_hidden && !has_hidden {
+                    return Err(PruneError::HiddenNotCached { layer, group });
+                }
+                live[k] = plan.action.computes();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sizes of the token groups of one DiT call.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct TokenLayout {
+    /// Number of text tokens.
+    pub text_tokens: usize,
+    /// Number of target (noisy latent) tokens.
+    pub target_tokens: usize,
+    /// Number of tokens of each condition image.
+    pub condition_tokens: Vec<usize>,
+}
+
+impl TokenLayout {
+    /// A layout from its group sizes.
+    pub fn new(text_tokens: usize, target_tokens: usize, condition_tokens: Vec<usize>) -> Self {
+        TokenLayout { text_tokens, target_tokens, condition_tokens }
+    }
+
+    /// Number of tokens of `group`, `None` if there is no such condition image.
+    pub fn group_len(&self, group: TokenGroup) -> Option<usize> {
+        match group {
+            TokenGroup::Text => Some(self.text_tokens),
+            TokenGroup::Target => Some(self.target_tokens),
+            TokenGroup::Condition(k) => self.condition_tokens.get(k).copied(),
+        }
+    }
+
+    /// Total number of image-stream tokens (target + all condition images).
+    pub fn image_tokens(&self) -> usize {
+        self.target_tokens + self.condition_tokens.iter().sum::<usize>()
+    }
+}

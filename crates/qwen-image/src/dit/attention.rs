@@ -1,0 +1,116 @@
+//! Joint attention projections (`attn.*`): Q/K/V of both streams, per-head QK-RMSNorm, RoPE, output projections.
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use super::rope::RopeTensors;
+use crate::{
+    nn::{Linear, RmsNorm},
+    ops::QwenBackend,
+    weights::WeightPath,
+    Result,
+};
+
+/// The attention weights of one block (`transformer_blocks.{i}.attn`).
+#[derive(Clone, Debug)]
+pub struct JointAttention<B: Backend> {
+    /// Image-stream query projection.
+    pub to_q: Linear<B>,
+    /// Image-stream key projection.
+    pub to_k: Linear<B>,
+    /// Image-stream value projection.
+    pub to_v: Linear<B>,
+    /// Text-stream query projection.
+    pub add_q_proj: Linear<B>,
+    /// Text-stream key projection.
+    pub add_k_proj: Linear<B>,
+    /// Text-stream value projection.
+    pub add_v_proj: Linear<B>,
+    /// Per-head RMSNorm of image queries.
+    pub norm_q: RmsNorm<B>,
+    /// Per-head RMSNorm of image keys.
+    pub norm_k: RmsNorm<B>,
+    /// Per-head RMSNorm of text queries.
+    pub norm_added_q: RmsNorm<B>,
+    /// Per-head RMSNorm of text keys.
+    pub norm_added_k: RmsNorm<B>,
+    /// Image-stream output projection (`to_out.0`).
+    pub to_out: Linear<B>,
+    /// Text-stream output projection.
+    pub to_add_out: Linear<B>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Dimension of a head.
+    pub head_dim: usize,
+}
+
+/// Queries, keys and values of a run of tokens, `[batch, tokens, heads, head_dim]` each.
+#[derive(Clone, Debug)]
+pub struct Qkv<B: Backend> {
+    /// Queries (normalized and rotated).
+    pub q: Tensor<B, 4>,
+    /// Keys (normalized and rotated).
+    pub k: Tensor<B, 4>,
+    /// Values.
+    pub v: Tensor<B, 4>,
+}
+
+impl<B: QwenBackend> JointAttention<B> {
+    /// Loads the weights under `path` (a block's `attn`).
+    pub fn load(
+        path: &mut WeightPath<'_>,
+        heads: usize,
+        head_dim: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let dim = heads * head_dim;
+        let mut lin = |name: &str| Linear::load(&mut path.pp(name), dim, dim, true, device);
+        let (to_q, to_k, to_v) = (lin("to_q")?, lin("to_k")?, lin("to_v")?);
+        let (add_q_proj, add_k_proj, add_v_proj) =
+            (lin("add_q_proj")?, lin("add_k_proj")?, lin("add_v_proj")?);
+        let (to_out, to_add_out) = (lin("to_out.0")?, lin("to_add_out")?);
+        let mut norm = |name: &str| RmsNorm::load(&mut path.pp(name), head_dim, 1e-6, device);
+        Ok(JointAttention {
+            to_q,
+            to_k,
+            to_v,
+            add_q_proj,
+            add_k_proj,
+            add_v_proj,
+            norm_q: norm("norm_q")?,
+            norm_k: norm("norm_k")?,
+            norm_added_q: norm("norm_added_q")?,
+            norm_added_k: norm("norm_added_k")?,
+            to_out,
+            to_add_out,
+            heads,
+            head_dim,
+        })
+    }
+
+    fn heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, s, _] = x.dims();
+        x.reshape([b, s, self.heads, self.head_dim])
+    }
+
+    /// Q, K, V of modulated image tokens `[batch, tokens, dim]`.
+    pub fn image_qkv(&self, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> Qkv<B> {
+        let q = rope.apply(self.norm_q.forward(self.heads(self.to_q.forward(x.clone()))));
+        let (k, v) = self.image_kv(x, rope);
+        Qkv { q, k, v }
+    }
+
+    /// K, V only of modulated image tokens (for condition tokens whose queries are not needed).
+    pub fn image_kv(&self, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = rope.apply(self.norm_k.forward(self.heads(self.to_k.forward(x.clone()))));
+        let v = self.heads(self.to_v.forward(x));
+        (k, v)
+    }
+
+    /// Q, K, V of modulated text tokens.
+    pub fn text_qkv(&self, c: Tensor<B, 3>, rope: &RopeTensors<B>) -> Qkv<B> {
+        let q = rope.apply(self.norm_added_q.forward(self.heads(self.add_q_proj.forward(c.clone()))));
+        let k = rope.apply(self.norm_added_k.forward(self.heads(self.add_k_proj.forward(c.clone()))));
+        let v = self.heads(self.add_v_proj.forward(c));
+        Qkv { q, k, v }
+    }
+}

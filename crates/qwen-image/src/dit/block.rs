@@ -1,0 +1,189 @@
+//! One double-stream block (`QwenImageTransformerBlock`): adaLN, joint attention, gated residuals, GELU-tanh MLPs.
+
+use burn::tensor::{activation::silu, backend::Backend, Bool, Tensor};
+
+use super::{
+    attention::JointAttention,
+    modulation::{ModRuns, Modulation},
+    rope::RopeTensors,
+};
+use crate::{
+    nn::{layer_norm, Linear},
+    ops::{AttentionOptions, KvSegment, QwenBackend},
+    weights::WeightPath,
+    Result,
+};
+
+const LN_EPS: f64 = 1e-6;
+
+/// `FeedForward(dim, mult=4, activation="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
+#[derive(Clone, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// `net.0.proj`, `dim → 4·dim`.
+    pub proj_in: Linear<B>,
+    /// `net.2`, `4·dim → dim`.
+    pub proj_out: Linear<B>,
+}
+
+impl<B: QwenBackend> FeedForward<B> {
+    /// Loads `net.0.proj` and `net.2` under `path`.
+    pub fn load(path: &mut WeightPath<'_>, dim: usize, device: &B::Device) -> Result<Self> {
+        Ok(FeedForward {
+            proj_in: Linear::load(&mut path.pp("net.0.proj"), dim, 4 * dim, true, device)?,
+            proj_out: Linear::load(&mut path.pp("net.2"), 4 * dim, dim, true, device)?,
+        })
+    }
+
+    /// `[batch, tokens, dim] → [batch, tokens, dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.proj_out.forward(self.proj_in.forward_gelu_tanh(x))
+    }
+}
+
+/// The modulations of one block at one step: attention (`1`) and MLP (`2`) triples of both streams.
+#[derive(Clone, Debug)]
+pub struct BlockModulation<B: Backend> {
+    /// Image stream, attention sub-layer; rows 0 (real t) and, with `zero_cond_t`, 1 (t = 0).
+    pub img1: Modulation<B>,
+    /// Image stream, MLP sub-layer.
+    pub img2: Modulation<B>,
+    /// Text stream, attention sub-layer (real t only).
+    pub txt1: Modulation<B>,
+    /// Text stream, MLP sub-layer.
+    pub txt2: Modulation<B>,
+}
+
+/// Per-call inputs of a block besides the two streams.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockContext<'a, B: Backend> {
+    /// RoPE of the text tokens.
+    pub txt_rope: &'a RopeTensors<B>,
+    /// RoPE of the computed image tokens.
+    pub img_rope: &'a RopeTensors<B>,
+    /// Modulation rows of the computed image tokens.
+    pub runs: &'a ModRuns,
+    /// Keys and values of image tokens that are not computed here (reused condition images).
+    pub extra_kv: &'a [KvSegment<B>],
+    /// Text key mask `[batch, text + all image keys]`, `true` = attend.
+    pub key_mask: Option<&'a Tensor<B, 2, Bool>>,
+}
+
+/// What a block returns.
+#[derive(Clone, Debug)]
+pub struct BlockOutput<B: Backend> {
+    /// Updated image tokens.
+    pub img: Tensor<B, 3>,
+    /// Updated text tokens.
+    pub txt: Tensor<B, 3>,
+    /// Keys of the computed image tokens (after QK-norm and RoPE), `[batch, tokens, heads, head_dim]`.
+    pub img_key: Tensor<B, 4>,
+    /// Values of the computed image tokens.
+    pub img_value: Tensor<B, 4>,
+}
+
+/// `transformer_blocks.{i}`.
+#[derive(Clone, Debug)]
+pub struct TransformerBlock<B: Backend> {
+    /// `img_mod.1`: `dim → 6·dim`.
+    pub img_mod: Linear<B>,
+    /// `txt_mod.1`: `dim → 6·dim`.
+    pub txt_mod: Linear<B>,
+    /// Joint attention.
+    pub attn: JointAttention<B>,
+    /// Image-stream MLP.
+    pub img_mlp: FeedForward<B>,
+    /// Text-stream MLP.
+    pub txt_mlp: FeedForward<B>,
+}
+
+impl<B: QwenBackend> TransformerBlock<B> {
+    /// Loads a block from `path` (`transformer_blocks.{i}`).
+    pub fn load(
+        path: &mut WeightPath<'_>,
+        heads: usize,
+        head_dim: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let dim = heads * head_dim;
+        Ok(TransformerBlock {
+            img_mod: Linear::load(&mut path.pp("img_mod.1"), dim, 6 * dim, true, device)?,
+            txt_mod: Linear::load(&mut path.pp("txt_mod.1"), dim, 6 * dim, true, device)?,
+            attn: JointAttention::load(&mut path.pp("attn"), heads, head_dim, device)?,
+            img_mlp: FeedForward::load(&mut path.pp("img_mlp"), dim, device)?,
+            txt_mlp: FeedForward::load(&mut path.pp("txt_mlp"), dim, device)?,
+        })
+    }
+
+    /// The block's modulations from `silu(temb)` (`[rows·batch, dim]`; the text stream uses row 0).
+    pub fn modulation(&self, temb_act: &Tensor<B, 2>, rows: usize) -> BlockModulation<B> {
+        let [rb, dim] = temb_act.dims();
+        let img = self.img_mod.forward_2d(temb_act.clone());
+        let txt = self.txt_mod.forward_2d(temb_act.clone().narrow(0, 0, rb / rows));
+        let half = |p: &Tensor<B, 2>, i: usize, rows: usize| {
+            Modulation::from_params(p.clone().narrow(1, i * 3 * dim, 3 * dim), rows)
+        };
+        BlockModulation {
+            img1: half(&img, 0, rows),
+            img2: half(&img, 1, rows),
+            txt1: half(&txt, 0, 1),
+            txt2: half(&txt, 1, 1),
+        }
+    }
+
+    /// Runs the block on the computed image tokens `img` and the text tokens `txt`.
+    ///
+    /// The image queries are `img`; the keys are `[text ; img ; ctx.extra_kv…]`.
+    pub fn forward(
+        &self,
+        img: Tensor<B, 3>,
+        txt: Tensor<B, 3>,
+        m: &BlockModulation<B>,
+        ctx: &BlockContext<'_, B>,
+    ) -> BlockOutput<B> {
+        let [batch, n_txt, dim] = txt.dims();
+        let n_img = img.dims()[1];
+        let txt_runs = ModRuns::single(n_txt);
+
+        // 1. adaLN + projections.
+        let img_mod = m.img1.modulate(layer_norm(img.clone(), LN_EPS), ctx.runs);
+        let txt_mod = m.txt1.modulate(layer_norm(txt.clone(), LN_EPS), &txt_runs);
+        let i = self.attn.image_qkv(img_mod, ctx.img_rope);
+        let t = self.attn.text_qkv(txt_mod, ctx.txt_rope);
+
+        // 2. Joint attention, text first.
+        let query = Tensor::cat(vec![t.q, i.q], 1);
+        let mut segments =
+            vec![KvSegment { key: t.k, value: t.v }, KvSegment { key: i.k.clone(), value: i.v.clone() }];
+        segments.extend(ctx.extra_kv.iter().cloned());
+        let options = AttentionOptions { causal: false, key_mask: ctx.key_mask.cloned() };
+        let joint = B::attend(query, &segments, &options).reshape([batch, n_txt + n_img, dim]);
+        let txt_attn = self.attn.to_add_out.forward(joint.clone().narrow(1, 0, n_txt));
+        let img_attn = self.attn.to_out.forward(joint.narrow(1, n_txt, n_img));
+
+        // 3. Gated residuals, then the MLPs.
+        let img = m.img1.gated_add(img, img_attn, ctx.runs);
+        let txt = m.txt1.gated_add(txt, txt_attn, &txt_runs);
+        let img_mlp = self.img_mlp.forward(m.img2.modulate(layer_norm(img.clone(), LN_EPS), ctx.runs));
+        let img = m.img2.gated_add(img, img_mlp, ctx.runs);
+        let txt_mlp = self.txt_mlp.forward(m.txt2.modulate(layer_norm(txt.clone(), LN_EPS), &txt_runs));
+        let txt = m.txt2.gated_add(txt, txt_mlp, &txt_runs);
+        BlockOutput { img, txt, img_key: i.k, img_value: i.v }
+    }
+
+    /// Keys and values of image tokens from their block input `hidden` without computing anything else
+    /// (reuse with recomputed K/V): LayerNorm, modulation with `runs`, K/V projections, QK-norm, RoPE.
+    pub fn image_kv(
+        &self,
+        hidden: Tensor<B, 3>,
+        m: &BlockModulation<B>,
+        rope: &RopeTensors<B>,
+        runs: &ModRuns,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.attn.image_kv(m.img1.modulate(layer_norm(hidden, LN_EPS), runs), rope)
+    }
+}
+
+/// `silu(temb)`, the input of every modulation linear.
+pub fn temb_activation<B: Backend>(temb: Tensor<B, 2>) -> Tensor<B, 2> {
+    silu(temb)
+}

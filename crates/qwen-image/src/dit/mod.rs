@@ -1,0 +1,24 @@
+//! The Qwen-Image MMDiT (`QwenImageTransformer2DModel`), generic over the burn backend.
+//!
+//! - [`config`](mod@config): `config.json`.
+//! - [`rope`]: the 3-axis interleaved RoPE.
+//! - [`timestep`]: sinusoidal timestep embedding.
+//! - [`modulation`]: adaLN shift/scale/gate and `zero_cond_t` rows.
+//! - [`attention`]: joint-attention projections with QK-RMSNorm.
+//! - [`block`]: one double-stream block.
+//! - [`transformer`]: the model and its plain forward pass.
+//! - [`planned`]: the forward pass under a pruning plan.
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod modulation;
+pub mod planned;
+pub mod rope;
+pub mod timestep;
+pub mod transformer;
+
+pub use config::DitConfig;
+pub use planned::PlannedStats;
+pub use rope::ImageShape;
+pub use transformer::{DitInput, QwenImageTransformer};

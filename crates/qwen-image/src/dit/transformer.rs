@@ -1,0 +1,260 @@
+//! `QwenImageTransformer2DModel`: embeddings, the blocks, the output layer, and the plain forward pass.
+
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, bf16, f16, Bool, DType, Tensor};
+use qwen_image_pruning::TokenLayout;
+
+use super::{
+    block::{temb_activation, BlockContext, TransformerBlock},
+    config::DitConfig,
+    modulation::ModRuns,
+    rope::{ImageShape, QwenRope, RopeTable, RopeTensors},
+    timestep::TimestepEmbedder,
+};
+use crate::{
+    nn::{layer_norm, Linear, RmsNorm},
+    ops::QwenBackend,
+    weights::WeightStore,
+    ModelError, Result,
+};
+
+/// Inputs of one DiT call, as diffusers' `QwenImageTransformer2DModel.forward` takes them.
+#[derive(Clone, Debug)]
+pub struct DitInput<B: Backend> {
+    /// Packed latent tokens `[batch, image_tokens, in_channels]`: the noisy target first, then each condition image.
+    pub hidden_states: Tensor<B, 3>,
+    /// Text-encoder hidden states `[batch, text_tokens, joint_attention_dim]`.
+    pub encoder_hidden_states: Tensor<B, 3>,
+    /// Optional text mask `[batch, text_tokens]`, `true` = valid token.
+    pub encoder_hidden_states_mask: Option<Tensor<B, 2, Bool>>,
+    /// σ per batch item (the scheduler timestep / 1000), in `[0, 1]`.
+    pub timestep: Vec<f32>,
+    /// Token grid of each image of the image stream: the target first, then the condition images.
+    pub img_shapes: Vec<ImageShape>,
+}
+
+impl<B: Backend> DitInput<B> {
+    /// Sizes of the token groups.
+    pub fn layout(&self) -> TokenLayout {
+        let text = self.encoder_hidden_states.dims()[1];
+        let target = self.img_shapes.first().map_or(0, ImageShape::tokens);
+        TokenLayout::new(text, target, self.img_shapes.iter().skip(1).map(ImageShape::tokens).collect())
+    }
+}
+
+/// What both forward passes share once the inputs are embedded.
+pub(crate) struct Prepared<B: Backend> {
+    pub img: Tensor<B, 3>,
+    pub txt: Tensor<B, 3>,
+    /// `silu(temb)`, `[rows·batch, dim]`: row block 0 is the real timestep, block 1 (zero_cond_t) t = 0.
+    pub temb_act: Tensor<B, 2>,
+    pub rows: usize,
+    pub txt_rope: RopeTensors<B>,
+    /// RoPE table of each image (target first), on the host.
+    pub image_ropes: Vec<RopeTable>,
+    pub key_mask: Option<Tensor<B, 2, Bool>>,
+}
+
+impl<B: Backend> Prepared<B> {
+    /// Modulation row of image `i` (0 = target).
+    pub fn row_of(&self, image: usize) -> usize {
+        usize::from(self.rows == 2 && image > 0)
+    }
+}
+
+/// The Qwen-Image MMDiT.
+#[derive(Clone, Debug)]
+pub struct QwenImageTransformer<B: Backend> {
+    /// The checkpoint's config.
+    pub config: DitConfig,
+    /// `img_in`: packed latent token → model width.
+    pub img_in: Linear<B>,
+    /// `txt_norm`: RMSNorm of the text embeddings.
+    pub txt_norm: RmsNorm<B>,
+    /// `txt_in`: text width → model width.
+    pub txt_in: Linear<B>,
+    /// `time_text_embed.timestep_embedder`.
+    pub time_embed: TimestepEmbedder<B>,
+    /// `transformer_blocks`.
+    pub blocks: Vec<TransformerBlock<B>>,
+    /// `norm_out.linear`: `dim → 2·dim` as (scale, shift).
+    pub norm_out: Linear<B>,
+    /// `proj_out`: model width → packed latent token.
+    pub proj_out: Linear<B>,
+    rope: QwenRope,
+    dtype: DType,
+    device: B::Device,
+}
+
+impl<B: QwenBackend> QwenImageTransformer<B> {
+    /// Loads a diffusers `transformer/` folder: `config.json` and `diffusion_pytorch_model.safetensors` (or its
+    /// shards with the index), converting weights to `dtype`.
+    pub fn load(dir: &Path, dtype: DType, device: &B::Device) -> Result<Self> {
+        let config = DitConfig::from_file(&dir.join("config.json"))?;
+        let mut store = WeightStore::open_dir(dir, "diffusion_pytorch_model", dtype)?;
+        let model = Self::from_store(config, &mut store, device)?;
+        store.finish()?;
+        Ok(model)
+    }
+
+    /// Builds the model from an open store (keys exactly as diffusers names them). Does not check for leftover keys.
+    pub fn from_store(config: DitConfig, store: &mut WeightStore, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let (heads, head_dim) = (config.num_attention_heads, config.attention_head_dim);
+        let dim = config.inner_dim();
+        let mut root = store.root();
+        let blocks = (0..config.num_layers)
+            .map(|i| {
+                TransformerBlock::load(
+                    &mut root.pp(format!("transformer_blocks.{i}")),
+                    heads,
+                    head_dim,
+                    device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(QwenImageTransformer {
+            img_in: Linear::load(&mut root.pp("img_in"), config.in_channels, dim, true, device)?,
+            txt_norm: RmsNorm::load(&mut root.pp("txt_norm"), config.joint_attention_dim, 1e-6, device)?,
+            txt_in: Linear::load(&mut root.pp("txt_in"), config.joint_attention_dim, dim, true, device)?,
+            time_embed: TimestepEmbedder::load(
+                &mut root.pp("time_text_embed.timestep_embedder"),
+                dim,
+                device,
+            )?,
+            blocks,
+            norm_out: Linear::load(&mut root.pp("norm_out.linear"), dim, 2 * dim, true, device)?,
+            proj_out: Linear::load(&mut root.pp("proj_out"), dim, config.out_features(), true, device)?,
+            rope: QwenRope::new(&config.axes_dims_rope),
+            dtype: store.dtype(),
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn check_input(&self, input: &DitInput<B>) -> Result<()> {
+        let cfg = &self.config;
+        let [b, s, c] = input.hidden_states.dims();
+        let [bt, t, ct] = input.encoder_hidden_states.dims();
+        let expected: usize = input.img_shapes.iter().map(ImageShape::tokens).sum();
+        let bad = |m: String| Err(ModelError::invalid(m));
+        if input.img_shapes.is_empty() || input.img_shapes.iter().any(|s| s.tokens() == 0) {
+            return bad("img_shapes must list the target and its condition images, each non-empty".into());
+        }
+        if c != cfg.in_channels || s != expected {
+            return bad(format!(
+                "hidden_states is {:?}; expected [batch, {expected}, {}] for img_shapes {:?}",
+                [b, s, c],
+                cfg.in_channels,
+                input.img_shapes
+            ));
+        }
+        if bt != b || ct != cfg.joint_attention_dim || t == 0 {
+            return bad(format!(
+                "encoder_hidden_states is {:?}; expected [{b}, text_tokens > 0, {}]",
+                [bt, t, ct],
+                cfg.joint_attention_dim
+            ));
+        }
+        if let Some(mask) = &input.encoder_hidden_states_mask {
+            if mask.dims() != [b, t] {
+                return bad(format!(
+                    "encoder_hidden_states_mask is {:?}; expected {:?}",
+                    mask.dims(),
+                    [b, t]
+                ));
+            }
+        }
+        if input.timestep.len() != b || input.timestep.iter().any(|t| !t.is_finite()) {
+            return bad(format!("timestep must hold {b} finite values, got {:?}", input.timestep));
+        }
+        Ok(())
+    }
+
+    /// Rounds σ to the model dtype, as diffusers' `timestep.to(hidden_states.dtype)` does.
+    fn round_timestep(&self, t: f32) -> f32 {
+        match self.dtype {
+            DType::BF16 => bf16::from_f32(t).to_f32(),
+            DType::F16 => f16::from_f32(t).to_f32(),
+            _ => t,
+        }
+    }
+
+    pub(crate) fn prepare(&self, input: &DitInput<B>) -> Result<Prepared<B>> {
+        self.check_input(input)?;
+        let dev = &self.device;
+        let batch = input.timestep.len();
+        let img = self.img_in.forward(input.hidden_states.clone().cast(self.dtype));
+        let txt =
+            self.txt_in.forward(self.txt_norm.forward(input.encoder_hidden_states.clone().cast(self.dtype)));
+        let mut timesteps: Vec<f32> = input.timestep.iter().map(|&t| self.round_timestep(t)).collect();
+        let rows = if self.config.zero_cond_t { 2 } else { 1 };
+        if rows == 2 {
+            timesteps.extend(std::iter::repeat_n(0.0, batch));
+        }
+        let temb = self.time_embed.forward(&timesteps, self.dtype, dev);
+        let n_txt = input.encoder_hidden_states.dims()[1];
+        let n_img = input.hidden_states.dims()[1];
+        let key_mask = input.encoder_hidden_states_mask.clone().map(|m| {
+            let ones = Tensor::<B, 2, Bool>::full([batch, n_img], true, dev);
+            Tensor::cat(vec![m, ones], 1)
+        });
+        Ok(Prepared {
+            img,
+            txt,
+            temb_act: temb_activation(temb),
+            rows,
+            txt_rope: self.rope.text_table(&input.img_shapes, n_txt).to_device(dev),
+            image_ropes: self.rope.image_tables(&input.img_shapes),
+            key_mask,
+        })
+    }
+
+    /// `norm_out` (scale first, then shift) and `proj_out`.
+    pub(crate) fn final_layer(&self, x: Tensor<B, 3>, p: &Prepared<B>) -> Tensor<B, 3> {
+        let [rb, dim] = p.temb_act.dims();
+        let batch = rb / p.rows;
+        let emb = self.norm_out.forward_2d(p.temb_act.clone().narrow(0, 0, batch));
+        let scale = emb.clone().narrow(1, 0, dim).reshape([batch, 1, dim]);
+        let shift = emb.narrow(1, dim, dim).reshape([batch, 1, dim]);
+        self.proj_out.forward(layer_norm(x, 1e-6) * (scale + 1.0) + shift)
+    }
+
+    /// The plain forward pass, exactly as diffusers computes it: returns `[batch, image_tokens, out_features]`
+    /// (predictions for every image token; the pipeline keeps the target's).
+    pub fn forward(&self, input: &DitInput<B>) -> Result<Tensor<B, 3>> {
+        let p = self.prepare(input)?;
+        let runs = ModRuns::new(input.img_shapes.iter().enumerate().map(|(i, s)| (s.tokens(), p.row_of(i))));
+        let img_rope = RopeTable::concat(&p.image_ropes).to_device(&self.device);
+        let ctx = BlockContext {
+            txt_rope: &p.txt_rope,
+            img_rope: &img_rope,
+            runs: &runs,
+            extra_kv: &[],
+            key_mask: p.key_mask.as_ref(),
+        };
+        let (mut img, mut txt) = (p.img.clone(), p.txt.clone());
+        for block in &self.blocks {
+            let m = block.modulation(&p.temb_act, p.rows);
+            let out = block.forward(img, txt, &m, &ctx);
+            (img, txt) = (out.img, out.txt);
+        }
+        Ok(self.final_layer(img, &p))
+    }
+}

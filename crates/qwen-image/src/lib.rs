@@ -1,0 +1,21 @@
+//! Qwen-Image-Edit networks in Rust, generic over the [burn](https://burn.dev) backend.
+//!
+//! - [`dit`]: the 20 B MMDiT (`QwenImageTransformer2DModel`), with a forward pass driven by a
+//!   [`qwen_image_pruning::PruningSchedule`] plan.
+//! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks.
+//! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
+//!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
+//!
+//! Every component is checked against the diffusers/transformers reference by parity fixtures (see `tests/`).
+
+pub mod dit;
+pub mod error;
+pub mod nn;
+pub mod ops;
+pub mod tensor_io;
+pub mod weights;
+
+pub use error::{ModelError, Result};
+
+/// The CPU backend used by tests and the embedded demo.
+pub type CpuBackend = burn::backend::Flex;
