@@ -182,3 +182,9 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         Ok(ImageState { images: wanted.to_vec(), hidden: Tensor::cat(parts, 1) })
     }
 }
+
+/// A copy of `t` in its own buffer. A slice is a view that keeps its whole parent alive; cache entries must not pin
+/// the full image-stream tensors of every block.
+fn owned<B: Backend>(t: Tensor<B, 3>) -> Tensor<B, 3> {
+    t.mul_scalar(1.0)
+}
