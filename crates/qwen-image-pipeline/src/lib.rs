@@ -2,9 +2,14 @@
 //!
 //! - [`denoise`]: the flow-matching Euler loop under a [`PruningSchedule`](qwen_image_pruning::PruningSchedule),
 //!   with true CFG and per-step reports.
+//! - [`scheduler`]: `FlowMatchEulerDiscreteScheduler` (base and Lightning configs).
+//! - [`metrics`]: PSNR and SSIM (scikit-image's Gaussian-window SSIM) for comparing outputs.
 
 pub mod denoise;
 pub mod error;
+pub mod metrics;
+pub mod scheduler;
 
 pub use denoise::{denoise, true_cfg, DenoiseCaches, DenoiseInputs, StepReport, TextConditioning};
 pub use error::{PipelineError, Result};
+pub use scheduler::{FlowMatchEulerScheduler, Schedule, SchedulerConfig};
