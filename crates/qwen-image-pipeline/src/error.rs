@@ -26,6 +26,14 @@ pub enum PipelineError {
         /// What went wrong.
         reason: String,
     },
+    /// A LoRA file cannot be used with this model.
+    #[error("LoRA {path}: {reason}")]
+    Lora {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A device-side failure (out of memory, kernel error).
     #[error("device error: {0}")]
     Device(String),

@@ -7,16 +7,37 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::{ops::QwenBackend, weights::WeightPath, Result};
 
-/// A linear layer in PyTorch layout: `weight [out, in]`, optional `bias [out]`.
+/// A linear layer in PyTorch layout: `weight [out, in]`, optional `bias [out]`, and optional runtime low-rank
+/// adapters (LoRA) added to its output.
 #[derive(Clone, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`.
     pub weight: Tensor<B, 2>,
     /// `[out_features]`.
     pub bias: Option<Tensor<B, 1>>,
+    /// Runtime (unmerged) LoRA adapters: `y = W·x + b + Σ scale·up(down(x))`. Empty for a plain layer.
+    pub adapters: Vec<LowRankAdapter<B>>,
+}
+
+/// A runtime low-rank adapter of a [`Linear`]: adds `scale · up · down · x` to the layer's output.
+#[derive(Clone, Debug)]
+pub struct LowRankAdapter<B: Backend> {
+    /// Identifies the adapter (the LoRA it came from), so that it can be removed again.
+    pub id: u64,
+    /// `[rank, in_features]` (`lora_down` / `lora_A`).
+    pub down: Tensor<B, 2>,
+    /// `[out_features, rank]` (`lora_up` / `lora_B`).
+    pub up: Tensor<B, 2>,
+    /// `alpha / rank` times the user's multiplier.
+    pub scale: f32,
 }
 
 impl<B: QwenBackend> Linear<B> {
+    /// A layer from its weight `[out, in]` and optional bias `[out]`, without adapters.
+    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Linear { weight, bias, adapters: Vec::new() }
+    }
+
     /// Loads `{path}.weight` (and `{path}.bias` when `bias`).
     pub fn load(
         path: &mut WeightPath<'_>,
@@ -27,17 +48,27 @@ impl<B: QwenBackend> Linear<B> {
     ) -> Result<Self> {
         let weight = path.tensor("weight", [out_dim, in_dim], device)?;
         let bias = if bias { Some(path.tensor("bias", [out_dim], device)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     /// `[batch, tokens, in] → [batch, tokens, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        B::dense(x, &self.weight, self.bias.as_ref())
+        if self.adapters.is_empty() {
+            return B::dense(x, &self.weight, self.bias.as_ref());
+        }
+        let base = B::dense(x.clone(), &self.weight, self.bias.as_ref());
+        self.adapters.iter().fold(base, |y, a| {
+            y + B::dense(B::dense(x.clone(), &a.down, None), &a.up, None).mul_scalar(a.scale)
+        })
     }
 
     /// `gelu_tanh(self.forward(x))`, fused where the backend can.
     pub fn forward_gelu_tanh(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        B::dense_gelu_tanh(x, &self.weight, self.bias.as_ref())
+        if self.adapters.is_empty() {
+            B::dense_gelu_tanh(x, &self.weight, self.bias.as_ref())
+        } else {
+            burn::tensor::activation::gelu_approximate(self.forward(x))
+        }
     }
 
     /// `[batch, in] → [batch, out]`.
@@ -105,6 +136,36 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tens
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    #[test]
+    fn adapters_add_a_scaled_low_rank_product() {
+        let dev = Default::default();
+        let w = Tensor::<Flex, 2>::from_floats([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], &dev);
+        let mut lin = Linear::new(w, Some(Tensor::from_floats([0.5, 0.0, -1.0], &dev)));
+        let x = Tensor::<Flex, 3>::from_floats([[[1.0, 3.0]]], &dev);
+        let plain: Vec<f32> = lin.forward(x.clone()).into_data().to_vec().unwrap();
+        assert_eq!(plain, vec![1.5, 6.0, 3.0]);
+        lin.adapters.push(LowRankAdapter {
+            id: 7,
+            down: Tensor::from_floats([[1.0, 1.0]], &dev),
+            up: Tensor::from_floats([[1.0], [0.0], [2.0]], &dev),
+            scale: 0.5,
+        });
+        // down·x = 4; up·4 = [4, 0, 8]; × 0.5 = [2, 0, 4].
+        let y: Vec<f32> = lin.forward(x.clone()).into_data().to_vec().unwrap();
+        assert_eq!(y, vec![3.5, 6.0, 7.0]);
+        let g: Vec<f32> = lin.forward_gelu_tanh(x).into_data().to_vec().unwrap();
+        assert!(
+            (g[0]
+                - 3.5
+                    * 0.5
+                    * (1.0
+                        + ((2.0f32 / std::f32::consts::PI).sqrt() * (3.5 + 0.044715 * 3.5f32.powi(3)))
+                            .tanh()))
+            .abs()
+                < 1e-4
+        );
+    }
 
     #[test]
     fn layer_norm_normalizes() {

@@ -1,0 +1,439 @@
+//! LoRA for the DiT (e.g. the Qwen-Image-Lightning LoRAs): merged into the weights at load time, or attached at run
+//! time so that several LoRAs can be swapped without reloading the model.
+//!
+//! How to use:
+//!
+//! ```no_run
+//! # use qwen_image::{dit::QwenImageTransformer, CpuBackend};
+//! # use qwen_image_pipeline::lora::LoraWeights;
+//! # fn demo(model: &mut QwenImageTransformer<CpuBackend>) -> qwen_image_pipeline::Result<()> {
+//! let lora = LoraWeights::load("Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors".as_ref(), model.num_layers())?;
+//! // Either bake it in (W + alpha/rank · up·down, computed in f32, stored in the model dtype) …
+//! lora.merge_into(model, 1.0)?;
+//! // … or attach it at run time and detach it later (y = W·x + b + alpha/rank · up(down(x))).
+//! let id = lora.attach(model, 1.0)?;
+//! lora.detach(model, id);
+//! # Ok(()) }
+//! ```
+//!
+//! Accepted key conventions (§6.2 of the reference; the same conversions as diffusers'
+//! `_convert_non_diffusers_qwen_lora_to_diffusers`): `{module}.lora_down.weight` / `.lora_up.weight`,
+//! `{module}.lora_A.weight` / `.lora_B.weight` (also with a `.default` infix: `lora_A.default.weight`), optional
+//! `{module}.alpha` (scale `alpha / rank`; without it the scale is 1), an optional `diffusion_model.`,
+//! `transformer.` or `base_model.model.` prefix, and kohya names (`lora_unet_transformer_blocks_0_attn_to_q.…`).
+//! `{module}` is any linear layer of the DiT (`transformer_blocks.{i}.attn.to_q`, `….img_mlp.net.0.proj`,
+//! `proj_out`, …). A key that names no layer of the model, a missing half of a pair or a wrong shape is an error
+//! that lists the offending keys; nothing is changed then.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::tensor::{DType, Tensor, TensorData};
+use qwen_image::{
+    dit::QwenImageTransformer,
+    nn::{Linear, LowRankAdapter},
+    ops::QwenBackend,
+    weights::WeightStore,
+};
+
+use crate::{PipelineError, Result};
+
+/// The low-rank update of one linear layer, on the host in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraModule {
+    /// `[rank, in_features]`, row-major.
+    pub down: Vec<f32>,
+    /// `[out_features, rank]`, row-major.
+    pub up: Vec<f32>,
+    /// Rank.
+    pub rank: usize,
+    /// Input features of the layer.
+    pub in_features: usize,
+    /// Output features of the layer.
+    pub out_features: usize,
+    /// `alpha` from the file, if present.
+    pub alpha: Option<f32>,
+}
+
+impl LoraModule {
+    /// `alpha / rank` (1 without alpha), the factor of `up·down`.
+    pub fn scale(&self) -> f32 {
+        self.alpha.map_or(1.0, |a| a / self.rank as f32)
+    }
+}
+
+/// A LoRA file, parsed and mapped onto the DiT's linear layers.
+#[derive(Clone, Debug)]
+pub struct LoraWeights {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Module path (diffusers naming, e.g. `transformer_blocks.3.attn.to_q`) → update.
+    pub modules: BTreeMap<String, LoraModule>,
+}
+
+/// Paths of every linear layer of a DiT with `num_layers` blocks, in diffusers naming.
+pub fn dit_linear_paths(num_layers: usize) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "img_in",
+        "txt_in",
+        "time_text_embed.timestep_embedder.linear_1",
+        "time_text_embed.timestep_embedder.linear_2",
+        "norm_out.linear",
+        "proj_out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for i in 0..num_layers {
+        for m in BLOCK_LINEARS {
+            v.push(format!("transformer_blocks.{i}.{m}"));
+        }
+    }
+    v
+}
+
+const BLOCK_LINEARS: [&str; 14] = [
+    "img_mod.1",
+    "txt_mod.1",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_out.0",
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+];
+
+/// Every linear layer of `model` with its diffusers path.
+fn linears_mut<B: QwenBackend>(model: &mut QwenImageTransformer<B>) -> Vec<(String, &mut Linear<B>)> {
+    let mut v: Vec<(String, &mut Linear<B>)> = vec![
+        ("img_in".into(), &mut model.img_in),
+        ("txt_in".into(), &mut model.txt_in),
+        ("time_text_embed.timestep_embedder.linear_1".into(), &mut model.time_embed.linear_1),
+        ("time_text_embed.timestep_embedder.linear_2".into(), &mut model.time_embed.linear_2),
+        ("norm_out.linear".into(), &mut model.norm_out),
+        ("proj_out".into(), &mut model.proj_out),
+    ];
+    for (i, b) in model.blocks.iter_mut().enumerate() {
+        let a = &mut b.attn;
+        let layers: [(&str, &mut Linear<B>); 14] = [
+            ("img_mod.1", &mut b.img_mod),
+            ("txt_mod.1", &mut b.txt_mod),
+            ("attn.to_q", &mut a.to_q),
+            ("attn.to_k", &mut a.to_k),
+            ("attn.to_v", &mut a.to_v),
+            ("attn.add_q_proj", &mut a.add_q_proj),
+            ("attn.add_k_proj", &mut a.add_k_proj),
+            ("attn.add_v_proj", &mut a.add_v_proj),
+            ("attn.to_out.0", &mut a.to_out),
+            ("attn.to_add_out", &mut a.to_add_out),
+            ("img_mlp.net.0.proj", &mut b.img_mlp.proj_in),
+            ("img_mlp.net.2", &mut b.img_mlp.proj_out),
+            ("txt_mlp.net.0.proj", &mut b.txt_mlp.proj_in),
+            ("txt_mlp.net.2", &mut b.txt_mlp.proj_out),
+        ];
+        for (name, lin) in layers {
+            v.push((format!("transformer_blocks.{i}.{name}"), lin));
+        }
+    }
+    v
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// Splits a normalized key into (module, part).
+fn split_key(key: &str) -> Option<(&str, Part)> {
+    for (suffix, part) in [
+        (".lora_down.weight", Part::Down),
+        (".lora_A.weight", Part::Down),
+        (".lora_up.weight", Part::Up),
+        (".lora_B.weight", Part::Up),
+        (".alpha", Part::Alpha),
+    ] {
+        if let Some(module) = key.strip_suffix(suffix) {
+            return Some((module, part));
+        }
+    }
+    None
+}
+
+/// Maps a key of any accepted convention to diffusers naming (`module.lora_down.weight` etc.).
+fn normalize_key(key: &str, kohya: &HashMap<String, String>) -> String {
+    let mut k = key.to_string();
+    loop {
+        let before = k.len();
+        for prefix in ["diffusion_model.", "transformer.", "base_model.model."] {
+            if let Some(rest) = k.strip_prefix(prefix) {
+                k = rest.to_string();
+            }
+        }
+        if k.len() == before {
+            break;
+        }
+    }
+    k = k.replace(".default.", ".");
+    if let Some(rest) = k.strip_prefix("lora_unet_") {
+        let (flat, suffix) = rest.split_once('.').unwrap_or((rest, ""));
+        if let Some(path) = kohya.get(flat) {
+            k = if suffix.is_empty() { path.clone() } else { format!("{path}.{suffix}") };
+        }
+    }
+    k
+}
+
+fn lora_err(path: &Path, reason: impl Into<String>) -> PipelineError {
+    PipelineError::Lora { path: path.to_path_buf(), reason: reason.into() }
+}
+
+fn list(keys: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if keys.len() > SHOWN {
+        s.push_str(&format!(" and {} more", keys.len() - SHOWN));
+    }
+    s
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl LoraWeights {
+    /// Reads a LoRA safetensors file for a DiT with `num_layers` blocks and maps every key onto a layer.
+    ///
+    /// Errors (listing the keys) when a key names no layer of such a DiT or is not a LoRA tensor, when a
+    /// `down`/`up` pair is incomplete, when ranks disagree within a pair, or when the file holds no LoRA at all.
+    pub fn load(path: &Path, num_layers: usize) -> Result<Self> {
+        let mut store = WeightStore::open_files(&[path.to_path_buf()], DType::F32)?;
+        let paths = dit_linear_paths(num_layers);
+        let kohya: HashMap<String, String> = paths.iter().map(|p| (p.replace('.', "_"), p.clone())).collect();
+        let known: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
+
+        type Parts = (Option<(Vec<f32>, Vec<usize>)>, Option<(Vec<f32>, Vec<usize>)>, Option<f32>);
+        let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+        let mut unmatched = Vec::new();
+        let keys: Vec<String> = store.keys().into_iter().map(String::from).collect();
+        for key in keys {
+            let norm = normalize_key(&key, &kohya);
+            let Some((module, part)) = split_key(&norm) else {
+                unmatched.push(key);
+                continue;
+            };
+            if !known.contains(module) {
+                unmatched.push(key);
+                continue;
+            }
+            let (values, shape) = store.host_f32(&key)?;
+            let entry = parts.entry(module.to_string()).or_default();
+            match part {
+                Part::Down => entry.0 = Some((values, shape)),
+                Part::Up => entry.1 = Some((values, shape)),
+                Part::Alpha => {
+                    if values.len() != 1 {
+                        return Err(lora_err(path, format!("`{key}` must be a scalar, has shape {shape:?}")));
+                    }
+                    entry.2 = Some(values[0]);
+                }
+            }
+        }
+        if !unmatched.is_empty() {
+            return Err(lora_err(
+                path,
+                format!(
+                    "{} key(s) match no linear layer of a {num_layers}-block Qwen-Image DiT (is it a LoRA for \
+                     another model?): {}",
+                    unmatched.len(),
+                    list(&unmatched)
+                ),
+            ));
+        }
+        let mut modules = BTreeMap::new();
+        let mut incomplete = Vec::new();
+        for (module, (down, up, alpha)) in parts {
+            let (Some((down, ds)), Some((up, us))) = (down, up) else {
+                incomplete.push(module);
+                continue;
+            };
+            if ds.len() != 2 || us.len() != 2 || ds[0] != us[1] || ds[0] == 0 {
+                return Err(lora_err(
+                    path,
+                    format!("`{module}`: down {ds:?} and up {us:?} are not [rank, in] and [out, rank]"),
+                ));
+            }
+            let m = LoraModule { rank: ds[0], in_features: ds[1], out_features: us[0], down, up, alpha };
+            modules.insert(module, m);
+        }
+        if !incomplete.is_empty() {
+            return Err(lora_err(path, format!("incomplete down/up pairs for: {}", list(&incomplete))));
+        }
+        if modules.is_empty() {
+            return Err(lora_err(path, "the file holds no LoRA weights"));
+        }
+        Ok(LoraWeights { path: path.to_path_buf(), modules })
+    }
+
+    /// Checks every module against the model's layer shapes before anything is changed.
+    fn check<B: QwenBackend>(&self, layers: &[(String, &mut Linear<B>)]) -> Result<()> {
+        let shapes: HashMap<&str, [usize; 2]> =
+            layers.iter().map(|(p, l)| (p.as_str(), l.weight.dims())).collect();
+        let mut bad = Vec::new();
+        for (module, m) in &self.modules {
+            match shapes.get(module.as_str()) {
+                Some([out, inp]) if *out == m.out_features && *inp == m.in_features => {}
+                Some([out, inp]) => bad
+                    .push(format!("{module} (LoRA {}x{}, layer {out}x{inp})", m.out_features, m.in_features)),
+                None => bad.push(format!("{module} (no such layer)")),
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(lora_err(&self.path, format!("does not match the model: {}", list(&bad))))
+        }
+    }
+
+    /// Merges the LoRA into the weights: `W ← W + multiplier · alpha/rank · up·down`, computed in f32 and stored in
+    /// the model dtype. Returns the number of layers changed.
+    pub fn merge_into<B: QwenBackend>(
+        &self,
+        model: &mut QwenImageTransformer<B>,
+        multiplier: f32,
+    ) -> Result<usize> {
+        let dtype = model.dtype();
+        let device = model.device().clone();
+        let mut layers = linears_mut(model);
+        self.check(&layers)?;
+        let mut n = 0;
+        for (path, lin) in layers.iter_mut() {
+            let Some(m) = self.modules.get(path.as_str()) else { continue };
+            let (down, up) = self.tensors::<B>(m, DType::F32, &device);
+            let delta = up.matmul(down).mul_scalar(m.scale() * multiplier);
+            lin.weight = (lin.weight.clone().cast(DType::F32) + delta).cast(dtype);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Attaches the LoRA as runtime adapters (`y = W·x + b + multiplier · alpha/rank · up(down(x))`, in the model
+    /// dtype); returns the id that [`detach`](Self::detach) takes.
+    pub fn attach<B: QwenBackend>(
+        &self,
+        model: &mut QwenImageTransformer<B>,
+        multiplier: f32,
+    ) -> Result<u64> {
+        let dtype = model.dtype();
+        let device = model.device().clone();
+        let mut layers = linears_mut(model);
+        self.check(&layers)?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        for (path, lin) in layers.iter_mut() {
+            let Some(m) = self.modules.get(path.as_str()) else { continue };
+            let (down, up) = self.tensors::<B>(m, dtype, &device);
+            lin.adapters.push(LowRankAdapter { id, down, up, scale: m.scale() * multiplier });
+        }
+        Ok(id)
+    }
+
+    /// Removes the runtime adapters attached under `id`; returns how many layers had one.
+    pub fn detach<B: QwenBackend>(&self, model: &mut QwenImageTransformer<B>, id: u64) -> usize {
+        detach_adapters(model, id)
+    }
+
+    fn tensors<B: QwenBackend>(
+        &self,
+        m: &LoraModule,
+        dtype: DType,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let down = TensorData::new(m.down.clone(), [m.rank, m.in_features]);
+        let up = TensorData::new(m.up.clone(), [m.out_features, m.rank]);
+        (
+            Tensor::<B, 2>::from_data(down, (device, DType::F32)).cast(dtype),
+            Tensor::<B, 2>::from_data(up, (device, DType::F32)).cast(dtype),
+        )
+    }
+
+    /// Number of layers the LoRA changes.
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// Whether the LoRA changes no layer (never true for a loaded file).
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+}
+
+/// Removes every runtime adapter attached under `id` from `model`; returns how many layers had one.
+pub fn detach_adapters<B: QwenBackend>(model: &mut QwenImageTransformer<B>, id: u64) -> usize {
+    let mut n = 0;
+    for (_, lin) in linears_mut(model) {
+        let before = lin.adapters.len();
+        lin.adapters.retain(|a| a.id != id);
+        n += usize::from(lin.adapters.len() != before);
+    }
+    n
+}
+
+/// Ids of the runtime adapters attached to `model`, in attachment order.
+pub fn attached_adapters<B: QwenBackend>(model: &mut QwenImageTransformer<B>) -> Vec<u64> {
+    let mut ids: Vec<u64> = Vec::new();
+    for (_, lin) in linears_mut(model) {
+        for a in &lin.adapters {
+            if !ids.contains(&a.id) {
+                ids.push(a.id);
+            }
+        }
+    }
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_every_convention_normalize_to_diffusers_names() {
+        let paths = dit_linear_paths(2);
+        let kohya: HashMap<String, String> = paths.iter().map(|p| (p.replace('.', "_"), p.clone())).collect();
+        let cases = [
+            (
+                "transformer_blocks.1.attn.to_q.lora_down.weight",
+                "transformer_blocks.1.attn.to_q.lora_down.weight",
+            ),
+            (
+                "diffusion_model.transformer_blocks.0.attn.to_out.0.lora_A.default.weight",
+                "transformer_blocks.0.attn.to_out.0.lora_A.weight",
+            ),
+            (
+                "transformer.transformer_blocks.0.img_mlp.net.2.lora_B.weight",
+                "transformer_blocks.0.img_mlp.net.2.lora_B.weight",
+            ),
+            (
+                "lora_unet_transformer_blocks_1_attn_add_k_proj.alpha",
+                "transformer_blocks.1.attn.add_k_proj.alpha",
+            ),
+            (
+                "lora_unet_transformer_blocks_0_txt_mlp_net_0_proj.lora_up.weight",
+                "transformer_blocks.0.txt_mlp.net.0.proj.lora_up.weight",
+            ),
+            ("lora_unet_norm_out_linear.lora_down.weight", "norm_out.linear.lora_down.weight"),
+            ("base_model.model.proj_out.lora_A.weight", "proj_out.lora_A.weight"),
+        ];
+        for (key, want) in cases {
+            assert_eq!(normalize_key(key, &kohya), want, "{key}");
+        }
+        assert_eq!(split_key("a.b.lora_up.weight"), Some(("a.b", Part::Up)));
+        assert_eq!(split_key("a.b.dora_scale"), None);
+        assert_eq!(paths.len(), 6 + 2 * 14);
+    }
+}
