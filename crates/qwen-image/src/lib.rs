@@ -13,6 +13,7 @@ pub mod error;
 pub mod nn;
 pub mod ops;
 pub mod tensor_io;
+pub mod text_encoder;
 pub mod weights;
 
 pub use error::{ModelError, Result};

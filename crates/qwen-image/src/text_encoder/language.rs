@@ -1,0 +1,189 @@
+//! The language model (`Qwen2_5_VLTextModel`): token embedding, pre-norm decoder layers with causal grouped-query
+//! attention under M-RoPE and a SiLU-gated MLP, and the final RMSNorm.
+
+use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+
+use super::{config::TextConfig, rotary::apply_rotary};
+use crate::{
+    nn::{Linear, RmsNorm},
+    ops::{AttentionOptions, KvSegment, QwenBackend},
+    weights::WeightPath,
+    ModelError, Result,
+};
+
+/// Self-attention of one decoder layer (`self_attn`): biased Q/K/V projections, GQA, output projection without bias.
+#[derive(Clone, Debug)]
+pub struct TextAttention<B: Backend> {
+    /// `hidden → heads·head_dim`, with bias.
+    pub q_proj: Linear<B>,
+    /// `hidden → kv_heads·head_dim`, with bias.
+    pub k_proj: Linear<B>,
+    /// `hidden → kv_heads·head_dim`, with bias.
+    pub v_proj: Linear<B>,
+    /// `heads·head_dim → hidden`, no bias.
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The SiLU-gated MLP: `down(silu(gate(x)) · up(x))`.
+#[derive(Clone, Debug)]
+pub struct GatedMlp<B: Backend> {
+    /// `dim → intermediate`.
+    pub gate_proj: Linear<B>,
+    /// `dim → intermediate`.
+    pub up_proj: Linear<B>,
+    /// `intermediate → dim`.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: QwenBackend> GatedMlp<B> {
+    /// Loads `gate_proj`, `up_proj`, `down_proj` under `path` (with biases when `bias`).
+    pub fn load(
+        path: &mut WeightPath<'_>,
+        dim: usize,
+        intermediate: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(GatedMlp {
+            gate_proj: Linear::load(&mut path.pp("gate_proj"), dim, intermediate, bias, device)?,
+            up_proj: Linear::load(&mut path.pp("up_proj"), dim, intermediate, bias, device)?,
+            down_proj: Linear::load(&mut path.pp("down_proj"), intermediate, dim, bias, device)?,
+        })
+    }
+
+    /// `[batch, tokens, dim] → [batch, tokens, dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One decoder layer: `x + attn(input_layernorm(x))`, then `x + mlp(post_attention_layernorm(x))`.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Pre-attention RMSNorm.
+    pub input_layernorm: RmsNorm<B>,
+    /// Causal self-attention.
+    pub self_attn: TextAttention<B>,
+    /// Pre-MLP RMSNorm.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// MLP without biases.
+    pub mlp: GatedMlp<B>,
+}
+
+/// cos/sin of the M-RoPE angles on the device, `[tokens, head_dim]`, in the activation dtype.
+#[derive(Clone, Debug)]
+pub struct RopeCosSin<B: Backend> {
+    /// Cosines.
+    pub cos: Tensor<B, 2>,
+    /// Sines.
+    pub sin: Tensor<B, 2>,
+}
+
+impl<B: QwenBackend> DecoderLayer<B> {
+    /// Loads layer `path` (`model.layers.{i}`).
+    pub fn load(path: &mut WeightPath<'_>, cfg: &TextConfig, device: &B::Device) -> Result<Self> {
+        let (dim, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let mut attn = path.pp("self_attn");
+        let self_attn = TextAttention {
+            q_proj: Linear::load(&mut attn.pp("q_proj"), dim, heads * hd, true, device)?,
+            k_proj: Linear::load(&mut attn.pp("k_proj"), dim, kv_heads * hd, true, device)?,
+            v_proj: Linear::load(&mut attn.pp("v_proj"), dim, kv_heads * hd, true, device)?,
+            o_proj: Linear::load(&mut attn.pp("o_proj"), heads * hd, dim, false, device)?,
+            heads,
+            kv_heads,
+            head_dim: hd,
+        };
+        let eps = cfg.rms_norm_eps;
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::load(&mut path.pp("input_layernorm"), dim, eps, device)?,
+            self_attn,
+            post_attention_layernorm: RmsNorm::load(
+                &mut path.pp("post_attention_layernorm"),
+                dim,
+                eps,
+                device,
+            )?,
+            mlp: GatedMlp::load(&mut path.pp("mlp"), dim, cfg.intermediate_size, false, device)?,
+        })
+    }
+
+    /// `[1, tokens, hidden] → [1, tokens, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Tensor<B, 3> {
+        let h = self.input_layernorm.forward(x.clone());
+        let x = x + self.self_attn.forward(h, rope);
+        let h = self.post_attention_layernorm.forward(x.clone());
+        x + self.mlp.forward(h)
+    }
+}
+
+impl<B: QwenBackend> TextAttention<B> {
+    /// Causal attention of `[batch, tokens, hidden]` under the rotary angles `rope`.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, self.heads, self.head_dim]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, self.kv_heads, self.head_dim]);
+        let v = self.v_proj.forward(x).reshape([b, s, self.kv_heads, self.head_dim]);
+        let q = apply_rotary(q, &rope.cos, &rope.sin);
+        let key = apply_rotary(k, &rope.cos, &rope.sin);
+        let options = AttentionOptions { causal: true, key_mask: None };
+        let out = B::attend(q, &[KvSegment { key, value: v }], &options);
+        self.o_proj.forward(out.reshape([b, s, self.heads * self.head_dim]))
+    }
+}
+
+/// The language model's weights.
+#[derive(Clone, Debug)]
+pub struct LanguageModel<B: Backend> {
+    /// `embed_tokens.weight`, `[vocab, hidden]`.
+    pub embed_tokens: Tensor<B, 2>,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// The final RMSNorm (`norm`).
+    pub norm: RmsNorm<B>,
+}
+
+impl<B: QwenBackend> LanguageModel<B> {
+    /// Loads the language model under `path` (`model` in the legacy naming).
+    pub fn load(path: &mut WeightPath<'_>, cfg: &TextConfig, device: &B::Device) -> Result<Self> {
+        let embed_tokens =
+            path.pp("embed_tokens").tensor("weight", [cfg.vocab_size, cfg.hidden_size], device)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&mut path.pp(format!("layers.{i}")), cfg, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&mut path.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps, device)?;
+        Ok(LanguageModel { embed_tokens, layers, norm })
+    }
+
+    /// Rows of the embedding table.
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.dims()[0]
+    }
+
+    /// Embeddings of `ids` (each in `0..vocab_size`), `[ids.len(), hidden]`.
+    pub fn embed(&self, ids: &[i64]) -> Result<Tensor<B, 2>> {
+        let vocab = self.vocab_size();
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
+            return Err(ModelError::invalid(format!(
+                "token id {id} at position {i} is outside the vocabulary of {vocab} tokens"
+            )));
+        }
+        let device = self.embed_tokens.device();
+        let index: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [ids.len()]), &device);
+        Ok(self.embed_tokens.clone().select(0, index))
+    }
+
+    /// The decoder layers and the final norm on `[1, tokens, hidden]` input embeddings.
+    pub fn forward(&self, embeds: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Tensor<B, 3> {
+        let x = self.layers.iter().fold(embeds, |x, layer| layer.forward(x, rope));
+        self.norm.forward(x)
+    }
+}
