@@ -26,6 +26,14 @@ pub enum PipelineError {
         /// What went wrong.
         reason: String,
     },
+    /// The model folder is missing, incomplete or of another model type.
+    #[error("model {path}: {reason}")]
+    Snapshot {
+        /// The folder (or file) at fault.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A LoRA file cannot be used with this model.
     #[error("LoRA {path}: {reason}")]
     Lora {
