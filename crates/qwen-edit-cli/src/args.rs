@@ -1,0 +1,130 @@
+//! Command-line arguments (clap).
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use qwen_image_pruning::ScheduleSpec;
+
+/// Where the networks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The CPU (burn's Flex backend).
+    Cpu,
+    /// An NVIDIA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// Weights and activations dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    /// bfloat16 (the checkpoints' dtype; the default on CUDA).
+    Bf16,
+    /// float32 (the default on the CPU).
+    F32,
+}
+
+/// Which scheduler config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SchedulerArg {
+    /// Lightning with `--lora`, otherwise the snapshot's.
+    Auto,
+    /// The snapshot's `scheduler/scheduler_config.json`.
+    Snapshot,
+    /// Qwen-Image-Lightning (static shift 3, no terminal stretch).
+    Lightning,
+}
+
+/// Rotary positions of the text encoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TextPositions {
+    /// M-RoPE positions from the image grids (as Qwen2.5-VL was trained).
+    Multimodal,
+    /// 0, 1, 2, … (what diffusers computes with transformers 5).
+    Sequential,
+}
+
+/// Edit images with Qwen-Image-Edit (v1, 2509, 2511) and token pruning.
+///
+/// Examples:
+///   qwen-edit --demo                                       (built-in tiny random model, no download)
+///   qwen-edit -i input.png -p "Make it purple"             (Qwen/Qwen-Image-Edit from the Hugging Face cache)
+///   qwen-edit -i in.png -p "Add a hat" --lora Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors --compare
+#[derive(Clone, Debug, Parser)]
+#[command(name = "qwen-edit", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Input image (PNG or JPEG); repeat for Edit-Plus (2509/2511) with up to 3 images [default: input.png; with
+    /// --demo: the bundled sample image].
+    #[arg(short = 'i', long = "input")]
+    pub input: Vec<PathBuf>,
+    /// The edit instruction.
+    #[arg(short = 'p', long = "prompt", default_value = "Make it purple")]
+    pub prompt: String,
+    /// Output folder.
+    #[arg(short = 'o', long = "output_dir", alias = "output-dir", default_value = "outputs_pruning")]
+    pub output_dir: PathBuf,
+    /// Denoising steps.
+    #[arg(short = 's', long = "steps", default_value_t = 4)]
+    pub steps: usize,
+    /// True-CFG scale (CFG runs above 1; the negative prompt defaults to " " then).
+    #[arg(short = 'c', long = "cfg", default_value_t = 1.0)]
+    pub cfg: f32,
+    /// Disable pruning (the baseline, for comparison).
+    #[arg(long = "no-pruning")]
+    pub no_pruning: bool,
+    /// Snapshot folder, or a repo id found in the Hugging Face cache.
+    #[arg(long, default_value = "Qwen/Qwen-Image-Edit")]
+    pub model: String,
+    /// A LoRA file for the DiT (e.g. a Qwen-Image-Lightning LoRA); repeatable.
+    #[arg(long)]
+    pub lora: Vec<PathBuf>,
+    /// Strength of the LoRAs.
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_scale: f32,
+    /// Scheduler config.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub scheduler: SchedulerArg,
+    /// Pruning schedule: none | cat | reuse:S1,S2,… [/kv|/recompute] [@LO-HI] (as the `denoise` example).
+    #[arg(long, default_value = "cat")]
+    pub schedule: ScheduleSpec,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Negative prompt for true CFG.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    /// Weights dtype (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+    /// Output width (default: from the last input's aspect ratio at ~1 MP).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Output height.
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Run the baseline and the pruned schedule with the same seed; write both, a difference heat map, a
+    /// side-by-side grid and a report with timings, speed-up, PSNR and SSIM.
+    #[arg(long)]
+    pub compare: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Run the edits of a JSONL file in one process (weights loaded once). Each line: {"input": "a.png" or [..],
+    /// "prompt": "…"} with optional "seed", "steps", "cfg", "negative_prompt", "schedule", "width", "height".
+    #[arg(long)]
+    pub batch: Option<PathBuf>,
+    /// Run the built-in tiny random-weight model on the bundled sample image (no download, CPU, seconds).
+    #[arg(long)]
+    pub demo: bool,
+    /// Rotary positions of the text encoder.
+    #[arg(long, value_enum, default_value = "multimodal")]
+    pub text_positions: TextPositions,
+    /// Encode and decode with the VAE in tiles (saves memory on large images).
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
