@@ -5,9 +5,13 @@
 //! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks.
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
+//! - `cuda` (feature `cuda`): the CUDA fast path (cuBLASLt GEMMs, our flash attention, fused kernels) on burn's
+//!   CUDA backend.
 //!
 //! Every component is checked against the diffusers/transformers reference by parity fixtures (see `tests/`).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dit;
 pub mod error;
 pub mod nn;

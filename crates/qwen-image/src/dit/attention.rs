@@ -92,24 +92,29 @@ impl<B: QwenBackend> JointAttention<B> {
         x.reshape([b, s, self.heads, self.head_dim])
     }
 
+    /// `rope(norm(x))` on the heads of a projection (fused where the backend can).
+    fn norm_rope(&self, norm: &RmsNorm<B>, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> Tensor<B, 4> {
+        B::rms_norm_rope(self.heads(x), &norm.weight, norm.eps, &rope.cos, &rope.sin)
+    }
+
     /// Q, K, V of modulated image tokens `[batch, tokens, dim]`.
     pub fn image_qkv(&self, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> Qkv<B> {
-        let q = rope.apply(self.norm_q.forward(self.heads(self.to_q.forward(x.clone()))));
+        let q = self.norm_rope(&self.norm_q, self.to_q.forward(x.clone()), rope);
         let (k, v) = self.image_kv(x, rope);
         Qkv { q, k, v }
     }
 
     /// K, V only of modulated image tokens (for condition tokens whose queries are not needed).
     pub fn image_kv(&self, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let k = rope.apply(self.norm_k.forward(self.heads(self.to_k.forward(x.clone()))));
+        let k = self.norm_rope(&self.norm_k, self.to_k.forward(x.clone()), rope);
         let v = self.heads(self.to_v.forward(x));
         (k, v)
     }
 
     /// Q, K, V of modulated text tokens.
     pub fn text_qkv(&self, c: Tensor<B, 3>, rope: &RopeTensors<B>) -> Qkv<B> {
-        let q = rope.apply(self.norm_added_q.forward(self.heads(self.add_q_proj.forward(c.clone()))));
-        let k = rope.apply(self.norm_added_k.forward(self.heads(self.add_k_proj.forward(c.clone()))));
+        let q = self.norm_rope(&self.norm_added_q, self.add_q_proj.forward(c.clone()), rope);
+        let k = self.norm_rope(&self.norm_added_k, self.add_k_proj.forward(c.clone()), rope);
         let v = self.heads(self.add_v_proj.forward(c));
         Qkv { q, k, v }
     }

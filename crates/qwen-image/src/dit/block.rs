@@ -8,7 +8,7 @@ use super::{
     rope::RopeTensors,
 };
 use crate::{
-    nn::{layer_norm, Linear},
+    nn::Linear,
     ops::{AttentionOptions, KvSegment, QwenBackend},
     weights::WeightPath,
     Result,
@@ -145,8 +145,10 @@ impl<B: QwenBackend> TransformerBlock<B> {
         let txt_runs = ModRuns::single(n_txt);
 
         // 1. adaLN + projections.
-        let img_mod = m.img1.modulate(layer_norm(img.clone(), LN_EPS), ctx.runs);
-        let txt_mod = m.txt1.modulate(layer_norm(txt.clone(), LN_EPS), &txt_runs);
+        let img_mod =
+            B::layer_norm_modulate(img.clone(), &m.img1.shift, &m.img1.scale, ctx.runs.runs(), LN_EPS);
+        let txt_mod =
+            B::layer_norm_modulate(txt.clone(), &m.txt1.shift, &m.txt1.scale, txt_runs.runs(), LN_EPS);
         let i = self.attn.image_qkv(img_mod, ctx.img_rope);
         let t = self.attn.text_qkv(txt_mod, ctx.txt_rope);
 
@@ -161,12 +163,14 @@ impl<B: QwenBackend> TransformerBlock<B> {
         let img_attn = self.attn.to_out.forward(joint.narrow(1, n_txt, n_img));
 
         // 3. Gated residuals, then the MLPs.
-        let img = m.img1.gated_add(img, img_attn, ctx.runs);
-        let txt = m.txt1.gated_add(txt, txt_attn, &txt_runs);
-        let img_mlp = self.img_mlp.forward(m.img2.modulate(layer_norm(img.clone(), LN_EPS), ctx.runs));
-        let img = m.img2.gated_add(img, img_mlp, ctx.runs);
-        let txt_mlp = self.txt_mlp.forward(m.txt2.modulate(layer_norm(txt.clone(), LN_EPS), &txt_runs));
-        let txt = m.txt2.gated_add(txt, txt_mlp, &txt_runs);
+        let img = B::gated_residual(img, img_attn, &m.img1.gate, ctx.runs.runs());
+        let txt = B::gated_residual(txt, txt_attn, &m.txt1.gate, txt_runs.runs());
+        let img_in =
+            B::layer_norm_modulate(img.clone(), &m.img2.shift, &m.img2.scale, ctx.runs.runs(), LN_EPS);
+        let img = B::gated_residual(img, self.img_mlp.forward(img_in), &m.img2.gate, ctx.runs.runs());
+        let txt_in =
+            B::layer_norm_modulate(txt.clone(), &m.txt2.shift, &m.txt2.scale, txt_runs.runs(), LN_EPS);
+        let txt = B::gated_residual(txt, self.txt_mlp.forward(txt_in), &m.txt2.gate, txt_runs.runs());
         BlockOutput { img, txt, img_key: i.k, img_value: i.v }
     }
 
@@ -179,7 +183,8 @@ impl<B: QwenBackend> TransformerBlock<B> {
         rope: &RopeTensors<B>,
         runs: &ModRuns,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        self.attn.image_kv(m.img1.modulate(layer_norm(hidden, LN_EPS), runs), rope)
+        let x = B::layer_norm_modulate(hidden, &m.img1.shift, &m.img1.scale, runs.runs(), LN_EPS);
+        self.attn.image_kv(x, rope)
     }
 }
 

@@ -1,0 +1,331 @@
+//! The fused elementwise kernels of `kernels/elementwise.cu`: adaLN (LayerNorm + modulation), gated residual,
+//! QK-RMSNorm + RoPE, SiLU-gated product.
+
+use std::ffi::c_void;
+
+use burn::tensor::DType;
+
+use super::{
+    device::with_device,
+    error::{require, FastError},
+    kernels,
+    tensor::{dense, dims, empty_like_device, inner_contiguous, is_bf16, is_dense, ptr, strides, Prim},
+};
+
+const MODULE: &str = "elementwise";
+const MAX_RUNS: usize = 8;
+const ROW_THREADS: u32 = 128;
+/// Widest row of the row kernels (`ROW_THREADS` threads × 8 vectors × 8 elements).
+const MAX_DIM: usize = 128 * 8 * 8;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Runs {
+    n: i32,
+    end: [i32; MAX_RUNS],
+    row: [i32; MAX_RUNS],
+}
+
+fn runs_of(runs: &[(usize, usize)], tokens: usize, rows: usize) -> Result<Runs, FastError> {
+    let mut r = Runs::default();
+    let runs: Vec<(usize, usize)> = runs.iter().copied().filter(|&(len, _)| len > 0).collect();
+    if runs.is_empty() {
+        r.n = 1;
+        r.end[0] = tokens as i32;
+        return Ok(r);
+    }
+    require(runs.len() <= MAX_RUNS, || format!("{} modulation runs", runs.len()))?;
+    let mut end = 0usize;
+    for (i, &(len, row)) in runs.iter().enumerate() {
+        require(row < rows, || format!("modulation row {row} of {rows}"))?;
+        end += len;
+        r.end[i] = end as i32;
+        r.row[i] = row as i32;
+    }
+    require(end == tokens, || format!("runs cover {end} tokens, the input has {tokens}"))?;
+    r.n = runs.len() as i32;
+    Ok(r)
+}
+
+/// A `[batch, tokens, dim]` activation whose rows are 16-byte aligned with a contiguous inner axis.
+struct Rows {
+    t: Prim,
+    ptr: u64,
+    sb: i64,
+    st: i64,
+}
+
+fn rows(t: Prim, batch: usize, tokens: usize, dim: usize) -> Result<Rows, FastError> {
+    require(is_bf16(&t), || format!("dtype {:?}", t.dtype))?;
+    require(dims(&t) == [batch, tokens, dim], || {
+        format!("shape {:?}, expected {:?}", dims(&t), [batch, tokens, dim])
+    })?;
+    let t = inner_contiguous(t);
+    let s = strides(&t);
+    require(s[2] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0, || format!("strides {s:?}"))?;
+    let p = ptr(&t)?;
+    require(p % 16 == 0, || "rows not 16-byte aligned".into())?;
+    Ok(Rows { sb: s[0] as i64, st: s[1] as i64, ptr: p, t })
+}
+
+/// A `[rows, batch, dim]` modulation tensor (a column slice of the modulation linear's output).
+fn modulation(t: &Prim, batch: usize, dim: usize) -> Result<(Prim, u64, i64, i64), FastError> {
+    require(is_bf16(t), || format!("dtype {:?}", t.dtype))?;
+    let d = dims(t);
+    require(d.len() == 3 && d[1] == batch && d[2] == dim, || format!("modulation shape {d:?}"))?;
+    let t = inner_contiguous(t.clone());
+    let s = strides(&t);
+    require(s[2] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0, || format!("modulation strides {s:?}"))?;
+    let p = ptr(&t)?;
+    require(p % 16 == 0, || "modulation not 16-byte aligned".into())?;
+    // A single row (or batch item) may carry any stride; make it harmless.
+    let (sr, sb) = (if d[0] == 1 { 0 } else { s[0] as i64 }, if d[1] == 1 { 0 } else { s[1] as i64 });
+    Ok((t, p, sr, sb))
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LnModParams {
+    x: u64,
+    y: u64,
+    shift: u64,
+    scale: u64,
+    x_sb: i64,
+    x_st: i64,
+    sh_sr: i64,
+    sh_sb: i64,
+    sc_sr: i64,
+    sc_sb: i64,
+    s: i32,
+    d: i32,
+    eps: f32,
+    pad: i32,
+    runs: Runs,
+}
+
+/// See [`crate::ops::QwenBackend::layer_norm_modulate`].
+pub(crate) fn layer_norm_modulate_prim(
+    x: Prim,
+    shift: &Prim,
+    scale: &Prim,
+    runs: &[(usize, usize)],
+    eps: f64,
+) -> Result<Prim, FastError> {
+    let xd = dims(&x);
+    require(xd.len() == 3, || format!("shape {xd:?}"))?;
+    let (batch, tokens, dim) = (xd[0], xd[1], xd[2]);
+    require(dim % 8 == 0 && dim <= MAX_DIM && tokens > 0 && batch > 0, || format!("dim {dim}"))?;
+    require(tokens < 65536 && batch < 65536, || "grid too large".into())?;
+    let x = rows(x, batch, tokens, dim)?;
+    let (sh, psh, sh_sr, sh_sb) = modulation(shift, batch, dim)?;
+    let (sc, psc, sc_sr, sc_sb) = modulation(scale, batch, dim)?;
+    let runs = runs_of(runs, tokens, dims(&sh)[0].min(dims(&sc)[0]))?;
+    let out = empty_like_device(&x.t, vec![batch, tokens, dim], DType::BF16);
+    let mut p = LnModParams {
+        x: x.ptr,
+        y: ptr(&out)?,
+        shift: psh,
+        scale: psc,
+        x_sb: x.sb,
+        x_st: x.st,
+        sh_sr,
+        sh_sb,
+        sc_sr,
+        sc_sb,
+        s: tokens as i32,
+        d: dim as i32,
+        eps: eps as f32,
+        pad: 0,
+        runs,
+    };
+    with_device(x.t.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "ln_modulate")?;
+        dev.begin(&x.t)?;
+        dev.poison(p.y, batch * tokens * dim)?;
+        let mut args = [&mut p as *mut LnModParams as *mut c_void];
+        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args)? };
+        dev.end()
+    })?;
+    drop((x, sh, sc));
+    Ok(out)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GatedParams {
+    res: u64,
+    y: u64,
+    gate: u64,
+    out: u64,
+    r_sb: i64,
+    r_st: i64,
+    y_sb: i64,
+    y_st: i64,
+    g_sr: i64,
+    g_sb: i64,
+    s: i32,
+    d: i32,
+    runs: Runs,
+}
+
+/// See [`crate::ops::QwenBackend::gated_residual`].
+pub(crate) fn gated_residual_prim(
+    residual: Prim,
+    y: Prim,
+    gate: &Prim,
+    runs: &[(usize, usize)],
+) -> Result<Prim, FastError> {
+    let rd = dims(&residual);
+    require(rd.len() == 3, || format!("shape {rd:?}"))?;
+    let (batch, tokens, dim) = (rd[0], rd[1], rd[2]);
+    require(dim % 8 == 0 && tokens > 0 && batch > 0, || format!("dim {dim}"))?;
+    require(tokens < 65536 && batch < 65536, || "grid too large".into())?;
+    let r = rows(residual, batch, tokens, dim)?;
+    let yv = rows(y, batch, tokens, dim)?;
+    let (g, pg, g_sr, g_sb) = modulation(gate, batch, dim)?;
+    let runs = runs_of(runs, tokens, dims(&g)[0])?;
+    let out = empty_like_device(&r.t, vec![batch, tokens, dim], DType::BF16);
+    let mut p = GatedParams {
+        res: r.ptr,
+        y: yv.ptr,
+        gate: pg,
+        out: ptr(&out)?,
+        r_sb: r.sb,
+        r_st: r.st,
+        y_sb: yv.sb,
+        y_st: yv.st,
+        g_sr,
+        g_sb,
+        s: tokens as i32,
+        d: dim as i32,
+        runs,
+    };
+    with_device(r.t.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "gated_residual")?;
+        dev.begin(&r.t)?;
+        dev.poison(p.out, batch * tokens * dim)?;
+        let mut args = [&mut p as *mut GatedParams as *mut c_void];
+        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args)? };
+        dev.end()
+    })?;
+    drop((r, yv, g));
+    Ok(out)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RmsRopeParams {
+    x: u64,
+    y: u64,
+    w: u64,
+    cos: u64,
+    sin: u64,
+    x_sb: i64,
+    x_st: i64,
+    x_sh: i64,
+    y_sb: i64,
+    y_st: i64,
+    y_sh: i64,
+    s: i32,
+    h: i32,
+    dh: i32,
+    eps: f32,
+    batch: i32,
+    pad: i32,
+}
+
+/// See [`crate::ops::QwenBackend::rms_norm_rope`].
+pub(crate) fn rms_norm_rope_prim(
+    x: Prim,
+    weight: &Prim,
+    eps: f64,
+    cos: &Prim,
+    sin: &Prim,
+) -> Result<Prim, FastError> {
+    let xd = dims(&x);
+    require(xd.len() == 4 && is_bf16(&x) && is_bf16(weight), || {
+        format!("shape {xd:?} / dtype {:?}", x.dtype)
+    })?;
+    let (batch, tokens, heads, dh) = (xd[0], xd[1], xd[2], xd[3]);
+    // Each lane of a warp holds 2 (head_dim ≤ 64) or 4 (head_dim 128) consecutive elements.
+    require(matches!(dh, 16 | 32 | 64 | 128), || format!("head_dim {dh}"))?;
+    require(batch * tokens * heads > 0, || "empty".into())?;
+    let half = dh / 2;
+    for t in [cos, sin] {
+        require(t.dtype == DType::F32 && dims(t) == [tokens, half], || {
+            format!("rope table {:?} {:?}, expected f32 [{tokens}, {half}]", t.dtype, dims(t))
+        })?;
+    }
+    require(dims(weight) == [dh], || format!("weight {:?}", dims(weight)))?;
+    let x = inner_contiguous(x);
+    let xs = strides(&x);
+    let per = if dh == 128 { 4 } else { 2 };
+    require(xs[3] == 1 && xs[0..3].iter().all(|s| s % per == 0), || format!("strides {xs:?}"))?;
+    let (cos, sin, w) = (dense(cos.clone()), dense(sin.clone()), dense(weight.clone()));
+    require(is_dense(&cos) && is_dense(&sin) && is_dense(&w), || "tables not dense".into())?;
+    let out = empty_like_device(&x, vec![batch, tokens, heads, dh], DType::BF16);
+    let px = ptr(&x)?;
+    require(px % (2 * per as u64) == 0, || "input misaligned".into())?;
+    let mut p = RmsRopeParams {
+        x: px,
+        y: ptr(&out)?,
+        w: ptr(&w)?,
+        cos: ptr(&cos)?,
+        sin: ptr(&sin)?,
+        x_sb: xs[0] as i64,
+        x_st: xs[1] as i64,
+        x_sh: xs[2] as i64,
+        y_sb: (tokens * heads * dh) as i64,
+        y_st: (heads * dh) as i64,
+        y_sh: dh as i64,
+        s: tokens as i32,
+        h: heads as i32,
+        dh: dh as i32,
+        eps: eps as f32,
+        batch: batch as i32,
+        pad: 0,
+    };
+    let rows = (batch * tokens * heads) as u64;
+    let blocks = rows.div_ceil(8);
+    require(blocks < u32::MAX as u64, || "grid too large".into())?;
+    with_device(x.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "rms_norm_rope")?;
+        dev.begin(&x)?;
+        dev.poison(p.y, batch * tokens * heads * dh)?;
+        let mut args = [&mut p as *mut RmsRopeParams as *mut c_void];
+        unsafe { dev.launch(f, (blocks as u32, 1, 1), (256, 1, 1), 0, &mut args)? };
+        dev.end()
+    })?;
+    drop((x, cos, sin, w));
+    Ok(out)
+}
+
+/// See [`crate::ops::QwenBackend::silu_mul`].
+pub(crate) fn silu_mul_prim(gate: Prim, up: Prim) -> Result<Prim, FastError> {
+    require(is_bf16(&gate) && is_bf16(&up), || format!("dtypes {:?} / {:?}", gate.dtype, up.dtype))?;
+    let d = dims(&gate);
+    require(d == dims(&up) && d.len() == 3, || format!("shapes {d:?} / {:?}", dims(&up)))?;
+    let n: usize = d.iter().product();
+    require(n > 0 && n % 8 == 0, || format!("{n} elements"))?;
+    let (g, u) = (dense(gate), dense(up));
+    require(is_dense(&g) && is_dense(&u), || "inputs not dense".into())?;
+    let out = empty_like_device(&g, d, DType::BF16);
+    let (mut pg, mut pu, mut po, mut nn) = (ptr(&g)?, ptr(&u)?, ptr(&out)?, n as i64);
+    require(pg % 16 == 0 && pu % 16 == 0 && po % 16 == 0, || "misaligned".into())?;
+    let blocks = (n / 8).div_ceil(256).min(132 * 16) as u32;
+    with_device(g.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "silu_mul")?;
+        dev.begin(&g)?;
+        dev.poison(po, n)?;
+        let mut args = [
+            &mut pg as *mut u64 as *mut c_void,
+            &mut pu as *mut u64 as *mut c_void,
+            &mut po as *mut u64 as *mut c_void,
+            &mut nn as *mut i64 as *mut c_void,
+        ];
+        unsafe { dev.launch(f, (blocks, 1, 1), (256, 1, 1), 0, &mut args)? };
+        dev.end()
+    })?;
+    drop((g, u));
+    Ok(out)
+}

@@ -1,0 +1,228 @@
+// Fused memory-bound glue of the DiT block. Every kernel rounds its intermediates to bf16 where the portable burn
+// composition does (a bf16 tensor op rounds its result), so both paths agree to the last bit in most elements.
+//
+// Token rows pick their modulation row through "runs": run k covers tokens [run_end[k-1], run_end[k]) of every
+// batch item and uses modulation row run_row[k] (0 = real timestep, 1 = zero timestep for condition images).
+
+#define MAX_RUNS 8
+#define ROW_THREADS 128
+#define MAX_VEC 8  // 16-byte vectors per thread: rows up to 128 * 8 * 8 = 8192 wide
+
+struct Runs {
+    int n;
+    int end[MAX_RUNS];
+    int row[MAX_RUNS];
+};
+
+__device__ __forceinline__ int run_row(const Runs& r, int s) {
+    int row = r.row[0];
+#pragma unroll
+    for (int k = MAX_RUNS - 1; k >= 0; --k) {
+        if (k < r.n && s < r.end[k]) row = r.row[k];
+    }
+    return row;
+}
+
+__device__ __forceinline__ void unpack8(const uint4 w, float (&v)[8]) {
+    v[0] = lo_f32(w.x); v[1] = hi_f32(w.x);
+    v[2] = lo_f32(w.y); v[3] = hi_f32(w.y);
+    v[4] = lo_f32(w.z); v[5] = hi_f32(w.z);
+    v[6] = lo_f32(w.w); v[7] = hi_f32(w.w);
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+    uint4 w;
+    w.x = pack_bf16x2(v[0], v[1]);
+    w.y = pack_bf16x2(v[2], v[3]);
+    w.z = pack_bf16x2(v[4], v[5]);
+    w.w = pack_bf16x2(v[6], v[7]);
+    return w;
+}
+
+struct LnModParams {
+    const bf16_t* x;      // [B, S, D], D contiguous
+    bf16_t* y;            // [B, S, D] contiguous
+    const bf16_t* shift;  // [rows, B, D], D contiguous
+    const bf16_t* scale;
+    i64 x_sb, x_st;
+    i64 sh_sr, sh_sb;
+    i64 sc_sr, sc_sb;
+    int S, D;
+    float eps;
+    int pad_;
+    Runs runs;
+};
+
+// y = bf16(LayerNorm(x)) · (1 + scale[row]) + shift[row]; LayerNorm without affine, statistics in f32.
+// Grid (S, B), ROW_THREADS threads.
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnModParams p) {
+    __shared__ float red[ROW_THREADS / 32];
+    const int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int row = run_row(p.runs, s);
+    const uint4* xr = reinterpret_cast<const uint4*>(p.x + b * p.x_sb + (i64)s * p.x_st);
+    const uint4* sh = reinterpret_cast<const uint4*>(p.shift + row * p.sh_sr + b * p.sh_sb);
+    const uint4* sc = reinterpret_cast<const uint4*>(p.scale + row * p.sc_sr + b * p.sc_sb);
+    uint4* yr = reinterpret_cast<uint4*>(p.y + ((i64)b * p.S + s) * p.D);
+    const int nv = p.D / 8;
+    float v[MAX_VEC][8];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAX_VEC; ++i) {
+        const int idx = tid + i * ROW_THREADS;
+        if (idx < nv) {
+            unpack8(xr[idx], v[i]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum += v[i][e];
+        }
+    }
+    const float mean = block_sum<ROW_THREADS>(sum, red) / p.D;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAX_VEC; ++i) {
+        const int idx = tid + i * ROW_THREADS;
+        if (idx < nv) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float d = v[i][e] - mean;
+                sq += d * d;
+            }
+        }
+    }
+    const float var = block_sum<ROW_THREADS>(sq, red) / p.D;
+    const float rstd = 1.f / sqrtf(var + p.eps);
+#pragma unroll
+    for (int i = 0; i < MAX_VEC; ++i) {
+        const int idx = tid + i * ROW_THREADS;
+        if (idx < nv) {
+            float a[8], c[8], out[8];
+            unpack8(sc[idx], c);
+            unpack8(sh[idx], a);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float xn = round_bf16((v[i][e] - mean) * rstd);
+                const float t = round_bf16(c[e] + 1.f);
+                out[e] = round_bf16(xn * t) + a[e];
+            }
+            yr[idx] = pack8(out);
+        }
+    }
+}
+
+struct GatedParams {
+    const bf16_t* res;   // [B, S, D], D contiguous
+    const bf16_t* y;     // [B, S, D], D contiguous
+    const bf16_t* gate;  // [rows, B, D], D contiguous
+    bf16_t* out;         // [B, S, D] contiguous
+    i64 r_sb, r_st;
+    i64 y_sb, y_st;
+    i64 g_sr, g_sb;
+    int S, D;
+    Runs runs;
+};
+
+// out = res + gate[row] · y. Grid (S, B), ROW_THREADS threads.
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) gated_residual(const GatedParams p) {
+    const int s = blockIdx.x, b = blockIdx.y;
+    const int row = run_row(p.runs, s);
+    const uint4* rr = reinterpret_cast<const uint4*>(p.res + b * p.r_sb + (i64)s * p.r_st);
+    const uint4* yr = reinterpret_cast<const uint4*>(p.y + b * p.y_sb + (i64)s * p.y_st);
+    const uint4* gr = reinterpret_cast<const uint4*>(p.gate + row * p.g_sr + b * p.g_sb);
+    uint4* outr = reinterpret_cast<uint4*>(p.out + ((i64)b * p.S + s) * p.D);
+    for (int idx = threadIdx.x; idx < p.D / 8; idx += ROW_THREADS) {
+        float r[8], y[8], g[8], o[8];
+        unpack8(rr[idx], r);
+        unpack8(yr[idx], y);
+        unpack8(gr[idx], g);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = r[e] + round_bf16(g[e] * y[e]);
+        outr[idx] = pack8(o);
+    }
+}
+
+struct RmsRopeParams {
+    const bf16_t* x;     // [B, S, H, Dh], Dh contiguous
+    bf16_t* y;           // [B, S, H, Dh] with its own strides
+    const bf16_t* w;     // [Dh]
+    const float* cos;    // [S, Dh / 2] (null: no rotation)
+    const float* sin;
+    i64 x_sb, x_st, x_sh;
+    i64 y_sb, y_st, y_sh;
+    int S, H, Dh;
+    float eps;
+    int batch;
+    int pad_;
+};
+
+// y = RoPE(bf16(bf16(x · rsqrt(mean(x²) + eps)) · w)), interleaved pairs (x[2k], x[2k+1]) rotated by
+// (cos, sin)[s, k]. One warp per (b, s, h) row; each lane holds `per` consecutive elements (4 for Dh = 128, else
+// 2; Dh in {16, 32, 64, 128}), lanes past Dh / per idle.
+extern "C" __global__ void rms_norm_rope(const RmsRopeParams p) {
+    const int lane = threadIdx.x & 31;
+    const i64 wid = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const i64 rows = (i64)p.batch * p.S * p.H;
+    if (wid >= rows) return;
+    const int h = (int)(wid % p.H);
+    const i64 bs = wid / p.H;
+    const int s = (int)(bs % p.S), b = (int)(bs / p.S);
+    const bf16_t* xr = p.x + b * p.x_sb + (i64)s * p.x_st + h * p.x_sh;
+    bf16_t* yr = p.y + b * p.y_sb + (i64)s * p.y_st + h * p.y_sh;
+    const int per = p.Dh == 128 ? 4 : 2;
+    const bool active = lane * per < p.Dh;
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (active) {
+        if (per == 4) {
+            const uint2 w = reinterpret_cast<const uint2*>(xr)[lane];
+            v[0] = lo_f32(w.x); v[1] = hi_f32(w.x); v[2] = lo_f32(w.y); v[3] = hi_f32(w.y);
+        } else {
+            const u32 w = reinterpret_cast<const u32*>(xr)[lane];
+            v[0] = lo_f32(w); v[1] = hi_f32(w);
+        }
+    }
+    float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
+    ss = warp_sum(ss);
+    if (!active) return;
+    const float inv = 1.f / sqrtf(ss / p.Dh + p.eps);
+    float n[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        if (e < per) n[e] = round_bf16(round_bf16(v[e] * inv) * bf16_to_f32(p.w[lane * per + e]));
+    }
+    float out[4] = {n[0], n[1], n[2], n[3]};
+    if (p.cos != nullptr) {
+        const int half = p.Dh / 2;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            if (2 * k < per) {
+                const int pair = (lane * per) / 2 + k;
+                const float c = p.cos[(i64)s * half + pair], sn = p.sin[(i64)s * half + pair];
+                const float re = n[2 * k], im = n[2 * k + 1];
+                out[2 * k] = __fsub_rn(__fmul_rn(re, c), __fmul_rn(im, sn));
+                out[2 * k + 1] = __fadd_rn(__fmul_rn(re, sn), __fmul_rn(im, c));
+            }
+        }
+    }
+    if (per == 4) {
+        uint2 w;
+        w.x = pack_bf16x2(out[0], out[1]);
+        w.y = pack_bf16x2(out[2], out[3]);
+        reinterpret_cast<uint2*>(yr)[lane] = w;
+    } else {
+        reinterpret_cast<u32*>(yr)[lane] = pack_bf16x2(out[0], out[1]);
+    }
+}
+
+// out = bf16(silu(g)) · u over n elements (n a multiple of 8, 16-byte aligned contiguous buffers).
+extern "C" __global__ void silu_mul(const bf16_t* g, const bf16_t* u, bf16_t* out, i64 n) {
+    const i64 nv = n / 8;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < nv; idx += (i64)gridDim.x * blockDim.x) {
+        float a[8], c[8], o[8];
+        unpack8(reinterpret_cast<const uint4*>(g)[idx], a);
+        unpack8(reinterpret_cast<const uint4*>(u)[idx], c);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float sl = round_bf16(a[e] / (1.f + __expf(-a[e])));
+            o[e] = sl * c[e];
+        }
+        reinterpret_cast<uint4*>(out)[idx] = pack8(o);
+    }
+}

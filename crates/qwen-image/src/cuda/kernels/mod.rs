@@ -1,0 +1,11 @@
+//! CUDA C++ sources of the fast-path kernels, compiled at run time with NVRTC for the device's architecture.
+//!
+//! The sources are header-free (bf16 values are raw 16-bit patterns converted with PTX), so NVRTC needs no CUDA
+//! include directory. `tools/bench/nvrtc_check.py` compiles them on a machine without a GPU.
+
+/// Helpers shared by every module (prepended to each source).
+pub(crate) const PRELUDE: &str = include_str!("prelude.cuh");
+/// Flash attention (`flash_fwd_d{16,32,64,80,128}`) and its mask pre-pass (`flash_mask_tiles`).
+pub(crate) const FLASH_ATTENTION: &str = include_str!("flash_attention.cu");
+/// Fused elementwise kernels (`ln_modulate`, `gated_residual`, `rms_norm_rope`, `silu_mul`).
+pub(crate) const ELEMENTWISE: &str = include_str!("elementwise.cu");

@@ -1,0 +1,92 @@
+//! burn tensors of [`CudaBackend`](super::CudaBackend) as raw device memory: primitives, pointers, strides and
+//! output allocation.
+
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::{kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
+use cubecl::cuda::CudaRuntime;
+
+use super::{error::FastError, CudaBackend};
+
+/// A burn CUDA tensor's primitive.
+pub(crate) type Prim = CubeTensor<CudaRuntime>;
+
+/// The primitive of a float tensor.
+pub(crate) fn prim<const D: usize>(t: Tensor<CudaBackend, D>) -> Prim {
+    t.into_primitive().tensor()
+}
+
+/// The primitive of a bool tensor.
+pub(crate) fn prim_bool<const D: usize>(t: Tensor<CudaBackend, D, Bool>) -> Prim {
+    t.into_primitive()
+}
+
+/// A float tensor from its primitive.
+pub(crate) fn wrap<const D: usize>(t: Prim) -> Tensor<CudaBackend, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The device address of the tensor's first element (the handle's offset included).
+///
+/// This is a blocking round trip to burn's server thread, so every operation this thread submitted before has been
+/// handed to the CUDA driver when it returns (the ordering in [`super::device`] relies on it).
+pub(crate) fn ptr(t: &Prim) -> Result<u64, FastError> {
+    let res = t
+        .client
+        .get_resource(t.handle.clone())
+        .map_err(|e| FastError::cuda(format!("get_resource: {e:?}")))?;
+    Ok(res.resource().ptr)
+}
+
+/// Element strides of the tensor.
+pub(crate) fn strides(t: &Prim) -> Vec<usize> {
+    t.meta.strides().iter().copied().collect()
+}
+
+/// Dimensions of the tensor.
+pub(crate) fn dims(t: &Prim) -> Vec<usize> {
+    t.meta.shape().iter().copied().collect()
+}
+
+/// Whether the tensor is bf16.
+pub(crate) fn is_bf16(t: &Prim) -> bool {
+    t.dtype == DType::BF16
+}
+
+/// The tensor with its innermost axis contiguous (stride 1), copying only when needed.
+pub(crate) fn inner_contiguous(t: Prim) -> Prim {
+    let s = strides(&t);
+    let d = dims(&t);
+    if s.last() == Some(&1) || d.last() == Some(&1) {
+        t
+    } else {
+        into_contiguous(t)
+    }
+}
+
+/// Whether the tensor is a dense row-major layout (possibly a view at an offset); axes of size 1 are ignored.
+pub(crate) fn is_dense(t: &Prim) -> bool {
+    let mut expected = 1usize;
+    for (&n, &st) in dims(t).iter().zip(&strides(t)).rev() {
+        if n != 1 && st != expected {
+            return false;
+        }
+        expected *= n;
+    }
+    true
+}
+
+/// The tensor as a dense row-major buffer, copying only when needed.
+pub(crate) fn dense(t: Prim) -> Prim {
+    if is_dense(&t) {
+        t
+    } else {
+        let t = into_contiguous(t);
+        debug_assert!(is_dense(&t));
+        t
+    }
+}
+
+/// A new dense row-major bf16 (or `dtype`) tensor on the device of `like`.
+pub(crate) fn empty_like_device(like: &Prim, shape: Vec<usize>, dtype: DType) -> Prim {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
+}
