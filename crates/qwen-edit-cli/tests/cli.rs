@@ -1,0 +1,307 @@
+//! The `qwen-edit` binary end to end on the built-in demo model: the seed's flags, `--compare`, `--report`, batch
+//! mode, LoRA, and every error case of issue 4 (clear message, non-zero exit, no panic, no output file).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use qwen_image::tensor_io::write_f32;
+use serde_json::Value;
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qwen-edit-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn qwen_edit(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qwen-edit")).current_dir(dir).args(args).arg("-q").output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn sample(dir: &Path) -> PathBuf {
+    let p = dir.join("input.png");
+    std::fs::write(&p, qwen_image_pipeline::demo::SAMPLE_PNG).unwrap();
+    p
+}
+
+fn report(dir: &Path) -> Value {
+    let name = files(dir).into_iter().find(|f| f.starts_with("report_")).expect("a report");
+    serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+}
+
+#[test]
+fn demo_runs_and_says_the_weights_are_random() {
+    let dir = workdir("demo");
+    let o = qwen_edit(&dir, &["--demo"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("RANDOM WEIGHTS"), "{out}");
+    assert!(out.contains("Inference time:"), "{out}");
+    let outs = files(&dir.join("outputs_pruning"));
+    assert!(outs.iter().any(|f| f.starts_with("output_pruning_") && f.ends_with(".png")), "{outs:?}");
+    assert!(outs.contains(&"latest_pruning.png".to_string()), "{outs:?}");
+    let r = report(&dir.join("outputs_pruning"));
+    assert_eq!(r["random_weights"], true);
+    assert_eq!(r["edits"][0]["runs"]["pruning"]["schedule"], "cat");
+    assert_eq!(r["edits"][0]["runs"]["pruning"]["num_steps"], 4, "the seed's default is 4 steps");
+}
+
+#[test]
+fn seed_flags_work() {
+    let dir = workdir("seed-flags");
+    let input = sample(&dir);
+    let o = qwen_edit(
+        &dir,
+        &[
+            "--demo",
+            "-i",
+            input.to_str().unwrap(),
+            "-p",
+            "Add a rainbow",
+            "-o",
+            "outs",
+            "-s",
+            "3",
+            "-c",
+            "2.5",
+            "--no-pruning",
+            "--seed",
+            "7",
+            "--negative-prompt",
+            "blurry",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let outs = files(&dir.join("outs"));
+    assert!(outs.iter().any(|f| f.starts_with("output_baseline_")), "{outs:?}");
+    assert!(outs.contains(&"latest_baseline.png".to_string()));
+    let r = report(&dir.join("outs"));
+    let run = &r["edits"][0]["runs"]["baseline"];
+    assert_eq!(run["num_steps"], 3);
+    assert_eq!(run["true_cfg"], true);
+    assert_eq!(run["seed"], 7);
+    assert_eq!(run["schedule"], "none");
+    assert_eq!((run["width"].as_u64(), run["height"].as_u64()), (Some(96), Some(64)));
+    let img = image::open(dir.join("outs/latest_baseline.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (96, 64));
+    assert_eq!(r["edits"][0]["prompt"], "Add a rainbow");
+}
+
+#[test]
+fn compare_writes_both_images_heat_map_grid_and_metrics() {
+    let dir = workdir("compare");
+    let o =
+        qwen_edit(&dir, &["--demo", "--compare", "--schedule", "reuse:2,3,4", "--report", "my_report.json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("PSNR") && out.contains("SSIM") && out.contains("speedup"), "{out}");
+    let outs = files(&dir.join("outputs_pruning"));
+    for prefix in ["output_baseline_", "output_pruning_", "diff_", "compare_", "report_"] {
+        assert!(outs.iter().any(|f| f.starts_with(prefix)), "no {prefix}* in {outs:?}");
+    }
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("my_report.json")).unwrap()).unwrap();
+    let c = &r["edits"][0]["comparison"];
+    assert_eq!(c["schedule"], "reuse:2,3,4");
+    assert!(c["ssim"].as_f64().unwrap() > 0.0 && c["ssim"].as_f64().unwrap() <= 1.0);
+    assert!(c["psnr_db"].is_number() || c["psnr_db"] == "inf");
+    assert!(c["speedup_denoise"].as_f64().unwrap() > 0.0);
+    assert!(c["cache_peak_bytes"].as_u64().unwrap() > 0);
+    let pruned = &r["edits"][0]["runs"]["pruning"];
+    assert!(pruned["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .all(|s| s["reused_tokens"].as_u64().unwrap() > 0));
+    assert_eq!(r["edits"][0]["runs"]["baseline"]["steps"][1]["reused_tokens"], 0);
+    let grid = image::open(
+        dir.join("outputs_pruning").join(outs.iter().find(|f| f.starts_with("compare_")).unwrap()),
+    )
+    .unwrap();
+    let single = image::open(dir.join("outputs_pruning/latest_baseline.png")).unwrap();
+    assert_eq!(grid.width(), 4 * single.width() + 12, "input | baseline | pruned | heat map");
+}
+
+#[test]
+fn batch_runs_three_edits_with_one_load() {
+    let dir = workdir("batch");
+    let input = sample(&dir);
+    let p = input.to_str().unwrap();
+    let jsonl = format!(
+        "{{\"input\": \"{p}\", \"prompt\": \"Make it purple\"}}\n\
+         # a comment\n\
+         {{\"input\": [\"{p}\"], \"prompt\": \"Add a hat\", \"seed\": 3, \"steps\": 2}}\n\
+         {{\"input\": \"{p}\", \"prompt\": \"Sunset\", \"schedule\": \"none\", \"cfg\": 2.0}}\n"
+    );
+    std::fs::write(dir.join("edits.jsonl"), jsonl).unwrap();
+    let o = qwen_edit(&dir, &["--demo", "--batch", "edits.jsonl"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(out.matches("Loaded ").count(), 1, "weights must be loaded once: {out}");
+    assert!(out.contains("[3/3]"), "{out}");
+    let r = report(&dir.join("outputs_pruning"));
+    assert_eq!(r["weights_loaded"], 1);
+    let edits = r["edits"].as_array().unwrap();
+    assert_eq!(edits.len(), 3);
+    assert_eq!(edits[1]["runs"]["pruning"]["num_steps"], 2);
+    assert_eq!(edits[2]["runs"]["baseline"]["true_cfg"], true);
+    let outs = files(&dir.join("outputs_pruning"));
+    assert_eq!(outs.iter().filter(|f| f.starts_with("output_")).count(), 3, "{outs:?}");
+}
+
+#[test]
+fn lora_is_applied_and_a_mismatched_lora_is_refused() {
+    let dir = workdir("lora");
+    // The demo DiT is 32 wide with 2 blocks.
+    let good = dir.join("good.safetensors");
+    write_f32(
+        &good,
+        &[
+            ("lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight", vec![0.05; 4 * 32], vec![4, 32]),
+            ("lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight", vec![0.05; 32 * 4], vec![32, 4]),
+            ("lora_unet_transformer_blocks_0_attn_to_q.alpha", vec![4.0], vec![]),
+        ],
+    )
+    .unwrap();
+    let o = qwen_edit(&dir, &["--demo", "--lora", good.to_str().unwrap(), "--steps", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let r = report(&dir.join("outputs_pruning"));
+    let stages: Vec<&str> =
+        r["load_stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert!(stages.contains(&"load_lora"), "{stages:?}");
+    // Lightning scheduler with a LoRA: σ = 1, 0.75 for 2 steps (3σ/(1+2σ) of 1, 0.5).
+    let sigmas = r["edits"][0]["runs"]["pruning"]["sigmas"].as_array().unwrap();
+    assert!((sigmas[1].as_f64().unwrap() - 0.75).abs() < 1e-6, "{sigmas:?}");
+
+    let bad = dir.join("bad.safetensors");
+    write_f32(&bad, &[("double_blocks.0.img_attn.qkv.lora_down.weight", vec![0.1; 4 * 32], vec![4, 32])])
+        .unwrap();
+    let out_dir = dir.join("bad_out");
+    let o = qwen_edit(&dir, &["--demo", "--lora", bad.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("LoRA") && err.contains("double_blocks.0.img_attn.qkv"), "{err}");
+    assert!(files(&out_dir).is_empty(), "no output on error");
+}
+
+fn assert_fails(name: &str, args: &[&str], expect: &[&str]) {
+    let dir = workdir(name);
+    sample(&dir);
+    let o = qwen_edit(&dir, args);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{name}: succeeded\n{out}");
+    assert!(!err.contains("panicked"), "{name}: panic\n{err}");
+    for e in expect {
+        assert!(err.contains(e), "{name}: `{e}` not in\n{err}");
+    }
+    assert!(files(&dir.join("outputs_pruning")).is_empty(), "{name}: wrote output files");
+}
+
+#[test]
+fn errors_are_clear_and_leave_no_output() {
+    assert_fails("missing-model", &["--model", "/no/such/folder", "-i", "input.png"], &["does not exist"]);
+    assert_fails(
+        "uncached-repo",
+        &["--model", "Nobody/Nothing-At-All", "-i", "input.png"],
+        &["Nobody/Nothing-At-All"],
+    );
+    assert_fails("empty-prompt", &["--demo", "-p", "   "], &["prompt is empty"]);
+    assert_fails("zero-steps", &["--demo", "-s", "0"], &["at least 1"]);
+    assert_fails("reuse-first", &["--demo", "--schedule", "reuse:1,2"], &["step 1 cannot reuse"]);
+    assert_fails("bad-range", &["--demo", "--schedule", "cat@0-9"], &["layer range"]);
+    assert_fails("missing-image", &["--demo", "-i", "nope.png"], &["nope.png"]);
+    assert_fails(
+        "two-images-v1",
+        &["--demo", "-i", "input.png", "-i", "input.png"],
+        &["exactly 1 input image"],
+    );
+    assert_fails("negative-cfg", &["--demo", "--cfg=-1"], &["--cfg"]);
+    assert_fails("no-cuda", &["--demo", "--device", "cuda"], &["--features cuda"]);
+}
+
+#[test]
+fn unreadable_and_huge_images_are_refused() {
+    let dir = workdir("images");
+    std::fs::write(dir.join("text.png"), b"this is not an image").unwrap();
+    // 16385 × 1 pixels: over the 16384-pixel side limit (refused before decoding).
+    image::RgbImage::new(16385, 1).save(dir.join("huge.png")).unwrap();
+    for (file, msg) in [("text.png", "not a PNG or JPEG"), ("huge.png", "16385")] {
+        let o = qwen_edit(&dir, &["--demo", "-i", file]);
+        let (_, err) = text(&o);
+        assert!(!o.status.success(), "{file}");
+        assert!(err.contains(msg) && !err.contains("panicked"), "{file}: {err}");
+    }
+    assert!(files(&dir.join("outputs_pruning")).is_empty());
+}
+
+#[test]
+fn wrong_model_type_is_refused() {
+    let dir = workdir("wrong-type");
+    let root = qwen_image_pipeline::demo::write_demo_snapshot(&dir).unwrap();
+    let index = root.join("model_index.json");
+    let text_ =
+        std::fs::read_to_string(&index).unwrap().replace("QwenImageEditPipeline", "QwenImagePipeline");
+    std::fs::write(&index, text_).unwrap();
+    sample(&dir);
+    let o = qwen_edit(&dir, &["--model", root.to_str().unwrap(), "-i", "input.png"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("wrong model type") && err.contains("QwenImagePipeline"), "{err}");
+    std::fs::remove_file(&index).unwrap();
+    let o = qwen_edit(&dir, &["--model", root.to_str().unwrap(), "-i", "input.png"]);
+    assert!(text(&o).1.contains("model_index.json"));
+    assert!(files(&dir.join("outputs_pruning")).is_empty());
+}
+
+#[test]
+fn help_lists_the_seed_flags() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qwen-edit")).arg("--help").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--input",
+        "--prompt",
+        "--output_dir",
+        "--steps",
+        "--cfg",
+        "--no-pruning",
+        "--model",
+        "--lora",
+        "--schedule",
+        "--seed",
+        "--negative-prompt",
+        "--device",
+        "--dtype",
+        "--width",
+        "--height",
+        "--compare",
+        "--report",
+        "--batch",
+        "--demo",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}");
+    }
+    assert!(out.contains("outputs_pruning") && out.contains("[default: 4]"));
+}
