@@ -2,6 +2,7 @@
 //!
 //! - [`dit`]: the 20 B MMDiT (`QwenImageTransformer2DModel`), with a forward pass driven by a
 //!   [`qwen_image_pruning::PruningSchedule`] plan.
+//! - [`vae`]: the Qwen-Image VAE (`AutoencoderKLQwenImage`) on single images, with tiled modes for large ones.
 //! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks.
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
@@ -18,6 +19,7 @@ pub mod nn;
 pub mod ops;
 pub mod tensor_io;
 pub mod text_encoder;
+pub mod vae;
 pub mod weights;
 
 pub use error::{ModelError, Result};
