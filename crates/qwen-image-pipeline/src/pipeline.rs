@@ -589,9 +589,14 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
                 )
             })
             .collect();
-        for layout in &layouts {
-            let mut fresh = schedule.build()?;
-            dry_run(fresh.as_mut(), &sched.sigmas, self.transformer.num_layers(), layout)?;
+        // With a kept cache the schedule may reuse from the start (the previous edit cached); each step's plan is
+        // still checked against the real cache before it runs.
+        let warm = req.keep_cache && self.caches.size_bytes() > 0;
+        if !warm {
+            for layout in &layouts {
+                let mut fresh = schedule.build()?;
+                dry_run(fresh.as_mut(), &sched.sigmas, self.transformer.num_layers(), layout)?;
+            }
         }
         let noise = match &req.noise {
             Some(n) => {

@@ -1,0 +1,258 @@
+//! The pipeline's behaviour beyond numerical parity, on the built-in demo snapshot: request validation, the
+//! schedule check before anything runs, the pruning-cache lifecycle, seeded noise, Edit-Plus with 3 images,
+//! runtime LoRA swapping, progress events and the report.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use qwen_image::{processor::RgbImage, tensor_io::rel_l2, CpuBackend};
+use qwen_image_pipeline::{
+    demo, lora::LoraWeights, EditRequest, LoadOptions, NoProgress, PipelineError, Progress,
+    QwenImageEditPipeline, Stage, StepReport,
+};
+use qwen_image_pruning::{
+    GroupAction, LayerPlan, PruneError, PruningSchedule, ReuseMode, ScheduleSpec, StepContext, StepPlan,
+};
+
+type B = CpuBackend;
+
+fn snapshot() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("qwen-pipeline-api-{}", std::process::id()));
+        demo::write_demo_snapshot(&dir).unwrap()
+    })
+    .clone()
+}
+
+fn pipe() -> QwenImageEditPipeline<B> {
+    QwenImageEditPipeline::load(
+        snapshot().to_str().unwrap(),
+        &LoadOptions::default(),
+        &Default::default(),
+        &mut NoProgress,
+    )
+    .unwrap()
+}
+
+fn request(prompt: &str) -> EditRequest {
+    let mut r = EditRequest::new(vec![demo::sample_image().unwrap()], prompt);
+    r.areas = demo::demo_areas();
+    r.num_steps = 3;
+    r
+}
+
+fn spec(s: &str) -> ScheduleSpec {
+    s.parse().unwrap()
+}
+
+/// Reuses the condition tokens at every step, including the first.
+#[derive(Debug)]
+struct AlwaysReuse;
+
+impl PruningSchedule for AlwaysReuse {
+    fn plan_step(&mut self, ctx: &StepContext<'_>) -> Result<StepPlan, PruneError> {
+        let n = ctx.layout.condition_tokens.len();
+        Ok(StepPlan::new(vec![
+            LayerPlan::with_conditions(n, GroupAction::Reuse(ReuseMode::KeyValue));
+            ctx.num_layers
+        ]))
+    }
+    fn name(&self) -> String {
+        "always-reuse".into()
+    }
+}
+
+fn always_reuse() -> Box<dyn PruningSchedule> {
+    Box::new(AlwaysReuse)
+}
+
+#[test]
+fn invalid_requests_are_refused_before_running() {
+    let mut p = pipe();
+    let none = spec("none");
+    let err = |r: &EditRequest, p: &mut QwenImageEditPipeline<B>| {
+        p.edit(r, &none, &mut NoProgress).unwrap_err().to_string()
+    };
+    assert!(err(&request(""), &mut p).contains("prompt is empty"));
+    let mut r = request("x");
+    r.num_steps = 0;
+    assert!(err(&r, &mut p).contains("at least 1"));
+    let mut r = request("x");
+    r.images.push(r.images[0].clone());
+    assert!(err(&r, &mut p).contains("exactly 1 input image"));
+    let mut r = request("x");
+    r.images.clear();
+    assert!(err(&r, &mut p).contains("exactly 1"));
+    let mut r = request("x");
+    r.noise = Some(vec![0.0; 5]);
+    assert!(err(&r, &mut p).contains("noise"));
+    let mut r = request("x");
+    r.width = Some(8);
+    assert!(err(&r, &mut p).contains("width"));
+    let mut r = request("x");
+    r.negative_prompt = Some(String::new());
+    assert!(err(&r, &mut p).contains("negative prompt"));
+    let mut r = request("x");
+    r.images = vec![RgbImage::new(0, 0)];
+    assert!(err(&r, &mut p).contains("empty"));
+}
+
+#[test]
+fn a_schedule_that_reuses_before_caching_is_refused_before_anything_runs() {
+    let mut p = pipe();
+    let mut events = Events::default();
+    let e = p.edit(&request("Make it purple"), &always_reuse, &mut events).unwrap_err();
+    assert!(matches!(e, PipelineError::Prune(PruneError::CacheMiss { step: 0, .. })), "{e}");
+    assert!(!events.stages.contains(&Stage::EncodePrompt), "the text encoder ran: {:?}", events.stages);
+    assert_eq!(p.cache_bytes(), 0);
+}
+
+#[test]
+fn the_cache_is_cleared_between_edits_unless_kept() {
+    let mut p = pipe();
+    let first = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    assert!(first.report.cache_bytes > 0 && p.cache_bytes() == first.report.cache_bytes);
+    assert_eq!(first.report.steps[1].reused_tokens > 0, true);
+    // Not kept: cleared, and a plan that reuses at step 1 is refused.
+    assert!(p.edit(&request("Make it purple"), &always_reuse, &mut NoProgress).is_err());
+    let baseline = p.edit(&request("Make it purple"), &spec("none"), &mut NoProgress).unwrap();
+    assert_eq!(baseline.report.cache_bytes, 0);
+    assert_eq!(baseline.report.reused_tokens(), 0);
+    // Kept: an edit of the same image can reuse the previous edit's condition tokens from its first step.
+    p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    let mut again = request("Add a hat");
+    again.keep_cache = true;
+    let reused = p.edit(&again, &always_reuse, &mut NoProgress).unwrap();
+    assert!(reused.report.steps.iter().all(|s| s.reused_tokens > 0));
+    assert_eq!(
+        reused.report.steps[0].computed_tokens,
+        reused.report.target_tokens * p.transformer().num_layers()
+    );
+}
+
+#[test]
+fn seeded_noise_is_reproducible_and_supplied_noise_is_used() {
+    let mut p = pipe();
+    let mut r = request("Make it purple");
+    r.seed = 11;
+    let a = p.edit(&r, &spec("none"), &mut NoProgress).unwrap();
+    let b = p.edit(&r, &spec("none"), &mut NoProgress).unwrap();
+    assert_eq!(a.image, b.image);
+    assert_eq!(a.latents, b.latents);
+    r.seed = 12;
+    let c = p.edit(&r, &spec("none"), &mut NoProgress).unwrap();
+    assert!(rel_l2(&c.latents, &a.latents) > 1e-2);
+    let n = a.report.target_tokens * 16;
+    r.noise = Some(qwen_image_pipeline::noise::gaussian_noise(5, n));
+    let d = p.edit(&r, &spec("none"), &mut NoProgress).unwrap();
+    assert_eq!(d.report.seed, None);
+}
+
+#[derive(Default)]
+struct Events {
+    stages: Vec<Stage>,
+    finished: Vec<(Stage, Duration)>,
+    steps: Vec<usize>,
+    denoise_steps: Option<usize>,
+}
+
+impl Progress for Events {
+    fn stage_started(&mut self, stage: Stage) {
+        self.stages.push(stage);
+    }
+    fn stage_finished(&mut self, stage: Stage, time: Duration) {
+        self.finished.push((stage, time));
+    }
+    fn denoise_started(&mut self, n: usize) {
+        self.denoise_steps = Some(n);
+    }
+    fn step_finished(&mut self, r: &StepReport) {
+        self.steps.push(r.step);
+    }
+}
+
+#[test]
+fn progress_and_report_describe_the_run() {
+    let mut events = Events::default();
+    let mut p = QwenImageEditPipeline::<B>::load(
+        snapshot().to_str().unwrap(),
+        &LoadOptions::default(),
+        &Default::default(),
+        &mut events,
+    )
+    .unwrap();
+    let loads = [Stage::LoadProcessor, Stage::LoadTextEncoder, Stage::LoadVae, Stage::LoadTransformer];
+    assert_eq!(events.stages, loads);
+    assert_eq!(p.load_stages().len(), 4);
+    let mut events = Events::default();
+    let out = p.edit(&request("Make it purple"), &spec("reuse:2,3"), &mut events).unwrap();
+    let edit_stages =
+        [Stage::Preprocess, Stage::EncodePrompt, Stage::EncodeImage, Stage::Denoise, Stage::Decode];
+    assert_eq!(events.stages, edit_stages);
+    assert_eq!(events.finished.len(), 5);
+    assert_eq!((events.denoise_steps, events.steps.clone()), (Some(3), vec![0, 1, 2]));
+    let r = &out.report;
+    assert_eq!(r.stages.iter().map(|s| s.stage).collect::<Vec<_>>(), edit_stages);
+    assert_eq!(r.steps.len(), 3);
+    assert_eq!(r.sigmas.len(), 4);
+    assert_eq!(r.schedule, "reuse:2,3");
+    assert_eq!(r.steps[0].reused_tokens, 0);
+    assert!(r.steps[1].reused_tokens > 0 && r.steps[2].reused_tokens > 0);
+    assert!(r.cache_peak_bytes > 0);
+    assert_eq!((out.image.width(), out.image.height()), (r.width, r.height));
+    let json = serde_json::to_value(r).unwrap();
+    assert_eq!(json["stages"][3]["stage"], "denoise");
+}
+
+#[test]
+fn runtime_lora_can_be_attached_and_detached_between_edits() {
+    let mut p = pipe();
+    let base = p.edit(&request("Make it purple"), &spec("none"), &mut NoProgress).unwrap();
+    let dir = std::env::temp_dir().join(format!("qwen-pipeline-api-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lora.safetensors");
+    let dim = p.transformer().config.inner_dim();
+    qwen_image::tensor_io::write_f32(
+        &path,
+        &[
+            ("transformer_blocks.1.img_mlp.net.2.lora_down.weight", vec![0.2; 2 * 4 * dim], vec![2, 4 * dim]),
+            ("transformer_blocks.1.img_mlp.net.2.lora_up.weight", vec![0.3; dim * 2], vec![dim, 2]),
+        ],
+    )
+    .unwrap();
+    let lora = LoraWeights::load(&path, p.transformer().num_layers()).unwrap();
+    let id = lora.attach(p.transformer_mut(), 1.0).unwrap();
+    let with = p.edit(&request("Make it purple"), &spec("none"), &mut NoProgress).unwrap();
+    assert!(rel_l2(&with.latents, &base.latents) > 1e-3);
+    lora.detach(p.transformer_mut(), id);
+    let without = p.edit(&request("Make it purple"), &spec("none"), &mut NoProgress).unwrap();
+    assert_eq!(without.latents, base.latents);
+}
+
+#[test]
+fn edit_plus_takes_up_to_three_images() {
+    // The Edit-Plus fixture snapshot (zero_cond_t, like 2511).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/snapshot_plus");
+    let mut p = QwenImageEditPipeline::<B>::load(
+        root.to_str().unwrap(),
+        &LoadOptions::default(),
+        &Default::default(),
+        &mut NoProgress,
+    )
+    .unwrap();
+    let img = demo::sample_image().unwrap();
+    let pixels: Vec<u8> = (0..40 * 90 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    let tall = RgbImage::from_raw(40, 90, pixels).unwrap();
+    let mut r = request("Combine them");
+    r.images = vec![img.clone(), tall.clone(), img.clone()];
+    let out = p.edit(&r, &spec("cat"), &mut NoProgress).unwrap();
+    assert_eq!(out.report.condition_tokens.len(), 3);
+    assert_ne!(out.report.condition_tokens[0], out.report.condition_tokens[1]);
+    // The output takes the last image's aspect ratio.
+    assert!(out.image.width() > out.image.height());
+    r.images.push(tall);
+    let e = p.edit(&r, &spec("none"), &mut NoProgress).unwrap_err();
+    assert!(e.to_string().contains("1 to 3 input images"), "{e}");
+}
