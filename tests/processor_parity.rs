@@ -154,8 +154,11 @@ fn image_processor_matches_transformers_bit_for_bit() {
         for (backend, r) in [("torch", Resampler::Torch), ("pil", Resampler::Pillow)] {
             let proc = ImageProcessor::new(case_config(case, r)).unwrap();
             let resized = proc.resize(&input).unwrap();
-            let (max, _) = abs_diff(&resized, &rgb(&format!("proc/{name}/resized_{backend}")));
-            assert_eq!(max, 0, "{name} {backend}: resized image differs by {max}");
+            let key = format!("proc/{name}/resized_{backend}");
+            if expected().contains(&key) {
+                let (max, _) = abs_diff(&resized, &rgb(&key));
+                assert_eq!(max, 0, "{name} {backend}: resized image differs by {max}");
+            }
             let out = proc.preprocess(&input).unwrap();
             assert_eq!(out.grids, vec![grid(&format!("proc/{name}/grid_{backend}"))], "{name} {backend}");
             let key = format!("proc/{name}/pixel_values_{backend}");

@@ -8,8 +8,9 @@
 //! ([`ImageProcessorConfig::resampler`]); the only difference is the bicubic resize arithmetic and the order of
 //! the rescale/normalize float operations (see [`super::resize`]).
 //!
-//! Parity (`tests/processor_parity.rs`, real photos at 11 sizes, up- and downscaled, both size-limit branches):
-//! `pixel_values` are **bit-identical** to transformers' for both backends.
+//! Parity (`tests/processor_parity.rs`, 7 crops of real photos: up- and downscaled, mixed, both size-limit branches,
+//! already a multiple of 28; one and two images): `pixel_values` are **bit-identical** to transformers' for both
+//! backends.
 
 use std::path::Path;
 
