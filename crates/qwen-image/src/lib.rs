@@ -3,6 +3,8 @@
 //! - [`dit`]: the 20 B MMDiT (`QwenImageTransformer2DModel`), with a forward pass driven by a
 //!   [`qwen_image_pruning::PruningSchedule`] plan.
 //! - [`vae`]: the Qwen-Image VAE (`AutoencoderKLQwenImage`) on single images, with tiled modes for large ones.
+//! - [`processor`]: images and instructions → text-encoder inputs (Pillow/torch-exact resizing, the Qwen2-VL image
+//!   processor, the Qwen2 tokenizer, the edit prompt templates), parity-tested against transformers and diffusers.
 //! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks.
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
@@ -17,6 +19,7 @@ pub mod dit;
 pub mod error;
 pub mod nn;
 pub mod ops;
+pub mod processor;
 pub mod tensor_io;
 pub mod text_encoder;
 pub mod vae;
