@@ -188,7 +188,7 @@ impl SchedulerConfig {
         if self.max_image_seq_len == self.base_image_seq_len && self.max_shift != self.base_shift {
             return Err(PipelineError::invalid("max_image_seq_len equals base_image_seq_len".to_string()));
         }
-        if self.num_train_timesteps == 0 || !(self.shift > 0.0) {
+        if self.num_train_timesteps == 0 || self.shift.is_nan() || self.shift <= 0.0 {
             return Err(PipelineError::invalid("num_train_timesteps and shift must be positive".to_string()));
         }
         if let Some(t) = self.shift_terminal {
