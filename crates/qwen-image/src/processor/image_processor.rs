@@ -6,7 +6,7 @@
 //! installed: `AutoImageProcessor` resolves `"image_processor_type": "Qwen2VLImageProcessor"` to the torchvision
 //! class and falls back to `Qwen2VLImageProcessorPil` only when torchvision cannot be imported. Both are supported
 //! ([`ImageProcessorConfig::resampler`]); the only difference is the bicubic resize arithmetic and the order of
-//! the rescale/normalize float operations (see [`super::resize`]).
+//! the rescale/normalize float operations (see [`super::resize`](mod@super::resize)).
 //!
 //! Parity (`tests/processor_parity.rs`, 7 crops of real photos: up- and downscaled, mixed, both size-limit branches,
 //! already a multiple of 28; one and two images): `pixel_values` are **bit-identical** to transformers' for both

@@ -3,7 +3,7 @@
 //!
 //! - [`image_io`]: [`load_image`] — PNG/JPEG → RGB8, with size limits.
 //! - [`sizes`]: [`calculate_dimensions`] and the Edit / Edit-Plus condition, VAE and output sizes.
-//! - [`resize`]: Pillow's and torch's antialiased resampling (Lanczos, bicubic), bit-exact.
+//! - [`resize`](mod@resize): Pillow's and torch's antialiased resampling (Lanczos, bicubic), bit-exact.
 //! - [`image_processor`]: the Qwen2-VL image processor → `pixel_values [P, 1176]` + `image_grid_thw`.
 //! - [`tokenizer`]: the Qwen2 BPE tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`).
 //! - [`prompt`]: the Edit / Edit-Plus chat templates, `<|image_pad|>` expansion, and the selection of the text
