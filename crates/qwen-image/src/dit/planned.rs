@@ -127,13 +127,12 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             for &i in &computed {
                 let len = offsets[i + 1] - offsets[i];
                 if i > 0 && action(i) == GroupAction::ComputeAndCache {
-                    let flat = |t: Tensor<B, 4>| {
-                        t.narrow(1, start, len).reshape([batch, len, block.attn.heads * block.attn.head_dim])
-                    };
+                    let inner = block.attn.heads * block.attn.head_dim;
+                    let flat = |t: Tensor<B, 4>| owned(t.narrow(1, start, len).reshape([batch, len, inner]));
                     let entry = CachedCondition {
                         key: flat(out.img_key.clone()),
                         value: flat(out.img_value.clone()),
-                        hidden: Some(input_hidden.clone().narrow(1, start, len)),
+                        hidden: Some(owned(input_hidden.clone().narrow(1, start, len))),
                         step,
                     };
                     cache.store(layer, i - 1, entry);
