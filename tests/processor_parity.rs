@@ -23,8 +23,9 @@ fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/processor")
 }
 
+/// A scratch folder under the target dir (reused between runs, so decompressed fixtures do not pile up).
 fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen-processor-{name}-{}", std::process::id()));
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("processor-{name}"));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -32,7 +33,7 @@ fn temp_dir(name: &str) -> PathBuf {
 fn gunzip(src: &Path, dst: &Path) {
     let mut bytes = Vec::new();
     flate2::read::GzDecoder::new(std::fs::File::open(src).unwrap()).read_to_end(&mut bytes).unwrap();
-    std::fs::write(dst, bytes).unwrap();
+    qwen_image::tensor_io::write_atomic(dst, &bytes).unwrap();
 }
 
 fn expected() -> &'static TensorFile {
