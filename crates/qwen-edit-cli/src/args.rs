@@ -104,6 +104,13 @@ pub struct Args {
     /// Output height.
     #[arg(long)]
     pub height: Option<u32>,
+    /// Pixel area of the resized inputs for the VAE and of the default output (diffusers: 1024²; with --demo:
+    /// 128²).
+    #[arg(long)]
+    pub vae_area: Option<u32>,
+    /// Pixel area of Edit-Plus's vision-language condition images (diffusers: 384²; with --demo: 64²).
+    #[arg(long)]
+    pub condition_area: Option<u32>,
     /// Run the baseline and the pruned schedule with the same seed; write both, a difference heat map, a
     /// side-by-side grid and a report with timings, speed-up, PSNR and SSIM.
     #[arg(long)]

@@ -134,6 +134,10 @@ fn run_on<B: QwenBackend>(args: &Args, device: &B::Device, out: &mut dyn Write) 
     } else {
         (args.model.clone(), ImageAreas::default(), None)
     };
+    let areas = ImageAreas {
+        vae: args.vae_area.unwrap_or(areas.vae),
+        condition: args.condition_area.unwrap_or(areas.condition),
+    };
     let result = run_model::<B>(args, device, out, &snapshot_dir, areas);
     if let Some(dir) = demo_dir {
         let _ = std::fs::remove_dir_all(dir);

@@ -305,3 +305,26 @@ fn help_lists_the_seed_flags() {
     }
     assert!(out.contains("outputs_pruning") && out.contains("[default: 4]"));
 }
+
+#[test]
+fn a_repo_id_is_found_in_the_hugging_face_cache() {
+    let dir = workdir("hf-cache");
+    let cache = dir.join("hub");
+    let repo = cache.join("models--Qwen--Qwen-Image-Edit");
+    let staging = dir.join("staging");
+    let snap = qwen_image_pipeline::demo::write_demo_snapshot(&staging).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::rename(&snap, repo.join("snapshots/0123abcd")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    sample(&dir);
+    let o = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
+        .current_dir(&dir)
+        .env("HF_HUB_CACHE", &cache)
+        .args(["-i", "input.png", "-s", "2", "-q", "--vae-area", "16384"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("Loaded Qwen/Qwen-Image-Edit"), "{out}");
+}
