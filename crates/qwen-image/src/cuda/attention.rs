@@ -1,6 +1,9 @@
 //! `attend` / `attend_blocks` through our flash-attention kernel (`kernels/flash_attention.cu`).
 
-use std::ffi::c_void;
+use std::{
+    ffi::c_void,
+    sync::atomic::{AtomicU8, Ordering},
+};
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
@@ -18,6 +21,51 @@ const BM: usize = 128;
 const BN: usize = 64;
 const THREADS: u32 = 256;
 const MODULE: &str = "flash_attention";
+const MODULE_WGMMA: &str = "flash_attention_wgmma";
+/// Keys per tile of the wgmma kernel.
+const BN_WGMMA: usize = 128;
+
+/// Which flash-attention kernel serves head dimension 128 on Hopper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// The warpgroup-MMA kernel on sm_90 (`flash_fwd_wgmma_d128`), the mma.sync kernel elsewhere (the default).
+    Auto,
+    /// Always the mma.sync (FlashAttention-2 style) kernel.
+    Mma,
+}
+
+static KERNEL: AtomicU8 = AtomicU8::new(0xff);
+
+/// The flash kernel choice: [`set_flash_kernel`], else `QWEN_FLASH=mma`, else [`FlashKernel::Auto`].
+pub fn flash_kernel() -> FlashKernel {
+    match KERNEL.load(Ordering::Relaxed) {
+        0 => FlashKernel::Auto,
+        1 => FlashKernel::Mma,
+        _ => {
+            let k = if std::env::var("QWEN_FLASH").as_deref() == Ok("mma") {
+                FlashKernel::Mma
+            } else {
+                FlashKernel::Auto
+            };
+            set_flash_kernel(k);
+            k
+        }
+    }
+}
+
+/// Chooses the flash kernel (tests and benchmarks run both).
+pub fn set_flash_kernel(k: FlashKernel) {
+    KERNEL.store(if k == FlashKernel::Mma { 1 } else { 0 }, Ordering::Relaxed);
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct VtParams {
+    vt: u64,
+    kpad: i64,
+    kv_heads: i32,
+    pad: i32,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -168,7 +216,11 @@ pub(crate) fn attend_prim(
         keep.push(ko.t);
         keep.push(vo.t);
     }
-    let n_tiles = total.div_ceil(BN);
+    let wgmma = head_dim == 128
+        && flash_kernel() == FlashKernel::Auto
+        && with_device(qo.t.device.index, |d| Ok(d.cc == (9, 0)))?;
+    let tile = if wgmma { BN_WGMMA } else { BN };
+    let n_tiles = total.div_ceil(tile);
     let mut mask_keep = None;
     if let Some(m) = mask {
         let md = dims(&m);
@@ -183,26 +235,45 @@ pub(crate) fn attend_prim(
         params.n_mask_tiles = n_tiles as i32;
         mask_keep = Some((m, tiles));
     }
+    // The wgmma kernel reads V transposed: Vt[b, kv_head, d, key], keys padded with zeros to whole tiles.
+    let mut vt_keep = None;
+    let mut vtp = VtParams::default();
+    if wgmma {
+        let kpad = total.div_ceil(BN_WGMMA) * BN_WGMMA;
+        let vt = empty_like_device(&qo.t, vec![batch, kv_heads, head_dim, kpad], DType::BF16);
+        vtp = VtParams { vt: ptr(&vt)?, kpad: kpad as i64, kv_heads: kv_heads as i32, pad: 0 };
+        vt_keep = Some(vt);
+    }
 
     let grid = (q_len.div_ceil(BM) as u32, heads as u32, batch as u32);
-    let smem = smem_bytes(head_dim);
+    let (module, source, smem) = if wgmma {
+        (MODULE_WGMMA, kernels::FLASH_WGMMA, (5 * 128 * 256 + 1024) as u32)
+    } else {
+        (MODULE, kernels::FLASH_ATTENTION, smem_bytes(head_dim))
+    };
+    let name = if wgmma { "flash_fwd_wgmma_d128" } else { name };
     with_device(qo.t.device.index, |dev| {
-        let f = dev.function(MODULE, kernels::FLASH_ATTENTION, name)?;
-        dev.set_smem((MODULE, name), f, smem)?;
-        let mask_fn = if mask_keep.is_some() {
-            Some(dev.function(MODULE, kernels::FLASH_ATTENTION, "flash_mask_tiles")?)
+        let f = dev.function(module, source, name)?;
+        dev.set_smem((module, name), f, smem)?;
+        let mask_fn = match mask_keep {
+            Some(_) => Some(dev.function(MODULE, kernels::FLASH_ATTENTION, "flash_mask_tiles")?),
+            None => None,
+        };
+        let vt_fn = if wgmma {
+            Some(dev.function(MODULE_WGMMA, kernels::FLASH_WGMMA, "flash_vt_transpose")?)
         } else {
             None
         };
         dev.begin(&qo.t)?;
         dev.poison(po, batch * q_len * heads * head_dim)?;
         if let Some(mf) = mask_fn {
-            let (mut m, mut sb, mut tk, mut nt, mut b, mut o) = (
+            let (mut m, mut sb, mut tk, mut nt, mut b, mut tl, mut o) = (
                 params.mask,
                 params.mask_sb,
                 params.total_keys,
                 params.n_mask_tiles,
                 batch as i32,
+                tile as i32,
                 params.mask_tile_full,
             );
             let warps = (batch * n_tiles) as u32;
@@ -212,15 +283,26 @@ pub(crate) fn attend_prim(
                 &mut tk as *mut i32 as *mut c_void,
                 &mut nt as *mut i32 as *mut c_void,
                 &mut b as *mut i32 as *mut c_void,
+                &mut tl as *mut i32 as *mut c_void,
                 &mut o as *mut u64 as *mut c_void,
             ];
             unsafe { dev.launch(mf, (warps.div_ceil(8), 1, 1), (256, 1, 1), 0, &mut args)? };
         }
-        let mut args = [&mut params as *mut FlashParams as *mut c_void];
-        unsafe { dev.launch(f, grid, (THREADS, 1, 1), smem, &mut args)? };
+        if let Some(tf) = vt_fn {
+            let mut args =
+                [&mut params as *mut FlashParams as *mut c_void, &mut vtp as *mut VtParams as *mut c_void];
+            let tgrid = ((vtp.kpad / 64) as u32, kv_heads as u32, batch as u32);
+            unsafe { dev.launch(tf, tgrid, (256, 1, 1), 0, &mut args)? };
+            let mut args =
+                [&mut params as *mut FlashParams as *mut c_void, &mut vtp as *mut VtParams as *mut c_void];
+            unsafe { dev.launch(f, grid, (THREADS, 1, 1), smem, &mut args)? };
+        } else {
+            let mut args = [&mut params as *mut FlashParams as *mut c_void];
+            unsafe { dev.launch(f, grid, (THREADS, 1, 1), smem, &mut args)? };
+        }
         dev.end()
     })?;
-    drop((qo, keep, mask_keep));
+    drop((qo, keep, mask_keep, vt_keep));
     Ok(out)
 }
 

@@ -243,6 +243,20 @@ pub fn ordering_mode(index: usize) -> Result<OrderingMode, FastError> {
     with_device(index, |d| Ok(d.ordering))
 }
 
+/// Switches the ordering mechanism of device `index` (benchmarks compare both); fails if context events are not
+/// available on this driver.
+pub fn set_ordering_mode(index: usize, mode: OrderingMode) -> Result<(), FastError> {
+    with_device(index, |d| {
+        if mode == OrderingMode::ContextEvents {
+            drv("cuCtxRecordEvent", unsafe { sys::cuCtxRecordEvent(d.ctx.cu_ctx(), d.ev_in).result() })?;
+        }
+        // Leave nothing of the old mode pending.
+        drv("stream synchronize", unsafe { result::stream::synchronize(d.stream) })?;
+        d.ordering = mode;
+        Ok(())
+    })
+}
+
 /// Waits until everything submitted to our stream on device `index` has finished (benchmarks call it together
 /// with burn's `sync` before reading a clock).
 pub fn synchronize(index: usize) -> Result<(), FastError> {

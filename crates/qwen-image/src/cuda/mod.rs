@@ -48,9 +48,10 @@ use burn::tensor::Tensor;
 use burn_cubecl::CubeBackend;
 use cubecl::cuda::CudaRuntime;
 
+pub use attention::{flash_kernel, set_flash_kernel, FlashKernel};
 pub use device::{
-    errors, fast_ops, ordering_mode, reset_stats, set_fast_ops, set_poison_outputs, stats, synchronize,
-    FastOps, FastPathStats, OrderingMode,
+    errors, fast_ops, ordering_mode, reset_stats, set_fast_ops, set_ordering_mode, set_poison_outputs, stats,
+    synchronize, FastOps, FastPathStats, OrderingMode,
 };
 pub use error::FastError;
 
@@ -207,6 +208,10 @@ impl QwenBackend for CudaBackend {
         }
     }
 }
+
+/// burn's CUDA backend in f32 (`burn::backend::Cuda` with its default element): the portable path only, so that
+/// generic code also runs there (the fast kernels are bf16).
+impl QwenBackend for CubeBackend<CudaRuntime, f32, i32, u8> {}
 
 /// burn's device-memory pool usage on `device` (bytes in use, bytes reserved), for benchmarks.
 pub fn pool_usage(device: &CudaDevice) -> Option<(u64, u64)> {

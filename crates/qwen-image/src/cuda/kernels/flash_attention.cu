@@ -271,15 +271,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_d64(const FlashPa
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_d32(const FlashParams p) { flash_fwd<32>(p); }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_d16(const FlashParams p) { flash_fwd<16>(p); }
 
-// mask_tile_full[b, t] = 1 when every key of tile t (64 keys) of batch row b attends. One warp per (b, t).
+// mask_tile_full[b, t] = 1 when every key of tile t (`tile` keys) of batch row b attends. One warp per (b, t).
 extern "C" __global__ void flash_mask_tiles(const unsigned char* mask, i64 mask_sb, int total_keys, int n_tiles,
-                                            int batch, unsigned char* out) {
+                                            int batch, int tile, unsigned char* out) {
     const int w = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (w >= batch * n_tiles) return;
     const int b = w / n_tiles, t = w - b * n_tiles;
     bool ok = true;
-    for (int i = lane; i < 64; i += 32) {
-        const int j = t * 64 + i;
+    for (int i = lane; i < tile; i += 32) {
+        const int j = t * tile + i;
         if (j < total_keys) ok = ok && mask[b * mask_sb + j] != 0;
     }
     ok = __all_sync(0xffffffffu, ok);

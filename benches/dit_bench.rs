@@ -1,0 +1,378 @@
+//! Benchmark of the CUDA fast path (feature `cuda`): kernels (cuBLASLt GEMMs, our flash attention), the cost of
+//! ordering our stream against burn's, and the full-size DiT (60 blocks, D = 3072, random bf16 weights created on
+//! the GPU) at Edit v1 and Edit-Plus 1024²: full step, condition-K/V reuse step, 4-step totals of `none`, `cat`
+//! and `reuse:2,3,4` through the real denoising loop, achieved TFLOP/s, memory and cache size.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench dit_bench --no-run
+//! <binary> --json out.json [--cases v1,plus] [--layers 60] [--reps 5] [--skip-kernels] [--skip-dit]
+//! ```
+//! `tools/bench/torch_dit_bench.py` measures the PyTorch reference on the same shapes and
+//! `tools/bench/compare.py` puts both side by side; `docs/performance.md` has the results.
+
+use std::time::Instant;
+
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use clap::Parser;
+use qwen_image::{
+    cuda::{self, CudaBackend, CudaDevice, FastOps, FlashKernel, OrderingMode},
+    dit::{DitConfig, DitInput, ImageShape, QwenImageTransformer},
+    ops::{AttentionOptions, KvSegment, QwenBackend},
+    tensor_io::{rel_l2, to_f32_vec},
+};
+use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditioning};
+use qwen_image_pruning::{GroupAction, LayerPlan, ReuseMode, ScheduleSpec, StepPlan, TokenPruningCache};
+use serde_json::{json, Value};
+
+type G = CudaBackend;
+
+#[derive(Parser, Debug)]
+#[command(about = "CUDA fast-path benchmark of the Qwen-Image DiT")]
+struct Args {
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "dit_bench.json")]
+    json: String,
+    /// Cases: `v1` (1399 text tokens) and/or `plus` (236), both with 4096 target + 4096 condition tokens.
+    #[arg(long, default_value = "v1,plus")]
+    cases: String,
+    /// DiT blocks.
+    #[arg(long, default_value_t = 60)]
+    layers: usize,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Skip the kernel micro-benchmarks.
+    #[arg(long)]
+    skip_kernels: bool,
+    /// Skip the DiT benchmarks.
+    #[arg(long)]
+    skip_dit: bool,
+    /// Also time a full step with host-synchronized ordering.
+    #[arg(long)]
+    host_sync_step: bool,
+}
+
+const D: usize = 3072;
+
+fn dev() -> CudaDevice {
+    CudaDevice::new(0)
+}
+
+fn sync() {
+    G::sync(&dev()).expect("burn sync");
+    cuda::synchronize(0).expect("fast-path stream sync");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median wall time in ms of `inner` back-to-back calls of `f` (after one warm-up call), divided by `inner`.
+fn time_ms(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    sync();
+    let times = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..inner {
+                f();
+            }
+            sync();
+            t.elapsed().as_secs_f64() * 1e3 / inner as f64
+        })
+        .collect();
+    median(times)
+}
+
+fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
+    Tensor::<G, N>::random(shape, Distribution::Normal(0.0, std), &dev()).cast(DType::BF16)
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+fn kernels(reps: usize, out: &mut Vec<(String, Value)>) {
+    println!("\n== kernels (bf16) ==");
+    let mut gemms = Vec::new();
+    for &m in &[9591usize, 5495, 8428] {
+        for &(k, n, gelu) in &[(D, D, false), (D, 4 * D, true), (4 * D, D, false)] {
+            let x = randn([1, m, k], 1.0);
+            let w = randn([n, k], 1.0 / (k as f64).sqrt());
+            let b = randn([n], 0.1);
+            let ms = time_ms(reps, 20, || {
+                let y = if gelu {
+                    G::dense_gelu_tanh(x.clone(), &w, Some(&b))
+                } else {
+                    G::dense(x.clone(), &w, Some(&b))
+                };
+                drop(y);
+            });
+            let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+            println!(
+                "gemm {m:5} x {k:5} -> {n:5}{}: {ms:7.3} ms  {tf:6.1} TFLOP/s",
+                if gelu { " +gelu" } else { "" }
+            );
+            gemms.push(json!({"m": m, "k": k, "n": n, "gelu": gelu, "ms": ms, "tflops": tf}));
+        }
+    }
+    // burn's own matmul on one block shape, for reference.
+    {
+        let x = randn([1, 9591, D], 1.0);
+        let w = randn([4 * D, D], 1.0 / (D as f64).sqrt());
+        cuda::set_fast_ops(FastOps { gemm: false, ..FastOps::ALL });
+        let ms = time_ms(reps, 5, || drop(G::dense(x.clone(), &w, None)));
+        cuda::set_fast_ops(FastOps::ALL);
+        let tf = 2.0 * (9591 * D * 4 * D) as f64 / (ms * 1e-3) / 1e12;
+        println!("burn matmul 9591 x 3072 -> 12288: {ms:7.3} ms  {tf:6.1} TFLOP/s");
+        gemms.push(json!({"m": 9591, "k": D, "n": 4 * D, "burn": true, "ms": ms, "tflops": tf}));
+    }
+    out.push(("gemm".into(), Value::Array(gemms)));
+
+    let mut attn = Vec::new();
+    // (what, queries, key segments, heads, kv heads, head dim, causal)
+    let cases: &[(&str, usize, &[usize], usize, usize, usize, bool)] = &[
+        ("Edit v1 joint (9591)", 9591, &[1399, 4096, 4096], 24, 24, 128, false),
+        ("Edit v1 reuse (5495 q / 9591 k)", 5495, &[1399, 4096, 4096], 24, 24, 128, false),
+        ("Edit-Plus joint (8428)", 8428, &[236, 4096, 4096], 24, 24, 128, false),
+        ("LM prefill 1469, GQA 28/4, causal", 1469, &[1469], 28, 4, 128, true),
+        ("vision 1369, head dim 80", 1369, &[1369], 16, 16, 80, false),
+    ];
+    for &(what, nq, lens, h, hk, d, causal) in cases {
+        let q = randn([1, nq, h, d], 1.0);
+        let segs: Vec<KvSegment<G>> = lens
+            .iter()
+            .map(|&n| KvSegment { key: randn([1, n, hk, d], 1.0), value: randn([1, n, hk, d], 1.0) })
+            .collect();
+        let opts = AttentionOptions { causal, key_mask: None };
+        let nk: usize = lens.iter().sum();
+        let flop = 4.0 * (nq * nk * h * d) as f64 * if causal { 0.5 } else { 1.0 };
+        for kernel in [FlashKernel::Auto, FlashKernel::Mma] {
+            if kernel == FlashKernel::Mma && d != 128 {
+                continue;
+            }
+            cuda::set_flash_kernel(kernel);
+            let ms = time_ms(reps, 10, || drop(G::attend(q.clone(), &segs, &opts)));
+            let tf = flop / (ms * 1e-3) / 1e12;
+            let name = if kernel == FlashKernel::Mma { "mma.sync" } else { "default" };
+            println!("attention {what:36} [{name:8}]: {ms:7.3} ms  {tf:6.1} TFLOP/s");
+            attn.push(json!({"case": what, "kernel": name, "queries": nq, "keys": nk, "heads": h, "head_dim": d, "causal": causal, "ms": ms, "tflops": tf}));
+        }
+        cuda::set_flash_kernel(FlashKernel::Auto);
+    }
+    out.push(("attention".into(), Value::Array(attn)));
+
+    // Per-operation cost of the ordering: a tiny GEMM, 2000 times, in each ordering mode.
+    let mut ord = Vec::new();
+    let x = randn([1, 16, 128], 1.0);
+    let w = randn([128, 128], 0.1);
+    for mode in [OrderingMode::ContextEvents, OrderingMode::HostSync] {
+        if cuda::set_ordering_mode(0, mode).is_err() {
+            continue;
+        }
+        let us = time_ms(3, 2000, || drop(G::dense(x.clone(), &w, None))) * 1e3;
+        println!("tiny GEMM wall time per call, {mode:?}: {us:6.1} µs");
+        ord.push(json!({"mode": format!("{mode:?}"), "us_per_op": us}));
+    }
+    cuda::set_ordering_mode(0, OrderingMode::ContextEvents).ok();
+    let burn_us = {
+        let y = randn([1, 16, 128], 1.0);
+        time_ms(3, 2000, || drop(y.clone() * 0.5 + 1.0)) * 1e3 / 2.0
+    };
+    println!("burn elementwise op wall time per call: {burn_us:6.1} µs");
+    ord.push(json!({"mode": "burn elementwise", "us_per_op": burn_us}));
+    out.push(("ordering".into(), Value::Array(ord)));
+}
+
+/// FLOP of one DiT step with `computed` image tokens and `text` text tokens attending to `keys` keys.
+fn step_flop(layers: usize, text: usize, computed: usize, keys: usize) -> f64 {
+    let q = (text + computed) as f64;
+    let lin = 2.0 * 12.0 * (D * D) as f64 * layers as f64 * q;
+    let attn = 4.0 * D as f64 * layers as f64 * q * keys as f64;
+    lin + attn
+}
+
+fn dit_case(model: &QwenImageTransformer<G>, name: &str, text: usize, args: &Args) -> Value {
+    let layers = model.num_layers();
+    let (target, cond) = (4096usize, 4096usize);
+    let shapes = vec![ImageShape::new(64, 64), ImageShape::new(64, 64)];
+    let input = DitInput {
+        hidden_states: randn([1, target + cond, 64], 1.0),
+        encoder_hidden_states: randn([1, text, 3584], 1.0),
+        encoder_hidden_states_mask: None,
+        timestep: vec![0.5],
+        img_shapes: shapes.clone(),
+    };
+    println!("\n== DiT {name}: {text} text + {target} target + {cond} condition tokens, {layers} blocks ==");
+    let keys = text + target + cond;
+    let full_flop = step_flop(layers, text, target + cond, keys);
+    let reuse_flop = step_flop(layers, text, target, keys);
+
+    cuda::reset_stats();
+    let full_ms = time_ms(args.reps, 1, || drop(model.forward(&input).expect("forward")));
+    let s = cuda::stats();
+    let ops_per_step: u64 = s.calls.iter().sum::<u64>() / (args.reps as u64 + 1);
+    println!(
+        "full step: {full_ms:8.1} ms  {:6.1} TFLOP/s ({:.1} TFLOP); fast ops per step {ops_per_step}, fallbacks {:?}",
+        full_flop / (full_ms * 1e-3) / 1e12,
+        full_flop / 1e12,
+        s.fallbacks
+    );
+    let mut host_sync_ms = None;
+    if args.host_sync_step && cuda::set_ordering_mode(0, OrderingMode::HostSync).is_ok() {
+        let ms = time_ms(args.reps.min(3), 1, || drop(model.forward(&input).expect("forward")));
+        cuda::set_ordering_mode(0, OrderingMode::ContextEvents).ok();
+        println!("full step with host-synchronized ordering: {ms:8.1} ms");
+        host_sync_ms = Some(ms);
+    }
+
+    // Reuse step: step 0 computes and caches the condition image at every block, step 1 reuses its K/V.
+    let n_cond = 1;
+    let cache_plan =
+        StepPlan::new(vec![LayerPlan::with_conditions(n_cond, GroupAction::ComputeAndCache); layers]);
+    let reuse_plan =
+        StepPlan::new(vec![
+            LayerPlan::with_conditions(n_cond, GroupAction::Reuse(ReuseMode::KeyValue));
+            layers
+        ]);
+    let mut cache = TokenPruningCache::new();
+    let cache_ms = time_ms(args.reps.min(3), 1, || {
+        drop(model.forward_planned(&input, &cache_plan, 0, &mut cache).expect("caching step"))
+    });
+    let cache_bytes = cache.size_bytes();
+    let reuse_ms = time_ms(args.reps, 1, || {
+        drop(model.forward_planned(&input, &reuse_plan, 1, &mut cache).expect("reuse step"))
+    });
+    // With K/V cached from the same inputs, the reuse step's target prediction equals the full step's.
+    let (want, _) = model.forward_planned(&input, &cache_plan, 0, &mut cache).expect("caching step");
+    let (got, _) = model.forward_planned(&input, &reuse_plan, 1, &mut cache).expect("reuse step");
+    let reuse_err = rel_l2(&to_f32_vec(got), &to_f32_vec(want));
+    println!(
+        "caching step: {cache_ms:8.1} ms; cache {:.2} GiB; reuse vs full rel L2 {reuse_err:.1e}",
+        gib(cache_bytes as u64)
+    );
+    println!(
+        "reuse step: {reuse_ms:8.1} ms  {:6.1} TFLOP/s ({:.1} TFLOP)",
+        reuse_flop / (reuse_ms * 1e-3) / 1e12,
+        reuse_flop / 1e12
+    );
+    drop(cache);
+
+    // 4 Lightning steps through the denoising loop, per schedule.
+    let mut schedules = serde_json::Map::new();
+    let sigmas = vec![1.0f32, 0.75, 0.5, 0.25, 0.0];
+    let inputs = DenoiseInputs {
+        latents: randn([1, target, 64], 1.0),
+        image_latents: randn([1, cond, 64], 1.0),
+        prompt: TextConditioning { embeds: input.encoder_hidden_states.clone(), mask: None },
+        negative: None,
+        cfg_scale: 1.0,
+        img_shapes: shapes,
+        timesteps: sigmas[..4].to_vec(),
+        sigmas: sigmas.clone(),
+    };
+    let mut none_total = None;
+    for spec in ["none", "cat", "reuse:2,3,4"] {
+        let parsed: ScheduleSpec = spec.parse().expect("schedule");
+        let mut runs = Vec::new();
+        let mut last_reports = Vec::new();
+        for _ in 0..2 {
+            let mut schedule = parsed.build().expect("schedule");
+            let mut caches = DenoiseCaches::default();
+            sync();
+            let t = Instant::now();
+            let (x, reports) =
+                denoise(model, &inputs, schedule.as_mut(), &mut caches, &mut |_| {}).expect("denoise");
+            drop(x);
+            sync();
+            runs.push(t.elapsed().as_secs_f64() * 1e3);
+            last_reports = reports;
+        }
+        let total = runs[1];
+        let steps: Vec<f64> = last_reports.iter().map(|r| r.time.as_secs_f64() * 1e3).collect();
+        let cache = last_reports.iter().map(|r| r.cache_bytes).max().unwrap_or(0);
+        let speedup = none_total.map(|n: f64| n / total);
+        if spec == "none" {
+            none_total = Some(total);
+        }
+        println!(
+            "4 steps {spec:12}: {total:8.1} ms (steps {}){}; cache {:.2} GiB",
+            steps.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(" / "),
+            speedup.map(|s| format!(", {s:.2}x vs none")).unwrap_or_default(),
+            gib(cache as u64)
+        );
+        schedules.insert(
+            spec.into(),
+            json!({"total_ms": total, "first_run_ms": runs[0], "step_ms": steps, "cache_bytes": cache, "speedup_vs_none": speedup}),
+        );
+    }
+    json!({
+        "text_tokens": text, "target_tokens": target, "condition_tokens": cond, "layers": layers,
+        "full_step_ms": full_ms, "full_step_tflop": full_flop / 1e12, "full_step_tflops": full_flop / (full_ms * 1e-3) / 1e12,
+        "full_step_host_sync_ms": host_sync_ms,
+        "caching_step_ms": cache_ms,
+        "reuse_step_ms": reuse_ms, "reuse_step_tflop": reuse_flop / 1e12, "reuse_step_tflops": reuse_flop / (reuse_ms * 1e-3) / 1e12,
+        "cache_bytes": cache_bytes, "fast_ops_per_step": ops_per_step, "reuse_vs_full_rel_l2": reuse_err,
+        "schedules": Value::Object(schedules),
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    let device = dev();
+    let mut results: Vec<(String, Value)> = Vec::new();
+    let ordering =
+        cuda::ordering_mode(0).map(|m| format!("{m:?}")).unwrap_or_else(|e| format!("unavailable: {e}"));
+    println!("fast ops {:?}, ordering {ordering}", cuda::fast_ops());
+    results.push(("ordering_mode".into(), json!(ordering)));
+    let mem0 = cuda::device_memory_used(0).unwrap_or(0);
+
+    if !args.skip_kernels {
+        kernels(args.reps, &mut results);
+    }
+    if !args.skip_dit {
+        let config = DitConfig { num_layers: args.layers, zero_cond_t: false, ..DitConfig::default() };
+        let t = Instant::now();
+        let model = QwenImageTransformer::<G>::random(config, DType::BF16, &device, 42).expect("model");
+        sync();
+        let params: usize = model.blocks.len() * (2 * 6 * D * D + 8 * D * D + 4 * 4 * D * D);
+        println!(
+            "\nrandom DiT: {:.2} B block parameters, created in {:.1} s",
+            params as f64 / 1e9,
+            t.elapsed().as_secs_f64()
+        );
+        let mem_model = cuda::device_memory_used(0).unwrap_or(0);
+        let mut cases = serde_json::Map::new();
+        for case in args.cases.split(',') {
+            let text = match case {
+                "v1" => 1399,
+                "plus" => 236,
+                other => panic!("unknown case {other}"),
+            };
+            cases.insert(case.into(), dit_case(&model, case, text, &args));
+        }
+        let mem_peak = cuda::device_memory_used(0).unwrap_or(0);
+        let pool = cuda::pool_usage(&device);
+        println!(
+            "\nGPU memory: {:.1} GiB before, {:.1} GiB with the model, {:.1} GiB peak (burn pool in use / reserved: {:?})",
+            gib(mem0),
+            gib(mem_model),
+            gib(mem_peak),
+            pool.map(|(a, b)| (gib(a), gib(b)))
+        );
+        results.push(("dit".into(), Value::Object(cases)));
+        results.push((
+            "memory".into(),
+            json!({"before_bytes": mem0, "model_bytes": mem_model, "peak_bytes": mem_peak, "pool": pool}),
+        ));
+    }
+    let s = cuda::stats();
+    results.push((
+        "fast_path".into(),
+        json!({"calls": s.calls, "fallbacks": s.fallbacks, "errors": cuda::errors()}),
+    ));
+    let doc = Value::Object(results.into_iter().collect());
+    std::fs::write(&args.json, serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
+    println!("\nwrote {}", args.json);
+}

@@ -1,0 +1,313 @@
+// Flash attention forward for Hopper (sm_90a): warpgroup MMA (wgmma) with both operands of Q·Kᵀ and the V operand
+// of P·V in 128-byte-swizzled shared memory, P kept in registers between the two products (FlashAttention-3
+// style, without warp specialization). Head dim 128, bf16, f32 softmax statistics.
+//
+// One CTA = 2 warpgroups = 128 queries (64 per warpgroup) of one (batch, head). Keys stream in tiles of 128
+// through a two-stage cp.async pipeline: the next tile loads while this one is computed. K is read in place from
+// its segments (a logical key is mapped to its segment row by row, so tiles may straddle segments); V is read
+// from a transposed copy Vt[b, kv_head, d, key] (`flash_vt_transpose`, keys padded to a multiple of 128 with
+// zeros) so that both products take K-major shared-memory operands. Same FlashParams as the mma.sync kernel
+// (`flash_attention.cu`); masking, GQA and causality behave identically. No variable-length blocks here.
+
+#define MAX_SEGS 4
+struct KvSeg {
+    const bf16_t* k;
+    const bf16_t* v;
+    i64 k_sb, k_st, k_sh;  // element strides of K: batch, token, head (head dim is contiguous)
+    i64 v_sb, v_st, v_sh;
+    int start;  // first logical key of the segment
+    int len;    // number of keys
+};
+
+struct FlashParams {
+    const bf16_t* q;
+    bf16_t* o;
+    const unsigned char* mask;  // [batch, total_keys] (row stride mask_sb), nonzero = attend; null = all
+    const unsigned char* mask_tile_full;  // [batch, ceil(total_keys / 64)]: 1 = every key of the tile attends
+    const int* cu_seqlens;      // n_blocks + 1 boundaries (varlen mode, batch 1); null otherwise
+    i64 q_sb, q_st, q_sh;
+    i64 o_sb, o_st, o_sh;
+    i64 mask_sb;
+    KvSeg seg[MAX_SEGS];
+    int n_segs;
+    int total_keys;
+    int q_len;
+    int kv_group;
+    int causal;
+    int n_blocks;
+    float scale_log2;  // softmax scale · log2(e)
+    int n_mask_tiles;  // row length of mask_tile_full
+};
+
+// S(64 x 128) (+)= A(64 x 16, shared, K-major) · B(128 x 16, shared, K-major)ᵀ; `scale_d` = 0 overwrites the
+// accumulator.
+__device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// O(64 x 128) += A(64 x 16, registers) · B(128 x 16, shared, K-major)ᵀ.
+__device__ __forceinline__ void wgmma_rs_m64n128k16(float (&d)[64], const u32 (&a)[4], u64 desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row core groups 1024 bytes apart.
+__device__ __forceinline__ u64 sw128_desc(u32 saddr) {
+    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+// Byte offset of 16-byte chunk `ch` (0..15) of row `r` in a [rows][128 elements] tile stored as two 128-byte-swizzled
+// halves of [rows][64] (`rows` rows each).
+__device__ __forceinline__ u32 sw128_offset(int r, int ch, int rows) {
+    return (u32)((ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4));
+}
+
+namespace wg {
+constexpr int BM = 128, BN = 128, D = 128, NT = 256;
+constexpr int TILE = 128 * 256;                     // bytes of a 128 x 128 bf16 tile
+}  // namespace wg
+
+__device__ __forceinline__ void wg_load_k(u32 dst, const FlashParams& p, int b, int hk, int j0, int kv_end) {
+    for (int c = threadIdx.x; c < wg::BN * 16; c += wg::NT) {
+        const int r = c >> 4, ch = c & 15;
+        const int j = j0 + r;
+        const bf16_t* src = p.q;
+        int bytes = 0;
+        if (j < kv_end) {
+#pragma unroll
+            for (int s = 0; s < MAX_SEGS; ++s) {
+                if (s < p.n_segs) {
+                    const KvSeg& g = p.seg[s];
+                    const int t = j - g.start;
+                    if (t >= 0 && t < g.len) {
+                        src = g.k + b * g.k_sb + t * g.k_st + hk * g.k_sh + ch * 8;
+                        bytes = 16;
+                    }
+                }
+            }
+        }
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + sw128_offset(r, ch, wg::BN)),
+                     "l"(src), "r"(bytes));
+    }
+}
+
+// Vt tile: rows = head-dim index d (128), columns = keys j0 .. j0 + 127 (always inside the padded buffer).
+__device__ __forceinline__ void wg_load_vt(u32 dst, const bf16_t* vt, i64 kpad, int j0) {
+    for (int c = threadIdx.x; c < wg::D * 16; c += wg::NT) {
+        const int d = c >> 4, ch = c & 15;
+        const bf16_t* src = vt + d * kpad + j0 + ch * 8;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + sw128_offset(d, ch, wg::D)), "l"(src));
+    }
+}
+
+struct VtParams {
+    const bf16_t* vt;  // [batch, kv_heads, 128, kpad]
+    i64 kpad;
+    int kv_heads;
+    int pad_;
+};
+
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_wgmma_d128(const FlashParams p, const VtParams vp) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const u32 sQ = base;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wgi = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const int g = lane >> 2, c4 = lane & 3;
+    const int h = blockIdx.y, hk = h / p.kv_group, b = blockIdx.z;
+    const int q0 = blockIdx.x * wg::BM;
+    const int q_len = p.q_len, kv_end = p.total_keys;
+    if (q0 >= q_len) return;
+    const int kv_need = p.causal ? min(kv_end, q0 + wg::BM) : kv_end;
+    const int n_tiles = (kv_need + wg::BN - 1) / wg::BN;
+    const bf16_t* vt = vp.vt + ((i64)b * vp.kv_heads + hk) * wg::D * vp.kpad;
+
+    // Prologue: Q and tile 0.
+    for (int c = tid; c < wg::BM * 16; c += wg::NT) {
+        const int r = c >> 4, ch = c & 15;
+        const int qi = q0 + r;
+        const bf16_t* src = p.q;
+        int bytes = 0;
+        if (qi < q_len) {
+            src = p.q + b * p.q_sb + (i64)qi * p.q_st + h * p.q_sh + ch * 8;
+            bytes = 16;
+        }
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sQ + sw128_offset(r, ch, wg::BM)),
+                     "l"(src), "r"(bytes));
+    }
+    if (n_tiles > 0) {
+        wg_load_k(base + wg::TILE, p, b, hk, 0, kv_end);
+        wg_load_vt(base + 2 * wg::TILE, vt, vp.kpad, 0);
+    }
+    cp_async_commit();
+
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float m_run[2] = {-QI_INF, -QI_INF};
+    float l_run[2] = {0.f, 0.f};
+    const int row0 = q0 + wgi * 64 + wq * 16 + g;
+    // Q rows of this warpgroup: 64 rows = 8 KB into each half of the Q tile.
+    const u32 qa = sQ + wgi * 64 * 128;
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int st = it & 1;
+        const u32 sK = base + (1 + 2 * st) * wg::TILE, sV = sK + wg::TILE;
+        const int j0 = it * wg::BN;
+        __syncthreads();  // every warp is done with the other stage (tile it - 1)
+        if (it + 1 < n_tiles) {
+            const u32 nK = base + (1 + 2 * (st ^ 1)) * wg::TILE;
+            wg_load_k(nK, p, b, hk, j0 + wg::BN, kv_end);
+            wg_load_vt(nK + wg::TILE, vt, vp.kpad, j0 + wg::BN);
+        }
+        cp_async_commit();
+        cp_async_wait_1();
+        fence_proxy_async();
+        __syncthreads();  // tile it is in shared memory for everyone
+
+        // S = Q Kᵀ: 8 k-steps of 16 over the head dim.
+        float s[64];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+            const u32 off = (kk >> 2) * (wg::BM * 128) + (kk & 3) * 32;
+            const u32 koff = (kk >> 2) * (wg::BN * 128) + (kk & 3) * 32;
+            wgmma_ss_m64n128k16(s, sw128_desc(qa + off), sw128_desc(sK + koff), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+
+        // Masking: keys past the end, the key mask, causality. Accumulator element 4n + e: row g (+8 for e >= 2),
+        // key column 8n + 2c + (e & 1).
+        const bool masked = p.mask != nullptr && p.mask_tile_full[b * p.n_mask_tiles + it] == 0;
+        const bool need = (j0 + wg::BN > kv_end) || masked || (p.causal && (j0 + wg::BN - 1 > row0 - g));
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = j0 + n * 8 + 2 * c4 + e;
+                const bool ok = !need || (j < kv_end && (!masked || p.mask[b * p.mask_sb + j] != 0));
+                const bool ok0 = ok && !(need && p.causal && j > row0);
+                const bool ok1 = ok && !(need && p.causal && j > row0 + 8);
+                s[4 * n + e] = ok0 ? s[4 * n + e] : -QI_INF;
+                s[4 * n + 2 + e] = ok1 ? s[4 * n + 2 + e] : -QI_INF;
+            }
+        }
+
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -QI_INF;
+#pragma unroll
+            for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[r], mx * p.scale_log2);
+            const float m_use = m_new == -QI_INF ? 0.f : m_new;
+            alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
+            m_run[r] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < 16; ++n) {
+                const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], p.scale_log2, -m_use));
+                const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], p.scale_log2, -m_use));
+                s[4 * n + 2 * r] = p0;
+                s[4 * n + 2 * r + 1] = p1;
+                sum += p0 + p1;
+            }
+            l_run[r] = l_run[r] * alpha[r] + sum;
+        }
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            o[4 * n] *= alpha[0];
+            o[4 * n + 1] *= alpha[0];
+            o[4 * n + 2] *= alpha[1];
+            o[4 * n + 3] *= alpha[1];
+        }
+
+        // O += P V: 8 k-steps of 16 keys, P from registers (accumulator layout = A-fragment layout). All fragments
+        // are packed before the first wgmma so no register changes between the asynchronous instructions.
+        u32 pa[8][4];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            pa[t][0] = pack_bf16x2(s[8 * t + 0], s[8 * t + 1]);
+            pa[t][1] = pack_bf16x2(s[8 * t + 2], s[8 * t + 3]);
+            pa[t][2] = pack_bf16x2(s[8 * t + 4], s[8 * t + 5]);
+            pa[t][3] = pack_bf16x2(s[8 * t + 6], s[8 * t + 7]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            const u32 voff = (t >> 2) * (wg::D * 128) + (t & 3) * 32;
+            wgmma_rs_m64n128k16(o, pa[t], sw128_desc(sV + voff));
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+    }
+    cp_async_wait_all();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int qi = row0 + 8 * r;
+        if (qi < q_len) {
+            bf16_t* dst = p.o + b * p.o_sb + (i64)qi * p.o_st + h * p.o_sh + 2 * c4;
+#pragma unroll
+            for (int n = 0; n < 16; ++n) {
+                *reinterpret_cast<u32*>(dst + n * 8) = pack_bf16x2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+            }
+        }
+    }
+}
+
+// Vt[b, hk, d, j] = V[b, j, hk, d] for the keys of all segments (logical order), zeros for j in [total, kpad).
+// Grid (kpad / 64, kv_heads, batch), 256 threads; a 64-key x 128-d tile goes through shared memory.
+extern "C" __global__ void __launch_bounds__(256) flash_vt_transpose(const FlashParams p, const VtParams vp) {
+    __shared__ bf16_t tile[64][128 + 8];
+    const int j0 = blockIdx.x * 64, hk = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    // Load 64 key rows (16 chunks of 8 each).
+    for (int c = tid; c < 64 * 16; c += 256) {
+        const int r = c >> 4, ch = c & 15, j = j0 + r;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (j < p.total_keys) {
+#pragma unroll
+            for (int s = 0; s < MAX_SEGS; ++s) {
+                if (s < p.n_segs) {
+                    const KvSeg& g = p.seg[s];
+                    const int t = j - g.start;
+                    if (t >= 0 && t < g.len)
+                        v = *reinterpret_cast<const uint4*>(g.v + b * g.v_sb + t * g.v_st + hk * g.v_sh + ch * 8);
+                }
+            }
+        }
+        *reinterpret_cast<uint4*>(&tile[r][ch * 8]) = v;
+    }
+    __syncthreads();
+    // Write 128 rows (d) of 64 keys: 8 chunks of 8 keys per row.
+    bf16_t* out = const_cast<bf16_t*>(vp.vt) + ((i64)b * vp.kv_heads + hk) * 128 * vp.kpad;
+    for (int c = tid; c < 128 * 8; c += 256) {
+        const int d = c >> 3, ch = c & 7;
+        u32 w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            w[e] = (u32)tile[ch * 8 + 2 * e][d] | ((u32)tile[ch * 8 + 2 * e + 1][d] << 16);
+        }
+        *reinterpret_cast<uint4*>(out + d * vp.kpad + j0 + ch * 8) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}

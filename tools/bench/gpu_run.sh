@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs the GPU tests, the Rust benchmark and the PyTorch reference in one go on the GPU host, writing logs and JSON
+# under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
+# PyTorch reference, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
+#
+#   tools/bench/gpu_run.sh [tests] [kernels] [dit] [torch]      (default: all four)
+#   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
+set -u
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+STAGES=${*:-tests kernels dit torch}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+# Binaries travel xz-compressed (the carried tree is limited to 64 MiB).
+for f in .dev/bin/*.xz; do
+  [ -e "$f" ] || continue
+  b=.dev/$(basename "$f" .xz); xz -dc "$f" > "$b" && chmod +x "$b"
+done
+export RUST_BACKTRACE=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,memory.total \
+  --format=csv > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c 'import diffusers' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if has tests; then
+  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-300} .dev/gpu_fast_ops --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
+  echo "tests exit $?"; grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
+  # If the Hopper (wgmma) attention kernel failed its check, benchmark with the mma.sync kernel instead.
+  if ! grep -q 'attend (Auto): DiT joint' "$OUT/tests.log" || grep -qE 'attend \(Auto\).*(relative L2|non-finite)' "$OUT/tests.log"; then
+    echo "wgmma attention unverified: benchmarking with QWEN_FLASH=mma"; export QWEN_FLASH=mma
+  fi
+fi
+if has kernels || has dit; then
+  args=""
+  has kernels || args="$args --skip-kernels"
+  has dit || args="$args --skip-dit"
+  echo "== Rust benchmark"
+  timeout ${BENCH_TIMEOUT:-400} .dev/dit_bench --json "$OUT/rust.json" $args ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"; tail -45 "$OUT/bench.log"
+fi
+if has torch; then
+  echo "== PyTorch reference"
+  timeout ${TORCH_TIMEOUT:-300} python3 tools/bench/torch_dit_bench.py --json "$OUT/torch.json" ${TORCH_ARGS:-} \
+    > "$OUT/torch.log" 2>&1
+  echo "torch exit $?"; tail -15 "$OUT/torch.log"
+fi
+[ -f "$OUT/rust.json" ] && python3 tools/bench/compare.py "$OUT/rust.json" "$OUT/torch.json" --out "$OUT/combined.json" \
+  | tee "$OUT/table.md"
