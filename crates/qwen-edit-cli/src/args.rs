@@ -115,6 +115,10 @@ pub struct Args {
     /// side-by-side grid and a report with timings, speed-up, PSNR and SSIM.
     #[arg(long)]
     pub compare: bool,
+    /// Untimed warm-up edits before the measured ones (each schedule once per warm-up), so that one-time costs
+    /// (kernel compilation and autotuning on CUDA) stay out of the timings [default: 0 on the CPU, 1 on CUDA].
+    #[arg(long)]
+    pub warmup: Option<usize>,
     /// Also write the JSON report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -246,6 +246,26 @@ fn run_model<B: QwenBackend>(
         load_seconds
     )?;
 
+    let warmup = args.warmup.unwrap_or(usize::from(args.device == Device::Cuda));
+    if let Some(job) = jobs.first().filter(|_| warmup > 0) {
+        let mut specs = vec![job.schedule.clone()];
+        if args.compare {
+            specs = vec![
+                ScheduleSpec::None,
+                if job.schedule.prunes() { job.schedule.clone() } else { ScheduleSpec::default() },
+            ];
+        }
+        for _ in 0..warmup {
+            for spec in &specs {
+                edit(&mut pipe, job, spec, &mut bars)?;
+            }
+        }
+        writeln!(
+            out,
+            "Warm-up: {warmup} untimed run(s) of {}",
+            specs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+        )?;
+    }
     std::fs::create_dir_all(&args.output_dir)
         .map_err(|e| format!("cannot create the output folder {}: {e}", args.output_dir.display()))?;
     let names = OutputNames::new(&args.output_dir, timestamp());
@@ -277,6 +297,7 @@ fn run_model<B: QwenBackend>(
         "device": format!("{:?}", args.device).to_lowercase(),
         "dtype": format!("{dtype:?}"),
         "weights_loaded": 1,
+        "warmup_runs": warmup,
         "load_seconds": load_seconds,
         "load_stages": pipe.load_stages(),
         "edits": edits,
