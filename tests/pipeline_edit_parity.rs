@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::DType;
 use qwen_image::{
     processor::load_image,
     tensor_io::{rel_l2, TensorFile},
@@ -27,9 +28,9 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("edits.json")).unwrap()).unwrap()
 }
 
-fn options(positions: PositionMode) -> LoadOptions {
+fn options(positions: PositionMode, dtype: DType) -> LoadOptions {
     // diffusers 0.42 with transformers 5 calls the text encoder without the image-grid positions.
-    LoadOptions { text_positions: positions, ..LoadOptions::default() }
+    LoadOptions { text_positions: positions, dtype, ..LoadOptions::default() }
 }
 
 fn request(fx: &Value, case: &Value, noise: Vec<f32>) -> EditRequest {
@@ -51,12 +52,16 @@ fn request(fx: &Value, case: &Value, noise: Vec<f32>) -> EditRequest {
 }
 
 fn run(name: &str, positions: PositionMode, spec: &str) -> (EditOutput, TensorFile) {
+    run_in(name, positions, spec, DType::F32)
+}
+
+fn run_in(name: &str, positions: PositionMode, spec: &str, dtype: DType) -> (EditOutput, TensorFile) {
     let fx = fixture();
     let case = &fx["cases"][name];
     let snapshot = dir().join(case["snapshot"].as_str().unwrap());
     let mut pipe = QwenImageEditPipeline::<B>::load(
         snapshot.to_str().unwrap(),
-        &options(positions),
+        &options(positions, dtype),
         &Default::default(),
         &mut NoProgress,
     )
@@ -119,4 +124,25 @@ fn the_fixture_is_sensitive_to_text_positions_and_to_pruning() {
     println!("reuse:2,3 moves the latents by {d:.2e}");
     assert!(d > 2e-3, "pruning moved the latents by only {d:.2e}");
     assert!(pruned.report.reused_tokens() > 0);
+}
+
+fn check_bf16(name: &str) {
+    // Everything in bf16 against diffusers run in bf16 (the timestep rounding `bf16(bf16(t)/1000)` included).
+    let (out, want) = run_in(name, PositionMode::Sequential, "none", DType::BF16);
+    let latents = rel_l2(&out.latents, &want.f32("latents_bf16").unwrap().0);
+    let vs_f32 = rel_l2(&want.f32("latents_bf16").unwrap().0, &want.f32("latents").unwrap().0);
+    let img: Vec<u8> = want.f32("image_bf16").unwrap().0.into_iter().map(|v| v as u8).collect();
+    let p = psnr(out.image.as_raw(), &img).unwrap();
+    println!("{name} bf16: latents rel L2 {latents:.2e} (diffusers bf16 vs f32: {vs_f32:.2e}), image PSNR {p:.1} dB");
+    assert!(latents <= 2e-2, "{name}: bf16 final latents differ by {latents:.3e}");
+}
+
+#[test]
+fn edit_in_bf16_matches_diffusers_bf16() {
+    check_bf16("edit_nocfg");
+}
+
+#[test]
+fn edit_plus_with_cfg_in_bf16_matches_diffusers_bf16() {
+    check_bf16("plus_cfg");
 }
