@@ -2,7 +2,7 @@
 //!
 //! - [`pipeline`]: [`QwenImageEditPipeline`] — load a diffusers snapshot, run edits (Edit v1 and Edit-Plus) under a
 //!   pruning schedule, get the image and an [`EditReport`].
-//! - [`denoise`]: the flow-matching Euler loop under a [`PruningSchedule`](qwen_image_pruning::PruningSchedule),
+//! - [`denoise`](mod@denoise): the flow-matching Euler loop under a [`PruningSchedule`](qwen_image_pruning::PruningSchedule),
 //!   with true CFG and per-step reports.
 //! - [`scheduler`]: `FlowMatchEulerDiscreteScheduler` (base and Lightning configs).
 //! - [`lora`]: LoRA files (Lightning and others), merged at load time or attached at run time.
