@@ -47,6 +47,9 @@ struct Args {
     /// Skip the DiT benchmarks.
     #[arg(long)]
     skip_dit: bool,
+    /// In the kernel section, only the attention kernels (for profiling).
+    #[arg(long)]
+    attention_only: bool,
     /// Also time a full step with host-synchronized ordering.
     #[arg(long)]
     host_sync_step: bool,
@@ -93,10 +96,11 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-fn kernels(reps: usize, out: &mut Vec<(String, Value)>) {
+fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     println!("\n== kernels (bf16) ==");
     let mut gemms = Vec::new();
-    for &m in &[9591usize, 5495, 8428] {
+    let gemm_rows: &[usize] = if attention_only { &[] } else { &[9591, 5495, 8428] };
+    for &m in gemm_rows {
         for &(k, n, gelu) in &[(D, D, false), (D, 4 * D, true), (4 * D, D, false)] {
             let x = randn([1, m, k], 1.0);
             let w = randn([n, k], 1.0 / (k as f64).sqrt());
@@ -118,7 +122,7 @@ fn kernels(reps: usize, out: &mut Vec<(String, Value)>) {
         }
     }
     // burn's own matmul on one block shape, for reference.
-    {
+    if !attention_only {
         let x = randn([1, 9591, D], 1.0);
         let w = randn([4 * D, D], 1.0 / (D as f64).sqrt());
         cuda::set_fast_ops(FastOps { gemm: false, ..FastOps::ALL });
@@ -162,6 +166,9 @@ fn kernels(reps: usize, out: &mut Vec<(String, Value)>) {
         cuda::set_flash_kernel(FlashKernel::Auto);
     }
     out.push(("attention".into(), Value::Array(attn)));
+    if attention_only {
+        return;
+    }
 
     // Per-operation cost of the ordering: a tiny GEMM, 2000 times, in each ordering mode.
     let mut ord = Vec::new();
@@ -329,7 +336,7 @@ fn main() {
     let mem0 = cuda::device_memory_used(0).unwrap_or(0);
 
     if !args.skip_kernels {
-        kernels(args.reps, &mut results);
+        kernels(args.reps, args.attention_only, &mut results);
     }
     if !args.skip_dit {
         let config = DitConfig { num_layers: args.layers, zero_cond_t: false, ..DitConfig::default() };

@@ -28,7 +28,7 @@ if has tests; then
   echo "== GPU tests"; timeout ${TEST_TIMEOUT:-300} .dev/gpu_fast_ops --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
   # If the Hopper (wgmma) attention kernel failed its check, benchmark with the mma.sync kernel instead.
-  if ! grep -q 'attend (Auto): DiT joint' "$OUT/tests.log" || grep -qE 'attend \(Auto\).*(relative L2|non-finite)' "$OUT/tests.log"; then
+  if ! grep -q 'attend: DiT joint.*wgmma vs mma.sync' "$OUT/tests.log" || grep -qE 'attend (\(Auto\)|: DiT).*(relative L2 error|non-finite)' "$OUT/tests.log"; then
     echo "wgmma attention unverified: benchmarking with QWEN_FLASH=mma"; export QWEN_FLASH=mma
   fi
 fi
@@ -39,6 +39,17 @@ if has kernels || has dit; then
   echo "== Rust benchmark"
   timeout ${BENCH_TIMEOUT:-400} .dev/dit_bench --json "$OUT/rust.json" $args ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench exit $?"; tail -45 "$OUT/bench.log"
+fi
+if has ncu; then
+  # Hardware counters of one launch of each attention kernel at the Edit v1 joint shape (clocks left alone).
+  for k in flash_fwd_wgmma_d128 flash_fwd_d128; do
+    echo "== ncu $k"
+    timeout ${NCU_TIMEOUT:-120} ncu --clock-control none -k regex:$k -c 1 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      .dev/dit_bench --skip-dit --attention-only --reps 1 --json /tmp/ncu_bench.json > "$OUT/ncu_$k.txt" 2>&1
+    echo "ncu exit $?"; grep -E 'Duration|Throughput|Occupancy|Registers|Stall|Issue|Warp Cycles|Active Warps|Pipe|Bank' \
+      "$OUT/ncu_$k.txt" | head -40
+  done
 fi
 if has torch; then
   echo "== PyTorch reference"
