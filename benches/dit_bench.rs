@@ -57,6 +57,9 @@ struct Args {
 
 const D: usize = 3072;
 
+/// (what, queries, key segment lengths, heads, kv heads, head dim, causal)
+type AttnCase = (&'static str, usize, &'static [usize], usize, usize, usize, bool);
+
 fn dev() -> CudaDevice {
     CudaDevice::new(0)
 }
@@ -136,7 +139,7 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
 
     let mut attn = Vec::new();
     // (what, queries, key segments, heads, kv heads, head dim, causal)
-    let cases: &[(&str, usize, &[usize], usize, usize, usize, bool)] = &[
+    let cases: &[AttnCase] = &[
         ("Edit v1 joint (9591)", 9591, &[1399, 4096, 4096], 24, 24, 128, false),
         ("Edit v1 reuse (5495 q / 9591 k)", 5495, &[1399, 4096, 4096], 24, 24, 128, false),
         ("Edit-Plus joint (8428)", 8428, &[236, 4096, 4096], 24, 24, 128, false),

@@ -30,6 +30,9 @@ type G = CudaBackend;
 /// The fast-path switches and counters are global: run one test at a time.
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// (what, batch, queries, key segment lengths, heads, kv heads, head dim, causal)
+type AttnCase = (&'static str, usize, usize, &'static [usize], usize, usize, usize, bool);
+
 fn dev() -> CudaDevice {
     CudaDevice::new(0)
 }
@@ -198,7 +201,7 @@ fn segments(b: usize, lens: &[usize], hk: usize, d: usize) -> Vec<KvSegment<G>> 
 fn flash_attention_matches_reference() {
     let _g = setup();
     // (what, batch, queries, key segments, heads, kv heads, head dim, causal)
-    let cases: &[(&str, usize, usize, &[usize], usize, usize, usize, bool)] = &[
+    let cases: &[AttnCase] = &[
         (
             "DiT joint, Edit v1 1024² (text|target|condition)",
             1,

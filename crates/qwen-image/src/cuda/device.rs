@@ -229,11 +229,12 @@ pub(crate) fn with_device<R>(
 ) -> Result<R, FastError> {
     let map = DEVICES.get_or_init(Default::default);
     let mut guard = map.lock().map_err(|_| FastError::cuda("fast-path device state poisoned"))?;
-    if !guard.contains_key(&index) {
-        let dev = guarded("CUDA initialization", || Device::new(index))?;
-        guard.insert(index, dev);
-    }
-    let dev = guard.get_mut(&index).ok_or_else(|| FastError::cuda("device state missing"))?;
+    let dev = match guard.entry(index) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(guarded("CUDA initialization", || Device::new(index))?)
+        }
+    };
     drv("bind context", dev.ctx.bind_to_thread())?;
     guarded("fast-path operation", || f(dev))
 }
