@@ -42,9 +42,8 @@ pub const SNAPSHOT_FILES: &[(&str, &[u8])] = snapshot_files!(
     "vae/diffusion_pytorch_model.safetensors",
 );
 
-/// The bundled sample input image (PNG).
-pub const SAMPLE_PNG: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/pipeline/input_wide.png"));
+/// The bundled sample input image (PNG): scikit-image's CC0 "chelsea" photo, 384×256 (`assets/README.md`).
+pub const SAMPLE_PNG: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/sample.png"));
 
 /// Writes the demo snapshot under `dir` (created if needed) and returns the snapshot folder.
 pub fn write_demo_snapshot(dir: &Path) -> Result<PathBuf> {
