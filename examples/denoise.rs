@@ -61,11 +61,5 @@ fn main() -> ExitCode {
         println!("wrote latents {shape:?} to {}", args.output.display());
         Ok(())
     };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qwen_image_edit::exit_code(run())
 }

@@ -83,11 +83,5 @@ fn main() -> ExitCode {
         let _ = std::fs::remove_dir_all(&demo_dir);
         Ok(())
     };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qwen_image_edit::exit_code(run())
 }

@@ -56,11 +56,5 @@ fn main() -> ExitCode {
         }
         Ok(())
     };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qwen_image_edit::exit_code(run())
 }

@@ -12,3 +12,14 @@ pub use qwen_image_pipeline as pipeline;
 pub use qwen_image_pruning as pruning;
 
 pub mod reference;
+
+/// Exit status of an example's `main`: success, or the error printed to stderr and a failure status.
+pub fn exit_code(result: Result<(), Box<dyn std::error::Error>>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -99,3 +99,12 @@ impl ModelError {
         ModelError::Config { path: path.into(), reason: reason.into() }
     }
 }
+
+/// Reads the JSON config file `path` and parses it with `parse`; parse errors are reported against `path`.
+pub(crate) fn read_config<T>(path: &std::path::Path, parse: impl FnOnce(&str) -> Result<T>) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    parse(&text).map_err(|e| match e {
+        ModelError::Config { reason, .. } => ModelError::config(path, reason),
+        e => e,
+    })
+}

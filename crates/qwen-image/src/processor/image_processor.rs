@@ -113,11 +113,7 @@ struct RawSize {
 impl ImageProcessorConfig {
     /// Reads `preprocessor_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        Self::from_json(&text).map_err(|e| match e {
-            ModelError::Config { reason, .. } => ModelError::config(path, reason),
-            other => other,
-        })
+        crate::error::read_config(path, Self::from_json)
     }
 
     /// Parses the JSON text of a `preprocessor_config.json`.

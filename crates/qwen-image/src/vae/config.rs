@@ -72,11 +72,7 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        Self::from_json(&text).map_err(|e| match e {
-            ModelError::Config { reason, .. } => ModelError::config(path, reason),
-            e => e,
-        })
+        crate::error::read_config(path, Self::from_json)
     }
 
     /// Parses and validates a config from JSON text.
