@@ -12,7 +12,9 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KDIR = ROOT / "crates/qwen-image/src/cuda/kernels"
-SOURCES = ["flash_attention.cu", "elementwise.cu"]
+SOURCES = ["flash_attention.cu", "flash_attention_wgmma.cu", "elementwise.cu"]
+# Prepended to the flash-attention sources, as `kernels/mod.rs` does.
+FLASH_PARAMS = "flash_params.cuh"
 
 
 def main() -> int:
@@ -26,7 +28,8 @@ def main() -> int:
     prelude = (KDIR / "prelude.cuh").read_text()
     ok = True
     for name in args.files:
-        src = (prelude + "\n" + (KDIR / name).read_text()).encode()
+        params = (KDIR / FLASH_PARAMS).read_text() if name.startswith("flash_") else ""
+        src = (prelude + "\n" + params + (KDIR / name).read_text()).encode()
         prog = ctypes.c_void_p()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None) == 0
         opts = [f"--gpu-architecture={args.arch}", "-std=c++17", "-lineinfo", "--ptxas-options=-v"]

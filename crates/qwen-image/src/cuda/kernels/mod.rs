@@ -6,8 +6,10 @@
 /// Helpers shared by every module (prepended to each source).
 pub(crate) const PRELUDE: &str = include_str!("prelude.cuh");
 /// Flash attention (`flash_fwd_d{16,32,64,80,128}`) and its mask pre-pass (`flash_mask_tiles`).
-pub(crate) const FLASH_ATTENTION: &str = include_str!("flash_attention.cu");
+pub(crate) const FLASH_ATTENTION: &str =
+    concat!(include_str!("flash_params.cuh"), include_str!("flash_attention.cu"));
 /// Hopper flash attention with warpgroup MMA (`flash_fwd_wgmma_d128`) and its V transpose (`flash_vt_transpose`).
-pub(crate) const FLASH_WGMMA: &str = include_str!("flash_attention_wgmma.cu");
+pub(crate) const FLASH_WGMMA: &str =
+    concat!(include_str!("flash_params.cuh"), include_str!("flash_attention_wgmma.cu"));
 /// Fused elementwise kernels (`ln_modulate`, `gated_residual`, `rms_norm_rope`, `silu_mul`).
 pub(crate) const ELEMENTWISE: &str = include_str!("elementwise.cu");
