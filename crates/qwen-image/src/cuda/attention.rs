@@ -82,6 +82,24 @@ struct KvSeg {
     len: i32,
 }
 
+impl KvSeg {
+    /// The segment of logical keys `start..start + len`, read from the key and value operands in place.
+    fn new(k: &Operand, v: &Operand, start: usize, len: usize) -> Self {
+        KvSeg {
+            k: k.ptr,
+            v: v.ptr,
+            k_sb: k.sb,
+            k_st: k.st,
+            k_sh: k.sh,
+            v_sb: v.sb,
+            v_st: v.st,
+            v_sh: v.sh,
+            start: start as i32,
+            len: len as i32,
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct FlashParams {
@@ -200,18 +218,7 @@ pub(crate) fn attend_prim(
     for (i, (k, v)) in segments.into_iter().enumerate() {
         let (ko, vo) = (operand(k)?, operand(v)?);
         let len = dims(&ko.t)[1];
-        params.seg[i] = KvSeg {
-            k: ko.ptr,
-            v: vo.ptr,
-            k_sb: ko.sb,
-            k_st: ko.st,
-            k_sh: ko.sh,
-            v_sb: vo.sb,
-            v_st: vo.st,
-            v_sh: vo.sh,
-            start: start as i32,
-            len: len as i32,
-        };
+        params.seg[i] = KvSeg::new(&ko, &vo, start, len);
         start += len;
         keep.push(ko.t);
         keep.push(vo.t);
@@ -350,18 +357,7 @@ pub(crate) fn attend_blocks_prim(q: Prim, k: Prim, v: Prim, cu_seqlens: &[usize]
         scale_log2: std::f32::consts::LOG2_E / (head_dim as f32).sqrt(),
         ..Default::default()
     };
-    params.seg[0] = KvSeg {
-        k: ko.ptr,
-        v: vo.ptr,
-        k_sb: ko.sb,
-        k_st: ko.st,
-        k_sh: ko.sh,
-        v_sb: vo.sb,
-        v_st: vo.st,
-        v_sh: vo.sh,
-        start: 0,
-        len: tokens as i32,
-    };
+    params.seg[0] = KvSeg::new(&ko, &vo, 0, tokens);
     let grid = (max_len.div_ceil(BM) as u32, heads as u32, n_blocks as u32);
     let smem = smem_bytes(head_dim);
     with_device(device.index, |dev| {
