@@ -67,6 +67,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         let mut stats = PlannedStats::default();
         let mut state = ImageState { images: (0..n_images).collect(), hidden: p.img.clone() };
         let mut rope_for: Option<(Vec<usize>, RopeTensors<B>)> = None;
+        // RoPE of single images, uploaded once per call for the images whose K/V are recomputed.
+        let mut image_rope: Vec<Option<RopeTensors<B>>> = vec![None; n_images];
         let (mut txt, batch) = (p.txt.clone(), input.timestep.len());
 
         for (layer, (block, lp)) in self.blocks.iter().zip(&plan.layers).enumerate() {
@@ -98,8 +100,9 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                             layer,
                             group: TokenGroup::Condition(k - 1),
                         })?;
-                        let rope = p.image_ropes[k].to_device(self.device());
-                        block.image_kv(hidden, &m, &rope, &ModRuns::new([(tokens, p.row_of(k))]))
+                        let rope =
+                            image_rope[k].get_or_insert_with(|| p.image_ropes[k].to_device(self.device()));
+                        block.image_kv(hidden, &m, rope, &ModRuns::new([(tokens, p.row_of(k))]))
                     }
                     _ => {
                         let heads = |t: Tensor<B, 3>| {
