@@ -505,18 +505,25 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// The DiT's text conditioning for `prompt` with the condition images' pixels.
-    fn encode_text(
-        &self,
-        ids: &[u32],
-        pixels: &qwen_image::processor::PixelValues,
-    ) -> Result<(TextConditioning<B>, Tensor<B, 3>)> {
+    /// The vision tower's embeddings of the condition images, computed once per edit and shared by the prompt and
+    /// the negative prompt.
+    fn encode_images(&self, pixels: &qwen_image::processor::PixelValues) -> Result<Tensor<B, 2>> {
         let pv = Tensor::<B, 2>::from_data(
             TensorData::new(pixels.values.clone(), pixels.shape()),
             (&self.device, DType::F32),
         )
         .cast(self.text_encoder.dtype());
+        Ok(self.text_encoder.vision_forward(pv, &pixels.grid_thw())?)
+    }
+
+    fn encode_text(
+        &self,
+        ids: &[u32],
+        image_embeds: &Tensor<B, 2>,
+        pixels: &qwen_image::processor::PixelValues,
+    ) -> Result<(TextConditioning<B>, Tensor<B, 3>)> {
         let input = TextEncoderInput::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>())
-            .with_images(pv, pixels.grid_thw())
+            .with_image_embeds(image_embeds.clone(), pixels.grid_thw())
             .with_positions(self.options.text_positions);
         let hidden = self.text_encoder.forward(&input)?;
         let embeds = extract_prompt_embeds(hidden, &[vec![1; ids.len()]], DROP_IDX)?;
@@ -622,9 +629,10 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         // Text encoder.
         let (prompt, negative, prompt_embeds) =
             timed::<B, _>(Stage::EncodePrompt, &device, progress, &mut stages, |_| {
-                let (prompt, embeds) = self.encode_text(&prompt_ids, &pixels)?;
+                let image_embeds = self.encode_images(&pixels)?;
+                let (prompt, embeds) = self.encode_text(&prompt_ids, &image_embeds, &pixels)?;
                 let negative = match &negative_ids {
-                    Some(ids) => Some(self.encode_text(ids, &pixels)?.0),
+                    Some(ids) => Some(self.encode_text(ids, &image_embeds, &pixels)?.0),
                     None => None,
                 };
                 Ok((prompt, negative, embeds))
