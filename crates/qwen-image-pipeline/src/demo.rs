@@ -14,6 +14,15 @@
 //! The snapshot is the one the end-to-end parity test runs through diffusers (`tests/fixtures/pipeline/
 //! snapshot_edit`, built by `tools/fixtures/pipeline.py`): a 2-block DiT, a 4-channel VAE, a 2-layer Qwen2.5-VL and
 //! a 400-token byte-level BPE, ~1.4 MB embedded in the library.
+//!
+//! [`DemoSize::Full`] is the same idea at full size, for GPUs: the published configs of the 20 B DiT, the
+//! Qwen2.5-VL-7B text encoder and the VAE (embedded below, no weight files) with random bf16 weights created on the
+//! device when the pipeline loads ([`QwenImageEditPipeline::from_snapshot_random`](crate::QwenImageEditPipeline::from_snapshot_random)),
+//! at the real 1024² areas, on a square crop of the sample image: the sizes of a real Qwen-Image-Edit run (4096
+//! target + 4096 condition tokens, a 74×74-patch vision-language image), so its timings and memory are the real
+//! model's. It keeps the tiny byte-level tokenizer (the text encoder's special token ids are set to its ids), which
+//! splits the Edit prompt template with "Make it purple" into 149 tokens where Qwen's tokenizer makes about 100:
+//! ~1517 text-encoder tokens instead of ~1469 (the report states the counts).
 
 use std::path::{Path, PathBuf};
 
@@ -63,6 +72,150 @@ pub fn write_demo_snapshot(dir: &Path) -> Result<PathBuf> {
 /// The bundled sample image.
 pub fn sample_image() -> Result<RgbImage> {
     Ok(qwen_image::processor::decode_image(SAMPLE_PNG)?)
+}
+
+/// Which demo model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DemoSize {
+    /// The tiny model with its bundled random weights (CPU, well under a second per edit).
+    #[default]
+    Tiny,
+    /// The published architecture with random weights created at load time (GPU; ~58 GB of bf16 weights).
+    Full,
+}
+
+impl DemoSize {
+    /// Writes the demo snapshot under `dir` and returns its folder: the whole tiny snapshot, or the full
+    /// snapshot's configs, tokenizer and scheduler (no weights: load it with
+    /// [`QwenImageEditPipeline::from_snapshot_random`](crate::QwenImageEditPipeline::from_snapshot_random)).
+    pub fn write_snapshot(self, dir: &Path) -> Result<PathBuf> {
+        match self {
+            DemoSize::Tiny => write_demo_snapshot(dir),
+            DemoSize::Full => write_full_demo_snapshot(dir),
+        }
+    }
+
+    /// Whether the weights are created at load time (no weight files).
+    pub fn random_weights(self) -> bool {
+        self == DemoSize::Full
+    }
+
+    /// The image areas of the demo: [`demo_areas`], or diffusers' 1024² / 384².
+    pub fn areas(self) -> ImageAreas {
+        match self {
+            DemoSize::Tiny => demo_areas(),
+            DemoSize::Full => ImageAreas::default(),
+        }
+    }
+
+    /// The input image: the sample image, or its square centre crop (1024² outputs, 74×74 vision patches).
+    pub fn sample_image(self) -> Result<RgbImage> {
+        match self {
+            DemoSize::Tiny => sample_image(),
+            DemoSize::Full => square_sample_image(),
+        }
+    }
+}
+
+/// The published `transformer/config.json` of Qwen-Image-Edit (the 20 B DiT; §1.1 of the reference).
+pub const FULL_TRANSFORMER_CONFIG: &str = r#"{
+  "_class_name": "QwenImageTransformer2DModel",
+  "attention_head_dim": 128,
+  "axes_dims_rope": [16, 56, 56],
+  "guidance_embeds": false,
+  "in_channels": 64,
+  "joint_attention_dim": 3584,
+  "num_attention_heads": 24,
+  "num_layers": 60,
+  "out_channels": 16,
+  "patch_size": 2
+}"#;
+
+/// The published `vae/config.json` of Qwen-Image-Edit (§4.1 of the reference).
+pub const FULL_VAE_CONFIG: &str = r#"{
+  "_class_name": "AutoencoderKLQwenImage",
+  "attn_scales": [],
+  "base_dim": 96,
+  "dim_mult": [1, 2, 4, 4],
+  "dropout": 0.0,
+  "input_channels": 3,
+  "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+  "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.916],
+  "num_res_blocks": 2,
+  "temperal_downsample": [false, true, true],
+  "z_dim": 16
+}"#;
+
+/// The published Qwen2.5-VL-7B `text_encoder/config.json` (§5.1 of the reference) with the special token ids of
+/// the demo's tiny tokenizer (`<|endoftext|>` 0, `<|im_end|>` 2, `<|vision_start|>` 9, `<|vision_end|>` 10,
+/// `<|vision_pad|>` 11, `<|image_pad|>` 12, `<|video_pad|>` 13) instead of 151643….
+pub const FULL_TEXT_ENCODER_CONFIG: &str = r#"{
+  "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+  "bos_token_id": 0, "eos_token_id": 2, "vision_start_token_id": 9, "vision_end_token_id": 10,
+  "vision_token_id": 11, "image_token_id": 12, "video_token_id": 13,
+  "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+  "max_position_embeddings": 128000, "max_window_layers": 28, "model_type": "qwen2_5_vl",
+  "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "use_cache": true, "use_sliding_window": false,
+  "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+    "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+    "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2, "temporal_patch_size": 2, "model_type": "qwen2_5_vl"},
+  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+  "vocab_size": 152064
+}"#;
+
+/// The Qwen2-VL image processor settings of the published snapshot (`min_pixels` 56², `max_pixels` 12 845 056).
+pub const FULL_PROCESSOR_CONFIG: &str = r#"{
+  "image_processor": {
+    "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "patch_size": 14, "resample": 3,
+    "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 12845056, "shortest_edge": 3136},
+    "temporal_patch_size": 2
+  },
+  "processor_class": "Qwen2VLProcessor"
+}"#;
+
+/// Writes the full-size demo snapshot (configs, the tiny tokenizer, the scheduler; no weights) under `dir` and
+/// returns its folder.
+pub fn write_full_demo_snapshot(dir: &Path) -> Result<PathBuf> {
+    let root = dir.join("qwen-image-edit-demo-full");
+    let bundled = |rel: &str| {
+        SNAPSHOT_FILES.iter().find(|(p, _)| *p == rel).map(|(_, b)| *b).expect("a bundled snapshot file")
+    };
+    let files: [(&str, &[u8]); 8] = [
+        ("model_index.json", bundled("model_index.json")),
+        ("processor/tokenizer.json", bundled("processor/tokenizer.json")),
+        ("processor/tokenizer_config.json", bundled("processor/tokenizer_config.json")),
+        ("processor/processor_config.json", FULL_PROCESSOR_CONFIG.as_bytes()),
+        ("scheduler/scheduler_config.json", bundled("scheduler/scheduler_config.json")),
+        ("text_encoder/config.json", FULL_TEXT_ENCODER_CONFIG.as_bytes()),
+        ("transformer/config.json", FULL_TRANSFORMER_CONFIG.as_bytes()),
+        ("vae/config.json", FULL_VAE_CONFIG.as_bytes()),
+    ];
+    for (rel, bytes) in files {
+        let path = root.join(rel);
+        let parent = path.parent().expect("files are in folders");
+        std::fs::create_dir_all(parent).map_err(|e| PipelineError::Snapshot {
+            path: parent.to_path_buf(),
+            reason: format!("cannot create the demo snapshot: {e}"),
+        })?;
+        qwen_image::tensor_io::write_atomic(&path, bytes)?;
+    }
+    Ok(root)
+}
+
+/// The largest centred square of the sample image (256×256): at the 1024² area it gives a 1024×1024 output
+/// (4096 latent tokens) and a 74×74-patch vision-language image, the sizes the benchmarks use.
+pub fn square_sample_image() -> Result<RgbImage> {
+    let img = sample_image()?;
+    let side = img.width().min(img.height());
+    let (x, y) = ((img.width() - side) / 2, (img.height() - side) / 2);
+    Ok(image::imageops::crop_imm(&img, x, y, side, side).to_image())
 }
 
 /// Image areas for the demo: 128² pixels for the VAE and output (instead of 1024²), 64² for Edit-Plus's

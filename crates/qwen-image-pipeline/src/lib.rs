@@ -10,13 +10,16 @@
 //! - [`snapshot`]: finding and checking snapshot folders (also in the Hugging Face cache).
 //! - [`progress`], [`report`]: progress events and timings as data.
 //! - [`latents`], [`noise`]: packing, image ↔ tensor conversions, seeded noise.
-//! - [`demo`]: a built-in tiny random-weight snapshot to try everything without downloading weights.
+//! - [`demo`]: a built-in tiny random-weight snapshot to try everything without downloading weights, and the
+//!   full-size configs to run the real architecture with random weights on a GPU.
+//! - [`memory`]: host memory readings (resident set, peak) for reports and benchmarks.
 
 pub mod demo;
 pub mod denoise;
 pub mod error;
 pub mod latents;
 pub mod lora;
+pub mod memory;
 pub mod metrics;
 pub mod noise;
 pub mod pipeline;

@@ -43,8 +43,9 @@ use qwen_image::{
         calculate_dimensions, encode_prompt, extract_prompt_embeds, resize, Filter, ImageProcessor,
         PromptTemplate, QwenTokenizer, RgbImage, DROP_IDX,
     },
-    text_encoder::{PositionMode, Qwen25VlTextEncoder, TextEncoderInput},
-    vae::{AutoencoderKLQwenImage, TileConfig},
+    text_encoder::{PositionMode, Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
+    vae::{AutoencoderKLQwenImage, TileConfig, VaeConfig},
+    weights::WeightStore,
 };
 use qwen_image_pruning::{dry_run, PruneError, PruningSchedule, ScheduleSpec, TokenLayout};
 
@@ -292,6 +293,31 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         device: &B::Device,
         progress: &mut dyn Progress,
     ) -> Result<Self> {
+        Self::build(snapshot, options, None, device, progress)
+    }
+
+    /// Builds the three networks of `snapshot` from their configs alone, with random weights created on `device`
+    /// (see [`WeightStore::random`]; deterministic per `seed`); the snapshot needs no weight files. Tokenizer,
+    /// image processor and scheduler come from the snapshot as usual. For benchmarks and demos of the full-size
+    /// model without its 58 GB of checkpoints ([`crate::demo::DemoSize::Full`]); the images it makes are noise.
+    pub fn from_snapshot_random(
+        snapshot: Snapshot,
+        options: &LoadOptions,
+        seed: u64,
+        device: &B::Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Self> {
+        Self::build(snapshot, options, Some(seed), device, progress)
+    }
+
+    /// [`Self::from_snapshot`] (weights from files) or [`Self::from_snapshot_random`] (`random_seed`).
+    fn build(
+        snapshot: Snapshot,
+        options: &LoadOptions,
+        random_seed: Option<u64>,
+        device: &B::Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Self> {
         let root = snapshot.root.clone();
         let dtype = options.dtype;
         let mut stages = Vec::new();
@@ -315,14 +341,37 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
                 let image_processor = ImageProcessor::new(snapshot.image_processor_config()?)?;
                 Ok((tokenizer, image_processor))
             })?;
+        // Each network from its own seed, so that changing one config leaves the others' weights alone.
+        let random =
+            |n: u64| random_seed.map(|s| WeightStore::random(dtype, s.wrapping_mul(3).wrapping_add(n)));
         let text_encoder = timed::<B, _>(Stage::LoadTextEncoder, device, progress, &mut stages, |_| {
-            Ok(Qwen25VlTextEncoder::load(&root.join("text_encoder"), dtype, device)?)
+            let dir = root.join("text_encoder");
+            Ok(match random(0) {
+                None => Qwen25VlTextEncoder::load(&dir, dtype, device)?,
+                Some(mut store) => Qwen25VlTextEncoder::from_store(
+                    Qwen25VlConfig::from_file(&dir.join("config.json"))?,
+                    &mut store,
+                    device,
+                )?,
+            })
         })?;
         let vae = timed::<B, _>(Stage::LoadVae, device, progress, &mut stages, |_| {
-            Ok(AutoencoderKLQwenImage::load(&root.join("vae"), dtype, device)?)
+            let dir = root.join("vae");
+            Ok(match random(1) {
+                None => AutoencoderKLQwenImage::load(&dir, dtype, device)?,
+                Some(mut store) => AutoencoderKLQwenImage::from_store(
+                    VaeConfig::from_file(&dir.join("config.json"))?,
+                    &mut store,
+                    device,
+                )?,
+            })
         })?;
         let mut transformer = timed::<B, _>(Stage::LoadTransformer, device, progress, &mut stages, |_| {
-            Ok(QwenImageTransformer::load(&root.join("transformer"), dtype, device)?)
+            let dir = root.join("transformer");
+            Ok(match random(2) {
+                None => QwenImageTransformer::load(&dir, dtype, device)?,
+                Some(mut store) => QwenImageTransformer::from_store(dit_config.clone(), &mut store, device)?,
+            })
         })?;
         if !loras.is_empty() {
             timed::<B, _>(Stage::LoadLora, device, progress, &mut stages, |_| {

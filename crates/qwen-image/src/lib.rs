@@ -6,6 +6,8 @@
 //! - [`processor`]: images and instructions → text-encoder inputs (Pillow/torch-exact resizing, the Qwen2-VL image
 //!   processor, the Qwen2 tokenizer, the edit prompt templates), parity-tested against transformers and diffusers.
 //! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks.
+//! - [`synthetic`]: random weights for the full-size networks (no checkpoint needed) and random sharded
+//!   checkpoints, for benchmarks.
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
 //! - `cuda` (feature `cuda`): the CUDA fast path (cuBLASLt GEMMs, our flash attention, fused kernels) on burn's
@@ -20,6 +22,7 @@ pub mod error;
 pub mod nn;
 pub mod ops;
 pub mod processor;
+pub mod synthetic;
 pub mod tensor_io;
 pub mod text_encoder;
 pub mod vae;

@@ -3,14 +3,21 @@
 //! Tensors are read straight out of the memory map: a tensor stored in the requested dtype reaches the device
 //! without a heap copy (the host never holds a second full copy of the weights). The store remembers which keys
 //! the model took, so that leftover keys (a checkpoint of another model) are reported by [`WeightStore::finish`].
+//!
+//! [`WeightStore::random`] is a store without files: every tensor a loader asks for is created with random values
+//! of the asked shape (on the device, never on the host for device tensors), so that a model of any size can be
+//! built from its config alone, e.g. to benchmark the full-size networks (see [`crate::synthetic`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{backend::Backend, AllocationProperty, Bytes, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, AllocationProperty, Bytes, DType, Distribution, Tensor, TensorData};
 
-use crate::{ModelError, Result};
+use crate::{
+    synthetic::{self, Init},
+    ModelError, Result,
+};
 
 /// Location and type of one tensor inside a mapped file.
 #[derive(Clone, Debug)]
@@ -27,7 +34,16 @@ struct MappedFile {
     bytes: bytes::Bytes,
 }
 
-/// A set of memory-mapped safetensors files seen as one key → tensor map.
+/// The state of a random store: its seed and what it created.
+#[derive(Debug)]
+struct RandomSource {
+    seed: u64,
+    created: BTreeMap<String, Vec<usize>>,
+    bytes: usize,
+}
+
+/// A set of memory-mapped safetensors files seen as one key → tensor map (or a random store, see
+/// [`WeightStore::random`]).
 #[derive(Debug)]
 pub struct WeightStore {
     files: Vec<MappedFile>,
@@ -35,6 +51,7 @@ pub struct WeightStore {
     used: BTreeSet<String>,
     ignored_prefixes: Vec<String>,
     dtype: DType,
+    random: Option<RandomSource>,
 }
 
 fn file_dtype(dtype: safetensors::Dtype) -> Option<DType> {
@@ -96,6 +113,7 @@ impl WeightStore {
             used: BTreeSet::new(),
             ignored_prefixes: Vec::new(),
             dtype,
+            random: None,
         };
         for path in paths {
             store.add_file(path)?;
@@ -132,6 +150,30 @@ impl WeightStore {
         Ok(())
     }
 
+    /// A store without files that answers every request with random values of the requested shape, in `dtype`
+    /// (see [`synthetic::init_for`] for the scales). Device tensors are created on the device with the backend's
+    /// generator, seeded from `seed` and the key; host data ([`WeightStore::data`]) comes from
+    /// [`synthetic::fill_f32`]. The same seed gives the same weights on a given backend whatever the loading order.
+    ///
+    /// Loaders build the real architecture from their config with it: [`WeightStore::contains`] is true for every
+    /// key, [`WeightStore::keys`] and [`WeightStore::shape`] list what was created so far, and
+    /// [`WeightStore::finish`] never finds leftovers.
+    pub fn random(dtype: DType, seed: u64) -> Self {
+        WeightStore {
+            files: Vec::new(),
+            entries: HashMap::new(),
+            used: BTreeSet::new(),
+            ignored_prefixes: Vec::new(),
+            dtype,
+            random: Some(RandomSource { seed, created: BTreeMap::new(), bytes: 0 }),
+        }
+    }
+
+    /// Whether this is a [random store](WeightStore::random).
+    pub fn is_random(&self) -> bool {
+        self.random.is_some()
+    }
+
     /// The float dtype tensors are converted to.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -147,24 +189,33 @@ impl WeightStore {
         self.ignored_prefixes.push(prefix.to_string());
     }
 
-    /// Whether the checkpoint holds `key`.
+    /// Whether the checkpoint holds `key` (always true for a random store).
     pub fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        self.random.is_some() || self.entries.contains_key(key)
     }
 
-    /// The stored shape of `key`.
+    /// The stored shape of `key` (for a random store: of a tensor created so far).
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        if let Some(r) = &self.random {
+            return r.created.get(key).map(Vec::as_slice);
+        }
         self.entries.get(key).map(|e| e.shape.as_slice())
     }
 
-    /// All keys, sorted.
+    /// All keys, sorted (for a random store: the tensors created so far).
     pub fn keys(&self) -> Vec<&str> {
+        if let Some(r) = &self.random {
+            return r.created.keys().map(String::as_str).collect();
+        }
         let mut keys: Vec<&str> = self.entries.keys().map(String::as_str).collect();
         keys.sort_unstable();
         keys
     }
 
     fn file_list(&self) -> String {
+        if self.random.is_some() {
+            return "a random store".into();
+        }
         let names: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
         names.join(", ")
     }
@@ -181,6 +232,9 @@ impl WeightStore {
 
     /// The raw data of `key` converted to the store's float dtype, checked against `expected` (if given).
     pub fn data(&mut self, key: &str, expected: Option<&[usize]>) -> Result<TensorData> {
+        if self.random.is_some() {
+            return self.random_data(key, expected);
+        }
         let entry = self.entry(key)?.clone();
         if let Some(expected) = expected {
             if entry.shape != expected {
@@ -221,8 +275,52 @@ impl WeightStore {
         expected: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
+        if self.random.is_some() {
+            return Ok(self.random_tensor(key, expected, device));
+        }
         let data = self.data(key, Some(&expected))?;
         Ok(Tensor::from_data(data, (device, self.dtype)))
+    }
+
+    /// Records a tensor created by the random store; returns its seed and initialization.
+    fn record_random(&mut self, key: &str, shape: &[usize]) -> (u64, Init) {
+        let size = self.dtype.size() * shape.iter().product::<usize>();
+        let r = self.random.as_mut().expect("a random store");
+        r.created.insert(key.to_string(), shape.to_vec());
+        r.bytes += size;
+        let seed = synthetic::key_seed(r.seed, key);
+        self.used.insert(key.to_string());
+        (seed, synthetic::init_for(key, shape))
+    }
+
+    fn random_tensor<B: Backend, const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        let (seed, init) = self.record_random(key, &shape);
+        match init {
+            Init::Ones => Tensor::ones(shape, (device, self.dtype)),
+            Init::Random { std } => {
+                B::seed(device, seed);
+                Tensor::random(shape, Distribution::Normal(0.0, std), (device, self.dtype))
+            }
+        }
+    }
+
+    fn random_data(&mut self, key: &str, expected: Option<&[usize]>) -> Result<TensorData> {
+        let shape = expected
+            .ok_or_else(|| {
+                ModelError::invalid(format!("a random store needs the shape of `{key}` to create it"))
+            })?
+            .to_vec();
+        let (seed, init) = self.record_random(key, &shape);
+        let mut values = vec![1f32; shape.iter().product()];
+        if let Init::Random { std } = init {
+            synthetic::fill_f32(seed, std, &mut values);
+        }
+        Ok(TensorData::new(values, shape).convert_dtype(self.dtype))
     }
 
     /// The tensor `key` as f32 values on the host with its shape (for load-time transforms).
@@ -248,6 +346,9 @@ impl WeightStore {
 
     /// Errors if the checkpoint holds keys that the model did not read (outside the ignored prefixes).
     pub fn finish(&self) -> Result<()> {
+        if self.random.is_some() {
+            return Ok(());
+        }
         let unused: Vec<&String> = self
             .entries
             .keys()
@@ -265,8 +366,11 @@ impl WeightStore {
         })
     }
 
-    /// Number of bytes of tensor data in all files.
+    /// Number of bytes of tensor data in all files (for a random store: of the tensors created so far).
     pub fn total_bytes(&self) -> usize {
+        if let Some(r) = &self.random {
+            return r.bytes;
+        }
         self.entries.values().map(|e| e.range.len()).sum()
     }
 
@@ -379,6 +483,37 @@ mod tests {
         store.ignore_prefix("y.");
         store.mark_used("z");
         store.finish().unwrap();
+    }
+
+    #[test]
+    fn a_random_store_creates_what_is_asked_deterministically() {
+        let dev = Default::default();
+        let mut store = WeightStore::random(DType::F32, 3);
+        assert!(store.is_random() && store.contains("anything"));
+        let w: Tensor<Flex, 2> = store.root().pp("lin").tensor("weight", [64, 256], &dev).unwrap();
+        let b: Tensor<Flex, 1> = store.tensor("lin.bias", [64], &dev).unwrap();
+        let n: Tensor<Flex, 1> = store.tensor("norm.weight", [5], &dev).unwrap();
+        let host = store.data("conv.weight", Some(&[4, 2, 3, 3, 3])).unwrap();
+        assert!(store.data("conv.bias", None).is_err());
+        let w = w.into_data().to_vec::<f32>().unwrap();
+        let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((std - 1.0 / 16.0).abs() < 0.005, "{std}");
+        assert!(b.into_data().to_vec::<f32>().unwrap().iter().all(|x| x.abs() < 0.2));
+        assert_eq!(n.into_data().to_vec::<f32>().unwrap(), vec![1.0; 5]);
+        assert_eq!(host.shape.to_vec(), vec![4, 2, 3, 3, 3]);
+        assert_eq!(store.keys(), vec!["conv.weight", "lin.bias", "lin.weight", "norm.weight"]);
+        assert_eq!(store.shape("lin.weight"), Some(&[64usize, 256][..]));
+        assert_eq!(store.total_bytes(), 4 * (64 * 256 + 64 + 5 + 4 * 2 * 27));
+        store.finish().unwrap();
+        // Same seed, same values whatever the order; another seed, other values.
+        let again = |seed: u64| {
+            let mut s = WeightStore::random(DType::F32, seed);
+            let _: Tensor<Flex, 1> = s.tensor("lin.bias", [64], &dev).unwrap();
+            let w: Tensor<Flex, 2> = s.tensor("lin.weight", [64, 256], &dev).unwrap();
+            w.into_data().to_vec::<f32>().unwrap()
+        };
+        assert_eq!(again(3), w);
+        assert_ne!(again(4), w);
     }
 
     #[test]
