@@ -34,6 +34,16 @@ pub enum SchedulerArg {
     Lightning,
 }
 
+/// Which demo model `--demo` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DemoSizeArg {
+    /// The tiny model with bundled random weights (CPU, seconds).
+    Tiny,
+    /// The published architecture (20 B DiT, Qwen2.5-VL-7B, VAE) with random bf16 weights created on the GPU,
+    /// at 1024² on a square crop of the sample image: real sizes, real timings, noise images.
+    Full,
+}
+
 /// Rotary positions of the text encoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TextPositions {
@@ -47,6 +57,7 @@ pub enum TextPositions {
 ///
 /// Examples:
 ///   qwen-edit --demo                                       (built-in tiny random model, no download)
+///   qwen-edit --demo --size full --device cuda --compare   (full-size random model on a GPU: timings, memory)
 ///   qwen-edit -i input.png -p "Make it purple"             (Qwen/Qwen-Image-Edit from the Hugging Face cache)
 ///   qwen-edit -i in.png -p "Add a hat" --lora Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors --compare
 #[derive(Clone, Debug, Parser)]
@@ -129,6 +140,17 @@ pub struct Args {
     /// Run the built-in tiny random-weight model on the bundled sample image (no download, CPU, seconds).
     #[arg(long)]
     pub demo: bool,
+    /// With --demo: the tiny model, or the full-size architecture with random weights (GPU) [default: tiny].
+    #[arg(long, value_enum)]
+    pub size: Option<DemoSizeArg>,
+    /// Allow `--demo --size full` on the CPU (a 20 B-parameter model: ~80 GB of memory, hours per edit).
+    #[arg(long)]
+    pub allow_full_on_cpu: bool,
+    /// Run every edit this many times on the loaded pipeline (after the warm-up) and report the time and the
+    /// memory (host resident set; GPU memory in CUDA builds) after each run, e.g. to check that memory does not
+    /// grow across consecutive edits.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Rotary positions of the text encoder.
     #[arg(long, value_enum, default_value = "multimodal")]
     pub text_positions: TextPositions,

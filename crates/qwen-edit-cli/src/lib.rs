@@ -2,9 +2,12 @@
 //! does (the binary is `parse → run → exit code`). Everything numeric lives in `qwen-image-pipeline`; this crate
 //! only resolves files, calls the pipeline, writes images and reports, and formats tables.
 //!
-//! How to use: `qwen-edit --demo`, `qwen-edit -i input.png -p "Make it purple"`, `qwen-edit --help`.
+//! How to use: `qwen-edit --demo`, `qwen-edit -i input.png -p "Make it purple"`, `qwen-edit --help`; on a GPU,
+//! `qwen-edit --demo --size full --device cuda --compare --repeat 10` runs the full-size architecture with random
+//! weights and reports the time per stage and the memory after each edit.
 
 pub mod args;
+pub mod memory;
 pub mod output;
 pub mod progress;
 
@@ -21,7 +24,8 @@ use qwen_image_pruning::{dry_run, ScheduleSpec, TokenLayout};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::args::{Args, Device, Dtype, SchedulerArg, TextPositions};
+use crate::args::{Args, DemoSizeArg, Device, Dtype, SchedulerArg, TextPositions};
+use crate::memory::{MemoryProbe, MemoryReading};
 use crate::output::{timestamp, OutputNames};
 use crate::progress::Bars;
 
@@ -30,12 +34,23 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs the command described by `args`, writing human-readable output to `out`.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
+    check_demo_args(args)?;
     match args.device {
-        Device::Cpu => run_on::<qwen_image::CpuBackend>(args, &Default::default(), out),
+        Device::Cpu => run_on::<qwen_image::CpuBackend>(args, &Default::default(), &MemoryReading::host, out),
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                run_on::<qwen_image::cuda::CudaBackend>(args, &qwen_image::cuda::CudaDevice::new(0), out)
+                let device = qwen_image::cuda::CudaDevice::new(0);
+                let probe = || {
+                    let pool = qwen_image::cuda::pool_usage(&device);
+                    MemoryReading {
+                        device_used_bytes: qwen_image::cuda::device_memory_used(0),
+                        pool_in_use_bytes: pool.map(|p| p.0),
+                        pool_reserved_bytes: pool.map(|p| p.1),
+                        ..MemoryReading::host()
+                    }
+                };
+                run_on::<qwen_image::cuda::CudaBackend>(args, &device, &probe, out)
             }
             #[cfg(not(feature = "cuda"))]
             {
@@ -45,6 +60,29 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
             }
         }
     }
+}
+
+/// The demo size asked for.
+fn demo_size(args: &Args) -> demo::DemoSize {
+    match args.size {
+        Some(DemoSizeArg::Full) => demo::DemoSize::Full,
+        Some(DemoSizeArg::Tiny) | None => demo::DemoSize::Tiny,
+    }
+}
+
+/// `--size`, `--allow-full-on-cpu` and `--repeat`, checked before anything is loaded.
+fn check_demo_args(args: &Args) -> Result<(), CliError> {
+    if args.size.is_some() && !args.demo {
+        return Err("--size chooses the demo model and needs --demo".into());
+    }
+    if args.repeat == 0 {
+        return Err("--repeat must be at least 1".into());
+    }
+    if demo_size(args) == demo::DemoSize::Full && args.device == Device::Cpu && !args.allow_full_on_cpu {
+        return Err("--demo --size full builds the 20 B-parameter model (~58 GB of bf16 weights, ~80 GB in f32) and                     is meant for a GPU: use --device cuda (a CUDA build). To run it on the CPU anyway (hours per                     edit), add --allow-full-on-cpu"
+            .into());
+    }
+    Ok(())
 }
 
 /// One edit of a batch file.
@@ -122,15 +160,21 @@ fn precheck(
     Ok(())
 }
 
-fn run_on<B: QwenBackend>(args: &Args, device: &B::Device, out: &mut dyn Write) -> Result<(), CliError> {
+fn run_on<B: QwenBackend>(
+    args: &Args,
+    device: &B::Device,
+    probe: MemoryProbe<'_>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     if args.cfg < 0.0 || !args.cfg.is_finite() {
         return Err(format!("--cfg {} must be ≥ 0", args.cfg).into());
     }
     // The model: the built-in demo snapshot or the user's.
     let (snapshot_dir, areas, demo_dir) = if args.demo {
         let dir = std::env::temp_dir().join(format!("qwen-edit-demo-{}", std::process::id()));
-        let root = demo::write_demo_snapshot(&dir)?;
-        (root.to_string_lossy().into_owned(), demo::demo_areas(), Some(dir))
+        let size = demo_size(args);
+        let root = size.write_snapshot(&dir)?;
+        (root.to_string_lossy().into_owned(), size.areas(), Some(dir))
     } else {
         (args.model.clone(), ImageAreas::default(), None)
     };
@@ -138,7 +182,7 @@ fn run_on<B: QwenBackend>(args: &Args, device: &B::Device, out: &mut dyn Write) 
         vae: args.vae_area.unwrap_or(areas.vae),
         condition: args.condition_area.unwrap_or(areas.condition),
     };
-    let result = run_model::<B>(args, device, out, &snapshot_dir, areas);
+    let result = run_model::<B>(args, device, probe, out, &snapshot_dir, areas);
     if let Some(dir) = demo_dir {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -148,6 +192,7 @@ fn run_on<B: QwenBackend>(args: &Args, device: &B::Device, out: &mut dyn Write) 
 fn run_model<B: QwenBackend>(
     args: &Args,
     device: &B::Device,
+    probe: MemoryProbe<'_>,
     out: &mut dyn Write,
     model: &str,
     areas: ImageAreas,
@@ -160,7 +205,13 @@ fn run_model<B: QwenBackend>(
     let mut jobs = Vec::new();
     let default_inputs = || -> Result<(Vec<String>, Vec<RgbImage>), CliError> {
         if args.input.is_empty() && args.demo {
-            return Ok((vec!["<bundled sample>".into()], vec![demo::sample_image()?]));
+            let size = demo_size(args);
+            let name = if size == demo::DemoSize::Full {
+                "<bundled sample, square crop>"
+            } else {
+                "<bundled sample>"
+            };
+            return Ok((vec![name.into()], vec![size.sample_image()?]));
         }
         let inputs =
             if args.input.is_empty() { vec![PathBuf::from("input.png")] } else { args.input.clone() };
@@ -230,12 +281,26 @@ fn run_model<B: QwenBackend>(
         },
         vae_tiling: args.vae_tiling.then(Default::default),
     };
+    let random = args.demo && demo_size(args).random_weights();
     if args.demo {
-        writeln!(out, "DEMO: a built-in tiny model with RANDOM WEIGHTS on the bundled sample image.")?;
+        if random {
+            writeln!(
+                out,
+                "DEMO: the full-size architecture (20 B DiT, Qwen2.5-VL-7B, VAE) with RANDOM WEIGHTS created on the \
+                 device, at 1024² on a square crop of the bundled sample image."
+            )?;
+        } else {
+            writeln!(out, "DEMO: a built-in tiny model with RANDOM WEIGHTS on the bundled sample image.")?;
+        }
         writeln!(out, "      The output is noise-like by design: this shows the pipeline, pruning and reports, not editing.")?;
     }
     let mut bars = Bars::new(args.quiet);
-    let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut bars)?;
+    let mut pipe = if random {
+        QwenImageEditPipeline::<B>::from_snapshot_random(snapshot, &options, 0, device, &mut bars)?
+    } else {
+        QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut bars)?
+    };
+    let memory_after_load = probe();
     let load_seconds: f64 = pipe.load_stages().iter().map(|s| s.seconds).sum();
     writeln!(
         out,
@@ -245,6 +310,7 @@ fn run_model<B: QwenBackend>(
         dtype,
         load_seconds
     )?;
+    writeln!(out, "Memory after loading: {}", memory_after_load.summary())?;
 
     let warmup = args.warmup.unwrap_or(usize::from(args.device == Device::Cuda));
     if let Some(job) = jobs.first().filter(|_| warmup > 0) {
@@ -270,9 +336,10 @@ fn run_model<B: QwenBackend>(
         .map_err(|e| format!("cannot create the output folder {}: {e}", args.output_dir.display()))?;
     let names = OutputNames::new(&args.output_dir, timestamp());
     let mut edits = Vec::new();
+    let mut memory = Vec::new();
     let batch = jobs.len() > 1 || args.batch.is_some();
+    let numbered = batch || args.repeat > 1;
     for (i, job) in jobs.iter().enumerate() {
-        let index = batch.then_some(i);
         if batch {
             writeln!(
                 out,
@@ -283,16 +350,39 @@ fn run_model<B: QwenBackend>(
                 job.request.prompt
             )?;
         }
-        let record = if args.compare {
-            compare(&mut pipe, job, &names, index, &mut bars, out)?
-        } else {
-            single(&mut pipe, job, &names, index, &mut bars, out)?
-        };
-        edits.push(record);
+        for r in 0..args.repeat {
+            let index = numbered.then_some(i * args.repeat + r);
+            if args.repeat > 1 {
+                writeln!(out, "-- run {}/{}", r + 1, args.repeat)?;
+            }
+            let mut record = if args.compare {
+                compare(&mut pipe, job, &names, index, &mut bars, out)?
+            } else {
+                single(&mut pipe, job, &names, index, &mut bars, out)?
+            };
+            let reading = probe();
+            writeln!(out, "Memory after the edit: {}", reading.summary())?;
+            record["run"] = json!(r + 1);
+            record["memory"] = json!(reading);
+            let seconds: f64 = record["runs"]
+                .as_object()
+                .map(|runs| runs.values().filter_map(|r| r["total_seconds"].as_f64()).sum())
+                .unwrap_or(0.0);
+            memory.push((seconds, reading));
+            edits.push(record);
+        }
+    }
+    let memory_growth = (memory.len() > 1).then(|| {
+        let (first, last) = (&memory[0].1, &memory[memory.len() - 1].1);
+        memory::growth(first, last)
+    });
+    if args.repeat > 1 {
+        output::print_memory_table(out, &memory)?;
     }
     let report = json!({
         "model": model_label(args, model),
         "random_weights": args.demo,
+        "size": args.demo.then(|| format!("{:?}", demo_size(args)).to_lowercase()),
         "variant": format!("{:?}", pipe.variant()),
         "device": format!("{:?}", args.device).to_lowercase(),
         "dtype": format!("{dtype:?}"),
@@ -300,6 +390,9 @@ fn run_model<B: QwenBackend>(
         "warmup_runs": warmup,
         "load_seconds": load_seconds,
         "load_stages": pipe.load_stages(),
+        "memory_after_load": memory_after_load,
+        "repeat": args.repeat,
+        "memory_growth": memory_growth,
         "edits": edits,
     });
     let text = serde_json::to_string_pretty(&report)?;
@@ -314,7 +407,9 @@ fn run_model<B: QwenBackend>(
 }
 
 fn model_label(args: &Args, model: &str) -> String {
-    if args.demo {
+    if args.demo && demo_size(args) == demo::DemoSize::Full {
+        "built-in full-size demo model (random weights)".into()
+    } else if args.demo {
         "built-in demo model (random weights)".into()
     } else {
         model.to_string()

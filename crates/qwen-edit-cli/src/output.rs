@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use qwen_image::processor::RgbImage;
 use qwen_image_pipeline::{save_image, EditReport};
 
-use crate::CliError;
+use crate::{memory::MemoryReading, CliError};
 
 /// `YYYYmmdd_HHMMSS` (UTC) of now.
 pub fn timestamp() -> String {
@@ -149,6 +149,46 @@ pub fn print_comparison(
         "  PSNR {psnr}, SSIM {ssim:.4} (pruned vs baseline); cache peak {} bytes",
         pruned.cache_peak_bytes
     )?;
+    Ok(())
+}
+
+/// The `--repeat` table: edit seconds and memory after each run, and the change from the first run to the last.
+pub fn print_memory_table(out: &mut dyn Write, runs: &[(f64, MemoryReading)]) -> Result<(), CliError> {
+    let gib =
+        |b: Option<u64>| b.map_or("-".to_string(), |b| format!("{:.3}", b as f64 / (1u64 << 30) as f64));
+    writeln!(
+        out,
+        "  {:>4} {:>10} {:>13} {:>13} {:>13} {:>13}",
+        "run", "seconds", "host RSS GiB", "GPU used GiB", "pool in use", "pool reserved"
+    )?;
+    for (i, (seconds, m)) in runs.iter().enumerate() {
+        writeln!(
+            out,
+            "  {:>4} {:>10.3} {:>13} {:>13} {:>13} {:>13}",
+            i + 1,
+            seconds,
+            gib(m.host_rss_bytes),
+            gib(m.device_used_bytes),
+            gib(m.pool_in_use_bytes),
+            gib(m.pool_reserved_bytes)
+        )?;
+    }
+    if let (Some((_, first)), Some((_, last))) = (runs.first(), runs.last()) {
+        let d = |a: Option<u64>, b: Option<u64>| {
+            a.zip(b).map_or("-".to_string(), |(a, b)| {
+                format!("{:+.1} MiB", (b as f64 - a as f64) / (1u64 << 20) as f64)
+            })
+        };
+        writeln!(
+            out,
+            "  growth from run 1 to run {}: host RSS {}, GPU used {}, pool in use {}, pool reserved {}",
+            runs.len(),
+            d(first.host_rss_bytes, last.host_rss_bytes),
+            d(first.device_used_bytes, last.device_used_bytes),
+            d(first.pool_in_use_bytes, last.pool_in_use_bytes),
+            d(first.pool_reserved_bytes, last.pool_reserved_bytes)
+        )?;
+    }
     Ok(())
 }
 

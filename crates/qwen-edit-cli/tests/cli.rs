@@ -328,3 +328,50 @@ fn a_repo_id_is_found_in_the_hugging_face_cache() {
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("Loaded Qwen/Qwen-Image-Edit"), "{out}");
 }
+
+#[test]
+fn the_full_size_demo_is_refused_on_the_cpu_and_size_needs_demo() {
+    assert_fails(
+        "full-on-cpu",
+        &["--demo", "--size", "full"],
+        &["20 B-parameter", "--device cuda", "--allow-full-on-cpu"],
+    );
+    assert_fails("size-without-demo", &["--size", "full", "-i", "input.png"], &["--size", "--demo"]);
+    assert_fails("bad-size", &["--demo", "--size", "huge"], &["huge"]);
+    assert_fails("zero-repeat", &["--demo", "--repeat", "0"], &["--repeat"]);
+    // Without the cuda feature, the GPU path says how to build it (the CPU check comes first only for the CPU).
+    if !cfg!(feature = "cuda") {
+        assert_fails("full-no-cuda", &["--demo", "--size", "full", "--device", "cuda"], &["--features cuda"]);
+    }
+}
+
+#[test]
+fn repeat_runs_the_edit_n_times_and_reports_memory_after_each() {
+    let dir = workdir("repeat");
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--repeat", "3", "-s", "2", "--compare"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(out.matches("Memory after the edit:").count(), 3, "{out}");
+    assert!(out.contains("growth from run 1 to run 3"), "{out}");
+    let r = report(&dir.join("outputs_pruning"));
+    assert_eq!(r["size"], "tiny");
+    assert_eq!(r["repeat"], 3);
+    let edits = r["edits"].as_array().unwrap();
+    assert_eq!(edits.len(), 3);
+    for (i, e) in edits.iter().enumerate() {
+        assert_eq!(e["run"], i + 1);
+        assert!(e["runs"]["baseline"]["total_seconds"].as_f64().unwrap() > 0.0);
+        if cfg!(target_os = "linux") {
+            assert!(e["memory"]["host_rss_bytes"].as_u64().unwrap() > 1 << 20, "{}", e["memory"]);
+        }
+        assert!(e["memory"]["device_used_bytes"].is_null(), "no GPU on the CPU backend");
+    }
+    // The three runs of the same edit give the same image.
+    assert_eq!(edits[0]["comparison"]["psnr_db"], edits[2]["comparison"]["psnr_db"]);
+    if cfg!(target_os = "linux") {
+        assert!(r["memory_growth"]["host_rss_bytes"].is_i64(), "{}", r["memory_growth"]);
+    }
+    // Every run wrote its own numbered images.
+    let outs = files(&dir.join("outputs_pruning"));
+    assert_eq!(outs.iter().filter(|f| f.starts_with("output_baseline_")).count(), 3, "{outs:?}");
+}
