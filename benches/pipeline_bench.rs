@@ -1,0 +1,310 @@
+//! Benchmark of the full-size networks other than the DiT's denoising steps (feature `cuda`), batch 1, bf16, with
+//! random weights created on the GPU (`WeightStore::random`; no checkpoint needed):
+//!
+//! - the Qwen2.5-VL-7B text encoder at Edit v1's 1024² shapes: 1469 tokens holding a 74×74-patch image (1369
+//!   merged image tokens); the vision tower alone, the language model alone (precomputed image embeddings) and the
+//!   whole forward;
+//! - the VAE encoding a 1024² image and decoding its 128² latents (one frame);
+//! - with `--load-dir DIR`: weight loading. A random bf16 DiT checkpoint in diffusers' layout (sharded
+//!   safetensors + index + config.json; 41 GB at 60 blocks) is written to `DIR/transformer` shard by shard, then
+//!   loaded to the GPU by the normal strict loader twice: cold (the files evicted from the page cache with
+//!   `posix_fadvise(DONTNEED)`) and warm (from the page cache). Reports seconds, GB/s and host memory (peak resident
+//!   set `VmHWM`, and peaks of anonymous memory and of mapped file pages sampled every 10 ms). The checkpoint is
+//!   deleted at the end unless `--keep`.
+//!
+//! GPU memory is read after each section: the driver's used memory (whole GPU) and burn's pool (in use /
+//! reserved; the pool keeps what it reserved, so "reserved" is the section's peak as seen by burn).
+//!
+//! ```text
+//! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench pipeline_bench --no-run
+//! <binary> --json out.json [--reps 5] [--skip-text-encoder] [--skip-vae]
+//!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--keep]]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use clap::Parser;
+use qwen_image::{
+    cuda::{self, CudaBackend, CudaDevice},
+    dit::{DitConfig, QwenImageTransformer},
+    synthetic,
+    text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
+    vae::{AutoencoderKLQwenImage, VaeConfig},
+    weights::WeightStore,
+};
+use qwen_image_pipeline::{
+    demo,
+    memory::{reset_peak, HostMemory, PeakSampler},
+};
+use serde_json::{json, Value};
+
+type G = CudaBackend;
+
+#[derive(Parser, Debug)]
+#[command(about = "Full-size text encoder, VAE and weight-loading benchmark (random weights, CUDA)")]
+struct Args {
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "pipeline_bench.json")]
+    json: String,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Skip the text-encoder benchmark.
+    #[arg(long)]
+    skip_text_encoder: bool,
+    /// Skip the VAE benchmark.
+    #[arg(long)]
+    skip_vae: bool,
+    /// Run the weight-loading benchmark with a random checkpoint written under this folder (local disk; ~41 GB
+    /// free at 60 blocks).
+    #[arg(long)]
+    load_dir: Option<PathBuf>,
+    /// DiT blocks of the written checkpoint (60 = the full model, 41 GB).
+    #[arg(long, default_value_t = 60)]
+    layers: usize,
+    /// Largest shard in GiB (diffusers' shards of the published checkpoint are ~5 GB).
+    #[arg(long, default_value_t = 5.0)]
+    shard_gib: f64,
+    /// Keep the written checkpoint.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Text-encoder tokens of Edit v1 at 1024²: 1369 image tokens of a 74×74-patch image and 100 template/prompt
+/// tokens (66 before the image, `<|vision_start|>`, `<|vision_end|>`, 32 after).
+const TE_TOKENS: usize = 1469;
+const GRID: [usize; 3] = [1, 74, 74];
+
+fn dev() -> CudaDevice {
+    CudaDevice::new(0)
+}
+
+fn sync() {
+    G::sync(&dev()).expect("burn sync");
+    cuda::synchronize(0).expect("fast-path stream sync");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median wall time in ms of `f` (after one warm-up call).
+fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    sync();
+    let times = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            sync();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(times)
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// GPU memory now: driver's used memory and burn's pool (in use, reserved).
+fn gpu_memory(what: &str) -> Value {
+    let used = cuda::device_memory_used(0);
+    let pool = cuda::pool_usage(&dev());
+    println!(
+        "GPU memory {what}: {:.2} GiB used; burn pool {:.2} GiB in use / {:.2} GiB reserved",
+        gib(used.unwrap_or(0)),
+        gib(pool.map_or(0, |p| p.0)),
+        gib(pool.map_or(0, |p| p.1))
+    );
+    json!({"device_used_bytes": used, "pool_in_use_bytes": pool.map(|p| p.0), "pool_reserved_bytes": pool.map(|p| p.1)})
+}
+
+fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
+    Tensor::<G, N>::random(shape, Distribution::Normal(0.0, std), (&dev(), DType::BF16))
+}
+
+fn text_encoder(reps: usize) -> Value {
+    let config = Qwen25VlConfig::from_json(demo::FULL_TEXT_ENCODER_CONFIG).expect("config");
+    println!("\n== text encoder (Qwen2.5-VL-7B, random bf16): {TE_TOKENS} tokens, {GRID:?} patches ==");
+    let t = Instant::now();
+    let mut store = WeightStore::random(DType::BF16, 1);
+    let te = Qwen25VlTextEncoder::<G>::from_store(config.clone(), &mut store, &dev()).expect("text encoder");
+    sync();
+    let create_s = t.elapsed().as_secs_f64();
+    println!("created {:.2} GB of weights in {create_s:.1} s", store.total_bytes() as f64 / 1e9);
+    let mem_model = gpu_memory("with the text encoder");
+
+    let image_tokens = te.image_tokens(GRID);
+    let (before, after) = (66, TE_TOKENS - 66 - 2 - image_tokens);
+    let mut seed = 0x1234_5678u64;
+    let mut text = |n: usize| -> Vec<i64> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                14 + (seed >> 33) as i64 % 386
+            })
+            .collect()
+    };
+    let mut ids = text(before);
+    ids.push(config.vision_start_token_id);
+    ids.extend(std::iter::repeat_n(config.image_token_id, image_tokens));
+    ids.push(config.vision_end_token_id);
+    ids.extend(text(after));
+    assert_eq!(ids.len(), TE_TOKENS);
+    let patches = GRID.iter().product::<usize>();
+    let pixels = randn([patches, config.vision.patch_features()], 1.0);
+
+    let vision_ms = time_ms(reps, || drop(te.vision_forward(pixels.clone(), &[GRID]).expect("vision")));
+    let embeds = te.vision_forward(pixels.clone(), &[GRID]).expect("vision");
+    let with_embeds = TextEncoderInput::new(ids.clone()).with_image_embeds(embeds, vec![GRID]);
+    let language_ms = time_ms(reps, || drop(te.forward(&with_embeds).expect("language model")));
+    let with_pixels = TextEncoderInput::new(ids).with_images(pixels, vec![GRID]);
+    let full_ms = time_ms(reps, || drop(te.forward(&with_pixels).expect("text encoder")));
+    let out = te.forward(&with_pixels).expect("text encoder");
+    let finite = qwen_image::tensor_io::to_f32_vec(out).iter().all(|v| v.is_finite());
+    println!("vision tower ({patches} patches): {vision_ms:8.1} ms");
+    println!("language model ({TE_TOKENS} tokens): {language_ms:8.1} ms");
+    println!("whole text encoder: {full_ms:8.1} ms  (output finite: {finite})");
+    let mem_peak = gpu_memory("after the text encoder");
+    drop(te);
+    json!({
+        "tokens": TE_TOKENS, "image_grid_thw": GRID, "image_tokens": image_tokens, "patches": patches,
+        "weights_bytes": store.total_bytes(), "create_seconds": create_s,
+        "vision_ms": vision_ms, "language_model_ms": language_ms, "forward_ms": full_ms, "output_finite": finite,
+        "memory_with_model": mem_model, "memory_after": mem_peak,
+    })
+}
+
+fn vae(reps: usize) -> Value {
+    let config = VaeConfig::from_json(demo::FULL_VAE_CONFIG).expect("config");
+    println!("\n== VAE (random bf16): encode 1024², decode 128² latents ==");
+    let mut store = WeightStore::random(DType::BF16, 2);
+    let vae = AutoencoderKLQwenImage::<G>::from_store(config, &mut store, &dev()).expect("vae");
+    sync();
+    let mem_model = gpu_memory("with the VAE");
+    let x =
+        Tensor::<G, 4>::random([1, 3, 1024, 1024], Distribution::Uniform(-1.0, 1.0), (&dev(), DType::BF16));
+    let encode_ms = time_ms(reps, || drop(vae.encode_mode(x.clone()).expect("encode")));
+    let mem_encode = gpu_memory("after encoding");
+    let z = randn([1, vae.z_dim(), 128, 128], 1.0);
+    let decode_ms = time_ms(reps, || drop(vae.decode(z.clone()).expect("decode")));
+    let out = vae.decode(z).expect("decode");
+    assert_eq!(out.dims(), [1, 3, 1024, 1024]);
+    println!("encode 1024²: {encode_ms:8.1} ms");
+    println!("decode 1024²: {decode_ms:8.1} ms");
+    let mem_decode = gpu_memory("after decoding");
+    json!({
+        "weights_bytes": store.total_bytes(), "encode_ms": encode_ms, "decode_ms": decode_ms,
+        "memory_with_model": mem_model, "memory_after_encode": mem_encode, "memory_after_decode": mem_decode,
+    })
+}
+
+/// Drops `path` from the page cache (its pages are clean: the writer synced them); false if the kernel refused.
+#[cfg(target_os = "linux")]
+fn evict_page_cache(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    extern "C" {
+        fn posix_fadvise(fd: i32, offset: i64, len: i64, advice: i32) -> i32;
+    }
+    const POSIX_FADV_DONTNEED: i32 = 4;
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    // SAFETY: a plain system call on an open descriptor; offset 0 and length 0 mean the whole file.
+    unsafe { posix_fadvise(file.as_raw_fd(), 0, 0, POSIX_FADV_DONTNEED) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn evict_page_cache(_path: &Path) -> bool {
+    false
+}
+
+fn load(args: &Args, root: &Path) -> Value {
+    let config = DitConfig { num_layers: args.layers, ..DitConfig::default() };
+    let tensors = synthetic::dit_checkpoint_tensors(&config).expect("tensors");
+    let dir = root.join("transformer");
+    println!("\n== weight loading: random {}-block DiT checkpoint in {} ==", args.layers, dir.display());
+    let shard_bytes = (args.shard_gib * (1u64 << 30) as f64) as u64;
+    let t = Instant::now();
+    let written =
+        synthetic::write_random_checkpoint(&dir, "diffusion_pytorch_model", &tensors, shard_bytes, 0)
+            .expect("write");
+    std::fs::write(dir.join("config.json"), synthetic::dit_config_json(&config)).expect("config");
+    let write_s = t.elapsed().as_secs_f64();
+    let gb = written.bytes as f64 / 1e9;
+    println!(
+        "wrote {gb:.2} GB in {} shards in {write_s:.1} s ({:.2} GB/s, generation included)",
+        written.shards.len(),
+        gb / write_s
+    );
+    let after_write = HostMemory::read().unwrap_or_default();
+
+    let mut loads = Vec::new();
+    for (label, cold) in [("cold", true), ("warm", false)] {
+        let evicted = cold && written.shards.iter().all(|s| evict_page_cache(s));
+        reset_peak();
+        let before = HostMemory::read().unwrap_or_default();
+        let gpu_before = cuda::device_memory_used(0).unwrap_or(0);
+        let sampler = PeakSampler::start(Duration::from_millis(10));
+        let t = Instant::now();
+        let model = QwenImageTransformer::<G>::load(&dir, DType::BF16, &dev()).expect("load");
+        sync();
+        let secs = t.elapsed().as_secs_f64();
+        let peak = sampler.finish();
+        let after = HostMemory::read().unwrap_or_default();
+        let gpu_after = cuda::device_memory_used(0).unwrap_or(0);
+        println!(
+            "{label} load{}: {secs:6.2} s, {:.2} GB/s; host peak RSS {:.2} GiB (VmHWM), peaks anon {:.2} GiB / \
+             mapped files {:.2} GiB; RSS {:.2} → {:.2} GiB; GPU +{:.2} GiB",
+            if cold && !evicted { " (page cache NOT evicted)" } else { "" },
+            gb / secs,
+            gib(after.peak_rss),
+            gib(peak.anon),
+            gib(peak.file),
+            gib(before.rss),
+            gib(after.rss),
+            gib(gpu_after.saturating_sub(gpu_before)),
+        );
+        loads.push(json!({
+            "mode": label, "page_cache_evicted": evicted, "seconds": secs, "gb_per_s": gb / secs,
+            "host_peak_rss_bytes": after.peak_rss, "host_peak_anon_bytes": peak.anon, "host_peak_file_bytes": peak.file,
+            "host_rss_before_bytes": before.rss, "host_rss_after_bytes": after.rss,
+            "gpu_used_before_bytes": gpu_before, "gpu_used_after_bytes": gpu_after,
+        }));
+        drop(model);
+        sync();
+    }
+    if !args.keep {
+        std::fs::remove_dir_all(&dir).expect("delete the checkpoint");
+        println!("deleted {}", dir.display());
+    }
+    json!({
+        "layers": args.layers, "bytes": written.bytes, "shards": written.shards.len(), "write_seconds": write_s,
+        "host_rss_after_write_bytes": after_write.rss, "loads": loads, "kept": args.keep,
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut results = serde_json::Map::new();
+    results.insert("memory_at_start".into(), gpu_memory("at start"));
+    if !args.skip_text_encoder {
+        results.insert("text_encoder".into(), text_encoder(args.reps));
+    }
+    if !args.skip_vae {
+        results.insert("vae".into(), vae(args.reps));
+    }
+    if let Some(dir) = &args.load_dir {
+        results.insert("load".into(), load(&args, dir));
+    }
+    let s = cuda::stats();
+    results.insert(
+        "fast_path".into(),
+        json!({"calls": s.calls, "fallbacks": s.fallbacks, "errors": cuda::errors()}),
+    );
+    std::fs::write(&args.json, serde_json::to_string_pretty(&Value::Object(results)).expect("json"))
+        .expect("write json");
+    println!("\nwrote {}", args.json);
+}
