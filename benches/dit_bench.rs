@@ -155,14 +155,16 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
         let opts = AttentionOptions { causal, key_mask: None };
         let nk: usize = lens.iter().sum();
         let flop = 4.0 * (nq * nk * h * d) as f64 * if causal { 0.5 } else { 1.0 };
-        for kernel in [FlashKernel::Auto, FlashKernel::Mma] {
-            if kernel == FlashKernel::Mma && d != 128 {
-                continue;
-            }
+        let kernels: &[FlashKernel] = if d == 128 {
+            &[FlashKernel::Auto, FlashKernel::TmaSerial, FlashKernel::Wgmma, FlashKernel::Mma]
+        } else {
+            &[FlashKernel::Auto]
+        };
+        for &kernel in kernels {
             cuda::set_flash_kernel(kernel);
             let ms = time_ms(reps, 10, || drop(G::attend(q.clone(), &segs, &opts)));
             let tf = flop / (ms * 1e-3) / 1e12;
-            let name = if kernel == FlashKernel::Mma { "mma.sync" } else { "default" };
+            let name = if d == 128 { kernel.name() } else { "mma.sync" };
             println!("attention {what:36} [{name:8}]: {ms:7.3} ms  {tf:6.1} TFLOP/s");
             attn.push(json!({"case": what, "kernel": name, "queries": nq, "keys": nk, "heads": h, "head_dim": d, "causal": causal, "ms": ms, "tflops": tf}));
         }

@@ -3,7 +3,7 @@
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
 # PyTorch reference, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [dit] [torch]      (default: all four)
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [ncu] [torch]   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 set -u
 OUT=${OUT:-./gpu_out}
@@ -27,9 +27,10 @@ fi
 if has tests; then
   echo "== GPU tests"; timeout ${TEST_TIMEOUT:-300} .dev/gpu_fast_ops --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
-  # If the Hopper (wgmma) attention kernel failed its check, benchmark with the mma.sync kernel instead.
-  if ! grep -q 'attend: DiT joint.*wgmma vs mma.sync' "$OUT/tests.log" || grep -qE 'attend (\(Auto\)|: DiT).*(relative L2 error|non-finite)' "$OUT/tests.log"; then
-    echo "wgmma attention unverified: benchmarking with QWEN_FLASH=mma"; export QWEN_FLASH=mma
+  # If the default (TMA) attention kernel failed a check, benchmark the DiT with the mma.sync kernel instead.
+  if ! grep -q 'attend: DiT joint.*, tma vs mma.sync' "$OUT/tests.log" \
+    || grep -qE 'attend(: DiT.*, tma vs| \(tma\)|: key mask, tma ).*(relative L2 error|non-finite)' "$OUT/tests.log"; then
+    echo "TMA attention unverified: benchmarking with QWEN_FLASH=mma"; export QWEN_FLASH=mma
   fi
 fi
 if has kernels || has dit; then
@@ -40,9 +41,18 @@ if has kernels || has dit; then
   timeout ${BENCH_TIMEOUT:-400} .dev/dit_bench --json "$OUT/rust.json" $args ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench exit $?"; tail -45 "$OUT/bench.log"
 fi
+if has variants; then
+  # Attention kernel variants (tuning switches of flash_attention_tma.cu), each a full module source in
+  # .dev/kvar/<name>/ loaded through QWEN_CUDA_KERNEL_DIR.
+  for d in .dev/kvar/*/; do
+    echo "== variant $(basename $d)"
+    QWEN_CUDA_KERNEL_DIR=$d timeout 120 .dev/dit_bench --skip-dit --attention-only --reps ${VARIANT_REPS:-10} \
+      --json "$OUT/variant_$(basename $d).json" 2>&1 | grep -E 'attention .*\[tma' 
+  done
+fi
 if has ncu; then
   # Hardware counters of one launch of each attention kernel at the Edit v1 joint shape (clocks left alone).
-  for k in flash_fwd_wgmma_d128 flash_fwd_d128; do
+  for k in flash_fwd_tma_d128 flash_fwd_wgmma_d128; do
     echo "== ncu $k"
     timeout ${NCU_TIMEOUT:-120} ncu --clock-control none -k regex:$k -c 1 --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \

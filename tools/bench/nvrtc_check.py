@@ -12,7 +12,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KDIR = ROOT / "crates/qwen-image/src/cuda/kernels"
-SOURCES = ["flash_attention.cu", "flash_attention_wgmma.cu", "elementwise.cu"]
+SOURCES = ["flash_attention.cu", "flash_attention_wgmma.cu", "flash_attention_tma.cu", "elementwise.cu"]
 # Prepended to the flash-attention sources, as `kernels/mod.rs` does.
 FLASH_PARAMS = "flash_params.cuh"
 

@@ -22,40 +22,122 @@ const BN: usize = 64;
 const THREADS: u32 = 256;
 const MODULE: &str = "flash_attention";
 const MODULE_WGMMA: &str = "flash_attention_wgmma";
+const MODULE_TMA: &str = "flash_attention_tma";
 /// Keys per tile of the wgmma kernel.
 const BN_WGMMA: usize = 128;
 
 /// Which flash-attention kernel serves head dimension 128 on Hopper.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashKernel {
-    /// The warpgroup-MMA kernel on sm_90 (`flash_fwd_wgmma_d128`), the mma.sync kernel elsewhere (the default).
+    /// On sm_90 the warp-specialized TMA kernel (`flash_fwd_tma_d128`), the mma.sync kernel elsewhere (the default).
     Auto,
+    /// On sm_90 the TMA kernel without intra-warpgroup overlap (`flash_fwd_tma_d128_serial`), for comparison.
+    TmaSerial,
+    /// On sm_90 the earlier warpgroup-MMA kernel that loads with `cp.async` (`flash_fwd_wgmma_d128`).
+    Wgmma,
     /// Always the mma.sync (FlashAttention-2 style) kernel.
     Mma,
 }
 
+impl FlashKernel {
+    const ALL: [FlashKernel; 4] =
+        [FlashKernel::Auto, FlashKernel::TmaSerial, FlashKernel::Wgmma, FlashKernel::Mma];
+
+    /// Parses `QWEN_FLASH` values: `auto`/`tma`, `tma-serial`, `wgmma`, `mma`.
+    pub fn parse(s: &str) -> Option<FlashKernel> {
+        Some(match s {
+            "auto" | "tma" => FlashKernel::Auto,
+            "tma-serial" => FlashKernel::TmaSerial,
+            "wgmma" => FlashKernel::Wgmma,
+            "mma" => FlashKernel::Mma,
+            _ => return None,
+        })
+    }
+
+    /// A short name for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashKernel::Auto => "tma",
+            FlashKernel::TmaSerial => "tma-serial",
+            FlashKernel::Wgmma => "wgmma",
+            FlashKernel::Mma => "mma.sync",
+        }
+    }
+}
+
 static KERNEL: AtomicU8 = AtomicU8::new(0xff);
 
-/// The flash kernel choice: [`set_flash_kernel`], else `QWEN_FLASH=mma`, else [`FlashKernel::Auto`].
+/// The flash kernel choice: [`set_flash_kernel`], else `QWEN_FLASH` (see [`FlashKernel::parse`]), else
+/// [`FlashKernel::Auto`].
 pub fn flash_kernel() -> FlashKernel {
     match KERNEL.load(Ordering::Relaxed) {
-        0 => FlashKernel::Auto,
-        1 => FlashKernel::Mma,
+        i if (i as usize) < FlashKernel::ALL.len() => FlashKernel::ALL[i as usize],
         _ => {
-            let k = if std::env::var("QWEN_FLASH").as_deref() == Ok("mma") {
-                FlashKernel::Mma
-            } else {
-                FlashKernel::Auto
-            };
+            let k = std::env::var("QWEN_FLASH")
+                .ok()
+                .and_then(|s| FlashKernel::parse(&s))
+                .unwrap_or(FlashKernel::Auto);
             set_flash_kernel(k);
             k
         }
     }
 }
 
-/// Chooses the flash kernel (tests and benchmarks run both).
+/// Chooses the flash kernel (tests and benchmarks run each).
 pub fn set_flash_kernel(k: FlashKernel) {
-    KERNEL.store(if k == FlashKernel::Mma { 1 } else { 0 }, Ordering::Relaxed);
+    let i = FlashKernel::ALL.iter().position(|&x| x == k).unwrap_or(0);
+    KERNEL.store(i as u8, Ordering::Relaxed);
+}
+
+/// The driver's opaque tensor map, laid out as the kernels' `TensorMap` (128 bytes, 64-byte aligned).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default)]
+struct TensorMap([u64; 16]);
+
+/// The TMA kernel's tensor maps (`TmaMaps` in `flash_attention_tma.cu`).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default)]
+struct TmaMaps {
+    q: TensorMap,
+    k: [TensorMap; MAX_SEGS],
+    v: [TensorMap; MAX_SEGS],
+}
+
+/// Dynamic shared memory of the TMA kernel: the most a block may have (its alignment slack, Q, the K and V rings
+/// and the barriers take 161 KiB with two stages, 225 KiB with three).
+const TMA_SMEM: u32 = 227 * 1024;
+
+/// A tensor map over a `[batch, tokens, heads, 128]` operand: boxes of 64 head-dim columns x 1 head x 128 tokens,
+/// 128-byte swizzle, rows past the end read as zeros.
+fn tensor_map(o: &Operand, dims: &[usize]) -> Result<TensorMap, FastError> {
+    use cudarc::driver::sys;
+    let gdim: [u64; 4] = [dims[3] as u64, dims[2] as u64, dims[1] as u64, dims[0] as u64];
+    let gstride: [u64; 3] = [2 * o.sh as u64, 2 * o.st as u64, 2 * o.sb as u64];
+    let bx: [u32; 4] = [64, 1, 128, 1];
+    let es: [u32; 4] = [1; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            4,
+            o.ptr as *mut c_void,
+            gdim.as_ptr(),
+            gstride.as_ptr(),
+            bx.as_ptr(),
+            es.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(FastError::unsupported(format!(
+            "tensor map for dims {dims:?} strides {gstride:?}: {r:?}"
+        )));
+    }
+    Ok(TensorMap(unsafe { map.assume_init() }.opaque))
 }
 
 #[repr(C)]
@@ -213,19 +295,40 @@ pub(crate) fn attend_prim(
         scale_log2: std::f32::consts::LOG2_E / (head_dim as f32).sqrt(),
         ..Default::default()
     };
-    let mut keep = Vec::with_capacity(2 * segments.len());
+    // Empty segments hold no keys (and cannot have a tensor map).
+    let segments: Vec<(Prim, Prim)> = segments.into_iter().filter(|(k, _)| dims(k)[1] > 0).collect();
+    params.n_segs = segments.len() as i32;
+    let mut keep = Vec::with_capacity(segments.len());
     let mut start = 0usize;
     for (i, (k, v)) in segments.into_iter().enumerate() {
         let (ko, vo) = (operand(k)?, operand(v)?);
         let len = dims(&ko.t)[1];
         params.seg[i] = KvSeg::new(&ko, &vo, start, len);
         start += len;
-        keep.push(ko.t);
-        keep.push(vo.t);
+        keep.push((ko, vo));
     }
-    let wgmma = head_dim == 128
-        && flash_kernel() == FlashKernel::Auto
-        && with_device(qo.t.device.index, |d| Ok(d.cc == (9, 0)))?;
+    let hopper = head_dim == 128 && with_device(qo.t.device.index, |d| Ok(d.cc == (9, 0)))?;
+    let choice = flash_kernel();
+    // The TMA kernel needs a tensor map per operand; a layout the copy engine cannot describe falls back to the
+    // cp.async wgmma kernel.
+    let tma_maps = if hopper && matches!(choice, FlashKernel::Auto | FlashKernel::TmaSerial) {
+        let q_map = tensor_map(&qo, &qd);
+        let mut ok = q_map.is_ok();
+        let mut maps = TmaMaps { q: q_map.unwrap_or_default(), ..Default::default() };
+        for (i, (ko, vo)) in keep.iter().enumerate() {
+            match (tensor_map(ko, &dims(&ko.t)), tensor_map(vo, &dims(&vo.t))) {
+                (Ok(k), Ok(v)) => {
+                    maps.k[i] = k;
+                    maps.v[i] = v;
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(maps)
+    } else {
+        None
+    };
+    let wgmma = hopper && tma_maps.is_none() && choice != FlashKernel::Mma;
     let tile = if wgmma { BN_WGMMA } else { BN };
     let n_tiles = total.div_ceil(tile);
     let mut mask_keep = None;
@@ -235,14 +338,21 @@ pub(crate) fn attend_prim(
         require(matches!(m.dtype, DType::Bool(_) | DType::U8), || format!("mask dtype {:?}", m.dtype))?;
         require(m.dtype.size() == 1, || "mask elements must be bytes".into())?;
         let m = inner_contiguous(m);
-        let tiles = empty_like_device(&m, vec![batch, n_tiles], DType::U8);
         params.mask = ptr(&m)?;
         params.mask_sb = strides(&m)[0] as i64;
-        params.mask_tile_full = ptr(&tiles)?;
-        params.n_mask_tiles = n_tiles as i32;
+        // The TMA kernel reads the mask per element on the tiles it masks; the others skip fully attended tiles
+        // with a per-tile summary.
+        let tiles = if tma_maps.is_none() {
+            let tiles = empty_like_device(&m, vec![batch, n_tiles], DType::U8);
+            params.mask_tile_full = ptr(&tiles)?;
+            params.n_mask_tiles = n_tiles as i32;
+            Some(tiles)
+        } else {
+            None
+        };
         mask_keep = Some((m, tiles));
     }
-    // The wgmma kernel reads V transposed: Vt[b, kv_head, d, key], keys padded with zeros to whole tiles.
+    // The cp.async wgmma kernel reads V transposed: Vt[b, kv_head, d, key], keys padded with zeros to whole tiles.
     let mut vt_keep = None;
     let mut vtp = VtParams::default();
     if wgmma {
@@ -253,18 +363,31 @@ pub(crate) fn attend_prim(
     }
 
     let grid = (q_len.div_ceil(BM) as u32, heads as u32, batch as u32);
-    let (module, source, smem) = if wgmma {
-        (MODULE_WGMMA, kernels::FLASH_WGMMA, (5 * 128 * 256 + 1024) as u32)
-    } else {
-        (MODULE, kernels::FLASH_ATTENTION, smem_bytes(head_dim))
+    let (module, source, smem, name, threads) = match (&tma_maps, wgmma) {
+        (Some(_), _) => {
+            let name = if choice == FlashKernel::TmaSerial {
+                "flash_fwd_tma_d128_serial"
+            } else {
+                "flash_fwd_tma_d128"
+            };
+            (MODULE_TMA, kernels::FLASH_TMA, TMA_SMEM, name, 384)
+        }
+        (None, true) => (
+            MODULE_WGMMA,
+            kernels::FLASH_WGMMA,
+            (5 * 128 * 256 + 1024) as u32,
+            "flash_fwd_wgmma_d128",
+            THREADS,
+        ),
+        (None, false) => (MODULE, kernels::FLASH_ATTENTION, smem_bytes(head_dim), name, THREADS),
     };
-    let name = if wgmma { "flash_fwd_wgmma_d128" } else { name };
+    let mut tma_maps = tma_maps;
     with_device(qo.t.device.index, |dev| {
         let f = dev.function(module, source, name)?;
         dev.set_smem((module, name), f, smem)?;
-        let mask_fn = match mask_keep {
-            Some(_) => Some(dev.function(MODULE, kernels::FLASH_ATTENTION, "flash_mask_tiles")?),
-            None => None,
+        let mask_fn = match &mask_keep {
+            Some((_, Some(_))) => Some(dev.function(MODULE, kernels::FLASH_ATTENTION, "flash_mask_tiles")?),
+            _ => None,
         };
         let vt_fn = if wgmma {
             Some(dev.function(MODULE_WGMMA, kernels::FLASH_WGMMA, "flash_vt_transpose")?)
@@ -295,17 +418,21 @@ pub(crate) fn attend_prim(
             ];
             unsafe { dev.launch(mf, (warps.div_ceil(8), 1, 1), (256, 1, 1), 0, &mut args)? };
         }
-        if let Some(tf) = vt_fn {
+        if let Some(maps) = tma_maps.as_mut() {
+            let mut args =
+                [&mut params as *mut FlashParams as *mut c_void, maps as *mut TmaMaps as *mut c_void];
+            unsafe { dev.launch(f, grid, (threads, 1, 1), smem, &mut args)? };
+        } else if let Some(tf) = vt_fn {
             let mut args =
                 [&mut params as *mut FlashParams as *mut c_void, &mut vtp as *mut VtParams as *mut c_void];
             let tgrid = ((vtp.kpad / 64) as u32, kv_heads as u32, batch as u32);
             unsafe { dev.launch(tf, tgrid, (256, 1, 1), 0, &mut args)? };
             let mut args =
                 [&mut params as *mut FlashParams as *mut c_void, &mut vtp as *mut VtParams as *mut c_void];
-            unsafe { dev.launch(f, grid, (THREADS, 1, 1), smem, &mut args)? };
+            unsafe { dev.launch(f, grid, (threads, 1, 1), smem, &mut args)? };
         } else {
             let mut args = [&mut params as *mut FlashParams as *mut c_void];
-            unsafe { dev.launch(f, grid, (THREADS, 1, 1), smem, &mut args)? };
+            unsafe { dev.launch(f, grid, (threads, 1, 1), smem, &mut args)? };
         }
         dev.end()
     })?;

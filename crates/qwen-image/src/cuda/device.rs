@@ -382,6 +382,11 @@ impl Device {
                 "libnvrtc not found (put the CUDA lib64 directory on LD_LIBRARY_PATH)",
             ));
         }
+        // Kernel development: `QWEN_CUDA_KERNEL_DIR/<module>.cu`, when present, replaces the built-in source.
+        let dev_src = std::env::var_os("QWEN_CUDA_KERNEL_DIR").and_then(|d| {
+            std::fs::read_to_string(std::path::Path::new(&d).join(format!("{module}.cu"))).ok()
+        });
+        let source = dev_src.as_deref().unwrap_or(source);
         let src = CString::new(format!("{}\n{}", super::kernels::PRELUDE, source))
             .map_err(|e| FastError::cuda(e.to_string()))?;
         let name = CString::new(module).map_err(|e| FastError::cuda(e.to_string()))?;

@@ -13,3 +13,6 @@ pub(crate) const FLASH_WGMMA: &str =
     concat!(include_str!("flash_params.cuh"), include_str!("flash_attention_wgmma.cu"));
 /// Fused elementwise kernels (`ln_modulate`, `gated_residual`, `rms_norm_rope`, `silu_mul`).
 pub(crate) const ELEMENTWISE: &str = include_str!("elementwise.cu");
+/// Hopper flash attention, warp-specialized with TMA copies (`flash_fwd_tma_d128`, `flash_fwd_tma_d128_serial`).
+pub(crate) const FLASH_TMA: &str =
+    concat!(include_str!("flash_params.cuh"), include_str!("flash_attention_tma.cu"));

@@ -1,0 +1,462 @@
+// Flash attention forward for Hopper (sm_90a), FlashAttention-3 style: warp-specialized, tiles moved by the
+// tensor-memory accelerator (TMA), warpgroup MMA, head dim 128, bf16, f32 softmax statistics.
+//
+// One CTA = 3 warpgroups over 128 queries of one (batch, head):
+//   - warpgroup 0 is the producer: one thread issues every copy (`cp.async.bulk.tensor`, one tensor map per
+//     tensor: Q and each key/value segment), completing on mbarriers; the rest of the warpgroup gives its
+//     registers back (`setmaxnreg.dec`) and exits;
+//   - warpgroups 1 and 2 are consumers of 64 queries each: S = Q·Kᵀ from shared memory, softmax in registers,
+//     O += P·V with P from registers and V read in place as an MN-major (transposed) operand.
+// Keys stream through `STAGES`-deep rings of K tiles and V tiles with separate full/empty barriers. Tiles never
+// straddle segments: each segment is cut into tiles of 128 keys from its own start, rows past its end are zero
+// filled by the copy engine and masked; only such edge tiles, causal diagonal tiles and key-masked calls pay for
+// masking. With `OVERLAP`, a consumer issues S(t) = Q·K(t)ᵀ and O += P(t-1)·V(t-1) together and computes the
+// softmax of S(t) while the tensor cores finish P·V (FlashAttention-3's intra-warpgroup pipelining).
+//
+// `KvSeg`, `FlashParams` and `MAX_SEGS` come from `flash_params.cuh` (shared with the other kernels; the `k`/`v`
+// pointers and strides are not read here: the tensor maps carry them).
+
+// Tuning switches (the defaults are the measured best; `QWEN_CUDA_KERNEL_DIR` lets a benchmark try others).
+#ifndef TMA_STAGES
+#define TMA_STAGES 2
+#endif
+// Ping-pong: the two consumer warpgroups take turns issuing their matrix products (named barriers), so that one
+// warpgroup's softmax runs under the other's products.
+#ifndef TMA_PINGPONG
+#define TMA_PINGPONG 0
+#endif
+
+namespace tma {
+constexpr int BM = 128, BN = 128;
+constexpr int STAGES = TMA_STAGES;
+constexpr u32 HALF = 128 * 128;        // bytes of one [128 rows][64 columns] swizzled half tile
+constexpr u32 TILE = 2 * HALF;         // bytes of a [128][128] bf16 tile
+constexpr int CONSUMER_WARPS = 8;
+}  // namespace tma
+
+// The driver's opaque tensor map (`CUtensorMap`), encoded on the host by `cuTensorMapEncodeTiled`.
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
+
+// Tensor maps of one call: Q and the key/value segments, each over a [batch, tokens, heads, 128] tensor (dims
+// innermost first: head dim, head, token, batch), box = 64 head-dim columns x 1 head x 128 tokens x 1 batch with
+// 128-byte swizzle.
+struct TmaMaps {
+    TensorMap q;
+    TensorMap k[MAX_SEGS];
+    TensorMap v[MAX_SEGS];
+};
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
+    u32 ok;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return ok != 0;
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    while (!mbar_try_wait(bar, parity)) {
+    }
+}
+
+// Copies box (c0 .. c0 + 63, head, row .. row + 127, batch) of `map` to `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, int head, int row, int batch,
+                                         u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(head), "r"(row), "r"(batch), "r"(bar)
+        : "memory");
+}
+
+// Both 64-column halves of a 128 x 128 tile.
+__device__ __forceinline__ void tma_load_tile(u32 dst, const TensorMap* map, int head, int row, int batch, u32 bar) {
+    tma_load(dst, map, 0, head, row, batch, bar);
+    tma_load(dst + tma::HALF, map, 64, head, row, batch, bar);
+}
+
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// Ping-pong turn of consumer warpgroup `wgi` (0 or 1): wait for it before issuing products, pass it on after.
+__device__ __forceinline__ void turn_begin(int wgi) {
+    if (TMA_PINGPONG) named_sync(1 + wgi);
+}
+__device__ __forceinline__ void turn_end(int wgi) {
+    if (TMA_PINGPONG) named_arrive(1 + (wgi ^ 1));
+}
+
+template <int N>
+__device__ __forceinline__ void keep_f32(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+__device__ __forceinline__ void keep_frag(u32 (&r)[8][4]) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// S(64 x 128) = A(64 x 16, shared, K-major) · B(128 x 16, shared, K-major)ᵀ (+ S when `acc`).
+__device__ __forceinline__ void tma_wgmma_ss(float (&d)[64], u64 desc_a, u64 desc_b, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(acc));
+}
+
+// O(64 x 128) += A(64 x 16, registers) · B, with B given MN-major (transposed: V's rows are keys, its head-dim
+// columns contiguous).
+__device__ __forceinline__ void tma_wgmma_rs_tn(float (&d)[64], const u32 (&a)[4], u64 desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+__device__ __forceinline__ void tma_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void tma_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void tma_wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle, 8-row groups 1024 bytes apart. K-major (Q, K): the leading
+// byte offset is unused. MN-major (V): 64-column halves `HALF` bytes apart.
+__device__ __forceinline__ u64 desc_kmajor(u32 saddr) {
+    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ u64 desc_mnmajor(u32 saddr) {
+    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)(tma::HALF >> 4) << 16) | ((u64)(1024 >> 4) << 32) |
+           ((u64)1 << 62);
+}
+
+// Walks the key tiles of a call in order: segment by segment, 128 keys at a time from each segment's start.
+struct TileWalk {
+    int seg, row;  // segment and its first row of the current tile
+    __device__ __forceinline__ void next(const FlashParams& p) {
+        row += tma::BN;
+        if (row >= p.seg[seg].len) {
+            ++seg;
+            row = 0;
+        }
+    }
+    __device__ __forceinline__ int j0(const FlashParams& p) const { return p.seg[seg].start + row; }
+    __device__ __forceinline__ int count(const FlashParams& p) const { return min(tma::BN, p.seg[seg].len - row); }
+};
+
+// Number of tiles holding keys below `kv_need` (every tile, without causality).
+__device__ __forceinline__ int tile_count(const FlashParams& p, int kv_need) {
+    int n = 0;
+#pragma unroll
+    for (int s = 0; s < MAX_SEGS; ++s) {
+        if (s < p.n_segs) {
+            const int len = min(p.seg[s].len, max(0, kv_need - p.seg[s].start));
+            n += (len + tma::BN - 1) / tma::BN;
+        }
+    }
+    return n;
+}
+
+// Shared memory: Q, then the K ring, the V ring, and the barriers.
+struct Smem {
+    u32 q, k, v, bar;
+    __device__ __forceinline__ u32 k_tile(int s) const { return k + s * tma::TILE; }
+    __device__ __forceinline__ u32 v_tile(int s) const { return v + s * tma::TILE; }
+    __device__ __forceinline__ u32 q_full() const { return bar; }
+    __device__ __forceinline__ u32 k_full(int s) const { return bar + 8 * (1 + s); }
+    __device__ __forceinline__ u32 k_empty(int s) const { return bar + 8 * (1 + tma::STAGES + s); }
+    __device__ __forceinline__ u32 v_full(int s) const { return bar + 8 * (1 + 2 * tma::STAGES + s); }
+    __device__ __forceinline__ u32 v_empty(int s) const { return bar + 8 * (1 + 3 * tma::STAGES + s); }
+};
+
+// Masks S (one warp's 16 rows: `row` and `row` + 8) for the tile of keys j0 .. j0 + count - 1.
+__device__ __forceinline__ void tma_mask(float (&s)[64], const FlashParams& p, int b, int j0, int count, int row,
+                                         int c4) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int c = n * 8 + 2 * c4 + e, j = j0 + c;
+            const bool ok = c < count && (p.mask == nullptr || p.mask[b * p.mask_sb + j] != 0);
+            const bool ok0 = ok && !(p.causal && j > row);
+            const bool ok1 = ok && !(p.causal && j > row + 8);
+            s[4 * n + e] = ok0 ? s[4 * n + e] : -QI_INF;
+            s[4 * n + 2 + e] = ok1 ? s[4 * n + 2 + e] : -QI_INF;
+        }
+    }
+}
+
+// Online softmax of one tile: updates the running max and sum of the thread's two rows, turns S into
+// probabilities and returns the factor the previous O must be scaled by.
+__device__ __forceinline__ void tma_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
+                                            float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -QI_INF;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx * scale_log2);
+        const float m_use = m_new == -QI_INF ? 0.f : m_new;
+        alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
+        m_run[r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], scale_log2, -m_use));
+            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_use));
+            s[4 * n + 2 * r] = p0;
+            s[4 * n + 2 * r + 1] = p1;
+            sum += p0 + p1;
+        }
+        l_run[r] = l_run[r] * alpha[r] + sum;
+    }
+}
+
+// P (accumulator layout) -> A fragments of the 8 k-steps of P·V.
+__device__ __forceinline__ void tma_pack_p(u32 (&pa)[8][4], const float (&s)[64]) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        pa[t][0] = pack_bf16x2(s[8 * t + 0], s[8 * t + 1]);
+        pa[t][1] = pack_bf16x2(s[8 * t + 2], s[8 * t + 3]);
+        pa[t][2] = pack_bf16x2(s[8 * t + 4], s[8 * t + 5]);
+        pa[t][3] = pack_bf16x2(s[8 * t + 6], s[8 * t + 7]);
+    }
+}
+
+__device__ __forceinline__ void tma_scale_o(float (&o)[64], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+        o[4 * n] *= alpha[0];
+        o[4 * n + 1] *= alpha[0];
+        o[4 * n + 2] *= alpha[1];
+        o[4 * n + 3] *= alpha[1];
+    }
+}
+
+// Issues S = Q·Kᵀ for one warpgroup (its 64 rows of Q at `qa`) over the K tile at `sk`.
+__device__ __forceinline__ void tma_issue_qk(float (&s)[64], u32 qa, u32 sk) {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        const u32 qoff = (kk >> 2) * tma::HALF + (kk & 3) * 32;
+        const u32 koff = (kk >> 2) * tma::HALF + (kk & 3) * 32;
+        tma_wgmma_ss(s, desc_kmajor(qa + qoff), desc_kmajor(sk + koff), kk > 0);
+    }
+}
+
+// Issues O += P·V over the V tile at `sv` (16 keys per k-step: 2048 bytes of the [key][64] halves).
+__device__ __forceinline__ void tma_issue_pv(float (&o)[64], const u32 (&pa)[8][4], u32 sv) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) tma_wgmma_rs_tn(o, pa[t], desc_mnmajor(sv + t * 2048));
+}
+
+// Releases a stage: one arrival per consumer warp, after the warp's reads of it have completed.
+__device__ __forceinline__ void tma_release(u32 bar, int lane) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+}
+
+template <bool OVERLAP>
+__device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMaps& maps) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    Smem sm;
+    sm.q = base;
+    sm.k = base + tma::TILE;
+    sm.v = sm.k + tma::STAGES * tma::TILE;
+    sm.bar = sm.v + tma::STAGES * tma::TILE;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int h = blockIdx.y, hk = h / p.kv_group, b = blockIdx.z;
+    const int q0 = blockIdx.x * tma::BM;
+    const int kv_need = p.causal ? min(p.total_keys, q0 + tma::BM) : p.total_keys;
+    const int n_tiles = tile_count(p, kv_need);
+
+    if (tid == 0) {
+        mbar_init(sm.q_full(), 1);
+        for (int s = 0; s < tma::STAGES; ++s) {
+            mbar_init(sm.k_full(s), 1);
+            mbar_init(sm.v_full(s), 1);
+            mbar_init(sm.k_empty(s), tma::CONSUMER_WARPS);
+            mbar_init(sm.v_empty(s), tma::CONSUMER_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        // Producer warpgroup.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        if (tid == 0) {
+            mbar_expect_tx(sm.q_full(), tma::TILE);
+            tma_load_tile(sm.q, &maps.q, h, q0, b, sm.q_full());
+            TileWalk w{0, 0};
+            while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+            for (int t = 0; t < n_tiles; ++t) {
+                const int st = t % tma::STAGES, use = t / tma::STAGES;
+                if (use > 0) mbar_wait(sm.k_empty(st), (use - 1) & 1);
+                mbar_expect_tx(sm.k_full(st), tma::TILE);
+                tma_load_tile(sm.k_tile(st), &maps.k[w.seg], hk, w.row, b, sm.k_full(st));
+                if (use > 0) mbar_wait(sm.v_empty(st), (use - 1) & 1);
+                mbar_expect_tx(sm.v_full(st), tma::TILE);
+                tma_load_tile(sm.v_tile(st), &maps.v[w.seg], hk, w.row, b, sm.v_full(st));
+                w.next(p);
+                while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+            }
+        }
+    } else {
+        // Consumer warpgroups: 64 query rows each.
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+        const int wgi = (warp >> 2) - 1, wq = warp & 3;
+        const int g = lane >> 2, c4 = lane & 3;
+        const int row0 = q0 + wgi * 64 + wq * 16 + g;  // this thread's rows: row0 and row0 + 8
+        const u32 qa = sm.q + wgi * 64 * 128;
+        float o[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) o[i] = 0.f;
+        float m_run[2] = {-QI_INF, -QI_INF}, l_run[2] = {0.f, 0.f}, alpha[2];
+        float s[64];
+        u32 pa[8][4];
+        TileWalk w{0, 0};
+        while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+        mbar_wait(sm.q_full(), 0);
+
+        // Masking is needed on a partial tile, with a key mask, and on tiles crossing this thread's diagonal.
+        auto masked = [&](int j0, int count) {
+            return count < tma::BN || p.mask != nullptr || (p.causal && j0 + tma::BN - 1 > row0 - g);
+        };
+
+        if (OVERLAP) {
+            // Tile 0: S only.
+            if (TMA_PINGPONG && wgi == 1) named_arrive(1);  // warpgroup 0 goes first
+            mbar_wait(sm.k_full(0), 0);
+            turn_begin(wgi);
+            tma_wgmma_fence();
+            tma_issue_qk(s, qa, sm.k_tile(0));
+            tma_wgmma_commit();
+            turn_end(wgi);
+            tma_wgmma_wait<0>();
+            keep_f32(s);
+            tma_release(sm.k_empty(0), lane);
+            {
+                const int j0 = w.j0(p), count = w.count(p);
+                if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
+            }
+            tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
+            tma_pack_p(pa, s);
+            w.next(p);
+            while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+            for (int t = 1; t < n_tiles; ++t) {
+                const int st = t % tma::STAGES, sp = (t - 1) % tma::STAGES;
+                mbar_wait(sm.k_full(st), (t / tma::STAGES) & 1);
+                mbar_wait(sm.v_full(sp), ((t - 1) / tma::STAGES) & 1);
+                keep_f32(o);
+                turn_begin(wgi);
+                tma_wgmma_fence();
+                tma_issue_qk(s, qa, sm.k_tile(st));
+                tma_wgmma_commit();
+                tma_issue_pv(o, pa, sm.v_tile(sp));
+                tma_wgmma_commit();
+                turn_end(wgi);
+                tma_wgmma_wait<1>();
+                keep_f32(s);
+                tma_release(sm.k_empty(st), lane);
+                const int j0 = w.j0(p), count = w.count(p);
+                if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
+                tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
+                tma_wgmma_wait<0>();
+                keep_f32(o);
+                keep_frag(pa);
+                tma_release(sm.v_empty(sp), lane);
+                tma_scale_o(o, alpha);
+                tma_pack_p(pa, s);
+                w.next(p);
+                while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+            }
+            const int sl = (n_tiles - 1) % tma::STAGES;
+            mbar_wait(sm.v_full(sl), ((n_tiles - 1) / tma::STAGES) & 1);
+            keep_f32(o);
+            turn_begin(wgi);
+            tma_wgmma_fence();
+            tma_issue_pv(o, pa, sm.v_tile(sl));
+            tma_wgmma_commit();
+            turn_end(wgi);
+            tma_wgmma_wait<0>();
+            keep_f32(o);
+            keep_frag(pa);
+            if (TMA_PINGPONG && wgi == 0) named_sync(1);  // the turn warpgroup 1 passed last
+        } else {
+            for (int t = 0; t < n_tiles; ++t) {
+                const int st = t % tma::STAGES, ph = (t / tma::STAGES) & 1;
+                mbar_wait(sm.k_full(st), ph);
+                tma_wgmma_fence();
+                tma_issue_qk(s, qa, sm.k_tile(st));
+                tma_wgmma_commit();
+                tma_wgmma_wait<0>();
+                keep_f32(s);
+                tma_release(sm.k_empty(st), lane);
+                const int j0 = w.j0(p), count = w.count(p);
+                if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
+                tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
+                tma_scale_o(o, alpha);
+                tma_pack_p(pa, s);
+                mbar_wait(sm.v_full(st), ph);
+                keep_f32(o);
+                tma_wgmma_fence();
+                tma_issue_pv(o, pa, sm.v_tile(st));
+                tma_wgmma_commit();
+                tma_wgmma_wait<0>();
+                keep_f32(o);
+                keep_frag(pa);
+                tma_release(sm.v_empty(st), lane);
+                w.next(p);
+                while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+            }
+        }
+
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_run[r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int qi = row0 + 8 * r;
+            if (qi < p.q_len) {
+                bf16_t* dst = p.o + b * p.o_sb + (i64)qi * p.o_st + h * p.o_sh + 2 * c4;
+#pragma unroll
+                for (int n = 0; n < 16; ++n) {
+                    *reinterpret_cast<u32*>(dst + n * 8) =
+                        pack_bf16x2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+                }
+            }
+        }
+    }
+}
+
+// Dynamic shared memory: 1024 (alignment) + Q + STAGES x (K + V) + barriers.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    flash_fwd_tma_d128(const __grid_constant__ FlashParams p, const __grid_constant__ TmaMaps maps) {
+    flash_tma_body<true>(p, maps);
+}
+
+// The same without intra-warpgroup overlap (S, softmax, P·V in sequence), for comparison.
+extern "C" __global__ void __launch_bounds__(384, 1)
+    flash_fwd_tma_d128_serial(const __grid_constant__ FlashParams p, const __grid_constant__ TmaMaps maps) {
+    flash_tma_body<false>(p, maps);
+}
