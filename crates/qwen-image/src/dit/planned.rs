@@ -8,7 +8,7 @@ use qwen_image_pruning::{
 use super::{
     block::BlockContext,
     modulation::ModRuns,
-    rope::{RopeTable, RopeTensors},
+    rope::RopeTensors,
     transformer::{DitInput, QwenImageTransformer},
 };
 use crate::{ops::KvSegment, ops::QwenBackend, ModelError, Result};
@@ -67,7 +67,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         let mut stats = PlannedStats::default();
         let mut state = ImageState { images: (0..n_images).collect(), hidden: p.img.clone() };
         let mut rope_for: Option<(Vec<usize>, RopeTensors<B>)> = None;
-        // RoPE of single images, uploaded once per call for the images whose K/V are recomputed.
+        // RoPE of single images whose K/V are recomputed (from the model's cache of this layout's tables).
         let mut image_rope: Vec<Option<RopeTensors<B>>> = vec![None; n_images];
         let (mut txt, batch) = (p.txt.clone(), input.timestep.len());
 
@@ -81,8 +81,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                 state = self.gather_images(state, &computed, &offsets, layer, cache)?;
             }
             if rope_for.as_ref().is_none_or(|(imgs, _)| *imgs != computed) {
-                let table = RopeTable::concat(computed.iter().map(|&i| &p.image_ropes[i]));
-                rope_for = Some((computed.clone(), table.to_device(self.device())));
+                rope_for = Some((computed.clone(), self.image_rope(&p, &computed)));
             }
             let img_rope = &rope_for.as_ref().expect("set above").1;
             let runs = ModRuns::new(computed.iter().map(|&i| (offsets[i + 1] - offsets[i], p.row_of(i))));
@@ -100,8 +99,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                             layer,
                             group: TokenGroup::Condition(k - 1),
                         })?;
-                        let rope =
-                            image_rope[k].get_or_insert_with(|| p.image_ropes[k].to_device(self.device()));
+                        let rope = image_rope[k].get_or_insert_with(|| self.image_rope(&p, &[k]));
                         block.image_kv(hidden, &m, rope, &ModRuns::new([(tokens, p.row_of(k))]))
                     }
                     _ => {

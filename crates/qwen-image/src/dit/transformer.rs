@@ -1,6 +1,9 @@
 //! `QwenImageTransformer2DModel`: embeddings, the blocks, the output layer, and the plain forward pass.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use burn::tensor::{backend::Backend, bf16, f16, Bool, DType, Distribution, Tensor};
 use qwen_image_pruning::TokenLayout;
@@ -10,7 +13,7 @@ use super::{
     block::{temb_activation, BlockContext, FeedForward, TransformerBlock},
     config::DitConfig,
     modulation::ModRuns,
-    rope::{ImageShape, QwenRope, RopeTable, RopeTensors},
+    rope::{ImageShape, QwenRope, RopeCache, RopeTensors},
     timestep::{TimestepEmbedder, TIME_PROJ_DIM},
 };
 use crate::{
@@ -52,8 +55,9 @@ pub(crate) struct Prepared<B: Backend> {
     pub temb_act: Tensor<B, 2>,
     pub rows: usize,
     pub txt_rope: RopeTensors<B>,
-    /// RoPE table of each image (target first), on the host.
-    pub image_ropes: Vec<RopeTable>,
+    /// Token grid of each image (target first) and the number of text tokens: the key of [`Self::image_rope`].
+    pub img_shapes: Vec<ImageShape>,
+    pub n_txt: usize,
     pub key_mask: Option<Tensor<B, 2, Bool>>,
 }
 
@@ -84,6 +88,8 @@ pub struct QwenImageTransformer<B: Backend> {
     /// `proj_out`: model width → packed latent token.
     pub proj_out: Linear<B>,
     rope: QwenRope,
+    /// RoPE tables of the last input layout (shared by clones: they depend on the layout only).
+    rope_cache: Arc<Mutex<RopeCache<B>>>,
     dtype: DType,
     device: B::Device,
 }
@@ -128,6 +134,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             norm_out: Linear::load(&mut root.pp("norm_out.linear"), dim, 2 * dim, true, device)?,
             proj_out: Linear::load(&mut root.pp("proj_out"), dim, config.out_features(), true, device)?,
             rope: QwenRope::new(&config.axes_dims_rope),
+            rope_cache: Arc::default(),
             dtype: store.dtype(),
             device: device.clone(),
             config,
@@ -188,6 +195,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             norm_out: lin(dim, 2 * dim, 0.5),
             proj_out: lin(dim, config.out_features(), 1.0),
             rope: QwenRope::new(&config.axes_dims_rope),
+            rope_cache: Arc::default(),
             dtype,
             device: device.clone(),
             config,
@@ -281,10 +289,22 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             txt,
             temb_act: temb_activation(temb),
             rows,
-            txt_rope: self.rope.text_table(&input.img_shapes, n_txt).to_device(dev),
-            image_ropes: self.rope.image_tables(&input.img_shapes),
+            txt_rope: self.rope_cache().text(&self.rope, &input.img_shapes, n_txt, dev),
+            img_shapes: input.img_shapes.clone(),
+            n_txt,
             key_mask,
         })
+    }
+
+    fn rope_cache(&self) -> std::sync::MutexGuard<'_, RopeCache<B>> {
+        // A panic while holding the lock leaves nothing half-updated that matters: the cache is rebuilt on a key
+        // change, so a poisoned lock is taken over.
+        self.rope_cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// RoPE table of the images `set` (indices into the input's images) on the device, cached across calls.
+    pub(crate) fn image_rope(&self, p: &Prepared<B>, set: &[usize]) -> RopeTensors<B> {
+        self.rope_cache().images(&self.rope, &p.img_shapes, p.n_txt, set, &self.device)
     }
 
     /// `norm_out` (scale first, then shift) and `proj_out`.
@@ -302,7 +322,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     pub fn forward(&self, input: &DitInput<B>) -> Result<Tensor<B, 3>> {
         let p = self.prepare(input)?;
         let runs = ModRuns::new(input.img_shapes.iter().enumerate().map(|(i, s)| (s.tokens(), p.row_of(i))));
-        let img_rope = RopeTable::concat(&p.image_ropes).to_device(&self.device);
+        let all: Vec<usize> = (0..input.img_shapes.len()).collect();
+        let img_rope = self.image_rope(&p, &all);
         let ctx = BlockContext {
             txt_rope: &p.txt_rope,
             img_rope: &img_rope,
