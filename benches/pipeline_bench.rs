@@ -91,10 +91,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median wall time in ms of `f` (after one warm-up call).
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+/// Median wall time in ms of `f` after one warm-up call, and the warm-up call's time (kernel compilation and
+/// autotuning included).
+fn time_ms(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let t = Instant::now();
     f();
     sync();
+    let first = t.elapsed().as_secs_f64() * 1e3;
     let times = (0..reps.max(1))
         .map(|_| {
             let t = Instant::now();
@@ -103,7 +106,7 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    median(times)
+    (median(times), first)
 }
 
 fn gib(b: u64) -> f64 {
@@ -158,23 +161,30 @@ fn text_encoder(reps: usize) -> Value {
     let patches = GRID.iter().product::<usize>();
     let pixels = randn([patches, config.vision.patch_features()], 1.0);
 
-    let vision_ms = time_ms(reps, || drop(te.vision_forward(pixels.clone(), &[GRID]).expect("vision")));
+    let (vision_ms, vision_first) =
+        time_ms(reps, || drop(te.vision_forward(pixels.clone(), &[GRID]).expect("vision")));
     let embeds = te.vision_forward(pixels.clone(), &[GRID]).expect("vision");
     let with_embeds = TextEncoderInput::new(ids.clone()).with_image_embeds(embeds, vec![GRID]);
-    let language_ms = time_ms(reps, || drop(te.forward(&with_embeds).expect("language model")));
+    let (language_ms, language_first) =
+        time_ms(reps, || drop(te.forward(&with_embeds).expect("language model")));
     let with_pixels = TextEncoderInput::new(ids).with_images(pixels, vec![GRID]);
-    let full_ms = time_ms(reps, || drop(te.forward(&with_pixels).expect("text encoder")));
+    let (full_ms, full_first) = time_ms(reps, || drop(te.forward(&with_pixels).expect("text encoder")));
     let out = te.forward(&with_pixels).expect("text encoder");
     let finite = qwen_image::tensor_io::to_f32_vec(out).iter().all(|v| v.is_finite());
-    println!("vision tower ({patches} patches): {vision_ms:8.1} ms");
-    println!("language model ({TE_TOKENS} tokens): {language_ms:8.1} ms");
-    println!("whole text encoder: {full_ms:8.1} ms  (output finite: {finite})");
+    println!("vision tower ({patches} patches): {vision_ms:8.1} ms  (first call {vision_first:.0} ms)");
+    println!(
+        "language model ({TE_TOKENS} tokens): {language_ms:8.1} ms  (first call {language_first:.0} ms)"
+    );
+    println!(
+        "whole text encoder: {full_ms:8.1} ms  (first call {full_first:.0} ms; output finite: {finite})"
+    );
     let mem_peak = gpu_memory("after the text encoder");
     drop(te);
     json!({
         "tokens": TE_TOKENS, "image_grid_thw": GRID, "image_tokens": image_tokens, "patches": patches,
         "weights_bytes": store.total_bytes(), "create_seconds": create_s,
         "vision_ms": vision_ms, "language_model_ms": language_ms, "forward_ms": full_ms, "output_finite": finite,
+        "first_call_ms": {"vision": vision_first, "language_model": language_first, "forward": full_first},
         "memory_with_model": mem_model, "memory_after": mem_peak,
     })
 }
@@ -188,17 +198,18 @@ fn vae(reps: usize) -> Value {
     let mem_model = gpu_memory("with the VAE");
     let x =
         Tensor::<G, 4>::random([1, 3, 1024, 1024], Distribution::Uniform(-1.0, 1.0), (&dev(), DType::BF16));
-    let encode_ms = time_ms(reps, || drop(vae.encode_mode(x.clone()).expect("encode")));
+    let (encode_ms, encode_first) = time_ms(reps, || drop(vae.encode_mode(x.clone()).expect("encode")));
     let mem_encode = gpu_memory("after encoding");
     let z = randn([1, vae.z_dim(), 128, 128], 1.0);
-    let decode_ms = time_ms(reps, || drop(vae.decode(z.clone()).expect("decode")));
+    let (decode_ms, decode_first) = time_ms(reps, || drop(vae.decode(z.clone()).expect("decode")));
     let out = vae.decode(z).expect("decode");
     assert_eq!(out.dims(), [1, 3, 1024, 1024]);
-    println!("encode 1024²: {encode_ms:8.1} ms");
-    println!("decode 1024²: {decode_ms:8.1} ms");
+    println!("encode 1024²: {encode_ms:8.1} ms  (first call {encode_first:.0} ms)");
+    println!("decode 1024²: {decode_ms:8.1} ms  (first call {decode_first:.0} ms)");
     let mem_decode = gpu_memory("after decoding");
     json!({
         "weights_bytes": store.total_bytes(), "encode_ms": encode_ms, "decode_ms": decode_ms,
+        "first_call_ms": {"encode": encode_first, "decode": decode_first},
         "memory_with_model": mem_model, "memory_after_encode": mem_encode, "memory_after_decode": mem_decode,
     })
 }
