@@ -18,7 +18,7 @@
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench pipeline_bench --no-run
 //! <binary> --json out.json [--reps 5] [--skip-text-encoder] [--skip-vae]
-//!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--keep]]
+//!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--loads cold,warm] [--keep]]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -70,6 +70,9 @@ struct Args {
     /// Keep the written checkpoint.
     #[arg(long)]
     keep: bool,
+    /// Which loads to time, in order: `cold` (page cache evicted first) and/or `warm` (from the page cache).
+    #[arg(long, default_value = "cold,warm")]
+    loads: String,
 }
 
 /// Text-encoder tokens of Edit v1 at 1024²: 1369 image tokens of a 74×74-patch image and 100 template/prompt
@@ -253,7 +256,12 @@ fn load(args: &Args, root: &Path) -> Value {
     let after_write = HostMemory::read().unwrap_or_default();
 
     let mut loads = Vec::new();
-    for (label, cold) in [("cold", true), ("warm", false)] {
+    for label in args.loads.split(',') {
+        let cold = match label {
+            "cold" => true,
+            "warm" => false,
+            other => panic!("unknown load mode `{other}` (cold, warm)"),
+        };
         let evicted = cold && written.shards.iter().all(|s| evict_page_cache(s));
         reset_peak();
         let before = HostMemory::read().unwrap_or_default();
