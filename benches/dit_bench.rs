@@ -332,6 +332,8 @@ fn dit_case(model: &QwenImageTransformer<G>, name: &str, text: usize, args: &Arg
 
 fn main() {
     let args = Args::parse();
+    // burn's compiled kernels and autotune results persist across runs (before any CUDA tensor exists).
+    println!("burn kernel caches: {:?}", cuda::configure_runtime_caches(None));
     let device = dev();
     let mut results: Vec<(String, Value)> = Vec::new();
     let ordering =

@@ -307,6 +307,8 @@ fn load(args: &Args, root: &Path) -> Value {
 
 fn main() {
     let args = Args::parse();
+    // burn's compiled kernels and autotune results persist across runs (before any CUDA tensor exists).
+    println!("burn kernel caches: {:?}", qwen_image::cuda::configure_runtime_caches(None));
     let mut results = serde_json::Map::new();
     results.insert("memory_at_start".into(), gpu_memory("at start"));
     if !args.skip_text_encoder {

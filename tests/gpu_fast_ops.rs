@@ -39,6 +39,7 @@ fn dev() -> CudaDevice {
 
 fn setup() -> std::sync::MutexGuard<'static, ()> {
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    cuda::configure_runtime_caches(None).expect("kernel cache folder");
     cuda::set_fast_ops(FastOps::ALL);
     cuda::set_poison_outputs(true);
     cuda::reset_stats();
@@ -353,8 +354,13 @@ fn fused_glue_matches_portable() {
         let want = portable_run(|| portable::gated_residual(x.clone(), y.clone(), &gate, &runs));
         check(&format!("gated_residual {tokens} tokens"), fast, want, 2e-2);
     }
-    for (tokens, heads, dh) in [(5495, 24, 128), (33, 2, 16), (7, 3, 64)] {
-        let x = randn([1, tokens, heads * dh], 3.0).reshape([1, tokens, heads, dh]);
+    // Rows wider than the DiT's take the generic LayerNorm kernel.
+    let (x, sh, sc) = (randn([2, 3, 4096], 2.0), randn([1, 2, 4096], 0.5), randn([1, 2, 4096], 0.5));
+    let fast = G::layer_norm_modulate(x.clone(), &sh, &sc, &[], 1e-6);
+    let want = portable_run(|| portable::layer_norm_modulate(x.clone(), &sh, &sc, &[], 1e-6));
+    check("layer_norm_modulate 2x3x4096", fast, want, 2e-2);
+    for (batch, tokens, heads, dh) in [(1, 5495, 24, 128), (2, 9, 5, 128), (1, 33, 2, 16), (2, 7, 3, 64)] {
+        let x = randn([batch, tokens, heads * dh], 3.0).reshape([batch, tokens, heads, dh]);
         let w = randn([dh], 0.3) + 1.0;
         let cos = Tensor::<G, 2>::random([tokens, dh / 2], Distribution::Uniform(-1.0, 1.0), &dev())
             .cast(DType::F32);
@@ -362,7 +368,7 @@ fn fused_glue_matches_portable() {
             .cast(DType::F32);
         let fast = G::rms_norm_rope(x.clone(), &w, 1e-6, &cos, &sin);
         let want = portable_run(|| portable::rms_norm_rope(x.clone(), &w, 1e-6, &cos, &sin));
-        check(&format!("rms_norm_rope {tokens}x{heads}x{dh}"), fast, want, 2e-2);
+        check(&format!("rms_norm_rope {batch}x{tokens}x{heads}x{dh}"), fast, want, 2e-2);
     }
     let (g, u) = (randn([1, 1469, 18944], 2.0), randn([1, 1469, 18944], 1.0));
     let fast = G::silu_mul(g.clone(), u.clone());

@@ -3,7 +3,8 @@
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
 # PyTorch reference, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [ncu] [torch]   (default: tests kernels dit torch)
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [pipeline] [ncu] [torch]
+#   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 set -u
 OUT=${OUT:-./gpu_out}
@@ -40,6 +41,20 @@ if has kernels || has dit; then
   echo "== Rust benchmark"
   timeout ${BENCH_TIMEOUT:-400} .dev/dit_bench --json "$OUT/rust.json" $args ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench exit $?"; tail -45 "$OUT/bench.log"
+fi
+if has e2e; then
+  # End to end with full-size random weights for all three networks: time per stage and memory over repeated edits.
+  # The first edit of a fresh machine compiles and autotunes burn's own kernels (kept in ~/.cache/qwen-image).
+  echo "== qwen-edit --demo --size full (first process on this machine)"
+  start=$(date +%s)
+  timeout ${E2E_TIMEOUT:-400} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${REPEAT:-10} \
+    --quiet -o "$OUT/e2e" --report "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+  echo "e2e exit $? after $(( $(date +%s) - start )) s"; tail -60 "$OUT/e2e.log"
+fi
+if has pipeline; then
+  echo "== pipeline_bench"
+  timeout ${PIPE_TIMEOUT:-300} .dev/pipeline_bench --json "$OUT/pipeline.json" ${PIPE_ARGS:-} > "$OUT/pipeline.log" 2>&1
+  echo "pipeline_bench exit $?"; tail -40 "$OUT/pipeline.log"
 fi
 if has variants; then
   # Attention kernel variants (tuning switches of flash_attention_tma.cu), each a full module source in

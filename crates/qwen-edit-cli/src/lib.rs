@@ -40,6 +40,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
+                // burn's own CUDA kernels (VAE, text encoder, reshapes…) are compiled and autotuned on first use:
+                // keep them across runs, before the first CUDA tensor exists.
+                if let Err(e) = qwen_image::cuda::configure_runtime_caches(None) {
+                    eprintln!(
+                        "warning: no kernel cache ({e}); burn's CUDA kernels are compiled again in every run"
+                    );
+                }
                 let device = qwen_image::cuda::CudaDevice::new(0);
                 let probe = || {
                     let pool = qwen_image::cuda::pool_usage(&device);
@@ -79,8 +86,12 @@ fn check_demo_args(args: &Args) -> Result<(), CliError> {
         return Err("--repeat must be at least 1".into());
     }
     if demo_size(args) == demo::DemoSize::Full && args.device == Device::Cpu && !args.allow_full_on_cpu {
-        return Err("--demo --size full builds the 20 B-parameter model (~58 GB of bf16 weights, ~80 GB in f32) and                     is meant for a GPU: use --device cuda (a CUDA build). To run it on the CPU anyway (hours per                     edit), add --allow-full-on-cpu"
-            .into());
+        return Err(concat!(
+            "--demo --size full builds the 20 B-parameter model (~58 GB of bf16 weights, ~80 GB in f32) and is meant ",
+            "for a GPU: use --device cuda (a CUDA build). To run it on the CPU anyway (hours per edit), add ",
+            "--allow-full-on-cpu"
+        )
+        .into());
     }
     Ok(())
 }

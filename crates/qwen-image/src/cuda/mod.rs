@@ -42,6 +42,7 @@ mod error;
 mod gemm;
 mod glue;
 mod kernels;
+mod runtime_cache;
 mod tensor;
 
 use burn::tensor::Tensor;
@@ -54,6 +55,7 @@ pub use device::{
     synchronize, FastOps, FastPathStats, OrderingMode,
 };
 pub use error::FastError;
+pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
 use crate::ops::{portable, AttentionOptions, KvSegment, QwenBackend};
 use device::{outcome, Kind};

@@ -54,8 +54,9 @@ struct LnModParams {
 };
 
 // y = bf16(LayerNorm(x)) · (1 + scale[row]) + shift[row]; LayerNorm without affine, statistics in f32.
-// Grid (S, B), ROW_THREADS threads.
-extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnModParams p) {
+// Grid (S, B), ROW_THREADS threads; rows up to ROW_THREADS · VEC · 8 wide (the row stays in registers).
+template <int VEC>
+__device__ __forceinline__ void ln_modulate_row(const LnModParams& p) {
     __shared__ float red[ROW_THREADS / 32];
     const int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int row = run_row(p.runs, s);
@@ -64,10 +65,10 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnMo
     const uint4* sc = reinterpret_cast<const uint4*>(p.scale + row * p.sc_sr + b * p.sc_sb);
     uint4* yr = reinterpret_cast<uint4*>(p.y + ((i64)b * p.S + s) * p.D);
     const int nv = p.D / 8;
-    float v[MAX_VEC][8];
+    float v[VEC][8];
     float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < MAX_VEC; ++i) {
+    for (int i = 0; i < VEC; ++i) {
         const int idx = tid + i * ROW_THREADS;
         if (idx < nv) {
             unpack8(xr[idx], v[i]);
@@ -78,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnMo
     const float mean = block_sum<ROW_THREADS>(sum, red) / p.D;
     float sq = 0.f;
 #pragma unroll
-    for (int i = 0; i < MAX_VEC; ++i) {
+    for (int i = 0; i < VEC; ++i) {
         const int idx = tid + i * ROW_THREADS;
         if (idx < nv) {
 #pragma unroll
@@ -91,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnMo
     const float var = block_sum<ROW_THREADS>(sq, red) / p.D;
     const float rstd = 1.f / sqrtf(var + p.eps);
 #pragma unroll
-    for (int i = 0; i < MAX_VEC; ++i) {
+    for (int i = 0; i < VEC; ++i) {
         const int idx = tid + i * ROW_THREADS;
         if (idx < nv) {
             float a[8], c[8], out[8];
@@ -106,6 +107,16 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnMo
             yr[idx] = pack8(out);
         }
     }
+}
+
+// Rows up to 8192 wide.
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnModParams p) {
+    ln_modulate_row<MAX_VEC>(p);
+}
+
+// Rows up to 3072 wide (the DiT): a third of the registers, so three times the blocks in flight per SM.
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate_3072(const LnModParams p) {
+    ln_modulate_row<3>(p);
 }
 
 struct GatedParams {
@@ -154,60 +165,76 @@ struct RmsRopeParams {
 };
 
 // y = RoPE(bf16(bf16(x · rsqrt(mean(x²) + eps)) · w)), interleaved pairs (x[2k], x[2k+1]) rotated by
-// (cos, sin)[s, k]. One warp per (b, s, h) row; each lane holds `per` consecutive elements (4 for Dh = 128, else
-// 2; Dh in {16, 32, 64, 128}), lanes past Dh / per idle.
-extern "C" __global__ void rms_norm_rope(const RmsRopeParams p) {
+// (cos, sin)[s, k]. One warp per token (b, s): its weights and rotation are read once, then each of its H heads
+// is normalized and rotated in turn. Each lane holds `per` consecutive elements of a head (4 for Dh = 128, else 2;
+// Dh in {16, 32, 64, 128}); lanes past Dh / per hold zeros. Grid ceil(B·S / 4), 128 threads.
+extern "C" __global__ void __launch_bounds__(128) rms_norm_rope(const RmsRopeParams p) {
     const int lane = threadIdx.x & 31;
-    const i64 wid = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const i64 rows = (i64)p.batch * p.S * p.H;
-    if (wid >= rows) return;
-    const int h = (int)(wid % p.H);
-    const i64 bs = wid / p.H;
-    const int s = (int)(bs % p.S), b = (int)(bs / p.S);
-    const bf16_t* xr = p.x + b * p.x_sb + (i64)s * p.x_st + h * p.x_sh;
-    bf16_t* yr = p.y + b * p.y_sb + (i64)s * p.y_st + h * p.y_sh;
+    const int tok = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (tok >= p.batch * p.S) return;
+    const int s = tok % p.S, b = tok / p.S;
     const int per = p.Dh == 128 ? 4 : 2;
     const bool active = lane * per < p.Dh;
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    float w[4] = {0.f, 0.f, 0.f, 0.f}, c[2] = {1.f, 1.f}, sn[2] = {0.f, 0.f};
     if (active) {
-        if (per == 4) {
-            const uint2 w = reinterpret_cast<const uint2*>(xr)[lane];
-            v[0] = lo_f32(w.x); v[1] = hi_f32(w.x); v[2] = lo_f32(w.y); v[3] = hi_f32(w.y);
-        } else {
-            const u32 w = reinterpret_cast<const u32*>(xr)[lane];
-            v[0] = lo_f32(w); v[1] = hi_f32(w);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (e < per) w[e] = bf16_to_f32(p.w[lane * per + e]);
         }
-    }
-    float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
-    ss = warp_sum(ss);
-    if (!active) return;
-    const float inv = 1.f / sqrtf(ss / p.Dh + p.eps);
-    float n[4] = {0.f, 0.f, 0.f, 0.f};
+        if (p.cos != nullptr) {
+            const int half = p.Dh / 2;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        if (e < per) n[e] = round_bf16(round_bf16(v[e] * inv) * bf16_to_f32(p.w[lane * per + e]));
-    }
-    float out[4] = {n[0], n[1], n[2], n[3]};
-    if (p.cos != nullptr) {
-        const int half = p.Dh / 2;
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-            if (2 * k < per) {
-                const int pair = (lane * per) / 2 + k;
-                const float c = p.cos[(i64)s * half + pair], sn = p.sin[(i64)s * half + pair];
-                const float re = n[2 * k], im = n[2 * k + 1];
-                out[2 * k] = __fsub_rn(__fmul_rn(re, c), __fmul_rn(im, sn));
-                out[2 * k + 1] = __fadd_rn(__fmul_rn(re, sn), __fmul_rn(im, c));
+            for (int k = 0; k < 2; ++k) {
+                if (2 * k < per) {
+                    const int pair = (lane * per) / 2 + k;
+                    c[k] = p.cos[(i64)s * half + pair];
+                    sn[k] = p.sin[(i64)s * half + pair];
+                }
             }
         }
     }
-    if (per == 4) {
-        uint2 w;
-        w.x = pack_bf16x2(out[0], out[1]);
-        w.y = pack_bf16x2(out[2], out[3]);
-        reinterpret_cast<uint2*>(yr)[lane] = w;
-    } else {
-        reinterpret_cast<u32*>(yr)[lane] = pack_bf16x2(out[0], out[1]);
+    const bf16_t* xt = p.x + b * p.x_sb + (i64)s * p.x_st;
+    bf16_t* yt = p.y + b * p.y_sb + (i64)s * p.y_st;
+#pragma unroll 4
+    for (int h = 0; h < p.H; ++h) {
+        const bf16_t* xr = xt + h * p.x_sh;
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        if (active) {
+            if (per == 4) {
+                const uint2 q = reinterpret_cast<const uint2*>(xr)[lane];
+                v[0] = lo_f32(q.x); v[1] = hi_f32(q.x); v[2] = lo_f32(q.y); v[3] = hi_f32(q.y);
+            } else {
+                const u32 q = reinterpret_cast<const u32*>(xr)[lane];
+                v[0] = lo_f32(q); v[1] = hi_f32(q);
+            }
+        }
+        float ss = v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3];
+        ss = warp_sum(ss);
+        if (!active) continue;
+        const float inv = 1.f / sqrtf(ss / p.Dh + p.eps);
+        float n[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) n[e] = round_bf16(round_bf16(v[e] * inv) * w[e]);
+        float out[4] = {n[0], n[1], n[2], n[3]};
+        if (p.cos != nullptr) {
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                if (2 * k < per) {
+                    const float re = n[2 * k], im = n[2 * k + 1];
+                    out[2 * k] = __fsub_rn(__fmul_rn(re, c[k]), __fmul_rn(im, sn[k]));
+                    out[2 * k + 1] = __fadd_rn(__fmul_rn(re, sn[k]), __fmul_rn(im, c[k]));
+                }
+            }
+        }
+        bf16_t* yr = yt + h * p.y_sh;
+        if (per == 4) {
+            uint2 q;
+            q.x = pack_bf16x2(out[0], out[1]);
+            q.y = pack_bf16x2(out[2], out[3]);
+            reinterpret_cast<uint2*>(yr)[lane] = q;
+        } else {
+            reinterpret_cast<u32*>(yr)[lane] = pack_bf16x2(out[0], out[1]);
+        }
     }
 }
 
