@@ -122,6 +122,107 @@ pub trait QwenBackend: Backend {
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         portable::silu_mul(gate, up)
     }
+
+    /// 2-D convolution with bias (the VAE's): `x [batch, in, h, w]`, `weight [out, in, k, k]` (PyTorch layout),
+    /// stride `stride`, zero padding `pad` on every side → `[batch, out, (h + 2·pad − k) / stride + 1, …]`.
+    fn conv2d_nchw(
+        x: Tensor<Self, 4>,
+        weight: &Tensor<Self, 4>,
+        bias: &Tensor<Self, 1>,
+        stride: usize,
+        pad: usize,
+    ) -> Tensor<Self, 4> {
+        portable::conv2d(x, weight, bias, stride, pad)
+    }
+}
+
+/// Convolution and attention lowered to [`QwenBackend::dense`] GEMMs plus data movement, for backends whose GEMM is
+/// fast but whose own convolution or attention kernels are slow to compile, tune or run (burn's CUDA backend on the
+/// VAE). Exact reformulations: the tests compare them with [`portable`] on the CPU.
+pub mod lowered {
+    use burn::tensor::{activation::softmax, DType, Tensor};
+
+    use super::{portable::repeat_kv, KvSegment, QwenBackend};
+
+    /// [`QwenBackend::conv2d_nchw`] as one GEMM: the input goes channels-last and zero-padded, the `k·k` shifted (and
+    /// strided) windows are concatenated along the channels (im2col, `[batch, h'·w', k·k·in]`) and multiplied by the
+    /// weight reordered to `[out, ky, kx, in]`, bias in the GEMM's epilogue.
+    pub fn conv2d<B: QwenBackend>(
+        x: Tensor<B, 4>,
+        weight: &Tensor<B, 4>,
+        bias: &Tensor<B, 1>,
+        stride: usize,
+        pad: usize,
+    ) -> Tensor<B, 4> {
+        let [n, c, h, w] = x.dims();
+        let [o, _, k, _] = weight.dims();
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let (ho, wo) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
+        let (device, dtype) = (x.device(), x.dtype());
+        let mut x = x.permute([0, 2, 3, 1]);
+        if pad > 0 {
+            // Zeros built in the input's dtype (burn 0.21's `pad` makes them in the default float dtype).
+            let zeros = |shape: [usize; 4]| Tensor::<B, 4>::zeros(shape, (&device, dtype));
+            x = Tensor::cat(vec![zeros([n, h, pad, c]), x, zeros([n, h, pad, c])], 2);
+            x = Tensor::cat(vec![zeros([n, pad, wp, c]), x, zeros([n, pad, wp, c])], 1);
+        }
+        let cols = if k == 1 && stride == 1 {
+            x
+        } else {
+            let span = |o: usize| (o - 1) * stride + 1;
+            let taps = (0..k * k)
+                .map(|t| {
+                    let (ky, kx) = (t / k, t % k);
+                    x.clone().slice([
+                        burn::tensor::Slice::from(0..n),
+                        burn::tensor::Slice::new(
+                            ky as isize,
+                            Some((ky + span(ho)) as isize),
+                            stride as isize,
+                        ),
+                        burn::tensor::Slice::new(
+                            kx as isize,
+                            Some((kx + span(wo)) as isize),
+                            stride as isize,
+                        ),
+                        burn::tensor::Slice::from(0..c),
+                    ])
+                })
+                .collect();
+            Tensor::cat(taps, 3)
+        };
+        let w2 = weight.clone().permute([0, 2, 3, 1]).reshape([o, k * k * c]);
+        let y = B::dense(cols.reshape([n, ho * wo, k * k * c]), &w2, Some(bias));
+        y.reshape([n, ho, wo, o]).permute([0, 3, 1, 2])
+    }
+
+    /// [`QwenBackend::attend`] without a key mask or causality as two GEMMs per (batch, head): the scores
+    /// `q·kᵀ/√d` (rounded to the tensor dtype), a softmax in f32, then `p·v`. Memory grows with queries × keys, so
+    /// this serves short or single-head cases the flash kernels do not cover (the VAE's 384-wide single head).
+    pub fn attention<B: QwenBackend>(query: Tensor<B, 4>, segments: &[KvSegment<B>]) -> Tensor<B, 4> {
+        let [b, nq, h, d] = query.dims();
+        let cat = |f: fn(&KvSegment<B>) -> Tensor<B, 4>| Tensor::cat(segments.iter().map(f).collect(), 1);
+        let (key, value) = (cat(|s| s.key.clone()), cat(|s| s.value.clone()));
+        let [_, nk, hk, _] = key.dims();
+        let (key, value) = (repeat_kv(key, h / hk), repeat_kv(value, h / hk));
+        let dtype = query.dtype();
+        let query = query * (1.0 / (d as f64).sqrt());
+        let mut heads = Vec::with_capacity(b * h);
+        for bi in 0..b {
+            for hi in 0..h {
+                let pick = |t: &Tensor<B, 4>, len: usize| {
+                    t.clone().slice([bi..bi + 1, 0..len, hi..hi + 1, 0..d]).reshape([1, len, d])
+                };
+                let (q, k, v) = (pick(&query, nq), pick(&key, nk), pick(&value, nk));
+                let scores = B::dense(q, &k.reshape([nk, d]), None);
+                let p = softmax(scores.cast(DType::F32), 2).cast(dtype);
+                let vt = v.reshape([nk, d]).transpose();
+                heads.push(B::dense(p, &vt, None).reshape([1, nq, 1, d]));
+            }
+        }
+        let per_batch: Vec<Tensor<B, 4>> = heads.chunks(h).map(|hs| Tensor::cat(hs.to_vec(), 2)).collect();
+        Tensor::cat(per_batch, 0)
+    }
 }
 
 /// The portable implementations of [`QwenBackend`]'s methods, written with burn tensor ops: the defaults, the
@@ -255,6 +356,22 @@ pub mod portable {
         activation::silu(gate) * up
     }
 
+    /// burn's `conv2d` (see [`QwenBackend::conv2d_nchw`](super::QwenBackend::conv2d_nchw)).
+    pub fn conv2d<B: Backend>(
+        x: Tensor<B, 4>,
+        weight: &Tensor<B, 4>,
+        bias: &Tensor<B, 1>,
+        stride: usize,
+        pad: usize,
+    ) -> Tensor<B, 4> {
+        burn::tensor::module::conv2d(
+            x,
+            weight.clone(),
+            Some(bias.clone()),
+            burn::tensor::ops::ConvOptions::new([stride, stride], [pad, pad], [1, 1], 1),
+        )
+    }
+
     /// Repeats each of the `kv_heads` heads `n` times along the head axis (`[b, s, kv_heads, d]` layout).
     pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
         if n == 1 {
@@ -268,3 +385,65 @@ pub mod portable {
 pub use portable::{attention as portable_attention, repeat_kv};
 
 impl QwenBackend for burn::backend::Flex {}
+
+#[cfg(test)]
+mod tests {
+    use burn::{
+        backend::Flex,
+        tensor::{Distribution, Tensor},
+    };
+
+    use super::{lowered, portable, AttentionOptions, KvSegment};
+    use crate::tensor_io::rel_l2;
+
+    fn randn<const D: usize>(shape: [usize; D]) -> Tensor<Flex, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    fn host<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn convolution_as_one_gemm_matches_burn() {
+        // (batch, in, out, h, w, kernel, stride, pad): the VAE's 3×3 "same", 1×1 shortcut, stride-2 downsampler
+        // (odd size after its right/bottom padding), and an RGB input (9·3 = 27 columns).
+        let cases = [
+            (2, 5, 7, 6, 9, 3, 1, 1),
+            (1, 4, 3, 5, 4, 1, 1, 0),
+            (1, 6, 6, 9, 7, 3, 2, 0),
+            (1, 3, 8, 8, 8, 3, 1, 1),
+            (2, 2, 3, 7, 5, 3, 1, 0),
+        ];
+        for (n, c, o, h, w, k, s, p) in cases {
+            let (x, weight, bias) = (randn([n, c, h, w]), randn([o, c, k, k]), randn([o]));
+            let want = portable::conv2d(x.clone(), &weight, &bias, s, p);
+            let got = lowered::conv2d(x, &weight, &bias, s, p);
+            assert_eq!(got.dims(), want.dims(), "case {:?}", (n, c, o, h, w, k, s, p));
+            let err = rel_l2(&host(got), &host(want));
+            assert!(err < 1e-5, "case {:?}: {err:.2e}", (n, c, o, h, w, k, s, p));
+        }
+        // A transposed weight layout (in, out swapped in the im2col order) would be caught: [o, ky, kx, c] matters.
+        let (x, weight, bias) = (randn([1, 4, 5, 5]), randn([4, 4, 3, 3]), randn([4]));
+        let want = portable::conv2d(x.clone(), &weight, &bias, 1, 1);
+        let wrong = lowered::conv2d(x, &weight.swap_dims(2, 3), &bias, 1, 1);
+        assert!(rel_l2(&host(wrong), &host(want)) > 0.1);
+    }
+
+    #[test]
+    fn attention_as_gemms_matches_the_reference() {
+        // GQA over two key segments, and the VAE's single 384-wide head.
+        for (b, nq, h, hk, d, lens) in [(2, 7, 4, 2, 16, vec![3, 6]), (1, 20, 1, 1, 384, vec![20])] {
+            let q = randn([b, nq, h, d]);
+            let segs: Vec<KvSegment<Flex>> = lens
+                .iter()
+                .map(|&n| KvSegment { key: randn([b, n, hk, d]), value: randn([b, n, hk, d]) })
+                .collect();
+            let want = portable::attention(q.clone(), &segs, &AttentionOptions::default());
+            let got = lowered::attention(q, &segs);
+            assert_eq!(got.dims(), want.dims());
+            let err = rel_l2(&host(got), &host(want));
+            assert!(err < 1e-5, "{:?}: {err:.2e}", (b, nq, h, hk, d));
+        }
+    }
+}

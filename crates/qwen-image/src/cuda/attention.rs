@@ -208,7 +208,8 @@ struct FlashParams {
     n_mask_tiles: i32,
 }
 
-fn kernel_name(head_dim: usize) -> Option<&'static str> {
+/// The mma.sync kernel for `head_dim`, if one is compiled.
+pub(crate) fn kernel_name(head_dim: usize) -> Option<&'static str> {
     Some(match head_dim {
         128 => "flash_fwd_d128",
         80 => "flash_fwd_d80",

@@ -57,7 +57,7 @@ pub use device::{
 pub use error::FastError;
 pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
-use crate::ops::{portable, AttentionOptions, KvSegment, QwenBackend};
+use crate::ops::{lowered, portable, AttentionOptions, KvSegment, QwenBackend};
 use device::{outcome, Kind};
 use tensor::{prim, prim_bool, wrap};
 
@@ -108,6 +108,16 @@ impl QwenBackend for CudaBackend {
         segments: &[KvSegment<Self>],
         options: &AttentionOptions<Self>,
     ) -> Tensor<Self, 4> {
+        // Head dims our flash kernels do not cover (the VAE's single 384-wide head): two cuBLASLt GEMMs and a
+        // softmax instead of burn's attention, whose autotuning takes minutes per shape (and can panic, burn#5187).
+        let head_dim = query.dims()[3];
+        if attention::kernel_name(head_dim).is_none()
+            && options.key_mask.is_none()
+            && !options.causal
+            && Kind::Gemm.enabled()
+        {
+            return lowered::attention(query, segments);
+        }
         let fast = run(Kind::Attention, || {
             let mut segs: Vec<(tensor::Prim, tensor::Prim)> =
                 segments.iter().map(|s| (prim(s.key.clone()), prim(s.value.clone()))).collect();
@@ -199,6 +209,22 @@ impl QwenBackend for CudaBackend {
         match fast {
             Some(y) => wrap(y),
             None => portable::rms_norm_rope(x, weight, eps, cos, sin),
+        }
+    }
+
+    fn conv2d_nchw(
+        x: Tensor<Self, 4>,
+        weight: &Tensor<Self, 4>,
+        bias: &Tensor<Self, 1>,
+        stride: usize,
+        pad: usize,
+    ) -> Tensor<Self, 4> {
+        // One cuBLASLt GEMM over an im2col copy instead of burn's convolution kernels, which compile and autotune
+        // per shape on first use (minutes for the VAE at 1024²).
+        if Kind::Gemm.enabled() {
+            lowered::conv2d(x, weight, bias, stride, pad)
+        } else {
+            portable::conv2d(x, weight, bias, stride, pad)
         }
     }
 

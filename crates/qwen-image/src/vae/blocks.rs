@@ -1,7 +1,7 @@
 //! The VAE's building blocks on single frames: residual block, single-head attention block, down/upsamplers and
 //! the middle block.
 
-use burn::tensor::{activation, backend::Backend, ops::ConvOptions, DType, Tensor};
+use burn::tensor::{activation, backend::Backend, DType, Tensor};
 
 use super::{conv::Conv2d, norm::ChannelRmsNorm};
 use crate::{
@@ -128,7 +128,7 @@ impl<B: QwenBackend> Downsample<B> {
 
     /// `[batch, dim, h, w] → [batch, dim, ⌈h/2⌉, ⌈w/2⌉]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward_with(pad_right_bottom(x), ConvOptions::new([2, 2], [0, 0], [1, 1], 1))
+        self.conv.forward_strided(pad_right_bottom(x), 2)
     }
 }
 

@@ -5,14 +5,9 @@
 //! touches real data, so it is exactly a 2-D convolution with `weight[:, :, -1]`. The slice is taken on the host at
 //! load time, straight from the checkpoint's bytes.
 
-use burn::tensor::{
-    backend::Backend,
-    module::conv2d,
-    ops::{ConvOptions, PaddedConvOptions},
-    Tensor, TensorData,
-};
+use burn::tensor::{backend::Backend, module::conv2d, ops::PaddedConvOptions, Tensor, TensorData};
 
-use crate::{weights::WeightPath, Result};
+use crate::{ops::QwenBackend, weights::WeightPath, Result};
 
 /// A 2-D convolution with bias in PyTorch layout (`weight [out, in, k, k]`), stride 1 and "same" zero padding
 /// `k / 2` unless called through [`Conv2d::forward_with`].
@@ -66,15 +61,22 @@ impl<B: Backend> Conv2d<B> {
         self.weight.dims()[0]
     }
 
-    /// `[batch, in, h, w] → [batch, out, h, w]`: stride 1, zero padding `k / 2` on every side.
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let p = self.kernel() / 2;
-        self.forward_with(x, ConvOptions::new([1, 1], [p, p], [1, 1], 1))
-    }
-
-    /// The convolution with explicit options (stride, asymmetric padding).
+    /// The convolution with explicit options (stride, asymmetric padding), always through burn's `conv2d`.
     pub fn forward_with(&self, x: Tensor<B, 4>, options: impl Into<PaddedConvOptions<2>>) -> Tensor<B, 4> {
         conv2d(x, self.weight.clone(), Some(self.bias.clone()), options)
+    }
+}
+
+impl<B: QwenBackend> Conv2d<B> {
+    /// `[batch, in, h, w] → [batch, out, h, w]`: stride 1, zero padding `k / 2` on every side
+    /// ([`QwenBackend::conv2d_nchw`]).
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        B::conv2d_nchw(x, &self.weight, &self.bias, 1, self.kernel() / 2)
+    }
+
+    /// Stride `stride` without padding ([`QwenBackend::conv2d_nchw`]).
+    pub fn forward_strided(&self, x: Tensor<B, 4>, stride: usize) -> Tensor<B, 4> {
+        B::conv2d_nchw(x, &self.weight, &self.bias, stride, 0)
     }
 }
 
