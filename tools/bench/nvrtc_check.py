@@ -15,6 +15,8 @@ KDIR = ROOT / "crates/qwen-image/src/cuda/kernels"
 SOURCES = ["flash_attention.cu", "flash_attention_wgmma.cu", "flash_attention_tma.cu", "elementwise.cu"]
 # Prepended to the flash-attention sources, as `kernels/mod.rs` does.
 FLASH_PARAMS = "flash_params.cuh"
+# Prepended (after the parameters) to the Hopper kernels, as `kernels/mod.rs` does.
+WGMMA_USERS = {"flash_attention_wgmma.cu", "flash_attention_tma.cu"}
 
 
 def main() -> int:
@@ -29,6 +31,8 @@ def main() -> int:
     ok = True
     for name in args.files:
         params = (KDIR / FLASH_PARAMS).read_text() if name.startswith("flash_") else ""
+        if name in WGMMA_USERS:
+            params += (KDIR / "wgmma.cuh").read_text()
         src = (prelude + "\n" + params + (KDIR / name).read_text()).encode()
         prog = ctypes.c_void_p()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None) == 0

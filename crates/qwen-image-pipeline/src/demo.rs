@@ -57,7 +57,13 @@ pub const SAMPLE_PNG: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"),
 /// Writes the demo snapshot under `dir` (created if needed) and returns the snapshot folder.
 pub fn write_demo_snapshot(dir: &Path) -> Result<PathBuf> {
     let root = dir.join("qwen-image-edit-demo");
-    for (rel, bytes) in SNAPSHOT_FILES {
+    write_files(&root, SNAPSHOT_FILES)?;
+    Ok(root)
+}
+
+/// Writes each `(relative path, bytes)` under `root`, creating folders, atomically per file.
+fn write_files(root: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    for (rel, bytes) in files {
         let path = root.join(rel);
         let parent = path.parent().expect("files are in folders");
         std::fs::create_dir_all(parent).map_err(|e| PipelineError::Snapshot {
@@ -66,7 +72,7 @@ pub fn write_demo_snapshot(dir: &Path) -> Result<PathBuf> {
         })?;
         qwen_image::tensor_io::write_atomic(&path, bytes)?;
     }
-    Ok(root)
+    Ok(())
 }
 
 /// The bundled sample image.
@@ -197,15 +203,7 @@ pub fn write_full_demo_snapshot(dir: &Path) -> Result<PathBuf> {
         ("transformer/config.json", FULL_TRANSFORMER_CONFIG.as_bytes()),
         ("vae/config.json", FULL_VAE_CONFIG.as_bytes()),
     ];
-    for (rel, bytes) in files {
-        let path = root.join(rel);
-        let parent = path.parent().expect("files are in folders");
-        std::fs::create_dir_all(parent).map_err(|e| PipelineError::Snapshot {
-            path: parent.to_path_buf(),
-            reason: format!("cannot create the demo snapshot: {e}"),
-        })?;
-        qwen_image::tensor_io::write_atomic(&path, bytes)?;
-    }
+    write_files(&root, &files)?;
     Ok(root)
 }
 

@@ -14,7 +14,7 @@
 // softmax of S(t) while the tensor cores finish P·V (FlashAttention-3's intra-warpgroup pipelining).
 //
 // `KvSeg`, `FlashParams` and `MAX_SEGS` come from `flash_params.cuh` (shared with the other kernels; the `k`/`v`
-// pointers and strides are not read here: the tensor maps carry them).
+// pointers and strides are not read here: the tensor maps carry them), the wgmma helpers from `wgmma.cuh`.
 
 // Tuning switches (the defaults are the measured best; `QWEN_CUDA_KERNEL_DIR` lets a benchmark try others).
 #ifndef TMA_STAGES
@@ -110,37 +110,8 @@ __device__ __forceinline__ void keep_frag(u32 (&r)[8][4]) {
         for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
 }
 
-// S(64 x 128) = A(64 x 16, shared, K-major) · B(128 x 16, shared, K-major)ᵀ (+ S when `acc`).
-__device__ __forceinline__ void tma_wgmma_ss(float (&d)[64], u64 desc_a, u64 desc_b, int acc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-
-// O(64 x 128) += A(64 x 16, registers) · B, with B given MN-major (transposed: V's rows are keys, its head-dim
-// columns contiguous).
-__device__ __forceinline__ void tma_wgmma_rs_tn(float (&d)[64], const u32 (&a)[4], u64 desc_b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-
-__device__ __forceinline__ void tma_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void tma_wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void tma_wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Shared-memory matrix descriptor, 128-byte swizzle, 8-row groups 1024 bytes apart. K-major (Q, K): the leading
-// byte offset is unused. MN-major (V): 64-column halves `HALF` bytes apart.
-__device__ __forceinline__ u64 desc_kmajor(u32 saddr) {
-    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-}
+// MN-major shared-memory descriptor (V), 128-byte swizzle: 64-column halves `HALF` bytes apart (leading byte
+// offset), 8-key groups 1024 bytes apart (stride byte offset). K-major operands use `sw128_desc` (`wgmma.cuh`).
 __device__ __forceinline__ u64 desc_mnmajor(u32 saddr) {
     return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)(tma::HALF >> 4) << 16) | ((u64)(1024 >> 4) << 32) |
            ((u64)1 << 62);
@@ -257,14 +228,14 @@ __device__ __forceinline__ void tma_issue_qk(float (&s)[64], u32 qa, u32 sk) {
     for (int kk = 0; kk < 8; ++kk) {
         const u32 qoff = (kk >> 2) * tma::HALF + (kk & 3) * 32;
         const u32 koff = (kk >> 2) * tma::HALF + (kk & 3) * 32;
-        tma_wgmma_ss(s, desc_kmajor(qa + qoff), desc_kmajor(sk + koff), kk > 0);
+        wgmma_ss_m64n128k16(s, sw128_desc(qa + qoff), sw128_desc(sk + koff), kk > 0);
     }
 }
 
 // Issues O += P·V over the V tile at `sv` (16 keys per k-step: 2048 bytes of the [key][64] halves).
 __device__ __forceinline__ void tma_issue_pv(float (&o)[64], const u32 (&pa)[8][4], u32 sv) {
 #pragma unroll
-    for (int t = 0; t < 8; ++t) tma_wgmma_rs_tn(o, pa[t], desc_mnmajor(sv + t * 2048));
+    for (int t = 0; t < 8; ++t) wgmma_rs_m64n128k16<1>(o, pa[t], desc_mnmajor(sv + t * 2048));
 }
 
 // Releases a stage: one arrival per consumer warp, after the warp's reads of it have completed.
@@ -347,11 +318,11 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
             if (TMA_PINGPONG && wgi == 1) named_arrive(1);  // warpgroup 0 goes first
             mbar_wait(sm.k_full(0), 0);
             turn_begin(wgi);
-            tma_wgmma_fence();
+            wgmma_fence();
             tma_issue_qk(s, qa, sm.k_tile(0));
-            tma_wgmma_commit();
+            wgmma_commit();
             turn_end(wgi);
-            tma_wgmma_wait<0>();
+            wgmma_wait<0>();
             keep_f32(s);
             tma_release(sm.k_empty(0), lane);
             {
@@ -368,19 +339,19 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 mbar_wait(sm.v_full(sp), ((t - 1) / tma::STAGES) & 1);
                 keep_f32(o);
                 turn_begin(wgi);
-                tma_wgmma_fence();
+                wgmma_fence();
                 tma_issue_qk(s, qa, sm.k_tile(st));
-                tma_wgmma_commit();
+                wgmma_commit();
                 tma_issue_pv(o, pa, sm.v_tile(sp));
-                tma_wgmma_commit();
+                wgmma_commit();
                 turn_end(wgi);
-                tma_wgmma_wait<1>();
+                wgmma_wait<1>();
                 keep_f32(s);
                 tma_release(sm.k_empty(st), lane);
                 const int j0 = w.j0(p), count = w.count(p);
                 if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
                 tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
-                tma_wgmma_wait<0>();
+                wgmma_wait<0>();
                 keep_f32(o);
                 keep_frag(pa);
                 tma_release(sm.v_empty(sp), lane);
@@ -393,11 +364,11 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
             mbar_wait(sm.v_full(sl), ((n_tiles - 1) / tma::STAGES) & 1);
             keep_f32(o);
             turn_begin(wgi);
-            tma_wgmma_fence();
+            wgmma_fence();
             tma_issue_pv(o, pa, sm.v_tile(sl));
-            tma_wgmma_commit();
+            wgmma_commit();
             turn_end(wgi);
-            tma_wgmma_wait<0>();
+            wgmma_wait<0>();
             keep_f32(o);
             keep_frag(pa);
             if (TMA_PINGPONG && wgi == 0) named_sync(1);  // the turn warpgroup 1 passed last
@@ -405,10 +376,10 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
             for (int t = 0; t < n_tiles; ++t) {
                 const int st = t % tma::STAGES, ph = (t / tma::STAGES) & 1;
                 mbar_wait(sm.k_full(st), ph);
-                tma_wgmma_fence();
+                wgmma_fence();
                 tma_issue_qk(s, qa, sm.k_tile(st));
-                tma_wgmma_commit();
-                tma_wgmma_wait<0>();
+                wgmma_commit();
+                wgmma_wait<0>();
                 keep_f32(s);
                 tma_release(sm.k_empty(st), lane);
                 const int j0 = w.j0(p), count = w.count(p);
@@ -418,10 +389,10 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 tma_pack_p(pa, s);
                 mbar_wait(sm.v_full(st), ph);
                 keep_f32(o);
-                tma_wgmma_fence();
+                wgmma_fence();
                 tma_issue_pv(o, pa, sm.v_tile(st));
-                tma_wgmma_commit();
-                tma_wgmma_wait<0>();
+                wgmma_commit();
+                wgmma_wait<0>();
                 keep_f32(o);
                 keep_frag(pa);
                 tma_release(sm.v_empty(st), lane);

@@ -9,10 +9,16 @@ pub(crate) const PRELUDE: &str = include_str!("prelude.cuh");
 pub(crate) const FLASH_ATTENTION: &str =
     concat!(include_str!("flash_params.cuh"), include_str!("flash_attention.cu"));
 /// Hopper flash attention with warpgroup MMA (`flash_fwd_wgmma_d128`) and its V transpose (`flash_vt_transpose`).
-pub(crate) const FLASH_WGMMA: &str =
-    concat!(include_str!("flash_params.cuh"), include_str!("flash_attention_wgmma.cu"));
+pub(crate) const FLASH_WGMMA: &str = concat!(
+    include_str!("flash_params.cuh"),
+    include_str!("wgmma.cuh"),
+    include_str!("flash_attention_wgmma.cu")
+);
 /// Fused elementwise kernels (`ln_modulate`, `gated_residual`, `rms_norm_rope`, `silu_mul`).
 pub(crate) const ELEMENTWISE: &str = include_str!("elementwise.cu");
 /// Hopper flash attention, warp-specialized with TMA copies (`flash_fwd_tma_d128`, `flash_fwd_tma_d128_serial`).
-pub(crate) const FLASH_TMA: &str =
-    concat!(include_str!("flash_params.cuh"), include_str!("flash_attention_tma.cu"));
+pub(crate) const FLASH_TMA: &str = concat!(
+    include_str!("flash_params.cuh"),
+    include_str!("wgmma.cuh"),
+    include_str!("flash_attention_tma.cu")
+);
