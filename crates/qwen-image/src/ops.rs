@@ -140,19 +140,35 @@ pub trait QwenBackend: Backend {
 /// fast but whose own convolution or attention kernels are slow to compile, tune or run (burn's CUDA backend on the
 /// VAE). Exact reformulations: the tests compare them with [`portable`] on the CPU.
 pub mod lowered {
-    use burn::tensor::{activation::softmax, DType, Tensor};
+    use burn::tensor::{activation::softmax, DType, Slice, Tensor};
 
     use super::{portable::repeat_kv, KvSegment, QwenBackend};
 
-    /// [`QwenBackend::conv2d_nchw`] as one GEMM: the input goes channels-last and zero-padded, the `k·k` shifted (and
-    /// strided) windows are concatenated along the channels (im2col, `[batch, h'·w', k·k·in]`) and multiplied by the
-    /// weight reordered to `[out, ky, kx, in]`, bias in the GEMM's epilogue.
+    /// Largest im2col buffer [`conv2d`] builds at once; taller outputs are computed in bands of rows.
+    pub const CONV_COLUMNS_BYTES: usize = 1 << 30;
+
+    /// [`QwenBackend::conv2d_nchw`] as GEMMs: the input goes channels-last and zero-padded, the `k·k` shifted (and
+    /// strided) windows are concatenated along the channels (im2col, `[batch, rows·w', k·k·in]`) and multiplied by
+    /// the weight reordered to `[out, ky, kx, in]`, bias in the GEMM's epilogue. Bands of output rows keep the
+    /// im2col buffer under [`CONV_COLUMNS_BYTES`].
     pub fn conv2d<B: QwenBackend>(
         x: Tensor<B, 4>,
         weight: &Tensor<B, 4>,
         bias: &Tensor<B, 1>,
         stride: usize,
         pad: usize,
+    ) -> Tensor<B, 4> {
+        conv2d_banded(x, weight, bias, stride, pad, CONV_COLUMNS_BYTES)
+    }
+
+    /// [`conv2d`] with an explicit im2col budget in bytes (at least one output row per band).
+    pub fn conv2d_banded<B: QwenBackend>(
+        x: Tensor<B, 4>,
+        weight: &Tensor<B, 4>,
+        bias: &Tensor<B, 1>,
+        stride: usize,
+        pad: usize,
+        budget: usize,
     ) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let [o, _, k, _] = weight.dims();
@@ -166,34 +182,39 @@ pub mod lowered {
             x = Tensor::cat(vec![zeros([n, h, pad, c]), x, zeros([n, h, pad, c])], 2);
             x = Tensor::cat(vec![zeros([n, pad, wp, c]), x, zeros([n, pad, wp, c])], 1);
         }
-        let cols = if k == 1 && stride == 1 {
-            x
-        } else {
-            let span = |o: usize| (o - 1) * stride + 1;
-            let taps = (0..k * k)
-                .map(|t| {
-                    let (ky, kx) = (t / k, t % k);
-                    x.clone().slice([
-                        burn::tensor::Slice::from(0..n),
-                        burn::tensor::Slice::new(
-                            ky as isize,
-                            Some((ky + span(ho)) as isize),
-                            stride as isize,
-                        ),
-                        burn::tensor::Slice::new(
-                            kx as isize,
-                            Some((kx + span(wo)) as isize),
-                            stride as isize,
-                        ),
-                        burn::tensor::Slice::from(0..c),
-                    ])
-                })
-                .collect();
-            Tensor::cat(taps, 3)
-        };
         let w2 = weight.clone().permute([0, 2, 3, 1]).reshape([o, k * k * c]);
-        let y = B::dense(cols.reshape([n, ho * wo, k * k * c]), &w2, Some(bias));
-        y.reshape([n, ho, wo, o]).permute([0, 3, 1, 2])
+        let row_bytes = n * wo * k * k * c * dtype.size();
+        let band = (budget / row_bytes.max(1)).clamp(1, ho);
+        let span = |len: usize| (len - 1) * stride + 1;
+        let bands: Vec<Tensor<B, 4>> = (0..ho)
+            .step_by(band)
+            .map(|r0| {
+                let rows = band.min(ho - r0);
+                let cols = if k == 1 && stride == 1 {
+                    x.clone().slice([0..n, r0..r0 + rows, 0..wo, 0..c])
+                } else {
+                    let taps = (0..k * k)
+                        .map(|t| {
+                            let (y0, x0) = (r0 * stride + t / k, t % k);
+                            x.clone().slice([
+                                Slice::from(0..n),
+                                Slice::new(y0 as isize, Some((y0 + span(rows)) as isize), stride as isize),
+                                Slice::new(x0 as isize, Some((x0 + span(wo)) as isize), stride as isize),
+                                Slice::from(0..c),
+                            ])
+                        })
+                        .collect();
+                    Tensor::cat(taps, 3)
+                };
+                B::dense(cols.reshape([n, rows * wo, k * k * c]), &w2, Some(bias)).reshape([n, rows, wo, o])
+            })
+            .collect();
+        let y = if bands.len() == 1 {
+            bands.into_iter().next().expect("one band")
+        } else {
+            Tensor::cat(bands, 1)
+        };
+        y.permute([0, 3, 1, 2])
     }
 
     /// [`QwenBackend::attend`] without a key mask or causality as two GEMMs per (batch, head): the scores
@@ -422,6 +443,16 @@ mod tests {
             assert_eq!(got.dims(), want.dims(), "case {:?}", (n, c, o, h, w, k, s, p));
             let err = rel_l2(&host(got), &host(want));
             assert!(err < 1e-5, "case {:?}: {err:.2e}", (n, c, o, h, w, k, s, p));
+        }
+        // Bands of output rows (a budget of one to three rows' columns) give the same result.
+        for budget in [1, 2 * 9 * 4 * 9 * 4, 3 * 9 * 4 * 9 * 4] {
+            let (x, weight, bias) = (randn([1, 4, 11, 9]), randn([5, 4, 3, 3]), randn([5]));
+            let want = portable::conv2d(x.clone(), &weight, &bias, 1, 1);
+            let got = lowered::conv2d_banded(x.clone(), &weight, &bias, 1, 1, budget);
+            assert!(rel_l2(&host(got), &host(want)) < 1e-5, "budget {budget}");
+            let want = portable::conv2d(x.clone(), &weight, &bias, 2, 0);
+            let got = lowered::conv2d_banded(x, &weight, &bias, 2, 0, budget);
+            assert!(rel_l2(&host(got), &host(want)) < 1e-5, "stride 2, budget {budget}");
         }
         // A transposed weight layout (in, out swapped in the im2col order) would be caught: [o, ky, kx, c] matters.
         let (x, weight, bias) = (randn([1, 4, 5, 5]), randn([4, 4, 3, 3]), randn([4]));
