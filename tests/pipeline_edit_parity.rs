@@ -78,6 +78,9 @@ fn run_in(name: &str, positions: PositionMode, spec: &str, dtype: DType) -> (Edi
     (out, want)
 }
 
+/// Relative L2 tolerance of the final latents against diffusers in f32 (measured: ≤ 4.8e-7).
+const LATENT_TOL: f64 = 1e-4;
+
 fn check(name: &str) {
     let (out, want) = run(name, PositionMode::Sequential, "none");
     let embeds = rel_l2(&out.prompt_embeds, &want.f32("prompt_embeds").unwrap().0);
@@ -88,7 +91,7 @@ fn check(name: &str) {
     let p = psnr(out.image.as_raw(), &img).unwrap();
     println!("{name}: prompt embeds rel L2 {embeds:.2e}, latents rel L2 {latents:.2e}, image PSNR {p:.1} dB, CFG {}", out.report.true_cfg);
     assert!(embeds <= 1e-4, "{name}: prompt embeddings differ by {embeds:.3e}");
-    assert!(latents <= 1e-3, "{name}: final latents differ by {latents:.3e}");
+    assert!(latents <= LATENT_TOL, "{name}: final latents differ by {latents:.3e}");
     assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
 }
 
@@ -122,7 +125,8 @@ fn the_fixture_is_sensitive_to_text_positions_and_to_pruning() {
     let (pruned, want) = run("edit_nocfg", PositionMode::Sequential, "reuse:2,3");
     let d = rel_l2(&pruned.latents, &want.f32("latents").unwrap().0);
     println!("reuse:2,3 moves the latents by {d:.2e}");
-    assert!(d > 2e-3, "pruning moved the latents by only {d:.2e}");
+    // Ten times the parity tolerance: a pruned run could never pass for an unpruned one.
+    assert!(d > 10.0 * LATENT_TOL, "pruning moved the latents by only {d:.2e}");
     assert!(pruned.report.reused_tokens() > 0);
 }
 
