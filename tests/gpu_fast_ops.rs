@@ -19,7 +19,7 @@ use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use qwen_image::{
     cuda::{self, CudaBackend, CudaDevice, FastOps, FlashKernel},
     dit::QwenImageTransformer,
-    ops::{portable, AttentionOptions, KvSegment, QwenBackend},
+    ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
     tensor_io::{rel_l2, to_f32_vec, TensorFile},
     CpuBackend,
 };
@@ -370,6 +370,20 @@ fn fused_glue_matches_portable() {
         let want = portable_run(|| portable::rms_norm_rope(x.clone(), &w, 1e-6, &cos, &sin));
         check(&format!("rms_norm_rope {batch}x{tokens}x{heads}x{dh}"), fast, want, 2e-2);
     }
+    // The joint queries: text and image runs normalized and rotated into one tensor.
+    let table = |tokens: usize| {
+        Tensor::<G, 2>::random([tokens, 64], Distribution::Uniform(-1.0, 1.0), &dev()).cast(DType::F32)
+    };
+    let (wt, wi) = (randn([128], 0.3) + 1.0, randn([128], 0.3) + 1.0);
+    let (ct, st, ci, si) = (table(1399), table(1399), table(4096), table(4096));
+    let (xt, xi) = (randn([2, 1399, 24, 128], 3.0), randn([2, 4096, 24, 128], 3.0));
+    let parts = [
+        NormRope { x: xt, weight: &wt, eps: 1e-6, cos: &ct, sin: &st },
+        NormRope { x: xi, weight: &wi, eps: 1e-6, cos: &ci, sin: &si },
+    ];
+    let fast = G::rms_norm_rope_cat(&parts);
+    let want = portable_run(|| portable::rms_norm_rope_cat(&parts));
+    check("rms_norm_rope_cat 2x(1399+4096)x24x128", fast, want, 2e-2);
     let (g, u) = (randn([1, 1469, 18944], 2.0), randn([1, 1469, 18944], 1.0));
     let fast = G::silu_mul(g.clone(), u.clone());
     let want = portable_run(|| portable::silu_mul(g.clone(), u.clone()));

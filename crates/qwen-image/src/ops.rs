@@ -17,6 +17,22 @@ pub struct KvSegment<B: Backend> {
     pub value: Tensor<B, 4>,
 }
 
+/// One run of tokens of [`QwenBackend::rms_norm_rope_cat`]: `x [batch, tokens, heads, head_dim]`, the RMSNorm
+/// weight `[head_dim]` and epsilon, and the rotation tables `[tokens, head_dim / 2]` (f32).
+#[derive(Clone, Debug)]
+pub struct NormRope<'a, B: Backend> {
+    /// The projected heads.
+    pub x: Tensor<B, 4>,
+    /// RMSNorm weight.
+    pub weight: &'a Tensor<B, 1>,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Cosines of the rotation angles.
+    pub cos: &'a Tensor<B, 2>,
+    /// Sines of the rotation angles.
+    pub sin: &'a Tensor<B, 2>,
+}
+
 /// Options of [`QwenBackend::attend`].
 #[derive(Clone, Debug, Default)]
 pub struct AttentionOptions<B: Backend> {
@@ -116,6 +132,13 @@ pub trait QwenBackend: Backend {
         sin: &Tensor<Self, 2>,
     ) -> Tensor<Self, 4> {
         portable::rms_norm_rope(x, weight, eps, cos, sin)
+    }
+
+    /// [`rms_norm_rope`](Self::rms_norm_rope) of several runs of tokens (same batch, heads and head dim),
+    /// concatenated along the token axis: the joint attention's queries `[text ; image]` written into one tensor
+    /// instead of normalized separately and then concatenated.
+    fn rms_norm_rope_cat(parts: &[NormRope<'_, Self>]) -> Tensor<Self, 4> {
+        portable::rms_norm_rope_cat(parts)
     }
 
     /// The gated product of a SwiGLU MLP: `silu(gate) · up`, both `[batch, tokens, dim]`.
@@ -254,7 +277,7 @@ pub mod portable {
         Tensor,
     };
 
-    use super::{AttentionOptions, KvSegment};
+    use super::{AttentionOptions, KvSegment, NormRope, QwenBackend};
     use crate::{
         dit::{
             modulation::{per_token, ModRuns},
@@ -370,6 +393,13 @@ pub mod portable {
         sin: &Tensor<B, 2>,
     ) -> Tensor<B, 4> {
         RopeTensors { cos: cos.clone(), sin: sin.clone() }.apply(rms_norm(x, weight, eps))
+    }
+
+    /// `rms_norm_rope` of each part, concatenated along the tokens.
+    pub fn rms_norm_rope_cat<B: QwenBackend>(parts: &[NormRope<'_, B>]) -> Tensor<B, 4> {
+        let outs =
+            parts.iter().map(|p| B::rms_norm_rope(p.x.clone(), p.weight, p.eps, p.cos, p.sin)).collect();
+        Tensor::cat(outs, 1)
     }
 
     /// `silu(gate) · up`.

@@ -236,6 +236,15 @@ struct RmsRopeParams {
     pad: i32,
 }
 
+/// One run of tokens of [`rms_norm_rope_cat_prim`]: input, weight, eps, cos and sin tables.
+pub(crate) struct NormRopePart<'a> {
+    pub x: Prim,
+    pub weight: &'a Prim,
+    pub eps: f64,
+    pub cos: &'a Prim,
+    pub sin: &'a Prim,
+}
+
 /// See [`crate::ops::QwenBackend::rms_norm_rope`].
 pub(crate) fn rms_norm_rope_prim(
     x: Prim,
@@ -244,61 +253,87 @@ pub(crate) fn rms_norm_rope_prim(
     cos: &Prim,
     sin: &Prim,
 ) -> Result<Prim, FastError> {
-    let xd = dims(&x);
-    require(xd.len() == 4 && is_bf16(&x) && is_bf16(weight), || {
-        format!("shape {xd:?} / dtype {:?}", x.dtype)
-    })?;
-    let (batch, tokens, heads, dh) = (xd[0], xd[1], xd[2], xd[3]);
+    rms_norm_rope_cat_prim(vec![NormRopePart { x, weight, eps, cos, sin }])
+}
+
+/// See [`crate::ops::QwenBackend::rms_norm_rope_cat`]: every part is normalized and rotated straight into its rows
+/// of one `[batch, Σ tokens, heads, head_dim]` output.
+pub(crate) fn rms_norm_rope_cat_prim(parts: Vec<NormRopePart<'_>>) -> Result<Prim, FastError> {
+    require(!parts.is_empty(), || "no parts".into())?;
+    let d0 = dims(&parts[0].x);
+    require(d0.len() == 4, || format!("shape {d0:?}"))?;
+    let (batch, heads, dh) = (d0[0], d0[2], d0[3]);
     // Each lane of a warp holds 2 (head_dim ≤ 64) or 4 (head_dim 128) consecutive elements.
     require(matches!(dh, 16 | 32 | 64 | 128), || format!("head_dim {dh}"))?;
-    require(batch * tokens * heads > 0, || "empty".into())?;
-    let half = dh / 2;
-    for t in [cos, sin] {
-        require(t.dtype == DType::F32 && dims(t) == [tokens, half], || {
-            format!("rope table {:?} {:?}, expected f32 [{tokens}, {half}]", t.dtype, dims(t))
-        })?;
-    }
-    require(dims(weight) == [dh], || format!("weight {:?}", dims(weight)))?;
-    let x = inner_contiguous(x);
-    let xs = strides(&x);
     let per = if dh == 128 { 4 } else { 2 };
-    require(xs[3] == 1 && xs[0..3].iter().all(|s| s % per == 0), || format!("strides {xs:?}"))?;
-    let (cos, sin, w) = (dense(cos.clone()), dense(sin.clone()), dense(weight.clone()));
-    require(is_dense(&cos) && is_dense(&sin) && is_dense(&w), || "tables not dense".into())?;
-    let out = empty_like_device(&x, vec![batch, tokens, heads, dh], DType::BF16);
-    let px = ptr(&x)?;
-    require(px % (2 * per as u64) == 0, || "input misaligned".into())?;
-    let mut p = RmsRopeParams {
-        x: px,
-        y: ptr(&out)?,
-        w: ptr(&w)?,
-        cos: ptr(&cos)?,
-        sin: ptr(&sin)?,
-        x_sb: xs[0] as i64,
-        x_st: xs[1] as i64,
-        x_sh: xs[2] as i64,
-        y_sb: (tokens * heads * dh) as i64,
-        y_st: (heads * dh) as i64,
-        y_sh: dh as i64,
-        s: tokens as i32,
-        h: heads as i32,
-        dh: dh as i32,
-        eps: eps as f32,
-        batch: batch as i32,
-        pad: 0,
-    };
-    // One warp per token, four per block.
-    let blocks = ((batch * tokens) as u64).div_ceil(4);
-    require(blocks < u32::MAX as u64 && batch * tokens < i32::MAX as usize, || "grid too large".into())?;
-    with_device(x.device.index, |dev| {
+    let half = dh / 2;
+    let mut total = 0usize;
+    let mut prepared = Vec::with_capacity(parts.len());
+    for part in parts {
+        let xd = dims(&part.x);
+        require(xd.len() == 4 && xd[0] == batch && xd[2] == heads && xd[3] == dh, || {
+            format!("part shape {xd:?} with {d0:?}")
+        })?;
+        require(is_bf16(&part.x) && is_bf16(part.weight), || format!("dtype {:?}", part.x.dtype))?;
+        let tokens = xd[1];
+        for t in [part.cos, part.sin] {
+            require(t.dtype == DType::F32 && dims(t) == [tokens, half], || {
+                format!("rope table {:?} {:?}, expected f32 [{tokens}, {half}]", t.dtype, dims(t))
+            })?;
+        }
+        require(dims(part.weight) == [dh], || format!("weight {:?}", dims(part.weight)))?;
+        let x = inner_contiguous(part.x);
+        let xs = strides(&x);
+        require(xs[3] == 1 && xs[0..3].iter().all(|s| s % per == 0), || format!("strides {xs:?}"))?;
+        let (cos, sin, w) = (dense(part.cos.clone()), dense(part.sin.clone()), dense(part.weight.clone()));
+        require(is_dense(&cos) && is_dense(&sin) && is_dense(&w), || "tables not dense".into())?;
+        prepared.push((x, xs, cos, sin, w, part.eps, total, tokens));
+        total += tokens;
+    }
+    require(batch * total * heads > 0, || "empty".into())?;
+    require(batch * total < i32::MAX as usize, || "grid too large".into())?;
+    let out = empty_like_device(&prepared[0].0, vec![batch, total, heads, dh], DType::BF16);
+    let py = ptr(&out)?;
+    let mut launches = Vec::with_capacity(prepared.len());
+    for (x, xs, cos, sin, w, eps, start, tokens) in &prepared {
+        let px = ptr(x)?;
+        require(px % (2 * per as u64) == 0, || "input misaligned".into())?;
+        if *tokens == 0 {
+            continue;
+        }
+        let params = RmsRopeParams {
+            x: px,
+            y: py + (start * heads * dh * 2) as u64,
+            w: ptr(w)?,
+            cos: ptr(cos)?,
+            sin: ptr(sin)?,
+            x_sb: xs[0] as i64,
+            x_st: xs[1] as i64,
+            x_sh: xs[2] as i64,
+            y_sb: (total * heads * dh) as i64,
+            y_st: (heads * dh) as i64,
+            y_sh: dh as i64,
+            s: *tokens as i32,
+            h: heads as i32,
+            dh: dh as i32,
+            eps: *eps as f32,
+            batch: batch as i32,
+            pad: 0,
+        };
+        // One warp per token, four per block.
+        launches.push((params, ((batch * tokens) as u64).div_ceil(4) as u32));
+    }
+    with_device(out.device.index, |dev| {
         let f = dev.function(MODULE, kernels::ELEMENTWISE, "rms_norm_rope")?;
-        dev.begin(&x)?;
-        dev.poison(p.y, batch * tokens * heads * dh)?;
-        let mut args = [&mut p as *mut RmsRopeParams as *mut c_void];
-        unsafe { dev.launch(f, (blocks as u32, 1, 1), (128, 1, 1), 0, &mut args)? };
+        dev.begin(&out)?;
+        dev.poison(py, batch * total * heads * dh)?;
+        for (params, blocks) in &mut launches {
+            let mut args = [params as *mut RmsRopeParams as *mut c_void];
+            unsafe { dev.launch(f, (*blocks, 1, 1), (128, 1, 1), 0, &mut args)? };
+        }
         dev.end()
     })?;
-    drop((x, cos, sin, w));
+    drop(prepared);
     Ok(out)
 }
 

@@ -57,7 +57,7 @@ pub use device::{
 pub use error::FastError;
 pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
-use crate::ops::{lowered, portable, AttentionOptions, KvSegment, QwenBackend};
+use crate::ops::{lowered, portable, AttentionOptions, KvSegment, NormRope, QwenBackend};
 use device::{outcome, Kind};
 use tensor::{prim, prim_bool, wrap};
 
@@ -225,6 +225,32 @@ impl QwenBackend for CudaBackend {
             lowered::conv2d(x, weight, bias, stride, pad)
         } else {
             portable::conv2d(x, weight, bias, stride, pad)
+        }
+    }
+
+    fn rms_norm_rope_cat(parts: &[NormRope<'_, Self>]) -> Tensor<Self, 4> {
+        let fast = run(Kind::Glue, || {
+            // The weights and tables as primitives, kept here: the parts borrow them.
+            let tables: Vec<_> = parts
+                .iter()
+                .map(|p| (prim(p.weight.clone()), prim(p.cos.clone()), prim(p.sin.clone())))
+                .collect();
+            let prims = parts
+                .iter()
+                .zip(&tables)
+                .map(|(p, (weight, cos, sin))| glue::NormRopePart {
+                    x: prim(p.x.clone()),
+                    weight,
+                    eps: p.eps,
+                    cos,
+                    sin,
+                })
+                .collect();
+            glue::rms_norm_rope_cat_prim(prims)
+        });
+        match fast {
+            Some(y) => wrap(y),
+            None => portable::rms_norm_rope_cat(parts),
         }
     }
 

@@ -5,7 +5,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use super::rope::RopeTensors;
 use crate::{
     nn::{Linear, RmsNorm},
-    ops::QwenBackend,
+    ops::{NormRope, QwenBackend},
     weights::WeightPath,
     Result,
 };
@@ -109,6 +109,39 @@ impl<B: QwenBackend> JointAttention<B> {
         let k = self.norm_rope(&self.norm_k, self.to_k.forward(x.clone()), rope);
         let v = self.heads(self.to_v.forward(x));
         (k, v)
+    }
+
+    /// K, V only of modulated text tokens.
+    pub fn text_kv(&self, c: Tensor<B, 3>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = self.norm_rope(&self.norm_added_k, self.add_k_proj.forward(c.clone()), rope);
+        let v = self.heads(self.add_v_proj.forward(c));
+        (k, v)
+    }
+
+    /// The joint queries `[text ; image]` of modulated text tokens `c` and image tokens `x`: both streams' query
+    /// projections, QK-normalized and rotated into one tensor ([`QwenBackend::rms_norm_rope_cat`]).
+    pub fn joint_query(
+        &self,
+        c: Tensor<B, 3>,
+        x: Tensor<B, 3>,
+        txt_rope: &RopeTensors<B>,
+        img_rope: &RopeTensors<B>,
+    ) -> Tensor<B, 4> {
+        let text = NormRope {
+            x: self.heads(self.add_q_proj.forward(c)),
+            weight: &self.norm_added_q.weight,
+            eps: self.norm_added_q.eps,
+            cos: &txt_rope.cos,
+            sin: &txt_rope.sin,
+        };
+        let image = NormRope {
+            x: self.heads(self.to_q.forward(x)),
+            weight: &self.norm_q.weight,
+            eps: self.norm_q.eps,
+            cos: &img_rope.cos,
+            sin: &img_rope.sin,
+        };
+        B::rms_norm_rope_cat(&[text, image])
     }
 
     /// Q, K, V of modulated text tokens.

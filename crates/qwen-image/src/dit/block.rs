@@ -149,13 +149,15 @@ impl<B: QwenBackend> TransformerBlock<B> {
             B::layer_norm_modulate(img.clone(), &m.img1.shift, &m.img1.scale, ctx.runs.runs(), LN_EPS);
         let txt_mod =
             B::layer_norm_modulate(txt.clone(), &m.txt1.shift, &m.txt1.scale, txt_runs.runs(), LN_EPS);
-        let i = self.attn.image_qkv(img_mod, ctx.img_rope);
-        let t = self.attn.text_qkv(txt_mod, ctx.txt_rope);
+        let (img_k, img_v) = self.attn.image_kv(img_mod.clone(), ctx.img_rope);
+        let (txt_k, txt_v) = self.attn.text_kv(txt_mod.clone(), ctx.txt_rope);
 
         // 2. Joint attention, text first.
-        let query = Tensor::cat(vec![t.q, i.q], 1);
-        let mut segments =
-            vec![KvSegment { key: t.k, value: t.v }, KvSegment { key: i.k.clone(), value: i.v.clone() }];
+        let query = self.attn.joint_query(txt_mod, img_mod, ctx.txt_rope, ctx.img_rope);
+        let mut segments = vec![
+            KvSegment { key: txt_k, value: txt_v },
+            KvSegment { key: img_k.clone(), value: img_v.clone() },
+        ];
         segments.extend(ctx.extra_kv.iter().cloned());
         let options = AttentionOptions { causal: false, key_mask: ctx.key_mask.cloned() };
         let joint = B::attend(query, &segments, &options).reshape([batch, n_txt + n_img, dim]);
@@ -171,7 +173,7 @@ impl<B: QwenBackend> TransformerBlock<B> {
         let txt_in =
             B::layer_norm_modulate(txt.clone(), &m.txt2.shift, &m.txt2.scale, txt_runs.runs(), LN_EPS);
         let txt = B::gated_residual(txt, self.txt_mlp.forward(txt_in), &m.txt2.gate, txt_runs.runs());
-        BlockOutput { img, txt, img_key: i.k, img_value: i.v }
+        BlockOutput { img, txt, img_key: img_k, img_value: img_v }
     }
 
     /// Keys and values of image tokens from their block input `hidden` without computing anything else
