@@ -173,55 +173,6 @@ __device__ __forceinline__ void tma_mask(float (&s)[64], const FlashParams& p, i
     }
 }
 
-// Online softmax of one tile: updates the running max and sum of the thread's two rows, turns S into
-// probabilities and returns the factor the previous O must be scaled by.
-__device__ __forceinline__ void tma_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
-                                            float scale_log2) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = -QI_INF;
-#pragma unroll
-        for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[r], mx * scale_log2);
-        const float m_use = m_new == -QI_INF ? 0.f : m_new;
-        alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
-        m_run[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], scale_log2, -m_use));
-            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_use));
-            s[4 * n + 2 * r] = p0;
-            s[4 * n + 2 * r + 1] = p1;
-            sum += p0 + p1;
-        }
-        l_run[r] = l_run[r] * alpha[r] + sum;
-    }
-}
-
-// P (accumulator layout) -> A fragments of the 8 k-steps of P·V.
-__device__ __forceinline__ void tma_pack_p(u32 (&pa)[8][4], const float (&s)[64]) {
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        pa[t][0] = pack_bf16x2(s[8 * t + 0], s[8 * t + 1]);
-        pa[t][1] = pack_bf16x2(s[8 * t + 2], s[8 * t + 3]);
-        pa[t][2] = pack_bf16x2(s[8 * t + 4], s[8 * t + 5]);
-        pa[t][3] = pack_bf16x2(s[8 * t + 6], s[8 * t + 7]);
-    }
-}
-
-__device__ __forceinline__ void tma_scale_o(float (&o)[64], const float (&alpha)[2]) {
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-        o[4 * n] *= alpha[0];
-        o[4 * n + 1] *= alpha[0];
-        o[4 * n + 2] *= alpha[1];
-        o[4 * n + 3] *= alpha[1];
-    }
-}
-
 // Issues S = Q·Kᵀ for one warpgroup (its 64 rows of Q at `qa`) over the K tile at `sk`.
 __device__ __forceinline__ void tma_issue_qk(float (&s)[64], u32 qa, u32 sk) {
 #pragma unroll
@@ -329,8 +280,8 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 const int j0 = w.j0(p), count = w.count(p);
                 if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
             }
-            tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
-            tma_pack_p(pa, s);
+            wg_softmax(s, m_run, l_run, alpha, p.scale_log2);
+            wg_pack_p(pa, s);
             w.next(p);
             while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
             for (int t = 1; t < n_tiles; ++t) {
@@ -350,13 +301,13 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 tma_release(sm.k_empty(st), lane);
                 const int j0 = w.j0(p), count = w.count(p);
                 if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
-                tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
+                wg_softmax(s, m_run, l_run, alpha, p.scale_log2);
                 wgmma_wait<0>();
                 keep_f32(o);
                 keep_frag(pa);
                 tma_release(sm.v_empty(sp), lane);
-                tma_scale_o(o, alpha);
-                tma_pack_p(pa, s);
+                wg_scale_o(o, alpha);
+                wg_pack_p(pa, s);
                 w.next(p);
                 while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
             }
@@ -384,9 +335,9 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 tma_release(sm.k_empty(st), lane);
                 const int j0 = w.j0(p), count = w.count(p);
                 if (masked(j0, count)) tma_mask(s, p, b, j0, count, row0, c4);
-                tma_softmax(s, m_run, l_run, alpha, p.scale_log2);
-                tma_scale_o(o, alpha);
-                tma_pack_p(pa, s);
+                wg_softmax(s, m_run, l_run, alpha, p.scale_log2);
+                wg_scale_o(o, alpha);
+                wg_pack_p(pa, s);
                 mbar_wait(sm.v_full(st), ph);
                 keep_f32(o);
                 wgmma_fence();
@@ -401,22 +352,7 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
             }
         }
 
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = l_run[r];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            const int qi = row0 + 8 * r;
-            if (qi < p.q_len) {
-                bf16_t* dst = p.o + b * p.o_sb + (i64)qi * p.o_st + h * p.o_sh + 2 * c4;
-#pragma unroll
-                for (int n = 0; n < 16; ++n) {
-                    *reinterpret_cast<u32*>(dst + n * 8) =
-                        pack_bf16x2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
-                }
-            }
-        }
+        wg_store_o(p, o, l_run, row0, b, h, c4);
     }
 }
 

@@ -154,46 +154,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_wgmma_d128(const 
         }
 
         float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -QI_INF;
-#pragma unroll
-            for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[r], mx * p.scale_log2);
-            const float m_use = m_new == -QI_INF ? 0.f : m_new;
-            alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
-            m_run[r] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int n = 0; n < 16; ++n) {
-                const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], p.scale_log2, -m_use));
-                const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], p.scale_log2, -m_use));
-                s[4 * n + 2 * r] = p0;
-                s[4 * n + 2 * r + 1] = p1;
-                sum += p0 + p1;
-            }
-            l_run[r] = l_run[r] * alpha[r] + sum;
-        }
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-            o[4 * n] *= alpha[0];
-            o[4 * n + 1] *= alpha[0];
-            o[4 * n + 2] *= alpha[1];
-            o[4 * n + 3] *= alpha[1];
-        }
+        wg_softmax(s, m_run, l_run, alpha, p.scale_log2);
+        wg_scale_o(o, alpha);
 
         // O += P V: 8 k-steps of 16 keys, P from registers (accumulator layout = A-fragment layout). All fragments
         // are packed before the first wgmma so no register changes between the asynchronous instructions.
         u32 pa[8][4];
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-            pa[t][0] = pack_bf16x2(s[8 * t + 0], s[8 * t + 1]);
-            pa[t][1] = pack_bf16x2(s[8 * t + 2], s[8 * t + 3]);
-            pa[t][2] = pack_bf16x2(s[8 * t + 4], s[8 * t + 5]);
-            pa[t][3] = pack_bf16x2(s[8 * t + 6], s[8 * t + 7]);
-        }
+        wg_pack_p(pa, s);
         wgmma_fence();
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
@@ -204,22 +171,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_wgmma_d128(const 
         wgmma_wait<0>();
     }
     cp_async_wait_all();
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int qi = row0 + 8 * r;
-        if (qi < q_len) {
-            bf16_t* dst = p.o + b * p.o_sb + (i64)qi * p.o_st + h * p.o_sh + 2 * c4;
-#pragma unroll
-            for (int n = 0; n < 16; ++n) {
-                *reinterpret_cast<u32*>(dst + n * 8) = pack_bf16x2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
-            }
-        }
-    }
+    wg_store_o(p, o, l_run, row0, b, h, c4);
 }
 
 // Vt[b, hk, d, j] = V[b, j, hk, d] for the keys of all segments (logical order), zeros for j in [total, kpad).

@@ -1,4 +1,4 @@
-// Warpgroup MMA (sm_90a) helpers shared by the Hopper flash-attention kernels (`flash_attention_wgmma.cu`,
+// Warpgroup MMA (sm_90a) and 64-row softmax/output helpers shared by the Hopper flash-attention kernels (`flash_attention_wgmma.cu`,
 // `flash_attention_tma.cu`); prepended to both by `kernels/mod.rs`.
 
 // D(64 x 128) (+)= A(64 x 16, shared, K-major) · B(128 x 16, shared, K-major)ᵀ; `acc` = 0 overwrites D.
@@ -32,4 +32,76 @@ __device__ __forceinline__ void wgmma_wait() {
 // offset is unused).
 __device__ __forceinline__ u64 sw128_desc(u32 saddr) {
     return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+// The softmax and output of a warpgroup owning 64 query rows: S/O accumulators of m64n128 (element 4n + e: row g
+// (+8 for e >= 2), column 8n + 2c + (e & 1)).
+
+// Online softmax of one tile: updates the running max and sum of the thread's two rows, turns S into
+// probabilities and returns the factor the previous O must be scaled by.
+__device__ __forceinline__ void wg_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
+                                            float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = -QI_INF;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx * scale_log2);
+        const float m_use = m_new == -QI_INF ? 0.f : m_new;
+        alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
+        m_run[r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], scale_log2, -m_use));
+            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_use));
+            s[4 * n + 2 * r] = p0;
+            s[4 * n + 2 * r + 1] = p1;
+            sum += p0 + p1;
+        }
+        l_run[r] = l_run[r] * alpha[r] + sum;
+    }
+}
+
+// P (accumulator layout) -> A fragments of the 8 k-steps of P·V.
+__device__ __forceinline__ void wg_pack_p(u32 (&pa)[8][4], const float (&s)[64]) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        pa[t][0] = pack_bf16x2(s[8 * t + 0], s[8 * t + 1]);
+        pa[t][1] = pack_bf16x2(s[8 * t + 2], s[8 * t + 3]);
+        pa[t][2] = pack_bf16x2(s[8 * t + 4], s[8 * t + 5]);
+        pa[t][3] = pack_bf16x2(s[8 * t + 6], s[8 * t + 7]);
+    }
+}
+
+__device__ __forceinline__ void wg_scale_o(float (&o)[64], const float (&alpha)[2]) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+        o[4 * n] *= alpha[0];
+        o[4 * n + 1] *= alpha[0];
+        o[4 * n + 2] *= alpha[1];
+        o[4 * n + 3] *= alpha[1];
+    }
+}
+
+// Normalizes O by the row sums and stores the thread's two rows (`row0`, `row0` + 8) of query head `h`.
+__device__ __forceinline__ void wg_store_o(const FlashParams& p, const float (&o)[64], const float (&l_run)[2],
+                                           int row0, int b, int h, int c4) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int qi = row0 + 8 * r;
+        if (qi < p.q_len) {
+            bf16_t* dst = p.o + b * p.o_sb + (i64)qi * p.o_st + h * p.o_sh + 2 * c4;
+#pragma unroll
+            for (int n = 0; n < 16; ++n) {
+                *reinterpret_cast<u32*>(dst + n * 8) = pack_bf16x2(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+            }
+        }
+    }
 }
