@@ -10,12 +10,14 @@
 //! `tools/bench/torch_dit_bench.py` measures the PyTorch reference on the same shapes and
 //! `tools/bench/compare.py` puts both side by side; `docs/performance.md` has the results.
 
+mod common;
+
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
 use qwen_image::{
-    cuda::{self, CudaBackend, CudaDevice, FastOps, FlashKernel, OrderingMode},
+    cuda::{self, FastOps, FlashKernel, OrderingMode},
     dit::{DitConfig, DitInput, ImageShape, QwenImageTransformer},
     ops::{AttentionOptions, KvSegment, QwenBackend},
     tensor_io::{rel_l2, to_f32_vec},
@@ -24,7 +26,7 @@ use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditionin
 use qwen_image_pruning::{GroupAction, LayerPlan, ReuseMode, ScheduleSpec, StepPlan, TokenPruningCache};
 use serde_json::{json, Value};
 
-type G = CudaBackend;
+use common::{dev, gib, median, sync, G};
 
 #[derive(Parser, Debug)]
 #[command(about = "CUDA fast-path benchmark of the Qwen-Image DiT")]
@@ -60,20 +62,6 @@ const D: usize = 3072;
 /// (what, queries, key segment lengths, heads, kv heads, head dim, causal)
 type AttnCase = (&'static str, usize, &'static [usize], usize, usize, usize, bool);
 
-fn dev() -> CudaDevice {
-    CudaDevice::new(0)
-}
-
-fn sync() {
-    G::sync(&dev()).expect("burn sync");
-    cuda::synchronize(0).expect("fast-path stream sync");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median wall time in ms of `inner` back-to-back calls of `f` (after one warm-up call), divided by `inner`.
 fn time_ms(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -93,10 +81,6 @@ fn time_ms(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
 
 fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
     Tensor::<G, N>::random(shape, Distribution::Normal(0.0, std), &dev()).cast(DType::BF16)
-}
-
-fn gib(b: u64) -> f64 {
-    b as f64 / (1u64 << 30) as f64
 }
 
 fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {

@@ -21,13 +21,15 @@
 //!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--loads cold,warm] [--keep]]
 //! ```
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
 use qwen_image::{
-    cuda::{self, CudaBackend, CudaDevice},
+    cuda,
     dit::{DitConfig, QwenImageTransformer},
     synthetic,
     text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
@@ -40,7 +42,7 @@ use qwen_image_pipeline::{
 };
 use serde_json::{json, Value};
 
-type G = CudaBackend;
+use common::{dev, gib, median, sync, G};
 
 #[derive(Parser, Debug)]
 #[command(about = "Full-size text encoder, VAE and weight-loading benchmark (random weights, CUDA)")]
@@ -80,20 +82,6 @@ struct Args {
 const TE_TOKENS: usize = 1469;
 const GRID: [usize; 3] = [1, 74, 74];
 
-fn dev() -> CudaDevice {
-    CudaDevice::new(0)
-}
-
-fn sync() {
-    G::sync(&dev()).expect("burn sync");
-    cuda::synchronize(0).expect("fast-path stream sync");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median wall time in ms of `f` after one warm-up call, and the warm-up call's time (kernel compilation and
 /// autotuning included).
 fn time_ms(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
@@ -110,10 +98,6 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
         })
         .collect();
     (median(times), first)
-}
-
-fn gib(b: u64) -> f64 {
-    b as f64 / (1u64 << 30) as f64
 }
 
 /// GPU memory now: driver's used memory and burn's pool (in use, reserved).
