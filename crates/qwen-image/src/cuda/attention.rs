@@ -287,7 +287,6 @@ pub(crate) fn attend_prim(
         o_sb: (q_len * heads * head_dim) as i64,
         o_st: (heads * head_dim) as i64,
         o_sh: head_dim as i64,
-        n_segs: segments.len() as i32,
         total_keys: total as i32,
         q_len: q_len as i32,
         kv_group: (heads / kv_heads) as i32,
@@ -312,20 +311,16 @@ pub(crate) fn attend_prim(
     let choice = flash_kernel();
     // The TMA kernel needs a tensor map per operand; a layout the copy engine cannot describe falls back to the
     // cp.async wgmma kernel.
-    let tma_maps = if hopper && matches!(choice, FlashKernel::Auto | FlashKernel::TmaSerial) {
-        let q_map = tensor_map(&qo, &qd);
-        let mut ok = q_map.is_ok();
-        let mut maps = TmaMaps { q: q_map.unwrap_or_default(), ..Default::default() };
+    let all_maps = || -> Result<TmaMaps, FastError> {
+        let mut maps = TmaMaps { q: tensor_map(&qo, &qd)?, ..Default::default() };
         for (i, (ko, vo)) in keep.iter().enumerate() {
-            match (tensor_map(ko, &dims(&ko.t)), tensor_map(vo, &dims(&vo.t))) {
-                (Ok(k), Ok(v)) => {
-                    maps.k[i] = k;
-                    maps.v[i] = v;
-                }
-                _ => ok = false,
-            }
+            maps.k[i] = tensor_map(ko, &dims(&ko.t))?;
+            maps.v[i] = tensor_map(vo, &dims(&vo.t))?;
         }
-        ok.then_some(maps)
+        Ok(maps)
+    };
+    let mut tma_maps = if hopper && matches!(choice, FlashKernel::Auto | FlashKernel::TmaSerial) {
+        all_maps().ok()
     } else {
         None
     };
@@ -382,7 +377,6 @@ pub(crate) fn attend_prim(
         ),
         (None, false) => (MODULE, kernels::FLASH_ATTENTION, smem_bytes(head_dim), name, THREADS),
     };
-    let mut tma_maps = tma_maps;
     with_device(qo.t.device.index, |dev| {
         let f = dev.function(module, source, name)?;
         dev.set_smem((module, name), f, smem)?;
