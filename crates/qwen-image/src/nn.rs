@@ -132,6 +132,35 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tens
     ((xf - mean) * (var + eps).sqrt().recip()).cast(dtype)
 }
 
+/// Zero-pads axis `dim` with `before` and `after` zeros in `x`'s dtype.
+///
+/// Written with `cat` because burn 0.21's `Tensor::pad` (also used by asymmetric `conv2d` options) builds its
+/// zeros in the device's default dtype and fails on bf16 tensors.
+pub fn zero_pad<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+    before: usize,
+    after: usize,
+) -> Tensor<B, D> {
+    if before == 0 && after == 0 {
+        return x;
+    }
+    let (device, dtype) = (x.device(), x.dtype());
+    let zeros = |n: usize| {
+        let mut shape = x.dims();
+        shape[dim] = n;
+        Tensor::<B, D>::zeros(shape, (&device, dtype))
+    };
+    let mut parts = Vec::with_capacity(3);
+    if before > 0 {
+        parts.push(zeros(before));
+    }
+    let tail = (after > 0).then(|| zeros(after));
+    parts.push(x);
+    parts.extend(tail);
+    Tensor::cat(parts, dim)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

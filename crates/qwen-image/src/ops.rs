@@ -166,6 +166,7 @@ pub mod lowered {
     use burn::tensor::{activation::softmax, DType, Slice, Tensor};
 
     use super::{portable::repeat_kv, KvSegment, QwenBackend};
+    use crate::nn::zero_pad;
 
     /// Largest im2col buffer [`conv2d`] builds at once; taller outputs are computed in bands of rows.
     pub const CONV_COLUMNS_BYTES: usize = 1 << 30;
@@ -197,14 +198,8 @@ pub mod lowered {
         let [o, _, k, _] = weight.dims();
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
         let (ho, wo) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
-        let (device, dtype) = (x.device(), x.dtype());
-        let mut x = x.permute([0, 2, 3, 1]);
-        if pad > 0 {
-            // Zeros built in the input's dtype (burn 0.21's `pad` makes them in the default float dtype).
-            let zeros = |shape: [usize; 4]| Tensor::<B, 4>::zeros(shape, (&device, dtype));
-            x = Tensor::cat(vec![zeros([n, h, pad, c]), x, zeros([n, h, pad, c])], 2);
-            x = Tensor::cat(vec![zeros([n, pad, wp, c]), x, zeros([n, pad, wp, c])], 1);
-        }
+        let dtype = x.dtype();
+        let x = zero_pad(zero_pad(x.permute([0, 2, 3, 1]), 2, pad, pad), 1, pad, pad);
         let w2 = weight.clone().permute([0, 2, 3, 1]).reshape([o, k * k * c]);
         let row_bytes = n * wo * k * k * c * dtype.size();
         let band = (budget / row_bytes.max(1)).clamp(1, ho);

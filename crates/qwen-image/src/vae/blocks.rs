@@ -5,6 +5,7 @@ use burn::tensor::{activation, backend::Backend, DType, Tensor};
 
 use super::{conv::Conv2d, norm::ChannelRmsNorm};
 use crate::{
+    nn::zero_pad,
     ops::{AttentionOptions, KvSegment, QwenBackend},
     weights::WeightPath,
     Result,
@@ -133,14 +134,8 @@ impl<B: QwenBackend> Downsample<B> {
 }
 
 /// Appends one zero column and one zero row (`nn.ZeroPad2d((0, 1, 0, 1))`) in the input's dtype.
-///
-/// Written with `cat` because burn 0.21's `Tensor::pad` (also used by asymmetric `conv2d` options) builds its
-/// zeros in the device's default dtype and fails on bf16 tensors.
 pub fn pad_right_bottom<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, c, h, w] = x.dims();
-    let (device, dtype) = (x.device(), x.dtype());
-    let x = Tensor::cat(vec![x, Tensor::zeros([b, c, h, 1], (&device, dtype))], 3);
-    Tensor::cat(vec![x, Tensor::zeros([b, c, 1, w + 1], (&device, dtype))], 2)
+    zero_pad(zero_pad(x, 3, 0, 1), 2, 0, 1)
 }
 
 /// `QwenImageResample` in `upsample2d`/`upsample3d` mode on one frame: nearest-neighbour ×2 (pixel duplication),
