@@ -8,7 +8,6 @@ use qwen_image_pruning::{
 use super::{
     block::BlockContext,
     modulation::ModRuns,
-    rope::RopeTensors,
     transformer::{DitInput, QwenImageTransformer},
 };
 use crate::{ops::KvSegment, ops::QwenBackend, ModelError, Result};
@@ -66,9 +65,6 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         }
         let mut stats = PlannedStats::default();
         let mut state = ImageState { images: (0..n_images).collect(), hidden: p.img.clone() };
-        let mut rope_for: Option<(Vec<usize>, RopeTensors<B>)> = None;
-        // RoPE of single images whose K/V are recomputed (from the model's cache of this layout's tables).
-        let mut image_rope: Vec<Option<RopeTensors<B>>> = vec![None; n_images];
         let (mut txt, batch) = (p.txt.clone(), input.timestep.len());
 
         for (layer, (block, lp)) in self.blocks.iter().zip(&plan.layers).enumerate() {
@@ -80,10 +76,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             if computed != state.images {
                 state = self.gather_images(state, &computed, &offsets, layer, cache)?;
             }
-            if rope_for.as_ref().is_none_or(|(imgs, _)| *imgs != computed) {
-                rope_for = Some((computed.clone(), self.image_rope(&p, &computed)));
-            }
-            let img_rope = &rope_for.as_ref().expect("set above").1;
+            // The model keeps each image set's RoPE table on the device for this layout.
+            let img_rope = self.image_rope(&p, &computed);
             let runs = ModRuns::new(computed.iter().map(|&i| (offsets[i + 1] - offsets[i], p.row_of(i))));
             let m = block.modulation(&p.temb_act, p.rows);
 
@@ -99,8 +93,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                             layer,
                             group: TokenGroup::Condition(k - 1),
                         })?;
-                        let rope = image_rope[k].get_or_insert_with(|| self.image_rope(&p, &[k]));
-                        block.image_kv(hidden, &m, rope, &ModRuns::new([(tokens, p.row_of(k))]))
+                        let rope = self.image_rope(&p, &[k]);
+                        block.image_kv(hidden, &m, &rope, &ModRuns::new([(tokens, p.row_of(k))]))
                     }
                     _ => {
                         let heads = |t: Tensor<B, 3>| {
@@ -114,7 +108,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
 
             let ctx = BlockContext {
                 txt_rope: &p.txt_rope,
-                img_rope,
+                img_rope: &img_rope,
                 runs: &runs,
                 extra_kv: &extra_kv,
                 key_mask: p.key_mask.as_ref(),
