@@ -320,6 +320,10 @@ impl WeightStore {
         match init {
             Init::Ones => Tensor::ones(shape, (device, self.dtype)),
             Init::Random { std } => {
+                // The backend's generator is process-wide: seeding and drawing must not interleave with another
+                // thread's, or the same seed would not give the same weights.
+                static SEEDED_DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+                let _guard = SEEDED_DRAW.lock().unwrap_or_else(|e| e.into_inner());
                 B::seed(device, seed);
                 Tensor::random(shape, Distribution::Normal(0.0, std), (device, self.dtype))
             }
