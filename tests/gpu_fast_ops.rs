@@ -20,7 +20,9 @@ use qwen_image::{
     cuda::{self, CudaBackend, CudaDevice, FastOps, FlashKernel},
     dit::QwenImageTransformer,
     ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
+    synthetic,
     tensor_io::{rel_l2, to_f32_vec, TensorFile},
+    weights::WeightStore,
     CpuBackend,
 };
 use qwen_image_edit::reference::dit_forward;
@@ -453,6 +455,42 @@ fn tiny_dit_on_the_gpu_matches_the_cpu() {
         println!("{case}: shape {shape:?}, GPU vs CPU (bf16) rel L2 {err:.2e}, GPU vs diffusers bf16 {err_ref:.2e}");
         assert!(err <= 2e-2 && err_ref <= 2e-2, "{case}: {err:.3e} / {err_ref:.3e}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Weight loading: straight from the memory-mapped checkpoint into device memory
+
+#[test]
+fn weights_upload_straight_from_the_memory_map() {
+    let _g = setup();
+    let dir = std::env::temp_dir().join(format!("qwen-gpu-upload-{}", std::process::id()));
+    let tensors: Vec<(String, Vec<usize>)> = vec![
+        ("a.weight".into(), vec![3, 1000]),
+        ("b.weight".into(), vec![4097, 33]),
+        ("c.bias".into(), vec![7]),
+    ];
+    // Small shards: the three tensors land in two files, the second at an offset inside its file.
+    synthetic::write_random_checkpoint(&dir, "model", &tensors, 10_000, 7).expect("checkpoint");
+    let mut gpu_store = WeightStore::open_dir(&dir, "model", DType::BF16).expect("open");
+    let mut cpu_store = WeightStore::open_dir(&dir, "model", DType::BF16).expect("open");
+    let a: Tensor<G, 2> = gpu_store.tensor("a.weight", [3, 1000], &dev()).expect("a");
+    let b: Tensor<G, 2> = gpu_store.tensor("b.weight", [4097, 33], &dev()).expect("b");
+    let c: Tensor<G, 1> = gpu_store.tensor("c.bias", [7], &dev()).expect("c");
+    assert_fast(2, "weight upload");
+    let cpu = Default::default();
+    let want_b: Tensor<CpuBackend, 2> = cpu_store.tensor("b.weight", [4097, 33], &cpu).expect("b");
+    let want_c: Tensor<CpuBackend, 1> = cpu_store.tensor("c.bias", [7], &cpu).expect("c");
+    let want_a: Tensor<CpuBackend, 2> = cpu_store.tensor("a.weight", [3, 1000], &cpu).expect("a");
+    let host = |d: TensorData| d.convert::<f32>().to_vec::<f32>().unwrap();
+    // Bit-exact copies, and burn's kernels that read them right away see the uploaded values (ordering).
+    assert_eq!(to_f32_vec(a), host(want_a.into_data()));
+    assert_eq!(to_f32_vec(c), host(want_c.into_data()));
+    let doubled = to_f32_vec(b * 2.0);
+    let want = host(want_b.mul_scalar(2.0).into_data());
+    assert_eq!(doubled, want);
+    assert!(doubled.iter().any(|&v| v != 0.0), "the checkpoint values are random, not zero");
+    println!("weight upload: 3 tensors from 2 mapped shards, bit-exact");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 // ---------------------------------------------------------------------------------------------------------------

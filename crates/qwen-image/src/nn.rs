@@ -100,7 +100,7 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: QwenBackend> RmsNorm<B> {
     /// Loads `{path}.weight`.
     pub fn load(path: &mut WeightPath<'_>, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
         Ok(RmsNorm { weight: path.tensor("weight", [dim], device)?, eps })

@@ -6,7 +6,7 @@
 //! [`portable`] for what it does not support; the portable functions stay the reference the fast path is tested
 //! against.
 
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 
 /// Keys and values of one contiguous range of the key sequence, `[batch, keys, kv_heads, head_dim]` each.
 #[derive(Clone, Debug)]
@@ -144,6 +144,15 @@ pub trait QwenBackend: Backend {
     /// The gated product of a SwiGLU MLP: `silu(gate) · up`, both `[batch, tokens, dim]`.
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         portable::silu_mul(gate, up)
+    }
+
+    /// A device tensor holding `data` (dense row-major, in the dtype the tensor gets): how model weights reach the
+    /// device while loading. `data` may borrow a memory-mapped checkpoint. The CUDA fast path copies it straight into
+    /// device memory; burn's own upload stages every tensor through a pinned host pool that it keeps for the rest of
+    /// the process (38 GiB of host memory after loading the DiT on an H200).
+    fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
+        let dtype = data.dtype;
+        Tensor::from_data(data, (device, dtype))
     }
 
     /// 2-D convolution with bias (the VAE's): `x [batch, in, h, w]`, `weight [out, in, k, k]` (PyTorch layout),

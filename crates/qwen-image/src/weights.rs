@@ -11,10 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::{backend::Backend, AllocationProperty, Bytes, DType, Distribution, Tensor, TensorData};
 
 use crate::{
+    ops::QwenBackend,
     synthetic::{self, Init},
     ModelError, Result,
 };
@@ -32,6 +34,16 @@ struct Entry {
 struct MappedFile {
     path: PathBuf,
     bytes: bytes::Bytes,
+    map: Arc<memmap2::Mmap>,
+}
+
+/// A shared memory map seen as bytes (the owner of [`MappedFile::bytes`]).
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// The state of a random store: its seed and what it created.
@@ -134,8 +146,8 @@ impl WeightStore {
         let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         // SAFETY: the map is read-only; a checkpoint modified while mapped is the caller's problem, as with any
         // memory-mapped loader.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let bytes = bytes::Bytes::from_owner(mmap);
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?);
+        let bytes = bytes::Bytes::from_owner(SharedMap(map.clone()));
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), reason: format!("{e:?}") })?;
         let base = 8 + header_len;
@@ -155,7 +167,7 @@ impl WeightStore {
                 });
             }
         }
-        self.files.push(MappedFile { path: path.to_path_buf(), bytes });
+        self.files.push(MappedFile { path: path.to_path_buf(), bytes, map });
         Ok(())
     }
 
@@ -264,7 +276,12 @@ impl WeightStore {
             });
         }
         self.used.insert(key.to_string());
-        let slice = self.files[entry.file].bytes.slice(entry.range.clone());
+        let file = &self.files[entry.file];
+        // Ask the kernel to read the whole tensor now (one large request instead of page-by-page faults while it is
+        // copied); only a hint, so a failure is ignored.
+        #[cfg(unix)]
+        let _ = file.map.advise_range(memmap2::Advice::WillNeed, entry.range.start, entry.range.len());
+        let slice = file.bytes.slice(entry.range.clone());
         let aligned = (slice.as_ptr() as usize) % entry.dtype.size() == 0;
         let data = if aligned {
             TensorData::from_bytes(
@@ -279,7 +296,7 @@ impl WeightStore {
     }
 
     /// The tensor `key` of shape `expected`, on `device`, in the store's dtype.
-    pub fn tensor<B: Backend, const D: usize>(
+    pub fn tensor<B: QwenBackend, const D: usize>(
         &mut self,
         key: &str,
         expected: [usize; D],
@@ -290,7 +307,7 @@ impl WeightStore {
         }
         let data = self.data(key, Some(&expected))?;
         let bytes = data.bytes.len();
-        let tensor = Tensor::from_data(data, (device, self.dtype));
+        let tensor = B::upload(data, device);
         self.unsynced += bytes;
         if self.unsynced >= UPLOAD_SYNC_BYTES {
             self.unsynced = 0;
@@ -429,7 +446,7 @@ impl WeightPath<'_> {
     }
 
     /// The tensor `name` of shape `expected`.
-    pub fn tensor<B: Backend, const D: usize>(
+    pub fn tensor<B: QwenBackend, const D: usize>(
         &mut self,
         name: &str,
         expected: [usize; D],

@@ -172,7 +172,7 @@ pub(crate) fn outcome<T>(kind: Kind, r: Result<T, FastError>) -> Option<T> {
     }
 }
 
-fn drv<T>(what: &str, r: Result<T, result::DriverError>) -> Result<T, FastError> {
+pub(crate) fn drv<T>(what: &str, r: Result<T, result::DriverError>) -> Result<T, FastError> {
     r.map_err(|e| FastError::cuda(format!("{what}: {e:?}")))
 }
 

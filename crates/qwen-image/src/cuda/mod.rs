@@ -45,7 +45,7 @@ mod kernels;
 mod runtime_cache;
 mod tensor;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use cubecl::cuda::CudaRuntime;
 
@@ -259,6 +259,16 @@ impl QwenBackend for CudaBackend {
         match fast {
             Some(y) => wrap(y),
             None => portable::silu_mul(gate, up),
+        }
+    }
+
+    fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
+        match run(Kind::Glue, || tensor::upload_prim(&data, device)) {
+            Some(t) => wrap(t),
+            None => {
+                let dtype = data.dtype;
+                Tensor::from_data(data, (device, dtype))
+            }
         }
     }
 }

@@ -1,11 +1,16 @@
 //! burn tensors of [`CudaBackend`](super::CudaBackend) as raw device memory: primitives, pointers, strides and
 //! output allocation.
 
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::{kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
-use cubecl::cuda::CudaRuntime;
+use cubecl::{cuda::CudaRuntime, Runtime};
+use cudarc::driver::sys;
 
-use super::{error::FastError, CudaBackend};
+use super::{
+    device::{drv, with_device},
+    error::{require, FastError},
+    CudaBackend, CudaDevice,
+};
 
 /// A burn CUDA tensor's primitive.
 pub(crate) type Prim = CubeTensor<CudaRuntime>;
@@ -89,4 +94,30 @@ pub(crate) fn dense(t: Prim) -> Prim {
 /// A new dense row-major bf16 (or `dtype`) tensor on the device of `like`.
 pub(crate) fn empty_like_device(like: &Prim, shape: Vec<usize>, dtype: DType) -> Prim {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::from(shape), dtype)
+}
+
+/// A new device tensor holding `data`, copied straight from its host buffer (pageable memory, e.g. a memory-mapped
+/// checkpoint) on our stream. The driver stages pageable copies through its own small pinned buffers and returns once
+/// the source has been read, so `data` may be dropped right after; the copy is ordered before everything submitted
+/// later, like any fast-path operation.
+pub(crate) fn upload_prim(data: &TensorData, device: &CudaDevice) -> Result<Prim, FastError> {
+    let bytes = data.as_bytes();
+    let elems: usize = data.shape.iter().product();
+    require(bytes.len() == elems * data.dtype.size(), || {
+        format!("{} bytes for {:?} {:?}", bytes.len(), data.shape, data.dtype)
+    })?;
+    let client = CudaRuntime::client(device);
+    let out = empty_device_contiguous_dtype(client, device.clone(), data.shape.clone(), data.dtype);
+    if bytes.is_empty() {
+        return Ok(out);
+    }
+    let dst = ptr(&out)?;
+    with_device(device.index, |dev| {
+        dev.begin(&out)?;
+        drv("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, bytes.as_ptr().cast(), bytes.len(), dev.stream).result()
+        })?;
+        dev.end()
+    })?;
+    Ok(out)
 }

@@ -19,7 +19,7 @@ pub struct Conv2d<B: Backend> {
     pub bias: Tensor<B, 1>,
 }
 
-impl<B: Backend> Conv2d<B> {
+impl<B: QwenBackend> Conv2d<B> {
     /// Loads a `QwenImageCausalConv3d` (`{path}.weight [out, in, k, k, k]`, `{path}.bias [out]`) as the 2-D
     /// convolution it computes on one frame: the last temporal slice of the kernel.
     pub fn load_causal(

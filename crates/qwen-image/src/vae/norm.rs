@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, DType, Tensor};
 
-use crate::{weights::WeightPath, Result};
+use crate::{ops::QwenBackend, weights::WeightPath, Result};
 
 /// `F.normalize` clamps the norm from below by this.
 const NORM_EPS: f64 = 1e-12;
@@ -18,7 +18,7 @@ pub struct ChannelRmsNorm<B: Backend> {
     pub gamma: Tensor<B, 1>,
 }
 
-impl<B: Backend> ChannelRmsNorm<B> {
+impl<B: QwenBackend> ChannelRmsNorm<B> {
     /// Loads `{path}.gamma` of shape `[channels, 1, 1, 1]` (the 5-D form used by residual blocks and `norm_out`).
     pub fn load_5d(path: &mut WeightPath<'_>, channels: usize, device: &B::Device) -> Result<Self> {
         let gamma: Tensor<B, 4> = path.tensor("gamma", [channels, 1, 1, 1], device)?;
