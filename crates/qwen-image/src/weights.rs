@@ -64,15 +64,8 @@ pub struct WeightStore {
     ignored_prefixes: Vec<String>,
     dtype: DType,
     random: Option<RandomSource>,
-    /// Bytes uploaded since the last device synchronization (see [`UPLOAD_SYNC_BYTES`]).
-    unsynced: usize,
 }
 
-/// Uploads between two device synchronizations while loading. burn's CUDA backend copies every upload through a
-/// pinned host staging buffer that it releases only when the device is synchronized; without these syncs loading a
-/// 41 GB checkpoint would pin 41 GB of host memory (and pinning is slow). With them the staging pool stays near
-/// this size and its pages are reused. A no-op on the CPU.
-pub const UPLOAD_SYNC_BYTES: usize = 1 << 30;
 
 fn file_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
@@ -134,7 +127,6 @@ impl WeightStore {
             ignored_prefixes: Vec::new(),
             dtype,
             random: None,
-            unsynced: 0,
         };
         for path in paths {
             store.add_file(path)?;
@@ -187,7 +179,6 @@ impl WeightStore {
             ignored_prefixes: Vec::new(),
             dtype,
             random: Some(RandomSource { seed, created: BTreeMap::new(), bytes: 0 }),
-            unsynced: 0,
         }
     }
 
@@ -295,7 +286,8 @@ impl WeightStore {
         Ok(if entry.dtype == self.dtype { data } else { data.convert_dtype(self.dtype) })
     }
 
-    /// The tensor `key` of shape `expected`, on `device`, in the store's dtype.
+    /// The tensor `key` of shape `expected`, on `device`, in the store's dtype, uploaded with
+    /// [`QwenBackend::upload`] (straight from the memory map where the backend can).
     pub fn tensor<B: QwenBackend, const D: usize>(
         &mut self,
         key: &str,
@@ -306,14 +298,7 @@ impl WeightStore {
             return Ok(self.random_tensor(key, expected, device));
         }
         let data = self.data(key, Some(&expected))?;
-        let bytes = data.bytes.len();
-        let tensor = B::upload(data, device);
-        self.unsynced += bytes;
-        if self.unsynced >= UPLOAD_SYNC_BYTES {
-            self.unsynced = 0;
-            B::sync(device).map_err(|e| ModelError::Device(format!("while uploading weights: {e:?}")))?;
-        }
-        Ok(tensor)
+        Ok(B::upload(data, device))
     }
 
     /// Records a tensor created by the random store; returns its seed and initialization.
