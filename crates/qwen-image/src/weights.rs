@@ -66,7 +66,6 @@ pub struct WeightStore {
     random: Option<RandomSource>,
 }
 
-
 fn file_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
         safetensors::Dtype::BF16 => Some(DType::BF16),
