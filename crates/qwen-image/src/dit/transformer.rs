@@ -5,16 +5,15 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use burn::tensor::{backend::Backend, bf16, f16, Bool, DType, Distribution, Tensor};
+use burn::tensor::{backend::Backend, bf16, f16, Bool, DType, Tensor};
 use qwen_image_pruning::TokenLayout;
 
 use super::{
-    attention::JointAttention,
-    block::{temb_activation, BlockContext, FeedForward, TransformerBlock},
+    block::{temb_activation, BlockContext, TransformerBlock},
     config::DitConfig,
     modulation::ModRuns,
     rope::{ImageShape, QwenRope, RopeCache, RopeTensors},
-    timestep::{TimestepEmbedder, TIME_PROJ_DIM},
+    timestep::TimestepEmbedder,
 };
 use crate::{
     nn::{layer_norm, Linear, RmsNorm},
@@ -142,64 +141,11 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     }
 
     /// A model of `config` with random weights created on `device` in `dtype` (benchmarks and smoke tests of the
-    /// full-size model need no 40 GB checkpoint this way).
-    ///
-    /// Projection weights are `N(0, 1/in_features)` (the modulation projections half that scale), biases
-    /// `N(0, 0.02²)`, RMSNorm weights 1, so activations stay finite through all blocks. The backend's generator is
-    /// seeded with `seed`.
+    /// full-size model need no 40 GB checkpoint this way): the normal loader on a
+    /// [random store](WeightStore::random), so every tensor has the shape and initialization
+    /// ([`crate::synthetic::init_for`]) it would get from a synthetic checkpoint of the same seed.
     pub fn random(config: DitConfig, dtype: DType, device: &B::Device, seed: u64) -> Result<Self> {
-        config.validate()?;
-        B::seed(device, seed);
-        let (heads, head_dim) = (config.num_attention_heads, config.attention_head_dim);
-        let dim = config.inner_dim();
-        let lin = |i: usize, o: usize, gain: f64| {
-            let std = gain / (i as f64).sqrt();
-            let w = Tensor::<B, 2>::random([o, i], Distribution::Normal(0.0, std), device).cast(dtype);
-            let b = Tensor::<B, 1>::random([o], Distribution::Normal(0.0, 0.02), device).cast(dtype);
-            Linear::new(w, Some(b))
-        };
-        let norm = |d: usize| RmsNorm { weight: Tensor::<B, 1>::ones([d], device).cast(dtype), eps: 1e-6 };
-        let blocks = (0..config.num_layers)
-            .map(|_| TransformerBlock {
-                img_mod: lin(dim, 6 * dim, 0.5),
-                txt_mod: lin(dim, 6 * dim, 0.5),
-                attn: JointAttention {
-                    to_q: lin(dim, dim, 1.0),
-                    to_k: lin(dim, dim, 1.0),
-                    to_v: lin(dim, dim, 1.0),
-                    add_q_proj: lin(dim, dim, 1.0),
-                    add_k_proj: lin(dim, dim, 1.0),
-                    add_v_proj: lin(dim, dim, 1.0),
-                    norm_q: norm(head_dim),
-                    norm_k: norm(head_dim),
-                    norm_added_q: norm(head_dim),
-                    norm_added_k: norm(head_dim),
-                    to_out: lin(dim, dim, 1.0),
-                    to_add_out: lin(dim, dim, 1.0),
-                    heads,
-                    head_dim,
-                },
-                img_mlp: FeedForward { proj_in: lin(dim, 4 * dim, 1.0), proj_out: lin(4 * dim, dim, 1.0) },
-                txt_mlp: FeedForward { proj_in: lin(dim, 4 * dim, 1.0), proj_out: lin(4 * dim, dim, 1.0) },
-            })
-            .collect();
-        Ok(QwenImageTransformer {
-            img_in: lin(config.in_channels, dim, 1.0),
-            txt_norm: norm(config.joint_attention_dim),
-            txt_in: lin(config.joint_attention_dim, dim, 1.0),
-            time_embed: TimestepEmbedder {
-                linear_1: lin(TIME_PROJ_DIM, dim, 1.0),
-                linear_2: lin(dim, dim, 1.0),
-            },
-            blocks,
-            norm_out: lin(dim, 2 * dim, 0.5),
-            proj_out: lin(dim, config.out_features(), 1.0),
-            rope: QwenRope::new(&config.axes_dims_rope),
-            rope_cache: Arc::default(),
-            dtype,
-            device: device.clone(),
-            config,
-        })
+        Self::from_store(config, &mut WeightStore::random(dtype, seed), device)
     }
 
     /// The dtype of weights and activations.
