@@ -118,7 +118,7 @@ fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
 }
 
 fn text_encoder(reps: usize) -> Value {
-    let config = Qwen25VlConfig::from_json(demo::FULL_TEXT_ENCODER_CONFIG).expect("config");
+    let config = Qwen25VlConfig::from_json(&demo::full_text_encoder_config()).expect("config");
     println!("\n== text encoder (Qwen2.5-VL-7B, random bf16): {TE_TOKENS} tokens, {GRID:?} patches ==");
     let t = Instant::now();
     let mut store = WeightStore::random(DType::BF16, 1);

@@ -123,56 +123,35 @@ impl DemoSize {
     }
 }
 
-/// The published `transformer/config.json` of Qwen-Image-Edit (the 20 B DiT; §1.1 of the reference).
-pub const FULL_TRANSFORMER_CONFIG: &str = r#"{
-  "_class_name": "QwenImageTransformer2DModel",
-  "attention_head_dim": 128,
-  "axes_dims_rope": [16, 56, 56],
-  "guidance_embeds": false,
-  "in_channels": 64,
-  "joint_attention_dim": 3584,
-  "num_attention_heads": 24,
-  "num_layers": 60,
-  "out_channels": 16,
-  "patch_size": 2
-}"#;
+/// The published `transformer/config.json` of Qwen-Image-Edit (the 20 B DiT).
+pub const FULL_TRANSFORMER_CONFIG: &str = qwen_image::published::TRANSFORMER_CONFIG;
 
-/// The published `vae/config.json` of Qwen-Image-Edit (§4.1 of the reference).
-pub const FULL_VAE_CONFIG: &str = r#"{
-  "_class_name": "AutoencoderKLQwenImage",
-  "attn_scales": [],
-  "base_dim": 96,
-  "dim_mult": [1, 2, 4, 4],
-  "dropout": 0.0,
-  "input_channels": 3,
-  "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
-    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-  "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
-    1.6382, 1.1253, 2.8251, 1.916],
-  "num_res_blocks": 2,
-  "temperal_downsample": [false, true, true],
-  "z_dim": 16
-}"#;
+/// The published `vae/config.json` of Qwen-Image-Edit.
+pub const FULL_VAE_CONFIG: &str = qwen_image::published::VAE_CONFIG;
 
-/// The published Qwen2.5-VL-7B `text_encoder/config.json` (§5.1 of the reference) with the special token ids of
-/// the demo's tiny tokenizer (`<|endoftext|>` 0, `<|im_end|>` 2, `<|vision_start|>` 9, `<|vision_end|>` 10,
-/// `<|vision_pad|>` 11, `<|image_pad|>` 12, `<|video_pad|>` 13) instead of 151643….
-pub const FULL_TEXT_ENCODER_CONFIG: &str = r#"{
-  "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
-  "bos_token_id": 0, "eos_token_id": 2, "vision_start_token_id": 9, "vision_end_token_id": 10,
-  "vision_token_id": 11, "image_token_id": 12, "video_token_id": 13,
-  "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
-  "max_position_embeddings": 128000, "max_window_layers": 28, "model_type": "qwen2_5_vl",
-  "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
-  "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
-  "use_cache": true, "use_sliding_window": false,
-  "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-    "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
-    "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
-    "tokens_per_second": 2, "temporal_patch_size": 2, "model_type": "qwen2_5_vl"},
-  "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-  "vocab_size": 152064
-}"#;
+/// The special tokens of the demo's tiny tokenizer that the text encoder's config names: `<|endoftext|>` 0,
+/// `<|im_end|>` 2, `<|vision_start|>` 9, `<|vision_end|>` 10, `<|vision_pad|>` 11, `<|image_pad|>` 12,
+/// `<|video_pad|>` 13 (Qwen's are 151643…).
+const DEMO_TOKEN_IDS: [(&str, u32); 7] = [
+    ("bos_token_id", 0),
+    ("eos_token_id", 2),
+    ("vision_start_token_id", 9),
+    ("vision_end_token_id", 10),
+    ("vision_token_id", 11),
+    ("image_token_id", 12),
+    ("video_token_id", 13),
+];
+
+/// The published Qwen2.5-VL-7B `text_encoder/config.json` with the special token ids of the demo's tiny
+/// tokenizer.
+pub fn full_text_encoder_config() -> String {
+    let mut config: serde_json::Value = serde_json::from_str(qwen_image::published::TEXT_ENCODER_CONFIG)
+        .expect("the published config is JSON");
+    for (key, id) in DEMO_TOKEN_IDS {
+        config[key] = id.into();
+    }
+    serde_json::to_string_pretty(&config).expect("a JSON value serializes")
+}
 
 /// The Qwen2-VL image processor settings of the published snapshot (`min_pixels` 56², `max_pixels` 12 845 056).
 pub const FULL_PROCESSOR_CONFIG: &str = r#"{
@@ -193,13 +172,14 @@ pub fn write_full_demo_snapshot(dir: &Path) -> Result<PathBuf> {
     let bundled = |rel: &str| {
         SNAPSHOT_FILES.iter().find(|(p, _)| *p == rel).map(|(_, b)| *b).expect("a bundled snapshot file")
     };
+    let text_encoder_config = full_text_encoder_config();
     let files: [(&str, &[u8]); 8] = [
         ("model_index.json", bundled("model_index.json")),
         ("processor/tokenizer.json", bundled("processor/tokenizer.json")),
         ("processor/tokenizer_config.json", bundled("processor/tokenizer_config.json")),
         ("processor/processor_config.json", FULL_PROCESSOR_CONFIG.as_bytes()),
         ("scheduler/scheduler_config.json", bundled("scheduler/scheduler_config.json")),
-        ("text_encoder/config.json", FULL_TEXT_ENCODER_CONFIG.as_bytes()),
+        ("text_encoder/config.json", text_encoder_config.as_bytes()),
         ("transformer/config.json", FULL_TRANSFORMER_CONFIG.as_bytes()),
         ("vae/config.json", FULL_VAE_CONFIG.as_bytes()),
     ];

@@ -22,6 +22,7 @@ pub mod error;
 pub mod nn;
 pub mod ops;
 pub mod processor;
+pub mod published;
 pub mod synthetic;
 pub mod tensor_io;
 pub mod text_encoder;

@@ -33,7 +33,9 @@ pub struct FastOps {
     pub gemm: bool,
     /// `attend` / `attend_blocks` through our flash-attention kernel.
     pub attention: bool,
-    /// The fused elementwise kernels (`layer_norm_modulate`, `gated_residual`, `rms_norm_rope`, `silu_mul`).
+    /// The fused elementwise kernels (`layer_norm_modulate`, `gated_residual`, `rms_norm_rope`,
+    /// `rms_norm_rope_cat`, `silu_mul`) and the direct weight `upload` (off: burn's upload, which stages through a
+    /// pinned host pool the size of the model).
     pub glue: bool,
 }
 

@@ -412,27 +412,9 @@ fn resolve_vision(raw: RawVision) -> Result<VisionConfig> {
 mod tests {
     use super::*;
 
-    /// The published Qwen-Image(-Edit) `text_encoder/config.json` (flat layout; values from §5.1 of the reference).
-    const PUBLISHED: &str = r#"{
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
-        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
-        "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
-        "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
-        "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false,
-        "torch_dtype": "bfloat16", "transformers_version": "4.49.0", "use_cache": true, "use_sliding_window": false,
-        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-            "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
-            "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
-            "tokens_per_second": 2, "temporal_patch_size": 2, "model_type": "qwen2_5_vl"},
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "vocab_size": 152064
-    }"#;
-
     #[test]
     fn parses_the_published_flat_config() {
-        let cfg = Qwen25VlConfig::from_json(PUBLISHED).unwrap();
+        let cfg = Qwen25VlConfig::from_json(crate::published::TEXT_ENCODER_CONFIG).unwrap();
         assert_eq!(cfg.text.head_dim(), 128);
         assert_eq!(cfg.text.mrope_section, [16, 24, 24]);
         assert_eq!(cfg.text.rope_theta, 1e6);
@@ -448,7 +430,7 @@ mod tests {
 
     #[test]
     fn the_nested_layout_takes_text_config() {
-        let mut v: Value = serde_json::from_str(PUBLISHED).unwrap();
+        let mut v: Value = serde_json::from_str(crate::published::TEXT_ENCODER_CONFIG).unwrap();
         let obj = v.as_object_mut().unwrap();
         let mut text = serde_json::Map::new();
         for key in
@@ -472,8 +454,10 @@ mod tests {
     #[test]
     fn rejects_other_models_and_bad_values() {
         let with = |from: &str, to: &str| {
-            assert!(PUBLISHED.contains(from), "{from}");
-            Qwen25VlConfig::from_json(&PUBLISHED.replace(from, to)).unwrap_err().to_string()
+            assert!(crate::published::TEXT_ENCODER_CONFIG.contains(from), "{from}");
+            Qwen25VlConfig::from_json(&crate::published::TEXT_ENCODER_CONFIG.replace(from, to))
+                .unwrap_err()
+                .to_string()
         };
         assert!(with("\"model_type\": \"qwen2_5_vl\"", "\"model_type\": \"qwen2_vl\"").contains("model_type"));
         assert!(with("[\"Qwen2_5_VLForConditionalGeneration\"]", "[\"LlamaForCausalLM\"]")
@@ -491,7 +475,7 @@ mod tests {
         assert!(with("\"out_hidden_size\": 3584", "\"out_hidden_size\": 2048").contains("out_hidden_size"));
         assert!(with("\"hidden_size\": 3584", "\"hidden_size\": \"big\"").contains("invalid type"));
         assert!(Qwen25VlConfig::from_json("[]").is_err());
-        let no_vision = PUBLISHED.replace("\"vision_config\"", "\"other\"");
+        let no_vision = crate::published::TEXT_ENCODER_CONFIG.replace("\"vision_config\"", "\"other\"");
         assert!(Qwen25VlConfig::from_json(&no_vision).unwrap_err().to_string().contains("vision_config"));
     }
 }
