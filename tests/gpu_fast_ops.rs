@@ -489,7 +489,13 @@ fn weights_upload_straight_from_the_memory_map() {
     let want = host(want_b.mul_scalar(2.0).into_data());
     assert_eq!(doubled, want);
     assert!(doubled.iter().any(|&v| v != 0.0), "the checkpoint values are random, not zero");
-    println!("weight upload: 3 tensors from 2 mapped shards, bit-exact");
+    // f32 host data (LoRA adapters are uploaded this way, then cast to the model dtype).
+    let values: Vec<f32> = (0..35).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let f32_tensor: Tensor<G, 2> = G::upload(TensorData::new(values.clone(), [5, 7]), &dev());
+    assert_eq!(f32_tensor.dtype(), DType::F32);
+    assert_eq!(to_f32_vec(f32_tensor.cast(DType::BF16)), values, "exact in bf16 too (multiples of 1/4)");
+    assert_fast(2, "f32 upload");
+    println!("weight upload: 3 tensors from 2 mapped shards and one f32 tensor, bit-exact");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -356,10 +356,8 @@ impl LoraWeights {
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let down = TensorData::new(m.down.clone(), [m.rank, m.in_features]);
         let up = TensorData::new(m.up.clone(), [m.out_features, m.rank]);
-        (
-            Tensor::<B, 2>::from_data(down, (device, DType::F32)).cast(dtype),
-            Tensor::<B, 2>::from_data(up, (device, DType::F32)).cast(dtype),
-        )
+        // Through `QwenBackend::upload`: burn's own upload would keep a pinned host copy of every adapter.
+        (B::upload::<2>(down, device).cast(dtype), B::upload::<2>(up, device).cast(dtype))
     }
 
     /// Number of layers the LoRA changes.

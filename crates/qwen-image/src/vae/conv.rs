@@ -32,8 +32,7 @@ impl<B: QwenBackend> Conv2d<B> {
         let key = path.key("weight");
         let store = path.store();
         let data = store.data(&key, Some(&[out_channels, in_channels, kernel, kernel, kernel]))?;
-        let dtype = store.dtype();
-        let weight = Tensor::from_data(last_temporal_slice(&data), (device, dtype));
+        let weight = B::upload(last_temporal_slice(&data), device);
         Ok(Conv2d { weight, bias: path.tensor("bias", [out_channels], device)? })
     }
 
