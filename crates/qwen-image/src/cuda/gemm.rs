@@ -10,7 +10,8 @@
 //! [`AUTOTUNE_MIN_FLOP`], the first call of a shape times the heuristic's top [`CANDIDATES`] algorithms on the call's
 //! own buffers (CUDA events on our stream, one warm-up and [`TIMED_REPS`] runs each) and keeps the fastest for the
 //! rest of the process, as PyTorch's `cudnn.benchmark` does. Results are the same GEMM up to f32 accumulation order.
-//! `QWEN_GEMM_AUTOTUNE=0` keeps the heuristic's first choice (reproducible algorithm selection across processes).
+//! `QWEN_GEMM_AUTOTUNE=0` keeps the heuristic's first choice (reproducible algorithm selection across processes);
+//! `QWEN_GEMM_AUTOTUNE=verbose` prints every autotuned shape's candidate timings to stderr.
 
 use std::{collections::HashMap, ffi::c_void, mem::size_of};
 
@@ -29,7 +30,8 @@ use super::{
 /// cuBLASLt workspace (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// Algorithms asked of the heuristic (and timed) per autotuned shape.
+/// Algorithms asked of the heuristic (and timed) per autotuned shape. On the H200 the heuristic offers at most 8
+/// for the DiT's shapes even when asked for more.
 const CANDIDATES: usize = 8;
 
 /// GEMMs below this many FLOPs keep the heuristic's choice: timing them would cost more than it could save.
@@ -42,6 +44,12 @@ const TIMED_REPS: usize = 3;
 fn autotune_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| !matches!(std::env::var("QWEN_GEMM_AUTOTUNE").as_deref(), Ok("0") | Ok("off")))
+}
+
+/// Whether each autotuned shape's timings are printed to stderr (`QWEN_GEMM_AUTOTUNE=verbose`).
+fn autotune_verbose() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QWEN_GEMM_AUTOTUNE").as_deref() == Ok("verbose"))
 }
 
 /// The fused epilogue of a GEMM.
@@ -168,8 +176,10 @@ impl Blas {
         };
         let plan = self.plans.get(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
         let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
+        let mut timings = Vec::with_capacity(plan.candidates.len());
         for algo in &plan.candidates {
             if self.run(plan, algo, call).is_err() {
+                timings.push(f32::NAN);
                 continue;
             }
             let timed = || -> Result<f32, FastError> {
@@ -182,11 +192,24 @@ impl Blas {
                 unsafe { result::event::synchronize(stop) }.map_err(e)?;
                 unsafe { result::event::elapsed(start, stop) }.map_err(e)
             };
-            if let Ok(ms) = timed() {
-                if best.is_none_or(|(b, _)| ms < b) {
-                    best = Some((ms, *algo));
-                }
+            let ms = timed().unwrap_or(f32::NAN);
+            timings.push(ms);
+            if ms.is_finite() && best.is_none_or(|(b, _)| ms < b) {
+                best = Some((ms, *algo));
             }
+        }
+        if autotune_verbose() {
+            let per_run: Vec<String> =
+                timings.iter().map(|ms| format!("{:.3}", ms / TIMED_REPS as f32)).collect();
+            eprintln!(
+                "qwen-image: GEMM {}x{}x{} {:?}: ms per run of the heuristic's top {}: [{}]",
+                key.m,
+                key.n,
+                key.k,
+                key.epilogue,
+                timings.len(),
+                per_run.join(", ")
+            );
         }
         let plan = self.plans.get_mut(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
         if let Some((_, algo)) = best {
