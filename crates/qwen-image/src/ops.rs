@@ -151,8 +151,7 @@ pub trait QwenBackend: Backend {
     /// device memory; burn's own upload stages every tensor through a pinned host pool that it keeps for the rest of
     /// the process (38 GiB of host memory after loading the DiT on an H200).
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
-        let dtype = data.dtype;
-        Tensor::from_data(data, (device, dtype))
+        portable::upload(data, device)
     }
 
     /// 2-D convolution with bias (the VAE's): `x [batch, in, h, w]`, `weight [out, in, k, k]` (PyTorch layout),
@@ -278,7 +277,7 @@ pub mod lowered {
 pub mod portable {
     use burn::tensor::{
         activation, backend::Backend, module::attention as burn_attention, ops::AttentionModuleOptions,
-        Tensor,
+        Tensor, TensorData,
     };
 
     use super::{AttentionOptions, KvSegment, NormRope, QwenBackend};
@@ -404,6 +403,12 @@ pub mod portable {
         let outs =
             parts.iter().map(|p| B::rms_norm_rope(p.x.clone(), p.weight, p.eps, p.cos, p.sin)).collect();
         Tensor::cat(outs, 1)
+    }
+
+    /// burn's upload of `data`, in its own dtype.
+    pub fn upload<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Tensor<B, D> {
+        let dtype = data.dtype;
+        Tensor::from_data(data, (device, dtype))
     }
 
     /// `silu(gate) · up`.

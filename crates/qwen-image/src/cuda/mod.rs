@@ -265,10 +265,7 @@ impl QwenBackend for CudaBackend {
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
         match run(Kind::Glue, || tensor::upload_prim(&data, device)) {
             Some(t) => wrap(t),
-            None => {
-                let dtype = data.dtype;
-                Tensor::from_data(data, (device, dtype))
-            }
+            None => portable::upload(data, device),
         }
     }
 }
