@@ -33,11 +33,10 @@ struct Entry {
 #[derive(Debug)]
 struct MappedFile {
     path: PathBuf,
-    bytes: bytes::Bytes,
     map: Arc<memmap2::Mmap>,
 }
 
-/// A shared memory map seen as bytes (the owner of [`MappedFile::bytes`]).
+/// A shared memory map seen as bytes (the owner of the zero-copy tensor slices).
 struct SharedMap(Arc<memmap2::Mmap>);
 
 impl AsRef<[u8]> for SharedMap {
@@ -138,8 +137,7 @@ impl WeightStore {
         // SAFETY: the map is read-only; a checkpoint modified while mapped is the caller's problem, as with any
         // memory-mapped loader.
         let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?);
-        let bytes = bytes::Bytes::from_owner(SharedMap(map.clone()));
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), reason: format!("{e:?}") })?;
         let base = 8 + header_len;
         let file_idx = self.files.len();
@@ -158,7 +156,7 @@ impl WeightStore {
                 });
             }
         }
-        self.files.push(MappedFile { path: path.to_path_buf(), bytes, map });
+        self.files.push(MappedFile { path: path.to_path_buf(), map });
         Ok(())
     }
 
@@ -271,7 +269,7 @@ impl WeightStore {
         // copied); only a hint, so a failure is ignored.
         #[cfg(unix)]
         let _ = file.map.advise_range(memmap2::Advice::WillNeed, entry.range.start, entry.range.len());
-        let slice = file.bytes.slice(entry.range.clone());
+        let slice = bytes::Bytes::from_owner(SharedMap(file.map.clone())).slice(entry.range.clone());
         let aligned = (slice.as_ptr() as usize) % entry.dtype.size() == 0;
         let data = if aligned {
             TensorData::from_bytes(
