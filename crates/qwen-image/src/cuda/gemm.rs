@@ -175,29 +175,19 @@ impl Blas {
             }
         };
         let plan = self.plans.get(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
-        let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
-        let mut timings = Vec::with_capacity(plan.candidates.len());
-        for algo in &plan.candidates {
-            if self.run(plan, algo, call).is_err() {
-                timings.push(f32::NAN);
-                continue;
+        // Milliseconds for TIMED_REPS runs of each candidate after a warm-up run; NaN for one that failed.
+        let time = |algo| -> Result<f32, FastError> {
+            let e = |err| FastError::cuda(format!("timing event: {err:?}"));
+            self.run(plan, algo, call)?;
+            unsafe { result::event::record(start, call.stream) }.map_err(e)?;
+            for _ in 0..TIMED_REPS {
+                self.run(plan, algo, call)?;
             }
-            let timed = || -> Result<f32, FastError> {
-                let e = |err| FastError::cuda(format!("timing event: {err:?}"));
-                unsafe { result::event::record(start, call.stream) }.map_err(e)?;
-                for _ in 0..TIMED_REPS {
-                    self.run(plan, algo, call)?;
-                }
-                unsafe { result::event::record(stop, call.stream) }.map_err(e)?;
-                unsafe { result::event::synchronize(stop) }.map_err(e)?;
-                unsafe { result::event::elapsed(start, stop) }.map_err(e)
-            };
-            let ms = timed().unwrap_or(f32::NAN);
-            timings.push(ms);
-            if ms.is_finite() && best.is_none_or(|(b, _)| ms < b) {
-                best = Some((ms, *algo));
-            }
-        }
+            unsafe { result::event::record(stop, call.stream) }.map_err(e)?;
+            unsafe { result::event::synchronize(stop) }.map_err(e)?;
+            unsafe { result::event::elapsed(start, stop) }.map_err(e)
+        };
+        let timings: Vec<f32> = plan.candidates.iter().map(|algo| time(algo).unwrap_or(f32::NAN)).collect();
         if autotune_verbose() {
             let per_run: Vec<String> =
                 timings.iter().map(|ms| format!("{:.3}", ms / TIMED_REPS as f32)).collect();
@@ -211,9 +201,12 @@ impl Blas {
                 per_run.join(", ")
             );
         }
+        let fastest = (0..timings.len())
+            .filter(|&i| timings[i].is_finite())
+            .min_by(|&i, &j| timings[i].total_cmp(&timings[j]));
         let plan = self.plans.get_mut(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
-        if let Some((_, algo)) = best {
-            plan.algo = algo;
+        if let Some(i) = fastest {
+            plan.algo = plan.candidates[i];
         }
         plan.settled = true;
         Ok(())
