@@ -117,15 +117,25 @@ __device__ __forceinline__ u64 desc_mnmajor(u32 saddr) {
            ((u64)1 << 62);
 }
 
-// Walks the key tiles of a call in order: segment by segment, 128 keys at a time from each segment's start.
+// Walks the key tiles of a call in order: segment by segment, 128 keys at a time from each segment's start,
+// skipping empty segments.
 struct TileWalk {
     int seg, row;  // segment and its first row of the current tile
+    __device__ __forceinline__ static TileWalk first(const FlashParams& p) {
+        TileWalk w{0, 0};
+        w.skip_empty(p);
+        return w;
+    }
     __device__ __forceinline__ void next(const FlashParams& p) {
         row += tma::BN;
         if (row >= p.seg[seg].len) {
             ++seg;
             row = 0;
+            skip_empty(p);
         }
+    }
+    __device__ __forceinline__ void skip_empty(const FlashParams& p) {
+        while (seg < p.n_segs && p.seg[seg].len == 0) ++seg;
     }
     __device__ __forceinline__ int j0(const FlashParams& p) const { return p.seg[seg].start + row; }
     __device__ __forceinline__ int count(const FlashParams& p) const { return min(tma::BN, p.seg[seg].len - row); }
@@ -228,8 +238,7 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
         if (tid == 0) {
             mbar_expect_tx(sm.q_full(), tma::TILE);
             tma_load_tile(sm.q, &maps.q, h, q0, b, sm.q_full());
-            TileWalk w{0, 0};
-            while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+            TileWalk w = TileWalk::first(p);
             for (int t = 0; t < n_tiles; ++t) {
                 const int st = t % tma::STAGES, use = t / tma::STAGES;
                 if (use > 0) mbar_wait(sm.k_empty(st), (use - 1) & 1);
@@ -239,7 +248,6 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 mbar_expect_tx(sm.v_full(st), tma::TILE);
                 tma_load_tile(sm.v_tile(st), &maps.v[w.seg], hk, w.row, b, sm.v_full(st));
                 w.next(p);
-                while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
             }
         }
     } else {
@@ -255,8 +263,7 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
         float m_run[2] = {-QI_INF, -QI_INF}, l_run[2] = {0.f, 0.f}, alpha[2];
         float s[64];
         u32 pa[8][4];
-        TileWalk w{0, 0};
-        while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
+        TileWalk w = TileWalk::first(p);
         mbar_wait(sm.q_full(), 0);
 
         // Masking is needed on a partial tile, with a key mask, and on tiles crossing this thread's diagonal.
@@ -283,7 +290,6 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
             wg_softmax(s, m_run, l_run, alpha, p.scale_log2);
             wg_pack_p(pa, s);
             w.next(p);
-            while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
             for (int t = 1; t < n_tiles; ++t) {
                 const int st = t % tma::STAGES, sp = (t - 1) % tma::STAGES;
                 mbar_wait(sm.k_full(st), (t / tma::STAGES) & 1);
@@ -309,7 +315,6 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 wg_scale_o(o, alpha);
                 wg_pack_p(pa, s);
                 w.next(p);
-                while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
             }
             const int sl = (n_tiles - 1) % tma::STAGES;
             mbar_wait(sm.v_full(sl), ((n_tiles - 1) / tma::STAGES) & 1);
@@ -348,7 +353,6 @@ __device__ __forceinline__ void flash_tma_body(const FlashParams& p, const TmaMa
                 keep_frag(pa);
                 tma_release(sm.v_empty(st), lane);
                 w.next(p);
-                while (w.seg < p.n_segs && p.seg[w.seg].len == 0) ++w.seg;
             }
         }
 
