@@ -7,6 +7,36 @@
 //! against.
 
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// What an accelerated backend's fast path did for one kind of operation (GEMM, attention, glue, …) since the
+/// process (or the backend's statistics) started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastKindStats {
+    /// The kind of operation (`"gemm"`, `"attention"`, …).
+    pub kind: String,
+    /// Calls that ran on the fast path.
+    pub calls: u64,
+    /// Calls that fell back to the portable implementation (unsupported shape or dtype, or the kind is off).
+    pub fallbacks: u64,
+    /// Calls whose fast path failed with a device error (each one fell back).
+    pub errors: u64,
+    /// Whether this kind is switched off (by the configuration, or after an error).
+    pub disabled: bool,
+    /// The error that switched it off, if one did.
+    pub last_error: Option<String>,
+}
+
+/// The state of an accelerated backend's fast path: which kinds of operation ran fast, fell back or failed
+/// ([`QwenBackend::fast_path_report`]). Reports put it next to their timings, so that a slow run caused by a
+/// disabled fast path is visible.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastPathReport {
+    /// The backend (e.g. `"cuda"`).
+    pub backend: String,
+    /// One entry per kind of operation.
+    pub kinds: Vec<FastKindStats>,
+}
 
 /// Keys and values of one contiguous range of the key sequence, `[batch, keys, kv_heads, head_dim]` each.
 #[derive(Clone, Debug)]
@@ -164,6 +194,13 @@ pub trait QwenBackend: Backend {
         pad: usize,
     ) -> Tensor<Self, 4> {
         portable::conv2d(x, weight, bias, stride, pad)
+    }
+
+    /// The fast path's statistics on `device` (calls, fallbacks and errors per kind of operation), or `None` for a
+    /// backend without one (the portable default).
+    fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {
+        let _ = device;
+        None
     }
 }
 
