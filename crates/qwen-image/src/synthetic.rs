@@ -7,7 +7,10 @@
 //!   finite through all its layers (60 DiT blocks, 28 language-model layers, 32 vision blocks).
 //! - [`key_seed`], [`fill_f32`], [`fill_bf16_bytes`]: a fast, deterministic host generator (SplitMix64) keyed by
 //!   a seed and the weight's name, so that the same seed gives the same weights whatever the loading order.
-//! - [`dit_checkpoint_tensors`] and [`write_random_checkpoint`]: a random bf16 checkpoint of the DiT in diffusers'
+//! - [`expected_tensors`]: the key and shape list of the checkpoint a loader expects, from the loader itself run on
+//!   a [shape-only store](crate::weights::WeightStore::shape_only) ([`dit_checkpoint_tensors`],
+//!   [`vae_checkpoint_tensors`], [`text_encoder_checkpoint_tensors`]).
+//! - [`write_random_checkpoint`]: a random bf16 checkpoint (e.g. of the DiT's tensors) in diffusers'
 //!   layout (`diffusion_pytorch_model-0000i-of-0000n.safetensors` shards and their
 //!   `diffusion_pytorch_model.safetensors.index.json`), written shard by shard with a small buffer (the full-size
 //!   41 GB checkpoint needs no 41 GB of memory), to measure loading.
@@ -34,7 +37,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::{dit::DitConfig, ModelError, Result};
+use burn::tensor::DType;
+
+use crate::{
+    dit::{DitConfig, QwenImageTransformer},
+    text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder},
+    vae::{AutoencoderKLQwenImage, VaeConfig},
+    weights::WeightStore,
+    CpuBackend, ModelError, Result,
+};
 
 /// How a synthetic weight is initialized.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -145,43 +156,32 @@ pub fn fill_bf16_bytes(seed: u64, init: Init, first_block: u64, out: &mut [u8]) 
     });
 }
 
-/// Every tensor of a diffusers `QwenImageTransformer2DModel` checkpoint for `config`, in the published order
-/// (top-level weights, then the blocks), with its shape.
+/// Key and shape of every tensor `build` reads from a [shape-only store](WeightStore::shape_only), in reading
+/// order: the checkpoint a loader expects, listed by the same code that loads it (nothing is allocated).
+pub fn expected_tensors<T>(
+    build: impl FnOnce(&mut WeightStore) -> Result<T>,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut store = WeightStore::shape_only(DType::F32);
+    build(&mut store)?;
+    Ok(store.created().to_vec())
+}
+
+/// Every tensor of a diffusers `QwenImageTransformer2DModel` checkpoint for `config`, with its shape, in the order
+/// the loader reads them (top-level input layers, the blocks, the output layers).
 pub fn dit_checkpoint_tensors(config: &DitConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    config.validate()?;
-    let d = config.inner_dim();
-    let hd = config.attention_head_dim;
-    let txt = config.joint_attention_dim;
-    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
-    fn linear(t: &mut Vec<(String, Vec<usize>)>, name: String, i: usize, o: usize) {
-        t.push((format!("{name}.weight"), vec![o, i]));
-        t.push((format!("{name}.bias"), vec![o]));
-    }
-    linear(&mut t, "img_in".into(), config.in_channels, d);
-    t.push(("txt_norm.weight".into(), vec![txt]));
-    linear(&mut t, "txt_in".into(), txt, d);
-    linear(&mut t, "time_text_embed.timestep_embedder.linear_1".into(), 256, d);
-    linear(&mut t, "time_text_embed.timestep_embedder.linear_2".into(), d, d);
-    linear(&mut t, "norm_out.linear".into(), d, 2 * d);
-    linear(&mut t, "proj_out".into(), d, config.out_features());
-    for i in 0..config.num_layers {
-        let p = format!("transformer_blocks.{i}");
-        linear(&mut t, format!("{p}.img_mod.1"), d, 6 * d);
-        linear(&mut t, format!("{p}.txt_mod.1"), d, 6 * d);
-        for proj in
-            ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"]
-        {
-            linear(&mut t, format!("{p}.attn.{proj}"), d, d);
-        }
-        for norm in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
-            t.push((format!("{p}.attn.{norm}.weight"), vec![hd]));
-        }
-        for mlp in ["img_mlp", "txt_mlp"] {
-            linear(&mut t, format!("{p}.{mlp}.net.0.proj"), d, 4 * d);
-            linear(&mut t, format!("{p}.{mlp}.net.2"), 4 * d, d);
-        }
-    }
-    Ok(t)
+    expected_tensors(|store| QwenImageTransformer::<CpuBackend>::from_store(config.clone(), store, &Default::default()))
+}
+
+/// Every tensor of a diffusers `AutoencoderKLQwenImage` checkpoint for `config` that the loader reads (all of
+/// them, including the resamplers' `time_conv`s it checks and skips), with its shape.
+pub fn vae_checkpoint_tensors(config: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    expected_tensors(|store| AutoencoderKLQwenImage::<CpuBackend>::from_store(config.clone(), store, &Default::default()))
+}
+
+/// Every tensor of a `Qwen2_5_VLForConditionalGeneration` checkpoint for `config` in the legacy key naming
+/// (`model.*`, `visual.*`) that the text encoder reads, with its shape: all of them but `lm_head.weight`.
+pub fn text_encoder_checkpoint_tensors(config: &Qwen25VlConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    expected_tensors(|store| Qwen25VlTextEncoder::<CpuBackend>::from_store(config.clone(), store, &Default::default()))
 }
 
 /// A diffusers `transformer/config.json` for `config`.

@@ -155,7 +155,8 @@ impl<B: QwenBackend> VisionTower<B> {
             [dim, cfg.in_channels, cfg.temporal_patch_size, p, p],
             device,
         )?;
-        let patch_embed = Linear::new(kernel.reshape([dim, cfg.patch_features()]), None);
+        // `[dim, C·T·p·p]` (flattened from the stored shape, which a shape-only store leaves empty).
+        let patch_embed = Linear::new(kernel.flatten(1, 4), None);
         let blocks = (0..cfg.depth)
             .map(|i| VisionBlock::load(&mut path.pp(format!("blocks.{i}")), cfg, i, device))
             .collect::<Result<Vec<_>>>()?;

@@ -22,13 +22,13 @@ impl<B: QwenBackend> ChannelRmsNorm<B> {
     /// Loads `{path}.gamma` of shape `[channels, 1, 1, 1]` (the 5-D form used by residual blocks and `norm_out`).
     pub fn load_5d(path: &mut WeightPath<'_>, channels: usize, device: &B::Device) -> Result<Self> {
         let gamma: Tensor<B, 4> = path.tensor("gamma", [channels, 1, 1, 1], device)?;
-        Ok(ChannelRmsNorm { gamma: gamma.reshape([channels]) })
+        Ok(ChannelRmsNorm { gamma: gamma.flatten(0, 3) })
     }
 
     /// Loads `{path}.gamma` of shape `[channels, 1, 1]` (the image form used by attention blocks).
     pub fn load_4d(path: &mut WeightPath<'_>, channels: usize, device: &B::Device) -> Result<Self> {
         let gamma: Tensor<B, 3> = path.tensor("gamma", [channels, 1, 1], device)?;
-        Ok(ChannelRmsNorm { gamma: gamma.reshape([channels]) })
+        Ok(ChannelRmsNorm { gamma: gamma.flatten(0, 2) })
     }
 
     /// `[batch, C, h, w] → [batch, C, h, w]`.
