@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::rope::RopeTensors;
+use super::{linears::linear_layers, rope::RopeTensors};
 use crate::{
     nn::{Linear, RmsNorm},
     ops::{NormRope, QwenBackend},
@@ -42,6 +42,17 @@ pub struct JointAttention<B: Backend> {
     /// Dimension of a head.
     pub head_dim: usize,
 }
+
+linear_layers!(JointAttention {
+    to_q => "to_q",
+    to_k => "to_k",
+    to_v => "to_v",
+    add_q_proj => "add_q_proj",
+    add_k_proj => "add_k_proj",
+    add_v_proj => "add_v_proj",
+    to_out => "to_out.0",
+    to_add_out => "to_add_out",
+} without { norm_q, norm_k, norm_added_q, norm_added_k, heads, head_dim });
 
 /// Queries, keys and values of a run of tokens, `[batch, tokens, heads, head_dim]` each.
 #[derive(Clone, Debug)]

@@ -4,6 +4,7 @@ use burn::tensor::{activation::silu, backend::Backend, Bool, Tensor};
 
 use super::{
     attention::JointAttention,
+    linears::linear_layers,
     modulation::{ModRuns, Modulation},
     rope::RopeTensors,
 };
@@ -24,6 +25,8 @@ pub struct FeedForward<B: Backend> {
     /// `net.2`, `4·dim → dim`.
     pub proj_out: Linear<B>,
 }
+
+linear_layers!(FeedForward { proj_in => "net.0.proj", proj_out => "net.2" } without {});
 
 impl<B: QwenBackend> FeedForward<B> {
     /// Loads `net.0.proj` and `net.2` under `path`.
@@ -95,6 +98,14 @@ pub struct TransformerBlock<B: Backend> {
     /// Text-stream MLP.
     pub txt_mlp: FeedForward<B>,
 }
+
+linear_layers!(TransformerBlock {
+    img_mod => "img_mod.1",
+    txt_mod => "txt_mod.1",
+    attn => "attn",
+    img_mlp => "img_mlp",
+    txt_mlp => "txt_mlp",
+} without {});
 
 impl<B: QwenBackend> TransformerBlock<B> {
     /// Loads a block from `path` (`transformer_blocks.{i}`).

@@ -6,12 +6,14 @@
 //! - [`modulation`]: adaLN shift/scale/gate and `zero_cond_t` rows.
 //! - [`attention`]: joint-attention projections with QK-RMSNorm.
 //! - [`block`]: one double-stream block.
+//! - [`linears`]: the linear layers by checkpoint name (LoRA targets, key lists).
 //! - [`transformer`]: the model and its plain forward pass.
 //! - [`planned`]: the forward pass under a pruning plan.
 
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod linears;
 pub mod modulation;
 pub mod planned;
 pub mod rope;
@@ -19,6 +21,7 @@ pub mod timestep;
 pub mod transformer;
 
 pub use config::DitConfig;
+pub use linears::dit_linear_names;
 pub use planned::PlannedStats;
 pub use rope::ImageShape;
 pub use transformer::{DitInput, QwenImageTransformer};

@@ -32,6 +32,8 @@ pub struct TimestepEmbedder<B: Backend> {
     pub linear_2: Linear<B>,
 }
 
+super::linears::linear_layers!(TimestepEmbedder { linear_1 => "linear_1", linear_2 => "linear_2" } without {});
+
 impl<B: QwenBackend> TimestepEmbedder<B> {
     /// Loads `time_text_embed.timestep_embedder.*` (the path given points at `timestep_embedder`).
     pub fn load(path: &mut WeightPath<'_>, dim: usize, device: &B::Device) -> Result<Self> {

@@ -11,6 +11,7 @@ use qwen_image_pruning::TokenLayout;
 use super::{
     block::{temb_activation, BlockContext, TransformerBlock},
     config::DitConfig,
+    linears::linear_layers,
     modulation::ModRuns,
     rope::{ImageShape, QwenRope, RopeCache, RopeTensors},
     timestep::TimestepEmbedder,
@@ -93,6 +94,15 @@ pub struct QwenImageTransformer<B: Backend> {
     device: B::Device,
 }
 
+linear_layers!(QwenImageTransformer {
+    img_in => "img_in",
+    txt_in => "txt_in",
+    time_embed => "time_text_embed.timestep_embedder",
+    blocks => "transformer_blocks",
+    norm_out => "norm_out.linear",
+    proj_out => "proj_out",
+} without { config, txt_norm, rope, rope_cache, dtype, device });
+
 impl<B: QwenBackend> QwenImageTransformer<B> {
     /// Loads a diffusers `transformer/` folder: `config.json` and `diffusion_pytorch_model.safetensors` (or its
     /// shards with the index), converting weights to `dtype`.
@@ -110,16 +120,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         let (heads, head_dim) = (config.num_attention_heads, config.attention_head_dim);
         let dim = config.inner_dim();
         let mut root = store.root();
-        let blocks = (0..config.num_layers)
-            .map(|i| {
-                TransformerBlock::load(
-                    &mut root.pp(format!("transformer_blocks.{i}")),
-                    heads,
-                    head_dim,
-                    device,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // In checkpoint order: top-level layers, the blocks, the output layers.
         Ok(QwenImageTransformer {
             img_in: Linear::load(&mut root.pp("img_in"), config.in_channels, dim, true, device)?,
             txt_norm: RmsNorm::load(&mut root.pp("txt_norm"), config.joint_attention_dim, 1e-6, device)?,
@@ -129,7 +130,12 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                 dim,
                 device,
             )?,
-            blocks,
+            blocks: (0..config.num_layers)
+                .map(|i| {
+                    let mut path = root.pp(format!("transformer_blocks.{i}"));
+                    TransformerBlock::load(&mut path, heads, head_dim, device)
+                })
+                .collect::<Result<Vec<_>>>()?,
             norm_out: Linear::load(&mut root.pp("norm_out.linear"), dim, 2 * dim, true, device)?,
             proj_out: Linear::load(&mut root.pp("proj_out"), dim, config.out_features(), true, device)?,
             rope: QwenRope::new(&config.axes_dims_rope),

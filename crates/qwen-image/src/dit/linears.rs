@@ -1,0 +1,156 @@
+//! The DiT's linear layers by checkpoint name: [`QwenImageTransformer::visit_linears`] and
+//! [`visit_linears_mut`](QwenImageTransformer::visit_linears_mut) walk every `nn.Linear` of the model with its
+//! diffusers name (`img_in`, `transformer_blocks.3.attn.to_q`, `transformer_blocks.3.img_mlp.net.0.proj`, …).
+//!
+//! What the DiT holds is written in one place per module: its loader (`load` / `from_store`), which reads every
+//! tensor by name and shape and builds the fields. Everything else is derived from it:
+//! - the checkpoint's key list with shapes ([`synthetic::dit_checkpoint_tensors`](crate::synthetic::dit_checkpoint_tensors)):
+//!   the loader run on a [shape-only store](crate::weights::WeightStore::shape_only);
+//! - the linear layers by name ([`dit_linear_names`], LoRA targets): this visitor, which each module implements with
+//!   [`linear_layers!`](linear_layers) from the list of its fields. The macro names *every* field of the struct
+//!   (the others after `without`), so a new field does not compile until it is listed, and a test checks that the
+//!   visited names are exactly the linear layers the loader reads.
+
+use burn::tensor::{backend::Backend, DType};
+
+use super::{config::DitConfig, transformer::QwenImageTransformer};
+use crate::{nn::Linear, weights::WeightStore, CpuBackend, Result};
+
+/// A module of the DiT that holds linear layers (or is one).
+pub(crate) trait Linears<B: Backend> {
+    /// Calls `f` with the checkpoint name of each linear layer (below `prefix`) and the layer.
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Linear<B>));
+    /// [`walk`](Self::walk) with mutable layers.
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Linear<B>));
+}
+
+/// `prefix.name`, or `name` at the root.
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl<B: Backend> Linears<B> for Linear<B> {
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Linear<B>)) {
+        f(prefix, self)
+    }
+
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Linear<B>)) {
+        f(prefix, self)
+    }
+}
+
+/// A list of modules named by their index (`transformer_blocks.0`, `transformer_blocks.1`, …).
+impl<B: Backend, T: Linears<B>> Linears<B> for Vec<T> {
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Linear<B>)) {
+        for (i, m) in self.iter().enumerate() {
+            m.walk(&join(prefix, &i.to_string()), f);
+        }
+    }
+
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Linear<B>)) {
+        for (i, m) in self.iter_mut().enumerate() {
+            m.walk_mut(&join(prefix, &i.to_string()), f);
+        }
+    }
+}
+
+/// Implements [`Linears`] for a module from the list `field => "checkpoint name"` of its fields that are linear
+/// layers, modules holding some, or lists of those; every other field is named after `without`. The struct is
+/// destructured without `..`, so a field missing from both lists is a compile error.
+macro_rules! linear_layers {
+    ($ty:ident { $($field:ident => $name:literal),* $(,)? } without { $($other:ident),* $(,)? }) => {
+        impl<B: burn::tensor::backend::Backend> $crate::dit::linears::Linears<B> for $ty<B> {
+            fn walk<'a>(
+                &'a self,
+                prefix: &str,
+                f: &mut dyn FnMut(&str, &'a $crate::nn::Linear<B>),
+            ) {
+                let $ty { $($field,)* $($other: _,)* } = self;
+                $( $crate::dit::linears::Linears::walk($field, &$crate::dit::linears::join(prefix, $name), f); )*
+            }
+
+            fn walk_mut<'a>(
+                &'a mut self,
+                prefix: &str,
+                f: &mut dyn FnMut(&str, &'a mut $crate::nn::Linear<B>),
+            ) {
+                let $ty { $($field,)* $($other: _,)* } = self;
+                $( $crate::dit::linears::Linears::walk_mut($field, &$crate::dit::linears::join(prefix, $name), f); )*
+            }
+        }
+    };
+}
+pub(crate) use linear_layers;
+
+impl<B: Backend> QwenImageTransformer<B> {
+    /// Calls `f` with the diffusers name (e.g. `transformer_blocks.3.attn.to_q`) and each linear layer of the model,
+    /// top-level layers and blocks in checkpoint order.
+    pub fn visit_linears<'a>(&'a self, mut f: impl FnMut(&str, &'a Linear<B>)) {
+        self.walk("", &mut f);
+    }
+
+    /// [`visit_linears`](Self::visit_linears) with mutable layers (e.g. to merge or attach a LoRA).
+    pub fn visit_linears_mut<'a>(&'a mut self, mut f: impl FnMut(&str, &'a mut Linear<B>)) {
+        self.walk_mut("", &mut f);
+    }
+}
+
+/// The diffusers names of every linear layer of a DiT of `config` (e.g. the layers a LoRA may target), from the
+/// model's visitor on a [shape-only](WeightStore::shape_only) build: nothing is allocated.
+pub fn dit_linear_names(config: &DitConfig) -> Result<Vec<String>> {
+    let model = QwenImageTransformer::<CpuBackend>::from_store(
+        config.clone(),
+        &mut WeightStore::shape_only(DType::F32),
+        &Default::default(),
+    )?;
+    let mut names = Vec::new();
+    model.visit_linears(|name, _| names.push(name.to_string()));
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn the_visitor_names_exactly_the_linear_layers_the_loader_reads() {
+        let config = DitConfig { num_layers: 2, ..DitConfig::default() };
+        let mut store = WeightStore::shape_only(DType::F32);
+        let mut model =
+            QwenImageTransformer::<CpuBackend>::from_store(config.clone(), &mut store, &Default::default())
+                .unwrap();
+        // Every weight of rank 2 the loader reads is a linear layer with a bias.
+        let read: BTreeSet<&str> = store.created().iter().map(|(k, _)| k.as_str()).collect();
+        let loaded: BTreeSet<String> = store
+            .created()
+            .iter()
+            .filter(|(k, s)| s.len() == 2 && k.ends_with(".weight"))
+            .map(|(k, _)| k.trim_end_matches(".weight").to_string())
+            .collect();
+        let mut visited = Vec::new();
+        model.visit_linears(|name, lin| {
+            assert_eq!(lin.weight.dims()[0], 0, "{name}: a shape-only build holds empty tensors");
+            visited.push(name.to_string());
+        });
+        assert_eq!(visited.len(), 6 + 2 * 14);
+        assert_eq!(visited.iter().cloned().collect::<BTreeSet<_>>(), loaded);
+        for name in &visited {
+            assert!(read.contains(format!("{name}.bias").as_str()), "{name}");
+        }
+        assert_eq!(visited[..3], ["img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1"]);
+        assert!(visited.contains(&"transformer_blocks.1.attn.to_out.0".to_string()));
+        assert_eq!(dit_linear_names(&config).unwrap(), visited);
+        // The mutable walk visits the same layers in the same order.
+        let mut again = Vec::new();
+        model.visit_linears_mut(|name, lin| {
+            lin.adapters.clear();
+            again.push(name.to_string());
+        });
+        assert_eq!(again, visited);
+    }
+}
