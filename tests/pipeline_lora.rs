@@ -78,7 +78,7 @@ fn runtime_adapters_equal_merging_and_detach_cleanly() {
     assert!(e <= 1e-4);
     let b = other.attach(&mut m, 0.5).unwrap();
     assert!(rel_l2(&run(&m), &expected("lightning")) <= 1e-4);
-    assert_eq!(qwen_image_pipeline::lora::attached_adapters(&mut m), vec![a, b]);
+    assert_eq!(qwen_image_pipeline::lora::attached_adapters(&m), vec![a, b]);
     other.detach(&mut m, b);
     assert!(rel_l2(&run(&m), &half) <= 1e-6);
 }
@@ -93,6 +93,61 @@ fn the_fixture_catches_a_wrong_scale() {
     lora.merge_into(&mut m, 1.0).unwrap();
     let err = rel_l2(&run(&m), &expected("lightning"));
     assert!(err > 1e-2, "dropping alpha changed the output by only {err:.2e}");
+}
+
+/// Writes `tensors` (name, safetensors dtype, shape, little-endian bytes) as a safetensors file.
+fn write_raw(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) {
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+    for (name, dtype, shape, bytes) in tensors {
+        let offsets = [data.len(), data.len() + bytes.len()];
+        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": offsets}));
+        data.extend_from_slice(bytes);
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header);
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn integer_alphas_are_read_as_their_value() {
+    // The Lightning file with every `.alpha` stored as an integer scalar: I64 0-d and I32 [1], alternately.
+    let base = model();
+    let source = TensorFile::open(&dir().join("lightning.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for (i, name) in source.names().into_iter().enumerate() {
+        let (values, shape) = source.f32(name).unwrap();
+        let entry = if name.ends_with(".alpha") {
+            let alpha = values[0];
+            assert!(alpha.fract() == 0.0 && alpha > 0.0, "{name} = {alpha}");
+            if i % 2 == 0 {
+                (name.to_string(), "I64", vec![], (alpha as i64).to_le_bytes().to_vec())
+            } else {
+                (name.to_string(), "I32", vec![1], (alpha as i32).to_le_bytes().to_vec())
+            }
+        } else {
+            (name.to_string(), "F32", shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
+        tensors.push(entry);
+    }
+    assert!(tensors.iter().any(|t| t.1 == "I64") && tensors.iter().any(|t| t.1 == "I32"));
+    let p = tmp("int_alpha.safetensors");
+    write_raw(&p, &tensors);
+    let lora = LoraWeights::load(&p, base.num_layers()).unwrap();
+    let float = LoraWeights::load(&dir().join("lightning.safetensors"), base.num_layers()).unwrap();
+    assert_eq!(lora.modules, float.modules);
+    let mut m = base.clone();
+    lora.merge_into(&mut m, 1.0).unwrap();
+    assert!(rel_l2(&run(&m), &expected("lightning")) <= 1e-4);
+
+    // An alpha that is not a scalar is still refused.
+    let i = tensors.iter().position(|t| t.0.ends_with(".alpha")).unwrap();
+    tensors[i] = (tensors[i].0.clone(), "I64", vec![2], [8i64, 8].iter().flat_map(|v| v.to_le_bytes()).collect());
+    write_raw(&p, &tensors);
+    let msg = LoraWeights::load(&p, base.num_layers()).unwrap_err().to_string();
+    assert!(msg.contains("must be a scalar"), "{msg}");
 }
 
 fn tmp(name: &str) -> PathBuf {

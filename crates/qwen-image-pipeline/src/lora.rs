@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::{DType, Tensor, TensorData};
 use qwen_image::{
-    dit::QwenImageTransformer,
+    dit::{dit_linear_names, DitConfig, QwenImageTransformer},
     nn::{Linear, LowRankAdapter},
     ops::QwenBackend,
     weights::WeightStore,
@@ -72,77 +72,11 @@ pub struct LoraWeights {
     pub modules: BTreeMap<String, LoraModule>,
 }
 
-/// Paths of every linear layer of a DiT with `num_layers` blocks, in diffusers naming.
-pub fn dit_linear_paths(num_layers: usize) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "img_in",
-        "txt_in",
-        "time_text_embed.timestep_embedder.linear_1",
-        "time_text_embed.timestep_embedder.linear_2",
-        "norm_out.linear",
-        "proj_out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for i in 0..num_layers {
-        for m in BLOCK_LINEARS {
-            v.push(format!("transformer_blocks.{i}.{m}"));
-        }
-    }
-    v
-}
-
-const BLOCK_LINEARS: [&str; 14] = [
-    "img_mod.1",
-    "txt_mod.1",
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_out.0",
-    "attn.to_add_out",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
-];
-
-/// Every linear layer of `model` with its diffusers path.
+/// Every linear layer of `model` with its diffusers path (the model's [visitor](QwenImageTransformer::visit_linears_mut)).
 fn linears_mut<B: QwenBackend>(model: &mut QwenImageTransformer<B>) -> Vec<(String, &mut Linear<B>)> {
-    let mut v: Vec<(String, &mut Linear<B>)> = vec![
-        ("img_in".into(), &mut model.img_in),
-        ("txt_in".into(), &mut model.txt_in),
-        ("time_text_embed.timestep_embedder.linear_1".into(), &mut model.time_embed.linear_1),
-        ("time_text_embed.timestep_embedder.linear_2".into(), &mut model.time_embed.linear_2),
-        ("norm_out.linear".into(), &mut model.norm_out),
-        ("proj_out".into(), &mut model.proj_out),
-    ];
-    for (i, b) in model.blocks.iter_mut().enumerate() {
-        let a = &mut b.attn;
-        let layers: [(&str, &mut Linear<B>); 14] = [
-            ("img_mod.1", &mut b.img_mod),
-            ("txt_mod.1", &mut b.txt_mod),
-            ("attn.to_q", &mut a.to_q),
-            ("attn.to_k", &mut a.to_k),
-            ("attn.to_v", &mut a.to_v),
-            ("attn.add_q_proj", &mut a.add_q_proj),
-            ("attn.add_k_proj", &mut a.add_k_proj),
-            ("attn.add_v_proj", &mut a.add_v_proj),
-            ("attn.to_out.0", &mut a.to_out),
-            ("attn.to_add_out", &mut a.to_add_out),
-            ("img_mlp.net.0.proj", &mut b.img_mlp.proj_in),
-            ("img_mlp.net.2", &mut b.img_mlp.proj_out),
-            ("txt_mlp.net.0.proj", &mut b.txt_mlp.proj_in),
-            ("txt_mlp.net.2", &mut b.txt_mlp.proj_out),
-        ];
-        for (name, lin) in layers {
-            v.push((format!("transformer_blocks.{i}.{name}"), lin));
-        }
-    }
-    v
+    let mut layers = Vec::new();
+    model.visit_linears_mut(|name, layer| layers.push((name.to_string(), layer)));
+    layers
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,7 +148,7 @@ impl LoraWeights {
     /// `down`/`up` pair is incomplete, when ranks disagree within a pair, or when the file holds no LoRA at all.
     pub fn load(path: &Path, num_layers: usize) -> Result<Self> {
         let mut store = WeightStore::open_files(&[path.to_path_buf()], DType::F32)?;
-        let paths = dit_linear_paths(num_layers);
+        let paths = dit_linear_names(&DitConfig { num_layers, ..DitConfig::default() })?;
         let kohya: HashMap<String, String> = paths.iter().map(|p| (p.replace('.', "_"), p.clone())).collect();
         let known: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
 
@@ -232,16 +166,18 @@ impl LoraWeights {
                 unmatched.push(key);
                 continue;
             }
-            let (values, shape) = store.host_f32(&key)?;
             let entry = parts.entry(module.to_string()).or_default();
             match part {
-                Part::Down => entry.0 = Some((values, shape)),
-                Part::Up => entry.1 = Some((values, shape)),
+                Part::Down => entry.0 = Some(store.host_f32(&key)?),
+                Part::Up => entry.1 = Some(store.host_f32(&key)?),
                 Part::Alpha => {
-                    if values.len() != 1 {
+                    // A scalar of any numeric dtype: the Lightning authors' merge code reads it with `float(t)`, so
+                    // an integer alpha (I64/I32, 0-d or one element) is as valid as a float one.
+                    let shape = store.shape(&key).unwrap_or_default();
+                    if shape.iter().product::<usize>() != 1 {
                         return Err(lora_err(path, format!("`{key}` must be a scalar, has shape {shape:?}")));
                     }
-                    entry.2 = Some(values[0]);
+                    entry.2 = Some(store.scalar(&key)? as f32);
                 }
             }
         }
@@ -383,15 +319,15 @@ pub fn detach_adapters<B: QwenBackend>(model: &mut QwenImageTransformer<B>, id: 
 }
 
 /// Ids of the runtime adapters attached to `model`, in attachment order.
-pub fn attached_adapters<B: QwenBackend>(model: &mut QwenImageTransformer<B>) -> Vec<u64> {
+pub fn attached_adapters<B: QwenBackend>(model: &QwenImageTransformer<B>) -> Vec<u64> {
     let mut ids: Vec<u64> = Vec::new();
-    for (_, lin) in linears_mut(model) {
+    model.visit_linears(|_, lin| {
         for a in &lin.adapters {
             if !ids.contains(&a.id) {
                 ids.push(a.id);
             }
         }
-    }
+    });
     ids
 }
 
@@ -401,7 +337,7 @@ mod tests {
 
     #[test]
     fn keys_of_every_convention_normalize_to_diffusers_names() {
-        let paths = dit_linear_paths(2);
+        let paths = dit_linear_names(&DitConfig { num_layers: 2, ..DitConfig::default() }).unwrap();
         let kohya: HashMap<String, String> = paths.iter().map(|p| (p.replace('.', "_"), p.clone())).collect();
         let cases = [
             (
