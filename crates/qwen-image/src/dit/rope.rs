@@ -3,8 +3,17 @@
 //! Image token `(f, r, c)` of image `idx` gets frame position `idx + f` and centred height/width positions
 //! (`r − (h − ⌊h/2⌋)`, likewise for columns); text token `j` gets position `max_i max(⌊h_i/2⌋, ⌊w_i/2⌋) + j` on all three
 //! axes. The 128-dim head vector is read as 64 complex numbers `(x[2k], x[2k+1])` and multiplied by `e^{iθ_k}`.
+//!
+//! The model computes the cos/sin of every position of each axis once ([`QwenRope::axis_tables`], as diffusers'
+//! `QwenEmbedRope.__init__` does) and keeps them on the device; a forward call gathers its text and image tables
+//! from them ([`AxisTables::text`], [`AxisTables::images`]): no state between calls, the same tables for every
+//! layout and text length (e.g. the prompt and negative-prompt branches of true CFG).
+
+use std::cell::RefCell;
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+
+use crate::{ModelError, Result};
 
 /// Size of one image of the image stream, in tokens (latent pixels / patch size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,17 +60,6 @@ impl RopeTable {
         self.len() == 0
     }
 
-    /// Concatenates tables along the token axis.
-    pub fn concat<'a>(tables: impl IntoIterator<Item = &'a RopeTable>) -> RopeTable {
-        let mut out = RopeTable::default();
-        for t in tables {
-            out.half = t.half;
-            out.cos.extend_from_slice(&t.cos);
-            out.sin.extend_from_slice(&t.sin);
-        }
-        out
-    }
-
     /// Uploads the table as f32 tensors `[tokens, half]`.
     pub fn to_device<B: Backend>(&self, device: &B::Device) -> RopeTensors<B> {
         let shape = [self.len(), self.half];
@@ -103,68 +101,12 @@ impl<B: Backend> RopeTensors<B> {
     }
 }
 
-/// RoPE tables of one input layout kept on the device between calls: the denoising steps of an edit share their
-/// token layout, so the tables are computed and uploaded once per edit instead of once per step (at 1024² that is
-/// ~1.2 M host sin/cos and a 5 MB upload the GPU would otherwise wait for at the start of every step).
-#[derive(Debug)]
-pub(crate) struct RopeCache<B: Backend> {
-    key: Option<(Vec<ImageShape>, usize)>,
-    text: Option<RopeTensors<B>>,
-    images: Vec<RopeTable>,
-    /// Device tables of the image sets used so far (all images, the target alone, …).
-    sets: Vec<(Vec<usize>, RopeTensors<B>)>,
-}
+/// Positions on each side of 0 that the per-axis tables cover: `−MAX_POSITION .. MAX_POSITION`, as diffusers'
+/// `QwenEmbedRope` precomputes them (`pos_freqs` and `neg_freqs` of 4096 positions each).
+pub const MAX_POSITION: usize = 4096;
 
-impl<B: Backend> Default for RopeCache<B> {
-    fn default() -> Self {
-        RopeCache { key: None, text: None, images: Vec::new(), sets: Vec::new() }
-    }
-}
-
-impl<B: Backend> RopeCache<B> {
-    /// Makes the cache hold the tables of `shapes` and `text_len` text tokens (recomputed when they change).
-    fn select(&mut self, rope: &QwenRope, shapes: &[ImageShape], text_len: usize, device: &B::Device) {
-        if self.key.as_ref().is_some_and(|(s, t)| s == shapes && *t == text_len) {
-            return;
-        }
-        self.text = Some(rope.text_table(shapes, text_len).to_device(device));
-        self.images = rope.image_tables(shapes);
-        self.sets.clear();
-        self.key = Some((shapes.to_vec(), text_len));
-    }
-
-    /// The text tokens' table.
-    pub fn text(
-        &mut self,
-        rope: &QwenRope,
-        shapes: &[ImageShape],
-        text_len: usize,
-        device: &B::Device,
-    ) -> RopeTensors<B> {
-        self.select(rope, shapes, text_len, device);
-        self.text.clone().expect("set by select")
-    }
-
-    /// The table of images `set` (indices into `shapes`), concatenated in that order.
-    pub fn images(
-        &mut self,
-        rope: &QwenRope,
-        shapes: &[ImageShape],
-        text_len: usize,
-        set: &[usize],
-        device: &B::Device,
-    ) -> RopeTensors<B> {
-        self.select(rope, shapes, text_len, device);
-        if let Some((_, t)) = self.sets.iter().find(|(s, _)| s == set) {
-            return t.clone();
-        }
-        let t = RopeTable::concat(set.iter().map(|&i| &self.images[i])).to_device(device);
-        self.sets.push((set.to_vec(), t.clone()));
-        t
-    }
-}
-
-/// The DiT's 3-axis RoPE (`QwenEmbedRope` with `scale_rope=True`).
+/// The DiT's 3-axis RoPE frequencies (`QwenEmbedRope` with `scale_rope=True`).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L199
 #[derive(Clone, Debug)]
 pub struct QwenRope {
     axes: [usize; 3],
@@ -177,82 +119,132 @@ impl QwenRope {
         QwenRope { axes: [axes_dims[0], axes_dims[1], axes_dims[2]], theta: 10000.0 }
     }
 
-    fn inv_freqs(&self, dim: usize) -> Vec<f32> {
+    fn inv_freqs(&self, axis: usize) -> Vec<f32> {
+        let dim = self.axes[axis];
         (0..dim / 2).map(|j| 1.0f32 / self.theta.powf((2 * j) as f32 / dim as f32)).collect()
     }
 
-    /// Angles of one token: frame, height and width positions.
-    fn push_token(&self, freqs: &[Vec<f32>; 3], pos: [i64; 3], out: &mut RopeTable) {
-        for (axis, inv) in freqs.iter().enumerate() {
-            for &w in inv {
-                let angle = pos[axis] as f32 * w;
-                out.cos.push(angle.cos());
-                out.sin.push(angle.sin());
-            }
-        }
-    }
-
-    fn freqs(&self) -> [Vec<f32>; 3] {
-        [self.inv_freqs(self.axes[0]), self.inv_freqs(self.axes[1]), self.inv_freqs(self.axes[2])]
-    }
-
-    /// One table per image, in `shapes` order (image `idx` has frame position `idx`).
-    ///
-    /// A token's angles are its three axes' angles side by side, so each axis's cos/sin rows are computed once per
-    /// position and copied per token (the same f32 values as computing every token's angles, 20× fewer sin/cos).
-    pub fn image_tables(&self, shapes: &[ImageShape]) -> Vec<RopeTable> {
-        let freqs = self.freqs();
-        let half = self.axes.iter().sum::<usize>() / 2;
-        // cos/sin rows of one axis for positions `from .. from + n`.
-        let axis_rows = |axis: usize, from: i64, n: usize| {
-            let mut t = RopeTable { half: freqs[axis].len(), ..Default::default() };
-            for p in 0..n as i64 {
-                for &w in &freqs[axis] {
-                    let angle = (from + p) as f32 * w;
-                    t.cos.push(angle.cos());
-                    t.sin.push(angle.sin());
-                }
-            }
-            t
+    /// cos/sin rows of one axis for the positions `from .. from + n`, on the host (`rope_params`).
+    pub fn axis_rows(&self, axis: usize, from: i64, n: usize) -> RopeTable {
+        let freqs = self.inv_freqs(axis);
+        let mut t = RopeTable {
+            half: freqs.len(),
+            cos: Vec::with_capacity(n * freqs.len()),
+            sin: Vec::with_capacity(n * freqs.len()),
         };
-        shapes
-            .iter()
-            .enumerate()
-            .map(|(idx, s)| {
-                let (h0, w0) = ((s.height - s.height / 2) as i64, (s.width - s.width / 2) as i64);
-                let frames = axis_rows(0, idx as i64, s.frames);
-                let rows = axis_rows(1, -h0, s.height);
-                let cols = axis_rows(2, -w0, s.width);
-                let mut t = RopeTable {
-                    half,
-                    cos: Vec::with_capacity(s.tokens() * half),
-                    sin: Vec::with_capacity(s.tokens() * half),
-                };
-                let row = |a: &RopeTable, i: usize| (i * a.half)..((i + 1) * a.half);
-                for f in 0..s.frames {
-                    for r in 0..s.height {
-                        for c in 0..s.width {
-                            for (a, i) in [(&frames, f), (&rows, r), (&cols, c)] {
-                                t.cos.extend_from_slice(&a.cos[row(a, i)]);
-                                t.sin.extend_from_slice(&a.sin[row(a, i)]);
-                            }
-                        }
-                    }
-                }
-                t
-            })
-            .collect()
+        for p in 0..n as i64 {
+            for &w in &freqs {
+                let angle = (from + p) as f32 * w;
+                t.cos.push(angle.cos());
+                t.sin.push(angle.sin());
+            }
+        }
+        t
     }
 
-    /// The table of `text_len` text tokens that follow the images `shapes`.
-    pub fn text_table(&self, shapes: &[ImageShape], text_len: usize) -> RopeTable {
-        let freqs = self.freqs();
-        let start = shapes.iter().map(|s| (s.height / 2).max(s.width / 2)).max().unwrap_or(0);
-        let mut t = RopeTable { half: self.axes.iter().sum::<usize>() / 2, ..Default::default() };
-        for j in 0..text_len {
-            let p = (start + j) as i64;
-            self.push_token(&freqs, [p, p, p], &mut t);
+    /// The per-axis tables of every position `−MAX_POSITION .. MAX_POSITION`, uploaded to `device` once (a model
+    /// keeps them for its lifetime; ~4 MB for the published axes).
+    pub fn axis_tables<B: Backend>(&self, device: &B::Device) -> AxisTables<B> {
+        let all = |axis| self.axis_rows(axis, -(MAX_POSITION as i64), 2 * MAX_POSITION).to_device(device);
+        AxisTables { axes: [all(0), all(1), all(2)] }
+    }
+}
+
+/// cos/sin of every position `−MAX_POSITION .. MAX_POSITION` of each RoPE axis, on the device (row `p +
+/// MAX_POSITION` holds position `p`), from which the tables of any input layout are gathered: copies of rows, so
+/// bit-identical to computing each token's angles. Immutable; clones share the tensors.
+#[derive(Clone, Debug)]
+pub struct AxisTables<B: Backend> {
+    axes: [RopeTensors<B>; 3],
+}
+
+impl<B: Backend> AxisTables<B> {
+    /// Rows of positions `from .. from + n` of `axis` (a view).
+    fn rows(&self, axis: usize, from: i64, n: usize) -> RopeTensors<B> {
+        let start = usize::try_from(from + MAX_POSITION as i64).unwrap_or(0);
+        self.axes[axis].narrow(start, n)
+    }
+
+    /// The table of image `idx` of shape `s` (frame positions `idx..`, centred rows and columns): each token's row
+    /// is its frame, row and column rows side by side (`_compute_video_freqs`).
+    pub fn image(&self, idx: usize, s: &ImageShape) -> RopeTensors<B> {
+        let [f, h, w] = [s.frames, s.height, s.width];
+        let frames = self.rows(0, idx as i64, f);
+        let rows = self.rows(1, -((h - h / 2) as i64), h);
+        let cols = self.rows(2, -((w - w / 2) as i64), w);
+        let grid = |frames: &Tensor<B, 2>, rows: &Tensor<B, 2>, cols: &Tensor<B, 2>| {
+            let [a0, a1, a2] = [frames, rows, cols].map(|t| t.dims()[1]);
+            let parts = vec![
+                frames.clone().reshape([f, 1, 1, a0]).expand([f, h, w, a0]),
+                rows.clone().reshape([1, h, 1, a1]).expand([f, h, w, a1]),
+                cols.clone().reshape([1, 1, w, a2]).expand([f, h, w, a2]),
+            ];
+            Tensor::cat(parts, 3).reshape([f * h * w, a0 + a1 + a2])
+        };
+        RopeTensors { cos: grid(&frames.cos, &rows.cos, &cols.cos), sin: grid(&frames.sin, &rows.sin, &cols.sin) }
+    }
+
+    /// The table of `text_len` text tokens following the images `shapes`: positions `start..start + text_len` on
+    /// all three axes, `start = max_i max(⌊h_i/2⌋, ⌊w_i/2⌋)`.
+    pub fn text(&self, shapes: &[ImageShape], text_len: usize) -> RopeTensors<B> {
+        let start = text_start(shapes) as i64;
+        let parts: Vec<RopeTensors<B>> = (0..3).map(|axis| self.rows(axis, start, text_len)).collect();
+        RopeTensors {
+            cos: Tensor::cat(parts.iter().map(|t| t.cos.clone()).collect(), 1),
+            sin: Tensor::cat(parts.iter().map(|t| t.sin.clone()).collect(), 1),
         }
+    }
+
+    /// The tables of every image of `shapes`, for one forward call.
+    pub fn images(&self, shapes: &[ImageShape]) -> ImageRopes<B> {
+        let images = shapes.iter().enumerate().map(|(idx, s)| self.image(idx, s)).collect();
+        ImageRopes { images, sets: RefCell::new(Vec::new()) }
+    }
+}
+
+/// Errors unless the positions of `shapes` and of `text_len` text tokens lie inside the tables.
+pub fn check_layout(shapes: &[ImageShape], text_len: usize) -> Result<()> {
+    let max = MAX_POSITION;
+    let image_fits = |(idx, s): (usize, &ImageShape)| {
+        idx + s.frames <= max && s.height - s.height / 2 <= max && s.width - s.width / 2 <= max
+    };
+    if !shapes.iter().enumerate().all(image_fits) || text_start(shapes) + text_len > max {
+        return Err(ModelError::invalid(format!(
+            "RoPE positions of the images {shapes:?} and {text_len} text tokens exceed the ±{max} positions of \
+             the model's tables"
+        )));
+    }
+    Ok(())
+}
+
+/// First text position after the images `shapes` (`max_vid_index` with `scale_rope`).
+fn text_start(shapes: &[ImageShape]) -> usize {
+    shapes.iter().map(|s| (s.height / 2).max(s.width / 2)).max().unwrap_or(0)
+}
+
+/// The RoPE tables of the images of one forward call, and of the image sets the call asks for (all images, the
+/// target alone, …), each concatenated once per call.
+#[derive(Debug)]
+pub struct ImageRopes<B: Backend> {
+    images: Vec<RopeTensors<B>>,
+    /// Concatenated tables of the sets of more than one image used so far in this call.
+    sets: RefCell<Vec<(Vec<usize>, RopeTensors<B>)>>,
+}
+
+impl<B: Backend> ImageRopes<B> {
+    /// The table of the images `set` (indices into the call's images), concatenated in that order.
+    pub fn set(&self, set: &[usize]) -> RopeTensors<B> {
+        if let [one] = set {
+            return self.images[*one].clone();
+        }
+        if let Some((_, t)) = self.sets.borrow().iter().find(|(s, _)| s == set) {
+            return t.clone();
+        }
+        let pick = |f: fn(&RopeTensors<B>) -> &Tensor<B, 2>| {
+            Tensor::cat(set.iter().map(|&i| f(&self.images[i]).clone()).collect(), 0)
+        };
+        let t = RopeTensors { cos: pick(|t| &t.cos), sin: pick(|t| &t.sin) };
+        self.sets.borrow_mut().push((set.to_vec(), t.clone()));
         t
     }
 }
@@ -262,69 +254,105 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
+    type B = Flex;
+
+    fn host(t: &Tensor<B, 2>) -> Vec<f32> {
+        t.clone().into_data().to_vec().unwrap()
+    }
+
+    /// Each token's angles computed directly (the definition), for comparison with the gathered tables.
+    fn per_token(rope: &QwenRope, positions: &[[i64; 3]]) -> RopeTable {
+        let mut want = RopeTable { half: rope.axes.iter().sum::<usize>() / 2, ..Default::default() };
+        for pos in positions {
+            for (axis, &p) in pos.iter().enumerate() {
+                let row = rope.axis_rows(axis, p, 1);
+                want.cos.extend(row.cos);
+                want.sin.extend(row.sin);
+            }
+        }
+        want
+    }
+
+    fn image_positions(idx: usize, s: &ImageShape) -> Vec<[i64; 3]> {
+        let (h0, w0) = ((s.height - s.height / 2) as i64, (s.width - s.width / 2) as i64);
+        let mut v = Vec::new();
+        for f in 0..s.frames {
+            for r in 0..s.height {
+                for c in 0..s.width {
+                    v.push([(idx + f) as i64, r as i64 - h0, c as i64 - w0]);
+                }
+            }
+        }
+        v
+    }
+
     #[test]
     fn positions_are_centred_and_text_follows_images() {
         let rope = QwenRope::new(&[2, 2, 2]);
+        let tables = rope.axis_tables::<B>(&Default::default());
         // With one frequency per axis equal to 1, the angles are the positions.
-        let t = &rope.image_tables(&[ImageShape::new(3, 2)])[0];
-        let angles: Vec<[f32; 3]> =
-            (0..6).map(|i| [0, 1, 2].map(|a| t.sin[i * 3 + a].atan2(t.cos[i * 3 + a]))).collect();
-        assert_eq!(angles[0], [0.0, -2.0, -1.0]);
-        assert_eq!(angles[5], [0.0, 0.0, 0.0]);
-        let second = &rope.image_tables(&[ImageShape::new(1, 1), ImageShape::new(5, 4)])[1];
-        assert_eq!(second.sin[0].atan2(second.cos[0]), 1.0);
-        let text = rope.text_table(&[ImageShape::new(3, 2), ImageShape::new(5, 4)], 2);
-        assert_eq!(text.sin[0].atan2(text.cos[0]), 2.0);
-        assert_eq!(text.sin[3].atan2(text.cos[3]), 3.0);
+        let angles = |t: &RopeTensors<B>| -> Vec<f32> {
+            host(&t.sin).iter().zip(host(&t.cos)).map(|(s, c)| s.atan2(c)).collect()
+        };
+        let first = angles(&tables.image(0, &ImageShape::new(3, 2)));
+        assert_eq!(first[..3], [0.0, -2.0, -1.0]);
+        assert_eq!(first[15..], [0.0, 0.0, 0.0]);
+        assert_eq!(angles(&tables.image(1, &ImageShape::new(5, 4)))[0], 1.0);
+        let text = angles(&tables.text(&[ImageShape::new(3, 2), ImageShape::new(5, 4)], 2));
+        assert_eq!(text, [2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
     }
 
     #[test]
-    fn per_axis_tables_equal_per_token_angles() {
+    fn gathered_tables_equal_per_token_angles_bit_for_bit() {
         let rope = QwenRope::new(&[16, 56, 56]);
-        let shapes = [ImageShape::new(5, 7), ImageShape { frames: 2, height: 4, width: 3 }];
-        let freqs = rope.freqs();
-        for (idx, (s, t)) in shapes.iter().zip(rope.image_tables(&shapes)).enumerate() {
-            let mut want = RopeTable { half: 64, ..Default::default() };
-            let (h0, w0) = ((s.height - s.height / 2) as i64, (s.width - s.width / 2) as i64);
-            for f in 0..s.frames {
-                for r in 0..s.height {
-                    for c in 0..s.width {
-                        let pos = [(idx + f) as i64, r as i64 - h0, c as i64 - w0];
-                        rope.push_token(&freqs, pos, &mut want);
-                    }
-                }
-            }
-            assert_eq!(t, want, "image {idx}");
+        let tables = rope.axis_tables::<B>(&Default::default());
+        let shapes = [ImageShape::new(5, 7), ImageShape { frames: 2, height: 4, width: 3 }, ImageShape::new(1, 1)];
+        for (idx, s) in shapes.iter().enumerate() {
+            let got = tables.image(idx, s);
+            let want = per_token(&rope, &image_positions(idx, s));
+            assert_eq!((host(&got.cos), host(&got.sin)), (want.cos, want.sin), "image {idx}");
         }
+        let start = 3; // max(⌊5/2⌋, ⌊7/2⌋)
+        let got = tables.text(&shapes, 4);
+        let want = per_token(&rope, &(start..start + 4).map(|p| [p; 3]).collect::<Vec<_>>());
+        assert_eq!((host(&got.cos), host(&got.sin)), (want.cos, want.sin));
+        // The extreme positions of the tables.
+        let edge = ImageShape::new(2 * MAX_POSITION, 1);
+        let got = tables.image(0, &edge);
+        assert_eq!(host(&got.cos), per_token(&rope, &image_positions(0, &edge)).cos);
     }
 
     #[test]
-    fn the_cache_follows_the_layout() {
-        let dev = Default::default();
+    fn image_sets_are_the_images_tables_in_order() {
         let rope = QwenRope::new(&[2, 2, 4]);
-        let mut cache = RopeCache::<Flex>::default();
-        let host = |t: RopeTensors<Flex>| -> Vec<f32> { t.cos.into_data().to_vec().unwrap() };
-        let (a, b) = (vec![ImageShape::new(2, 3), ImageShape::new(1, 2)], vec![ImageShape::new(3, 3)]);
-        for (shapes, text) in [(&a, 4), (&b, 4), (&a, 5), (&a, 4)] {
-            let want_text = rope.text_table(shapes, text).cos;
-            assert_eq!(host(cache.text(&rope, shapes, text, &dev)), want_text);
-            let all: Vec<usize> = (0..shapes.len()).collect();
-            let want = RopeTable::concat(&rope.image_tables(shapes)).cos;
-            assert_eq!(host(cache.images(&rope, shapes, text, &all, &dev)), want);
-            let last = shapes.len() - 1;
-            assert_eq!(
-                host(cache.images(&rope, shapes, text, &[last], &dev)),
-                rope.image_tables(shapes)[last].cos
-            );
+        let tables = rope.axis_tables::<B>(&Default::default());
+        let shapes = [ImageShape::new(2, 3), ImageShape::new(1, 2), ImageShape::new(3, 3)];
+        let images = tables.images(&shapes);
+        let one = |i: usize| host(&tables.image(i, &shapes[i]).cos);
+        for set in [vec![0, 1, 2], vec![2], vec![0, 2], vec![0, 1, 2]] {
+            let want: Vec<f32> = set.iter().flat_map(|&i| one(i)).collect();
+            assert_eq!(host(&images.set(&set).cos), want, "{set:?}");
         }
+        assert_eq!(images.sets.borrow().len(), 2, "each set of several images is concatenated once");
+    }
+
+    #[test]
+    fn layouts_outside_the_tables_are_refused() {
+        let fits = |shapes: &[ImageShape], text| check_layout(shapes, text).is_ok();
+        assert!(fits(&[ImageShape::new(2 * MAX_POSITION, 8)], 0));
+        assert!(!fits(&[ImageShape::new(2 * MAX_POSITION + 2, 8)], 1));
+        assert!(fits(&[ImageShape::new(64, 64)], MAX_POSITION - 32));
+        assert!(!fits(&[ImageShape::new(64, 64)], MAX_POSITION - 31));
+        let many: Vec<ImageShape> = vec![ImageShape::new(1, 1); MAX_POSITION + 1];
+        assert!(!fits(&many, 1));
     }
 
     #[test]
     fn rotation_uses_interleaved_pairs() {
         let dev = Default::default();
         let table = RopeTable { cos: vec![0.0, 1.0], sin: vec![1.0, 0.0], half: 2 };
-        let x = Tensor::<Flex, 4>::from_floats([[[[1.0, 2.0, 3.0, 4.0]]]], &dev);
-        let y: Vec<f32> = table.to_device::<Flex>(&dev).apply(x).into_data().to_vec().unwrap();
+        let x = Tensor::<B, 4>::from_floats([[[[1.0, 2.0, 3.0, 4.0]]]], &dev);
+        let y: Vec<f32> = table.to_device::<B>(&dev).apply(x).into_data().to_vec().unwrap();
         // (1 + 2i)·i = −2 + i ; (3 + 4i)·1 = 3 + 4i
         assert_eq!(y, vec![-2.0, 1.0, 3.0, 4.0]);
     }

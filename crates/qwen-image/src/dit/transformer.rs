@@ -1,9 +1,6 @@
 //! `QwenImageTransformer2DModel`: embeddings, the blocks, the output layer, and the plain forward pass.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::path::Path;
 
 use burn::tensor::{backend::Backend, bf16, f16, Bool, DType, Tensor};
 use qwen_image_pruning::TokenLayout;
@@ -13,7 +10,7 @@ use super::{
     config::DitConfig,
     linears::linear_layers,
     modulation::ModRuns,
-    rope::{ImageShape, QwenRope, RopeCache, RopeTensors},
+    rope::{check_layout, AxisTables, ImageRopes, ImageShape, QwenRope, RopeTensors},
     timestep::TimestepEmbedder,
 };
 use crate::{
@@ -55,9 +52,8 @@ pub(crate) struct Prepared<B: Backend> {
     pub temb_act: Tensor<B, 2>,
     pub rows: usize,
     pub txt_rope: RopeTensors<B>,
-    /// Token grid of each image (target first) and the number of text tokens: the key of [`Self::image_rope`].
-    pub img_shapes: Vec<ImageShape>,
-    pub n_txt: usize,
+    /// RoPE tables of the images (target first) and of the image sets asked for during this call.
+    pub img_rope: ImageRopes<B>,
     pub key_mask: Option<Tensor<B, 2, Bool>>,
 }
 
@@ -87,9 +83,8 @@ pub struct QwenImageTransformer<B: Backend> {
     pub norm_out: Linear<B>,
     /// `proj_out`: model width → packed latent token.
     pub proj_out: Linear<B>,
-    rope: QwenRope,
-    /// RoPE tables of the last input layout (shared by clones: they depend on the layout only).
-    rope_cache: Arc<Mutex<RopeCache<B>>>,
+    /// cos/sin of every RoPE position of each axis, on the device: each call gathers its tables from them.
+    rope: AxisTables<B>,
     dtype: DType,
     device: B::Device,
 }
@@ -101,7 +96,7 @@ linear_layers!(QwenImageTransformer {
     blocks => "transformer_blocks",
     norm_out => "norm_out.linear",
     proj_out => "proj_out",
-} without { config, txt_norm, rope, rope_cache, dtype, device });
+} without { config, txt_norm, rope, dtype, device });
 
 impl<B: QwenBackend> QwenImageTransformer<B> {
     /// Loads a diffusers `transformer/` folder: `config.json` and `diffusion_pytorch_model.safetensors` (or its
@@ -138,8 +133,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                 .collect::<Result<Vec<_>>>()?,
             norm_out: Linear::load(&mut root.pp("norm_out.linear"), dim, 2 * dim, true, device)?,
             proj_out: Linear::load(&mut root.pp("proj_out"), dim, config.out_features(), true, device)?,
-            rope: QwenRope::new(&config.axes_dims_rope),
-            rope_cache: Arc::default(),
+            rope: QwenRope::new(&config.axes_dims_rope).axis_tables(device),
             dtype: store.dtype(),
             device: device.clone(),
             config,
@@ -205,7 +199,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         if input.timestep.len() != b || input.timestep.iter().any(|t| !t.is_finite()) {
             return bad(format!("timestep must hold {b} finite values, got {:?}", input.timestep));
         }
-        Ok(())
+        check_layout(&input.img_shapes, t)
     }
 
     /// Rounds σ to the model dtype, as diffusers' `timestep.to(hidden_states.dtype)` does.
@@ -241,22 +235,15 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             txt,
             temb_act: temb_activation(temb),
             rows,
-            txt_rope: self.rope_cache().text(&self.rope, &input.img_shapes, n_txt, dev),
-            img_shapes: input.img_shapes.clone(),
-            n_txt,
+            txt_rope: self.rope.text(&input.img_shapes, n_txt),
+            img_rope: self.rope.images(&input.img_shapes),
             key_mask,
         })
     }
 
-    fn rope_cache(&self) -> std::sync::MutexGuard<'_, RopeCache<B>> {
-        // A panic while holding the lock leaves nothing half-updated that matters: the cache is rebuilt on a key
-        // change, so a poisoned lock is taken over.
-        self.rope_cache.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// RoPE table of the images `set` (indices into the input's images) on the device, cached across calls.
+    /// RoPE table of the images `set` (indices into the input's images), gathered once per call and set.
     pub(crate) fn image_rope(&self, p: &Prepared<B>, set: &[usize]) -> RopeTensors<B> {
-        self.rope_cache().images(&self.rope, &p.img_shapes, p.n_txt, set, &self.device)
+        p.img_rope.set(set)
     }
 
     /// `norm_out` (scale first, then shift) and `proj_out`.
