@@ -412,9 +412,68 @@ fn resolve_vision(raw: RawVision) -> Result<VisionConfig> {
 mod tests {
     use super::*;
 
+    /// Qwen2.5-VL-7B in the legacy flat layout (transformers 4.49: no `text_config`).
+    const FLAT_CONFIG: &str = r#"{
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+        "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+        "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
+        "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16", "transformers_version": "4.49.0", "use_cache": true, "use_sliding_window": false,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+            "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+            "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2, "temporal_patch_size": 2, "model_type": "qwen2_5_vl"},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 152064
+    }"#;
+
+    #[test]
+    fn parses_the_edit_snapshot_config_saved_by_transformers_4_53() {
+        let text = crate::published::TEXT_ENCODER_CONFIG;
+        let cfg = Qwen25VlConfig::from_json(text).unwrap();
+        assert_eq!(cfg, Qwen25VlConfig::from_json(FLAT_CONFIG).unwrap());
+        assert_eq!(
+            (cfg.text.vocab_size, cfg.text.hidden_size, cfg.text.intermediate_size, cfg.text.num_hidden_layers),
+            (152064, 3584, 18944, 28)
+        );
+        assert_eq!((cfg.text.num_attention_heads, cfg.text.num_key_value_heads), (28, 4));
+        assert_eq!((cfg.text.mrope_section, cfg.text.rope_theta, cfg.text.rms_norm_eps), ([16, 24, 24], 1e6, 1e-6));
+        assert_eq!((cfg.vision.in_channels, cfg.vision.patch_size, cfg.vision.depth), (3, 14, 32));
+        assert_eq!(
+            [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id],
+            [151655, 151656, 151652, 151653]
+        );
+        // The file has what the parser must cope with: both layouts, nulls, `type` beside `rope_type`, both
+        // channel keys.
+        let v: Value = serde_json::from_str(text).unwrap();
+        let t = &v["text_config"];
+        assert!(t["sliding_window"].is_null() && t["image_token_id"].is_null() && v["sliding_window"] == 32768);
+        assert_eq!(t["layer_types"].as_array().unwrap().len(), 28);
+        assert_eq!(t["rope_scaling"]["type"], "default");
+        assert_eq!((&v["vision_config"]["in_channels"], &v["vision_config"]["in_chans"]), (&3.into(), &3.into()));
+        // `text_config` is what is read: a change there shows, the same change in the flat copy does not.
+        let with = |section: Option<&str>, key: &str, value: Value| {
+            let mut v = v.clone();
+            match section {
+                Some(s) => v[s][key] = value,
+                None => v[key] = value,
+            }
+            Qwen25VlConfig::from_json(&v.to_string())
+        };
+        let err = with(Some("text_config"), "num_key_value_heads", 5.into()).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+        assert_eq!(with(None, "num_key_value_heads", 5.into()).unwrap(), cfg);
+        assert_eq!(with(Some("text_config"), "rope_theta", 5e5.into()).unwrap().text.rope_theta, 5e5);
+        let swa = with(Some("text_config"), "layer_types", serde_json::json!(vec!["sliding_attention"; 28]));
+        assert!(swa.unwrap_err().to_string().contains("sliding_attention"));
+    }
+
     #[test]
     fn parses_the_published_flat_config() {
-        let cfg = Qwen25VlConfig::from_json(crate::published::TEXT_ENCODER_CONFIG).unwrap();
+        let cfg = Qwen25VlConfig::from_json(FLAT_CONFIG).unwrap();
         assert_eq!(cfg.text.head_dim(), 128);
         assert_eq!(cfg.text.mrope_section, [16, 24, 24]);
         assert_eq!(cfg.text.rope_theta, 1e6);
@@ -430,7 +489,7 @@ mod tests {
 
     #[test]
     fn the_nested_layout_takes_text_config() {
-        let mut v: Value = serde_json::from_str(crate::published::TEXT_ENCODER_CONFIG).unwrap();
+        let mut v: Value = serde_json::from_str(FLAT_CONFIG).unwrap();
         let obj = v.as_object_mut().unwrap();
         let mut text = serde_json::Map::new();
         for key in
@@ -454,8 +513,8 @@ mod tests {
     #[test]
     fn rejects_other_models_and_bad_values() {
         let with = |from: &str, to: &str| {
-            assert!(crate::published::TEXT_ENCODER_CONFIG.contains(from), "{from}");
-            Qwen25VlConfig::from_json(&crate::published::TEXT_ENCODER_CONFIG.replace(from, to))
+            assert!(FLAT_CONFIG.contains(from), "{from}");
+            Qwen25VlConfig::from_json(&FLAT_CONFIG.replace(from, to))
                 .unwrap_err()
                 .to_string()
         };
@@ -475,7 +534,7 @@ mod tests {
         assert!(with("\"out_hidden_size\": 3584", "\"out_hidden_size\": 2048").contains("out_hidden_size"));
         assert!(with("\"hidden_size\": 3584", "\"hidden_size\": \"big\"").contains("invalid type"));
         assert!(Qwen25VlConfig::from_json("[]").is_err());
-        let no_vision = crate::published::TEXT_ENCODER_CONFIG.replace("\"vision_config\"", "\"other\"");
+        let no_vision = FLAT_CONFIG.replace("\"vision_config\"", "\"other\"");
         assert!(Qwen25VlConfig::from_json(&no_vision).unwrap_err().to_string().contains("vision_config"));
     }
 }
