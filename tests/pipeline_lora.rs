@@ -100,7 +100,10 @@ fn write_raw(path: &Path, tensors: &[(String, &str, Vec<usize>, Vec<u8>)]) {
     let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
     for (name, dtype, shape, bytes) in tensors {
         let offsets = [data.len(), data.len() + bytes.len()];
-        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": offsets}));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": offsets}),
+        );
         data.extend_from_slice(bytes);
     }
     let mut header = serde_json::Value::Object(header).to_string().into_bytes();
@@ -144,7 +147,8 @@ fn integer_alphas_are_read_as_their_value() {
 
     // An alpha that is not a scalar is still refused.
     let i = tensors.iter().position(|t| t.0.ends_with(".alpha")).unwrap();
-    tensors[i] = (tensors[i].0.clone(), "I64", vec![2], [8i64, 8].iter().flat_map(|v| v.to_le_bytes()).collect());
+    tensors[i] =
+        (tensors[i].0.clone(), "I64", vec![2], [8i64, 8].iter().flat_map(|v| v.to_le_bytes()).collect());
     write_raw(&p, &tensors);
     let msg = LoraWeights::load(&p, base.num_layers()).unwrap_err().to_string();
     assert!(msg.contains("must be a scalar"), "{msg}");

@@ -169,19 +169,25 @@ pub fn expected_tensors<T>(
 /// Every tensor of a diffusers `QwenImageTransformer2DModel` checkpoint for `config`, with its shape, in the order
 /// the loader reads them (top-level input layers, the blocks, the output layers).
 pub fn dit_checkpoint_tensors(config: &DitConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    expected_tensors(|store| QwenImageTransformer::<CpuBackend>::from_store(config.clone(), store, &Default::default()))
+    expected_tensors(|store| {
+        QwenImageTransformer::<CpuBackend>::from_store(config.clone(), store, &Default::default())
+    })
 }
 
 /// Every tensor of a diffusers `AutoencoderKLQwenImage` checkpoint for `config` that the loader reads (all of
 /// them, including the resamplers' `time_conv`s it checks and skips), with its shape.
 pub fn vae_checkpoint_tensors(config: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    expected_tensors(|store| AutoencoderKLQwenImage::<CpuBackend>::from_store(config.clone(), store, &Default::default()))
+    expected_tensors(|store| {
+        AutoencoderKLQwenImage::<CpuBackend>::from_store(config.clone(), store, &Default::default())
+    })
 }
 
 /// Every tensor of a `Qwen2_5_VLForConditionalGeneration` checkpoint for `config` in the legacy key naming
 /// (`model.*`, `visual.*`) that the text encoder reads, with its shape: all of them but `lm_head.weight`.
 pub fn text_encoder_checkpoint_tensors(config: &Qwen25VlConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    expected_tensors(|store| Qwen25VlTextEncoder::<CpuBackend>::from_store(config.clone(), store, &Default::default()))
+    expected_tensors(|store| {
+        Qwen25VlTextEncoder::<CpuBackend>::from_store(config.clone(), store, &Default::default())
+    })
 }
 
 /// A diffusers `transformer/config.json` for `config`.

@@ -181,7 +181,10 @@ impl<B: Backend> AxisTables<B> {
             ];
             Tensor::cat(parts, 3).reshape([f * h * w, a0 + a1 + a2])
         };
-        RopeTensors { cos: grid(&frames.cos, &rows.cos, &cols.cos), sin: grid(&frames.sin, &rows.sin, &cols.sin) }
+        RopeTensors {
+            cos: grid(&frames.cos, &rows.cos, &cols.cos),
+            sin: grid(&frames.sin, &rows.sin, &cols.sin),
+        }
     }
 
     /// The table of `text_len` text tokens following the images `shapes`: positions `start..start + text_len` on
@@ -306,7 +309,8 @@ mod tests {
     fn gathered_tables_equal_per_token_angles_bit_for_bit() {
         let rope = QwenRope::new(&[16, 56, 56]);
         let tables = rope.axis_tables::<B>(&Default::default());
-        let shapes = [ImageShape::new(5, 7), ImageShape { frames: 2, height: 4, width: 3 }, ImageShape::new(1, 1)];
+        let shapes =
+            [ImageShape::new(5, 7), ImageShape { frames: 2, height: 4, width: 3 }, ImageShape::new(1, 1)];
         for (idx, s) in shapes.iter().enumerate() {
             let got = tables.image(idx, s);
             let want = per_token(&rope, &image_positions(idx, s));

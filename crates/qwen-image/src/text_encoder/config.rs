@@ -436,11 +436,19 @@ mod tests {
         let cfg = Qwen25VlConfig::from_json(text).unwrap();
         assert_eq!(cfg, Qwen25VlConfig::from_json(FLAT_CONFIG).unwrap());
         assert_eq!(
-            (cfg.text.vocab_size, cfg.text.hidden_size, cfg.text.intermediate_size, cfg.text.num_hidden_layers),
+            (
+                cfg.text.vocab_size,
+                cfg.text.hidden_size,
+                cfg.text.intermediate_size,
+                cfg.text.num_hidden_layers
+            ),
             (152064, 3584, 18944, 28)
         );
         assert_eq!((cfg.text.num_attention_heads, cfg.text.num_key_value_heads), (28, 4));
-        assert_eq!((cfg.text.mrope_section, cfg.text.rope_theta, cfg.text.rms_norm_eps), ([16, 24, 24], 1e6, 1e-6));
+        assert_eq!(
+            (cfg.text.mrope_section, cfg.text.rope_theta, cfg.text.rms_norm_eps),
+            ([16, 24, 24], 1e6, 1e-6)
+        );
         assert_eq!((cfg.vision.in_channels, cfg.vision.patch_size, cfg.vision.depth), (3, 14, 32));
         assert_eq!(
             [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id],
@@ -450,10 +458,15 @@ mod tests {
         // channel keys.
         let v: Value = serde_json::from_str(text).unwrap();
         let t = &v["text_config"];
-        assert!(t["sliding_window"].is_null() && t["image_token_id"].is_null() && v["sliding_window"] == 32768);
+        assert!(
+            t["sliding_window"].is_null() && t["image_token_id"].is_null() && v["sliding_window"] == 32768
+        );
         assert_eq!(t["layer_types"].as_array().unwrap().len(), 28);
         assert_eq!(t["rope_scaling"]["type"], "default");
-        assert_eq!((&v["vision_config"]["in_channels"], &v["vision_config"]["in_chans"]), (&3.into(), &3.into()));
+        assert_eq!(
+            (&v["vision_config"]["in_channels"], &v["vision_config"]["in_chans"]),
+            (&3.into(), &3.into())
+        );
         // `text_config` is what is read: a change there shows, the same change in the flat copy does not.
         let with = |section: Option<&str>, key: &str, value: Value| {
             let mut v = v.clone();
@@ -514,9 +527,7 @@ mod tests {
     fn rejects_other_models_and_bad_values() {
         let with = |from: &str, to: &str| {
             assert!(FLAT_CONFIG.contains(from), "{from}");
-            Qwen25VlConfig::from_json(&FLAT_CONFIG.replace(from, to))
-                .unwrap_err()
-                .to_string()
+            Qwen25VlConfig::from_json(&FLAT_CONFIG.replace(from, to)).unwrap_err().to_string()
         };
         assert!(with("\"model_type\": \"qwen2_5_vl\"", "\"model_type\": \"qwen2_vl\"").contains("model_type"));
         assert!(with("[\"Qwen2_5_VLForConditionalGeneration\"]", "[\"LlamaForCausalLM\"]")

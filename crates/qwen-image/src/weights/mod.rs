@@ -146,7 +146,9 @@ impl WeightStore {
             Source::Files(files) => files.data(key, expected, self.dtype)?,
             Source::Generated(g) => {
                 let shape = expected.ok_or_else(|| {
-                    ModelError::invalid(format!("a store without files needs the shape of `{key}` to create it"))
+                    ModelError::invalid(format!(
+                        "a store without files needs the shape of `{key}` to create it"
+                    ))
                 })?;
                 g.data(key, shape, self.dtype)
             }
@@ -389,7 +391,10 @@ mod tests {
         let _: Tensor<Flex, 2> = store.tensor("lin.weight", [3072, 12288], &dev).unwrap();
         assert_eq!(
             store.created(),
-            &[("lin.weight".to_string(), vec![3072, 12288]), ("conv.weight".to_string(), vec![4, 2, 3, 3, 3])]
+            &[
+                ("lin.weight".to_string(), vec![3072, 12288]),
+                ("conv.weight".to_string(), vec![4, 2, 3, 3, 3])
+            ]
         );
         assert_eq!(store.total_bytes(), 2 * (3072 * 12288 + 4 * 2 * 27));
         assert!(store.scalar("alpha").is_err());
@@ -404,7 +409,11 @@ mod tests {
         let i32_bytes = (-3i32).to_le_bytes();
         let bf16_bytes = half::bf16::from_f32(0.5).to_le_bytes();
         let f32_bytes = [1.5f32, 2.5].map(f32::to_le_bytes).concat();
-        fn view(dtype: safetensors::Dtype, shape: Vec<usize>, bytes: &[u8]) -> safetensors::tensor::TensorView<'_> {
+        fn view(
+            dtype: safetensors::Dtype,
+            shape: Vec<usize>,
+            bytes: &[u8],
+        ) -> safetensors::tensor::TensorView<'_> {
             safetensors::tensor::TensorView::new(dtype, shape, bytes).unwrap()
         }
         let tensors = vec![
