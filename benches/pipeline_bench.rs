@@ -32,7 +32,7 @@ use qwen_image::{
     cuda,
     dit::{DitConfig, QwenImageTransformer},
     synthetic,
-    text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
+    text_encoder::{GridThw, Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
     vae::{AutoencoderKLQwenImage, VaeConfig},
     weights::WeightStore,
 };
@@ -80,7 +80,7 @@ struct Args {
 /// Text-encoder tokens of Edit v1 at 1024²: 1369 image tokens of a 74×74-patch image and 100 template/prompt
 /// tokens (66 before the image, `<|vision_start|>`, `<|vision_end|>`, 32 after).
 const TE_TOKENS: usize = 1469;
-const GRID: [usize; 3] = [1, 74, 74];
+const GRID: GridThw = GridThw { t: 1, h: 74, w: 74 };
 
 /// Median wall time in ms of `f` after one warm-up call, and the warm-up call's time (kernel compilation and
 /// autotuning included).
@@ -145,7 +145,7 @@ fn text_encoder(reps: usize) -> Value {
     ids.push(config.vision_end_token_id);
     ids.extend(text(after));
     assert_eq!(ids.len(), TE_TOKENS);
-    let patches = GRID.iter().product::<usize>();
+    let patches = GRID.num_patches();
     let pixels = randn([patches, config.vision.patch_features()], 1.0);
 
     let (vision_ms, vision_first) =
@@ -168,7 +168,7 @@ fn text_encoder(reps: usize) -> Value {
     let mem_peak = gpu_memory("after the text encoder");
     drop(te);
     json!({
-        "tokens": TE_TOKENS, "image_grid_thw": GRID, "image_tokens": image_tokens, "patches": patches,
+        "tokens": TE_TOKENS, "image_grid_thw": <[usize; 3]>::from(GRID), "image_tokens": image_tokens, "patches": patches,
         "weights_bytes": store.total_bytes(), "create_seconds": create_s,
         "vision_ms": vision_ms, "language_model_ms": language_ms, "forward_ms": full_ms, "output_finite": finite,
         "first_call_ms": {"vision": vision_first, "language_model": language_first, "forward": full_first},

@@ -215,7 +215,7 @@ pub fn read_image_grid_thw(file: &TensorFile) -> Result<Vec<GridThw>, ModelError
              {v:?}"
         )));
     }
-    Ok(v.chunks(3).map(|c| [c[0] as usize, c[1] as usize, c[2] as usize]).collect())
+    Ok(v.chunks(3).map(|c| GridThw::new(c[0] as usize, c[1] as usize, c[2] as usize)).collect())
 }
 
 fn read_tokens<B: QwenBackend>(file: &TensorFile, name: &str) -> Result<TokenTensor<B>, ModelError> {

@@ -298,7 +298,11 @@ fn full_prompts_match_qwen2vl_processor() {
             .map(|i| rgb(&format!("proc/{}/input", i.as_str().unwrap())))
             .collect();
         let pixels = proc.preprocess_all(&images).unwrap();
-        let want_grids: Vec<[usize; 3]> = serde_json::from_value(fp["grids"].clone()).unwrap();
+        let want_grids: Vec<GridThw> = serde_json::from_value::<Vec<[usize; 3]>>(fp["grids"].clone())
+            .unwrap()
+            .into_iter()
+            .map(GridThw::from)
+            .collect();
         assert_eq!(pixels.grid_thw(), want_grids, "{name}");
         // Several images: their pixel_values one after the other (the reference checked the same of its own).
         let want_pixels: Vec<f32> = fp["images"]

@@ -9,7 +9,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use qwen_image::{
     dit::{DitConfig, DitInput, ImageShape, QwenImageTransformer},
     synthetic,
-    text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
+    text_encoder::{GridThw, Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
     vae::{AutoencoderKLQwenImage, VaeConfig},
     weights::WeightStore,
     CpuBackend, ModelError,
@@ -84,7 +84,7 @@ fn a_random_text_encoder_with_28_layers_stays_finite() {
     let (img, start, end) = (config.image_token_id, config.vision_start_token_id, config.vision_end_token_id);
     let ids = vec![1, 20, 30, 40, start, img, img, img, img, end, 50, 60, 2, 70];
     let pixels = Tensor::random([16, config.vision.patch_features()], Distribution::Normal(0.0, 1.0), &dev);
-    let input = TextEncoderInput::new(ids).with_images(pixels, vec![[1, 4, 4]]);
+    let input = TextEncoderInput::new(ids).with_images(pixels, vec![GridThw::new(1, 4, 4)]);
     assert_sane("text encoder, 28 layers", &values(model.forward(&input).unwrap()));
 }
 
@@ -258,5 +258,5 @@ fn the_full_demo_snapshot_holds_the_published_configs() {
     assert_eq!((img.width(), img.height(), w, h), (256, 256, 1024, 1024));
     let big = qwen_image::processor::resize(&img, w, h, qwen_image::processor::Filter::Lanczos).unwrap();
     let pixels = proc.preprocess_all(&[big]).unwrap();
-    assert_eq!(pixels.grid_thw(), vec![[1, 74, 74]]);
+    assert_eq!(pixels.grid_thw(), vec![GridThw::new(1, 74, 74)]);
 }

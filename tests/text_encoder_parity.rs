@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qwen_image::{
     tensor_io::{rel_l2, to_f32_vec, write_f32, TensorFile},
-    text_encoder::{PositionMode, Qwen25VlTextEncoder, TextEncoderInput, TokenTensor},
+    text_encoder::{GridThw, PositionMode, Qwen25VlTextEncoder, TextEncoderInput, TokenTensor},
     CpuBackend, ModelError,
 };
 use qwen_image_edit::reference::{read_text_encoder_input, text_encode};
@@ -331,7 +331,7 @@ fn input_errors_are_clear() {
     // Image tokens without images.
     let mut no_images = TextEncoderInput::<B>::new(ids.clone());
     assert!(input_error(&model, &no_images).contains("0 embeddings"));
-    no_images.image_grid_thw = vec![[1, 6, 4]];
+    no_images.image_grid_thw = vec![GridThw::new(1, 6, 4)];
     assert!(input_error(&model, &no_images).contains("without pixel_values"));
 
     // pixel_values of the wrong width, or not matching the grids.
@@ -342,7 +342,7 @@ fn input_errors_are_clear() {
     case.pixel_values = Some(pixels.clone().narrow(0, 0, 20));
     assert!(input_error(&model, &case).contains("20 rows"));
     case.pixel_values = Some(pixels);
-    case.image_grid_thw = vec![[1, 3, 8]];
+    case.image_grid_thw = vec![GridThw::new(1, 3, 8)];
     assert!(input_error(&model, &case).contains("multiples of spatial_merge_size"));
 
     // Token ids outside the vocabulary, masks of the wrong shape or masking everything, video tokens.

@@ -271,6 +271,11 @@ pub struct GridThw {
 }
 
 impl GridThw {
+    /// The grid of `t × h × w` patches.
+    pub fn new(t: usize, h: usize, w: usize) -> Self {
+        GridThw { t, h, w }
+    }
+
     /// Number of vision patches (`t · h · w`): rows of `pixel_values`.
     pub fn num_patches(&self) -> usize {
         self.t * self.h * self.w
@@ -279,6 +284,20 @@ impl GridThw {
     /// Number of LLM tokens after merging `merge_size × merge_size` patches: `<|image_pad|>` copies in the prompt.
     pub fn num_tokens(&self, merge_size: usize) -> usize {
         self.num_patches() / (merge_size * merge_size)
+    }
+}
+
+/// A `[t, h, w]` row of `image_grid_thw`.
+impl From<[usize; 3]> for GridThw {
+    fn from([t, h, w]: [usize; 3]) -> Self {
+        GridThw { t, h, w }
+    }
+}
+
+/// The `[t, h, w]` row of `image_grid_thw`.
+impl From<GridThw> for [usize; 3] {
+    fn from(g: GridThw) -> Self {
+        [g.t, g.h, g.w]
     }
 }
 
@@ -304,9 +323,9 @@ impl PixelValues {
         [self.num_patches(), self.patch_dim]
     }
 
-    /// `image_grid_thw` as `[t, h, w]` rows.
-    pub fn grid_thw(&self) -> Vec<[usize; 3]> {
-        self.grids.iter().map(|g| [g.t, g.h, g.w]).collect()
+    /// `image_grid_thw`: a copy of [`grids`](Self::grids), as the text encoder takes it.
+    pub fn grid_thw(&self) -> Vec<GridThw> {
+        self.grids.clone()
     }
 }
 

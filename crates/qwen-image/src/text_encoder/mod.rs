@@ -29,9 +29,9 @@ use std::path::Path;
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
+pub use crate::processor::GridThw;
 pub use config::{Qwen25VlConfig, TextConfig, VisionConfig};
 pub use mrope::PositionMode;
-pub use window::GridThw;
 
 use self::{
     language::{LanguageModel, RopeCosSin},
@@ -251,7 +251,7 @@ impl<B: QwenBackend> Qwen25VlTextEncoder<B> {
 
     /// Number of `<|image_pad|>` tokens (= embeddings) an image of `grid` takes.
     pub fn image_tokens(&self, grid: GridThw) -> usize {
-        grid[0] * grid[1] * grid[2] / self.config.vision.merge_unit()
+        grid.num_patches() / self.config.vision.merge_unit()
     }
 
     /// The vision tower alone: `pixel_values [patches, C·T·p·p]` → image embeddings `[patches / merge², hidden]`,

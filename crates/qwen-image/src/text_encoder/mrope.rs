@@ -6,7 +6,7 @@
 //! transformers). The head's `head_dim / 2` frequencies `1/θ^(2j/head_dim)` are split into `mrope_section` chunks
 //! that read the temporal, height and width positions; the angles are repeated twice for the rotate-half pairs.
 
-use super::window::GridThw;
+use crate::processor::GridThw;
 use crate::{ModelError, Result};
 
 /// How the language model's rotary positions are assigned.
@@ -50,7 +50,7 @@ pub fn multimodal_positions(
             i += 1;
             continue;
         }
-        let Some(&[t, h, w]) = grids.get(image) else {
+        let Some(&GridThw { t, h, w }) = grids.get(image) else {
             return Err(ModelError::invalid(format!(
                 "image token at position {i} follows the tokens of all {} image(s) of this sequence",
                 grids.len()
@@ -159,7 +159,7 @@ mod tests {
     fn text_image_text_positions() {
         // 2 text tokens, a 1×4×6 image (2×3 merged cells), 2 text tokens.
         let ids = [1, 2, IMG, IMG, IMG, IMG, IMG, IMG, 3, 4];
-        let [t, h, w] = multimodal_positions(&ids, IMG, &[[1, 4, 6]], 2).unwrap();
+        let [t, h, w] = multimodal_positions(&ids, IMG, &[GridThw::new(1, 4, 6)], 2).unwrap();
         assert_eq!(t, vec![0, 1, 2, 2, 2, 2, 2, 2, 5, 6]);
         assert_eq!(h, vec![0, 1, 2, 2, 2, 3, 3, 3, 5, 6]);
         assert_eq!(w, vec![0, 1, 2, 3, 4, 2, 3, 4, 5, 6]);
@@ -168,14 +168,18 @@ mod tests {
     #[test]
     fn adjacent_images_and_mismatches() {
         let ids = [IMG, IMG, IMG, 7];
-        let [_, h, w] = multimodal_positions(&ids, IMG, &[[1, 2, 2], [1, 2, 4]], 2).unwrap();
+        let [_, h, w] =
+            multimodal_positions(&ids, IMG, &[GridThw::new(1, 2, 2), GridThw::new(1, 2, 4)], 2).unwrap();
         assert_eq!((h, w), (vec![0, 1, 1, 3], vec![0, 1, 2, 3]));
-        assert!(multimodal_positions(&ids, IMG, &[[1, 2, 2]], 2).unwrap_err().to_string().contains("all 1"));
-        assert!(multimodal_positions(&ids, IMG, &[[1, 4, 4]], 2)
+        assert!(multimodal_positions(&ids, IMG, &[GridThw::new(1, 2, 2)], 2)
+            .unwrap_err()
+            .to_string()
+            .contains("all 1"));
+        assert!(multimodal_positions(&ids, IMG, &[GridThw::new(1, 4, 4)], 2)
             .unwrap_err()
             .to_string()
             .contains("needs 4"));
-        let err = multimodal_positions(&[1, 2], IMG, &[[1, 2, 2]], 2).unwrap_err();
+        let err = multimodal_positions(&[1, 2], IMG, &[GridThw::new(1, 2, 2)], 2).unwrap_err();
         assert!(err.to_string().contains("0 image(s)"), "{err}");
     }
 

@@ -8,16 +8,13 @@
 use burn::tensor::{activation, backend::Backend, DType, Tensor, TensorData};
 
 use super::{
-    config::VisionConfig,
-    index_tensor,
-    language::GatedMlp,
-    rotary::apply_rotary,
-    vision_rope::VisionRopeTable,
-    window::{GridThw, WindowLayout},
+    config::VisionConfig, index_tensor, language::GatedMlp, rotary::apply_rotary,
+    vision_rope::VisionRopeTable, window::WindowLayout,
 };
 use crate::{
     nn::{Linear, RmsNorm},
     ops::QwenBackend,
+    processor::GridThw,
     weights::WeightPath,
     ModelError, Result,
 };
@@ -179,13 +176,13 @@ impl<B: QwenBackend> VisionTower<B> {
         }
         let m = cfg.spatial_merge_size;
         if let Some(g) =
-            grids.iter().find(|[t, h, w]| *t == 0 || *h == 0 || *w == 0 || h % m != 0 || w % m != 0)
+            grids.iter().find(|g| g.t == 0 || g.h == 0 || g.w == 0 || g.h % m != 0 || g.w % m != 0)
         {
             return Err(ModelError::invalid(format!(
                 "image grid {g:?} must be positive with height and width multiples of spatial_merge_size {m}"
             )));
         }
-        let total: usize = grids.iter().map(|[t, h, w]| t * h * w).sum();
+        let total: usize = grids.iter().map(GridThw::num_patches).sum();
         if total != patches {
             return Err(ModelError::invalid(format!(
                 "image_grid_thw {grids:?} describes {total} patches but pixel_values has {patches} rows"

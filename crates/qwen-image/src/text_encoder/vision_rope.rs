@@ -6,7 +6,7 @@
 //! merged cells row-major, the `merge × merge` patches of a cell row-major inside it; every frame repeats the
 //! positions. The tables are computed in f32, as transformers does.
 
-use super::window::GridThw;
+use crate::processor::GridThw;
 
 /// cos/sin of the vision rotary angles, `[patches, head_dim]` row-major, f32.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -22,7 +22,7 @@ pub struct VisionRopeTable {
 /// (row, column) of every patch of `grids`, in the processor's patch order.
 pub fn patch_positions(grids: &[GridThw], merge: usize) -> Vec<[usize; 2]> {
     let mut out = Vec::new();
-    for &[t, h, w] in grids {
+    for &GridThw { t, h, w } in grids {
         for _ in 0..t {
             for br in 0..h / merge {
                 for bc in 0..w / merge {
@@ -89,15 +89,15 @@ mod tests {
 
     #[test]
     fn patches_come_in_merge_groups() {
-        let pos = patch_positions(&[[1, 2, 4]], 2);
+        let pos = patch_positions(&[GridThw::new(1, 2, 4)], 2);
         assert_eq!(pos, vec![[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]);
-        assert_eq!(patch_positions(&[[2, 2, 2]], 2).len(), 8);
+        assert_eq!(patch_positions(&[GridThw::new(2, 2, 2)], 2).len(), 8);
     }
 
     #[test]
     fn angles_are_row_then_column_repeated() {
         // head_dim 8: frequencies 1 and 1/θ^(1/2) = 0.01 for θ = 10⁴.
-        let t = VisionRopeTable::new(&[[1, 2, 4]], 2, 8, 1e4);
+        let t = VisionRopeTable::new(&[GridThw::new(1, 2, 4)], 2, 8, 1e4);
         assert_eq!(t.len(), 8);
         let angle = |p: usize, i: usize| t.sin[p * 8 + i].atan2(t.cos[p * 8 + i]);
         // Patch 6 is at row 1, column 2.

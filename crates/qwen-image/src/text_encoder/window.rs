@@ -6,8 +6,7 @@
 //! already divides, which then has no cells), tiled into `ws × ws` windows in row-major order, with the cells inside
 //! a window in row-major order. Empty windows vanish from `cu_window_seqlens`.
 
-/// Size of one image in patches: `[frames, height, width]` (`image_grid_thw`).
-pub type GridThw = [usize; 3];
+use crate::processor::GridThw;
 
 /// The permutation and block boundaries of the vision tower's attention.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,7 +30,7 @@ impl WindowLayout {
         let mut cu_window_seqlens = vec![0usize];
         let mut cu_seqlens = vec![0usize];
         let mut offset = 0;
-        for &[t, h, w] in grids {
+        for &GridThw { t, h, w } in grids {
             let (gh, gw) = (h / merge, w / merge);
             let (nwh, nww) = ((gh + ws - gh % ws) / ws, (gw + ws - gw % ws) / ws);
             for frame in 0..t {
@@ -85,7 +84,7 @@ mod tests {
     #[test]
     fn windows_tile_the_merged_grid_row_major() {
         // One image of 6×10 patches → 3×5 merged cells, windows of 2×2 cells (the side does not divide).
-        let layout = WindowLayout::new(&[[1, 6, 10]], 2, 2);
+        let layout = WindowLayout::new(&[GridThw::new(1, 6, 10)], 2, 2);
         assert_eq!(layout.window_index, vec![0, 1, 5, 6, 2, 3, 7, 8, 4, 9, 10, 11, 12, 13, 14]);
         assert_eq!(layout.cu_window_seqlens, vec![0, 16, 32, 40, 48, 56, 60]);
         assert_eq!(layout.cu_seqlens, vec![0, 60]);
@@ -99,7 +98,7 @@ mod tests {
     fn divisible_grids_and_several_images() {
         // 2×2 merged cells with 2-cell windows divide exactly (the padding adds only empty windows);
         // the second image's cells are offset by the first image's 4 cells; frames attend separately.
-        let layout = WindowLayout::new(&[[1, 4, 4], [2, 2, 4]], 2, 2);
+        let layout = WindowLayout::new(&[GridThw::new(1, 4, 4), GridThw::new(2, 2, 4)], 2, 2);
         assert_eq!(layout.window_index, vec![0, 1, 2, 3, 4, 5, 6, 7]);
         assert_eq!(layout.cu_window_seqlens, vec![0, 16, 24, 32]);
         assert_eq!(layout.cu_seqlens, vec![0, 16, 24, 32]);
