@@ -16,8 +16,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Accepted key conventions (§6.2 of the reference; the same conversions as diffusers'
-//! `_convert_non_diffusers_qwen_lora_to_diffusers`): `{module}.lora_down.weight` / `.lora_up.weight`,
+//! Accepted key conventions (the same conversions as diffusers' `_convert_non_diffusers_qwen_lora_to_diffusers`,
+//! <https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/loaders/lora_conversion_utils.py#L2221>): `{module}.lora_down.weight` / `.lora_up.weight`,
 //! `{module}.lora_A.weight` / `.lora_B.weight` (also with a `.default` infix: `lora_A.default.weight`), optional
 //! `{module}.alpha` (scale `alpha / rank`; without it the scale is 1), an optional `diffusion_model.`,
 //! `transformer.` or `base_model.model.` prefix, and kohya names (`lora_unet_transformer_blocks_0_attn_to_q.…`).

@@ -62,6 +62,7 @@ fn d_shift_type() -> TimeShiftType {
 
 /// `scheduler/scheduler_config.json`. Unknown keys are ignored; missing keys take the defaults of diffusers'
 /// `FlowMatchEulerDiscreteScheduler.__init__`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_flow_match_euler_discrete.py#L92
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SchedulerConfig {
     /// diffusers class name; must be `FlowMatchEulerDiscreteScheduler` when present.
@@ -222,6 +223,7 @@ impl Schedule {
 }
 
 /// `FlowMatchEulerDiscreteScheduler` with a validated config.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_flow_match_euler_discrete.py#L48
 #[derive(Clone, Debug, PartialEq)]
 pub struct FlowMatchEulerScheduler {
     config: SchedulerConfig,
@@ -333,8 +335,9 @@ fn round_to(v: f32, dtype: DType) -> f32 {
 /// The σ the DiT receives for scheduler timestep `t` in a run whose latents are in `dtype`.
 ///
 /// diffusers casts the timestep to the latents' dtype and divides by 1000 in that dtype:
-/// `dtype(dtype(t) / 1000)` (§1.4 of the reference; t = 766.709 → 768 → 0.76953125 in bf16). In f32 this is
-/// `f32(t) / 1000`, which is not always bit-equal to σ.
+/// `dtype(dtype(t) / 1000)` (t = 766.709 → 768 → 0.76953125 in bf16). In f32 this is `f32(t) / 1000`, which is
+/// not always bit-equal to σ.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L814-L818
 pub fn dit_timestep(t: f32, dtype: DType, num_train_timesteps: usize) -> f32 {
     round_to(round_to(t, dtype) / num_train_timesteps as f32, dtype)
 }
@@ -349,7 +352,9 @@ mod tests {
 
     #[test]
     fn reference_tables() {
-        // §3.5 of the reference (values given to 6 decimals).
+        // σ of diffusers' `set_timesteps` with the Qwen-Image config and `mu = calculate_shift(4096)`, to 6 decimals:
+        // https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/schedulers/scheduling_flow_match_euler_discrete.py#L283
+        // https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L71
         let base = FlowMatchEulerScheduler::new(SchedulerConfig::qwen_image()).unwrap();
         let mu = base.mu(4096);
         assert!((mu - 0.693548).abs() < 1e-6, "{mu}");

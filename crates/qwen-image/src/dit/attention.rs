@@ -11,6 +11,7 @@ use crate::{
 };
 
 /// The attention weights of one block (`transformer_blocks.{i}.attn`).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L473
 #[derive(Clone, Debug)]
 pub struct JointAttention<B: Backend> {
     /// Image-stream query projection.

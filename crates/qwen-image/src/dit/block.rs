@@ -18,6 +18,7 @@ use crate::{
 const LN_EPS: f64 = 1e-6;
 
 /// `FeedForward(dim, mult=4, activation="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/attention.py#L1682
 #[derive(Clone, Debug)]
 pub struct FeedForward<B: Backend> {
     /// `net.0.proj`, `dim → 4·dim`.
@@ -85,6 +86,7 @@ pub struct BlockOutput<B: Backend> {
 }
 
 /// `transformer_blocks.{i}`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L590
 #[derive(Clone, Debug)]
 pub struct TransformerBlock<B: Backend> {
     /// `img_mod.1`: `dim → 6·dim`.

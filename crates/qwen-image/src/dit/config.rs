@@ -9,6 +9,7 @@ use crate::{ModelError, Result};
 /// Hyper-parameters of `QwenImageTransformer2DModel`, read from a diffusers `transformer/config.json`.
 ///
 /// Unknown keys are ignored; missing keys take diffusers' defaults (the published Qwen-Image-Edit values).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L816-L831
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct DitConfig {

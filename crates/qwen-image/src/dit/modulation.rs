@@ -33,6 +33,7 @@ impl ModRuns {
 }
 
 /// One `(shift, scale, gate)` triple of a modulation, each `[rows, batch, dim]`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L640
 #[derive(Clone, Debug)]
 pub struct Modulation<B: Backend> {
     /// Added after scaling.

@@ -79,6 +79,7 @@ pub struct RopeTensors<B: Backend> {
 
 impl<B: Backend> RopeTensors<B> {
     /// Rotates `x` (`[batch, tokens, heads, head_dim]`) in f32 and casts back to its dtype.
+    // https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L96
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         let dtype = x.dtype();

@@ -10,6 +10,7 @@ pub const TIME_PROJ_DIM: usize = 256;
 /// `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)` in f32 on the host.
 ///
 /// Returns `[cos(1000·t·ω_0..127), sin(1000·t·ω_0..127)]` per timestep, row-major `[t.len(), 256]`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L42
 pub fn timestep_sinusoid(timesteps: &[f32]) -> Vec<f32> {
     let half = TIME_PROJ_DIM / 2;
     let ln_period = (10000f64).ln() as f32;
@@ -24,6 +25,7 @@ pub fn timestep_sinusoid(timesteps: &[f32]) -> Vec<f32> {
 }
 
 /// `time_text_embed.timestep_embedder`: `linear_1 (256 → D) → SiLU → linear_2 (D → D)`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L174
 #[derive(Clone, Debug)]
 pub struct TimestepEmbedder<B: Backend> {
     /// `linear_1`.

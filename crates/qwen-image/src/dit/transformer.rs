@@ -65,6 +65,7 @@ impl<B: Backend> Prepared<B> {
 }
 
 /// The Qwen-Image MMDiT.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L748
 #[derive(Clone, Debug)]
 pub struct QwenImageTransformer<B: Backend> {
     /// The checkpoint's config.

@@ -223,6 +223,7 @@ impl ImageProcessorConfig {
 ///
 /// Errors (instead of transformers' `ValueError`s and silent degenerate results) when a side is under 10 pixels,
 /// when the aspect ratio exceeds 200, or when `factor` is 0.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_vl/image_processing_qwen2_vl.py#L63
 pub fn smart_resize(
     height: usize,
     width: usize,
@@ -330,6 +331,7 @@ impl PixelValues {
 }
 
 /// The Qwen2-VL image processor.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_vl/image_processing_qwen2_vl.py#L93
 #[derive(Clone, Debug)]
 pub struct ImageProcessor {
     config: ImageProcessorConfig,

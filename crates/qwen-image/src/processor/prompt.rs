@@ -19,6 +19,7 @@ pub const EDIT_SYSTEM_PROMPT: &str = "Describe the key features of the input ima
 pub const DROP_IDX: usize = 64;
 
 /// Which pipeline's prompt template to use.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L212-L213
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PromptTemplate {
     /// `QwenImageEditPipeline` (Qwen-Image-Edit): exactly one image, whose vision block precedes the prompt.
@@ -169,6 +170,7 @@ impl<B: Backend> PromptEmbeds<B> {
 /// `hidden` is the text encoder's last hidden state (after the final norm) `[batch, tokens, dim]`;
 /// `attention_masks[b]` is prompt `b`'s mask over the `tokens` positions. Errors on mismatched shapes and when a
 /// prompt has no more than `drop_idx` tokens.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L228
 pub fn extract_prompt_embeds<B: Backend>(
     hidden: Tensor<B, 3>,
     attention_masks: &[Vec<u32>],

@@ -3,6 +3,7 @@
 use crate::{ModelError, Result};
 
 /// Area of Edit-Plus condition images for the vision-language encoder (`CONDITION_IMAGE_SIZE = 384²`).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L66-L67
 pub const CONDITION_IMAGE_SIZE: u32 = 384 * 384;
 /// Area of the images the VAE encodes, and of the default output (`VAE_IMAGE_SIZE = 1024²`).
 pub const VAE_IMAGE_SIZE: u32 = 1024 * 1024;
@@ -14,6 +15,7 @@ pub const OUTPUT_MULTIPLE: u32 = 16;
 /// of 32.
 ///
 /// Errors for a non-finite or non-positive ratio and when a side rounds to 0 (an extreme aspect ratio).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L158-L165
 pub fn calculate_dimensions(target_area: u32, ratio: f64) -> Result<(u32, u32)> {
     if !ratio.is_finite() || ratio <= 0.0 {
         return Err(ModelError::invalid(format!("aspect ratio {ratio} must be finite and positive")));
@@ -40,6 +42,7 @@ fn ratio(width: u32, height: u32) -> Result<f64> {
 
 /// `QwenImageEditPipeline`: the size the input image is resized to (Lanczos) for both the vision-language encoder
 /// and the VAE: [`calculate_dimensions`]`(1024², w / h)`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L623-L624
 pub fn edit_image_size(width: u32, height: u32) -> Result<(u32, u32)> {
     calculate_dimensions(VAE_IMAGE_SIZE, ratio(width, height)?)
 }
@@ -55,6 +58,7 @@ pub struct EditPlusSizes {
 
 /// `QwenImageEditPlusPipeline`: each image is resized (Lanczos, from the original) once to about 384² for the
 /// vision-language encoder and once to about 1024² for the VAE, both keeping its own aspect ratio.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L697-L702
 pub fn edit_plus_image_sizes(width: u32, height: u32) -> Result<EditPlusSizes> {
     let r = ratio(width, height)?;
     Ok(EditPlusSizes {
@@ -67,6 +71,7 @@ pub fn edit_plus_image_sizes(width: u32, height: u32) -> Result<EditPlusSizes> {
 /// ratio)` of the reference image (Edit: the image; Edit Plus: the **last** image), floored to multiples of 16.
 ///
 /// Errors if a requested side is under 16.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L645-L652
 pub fn output_size(
     reference_width: u32,
     reference_height: u32,
@@ -92,7 +97,8 @@ mod tests {
 
     #[test]
     fn reference_table() {
-        // qwen_image_reference.md §2.4 worked sizes: input → Edit/VAE size, Plus condition size.
+        // Worked sizes: input → Edit / Edit Plus VAE size and output size, Edit Plus condition size, as diffusers'
+        // pipelines compute them with `calculate_dimensions` (see the links at the functions).
         for ((w, h), edit, cond) in [
             ((1024, 1024), (1024, 1024), (384, 384)),
             ((1920, 1080), (1376, 768), (512, 288)),

@@ -39,6 +39,7 @@ pub const VIDEO_PAD: &str = "<|video_pad|>";
 const REQUIRED: [&str; 6] = [IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD];
 
 /// A Qwen2 / Qwen2.5-VL tokenizer.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2/tokenization_qwen2.py#L36
 #[derive(Clone)]
 pub struct QwenTokenizer {
     inner: Tokenizer,

@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::{ModelError, Result};
 
 /// Hyper-parameters of the language model (`Qwen2_5_VLTextConfig`).
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/configuration_qwen2_5_vl.py#L72
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextConfig {
     /// Rows of `embed_tokens`.
@@ -46,6 +47,7 @@ impl TextConfig {
 }
 
 /// Hyper-parameters of the vision tower (`Qwen2_5_VLVisionConfig`).
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/configuration_qwen2_5_vl.py#L36
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionConfig {
     /// Number of vision blocks.
@@ -102,6 +104,7 @@ impl VisionConfig {
 }
 
 /// The text encoder's `config.json` (`Qwen2_5_VLConfig`): both towers and the special token ids.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/configuration_qwen2_5_vl.py#L161
 #[derive(Clone, Debug, PartialEq)]
 pub struct Qwen25VlConfig {
     /// The language model.

@@ -12,6 +12,7 @@ use crate::{
 };
 
 /// Self-attention of one decoder layer (`self_attn`): biased Q/K/V projections, GQA, output projection without bias.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L593
 #[derive(Clone, Debug)]
 pub struct TextAttention<B: Backend> {
     /// `hidden → heads·head_dim`, with bias.
@@ -31,6 +32,7 @@ pub struct TextAttention<B: Backend> {
 }
 
 /// The SiLU-gated MLP: `down(silu(gate(x)) · up(x))`.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L550
 #[derive(Clone, Debug)]
 pub struct GatedMlp<B: Backend> {
     /// `dim → intermediate`.
@@ -65,6 +67,7 @@ impl<B: QwenBackend> GatedMlp<B> {
 }
 
 /// One decoder layer: `x + attn(input_layernorm(x))`, then `x + mlp(post_attention_layernorm(x))`.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L680
 #[derive(Clone, Debug)]
 pub struct DecoderLayer<B: Backend> {
     /// Pre-attention RMSNorm.
@@ -140,6 +143,7 @@ impl<B: QwenBackend> TextAttention<B> {
 }
 
 /// The language model's weights.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L750
 #[derive(Clone, Debug)]
 pub struct LanguageModel<B: Backend> {
     /// `embed_tokens.weight`, `[vocab, hidden]`.

@@ -199,6 +199,7 @@ pub fn normalize_key_names(store: &mut WeightStore) -> Result<KeyNaming> {
 }
 
 /// The Qwen2.5-VL text encoder: vision tower and language model.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L866
 #[derive(Clone, Debug)]
 pub struct Qwen25VlTextEncoder<B: Backend> {
     /// The checkpoint's config.

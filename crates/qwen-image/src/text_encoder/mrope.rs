@@ -34,6 +34,7 @@ pub fn sequential_positions(len: usize) -> Positions {
 ///
 /// Each image takes `t · (h/merge) · (w/merge)` consecutive `image_token_id` tokens. Errors if the image tokens do
 /// not line up with the grids.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L934
 pub fn multimodal_positions(
     ids: &[i64],
     image_token_id: i64,
@@ -86,6 +87,7 @@ pub fn multimodal_positions(
 }
 
 /// cos/sin of the M-RoPE angles, `[tokens, head_dim]` row-major, f32.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L492
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MropeTable {
     /// Cosines.

@@ -6,6 +6,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 /// `[−x₂, x₁]` of the last axis' halves.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L201
 pub fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let d = x.dims()[3];
     let x1 = x.clone().narrow(3, 0, d / 2);
@@ -17,6 +18,7 @@ pub fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 ///
 /// The arithmetic runs in `x`'s dtype; `cos` and `sin` must have that dtype too (callers choose: the vision tower
 /// rotates in f32, the language model in the activation dtype, as transformers does).
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L567
 pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
     let [_, s, _, d] = x.dims();
     let cos = cos.clone().reshape([1, s, 1, d]);

@@ -23,6 +23,7 @@ use crate::{
 const VISION_EPS: f64 = 1e-6;
 
 /// Attention of a vision block: fused `qkv` (bias), rotary on q and k, `proj` (bias).
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L259
 #[derive(Clone, Debug)]
 pub struct VisionAttention<B: Backend> {
     /// `dim → 3·dim`, laid out as `[3, heads, head_dim]`.
@@ -36,6 +37,7 @@ pub struct VisionAttention<B: Backend> {
 }
 
 /// One vision block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L342
 #[derive(Clone, Debug)]
 pub struct VisionBlock<B: Backend> {
     /// Pre-attention RMSNorm.
@@ -51,6 +53,7 @@ pub struct VisionBlock<B: Backend> {
 }
 
 /// The patch merger (`merger`): RMSNorm per patch, groups of `merge²` patches concatenated, `Linear → GELU → Linear`.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L185
 #[derive(Clone, Debug)]
 pub struct PatchMerger<B: Backend> {
     /// `ln_q`: RMSNorm of each patch.
@@ -69,6 +72,7 @@ struct VisionRope<B: Backend> {
 }
 
 /// The vision tower's weights.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L386
 #[derive(Clone, Debug)]
 pub struct VisionTower<B: Backend> {
     /// The config the tower was built from.

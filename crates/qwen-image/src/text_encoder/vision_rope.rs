@@ -9,6 +9,7 @@
 use crate::processor::GridThw;
 
 /// cos/sin of the vision rotary angles, `[patches, head_dim]` row-major, f32.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L125
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VisionRopeTable {
     /// Cosines.

@@ -9,6 +9,7 @@
 use crate::processor::GridThw;
 
 /// The permutation and block boundaries of the vision tower's attention.
+// https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/vision_utils.py#L130
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WindowLayout {
     /// `window_index[i]` = raster index (over all images) of the merged cell placed at position `i`.

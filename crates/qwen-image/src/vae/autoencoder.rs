@@ -13,6 +13,7 @@ use crate::{ops::QwenBackend, weights::WeightStore, ModelError, Result};
 /// Images are `[batch, 3, H, W]` in `[-1, 1]` with `H` and `W` multiples of 8; latents are `[batch, z_dim, H/8, W/8]`
 /// ("raw": not normalized; see [`normalize_latents`](Self::normalize_latents)). Weights and activations use the load
 /// dtype; inputs are cast to it.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L673
 #[derive(Clone, Debug)]
 pub struct AutoencoderKLQwenImage<B: Backend> {
     /// The checkpoint's config.

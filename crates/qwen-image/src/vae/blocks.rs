@@ -18,6 +18,7 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// `QwenImageResidualBlock(in, out)`: `conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L220
 #[derive(Clone, Debug)]
 pub struct ResidualBlock<B: Backend> {
     /// `norm1`, over the input channels.
@@ -66,6 +67,7 @@ impl<B: QwenBackend> ResidualBlock<B> {
 }
 
 /// `QwenImageAttentionBlock(dim)`: single-head self-attention over the `h·w` pixels with head dimension `dim`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L294
 #[derive(Clone, Debug)]
 pub struct AttentionBlock<B: Backend> {
     /// `norm` (`gamma [dim, 1, 1]`).
@@ -112,6 +114,7 @@ fn skip_time_conv(path: &mut WeightPath<'_>, in_dim: usize, out_dim: usize) -> R
 
 /// `QwenImageResample` in `downsample2d`/`downsample3d` mode on one frame: zero-pad right and bottom by one pixel,
 /// then a 3×3 convolution with stride 2 (`resample.1`). Halves the resolution (`h → h/2` for even `h`).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L133
 #[derive(Clone, Debug)]
 pub struct Downsample<B: Backend> {
     /// `resample.1`, `dim → dim`.
@@ -140,6 +143,7 @@ pub fn pad_right_bottom<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// `QwenImageResample` in `upsample2d`/`upsample3d` mode on one frame: nearest-neighbour ×2 (pixel duplication),
 /// then a 3×3 convolution `dim → dim/2` (`resample.1`).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L133
 #[derive(Clone, Debug)]
 pub struct Upsample<B: Backend> {
     /// `resample.1`, `dim → dim / 2`.
@@ -168,6 +172,7 @@ pub fn upsample_nearest_2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 }
 
 /// `QwenImageMidBlock(dim)`: `resnets.0 → attentions.0 → resnets.1`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L339
 #[derive(Clone, Debug)]
 pub struct MidBlock<B: Backend> {
     /// `resnets.0`.

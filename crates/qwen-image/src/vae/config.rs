@@ -21,6 +21,7 @@ pub const QWEN_IMAGE_LATENTS_STD: [f32; 16] = [
 /// Hyper-parameters of `AutoencoderKLQwenImage`, read from a diffusers `vae/config.json`.
 ///
 /// Unknown keys are ignored; missing keys take diffusers' defaults (the published Qwen-Image values).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L684-L697
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct VaeConfig {

@@ -22,6 +22,7 @@ pub struct Conv2d<B: Backend> {
 impl<B: QwenBackend> Conv2d<B> {
     /// Loads a `QwenImageCausalConv3d` (`{path}.weight [out, in, k, k, k]`, `{path}.bias [out]`) as the 2-D
     /// convolution it computes on one frame: the last temporal slice of the kernel.
+    // https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L40
     pub fn load_causal(
         path: &mut WeightPath<'_>,
         in_channels: usize,

@@ -11,6 +11,7 @@ use super::{
 use crate::{ops::QwenBackend, weights::WeightPath, Result};
 
 /// `QwenImageUpBlock`: `num_res_blocks + 1` residual blocks, then an optional ×2 upsampler (`dim → dim/2`).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L486
 #[derive(Clone, Debug)]
 pub struct UpBlock<B: Backend> {
     /// `resnets`: the first maps `in → out`, the others `out → out`.
@@ -31,6 +32,7 @@ impl<B: QwenBackend> UpBlock<B> {
 }
 
 /// The decoder: `conv_in → mid_block → up_blocks → norm_out → SiLU → conv_out`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L555
 #[derive(Clone, Debug)]
 pub struct Decoder<B: Backend> {
     /// `conv_in`, 3×3, `z_dim → top_dim`.

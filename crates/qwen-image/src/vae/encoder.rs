@@ -30,6 +30,7 @@ impl<B: QwenBackend> DownLayer<B> {
 }
 
 /// The encoder: `conv_in → down_blocks → mid_block → norm_out → SiLU → conv_out`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L378
 #[derive(Clone, Debug)]
 pub struct Encoder<B: Backend> {
     /// `conv_in`, 3×3, `input_channels → base_dim`.

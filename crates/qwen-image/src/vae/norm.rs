@@ -12,6 +12,7 @@ const NORM_EPS: f64 = 1e-12;
 ///
 /// As in diffusers, the normalization runs in f32 and is cast back to the input dtype before the multiplication by
 /// `√C` and `γ`.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L85
 #[derive(Clone, Debug)]
 pub struct ChannelRmsNorm<B: Backend> {
     /// `γ`, `[channels]` (stored as `[C, 1, 1, 1]` in residual blocks, `[C, 1, 1]` in attention blocks).

@@ -89,6 +89,7 @@ fn blend_weights<B: Backend>(n: usize, axis: usize, device: &B::Device) -> (Tens
 
 /// diffusers' `blend_v` (axis 2) / `blend_h` (axis 3): the first `n = min(extent, a_len, b_len)` rows (columns) of
 /// `b` become `a_tail · (1 − k/n) + b_head · k/n`, computed in f32.
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L891-L905
 fn blend<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize, axis: usize) -> Tensor<B, 4> {
     let (a_len, b_len) = (a.dims()[axis], b.dims()[axis]);
     let n = extent.min(a_len).min(b_len);
@@ -108,6 +109,7 @@ fn blend<B: Backend>(a: &Tensor<B, 4>, b: Tensor<B, 4>, extent: usize, axis: usi
 }
 
 /// Runs `f` on the tiles of `x` and blends the outputs; the result is cropped to `out_size` (height, width).
+// https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L907
 fn run_tiled<B: Backend>(
     x: Tensor<B, 4>,
     grid: Grid,
