@@ -5,7 +5,8 @@
 //! - [`vae`]: the Qwen-Image VAE (`AutoencoderKLQwenImage`) on single images, with tiled modes for large ones.
 //! - [`processor`]: images and instructions → text-encoder inputs (Pillow/torch-exact resizing, the Qwen2-VL image
 //!   processor, the Qwen2 tokenizer, the edit prompt templates), parity-tested against transformers and diffusers.
-//! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks.
+//! - [`weights`]: memory-mapped safetensors loading (single files and shards) with strict key and shape checks,
+//!   or stores without files (random weights; shape-only, to list what a loader reads).
 //! - [`synthetic`]: random weights for the full-size networks (no checkpoint needed) and random sharded
 //!   checkpoints, for benchmarks.
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend

@@ -4,9 +4,9 @@
 //! (`r − (h − ⌊h/2⌋)`, likewise for columns); text token `j` gets position `max_i max(⌊h_i/2⌋, ⌊w_i/2⌋) + j` on all three
 //! axes. The 128-dim head vector is read as 64 complex numbers `(x[2k], x[2k+1])` and multiplied by `e^{iθ_k}`.
 //!
-//! The model computes the cos/sin of every position of each axis once ([`QwenRope::axis_tables`], as diffusers'
+//! The model computes the cos/sin of every position of each axis once (`QwenRope::axis_tables`, as diffusers'
 //! `QwenEmbedRope.__init__` does) and keeps them on the device; a forward call gathers its text and image tables
-//! from them ([`AxisTables::text`], [`AxisTables::images`]): no state between calls, the same tables for every
+//! from them (`AxisTables::text`, `AxisTables::images`): no state between calls, the same tables for every
 //! layout and text length (e.g. the prompt and negative-prompt branches of true CFG).
 
 use std::cell::RefCell;
@@ -145,7 +145,7 @@ impl QwenRope {
 
     /// The per-axis tables of every position `−MAX_POSITION .. MAX_POSITION`, uploaded to `device` once (a model
     /// keeps them for its lifetime; ~4 MB for the published axes).
-    pub fn axis_tables<B: Backend>(&self, device: &B::Device) -> AxisTables<B> {
+    pub(crate) fn axis_tables<B: Backend>(&self, device: &B::Device) -> AxisTables<B> {
         let all = |axis| self.axis_rows(axis, -(MAX_POSITION as i64), 2 * MAX_POSITION).to_device(device);
         AxisTables { axes: [all(0), all(1), all(2)] }
     }
@@ -155,7 +155,7 @@ impl QwenRope {
 /// MAX_POSITION` holds position `p`), from which the tables of any input layout are gathered: copies of rows, so
 /// bit-identical to computing each token's angles. Immutable; clones share the tensors.
 #[derive(Clone, Debug)]
-pub struct AxisTables<B: Backend> {
+pub(crate) struct AxisTables<B: Backend> {
     axes: [RopeTensors<B>; 3],
 }
 
@@ -168,7 +168,7 @@ impl<B: Backend> AxisTables<B> {
 
     /// The table of image `idx` of shape `s` (frame positions `idx..`, centred rows and columns): each token's row
     /// is its frame, row and column rows side by side (`_compute_video_freqs`).
-    pub fn image(&self, idx: usize, s: &ImageShape) -> RopeTensors<B> {
+    pub(crate) fn image(&self, idx: usize, s: &ImageShape) -> RopeTensors<B> {
         let [f, h, w] = [s.frames, s.height, s.width];
         let frames = self.rows(0, idx as i64, f);
         let rows = self.rows(1, -((h - h / 2) as i64), h);
@@ -190,7 +190,7 @@ impl<B: Backend> AxisTables<B> {
 
     /// The table of `text_len` text tokens following the images `shapes`: positions `start..start + text_len` on
     /// all three axes, `start = max_i max(⌊h_i/2⌋, ⌊w_i/2⌋)`.
-    pub fn text(&self, shapes: &[ImageShape], text_len: usize) -> RopeTensors<B> {
+    pub(crate) fn text(&self, shapes: &[ImageShape], text_len: usize) -> RopeTensors<B> {
         let start = text_start(shapes) as i64;
         let parts: Vec<RopeTensors<B>> = (0..3).map(|axis| self.rows(axis, start, text_len)).collect();
         RopeTensors {
@@ -200,7 +200,7 @@ impl<B: Backend> AxisTables<B> {
     }
 
     /// The tables of every image of `shapes`, for one forward call.
-    pub fn images(&self, shapes: &[ImageShape]) -> ImageRopes<B> {
+    pub(crate) fn images(&self, shapes: &[ImageShape]) -> ImageRopes<B> {
         let images = shapes.iter().enumerate().map(|(idx, s)| self.image(idx, s)).collect();
         ImageRopes { images, sets: RefCell::new(Vec::new()) }
     }
@@ -229,7 +229,7 @@ fn text_start(shapes: &[ImageShape]) -> usize {
 /// The RoPE tables of the images of one forward call, and of the image sets the call asks for (all images, the
 /// target alone, …), each concatenated once per call.
 #[derive(Debug)]
-pub struct ImageRopes<B: Backend> {
+pub(crate) struct ImageRopes<B: Backend> {
     images: Vec<RopeTensors<B>>,
     /// Concatenated tables of the sets of more than one image used so far in this call.
     sets: RefCell<Vec<(Vec<usize>, RopeTensors<B>)>>,
@@ -237,7 +237,7 @@ pub struct ImageRopes<B: Backend> {
 
 impl<B: Backend> ImageRopes<B> {
     /// The table of the images `set` (indices into the call's images), concatenated in that order.
-    pub fn set(&self, set: &[usize]) -> RopeTensors<B> {
+    pub(crate) fn set(&self, set: &[usize]) -> RopeTensors<B> {
         if let [one] = set {
             return self.images[*one].clone();
         }
