@@ -57,6 +57,7 @@ pub fn read_dit_input<B: QwenBackend>(
         encoder_hidden_states_mask: read_mask(file, "encoder_hidden_states_mask", device)?,
         timestep,
         img_shapes: read_img_shapes(file)?,
+        modulation: None,
     })
 }
 
@@ -102,6 +103,7 @@ pub fn denoise_file<B: QwenBackend>(
         img_shapes: read_img_shapes(&file)?,
         timesteps: sigmas[..sigmas.len() - 1].to_vec(),
         sigmas,
+        modulation: None,
     };
     let mut schedule = schedule.build()?;
     let mut caches = DenoiseCaches::default();

@@ -57,6 +57,7 @@ fn dit_input(config: &DitConfig) -> DitInput<B> {
         encoder_hidden_states_mask: None,
         timestep: vec![0.5],
         img_shapes: vec![ImageShape::new(2, 4), ImageShape::new(2, 4)],
+        modulation: None,
     }
 }
 

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use qwen_image::{ops::QwenBackend, processor::RgbImage, text_encoder::PositionMode};
+use qwen_image::{dit::ModulationMode, ops::QwenBackend, processor::RgbImage, text_encoder::PositionMode};
 use qwen_image_pipeline::{
     demo, metrics, EditOutput, EditReport, EditRequest, ImageAreas, LoadOptions, LoraOption,
     QwenImageEditPipeline, SchedulerChoice, Snapshot,
@@ -24,7 +24,7 @@ use qwen_image_pruning::{dry_run, ScheduleSpec, TokenLayout};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::args::{Args, DemoSizeArg, Device, Dtype, SchedulerArg, TextPositions};
+use crate::args::{Args, DemoSizeArg, Device, Dtype, ModulationArg, SchedulerArg, TextPositions};
 use crate::memory::{MemoryProbe, MemoryReading};
 use crate::output::{timestamp, OutputNames};
 use crate::progress::Bars;
@@ -291,6 +291,10 @@ fn run_model<B: QwenBackend>(
             TextPositions::Sequential => PositionMode::Sequential,
         },
         vae_tiling: args.vae_tiling.then(Default::default),
+        modulation: match args.modulation {
+            ModulationArg::Table => ModulationMode::Table,
+            ModulationArg::Resident => ModulationMode::Resident,
+        },
     };
     let random = args.demo && demo_size(args).random_weights();
     if args.demo {

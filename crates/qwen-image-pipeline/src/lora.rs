@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::tensor::{DType, Tensor, TensorData};
 use qwen_image::{
     dit::{dit_linear_names, DitConfig, QwenImageTransformer},
-    nn::{Linear, LowRankAdapter},
+    nn::{LinearLayer, LowRankAdapter, LowRankUpdate},
     ops::QwenBackend,
     weights::WeightStore,
 };
@@ -73,7 +73,9 @@ pub struct LoraWeights {
 }
 
 /// Every linear layer of `model` with its diffusers path (the model's [visitor](QwenImageTransformer::visit_linears_mut)).
-fn linears_mut<B: QwenBackend>(model: &mut QwenImageTransformer<B>) -> Vec<(String, &mut Linear<B>)> {
+fn linears_mut<B: QwenBackend>(
+    model: &mut QwenImageTransformer<B>,
+) -> Vec<(String, &mut dyn LinearLayer<B>)> {
     let mut layers = Vec::new();
     model.visit_linears_mut(|name, layer| layers.push((name.to_string(), layer)));
     layers
@@ -218,9 +220,8 @@ impl LoraWeights {
     }
 
     /// Checks every module against the model's layer shapes before anything is changed.
-    fn check<B: QwenBackend>(&self, layers: &[(String, &mut Linear<B>)]) -> Result<()> {
-        let shapes: HashMap<&str, [usize; 2]> =
-            layers.iter().map(|(p, l)| (p.as_str(), l.weight.dims())).collect();
+    fn check<B: QwenBackend>(&self, layers: &[(String, &mut dyn LinearLayer<B>)]) -> Result<()> {
+        let shapes: HashMap<&str, [usize; 2]> = layers.iter().map(|(p, l)| (p.as_str(), l.shape())).collect();
         let mut bad = Vec::new();
         for (module, m) in &self.modules {
             match shapes.get(module.as_str()) {
@@ -238,22 +239,24 @@ impl LoraWeights {
     }
 
     /// Merges the LoRA into the weights: `W ← W + multiplier · alpha/rank · up·down`, computed in f32 and stored in
-    /// the model dtype. Returns the number of layers changed.
+    /// the model dtype (see [`LinearLayer::merge_low_rank`]; a layer deferred on the host, such as a modulation
+    /// layer in table mode, applies it whenever its weight is made on the device). Returns the number of layers
+    /// changed.
     pub fn merge_into<B: QwenBackend>(
         &self,
         model: &mut QwenImageTransformer<B>,
         multiplier: f32,
     ) -> Result<usize> {
-        let dtype = model.dtype();
-        let device = model.device().clone();
         let mut layers = linears_mut(model);
         self.check(&layers)?;
         let mut n = 0;
         for (path, lin) in layers.iter_mut() {
             let Some(m) = self.modules.get(path.as_str()) else { continue };
-            let (down, up) = self.tensors::<B>(m, DType::F32, &device);
-            let delta = up.matmul(down).mul_scalar(m.scale() * multiplier);
-            lin.weight = (lin.weight.clone().cast(DType::F32) + delta).cast(dtype);
+            lin.merge_low_rank(LowRankUpdate {
+                down: TensorData::new(m.down.clone(), [m.rank, m.in_features]),
+                up: TensorData::new(m.up.clone(), [m.out_features, m.rank]),
+                scale: m.scale() * multiplier,
+            });
             n += 1;
         }
         Ok(n)
@@ -274,7 +277,7 @@ impl LoraWeights {
         for (path, lin) in layers.iter_mut() {
             let Some(m) = self.modules.get(path.as_str()) else { continue };
             let (down, up) = self.tensors::<B>(m, dtype, &device);
-            lin.adapters.push(LowRankAdapter { id, down, up, scale: m.scale() * multiplier });
+            lin.adapters_mut().push(LowRankAdapter { id, down, up, scale: m.scale() * multiplier });
         }
         Ok(id)
     }
@@ -311,9 +314,10 @@ impl LoraWeights {
 pub fn detach_adapters<B: QwenBackend>(model: &mut QwenImageTransformer<B>, id: u64) -> usize {
     let mut n = 0;
     for (_, lin) in linears_mut(model) {
-        let before = lin.adapters.len();
-        lin.adapters.retain(|a| a.id != id);
-        n += usize::from(lin.adapters.len() != before);
+        let adapters = lin.adapters_mut();
+        let before = adapters.len();
+        adapters.retain(|a| a.id != id);
+        n += usize::from(adapters.len() != before);
     }
     n
 }
@@ -322,7 +326,7 @@ pub fn detach_adapters<B: QwenBackend>(model: &mut QwenImageTransformer<B>, id: 
 pub fn attached_adapters<B: QwenBackend>(model: &QwenImageTransformer<B>) -> Vec<u64> {
     let mut ids: Vec<u64> = Vec::new();
     model.visit_linears(|_, lin| {
-        for a in &lin.adapters {
+        for a in lin.adapters() {
             if !ids.contains(&a.id) {
                 ids.push(a.id);
             }

@@ -30,6 +30,9 @@ pub enum Stage {
     EncodePrompt,
     /// VAE encoding of the condition images.
     EncodeImage,
+    /// The DiT's modulation rows of this edit's timesteps that are not in the pipeline's table yet (the first edit
+    /// of a schedule; nearly nothing afterwards).
+    ModulationTable,
     /// The denoising loop.
     Denoise,
     /// VAE decoding of the result.
@@ -48,6 +51,7 @@ impl Stage {
             Stage::Preprocess => "preprocess",
             Stage::EncodePrompt => "encode prompt",
             Stage::EncodeImage => "encode image",
+            Stage::ModulationTable => "modulation table",
             Stage::Denoise => "denoise",
             Stage::Decode => "decode",
         }

@@ -1,11 +1,16 @@
-//! Small layers shared by the networks: linear, RMSNorm, LayerNorm without affine parameters.
+//! Small layers shared by the networks: linear (on the device, or [deferred](DeferredLinear) on the host until
+//! needed), RMSNorm, LayerNorm without affine parameters.
 //!
 //! The structs are plain parameter holders (tensors loaded by [`WeightPath`]); there is no burn `Module`
 //! machinery and no lazily initialized parameter that could silently stay random.
 
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
-use crate::{ops::QwenBackend, weights::WeightPath, Result};
+use crate::{
+    ops::QwenBackend,
+    weights::{DeferredTensor, WeightPath},
+    Result,
+};
 
 /// A linear layer in PyTorch layout: `weight [out, in]`, optional `bias [out]`, and optional runtime low-rank
 /// adapters (LoRA) added to its output.
@@ -87,6 +92,203 @@ impl<B: QwenBackend> Linear<B> {
     /// Output features.
     pub fn out_dim(&self) -> usize {
         self.weight.dims()[0]
+    }
+}
+
+/// A low-rank weight update `scale · up · down` on the host, in f32 (a LoRA merged into a layer).
+#[derive(Clone, Debug)]
+pub struct LowRankUpdate {
+    /// `[rank, in_features]`, f32.
+    pub down: TensorData,
+    /// `[out_features, rank]`, f32.
+    pub up: TensorData,
+    /// The factor (`alpha / rank` times the user's multiplier).
+    pub scale: f32,
+}
+
+/// `weight + update`: the product computed in f32 on the weight's device, the sum stored in the weight's dtype.
+fn merge_update<B: QwenBackend>(weight: Tensor<B, 2>, update: &LowRankUpdate) -> Tensor<B, 2> {
+    let (device, dtype) = (weight.device(), weight.dtype());
+    // Through `QwenBackend::upload`: burn's own upload would keep a pinned host copy.
+    let down = B::upload::<2>(update.down.clone(), &device).cast(DType::F32);
+    let up = B::upload::<2>(update.up.clone(), &device).cast(DType::F32);
+    let delta = up.matmul(down).mul_scalar(update.scale);
+    (weight.cast(DType::F32) + delta).cast(dtype)
+}
+
+/// What every linear layer offers whatever holds its weight ([`Linear`] on the device, [`DeferredLinear`] on the
+/// host): its shape and its LoRA updates. The DiT's
+/// [visitor](crate::dit::QwenImageTransformer::visit_linears) hands its layers out as this trait.
+pub trait LinearLayer<B: Backend> {
+    /// `[out_features, in_features]` of the weight as held (a shape-only build holds `[0, in_features]` on the
+    /// device).
+    fn shape(&self) -> [usize; 2];
+
+    /// Whether the weight is on the device (`false`: [deferred](DeferredLinear)).
+    fn is_resident(&self) -> bool;
+
+    /// The runtime adapters.
+    fn adapters(&self) -> &[LowRankAdapter<B>];
+
+    /// The runtime adapters, to attach or remove some.
+    fn adapters_mut(&mut self) -> &mut Vec<LowRankAdapter<B>>;
+
+    /// Merges `update` into the weight: `W ← W + scale · up · down`, the product computed in f32 on the device and
+    /// the sum stored in the weight's dtype. A [`DeferredLinear`] keeps the update and applies it, with the same
+    /// operations, each time its weight is made on the device.
+    fn merge_low_rank(&mut self, update: LowRankUpdate);
+}
+
+impl<B: QwenBackend> LinearLayer<B> for Linear<B> {
+    fn shape(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    fn is_resident(&self) -> bool {
+        true
+    }
+
+    fn adapters(&self) -> &[LowRankAdapter<B>] {
+        &self.adapters
+    }
+
+    fn adapters_mut(&mut self) -> &mut Vec<LowRankAdapter<B>> {
+        &mut self.adapters
+    }
+
+    fn merge_low_rank(&mut self, update: LowRankUpdate) {
+        self.weight = merge_update(self.weight.clone(), &update);
+    }
+}
+
+/// A linear layer whose weight and bias stay off the device ([`DeferredTensor`]s: memory-mapped from the checkpoint,
+/// or made again by a store without files) until [`DeferredLinear::to_device`] makes the [`Linear`] that a device
+/// load, the same merged updates and the same adapters would have given. For large layers that are used rarely.
+#[derive(Clone, Debug)]
+pub struct DeferredLinear<B: Backend> {
+    /// `[out_features, in_features]`.
+    pub weight: DeferredTensor,
+    /// `[out_features]`.
+    pub bias: Option<DeferredTensor>,
+    /// Runtime adapters (on the device: they are small), used as [`Linear::adapters`].
+    pub adapters: Vec<LowRankAdapter<B>>,
+    /// Merged updates, applied in order to the weight each time it is made on the device.
+    pub merged: Vec<LowRankUpdate>,
+    /// The device it is made on.
+    pub device: B::Device,
+}
+
+impl<B: QwenBackend> DeferredLinear<B> {
+    /// Takes `{path}.weight` (and `{path}.bias` when `bias`) without putting them on the device.
+    pub fn load(
+        path: &mut WeightPath<'_>,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let weight = path.deferred("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(path.deferred("bias", &[out_dim])?) } else { None };
+        Ok(DeferredLinear { weight, bias, adapters: Vec::new(), merged: Vec::new(), device: device.clone() })
+    }
+
+    /// The layer on the device: the weight made there with the merged updates applied in order, the bias, and the
+    /// adapters. Bit-identical to the [`Linear`] a device load followed by the same merges would hold.
+    pub fn to_device(&self) -> Result<Linear<B>> {
+        let mut weight = self.weight.to_device::<B, 2>(&self.device)?;
+        for update in &self.merged {
+            weight = merge_update(weight, update);
+        }
+        let bias = self.bias.as_ref().map(|b| b.to_device::<B, 1>(&self.device)).transpose()?;
+        Ok(Linear { weight, bias, adapters: self.adapters.clone() })
+    }
+
+    /// Bytes [`to_device`](Self::to_device) puts on the device for the weight and the bias.
+    pub fn size_bytes(&self) -> usize {
+        self.weight.size_bytes() + self.bias.as_ref().map_or(0, DeferredTensor::size_bytes)
+    }
+}
+
+impl<B: QwenBackend> LinearLayer<B> for DeferredLinear<B> {
+    fn shape(&self) -> [usize; 2] {
+        let s = self.weight.shape();
+        [s[0], s[1]]
+    }
+
+    fn is_resident(&self) -> bool {
+        false
+    }
+
+    fn adapters(&self) -> &[LowRankAdapter<B>] {
+        &self.adapters
+    }
+
+    fn adapters_mut(&mut self) -> &mut Vec<LowRankAdapter<B>> {
+        &mut self.adapters
+    }
+
+    fn merge_low_rank(&mut self, update: LowRankUpdate) {
+        self.merged.push(update);
+    }
+}
+
+/// A linear layer on the device, or deferred on the host until it is needed (chosen at load time).
+#[derive(Clone, Debug)]
+pub enum PlacedLinear<B: Backend> {
+    /// On the device.
+    Resident(Linear<B>),
+    /// On the host; made on the device for each use.
+    Deferred(DeferredLinear<B>),
+}
+
+impl<B: QwenBackend> PlacedLinear<B> {
+    /// Loads `{path}.weight` (and `{path}.bias`) onto the device when `resident`, else defers them.
+    pub fn load(
+        path: &mut WeightPath<'_>,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        resident: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(if resident {
+            PlacedLinear::Resident(Linear::load(path, in_dim, out_dim, bias, device)?)
+        } else {
+            PlacedLinear::Deferred(DeferredLinear::load(path, in_dim, out_dim, bias, device)?)
+        })
+    }
+
+    /// Runs `f` on the layer on the device: the resident layer, or the deferred one made on the device for this
+    /// call and dropped when `f` returns.
+    pub fn with_device_layer<R>(&self, f: impl FnOnce(&Linear<B>) -> R) -> Result<R> {
+        match self {
+            PlacedLinear::Resident(layer) => Ok(f(layer)),
+            PlacedLinear::Deferred(layer) => Ok(f(&layer.to_device()?)),
+        }
+    }
+
+    /// The layer, whatever holds it.
+    pub fn layer(&self) -> &dyn LinearLayer<B> {
+        match self {
+            PlacedLinear::Resident(layer) => layer,
+            PlacedLinear::Deferred(layer) => layer,
+        }
+    }
+
+    /// The layer, mutably.
+    pub fn layer_mut(&mut self) -> &mut dyn LinearLayer<B> {
+        match self {
+            PlacedLinear::Resident(layer) => layer,
+            PlacedLinear::Deferred(layer) => layer,
+        }
+    }
+
+    /// Bytes each use of a deferred layer puts on the device for a while (0 for a resident one).
+    pub fn deferred_bytes(&self) -> usize {
+        match self {
+            PlacedLinear::Resident(_) => 0,
+            PlacedLinear::Deferred(layer) => layer.size_bytes(),
+        }
     }
 }
 

@@ -6,10 +6,11 @@ use super::{
     attention::JointAttention,
     linears::linear_layers,
     modulation::{ModRuns, Modulation},
+    modulation_table::ModulationMode,
     rope::RopeTensors,
 };
 use crate::{
-    nn::Linear,
+    nn::{Linear, PlacedLinear},
     ops::{AttentionOptions, KvSegment, QwenBackend},
     weights::WeightPath,
     Result,
@@ -57,6 +58,28 @@ pub struct BlockModulation<B: Backend> {
     pub txt2: Modulation<B>,
 }
 
+impl<B: Backend> BlockModulation<B> {
+    /// Splits the outputs of `img_mod.1` (`[rows·batch, 6·dim]`) and `txt_mod.1` (`[batch, 6·dim]`).
+    fn from_params(img: Tensor<B, 2>, txt: Tensor<B, 2>, rows: usize) -> Self {
+        let three_dim = img.dims()[1] / 2;
+        let half = |p: &Tensor<B, 2>, i: usize, rows: usize| {
+            Modulation::from_params(p.clone().narrow(1, i * three_dim, three_dim), rows)
+        };
+        BlockModulation {
+            img1: half(&img, 0, rows),
+            img2: half(&img, 1, rows),
+            txt1: half(&txt, 0, 1),
+            txt2: half(&txt, 1, 1),
+        }
+    }
+
+    /// Bytes of the `img_mod.1` and `txt_mod.1` outputs it holds.
+    pub fn size_bytes(&self) -> usize {
+        let bytes = |m: &Modulation<B>| 3 * m.shift.shape().num_elements() * m.shift.dtype().size();
+        bytes(&self.img1) + bytes(&self.img2) + bytes(&self.txt1) + bytes(&self.txt2)
+    }
+}
+
 /// Per-call inputs of a block besides the two streams.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockContext<'a, B: Backend> {
@@ -89,10 +112,10 @@ pub struct BlockOutput<B: Backend> {
 // https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/transformers/transformer_qwenimage.py#L590
 #[derive(Clone, Debug)]
 pub struct TransformerBlock<B: Backend> {
-    /// `img_mod.1`: `dim → 6·dim`.
-    pub img_mod: Linear<B>,
-    /// `txt_mod.1`: `dim → 6·dim`.
-    pub txt_mod: Linear<B>,
+    /// `img_mod.1`: `dim → 6·dim` (deferred on the host in [table mode](ModulationMode::Table)).
+    pub img_mod: PlacedLinear<B>,
+    /// `txt_mod.1`: `dim → 6·dim` (deferred on the host in table mode).
+    pub txt_mod: PlacedLinear<B>,
     /// Joint attention.
     pub attn: JointAttention<B>,
     /// Image-stream MLP.
@@ -110,37 +133,46 @@ linear_layers!(TransformerBlock {
 } without {});
 
 impl<B: QwenBackend> TransformerBlock<B> {
-    /// Loads a block from `path` (`transformer_blocks.{i}`).
+    /// Loads a block from `path` (`transformer_blocks.{i}`); the modulation layers go onto the device only in
+    /// [`ModulationMode::Resident`].
     pub fn load(
         path: &mut WeightPath<'_>,
         heads: usize,
         head_dim: usize,
+        modulation: ModulationMode,
         device: &B::Device,
     ) -> Result<Self> {
         let dim = heads * head_dim;
+        let resident = modulation == ModulationMode::Resident;
         Ok(TransformerBlock {
-            img_mod: Linear::load(&mut path.pp("img_mod.1"), dim, 6 * dim, true, device)?,
-            txt_mod: Linear::load(&mut path.pp("txt_mod.1"), dim, 6 * dim, true, device)?,
+            img_mod: PlacedLinear::load(&mut path.pp("img_mod.1"), dim, 6 * dim, true, resident, device)?,
+            txt_mod: PlacedLinear::load(&mut path.pp("txt_mod.1"), dim, 6 * dim, true, resident, device)?,
             attn: JointAttention::load(&mut path.pp("attn"), heads, head_dim, device)?,
             img_mlp: FeedForward::load(&mut path.pp("img_mlp"), dim, device)?,
             txt_mlp: FeedForward::load(&mut path.pp("txt_mlp"), dim, device)?,
         })
     }
 
-    /// The block's modulations from `silu(temb)` (`[rows·batch, dim]`; the text stream uses row 0).
-    pub fn modulation(&self, temb_act: &Tensor<B, 2>, rows: usize) -> BlockModulation<B> {
-        let [rb, dim] = temb_act.dims();
-        let img = self.img_mod.forward_2d(temb_act.clone());
-        let txt = self.txt_mod.forward_2d(temb_act.clone().narrow(0, 0, rb / rows));
-        let half = |p: &Tensor<B, 2>, i: usize, rows: usize| {
-            Modulation::from_params(p.clone().narrow(1, i * 3 * dim, 3 * dim), rows)
-        };
-        BlockModulation {
-            img1: half(&img, 0, rows),
-            img2: half(&img, 1, rows),
-            txt1: half(&txt, 0, 1),
-            txt2: half(&txt, 1, 1),
-        }
+    /// The block's modulations for each of `temb_acts` (`silu(temb)` of one DiT call each, `[rows·batch, dim]`; the
+    /// text stream uses row 0), in order.
+    ///
+    /// Each call's rows come from `forward_2d` on exactly its own input, so they are bit-identical however many
+    /// calls are computed together. A deferred modulation layer is made on the device once for all calls and
+    /// dropped before the next one is made (one `[6·dim, dim]` weight on the device at a time).
+    pub fn modulations(&self, temb_acts: &[Tensor<B, 2>], rows: usize) -> Result<Vec<BlockModulation<B>>> {
+        let img: Vec<Tensor<B, 2>> = self
+            .img_mod
+            .with_device_layer(|l| temb_acts.iter().map(|t| l.forward_2d(t.clone())).collect())?;
+        let txt: Vec<Tensor<B, 2>> = self.txt_mod.with_device_layer(|l| {
+            temb_acts.iter().map(|t| l.forward_2d(t.clone().narrow(0, 0, t.dims()[0] / rows))).collect()
+        })?;
+        Ok(img.into_iter().zip(txt).map(|(img, txt)| BlockModulation::from_params(img, txt, rows)).collect())
+    }
+
+    /// The block's modulations from `silu(temb)` of one call (`[rows·batch, dim]`; the text stream uses row 0).
+    pub fn modulation(&self, temb_act: &Tensor<B, 2>, rows: usize) -> Result<BlockModulation<B>> {
+        let mut one = self.modulations(std::slice::from_ref(temb_act), rows)?;
+        one.pop().ok_or_else(|| crate::ModelError::invalid("no modulation computed"))
     }
 
     /// Runs the block on the computed image tokens `img` and the text tokens `txt`.

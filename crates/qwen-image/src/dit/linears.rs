@@ -10,18 +10,32 @@
 //!   [`linear_layers!`](linear_layers) from the list of its fields. The macro names *every* field of the struct
 //!   (the others after `without`), so a new field does not compile until it is listed, and a test checks that the
 //!   visited names are exactly the linear layers the loader reads.
+//!
+//! The visitor hands each layer out as a [`LinearLayer`]: on the device ([`Linear`]) or deferred on the host
+//! ([`DeferredLinear`](crate::nn::DeferredLinear), the modulation layers in
+//! [table mode](super::ModulationMode::Table)).
 
-use burn::tensor::{backend::Backend, DType};
+use burn::tensor::DType;
 
 use super::{config::DitConfig, transformer::QwenImageTransformer};
-use crate::{nn::Linear, weights::WeightStore, CpuBackend, Result};
+use crate::{
+    nn::{Linear, LinearLayer, PlacedLinear},
+    ops::QwenBackend,
+    weights::WeightStore,
+    CpuBackend, Result,
+};
+
+/// A layer as the visitor hands it out.
+pub(crate) type LayerRef<'a, B> = &'a dyn LinearLayer<B>;
+/// A layer as the mutable visitor hands it out.
+pub(crate) type LayerMut<'a, B> = &'a mut dyn LinearLayer<B>;
 
 /// A module of the DiT that holds linear layers (or is one).
-pub(crate) trait Linears<B: Backend> {
+pub(crate) trait Linears<B: QwenBackend> {
     /// Calls `f` with the checkpoint name of each linear layer (below `prefix`) and the layer.
-    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Linear<B>));
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, LayerRef<'a, B>));
     /// [`walk`](Self::walk) with mutable layers.
-    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Linear<B>));
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, LayerMut<'a, B>));
 }
 
 /// `prefix.name`, or `name` at the root.
@@ -33,25 +47,35 @@ pub(crate) fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-impl<B: Backend> Linears<B> for Linear<B> {
-    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Linear<B>)) {
+impl<B: QwenBackend> Linears<B> for Linear<B> {
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, LayerRef<'a, B>)) {
         f(prefix, self)
     }
 
-    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Linear<B>)) {
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, LayerMut<'a, B>)) {
         f(prefix, self)
     }
 }
 
+impl<B: QwenBackend> Linears<B> for PlacedLinear<B> {
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, LayerRef<'a, B>)) {
+        f(prefix, self.layer())
+    }
+
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, LayerMut<'a, B>)) {
+        f(prefix, self.layer_mut())
+    }
+}
+
 /// A list of modules named by their index (`transformer_blocks.0`, `transformer_blocks.1`, …).
-impl<B: Backend, T: Linears<B>> Linears<B> for Vec<T> {
-    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, &'a Linear<B>)) {
+impl<B: QwenBackend, T: Linears<B>> Linears<B> for Vec<T> {
+    fn walk<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(&str, LayerRef<'a, B>)) {
         for (i, m) in self.iter().enumerate() {
             m.walk(&join(prefix, &i.to_string()), f);
         }
     }
 
-    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, &'a mut Linear<B>)) {
+    fn walk_mut<'a>(&'a mut self, prefix: &str, f: &mut dyn FnMut(&str, LayerMut<'a, B>)) {
         for (i, m) in self.iter_mut().enumerate() {
             m.walk_mut(&join(prefix, &i.to_string()), f);
         }
@@ -63,11 +87,11 @@ impl<B: Backend, T: Linears<B>> Linears<B> for Vec<T> {
 /// destructured without `..`, so a field missing from both lists is a compile error.
 macro_rules! linear_layers {
     ($ty:ident { $($field:ident => $name:literal),* $(,)? } without { $($other:ident),* $(,)? }) => {
-        impl<B: burn::tensor::backend::Backend> $crate::dit::linears::Linears<B> for $ty<B> {
+        impl<B: $crate::ops::QwenBackend> $crate::dit::linears::Linears<B> for $ty<B> {
             fn walk<'a>(
                 &'a self,
                 prefix: &str,
-                f: &mut dyn FnMut(&str, &'a $crate::nn::Linear<B>),
+                f: &mut dyn FnMut(&str, $crate::dit::linears::LayerRef<'a, B>),
             ) {
                 let $ty { $($field,)* $($other: _,)* } = self;
                 $( $crate::dit::linears::Linears::walk($field, &$crate::dit::linears::join(prefix, $name), f); )*
@@ -76,7 +100,7 @@ macro_rules! linear_layers {
             fn walk_mut<'a>(
                 &'a mut self,
                 prefix: &str,
-                f: &mut dyn FnMut(&str, &'a mut $crate::nn::Linear<B>),
+                f: &mut dyn FnMut(&str, $crate::dit::linears::LayerMut<'a, B>),
             ) {
                 let $ty { $($field,)* $($other: _,)* } = self;
                 $( $crate::dit::linears::Linears::walk_mut($field, &$crate::dit::linears::join(prefix, $name), f); )*
@@ -86,15 +110,18 @@ macro_rules! linear_layers {
 }
 pub(crate) use linear_layers;
 
-impl<B: Backend> QwenImageTransformer<B> {
+impl<B: QwenBackend> QwenImageTransformer<B> {
     /// Calls `f` with the diffusers name (e.g. `transformer_blocks.3.attn.to_q`) and each linear layer of the model,
     /// top-level layers and blocks in checkpoint order.
-    pub fn visit_linears<'a>(&'a self, mut f: impl FnMut(&str, &'a Linear<B>)) {
+    pub fn visit_linears<'a>(&'a self, mut f: impl FnMut(&str, &'a dyn LinearLayer<B>)) {
         self.walk("", &mut f);
     }
 
-    /// [`visit_linears`](Self::visit_linears) with mutable layers (e.g. to merge or attach a LoRA).
-    pub fn visit_linears_mut<'a>(&'a mut self, mut f: impl FnMut(&str, &'a mut Linear<B>)) {
+    /// [`visit_linears`](Self::visit_linears) with mutable layers (e.g. to merge or attach a LoRA). The model's
+    /// weights count as changed afterwards: [modulation tables](super::ModulationTable) built before are refused by
+    /// its forward passes and rebuilt by [`extend_modulation_table`](Self::extend_modulation_table).
+    pub fn visit_linears_mut<'a>(&'a mut self, mut f: impl FnMut(&str, &'a mut dyn LinearLayer<B>)) {
+        self.mark_weights_changed();
         self.walk_mut("", &mut f);
     }
 }
@@ -134,7 +161,11 @@ mod tests {
             .collect();
         let mut visited = Vec::new();
         model.visit_linears(|name, lin| {
-            assert_eq!(lin.weight.dims()[0], 0, "{name}: a shape-only build holds empty tensors");
+            // Resident layers of a shape-only build hold empty tensors; deferred ones (the modulation layers in
+            // table mode) hold nothing on the device and know their shape.
+            let modulation = name.ends_with("_mod.1");
+            assert_eq!(lin.is_resident(), !modulation, "{name}");
+            assert_eq!(lin.shape()[0] == 0, !modulation, "{name}");
             visited.push(name.to_string());
         });
         assert_eq!(visited.len(), 6 + 2 * 14);
@@ -148,7 +179,7 @@ mod tests {
         // The mutable walk visits the same layers in the same order.
         let mut again = Vec::new();
         model.visit_linears_mut(|name, lin| {
-            lin.adapters.clear();
+            lin.adapters_mut().clear();
             again.push(name.to_string());
         });
         assert_eq!(again, visited);

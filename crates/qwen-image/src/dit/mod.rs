@@ -4,6 +4,8 @@
 //! - [`rope`]: the 3-axis interleaved RoPE.
 //! - [`timestep`]: sinusoidal timestep embedding.
 //! - [`modulation`]: adaLN shift/scale/gate and `zero_cond_t` rows.
+//! - [`modulation_table`]: the modulation layers' outputs per timestep, computed once ([`ModulationTable`]), and
+//!   where their weights live ([`ModulationMode`]).
 //! - [`attention`]: joint-attention projections with QK-RMSNorm.
 //! - [`block`]: one double-stream block.
 //! - [`linears`]: the linear layers by checkpoint name (LoRA targets, key lists).
@@ -15,6 +17,7 @@ pub mod block;
 pub mod config;
 pub mod linears;
 pub mod modulation;
+pub mod modulation_table;
 pub mod planned;
 pub mod rope;
 pub mod timestep;
@@ -22,6 +25,7 @@ pub mod transformer;
 
 pub use config::DitConfig;
 pub use linears::dit_linear_names;
+pub use modulation_table::{ModulationMode, ModulationTable, ModulationTableUpdate};
 pub use planned::PlannedStats;
 pub use rope::ImageShape;
-pub use transformer::{DitInput, QwenImageTransformer};
+pub use transformer::{DitInput, DitLoadOptions, QwenImageTransformer};

@@ -79,7 +79,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             // The model keeps each image set's RoPE table on the device for this layout.
             let img_rope = self.image_rope(&p, &computed);
             let runs = ModRuns::new(computed.iter().map(|&i| (offsets[i + 1] - offsets[i], p.row_of(i))));
-            let m = block.modulation(&p.temb_act, p.rows);
+            let m = p.block_modulation(layer, block)?;
 
             // Keys and values of the condition images that are not computed at this block.
             let mut extra_kv = Vec::new();

@@ -1,15 +1,17 @@
 //! `QwenImageTransformer2DModel`: embeddings, the blocks, the output layer, and the plain forward pass.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::{backend::Backend, bf16, f16, Bool, DType, Tensor};
 use qwen_image_pruning::TokenLayout;
 
 use super::{
-    block::{temb_activation, BlockContext, TransformerBlock},
+    block::{temb_activation, BlockContext, BlockModulation, TransformerBlock},
     config::DitConfig,
     linears::linear_layers,
     modulation::ModRuns,
+    modulation_table::{CallModulation, ModulationMode, ModulationTable},
     rope::{check_layout, AxisTables, ImageRopes, ImageShape, QwenRope, RopeTensors},
     timestep::TimestepEmbedder,
 };
@@ -33,6 +35,11 @@ pub struct DitInput<B: Backend> {
     pub timestep: Vec<f32>,
     /// Token grid of each image of the image stream: the target first, then the condition images.
     pub img_shapes: Vec<ImageShape>,
+    /// The modulation rows of this call's timesteps, precomputed ([`ModulationTable`]; the call fails if they are
+    /// missing). Without a table each block computes its rows itself, which in
+    /// [table mode](ModulationMode::Table) puts every modulation layer on the device for this call: fine on a CPU,
+    /// slow on a GPU (13.6 GB of uploads per call at full size).
+    pub modulation: Option<ModulationTable<B>>,
 }
 
 impl<B: Backend> DitInput<B> {
@@ -55,13 +62,33 @@ pub(crate) struct Prepared<B: Backend> {
     /// RoPE tables of the images (target first) and of the image sets asked for during this call.
     pub img_rope: ImageRopes<B>,
     pub key_mask: Option<Tensor<B, 2, Bool>>,
+    /// Where the blocks' modulations come from.
+    pub modulation: CallModulation<B>,
 }
 
-impl<B: Backend> Prepared<B> {
+impl<B: QwenBackend> Prepared<B> {
     /// Modulation row of image `i` (0 = target).
     pub fn row_of(&self, image: usize) -> usize {
         usize::from(self.rows == 2 && image > 0)
     }
+
+    /// The modulations of `block` (block number `layer`) for this call.
+    pub fn block_modulation(&self, layer: usize, block: &TransformerBlock<B>) -> Result<BlockModulation<B>> {
+        self.modulation.block(layer, block, &self.temb_act, self.rows)
+    }
+}
+
+/// How to load the DiT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DitLoadOptions {
+    /// Where the modulation weights live (default: on the host, see [`ModulationTable`]).
+    pub modulation: ModulationMode,
+}
+
+/// A new identity for a model's weights (see [`QwenImageTransformer::extend_modulation_table`]).
+fn next_weights_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The Qwen-Image MMDiT.
@@ -88,6 +115,9 @@ pub struct QwenImageTransformer<B: Backend> {
     rope: AxisTables<B>,
     dtype: DType,
     device: B::Device,
+    /// Identifies the weights: a new value whenever they may have changed (the mutable layer visitor), so that a
+    /// [`ModulationTable`] computed from other weights is recognized.
+    weights_id: u64,
 }
 
 linear_layers!(QwenImageTransformer {
@@ -97,21 +127,37 @@ linear_layers!(QwenImageTransformer {
     blocks => "transformer_blocks",
     norm_out => "norm_out.linear",
     proj_out => "proj_out",
-} without { config, txt_norm, rope, dtype, device });
+} without { config, txt_norm, rope, dtype, device, weights_id });
 
 impl<B: QwenBackend> QwenImageTransformer<B> {
     /// Loads a diffusers `transformer/` folder: `config.json` and `diffusion_pytorch_model.safetensors` (or its
-    /// shards with the index), converting weights to `dtype`.
+    /// shards with the index), converting weights to `dtype`, with the default [`DitLoadOptions`].
     pub fn load(dir: &Path, dtype: DType, device: &B::Device) -> Result<Self> {
+        Self::load_with(dir, dtype, &DitLoadOptions::default(), device)
+    }
+
+    /// [`load`](Self::load) with `options`.
+    pub fn load_with(dir: &Path, dtype: DType, options: &DitLoadOptions, device: &B::Device) -> Result<Self> {
         let config = DitConfig::from_file(&dir.join("config.json"))?;
         let mut store = WeightStore::open_dir(dir, "diffusion_pytorch_model", dtype)?;
-        let model = Self::from_store(config, &mut store, device)?;
+        let model = Self::from_store_with(config, &mut store, options, device)?;
         store.finish()?;
         Ok(model)
     }
 
-    /// Builds the model from an open store (keys exactly as diffusers names them). Does not check for leftover keys.
+    /// Builds the model from an open store (keys exactly as diffusers names them) with the default
+    /// [`DitLoadOptions`]. Does not check for leftover keys.
     pub fn from_store(config: DitConfig, store: &mut WeightStore, device: &B::Device) -> Result<Self> {
+        Self::from_store_with(config, store, &DitLoadOptions::default(), device)
+    }
+
+    /// [`from_store`](Self::from_store) with `options`.
+    pub fn from_store_with(
+        config: DitConfig,
+        store: &mut WeightStore,
+        options: &DitLoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
         config.validate()?;
         let (heads, head_dim) = (config.num_attention_heads, config.attention_head_dim);
         let dim = config.inner_dim();
@@ -129,7 +175,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             blocks: (0..config.num_layers)
                 .map(|i| {
                     let mut path = root.pp(format!("transformer_blocks.{i}"));
-                    TransformerBlock::load(&mut path, heads, head_dim, device)
+                    TransformerBlock::load(&mut path, heads, head_dim, options.modulation, device)
                 })
                 .collect::<Result<Vec<_>>>()?,
             norm_out: Linear::load(&mut root.pp("norm_out.linear"), dim, 2 * dim, true, device)?,
@@ -138,6 +184,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             dtype: store.dtype(),
             device: device.clone(),
             config,
+            weights_id: next_weights_id(),
         })
     }
 
@@ -162,6 +209,27 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     /// Number of transformer blocks.
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// [`ModulationMode::Resident`] when every block's modulation layers are on the device, else
+    /// [`ModulationMode::Table`].
+    pub fn modulation_mode(&self) -> ModulationMode {
+        let resident = |b: &TransformerBlock<B>| b.img_mod.deferred_bytes() + b.txt_mod.deferred_bytes() == 0;
+        if self.blocks.iter().all(resident) {
+            ModulationMode::Resident
+        } else {
+            ModulationMode::Table
+        }
+    }
+
+    /// The identity of the current weights.
+    pub(crate) fn weights_id(&self) -> u64 {
+        self.weights_id
+    }
+
+    /// Gives the weights a new identity (they may be about to change).
+    pub(crate) fn mark_weights_changed(&mut self) {
+        self.weights_id = next_weights_id();
     }
 
     fn check_input(&self, input: &DitInput<B>) -> Result<()> {
@@ -204,7 +272,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     }
 
     /// Rounds σ to the model dtype, as diffusers' `timestep.to(hidden_states.dtype)` does.
-    fn round_timestep(&self, t: f32) -> f32 {
+    pub(crate) fn round_timestep(&self, t: f32) -> f32 {
         match self.dtype {
             DType::BF16 => bf16::from_f32(t).to_f32(),
             DType::F16 => f16::from_f32(t).to_f32(),
@@ -212,19 +280,34 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         }
     }
 
+    /// Modulation rows per call: 1, or 2 with `zero_cond_t` (row 1 is t = 0, for the condition images).
+    pub(crate) fn modulation_rows(&self) -> usize {
+        if self.config.zero_cond_t {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// `silu(temb)` of one call, `[rows·batch, dim]`, from its rounded timesteps: row block 0 the timesteps, block 1
+    /// (`zero_cond_t`) t = 0.
+    pub(crate) fn temb_act(&self, rounded: &[f32]) -> Tensor<B, 2> {
+        let mut timesteps = rounded.to_vec();
+        if self.modulation_rows() == 2 {
+            timesteps.extend(std::iter::repeat_n(0.0, rounded.len()));
+        }
+        temb_activation(self.time_embed.forward(&timesteps, self.dtype, &self.device))
+    }
+
     pub(crate) fn prepare(&self, input: &DitInput<B>) -> Result<Prepared<B>> {
         self.check_input(input)?;
         let dev = &self.device;
         let batch = input.timestep.len();
+        let rounded: Vec<f32> = input.timestep.iter().map(|&t| self.round_timestep(t)).collect();
+        let modulation = self.call_modulation(input, &rounded)?;
         let img = self.img_in.forward(input.hidden_states.clone().cast(self.dtype));
         let txt =
             self.txt_in.forward(self.txt_norm.forward(input.encoder_hidden_states.clone().cast(self.dtype)));
-        let mut timesteps: Vec<f32> = input.timestep.iter().map(|&t| self.round_timestep(t)).collect();
-        let rows = if self.config.zero_cond_t { 2 } else { 1 };
-        if rows == 2 {
-            timesteps.extend(std::iter::repeat_n(0.0, batch));
-        }
-        let temb = self.time_embed.forward(&timesteps, self.dtype, dev);
         let n_txt = input.encoder_hidden_states.dims()[1];
         let n_img = input.hidden_states.dims()[1];
         let key_mask = input.encoder_hidden_states_mask.clone().map(|m| {
@@ -234,11 +317,12 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         Ok(Prepared {
             img,
             txt,
-            temb_act: temb_activation(temb),
-            rows,
+            temb_act: self.temb_act(&rounded),
+            rows: self.modulation_rows(),
             txt_rope: self.rope.text(&input.img_shapes, n_txt),
             img_rope: self.rope.images(&input.img_shapes),
             key_mask,
+            modulation,
         })
     }
 
@@ -272,8 +356,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             key_mask: p.key_mask.as_ref(),
         };
         let (mut img, mut txt) = (p.img.clone(), p.txt.clone());
-        for block in &self.blocks {
-            let m = block.modulation(&p.temb_act, p.rows);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let m = p.block_modulation(layer, block)?;
             let out = block.forward(img, txt, &m, &ctx);
             (img, txt) = (out.img, out.txt);
         }

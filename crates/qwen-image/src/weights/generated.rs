@@ -56,23 +56,13 @@ impl Generated {
     }
 
     /// Records a request (once per key).
-    fn record(&mut self, key: &str, shape: &[usize], dtype: DType) {
+    pub fn record(&mut self, key: &str, shape: &[usize], dtype: DType) {
         if self.index.contains_key(key) {
             return;
         }
         self.index.insert(key.to_string(), self.created.len());
         self.created.push((key.to_string(), shape.to_vec()));
         self.bytes += dtype.size() * shape.iter().product::<usize>();
-    }
-
-    /// The shape of the tensor actually created for an asked `shape`.
-    fn made_shape<const D: usize>(&self, mut shape: [usize; D]) -> [usize; D] {
-        if self.fill == Fill::Empty {
-            if let Some(first) = shape.first_mut() {
-                *first = 0;
-            }
-        }
-        shape
     }
 
     /// A device tensor for `key` of the asked `shape`.
@@ -84,21 +74,7 @@ impl Generated {
         device: &B::Device,
     ) -> Tensor<B, D> {
         self.record(key, &shape, dtype);
-        let made = self.made_shape(shape);
-        let Fill::Random { seed } = self.fill else {
-            return Tensor::empty(made, (device, dtype));
-        };
-        match synthetic::init_for(key, &shape) {
-            Init::Ones => Tensor::ones(made, (device, dtype)),
-            Init::Random { std } => {
-                // The backend's generator is process-wide: seeding and drawing must not interleave with another
-                // thread's, or the same seed would not give the same weights.
-                static SEEDED_DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
-                let _guard = SEEDED_DRAW.lock().unwrap_or_else(|e| e.into_inner());
-                B::seed(device, synthetic::key_seed(seed, key));
-                Tensor::random(made, Distribution::Normal(0.0, std), (device, dtype))
-            }
-        }
+        make(self.fill, key, shape, dtype, device)
     }
 
     /// Host data for `key` of the asked `shape` (random values from [`synthetic::fill_f32`]).
@@ -120,5 +96,33 @@ impl Generated {
             }
         }
         TensorData::new(values, made).convert_dtype(dtype)
+    }
+}
+
+/// The device tensor a generated store with `fill` makes for `key` at the asked `shape`: the same values every time
+/// (so a tensor left off the device at load can be made again, see [`DeferredTensor`](super::DeferredTensor)).
+pub(super) fn make<B: Backend, const D: usize>(
+    fill: Fill,
+    key: &str,
+    mut shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let Fill::Random { seed } = fill else {
+        if let Some(first) = shape.first_mut() {
+            *first = 0;
+        }
+        return Tensor::empty(shape, (device, dtype));
+    };
+    match synthetic::init_for(key, &shape) {
+        Init::Ones => Tensor::ones(shape, (device, dtype)),
+        Init::Random { std } => {
+            // The backend's generator is process-wide: seeding and drawing must not interleave with another
+            // thread's, or the same seed would not give the same weights.
+            static SEEDED_DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _guard = SEEDED_DRAW.lock().unwrap_or_else(|e| e.into_inner());
+            B::seed(device, synthetic::key_seed(seed, key));
+            Tensor::random(shape, Distribution::Normal(0.0, std), (device, dtype))
+        }
     }
 }

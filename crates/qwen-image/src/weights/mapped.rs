@@ -37,6 +37,43 @@ impl AsRef<[u8]> for SharedMap {
     }
 }
 
+/// One float tensor of a mapped file, apart from the index: it keeps its file mapped and reads the bytes only when
+/// asked (the source of a [`DeferredTensor`](super::DeferredTensor) of a checkpoint).
+#[derive(Clone, Debug)]
+pub(super) struct MappedTensor {
+    map: Arc<memmap2::Mmap>,
+    dtype: DType,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+impl MappedTensor {
+    /// The stored values converted to `dtype`: zero-copy out of the memory map when the file holds `dtype` and the
+    /// bytes are aligned for it.
+    pub fn data(&self, dtype: DType) -> TensorData {
+        // Ask the kernel to read the whole tensor now (one large request instead of page-by-page faults while it is
+        // copied); only a hint, so a failure is ignored.
+        #[cfg(unix)]
+        let _ = self.map.advise_range(memmap2::Advice::WillNeed, self.range.start, self.range.len());
+        let slice = bytes::Bytes::from_owner(SharedMap(self.map.clone())).slice(self.range.clone());
+        let aligned = (slice.as_ptr() as usize) % self.dtype.size() == 0;
+        let data = if aligned {
+            TensorData::from_bytes(
+                Bytes::from_shared(slice, AllocationProperty::File),
+                self.shape.clone(),
+                self.dtype,
+            )
+        } else {
+            TensorData::from_bytes_vec(slice.to_vec(), self.shape.clone(), self.dtype)
+        };
+        if self.dtype == dtype {
+            data
+        } else {
+            data.convert_dtype(dtype)
+        }
+    }
+}
+
 /// The mapped files of a checkpoint and the index of their tensors.
 #[derive(Debug, Default)]
 pub(super) struct MappedFiles {
@@ -160,8 +197,8 @@ impl MappedFiles {
         self.files[entry.file].path.display().to_string()
     }
 
-    /// The data of the float tensor `key` converted to `dtype`, checked against `expected` (if given).
-    pub fn data(&self, key: &str, expected: Option<&[usize]>, dtype: DType) -> Result<TensorData> {
+    /// The entry of the float tensor `key`, checked against `expected` (if given).
+    fn float_entry(&self, key: &str, expected: Option<&[usize]>) -> Result<&Entry> {
         let entry = self
             .entries
             .get(key)
@@ -183,8 +220,24 @@ impl MappedFiles {
                 dtype: format!("{:?}", entry.dtype),
             });
         }
-        let data = self.raw(entry);
-        Ok(if entry.dtype == dtype { data } else { data.convert_dtype(dtype) })
+        Ok(entry)
+    }
+
+    /// The float tensor `key`, checked against `expected` (if given), as a handle that keeps its file mapped and
+    /// reads the bytes only when asked ([`MappedTensor::data`]).
+    pub fn tensor(&self, key: &str, expected: Option<&[usize]>) -> Result<MappedTensor> {
+        let entry = self.float_entry(key, expected)?;
+        Ok(MappedTensor {
+            map: self.files[entry.file].map.clone(),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            range: entry.range.clone(),
+        })
+    }
+
+    /// The data of the float tensor `key` converted to `dtype`, checked against `expected` (if given).
+    pub fn data(&self, key: &str, expected: Option<&[usize]>, dtype: DType) -> Result<TensorData> {
+        Ok(self.tensor(key, expected)?.data(dtype))
     }
 
     /// The value of the scalar `key` (a 0-d or one-element tensor of any stored dtype, floats and integers), as
@@ -229,26 +282,6 @@ impl MappedFiles {
                 })
             }
         })
-    }
-
-    /// The stored bytes of `entry`, zero-copy when they are aligned for the dtype.
-    fn raw(&self, entry: &Entry) -> TensorData {
-        let file = &self.files[entry.file];
-        // Ask the kernel to read the whole tensor now (one large request instead of page-by-page faults while it is
-        // copied); only a hint, so a failure is ignored.
-        #[cfg(unix)]
-        let _ = file.map.advise_range(memmap2::Advice::WillNeed, entry.range.start, entry.range.len());
-        let slice = bytes::Bytes::from_owner(SharedMap(file.map.clone())).slice(entry.range.clone());
-        let aligned = (slice.as_ptr() as usize) % entry.dtype.size() == 0;
-        if aligned {
-            TensorData::from_bytes(
-                Bytes::from_shared(slice, AllocationProperty::File),
-                entry.shape.clone(),
-                entry.dtype,
-            )
-        } else {
-            TensorData::from_bytes_vec(slice.to_vec(), entry.shape.clone(), entry.dtype)
-        }
     }
 
     /// Bytes of tensor data in all files.

@@ -9,7 +9,11 @@
 //!   is made up with the asked shape (random values, or no elements at all) and recorded (see `generated.rs`). A
 //!   model of any size can be built from its config alone this way (e.g. to benchmark the full-size networks, see
 //!   [`crate::synthetic`]), and the checkpoint a loader expects can be listed without allocating it.
+//!
+//! A loader takes each tensor onto the device ([`WeightStore::tensor`]) or leaves it off as a [`DeferredTensor`]
+//! ([`WeightStore::deferred`]), made on a device only when needed (see `deferred.rs`).
 
+mod deferred;
 mod generated;
 mod mapped;
 
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::{ops::QwenBackend, ModelError, Result};
+pub use deferred::DeferredTensor;
 use generated::{Fill, Generated};
 use mapped::MappedFiles;
 
@@ -39,11 +44,13 @@ pub struct WeightStore {
     used: BTreeSet<String>,
     ignored_prefixes: Vec<String>,
     dtype: DType,
+    /// Bytes of the tensors put on a device by [`WeightStore::tensor`].
+    device_bytes: usize,
 }
 
 impl WeightStore {
     fn with_source(source: Source, dtype: DType) -> Self {
-        WeightStore { source, used: BTreeSet::new(), ignored_prefixes: Vec::new(), dtype }
+        WeightStore { source, used: BTreeSet::new(), ignored_prefixes: Vec::new(), dtype, device_bytes: 0 }
     }
 
     /// Opens `dir/{stem}.safetensors`, or the shards listed in `dir/{stem}.safetensors.index.json`.
@@ -165,13 +172,39 @@ impl WeightStore {
         expected: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
-        if let Source::Generated(g) = &mut self.source {
+        let t = if let Source::Generated(g) = &mut self.source {
             let t = g.tensor(key, expected, self.dtype, device);
             self.used.insert(key.to_string());
-            return Ok(t);
-        }
-        let data = self.data(key, Some(&expected))?;
-        Ok(B::upload(data, device))
+            t
+        } else {
+            let data = self.data(key, Some(&expected))?;
+            B::upload(data, device)
+        };
+        self.device_bytes += t.shape().num_elements() * self.dtype.size();
+        Ok(t)
+    }
+
+    /// The tensor `key` of shape `expected` left off the device: checked and recorded like [`WeightStore::tensor`],
+    /// made on a device only by [`DeferredTensor::to_device`] (a checkpoint's file stays mapped meanwhile).
+    pub fn deferred(&mut self, key: &str, expected: &[usize]) -> Result<DeferredTensor> {
+        let dtype = self.dtype;
+        let t = match &mut self.source {
+            Source::Files(files) => {
+                DeferredTensor::mapped(key, expected, dtype, files.tensor(key, Some(expected))?)
+            }
+            Source::Generated(g) => {
+                g.record(key, expected, dtype);
+                DeferredTensor::generated(key, expected, dtype, g.fill)
+            }
+        };
+        self.used.insert(key.to_string());
+        Ok(t)
+    }
+
+    /// Bytes of the tensors this store has put on a device so far ([`WeightStore::tensor`]; none for the
+    /// [deferred](WeightStore::deferred) ones, nor for the empty tensors of a shape-only store).
+    pub fn device_bytes(&self) -> usize {
+        self.device_bytes
     }
 
     /// The value of the scalar `key`: a 0-d or one-element tensor of a float or integer dtype (e.g. a LoRA's
@@ -279,6 +312,12 @@ impl WeightPath<'_> {
     ) -> Result<Tensor<B, D>> {
         let key = self.key(name);
         self.store.tensor(&key, expected, device)
+    }
+
+    /// The tensor `name` of shape `expected`, left off the device (see [`WeightStore::deferred`]).
+    pub fn deferred(&mut self, name: &str, expected: &[usize]) -> Result<DeferredTensor> {
+        let key = self.key(name);
+        self.store.deferred(&key, expected)
     }
 
     /// Whether `name` exists under this prefix.

@@ -1,0 +1,77 @@
+//! [`DeferredTensor`]: a tensor a loader took from a [`WeightStore`](super::WeightStore) without putting it on a
+//! device. It is made on a device only when asked ([`DeferredTensor::to_device`]), every time with the same values a
+//! device load would have given, and can be dropped from the device again right after use.
+//!
+//! Used for weights that are needed rarely and are large, such as the DiT's modulation layers (`img_mod.1`,
+//! `txt_mod.1`: a third of its parameters, needed only once per timestep, see
+//! [`ModulationTable`](crate::dit::ModulationTable)).
+
+use burn::tensor::{DType, Tensor};
+
+use super::{
+    generated::{self, Fill},
+    mapped::MappedTensor,
+};
+use crate::{ops::QwenBackend, ModelError, Result};
+
+/// Where a deferred tensor's values come from.
+#[derive(Clone, Debug)]
+enum Source {
+    /// A tensor of a memory-mapped checkpoint: the file stays mapped, the host never holds a copy.
+    Mapped(MappedTensor),
+    /// A store without files: the tensor is made again exactly as the store makes it.
+    Generated(Fill),
+}
+
+/// A tensor of a store left off the device: its key, shape and dtype, and the means to make it on a device.
+#[derive(Clone, Debug)]
+pub struct DeferredTensor {
+    key: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    source: Source,
+}
+
+impl DeferredTensor {
+    /// A tensor of a memory-mapped checkpoint, converted to `dtype` when it is made.
+    pub(super) fn mapped(key: &str, shape: &[usize], dtype: DType, tensor: MappedTensor) -> Self {
+        DeferredTensor { key: key.to_string(), shape: shape.to_vec(), dtype, source: Source::Mapped(tensor) }
+    }
+
+    /// A tensor of a store without files.
+    pub(super) fn generated(key: &str, shape: &[usize], dtype: DType, fill: Fill) -> Self {
+        DeferredTensor { key: key.to_string(), shape: shape.to_vec(), dtype, source: Source::Generated(fill) }
+    }
+
+    /// The checkpoint key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The shape (as the loader asked for it).
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The dtype it is made in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes it takes on a device.
+    pub fn size_bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+
+    /// The tensor on `device`, with the values a load onto the device would have given: uploaded from the memory
+    /// map with [`QwenBackend::upload`], or made again by the store without files (same seed, same values).
+    pub fn to_device<B: QwenBackend, const D: usize>(&self, device: &B::Device) -> Result<Tensor<B, D>> {
+        let shape: [usize; D] = self.shape.clone().try_into().map_err(|_| {
+            ModelError::invalid(format!("`{}` has shape {:?}, not rank {D}", self.key, self.shape))
+        })?;
+        Ok(match &self.source {
+            Source::Mapped(t) => B::upload(t.data(self.dtype), device),
+            Source::Generated(fill) => generated::make(*fill, &self.key, shape, self.dtype, device),
+        })
+    }
+}
