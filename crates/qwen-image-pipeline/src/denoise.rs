@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{backend::Backend, Bool, DType, Tensor};
 use qwen_image::{
-    dit::{DitInput, ImageShape, ModulationTable, PlannedStats, QwenImageTransformer},
+    dit::{DitInput, ImageShape, ModulationMode, ModulationTable, PlannedStats, QwenImageTransformer},
     ops::QwenBackend,
 };
 use qwen_image_pruning::{PruningSchedule, StepContext, StepOutcome, TokenPruningCache};
@@ -39,9 +39,10 @@ pub struct DenoiseInputs<B: Backend> {
     pub sigmas: Vec<f32>,
     /// The timestep fed to the DiT at each step (`num_steps` values): σ itself, or σ as the pipeline rounds it.
     pub timesteps: Vec<f32>,
-    /// The DiT's modulation rows, kept across runs by the caller ([`QwenImageTransformer::extend_modulation_table`]);
-    /// the rows of timesteps it lacks are computed before the first step (into a copy: build it beforehand to keep
-    /// them).
+    /// The DiT's modulation rows, kept across runs by the caller ([`QwenImageTransformer::extend_modulation_table`]).
+    /// The rows of timesteps it lacks are computed before the first step (into a copy: extend the table beforehand
+    /// to keep them); without a table, a model in table mode gets one for this run, and a model in resident mode
+    /// computes its rows in every forward pass.
     pub modulation: Option<ModulationTable<B>>,
 }
 
@@ -156,9 +157,15 @@ pub fn denoise<B: QwenBackend>(
     let device = model.device().clone();
     let dtype = model.dtype();
     // The prompt and the negative prompt share the rows: they depend on the timestep only.
-    let mut modulation = inputs.modulation.clone().unwrap_or_default();
-    let calls: Vec<&[f32]> = inputs.timesteps.iter().map(std::slice::from_ref).collect();
-    model.extend_modulation_table(&mut modulation, &calls)?;
+    let modulation = match (&inputs.modulation, model.modulation_mode()) {
+        (None, ModulationMode::Resident) => None,
+        (table, _) => {
+            let mut table = table.clone().unwrap_or_default();
+            let calls: Vec<&[f32]> = inputs.timesteps.iter().map(std::slice::from_ref).collect();
+            model.extend_modulation_table(&mut table, &calls)?;
+            Some(table)
+        }
+    };
     let cfg = inputs.negative.as_ref().filter(|_| inputs.cfg_scale > 1.0);
     let mut x = inputs.latents.clone().cast(dtype);
     let image_latents = inputs.image_latents.clone().cast(dtype);
@@ -174,7 +181,7 @@ pub fn denoise<B: QwenBackend>(
             encoder_hidden_states_mask: text.mask.clone(),
             timestep: vec![inputs.timesteps[step]],
             img_shapes: inputs.img_shapes.clone(),
-            modulation: Some(modulation.clone()),
+            modulation: modulation.clone(),
         };
         let cond_input = input_of(&inputs.prompt, &x);
         let layout = cond_input.layout();

@@ -221,8 +221,8 @@ pub struct QwenImageEditPipeline<B: QwenBackend> {
     image_processor: ImageProcessor,
     scheduler: FlowMatchEulerScheduler,
     caches: DenoiseCaches<B>,
-    /// The DiT's modulation rows of every timestep seen so far (kept across edits; emptied by the model when its
-    /// weights change).
+    /// The DiT's modulation rows of every timestep seen so far, in table mode (kept across edits; emptied when the
+    /// DiT is lent out mutably).
     modulation: ModulationTable<B>,
     options: LoadOptions,
     load_stages: Vec<StageTiming>,
@@ -491,7 +491,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         self.caches.clear();
     }
 
-    /// The DiT's modulation rows of the timesteps seen so far.
+    /// The DiT's modulation rows of the timesteps seen so far (empty in resident mode).
     pub fn modulation_table(&self) -> &ModulationTable<B> {
         &self.modulation
     }
@@ -728,11 +728,14 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
         let img_shapes: Vec<ImageShape> = std::iter::once(target).chain(conditions.iter().copied()).collect();
         let timesteps = sched.dit_timesteps(dtype, self.scheduler.config().num_train_timesteps);
-        let (transformer, modulation) = (&self.transformer, &mut self.modulation);
-        timed::<B, _>(Stage::ModulationTable, &device, progress, &mut stages, |_| {
-            let calls: Vec<&[f32]> = timesteps.iter().map(std::slice::from_ref).collect();
-            Ok(transformer.extend_modulation_table(modulation, &calls)?)
-        })?;
+        let table_mode = self.transformer.modulation_mode() == ModulationMode::Table;
+        if table_mode {
+            let (transformer, modulation) = (&self.transformer, &mut self.modulation);
+            timed::<B, _>(Stage::ModulationTable, &device, progress, &mut stages, |_| {
+                let calls: Vec<&[f32]> = timesteps.iter().map(std::slice::from_ref).collect();
+                Ok(transformer.extend_modulation_table(modulation, &calls)?)
+            })?;
+        }
         let inputs = DenoiseInputs {
             latents: noise,
             image_latents,
@@ -742,7 +745,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             img_shapes,
             timesteps,
             sigmas: sched.sigmas.clone(),
-            modulation: Some(self.modulation.clone()),
+            modulation: table_mode.then(|| self.modulation.clone()),
         };
         let mut run_schedule = schedule.build()?;
         let schedule_name = run_schedule.name();

@@ -223,3 +223,230 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    use super::*;
+    use crate::{
+        dit::{DitConfig, DitLoadOptions, ImageShape},
+        synthetic,
+        weights::WeightStore,
+        CpuBackend,
+    };
+
+    type B = CpuBackend;
+
+    fn config(zero_cond_t: bool) -> DitConfig {
+        DitConfig {
+            num_layers: 2,
+            attention_head_dim: 16,
+            num_attention_heads: 2,
+            joint_attention_dim: 24,
+            in_channels: 16,
+            out_channels: Some(4),
+            axes_dims_rope: vec![4, 6, 6],
+            zero_cond_t,
+            ..DitConfig::default()
+        }
+    }
+
+    fn options(modulation: ModulationMode) -> DitLoadOptions {
+        DitLoadOptions { modulation }
+    }
+
+    /// A random checkpoint of `config` written to a folder of its own.
+    fn checkpoint(name: &str, config: &DitConfig) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("qwen-modulation-table-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tensors = synthetic::dit_checkpoint_tensors(config).unwrap();
+        synthetic::write_random_checkpoint(&dir, "diffusion_pytorch_model", &tensors, 1 << 16, 11).unwrap();
+        std::fs::write(dir.join("config.json"), synthetic::dit_config_json(config)).unwrap();
+        dir
+    }
+
+    /// The same weights in resident and table mode: from a checkpoint's files, and from a random store.
+    fn model_pairs(name: &str, zero_cond_t: bool, dtype: DType) -> Vec<[QwenImageTransformer<B>; 2]> {
+        let config = config(zero_cond_t);
+        let dir = checkpoint(name, &config);
+        let dev = Default::default();
+        let files = |m| QwenImageTransformer::<B>::load_with(&dir, dtype, &options(m), &dev).unwrap();
+        let random = |m| {
+            let mut store = WeightStore::random(dtype, 5);
+            QwenImageTransformer::<B>::from_store_with(config.clone(), &mut store, &options(m), &dev).unwrap()
+        };
+        use ModulationMode::{Resident, Table};
+        vec![[files(Resident), files(Table)], [random(Resident), random(Table)]]
+    }
+
+    fn bytes<const D: usize>(t: &Tensor<B, D>) -> (Vec<usize>, Vec<u8>) {
+        let data = t.clone().into_data();
+        (data.shape.to_vec(), data.as_bytes().to_vec())
+    }
+
+    fn assert_bit_identical(got: &BlockModulation<B>, want: &BlockModulation<B>, what: &str) {
+        for (g, w) in [
+            (&got.img1, &want.img1),
+            (&got.img2, &want.img2),
+            (&got.txt1, &want.txt1),
+            (&got.txt2, &want.txt2),
+        ] {
+            for (a, b) in [(&g.shift, &w.shift), (&g.scale, &w.scale), (&g.gate, &w.gate)] {
+                assert_eq!(bytes(a), bytes(b), "{what}");
+            }
+        }
+    }
+
+    fn input(config: &DitConfig, timestep: Vec<f32>) -> DitInput<B> {
+        let dev = Default::default();
+        let batch = timestep.len();
+        let normal = Distribution::Normal(0.0, 1.0);
+        DitInput {
+            hidden_states: Tensor::random([batch, 16, config.in_channels], normal, &dev),
+            encoder_hidden_states: Tensor::random([batch, 5, config.joint_attention_dim], normal, &dev),
+            encoder_hidden_states_mask: None,
+            timestep,
+            img_shapes: vec![ImageShape::new(2, 4), ImageShape::new(2, 4)],
+            modulation: None,
+        }
+    }
+
+    #[test]
+    fn rows_are_bit_identical_to_the_modulation_computed_in_a_forward_pass() {
+        let calls: [&[f32]; 4] = [&[1.0], &[0.75], &[0.3, 0.9], &[0.0]];
+        for zero_cond_t in [false, true] {
+            for dtype in [DType::F32, DType::BF16] {
+                let name = format!("rows-{zero_cond_t}-{dtype:?}");
+                for [resident, deferred] in model_pairs(&name, zero_cond_t, dtype) {
+                    let table = deferred.modulation_table(&calls).unwrap();
+                    assert_eq!(table.len(), calls.len());
+                    let rows = resident.modulation_rows();
+                    assert_eq!(rows, if zero_cond_t { 2 } else { 1 });
+                    for call in calls {
+                        let rounded: Vec<f32> = call.iter().map(|&t| resident.round_timestep(t)).collect();
+                        let got = table.rows(deferred.weights_id(), &call_key(&rounded), &rounded).unwrap();
+                        // What a forward pass of the resident model computes for this call, block by block.
+                        let temb = resident.temb_act(&rounded);
+                        assert_eq!(temb.dims()[0], rows * call.len());
+                        assert_eq!(got.len(), resident.num_layers());
+                        for (block, got) in resident.blocks.iter().zip(got.iter()) {
+                            let want = block.modulation(&temb, rows).unwrap();
+                            assert_bit_identical(got, &want, &format!("{name} {call:?}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_passes_with_the_table_are_bit_identical() {
+        for zero_cond_t in [false, true] {
+            let config = config(zero_cond_t);
+            for [resident, deferred] in
+                model_pairs(&format!("forward-{zero_cond_t}"), zero_cond_t, DType::BF16)
+            {
+                let mut input = input(&config, vec![0.6, 0.2]);
+                // Today's path: the resident model computes its rows in the forward pass.
+                let want = bytes(&resident.forward(&input).unwrap());
+                // Table mode without a table: each layer is made on the device for this call.
+                assert_eq!(bytes(&deferred.forward(&input).unwrap()), want);
+                input.modulation = Some(deferred.modulation_table(&[&[0.6, 0.2]]).unwrap());
+                assert_eq!(bytes(&deferred.forward(&input).unwrap()), want);
+                input.modulation = Some(resident.modulation_table(&[&[0.6, 0.2]]).unwrap());
+                assert_eq!(bytes(&resident.forward(&input).unwrap()), want);
+            }
+        }
+    }
+
+    #[test]
+    fn new_timesteps_are_appended_and_the_old_rows_kept() {
+        let [_, model] = model_pairs("append", true, DType::BF16).swap_remove(0);
+        let dim = model.config.inner_dim();
+        let per_use = model.num_layers() * 2 * (6 * dim * dim + 6 * dim) * DType::BF16.size();
+        let mut table = ModulationTable::new();
+        let update = model.extend_modulation_table(&mut table, &[&[1.0], &[0.75]]).unwrap();
+        assert_eq!(update, ModulationTableUpdate { added: 2, invalidated: false, uploaded_bytes: per_use });
+        let before = table.entries.clone();
+        // 0.7501 rounds to 0.75 in bf16: the same row.
+        let update = model.extend_modulation_table(&mut table, &[&[0.7501], &[0.5], &[0.5]]).unwrap();
+        assert_eq!(update, ModulationTableUpdate { added: 1, invalidated: false, uploaded_bytes: per_use });
+        assert_eq!(table.timesteps(), vec![vec![0.5], vec![0.75], vec![1.0]]);
+        for (key, rows) in &before {
+            assert!(Arc::ptr_eq(&table.entries[key], rows), "an existing row was recomputed");
+        }
+        let update = model.extend_modulation_table(&mut table, &[&[1.0]]).unwrap();
+        assert_eq!(update, ModulationTableUpdate::default(), "nothing new: nothing uploaded");
+        // blocks × calls × (img: 2 rows + txt: 1 row) × 6·dim values.
+        assert_eq!(table.size_bytes(), 2 * 3 * 3 * 6 * dim * DType::BF16.size());
+        table.clear();
+        assert!(table.is_empty() && table.size_bytes() == 0);
+        let err = model.extend_modulation_table(&mut table, &[&[f32::NAN]]).unwrap_err();
+        assert!(err.to_string().contains("finite"), "{err}");
+        assert!(model.extend_modulation_table(&mut table, &[&[]]).is_err());
+    }
+
+    #[test]
+    fn tables_of_other_weights_or_timesteps_are_refused() {
+        let [resident, mut model] = model_pairs("refused", false, DType::F32).swap_remove(1);
+        let mut input = input(&model.config, vec![0.5]);
+        let mut table = model.modulation_table(&[&[0.5]]).unwrap();
+        input.modulation = Some(table.clone());
+        let want = bytes(&model.forward(&input).unwrap());
+        // Another model's table.
+        input.modulation = Some(resident.modulation_table(&[&[0.5]]).unwrap());
+        let err = model.forward(&input).unwrap_err();
+        assert!(err.to_string().contains("other weights"), "{err}");
+        // The mutable visitor (LoRA) gives the model new weights: the old table is refused, then rebuilt.
+        model.visit_linears_mut(|_, _| {});
+        input.modulation = Some(table.clone());
+        assert!(model.forward(&input).unwrap_err().to_string().contains("other weights"));
+        let update = model.extend_modulation_table(&mut table, &[&[0.5]]).unwrap();
+        assert!(update.invalidated && update.added == 1);
+        input.modulation = Some(table);
+        assert_eq!(bytes(&model.forward(&input).unwrap()), want);
+        // A timestep the table does not hold.
+        input.timestep = vec![0.25];
+        let err = model.forward(&input).unwrap_err();
+        assert!(err.to_string().contains("no rows for timesteps [0.25]"), "{err}");
+    }
+
+    #[test]
+    fn the_loader_leaves_the_modulation_weights_on_the_host() {
+        let config = config(true);
+        let dim = config.inner_dim();
+        let modulation_bytes = config.num_layers * 2 * (6 * dim * dim + 6 * dim) * DType::F32.size();
+        let dir = checkpoint("loader", &config);
+        let dev = Default::default();
+        let mut loaded = Vec::new();
+        for mode in [ModulationMode::Resident, ModulationMode::Table] {
+            for mut store in [
+                WeightStore::random(DType::F32, 1),
+                WeightStore::open_dir(&dir, "diffusion_pytorch_model", DType::F32).unwrap(),
+            ] {
+                let model = QwenImageTransformer::<B>::from_store_with(
+                    config.clone(),
+                    &mut store,
+                    &options(mode),
+                    &dev,
+                )
+                .unwrap();
+                store.finish().unwrap();
+                assert_eq!(model.modulation_mode(), mode);
+                let keys: Vec<String> = store.keys().iter().map(|k| k.to_string()).collect();
+                assert!(keys.contains(&"transformer_blocks.1.txt_mod.1.bias".to_string()));
+                loaded.push((mode, store.device_bytes(), keys));
+            }
+        }
+        let (resident, table) = (&loaded[..2], &loaded[2..]);
+        for (r, t) in resident.iter().zip(table) {
+            assert_eq!(
+                r.1 - t.1,
+                modulation_bytes,
+                "table mode puts exactly the modulation weights off the device"
+            );
+            assert_eq!(r.2, t.2, "the same keys are read in both modes");
+        }
+    }
+}

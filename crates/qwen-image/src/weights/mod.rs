@@ -419,6 +419,39 @@ mod tests {
     }
 
     #[test]
+    fn deferred_tensors_are_made_with_the_values_a_device_load_gives() {
+        let dev = Default::default();
+        let dir = tmp("deferred");
+        let values: Vec<f32> = (0..12).map(|i| i as f32 * 0.37 - 2.0).collect();
+        write(&dir.join("d.safetensors"), &[("w", values, vec![3, 4]), ("b", vec![1.0, 2.0, 3.0], vec![3])]);
+        let stores =
+            || [WeightStore::open_dir(&dir, "d", DType::BF16).unwrap(), WeightStore::random(DType::BF16, 9)];
+        for (mut loaded, mut deferring) in stores().into_iter().zip(stores()) {
+            let want: Tensor<Flex, 2> = loaded.tensor("w", [3, 4], &dev).unwrap();
+            let _: Tensor<Flex, 1> = loaded.tensor("b", [3], &dev).unwrap();
+            assert_eq!(loaded.device_bytes(), 2 * (12 + 3));
+            let w = deferring.deferred("w", &[3, 4]).unwrap();
+            let b: Tensor<Flex, 1> = deferring.tensor("b", [3], &dev).unwrap();
+            assert_eq!(b.dims(), [3]);
+            // Only the tensor taken onto the device counts; the deferred one is recorded and marked as read.
+            assert_eq!(deferring.device_bytes(), 2 * 3);
+            assert_eq!((w.key(), w.shape(), w.dtype(), w.size_bytes()), ("w", &[3, 4][..], DType::BF16, 24));
+            deferring.finish().unwrap();
+            assert_eq!(deferring.keys(), vec!["b", "w"]);
+            // Made twice, the same values as the device load, bit for bit.
+            for _ in 0..2 {
+                let got: Tensor<Flex, 2> = w.to_device(&dev).unwrap();
+                assert_eq!(got.dtype(), DType::BF16);
+                assert_eq!(got.into_data().as_bytes(), want.clone().into_data().as_bytes());
+            }
+            assert!(w.to_device::<Flex, 1>(&dev).is_err(), "the rank is checked");
+        }
+        let mut store = WeightStore::open_dir(&dir, "d", DType::F32).unwrap();
+        assert!(matches!(store.deferred("w", &[4, 3]).unwrap_err(), ModelError::ShapeMismatch { .. }));
+        assert!(matches!(store.deferred("x", &[1]).unwrap_err(), ModelError::MissingKey { .. }));
+    }
+
+    #[test]
     fn a_shape_only_store_records_requests_without_allocating() {
         let dev = Default::default();
         let mut store = WeightStore::shape_only(DType::BF16);
