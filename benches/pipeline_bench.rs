@@ -10,7 +10,10 @@
 //!   loaded to the GPU by the normal strict loader twice: cold (the files evicted from the page cache with
 //!   `posix_fadvise(DONTNEED)`) and warm (from the page cache). Reports seconds, GB/s and host memory (peak resident
 //!   set `VmHWM`, and peaks of anonymous memory and of mapped file pages sampled every 10 ms). The checkpoint is
-//!   deleted at the end unless `--keep`.
+//!   deleted at the end unless `--keep`. With `--modulation table` (the default) the modulation weights stay in
+//!   the mapped files at load, and the modulation table of the 4 Lightning timesteps is then built from them (one
+//!   layer on the GPU at a time), timed separately: the first edit's extra cost. `--modulation resident` loads
+//!   everything onto the GPU, as before the table.
 //!
 //! GPU memory is read after each section: the driver's used memory (whole GPU) and burn's pool (in use /
 //! reserved; the pool keeps what it reserved, so "reserved" is the section's peak as seen by burn).
@@ -18,7 +21,8 @@
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench pipeline_bench --no-run
 //! <binary> --json out.json [--reps 5] [--skip-text-encoder] [--skip-vae]
-//!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--loads cold,warm] [--keep]]
+//!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--loads cold,warm] [--keep]
+//!           [--modulation table|resident]]
 //! ```
 
 mod common;
@@ -30,7 +34,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
 use qwen_image::{
     cuda,
-    dit::{DitConfig, QwenImageTransformer},
+    dit::{DitConfig, DitLoadOptions, ModulationMode, QwenImageTransformer},
     synthetic,
     text_encoder::{GridThw, Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderInput},
     vae::{AutoencoderKLQwenImage, VaeConfig},
@@ -42,7 +46,7 @@ use qwen_image_pipeline::{
 };
 use serde_json::{json, Value};
 
-use common::{dev, gib, median, sync, G};
+use common::{dev, gib, gpu_memory, median, sync, ModulationArg, G};
 
 #[derive(Parser, Debug)]
 #[command(about = "Full-size text encoder, VAE and weight-loading benchmark (random weights, CUDA)")]
@@ -75,7 +79,13 @@ struct Args {
     /// Which loads to time, in order: `cold` (page cache evicted first) and/or `warm` (from the page cache).
     #[arg(long, default_value = "cold,warm")]
     loads: String,
+    /// Where the DiT's modulation weights go at load.
+    #[arg(long, value_enum, default_value = "table")]
+    modulation: ModulationArg,
 }
+
+/// Four distinct DiT timesteps, as a 4-step Lightning edit has (any four values cost the same).
+const LIGHTNING_TIMESTEPS: [f32; 4] = [1.0, 0.75, 0.5, 0.25];
 
 /// Text-encoder tokens of Edit v1 at 1024²: 1369 image tokens of a 74×74-patch image and 100 template/prompt
 /// tokens (66 before the image, `<|vision_start|>`, `<|vision_end|>`, 32 after).
@@ -101,18 +111,6 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 /// GPU memory now: driver's used memory and burn's pool (in use, reserved).
-fn gpu_memory(what: &str) -> Value {
-    let used = cuda::device_memory_used(0);
-    let pool = cuda::pool_usage(&dev());
-    println!(
-        "GPU memory {what}: {:.2} GiB used; burn pool {:.2} GiB in use / {:.2} GiB reserved",
-        gib(used.unwrap_or(0)),
-        gib(pool.map_or(0, |p| p.0)),
-        gib(pool.map_or(0, |p| p.1))
-    );
-    json!({"device_used_bytes": used, "pool_in_use_bytes": pool.map(|p| p.0), "pool_reserved_bytes": pool.map(|p| p.1)})
-}
-
 fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
     Tensor::<G, N>::random(shape, Distribution::Normal(0.0, std), (&dev(), DType::BF16))
 }
@@ -238,6 +236,17 @@ fn load(args: &Args, root: &Path) -> Value {
         gb / write_s
     );
     let after_write = HostMemory::read().unwrap_or_default();
+    // In table mode the modulation weights stay in the files at load.
+    let options = DitLoadOptions { modulation: args.modulation.mode() };
+    let deferred: u64 = tensors
+        .iter()
+        .filter(|(k, _)| k.contains("_mod.1."))
+        .map(|(_, s)| 2 * s.iter().product::<usize>() as u64)
+        .sum();
+    let loaded_gb = match options.modulation {
+        ModulationMode::Table => (written.bytes - deferred) as f64 / 1e9,
+        ModulationMode::Resident => gb,
+    };
 
     let mut loads = Vec::new();
     for label in args.loads.split(',') {
@@ -252,7 +261,7 @@ fn load(args: &Args, root: &Path) -> Value {
         let gpu_before = cuda::device_memory_used(0).unwrap_or(0);
         let sampler = PeakSampler::start(Duration::from_millis(10));
         let t = Instant::now();
-        let model = QwenImageTransformer::<G>::load(&dir, DType::BF16, &dev()).expect("load");
+        let model = QwenImageTransformer::<G>::load_with(&dir, DType::BF16, &options, &dev()).expect("load");
         sync();
         let secs = t.elapsed().as_secs_f64();
         let peak = sampler.finish();
@@ -262,7 +271,7 @@ fn load(args: &Args, root: &Path) -> Value {
             "{label} load{}: {secs:6.2} s, {:.2} GB/s; host peak RSS {:.2} GiB (VmHWM), peaks anon {:.2} GiB / \
              mapped files {:.2} GiB; RSS {:.2} → {:.2} GiB; GPU +{:.2} GiB",
             if cold && !evicted { " (page cache NOT evicted)" } else { "" },
-            gb / secs,
+            loaded_gb / secs,
             gib(after.peak_rss),
             gib(peak.anon),
             gib(peak.file),
@@ -270,11 +279,33 @@ fn load(args: &Args, root: &Path) -> Value {
             gib(after.rss),
             gib(gpu_after.saturating_sub(gpu_before)),
         );
+        // The first edit's modulation table: each modulation layer read from the mapped files and uploaded once.
+        let table = (options.modulation == ModulationMode::Table).then(|| {
+            let t = Instant::now();
+            let calls: Vec<&[f32]> = LIGHTNING_TIMESTEPS.iter().map(std::slice::from_ref).collect();
+            let mut table = qwen_image::dit::ModulationTable::new();
+            let update = model.extend_modulation_table(&mut table, &calls).expect("modulation table");
+            sync();
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{label} modulation table ({} timesteps): {secs:6.2} s, {:.2} GB uploaded one layer at a time \
+                 ({:.2} GB/s), table {:.1} MB; GPU +{:.2} GiB over the loaded model",
+                update.added,
+                update.uploaded_bytes as f64 / 1e9,
+                update.uploaded_bytes as f64 / 1e9 / secs,
+                table.size_bytes() as f64 / 1e6,
+                gib(cuda::device_memory_used(0).unwrap_or(0).saturating_sub(gpu_after)),
+            );
+            json!({"seconds": secs, "timesteps": update.added, "uploaded_bytes": update.uploaded_bytes,
+                   "table_bytes": table.size_bytes(), "gpu_used_bytes": cuda::device_memory_used(0)})
+        });
         loads.push(json!({
-            "mode": label, "page_cache_evicted": evicted, "seconds": secs, "gb_per_s": gb / secs,
+            "mode": label, "page_cache_evicted": evicted, "seconds": secs, "gb_per_s": loaded_gb / secs,
+            "loaded_bytes": loaded_gb * 1e9,
             "host_peak_rss_bytes": after.peak_rss, "host_peak_anon_bytes": peak.anon, "host_peak_file_bytes": peak.file,
             "host_rss_before_bytes": before.rss, "host_rss_after_bytes": after.rss,
             "gpu_used_before_bytes": gpu_before, "gpu_used_after_bytes": gpu_after,
+            "modulation": format!("{:?}", args.modulation), "modulation_table": table,
         }));
         drop(model);
         sync();

@@ -18,14 +18,14 @@ use std::{
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use qwen_image::{
     cuda::{self, CudaBackend, CudaDevice, FastOps, FlashKernel},
-    dit::QwenImageTransformer,
+    dit::{DitConfig, DitInput, DitLoadOptions, ImageShape, ModulationMode, QwenImageTransformer},
     ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
     synthetic,
     tensor_io::{rel_l2, to_f32_vec, TensorFile},
     weights::WeightStore,
     CpuBackend,
 };
-use qwen_image_edit::reference::dit_forward;
+use qwen_image_edit::reference::{dit_forward, read_dit_input};
 
 type G = CudaBackend;
 
@@ -454,6 +454,63 @@ fn tiny_dit_on_the_gpu_matches_the_cpu() {
         let err_ref = rel_l2(&out, &diffusers);
         println!("{case}: shape {shape:?}, GPU vs CPU (bf16) rel L2 {err:.2e}, GPU vs diffusers bf16 {err_ref:.2e}");
         assert!(err <= 2e-2 && err_ref <= 2e-2, "{case}: {err:.3e} / {err_ref:.3e}");
+    }
+}
+
+#[test]
+fn the_modulation_table_is_bit_identical_on_the_gpu() {
+    let _g = setup();
+    let load = |case: &str, modulation| {
+        let dir = fixture(case).join("transformer");
+        QwenImageTransformer::<G>::load_with(&dir, DType::BF16, &DitLoadOptions { modulation }, &dev())
+            .unwrap()
+    };
+    // Two full-width blocks with random weights: the real modulation GEMM, [rows, 3072] × [18432, 3072]ᵀ.
+    let full = |zero_cond_t: bool, modulation| {
+        let config = DitConfig { num_layers: 2, zero_cond_t, ..DitConfig::default() };
+        let mut store = WeightStore::random(DType::BF16, 3);
+        QwenImageTransformer::<G>::from_store_with(config, &mut store, &DitLoadOptions { modulation }, &dev())
+            .unwrap()
+    };
+    let full_input = |model: &QwenImageTransformer<G>| DitInput {
+        hidden_states: randn([1, 32, model.config.in_channels], 1.0),
+        encoder_hidden_states: randn([1, 8, model.config.joint_attention_dim], 1.0),
+        encoder_hidden_states_mask: None,
+        timestep: vec![0.7],
+        img_shapes: vec![ImageShape::new(4, 4), ImageShape::new(4, 4)],
+        modulation: None,
+    };
+    use ModulationMode::{Resident, Table};
+    let mut cases = Vec::new();
+    for case in ["plain", "zero_cond"] {
+        let (resident, table) = (load(case, Resident), load(case, Table));
+        let file = TensorFile::open(&fixture(case).join("inputs.safetensors")).unwrap();
+        let input = read_dit_input::<G>(&file, &dev()).unwrap();
+        cases.push((format!("{case} fixture"), resident, table, input));
+    }
+    for zero_cond_t in [false, true] {
+        let (resident, table) = (full(zero_cond_t, Resident), full(zero_cond_t, Table));
+        let input = full_input(&resident);
+        cases.push((format!("2 full-width blocks, zero_cond_t {zero_cond_t}"), resident, table, input));
+    }
+    for (name, resident, table_mode, mut input) in cases {
+        // Rows computed in every forward pass from resident weights (the layout before the table), after a warm-up.
+        drop(resident.forward(&input).unwrap());
+        let want = to_f32_vec(resident.forward(&input).unwrap());
+        assert!(want.iter().all(|v| v.is_finite()), "{name}: non-finite outputs");
+        // Table mode without a table (each layer made on the GPU for the call), then with one.
+        let transient = to_f32_vec(table_mode.forward(&input).unwrap());
+        let timesteps = input.timestep.clone();
+        input.modulation = Some(table_mode.modulation_table(&[&timesteps]).unwrap());
+        let tabled = to_f32_vec(table_mode.forward(&input).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        println!(
+            "{name}: {} outputs, table vs per-call rows bit-identical: {}",
+            want.len(),
+            bits(&tabled) == bits(&want)
+        );
+        assert_eq!(bits(&transient), bits(&want), "{name}: rows made per call differ");
+        assert_eq!(bits(&tabled), bits(&want), "{name}: table rows differ");
     }
 }
 

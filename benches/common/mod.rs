@@ -1,7 +1,11 @@
 //! Helpers shared by the CUDA benchmarks (`dit_bench`, `pipeline_bench`).
 
 use burn::tensor::backend::Backend;
-use qwen_image::cuda::{self, CudaBackend, CudaDevice};
+use qwen_image::{
+    cuda::{self, CudaBackend, CudaDevice},
+    dit::ModulationMode,
+};
+use serde_json::{json, Value};
 
 /// The backend every benchmark measures.
 pub type G = CudaBackend;
@@ -26,4 +30,37 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// Bytes in GiB.
 pub fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
+}
+
+/// Where the DiT's modulation weights live (`--modulation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModulationArg {
+    /// On the host; the rows of the timesteps used are built once into a table (the default).
+    Table,
+    /// On the GPU, rows computed in every forward pass (the layout before the table).
+    Resident,
+}
+
+impl ModulationArg {
+    /// The load option.
+    pub fn mode(self) -> ModulationMode {
+        match self {
+            ModulationArg::Table => ModulationMode::Table,
+            ModulationArg::Resident => ModulationMode::Resident,
+        }
+    }
+}
+
+/// Prints and returns the GPU memory in use: the driver's (`cuMemGetInfo`, whole GPU) and burn's pool (in use /
+/// reserved; the pool keeps what it reserved, so "reserved" is the peak so far as seen by burn).
+pub fn gpu_memory(what: &str) -> Value {
+    let used = cuda::device_memory_used(0);
+    let pool = cuda::pool_usage(&dev());
+    println!(
+        "GPU memory {what}: {:.2} GiB used; burn pool {:.2} GiB in use / {:.2} GiB reserved",
+        gib(used.unwrap_or(0)),
+        gib(pool.map_or(0, |p| p.0)),
+        gib(pool.map_or(0, |p| p.1))
+    );
+    json!({"device_used_bytes": used, "pool_in_use_bytes": pool.map(|p| p.0), "pool_reserved_bytes": pool.map(|p| p.1)})
 }

@@ -238,7 +238,7 @@ pub enum PlacedLinear<B: Backend> {
     /// On the device.
     Resident(Linear<B>),
     /// On the host; made on the device for each use.
-    Deferred(DeferredLinear<B>),
+    Deferred(Box<DeferredLinear<B>>),
 }
 
 impl<B: QwenBackend> PlacedLinear<B> {
@@ -254,7 +254,7 @@ impl<B: QwenBackend> PlacedLinear<B> {
         Ok(if resident {
             PlacedLinear::Resident(Linear::load(path, in_dim, out_dim, bias, device)?)
         } else {
-            PlacedLinear::Deferred(DeferredLinear::load(path, in_dim, out_dim, bias, device)?)
+            PlacedLinear::Deferred(Box::new(DeferredLinear::load(path, in_dim, out_dim, bias, device)?))
         })
     }
 
@@ -271,7 +271,7 @@ impl<B: QwenBackend> PlacedLinear<B> {
     pub fn layer(&self) -> &dyn LinearLayer<B> {
         match self {
             PlacedLinear::Resident(layer) => layer,
-            PlacedLinear::Deferred(layer) => layer,
+            PlacedLinear::Deferred(layer) => layer.as_ref(),
         }
     }
 
@@ -279,7 +279,7 @@ impl<B: QwenBackend> PlacedLinear<B> {
     pub fn layer_mut(&mut self) -> &mut dyn LinearLayer<B> {
         match self {
             PlacedLinear::Resident(layer) => layer,
-            PlacedLinear::Deferred(layer) => layer,
+            PlacedLinear::Deferred(layer) => layer.as_mut(),
         }
     }
 
