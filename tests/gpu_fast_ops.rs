@@ -2,7 +2,7 @@
 //!
 //! Every fast operation is compared with an independent reference on random inputs of the real shapes (relative
 //! L2 ≤ 2e-2 in bf16, no NaN), with outputs poisoned with NaN before each kernel runs; the tiny DiT fixture runs on
-//! the GPU and is compared with the CPU. Build here, run on the GPU host (see `docs/performance.md`):
+//! the GPU and is compared with the CPU; the modulation table is compared bit for bit with rows computed per call. Build here, run on the GPU host (see `docs/performance.md`):
 //!
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda --test gpu_fast_ops --no-run
@@ -460,57 +460,46 @@ fn tiny_dit_on_the_gpu_matches_the_cpu() {
 #[test]
 fn the_modulation_table_is_bit_identical_on_the_gpu() {
     let _g = setup();
-    let load = |case: &str, modulation| {
-        let dir = fixture(case).join("transformer");
-        QwenImageTransformer::<G>::load_with(&dir, DType::BF16, &DitLoadOptions { modulation }, &dev())
-            .unwrap()
-    };
-    // Two full-width blocks with random weights: the real modulation GEMM, [rows, 3072] × [18432, 3072]ᵀ.
-    let full = |zero_cond_t: bool, modulation| {
-        let config = DitConfig { num_layers: 2, zero_cond_t, ..DitConfig::default() };
-        let mut store = WeightStore::random(DType::BF16, 3);
-        QwenImageTransformer::<G>::from_store_with(config, &mut store, &DitLoadOptions { modulation }, &dev())
-            .unwrap()
-    };
-    let full_input = |model: &QwenImageTransformer<G>| DitInput {
-        hidden_states: randn([1, 32, model.config.in_channels], 1.0),
-        encoder_hidden_states: randn([1, 8, model.config.joint_attention_dim], 1.0),
-        encoder_hidden_states_mask: None,
-        timestep: vec![0.7],
-        img_shapes: vec![ImageShape::new(4, 4), ImageShape::new(4, 4)],
-        modulation: None,
-    };
     use ModulationMode::{Resident, Table};
+    let options = |modulation| DitLoadOptions { modulation };
     let mut cases = Vec::new();
     for case in ["plain", "zero_cond"] {
-        let (resident, table) = (load(case, Resident), load(case, Table));
+        let dir = fixture(case).join("transformer");
+        let [resident, table] = [Resident, Table]
+            .map(|m| QwenImageTransformer::<G>::load_with(&dir, DType::BF16, &options(m), &dev()).unwrap());
         let file = TensorFile::open(&fixture(case).join("inputs.safetensors")).unwrap();
-        let input = read_dit_input::<G>(&file, &dev()).unwrap();
-        cases.push((format!("{case} fixture"), resident, table, input));
+        cases.push((format!("{case} fixture"), resident, table, read_dit_input::<G>(&file, &dev()).unwrap()));
     }
+    // Two full-width blocks with random weights: the real modulation GEMM, [rows, 3072] × [18432, 3072]ᵀ.
     for zero_cond_t in [false, true] {
-        let (resident, table) = (full(zero_cond_t, Resident), full(zero_cond_t, Table));
-        let input = full_input(&resident);
+        let config = DitConfig { num_layers: 2, zero_cond_t, ..DitConfig::default() };
+        let [resident, table] = [Resident, Table].map(|m| {
+            let mut store = WeightStore::random(DType::BF16, 3);
+            QwenImageTransformer::<G>::from_store_with(config.clone(), &mut store, &options(m), &dev())
+                .unwrap()
+        });
+        let input = DitInput {
+            hidden_states: randn([1, 32, config.in_channels], 1.0),
+            encoder_hidden_states: randn([1, 8, config.joint_attention_dim], 1.0),
+            encoder_hidden_states_mask: None,
+            timestep: vec![0.7],
+            img_shapes: vec![ImageShape::new(4, 4), ImageShape::new(4, 4)],
+            modulation: None,
+        };
         cases.push((format!("2 full-width blocks, zero_cond_t {zero_cond_t}"), resident, table, input));
     }
+    let bits = |t: Tensor<G, 3>| to_f32_vec(t).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (name, resident, table_mode, mut input) in cases {
-        // Rows computed in every forward pass from resident weights (the layout before the table), after a warm-up.
+        // Rows computed in every forward pass from resident weights (the layout before the table), after a warm-up;
+        // then table mode without a table (each layer made on the GPU for the call), and with one.
         drop(resident.forward(&input).unwrap());
-        let want = to_f32_vec(resident.forward(&input).unwrap());
-        assert!(want.iter().all(|v| v.is_finite()), "{name}: non-finite outputs");
-        // Table mode without a table (each layer made on the GPU for the call), then with one.
-        let transient = to_f32_vec(table_mode.forward(&input).unwrap());
+        let want = bits(resident.forward(&input).unwrap());
+        assert!(want.iter().all(|&b| f32::from_bits(b).is_finite()), "{name}: non-finite outputs");
+        assert_eq!(bits(table_mode.forward(&input).unwrap()), want, "{name}: rows made per call differ");
         let timesteps = input.timestep.clone();
         input.modulation = Some(table_mode.modulation_table(&[&timesteps]).unwrap());
-        let tabled = to_f32_vec(table_mode.forward(&input).unwrap());
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        println!(
-            "{name}: {} outputs, table vs per-call rows bit-identical: {}",
-            want.len(),
-            bits(&tabled) == bits(&want)
-        );
-        assert_eq!(bits(&transient), bits(&want), "{name}: rows made per call differ");
-        assert_eq!(bits(&tabled), bits(&want), "{name}: table rows differ");
+        assert_eq!(bits(table_mode.forward(&input).unwrap()), want, "{name}: table rows differ");
+        println!("{name}: {} outputs, table vs rows computed per forward pass: bit-identical", want.len());
     }
 }
 
