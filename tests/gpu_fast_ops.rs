@@ -2,7 +2,8 @@
 //!
 //! Every fast operation is compared with an independent reference on random inputs of the real shapes (relative
 //! L2 ≤ 2e-2 in bf16, no NaN), with outputs poisoned with NaN before each kernel runs; the tiny DiT fixture runs on
-//! the GPU and is compared with the CPU; the modulation table is compared bit for bit with rows computed per call. Build here, run on the GPU host (see `docs/performance.md`):
+//! the GPU and is compared with the CPU; the modulation table is compared bit for bit with rows computed per call.
+//! Build here, run on the GPU host (see `docs/performance.md`):
 //!
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda --test gpu_fast_ops --no-run
