@@ -214,7 +214,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     /// [`ModulationMode::Resident`] when every block's modulation layers are on the device, else
     /// [`ModulationMode::Table`].
     pub fn modulation_mode(&self) -> ModulationMode {
-        let resident = |b: &TransformerBlock<B>| b.img_mod.deferred_bytes() + b.txt_mod.deferred_bytes() == 0;
+        let resident =
+            |b: &TransformerBlock<B>| b.img_mod.layer().is_resident() && b.txt_mod.layer().is_resident();
         if self.blocks.iter().all(resident) {
             ModulationMode::Resident
         } else {
