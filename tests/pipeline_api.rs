@@ -188,10 +188,17 @@ fn progress_and_report_describe_the_run() {
     assert_eq!(p.load_stages().len(), 4);
     let mut events = Events::default();
     let out = p.edit(&request("Make it purple"), &spec("reuse:2,3"), &mut events).unwrap();
-    let edit_stages =
-        [Stage::Preprocess, Stage::EncodePrompt, Stage::EncodeImage, Stage::Denoise, Stage::Decode];
+    // The modulation table stage: the default table mode computes the rows of the edit's timesteps first.
+    let edit_stages = [
+        Stage::Preprocess,
+        Stage::EncodePrompt,
+        Stage::EncodeImage,
+        Stage::ModulationTable,
+        Stage::Denoise,
+        Stage::Decode,
+    ];
     assert_eq!(events.stages, edit_stages);
-    assert_eq!(events.finished.len(), 5);
+    assert_eq!(events.finished.len(), 6);
     assert_eq!((events.denoise_steps, events.steps.clone()), (Some(3), vec![0, 1, 2]));
     let r = &out.report;
     assert_eq!(r.stages.iter().map(|s| s.stage).collect::<Vec<_>>(), edit_stages);
@@ -203,7 +210,8 @@ fn progress_and_report_describe_the_run() {
     assert!(r.cache_peak_bytes > 0);
     assert_eq!((out.image.width(), out.image.height()), (r.width, r.height));
     let json = serde_json::to_value(r).unwrap();
-    assert_eq!(json["stages"][3]["stage"], "denoise");
+    assert_eq!(json["stages"][3]["stage"], "modulation_table");
+    assert_eq!(json["stages"][4]["stage"], "denoise");
 }
 
 #[test]
