@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use qwen_image::processor::RgbImage;
 
-use crate::{pipeline::ImageAreas, PipelineError, Result};
+use crate::{request::ImageAreas, PipelineError, Result};
 
 macro_rules! snapshot_files {
     ($($path:literal),* $(,)?) => {

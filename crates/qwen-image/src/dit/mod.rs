@@ -19,6 +19,5 @@ pub mod timestep;
 pub mod transformer;
 
 pub use config::DitConfig;
-pub use planned::PlannedStats;
 pub use rope::ImageShape;
 pub use transformer::{DitInput, QwenImageTransformer};
