@@ -4,8 +4,8 @@
 //! `qwen-image` (the networks), `qwen-image-pruning` (schedules, plans, the condition-token cache) and
 //! `qwen-image-pipeline` (the denoising loop and the edit pipeline). Its own code is test support:
 //!
-//! - [`reference`]: run a network or a denoising loop on inputs dumped from diffusers, for the parity tests and the
-//!   reference examples;
+//! - [`reference`](mod@reference): run a network or a denoising loop on inputs dumped from diffusers, for the
+//!   parity tests and the reference examples;
 //! - [`exit_code`]: the examples' error handling.
 
 pub mod reference;

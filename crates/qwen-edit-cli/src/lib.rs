@@ -1,4 +1,4 @@
-//! The `qwen-edit` command line tool as a library: [`run`] takes parsed [`args::Args`] and does what the binary
+//! The `qwen-edit` command line tool as a library: [`run()`] takes parsed [`args::Args`] and does what the binary
 //! does (the binary is `install a logger → parse → run → exit code`). Everything numeric lives in
 //! `qwen-image-pipeline`; this crate only builds the jobs, calls the pipeline, writes images and reports, and
 //! formats tables.
