@@ -22,6 +22,5 @@ pub mod transformer;
 
 pub use config::DitConfig;
 pub use linears::dit_linear_names;
-pub use planned::PlannedStats;
 pub use rope::ImageShape;
 pub use transformer::{DitInput, QwenImageTransformer};
