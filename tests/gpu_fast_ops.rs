@@ -12,10 +12,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex,
-    },
+    sync::Mutex,
 };
 
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
@@ -38,7 +35,7 @@ static LOCK: Mutex<()> = Mutex::new(());
 
 /// Calls the references of the current test made with the fast path off, per kind: booked as fallbacks, they are
 /// not the fast path's (see [`portable_run`] and [`assert_fast`]).
-static REFERENCE_FALLBACKS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static REFERENCE_FALLBACKS: Mutex<[u64; 3]> = Mutex::new([0; 3]);
 
 /// Kinds of operation in the order of the fast-path report.
 const GEMM: usize = 0;
@@ -52,20 +49,13 @@ fn dev() -> CudaDevice {
     CudaDevice::new(0)
 }
 
-/// The configuration every test runs with: everything on, outputs poisoned with NaN before each kernel.
-fn test_config() -> FastPathConfig {
-    FastPathConfig {
-        ops: FastOps::ALL,
-        flash_kernel: FlashKernel::Auto,
-        poison_outputs: true,
-        ..cuda::config(&dev())
-    }
-}
-
+/// Every test runs with everything on and outputs poisoned with NaN before each kernel.
 fn setup() -> std::sync::MutexGuard<'static, ()> {
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     cuda::configure_runtime_caches(None).expect("kernel cache folder");
-    cuda::configure(&dev(), test_config()).expect("fast-path configuration");
+    let (ops, flash_kernel) = (FastOps::ALL, FlashKernel::Auto);
+    let config = FastPathConfig { ops, flash_kernel, poison_outputs: true, ..cuda::config(&dev()) };
+    cuda::configure(&dev(), config).expect("fast-path configuration");
     reset_stats();
     guard
 }
@@ -73,7 +63,7 @@ fn setup() -> std::sync::MutexGuard<'static, ()> {
 /// Zeroes the device's counters (and this test's reference fallbacks).
 fn reset_stats() {
     cuda::reset_stats(&dev());
-    REFERENCE_FALLBACKS.iter().for_each(|c| c.store(0, Ordering::Relaxed));
+    *REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner()) = [0; 3];
 }
 
 /// The fast path's counters of GPU 0, per kind.
@@ -129,8 +119,9 @@ fn portable_run<T>(f: impl FnOnce() -> T) -> T {
     let out = f();
     cuda::configure(&dev(), config).expect("configuration");
     // Calls made while a kind is off count as its fallbacks: remember them as the reference's.
-    for ((b, a), counter) in before.iter().zip(stats()).zip(&REFERENCE_FALLBACKS) {
-        counter.fetch_add(a.fallbacks - b.fallbacks, Ordering::Relaxed);
+    let mut reference = REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner());
+    for ((b, a), counter) in before.iter().zip(stats()).zip(reference.iter_mut()) {
+        *counter += a.fallbacks - b.fallbacks;
     }
     out
 }
@@ -139,7 +130,7 @@ fn portable_run<T>(f: impl FnOnce() -> T) -> T {
 /// of them fell back or failed.
 fn assert_fast(kind: usize, what: &str) {
     let s = &stats()[kind];
-    let reference = REFERENCE_FALLBACKS[kind].load(Ordering::Relaxed);
+    let reference = REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner())[kind];
     assert!(s.calls > 0, "{what}: the fast path did not run ({s:?})");
     assert_eq!(s.errors, 0, "{what}: CUDA errors ({s:?})");
     assert_eq!(s.fallbacks, reference, "{what}: fell back ({s:?}; {reference} were the references')");
