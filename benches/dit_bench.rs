@@ -25,7 +25,7 @@ use std::time::Instant;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
 use qwen_image::{
-    cuda::{self, FastOps, FlashKernel, OrderingMode},
+    cuda::{self, FastError, FastOps, FastPathConfig, FlashKernel, OrderingMode},
     dit::{
         DitConfig, DitInput, DitLoadOptions, ImageShape, ModulationMode, ModulationTable,
         QwenImageTransformer,
@@ -38,7 +38,7 @@ use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditionin
 use qwen_image_pruning::{GroupAction, LayerPlan, ReuseMode, ScheduleSpec, StepPlan, TokenPruningCache};
 use serde_json::{json, Value};
 
-use common::{dev, gib, gpu_memory, median, sync, ModulationArg, G};
+use common::{dev, fast_path_json, gib, gpu_memory, log_to_stderr, median, sync, ModulationArg, G};
 
 #[derive(Parser, Debug)]
 #[command(about = "CUDA fast-path benchmark of the Qwen-Image DiT")]
@@ -100,6 +100,19 @@ fn time_ms(reps: usize, inner: usize, mut f: impl FnMut()) -> f64 {
     median(times)
 }
 
+/// Changes the benchmarked GPU's fast-path configuration.
+fn configure(change: impl FnOnce(&mut FastPathConfig)) -> Result<(), FastError> {
+    let mut config = cuda::config(&dev());
+    change(&mut config);
+    cuda::configure(&dev(), config)
+}
+
+/// The fast-path calls of the benchmarked GPU per kind, and whether any fell back.
+fn fast_path_counts() -> (Vec<u64>, Vec<u64>) {
+    let report = G::fast_path_report(&dev()).unwrap_or_default();
+    (report.kinds.iter().map(|k| k.calls).collect(), report.kinds.iter().map(|k| k.fallbacks).collect())
+}
+
 fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
     Tensor::<G, N>::random(shape, Distribution::Normal(0.0, std), &dev()).cast(DType::BF16)
 }
@@ -133,9 +146,9 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     if !attention_only {
         let x = randn([1, 9591, D], 1.0);
         let w = randn([4 * D, D], 1.0 / (D as f64).sqrt());
-        cuda::set_fast_ops(FastOps { gemm: false, ..FastOps::ALL });
+        configure(|c| c.ops.gemm = false).expect("configuration");
         let ms = time_ms(reps, 5, || drop(G::dense(x.clone(), &w, None)));
-        cuda::set_fast_ops(FastOps::ALL);
+        configure(|c| c.ops = FastOps::ALL).expect("configuration");
         let tf = 2.0 * (9591 * D * 4 * D) as f64 / (ms * 1e-3) / 1e12;
         println!("burn matmul 9591 x 3072 -> 12288: {ms:7.3} ms  {tf:6.1} TFLOP/s");
         gemms.push(json!({"m": 9591, "k": D, "n": 4 * D, "burn": true, "ms": ms, "tflops": tf}));
@@ -166,14 +179,14 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
             &[FlashKernel::Auto]
         };
         for &kernel in kernels {
-            cuda::set_flash_kernel(kernel);
+            configure(|c| c.flash_kernel = kernel).expect("configuration");
             let ms = time_ms(reps, 10, || drop(G::attend(q.clone(), &segs, &opts)));
             let tf = flop / (ms * 1e-3) / 1e12;
             let name = if d == 128 { kernel.name() } else { "mma.sync" };
             println!("attention {what:36} [{name:8}]: {ms:7.3} ms  {tf:6.1} TFLOP/s");
             attn.push(json!({"case": what, "kernel": name, "queries": nq, "keys": nk, "heads": h, "head_dim": d, "causal": causal, "ms": ms, "tflops": tf}));
         }
-        cuda::set_flash_kernel(FlashKernel::Auto);
+        configure(|c| c.flash_kernel = FlashKernel::Auto).expect("configuration");
     }
     out.push(("attention".into(), Value::Array(attn)));
     if attention_only {
@@ -185,14 +198,14 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     let x = randn([1, 16, 128], 1.0);
     let w = randn([128, 128], 0.1);
     for mode in [OrderingMode::ContextEvents, OrderingMode::HostSync] {
-        if cuda::set_ordering_mode(0, mode).is_err() {
+        if configure(|c| c.ordering = mode).is_err() || cuda::ordering_mode(&dev()).ok() != Some(mode) {
             continue;
         }
         let us = time_ms(3, 2000, || drop(G::dense(x.clone(), &w, None))) * 1e3;
         println!("tiny GEMM wall time per call, {mode:?}: {us:6.1} µs");
         ord.push(json!({"mode": format!("{mode:?}"), "us_per_op": us}));
     }
-    cuda::set_ordering_mode(0, OrderingMode::ContextEvents).ok();
+    configure(|c| c.ordering = OrderingMode::ContextEvents).ok();
     let burn_us = {
         let y = randn([1, 16, 128], 1.0);
         time_ms(3, 2000, || drop(y.clone() * 0.5 + 1.0)) * 1e3 / 2.0
@@ -233,20 +246,20 @@ fn dit_case(
     let full_flop = step_flop(layers, text, target + cond, keys);
     let reuse_flop = step_flop(layers, text, target, keys);
 
-    cuda::reset_stats();
+    cuda::reset_stats(&dev());
     let full_ms = time_ms(args.reps, 1, || drop(model.forward(&input).expect("forward")));
-    let s = cuda::stats();
-    let ops_per_step: u64 = s.calls.iter().sum::<u64>() / (args.reps as u64 + 1);
+    let (calls, fallbacks) = fast_path_counts();
+    let ops_per_step: u64 = calls.iter().sum::<u64>() / (args.reps as u64 + 1);
     println!(
         "full step: {full_ms:8.1} ms  {:6.1} TFLOP/s ({:.1} TFLOP); fast ops per step {ops_per_step}, fallbacks {:?}",
         full_flop / (full_ms * 1e-3) / 1e12,
         full_flop / 1e12,
-        s.fallbacks
+        fallbacks
     );
     let mut host_sync_ms = None;
-    if args.host_sync_step && cuda::set_ordering_mode(0, OrderingMode::HostSync).is_ok() {
+    if args.host_sync_step && configure(|c| c.ordering = OrderingMode::HostSync).is_ok() {
         let ms = time_ms(args.reps.min(3), 1, || drop(model.forward(&input).expect("forward")));
-        cuda::set_ordering_mode(0, OrderingMode::ContextEvents).ok();
+        configure(|c| c.ordering = OrderingMode::ContextEvents).ok();
         println!("full step with host-synchronized ordering: {ms:8.1} ms");
         host_sync_ms = Some(ms);
     }
@@ -345,13 +358,15 @@ fn dit_case(
 
 fn main() {
     let args = Args::parse();
+    log_to_stderr();
     // burn's compiled kernels and autotune results persist across runs (before any CUDA tensor exists).
     println!("burn kernel caches: {:?}", cuda::configure_runtime_caches(None));
     let device = dev();
     let mut results: Vec<(String, Value)> = Vec::new();
-    let ordering =
-        cuda::ordering_mode(0).map(|m| format!("{m:?}")).unwrap_or_else(|e| format!("unavailable: {e}"));
-    println!("fast ops {:?}, ordering {ordering}", cuda::fast_ops());
+    let ordering = cuda::ordering_mode(&device)
+        .map(|m| format!("{m:?}"))
+        .unwrap_or_else(|e| format!("unavailable: {e}"));
+    println!("fast path {:?}, ordering {ordering}", cuda::config(&device));
     results.push(("ordering_mode".into(), json!(ordering)));
     let mem0 = cuda::device_memory_used(0).unwrap_or(0);
 
@@ -431,11 +446,7 @@ fn main() {
                    "with_model": memory_with_model}),
         ));
     }
-    let s = cuda::stats();
-    results.push((
-        "fast_path".into(),
-        json!({"calls": s.calls, "fallbacks": s.fallbacks, "errors": cuda::errors()}),
-    ));
+    results.push(("fast_path".into(), fast_path_json()));
     let doc = Value::Object(results.into_iter().collect());
     std::fs::write(&args.json, serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
     println!("\nwrote {}", args.json);

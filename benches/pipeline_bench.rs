@@ -46,7 +46,7 @@ use qwen_image_pipeline::{
 };
 use serde_json::{json, Value};
 
-use common::{dev, gib, gpu_memory, median, sync, ModulationArg, G};
+use common::{dev, fast_path_json, gib, gpu_memory, log_to_stderr, median, sync, ModulationArg, G};
 
 #[derive(Parser, Debug)]
 #[command(about = "Full-size text encoder, VAE and weight-loading benchmark (random weights, CUDA)")]
@@ -322,6 +322,7 @@ fn load(args: &Args, root: &Path) -> Value {
 
 fn main() {
     let args = Args::parse();
+    log_to_stderr();
     // burn's compiled kernels and autotune results persist across runs (before any CUDA tensor exists).
     println!("burn kernel caches: {:?}", qwen_image::cuda::configure_runtime_caches(None));
     let mut results = serde_json::Map::new();
@@ -335,11 +336,7 @@ fn main() {
     if let Some(dir) = &args.load_dir {
         results.insert("load".into(), load(&args, dir));
     }
-    let s = cuda::stats();
-    results.insert(
-        "fast_path".into(),
-        json!({"calls": s.calls, "fallbacks": s.fallbacks, "errors": cuda::errors()}),
-    );
+    results.insert("fast_path".into(), fast_path_json());
     std::fs::write(&args.json, serde_json::to_string_pretty(&Value::Object(results)).expect("json"))
         .expect("write json");
     println!("\nwrote {}", args.json);

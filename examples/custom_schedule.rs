@@ -7,7 +7,9 @@
 //! `DriftRefresh` caches the condition tokens at the first step and reuses their K/V afterwards, but only in the
 //! second half of the network, and recomputes (refreshes the cache) as soon as the prediction changed by more than
 //! a threshold at the previous step. It uses both halves of the [`PruningSchedule`] trait: `plan_step` decides,
-//! `observe` sees what each step did.
+//! `observe` sees what each step did. It is `Clone`, so the pipeline takes it as it is (`&DriftRefresh::new(0.5)`)
+//! and runs a fresh clone for each use; a schedule that cannot be cloned is passed as
+//! `&qwen_image_pruning::from_fn(|| MySchedule::new())`.
 
 use qwen_image::CpuBackend;
 use qwen_image_pipeline::{demo, metrics, EditRequest, LoadOptions, NoProgress, QwenImageEditPipeline};
@@ -16,14 +18,22 @@ use qwen_image_pruning::{
     StepPlan,
 };
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct DriftRefresh {
     threshold: f32,
     last_change: Option<f32>,
 }
 
+impl DriftRefresh {
+    /// Refreshes when the velocity changed by more than `threshold` (relative L2) at the previous step.
+    fn new(threshold: f32) -> Self {
+        DriftRefresh { threshold, last_change: None }
+    }
+}
+
 impl PruningSchedule for DriftRefresh {
     fn plan_step(&mut self, ctx: &StepContext<'_>) -> Result<StepPlan, PruneError> {
+        // `ctx.step` is 0-based: 0 is the first step (step 1 in specs and printed tables).
         let refresh = ctx.step == 0 || self.last_change.is_some_and(|c| c > self.threshold);
         let n = ctx.layout.condition_tokens.len();
         let layers = (0..ctx.num_layers)
@@ -65,17 +75,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     request.num_steps = 6;
 
     let baseline = pipe.edit(&request, &ScheduleSpec::None, &mut NoProgress)?;
-    // The pipeline takes a factory: it builds one schedule to check it (dry run) and a fresh one to run.
-    let factory =
-        || -> Box<dyn PruningSchedule> { Box::new(DriftRefresh { threshold: 0.5, last_change: None }) };
-    let custom = pipe.edit(&request, &factory, &mut NoProgress)?;
+    // The pipeline builds fresh clones: one to check the schedule (dry run), another to run it.
+    let custom = pipe.edit(&request, &DriftRefresh::new(0.5), &mut NoProgress)?;
     for s in &custom.report.steps {
         println!(
             "step {}: {} (velocity change {:?}), reused {} tokens",
             s.step + 1,
-            s.plan,
+            s.plan_summary,
             s.velocity_change,
-            s.reused_tokens
+            s.stats.reused_tokens
         );
     }
     let (w, h) = baseline.image.dimensions();

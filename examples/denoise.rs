@@ -53,7 +53,7 @@ fn main() -> ExitCode {
                 r.sigma,
                 r.time.as_secs_f64() * 1e3,
                 r.plan_summary,
-                r.reused_tokens,
+                r.stats.reused_tokens,
                 r.cache_bytes as f64 / 1024.0
             );
         }

@@ -74,9 +74,9 @@ fn main() -> ExitCode {
                 "  step {} σ={:.3}: {:.4} s, reused {} tokens ({})",
                 s.step + 1,
                 s.sigma,
-                s.seconds,
-                s.reused_tokens,
-                s.plan
+                s.seconds(),
+                s.stats.reused_tokens,
+                s.plan_summary
             );
         }
         println!("wrote {}", args.output.display());

@@ -1,15 +1,12 @@
-//! Qwen-Image-Edit in Rust with pluggable token pruning.
+//! Qwen-Image-Edit in Rust with pluggable token pruning: the workspace's facade package.
 //!
-//! This facade re-exports the workspace crates and holds the reference-check helpers used by the `dit_forward` and
-//! `denoise` examples and by the parity tests:
+//! It hosts the workspace-level examples, parity tests and benches, which use the crates directly:
+//! `qwen-image` (the networks), `qwen-image-pruning` (schedules, plans, the condition-token cache) and
+//! `qwen-image-pipeline` (the denoising loop and the edit pipeline). Its own code is test support:
 //!
-//! - [`model`] (`qwen-image`): the networks, generic over the burn backend.
-//! - [`pruning`] (`qwen-image-pruning`): schedules, plans and the condition-token cache.
-//! - [`pipeline`] (`qwen-image-pipeline`): the denoising loop and the edit pipeline.
-
-pub use qwen_image as model;
-pub use qwen_image_pipeline as pipeline;
-pub use qwen_image_pruning as pruning;
+//! - [`reference`](mod@reference): run a network or a denoising loop on inputs dumped from diffusers, for the
+//!   parity tests and the reference examples;
+//! - [`exit_code`]: the examples' error handling.
 
 pub mod reference;
 

@@ -18,9 +18,9 @@ use std::{
 
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use qwen_image::{
-    cuda::{self, CudaBackend, CudaDevice, FastOps, FlashKernel},
+    cuda::{self, CudaBackend, CudaDevice, FastOps, FastPathConfig, FlashKernel},
     dit::{DitConfig, DitInput, DitLoadOptions, ImageShape, ModulationMode, QwenImageTransformer},
-    ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
+    ops::{portable, AttentionOptions, FastKindStats, KvSegment, NormRope, QwenBackend},
     synthetic,
     tensor_io::{rel_l2, to_f32_vec, TensorFile},
     weights::WeightStore,
@@ -30,8 +30,18 @@ use qwen_image_edit::reference::{dit_forward, read_dit_input};
 
 type G = CudaBackend;
 
-/// The fast-path switches and counters are global: run one test at a time.
+/// Every test runs on GPU 0 and changes its fast-path configuration (flash kernel, fast path off for references)
+/// and reads and resets its counters, which are per device: run one test at a time.
 static LOCK: Mutex<()> = Mutex::new(());
+
+/// Calls the references of the current test made with the fast path off, per kind: booked as fallbacks, they are
+/// not the fast path's (see [`portable_run`] and [`assert_fast`]).
+static REFERENCE_FALLBACKS: Mutex<[u64; 3]> = Mutex::new([0; 3]);
+
+/// Kinds of operation in the order of the fast-path report.
+const GEMM: usize = 0;
+const ATTENTION: usize = 1;
+const GLUE: usize = 2;
 
 /// (what, batch, queries, key segment lengths, heads, kv heads, head dim, causal)
 type AttnCase = (&'static str, usize, usize, &'static [usize], usize, usize, usize, bool);
@@ -40,13 +50,31 @@ fn dev() -> CudaDevice {
     CudaDevice::new(0)
 }
 
+/// Every test runs with everything on and outputs poisoned with NaN before each kernel.
 fn setup() -> std::sync::MutexGuard<'static, ()> {
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     cuda::configure_runtime_caches(None).expect("kernel cache folder");
-    cuda::set_fast_ops(FastOps::ALL);
-    cuda::set_poison_outputs(true);
-    cuda::reset_stats();
+    let (ops, flash_kernel) = (FastOps::ALL, FlashKernel::Auto);
+    let config = FastPathConfig { ops, flash_kernel, poison_outputs: true, ..cuda::config(&dev()) };
+    cuda::configure(&dev(), config).expect("fast-path configuration");
+    reset_stats();
     guard
+}
+
+/// Zeroes the device's counters (and this test's reference fallbacks).
+fn reset_stats() {
+    cuda::reset_stats(&dev());
+    *REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner()) = [0; 3];
+}
+
+/// The fast path's counters of GPU 0, per kind.
+fn stats() -> Vec<FastKindStats> {
+    G::fast_path_report(&dev()).expect("the CUDA backend reports its fast path").kinds
+}
+
+/// Chooses the flash kernel of GPU 0.
+fn set_flash_kernel(flash_kernel: FlashKernel) {
+    cuda::configure(&dev(), FastPathConfig { flash_kernel, ..cuda::config(&dev()) }).expect("configuration");
 }
 
 fn randn<const D: usize>(shape: [usize; D], std: f64) -> Tensor<G, D> {
@@ -84,18 +112,29 @@ fn try_check<const D: usize>(
     Ok(err)
 }
 
-/// Runs `f` on the portable path (burn's own kernels).
+/// Runs `f` on the portable path (burn's own kernels), for a reference.
 fn portable_run<T>(f: impl FnOnce() -> T) -> T {
-    cuda::set_fast_ops(FastOps::NONE);
+    let before = stats();
+    let config = cuda::config(&dev());
+    cuda::configure(&dev(), FastPathConfig { ops: FastOps::NONE, ..config.clone() }).expect("configuration");
     let out = f();
-    cuda::set_fast_ops(FastOps::ALL);
+    cuda::configure(&dev(), config).expect("configuration");
+    // Calls made while a kind is off count as its fallbacks: remember them as the reference's.
+    let mut reference = REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner());
+    for ((b, a), counter) in before.iter().zip(stats()).zip(reference.iter_mut()) {
+        *counter += a.fallbacks - b.fallbacks;
+    }
     out
 }
 
+/// Asserts that operations of `kind` ran on the fast path since [`setup`] (or the last [`reset_stats`]) and none
+/// of them fell back or failed.
 fn assert_fast(kind: usize, what: &str) {
-    let s = cuda::stats();
-    assert!(s.calls[kind] > 0, "{what}: the fast path did not run ({s:?}, errors {:?})", cuda::errors());
-    assert_eq!(s.fallbacks[kind], 0, "{what}: fell back ({s:?}, errors {:?})", cuda::errors());
+    let s = &stats()[kind];
+    let reference = REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner())[kind];
+    assert!(s.calls > 0, "{what}: the fast path did not run ({s:?})");
+    assert_eq!(s.errors, 0, "{what}: CUDA errors ({s:?})");
+    assert_eq!(s.fallbacks, reference, "{what}: fell back ({s:?}; {reference} were the references')");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +172,7 @@ fn gemm_matches_burn_matmul() {
         let want = portable_run(|| portable::dense(x2.clone(), &w, None));
         check(&format!("dense nobias batch 2 {}x{k} -> {n}", m.min(300)), fast, want, 2e-2);
     }
-    assert_fast(0, "gemm");
+    assert_fast(GEMM, "gemm");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -261,11 +300,11 @@ fn flash_attention_matches_reference() {
         let outs: Vec<_> = kernels
             .iter()
             .map(|&k| {
-                cuda::set_flash_kernel(k);
+                set_flash_kernel(k);
                 (k, G::attend(q.clone(), &segs, &opts))
             })
             .collect();
-        cuda::set_flash_kernel(FlashKernel::Auto);
+        set_flash_kernel(FlashKernel::Auto);
         if b * nq * nk * h > 200_000_000 {
             // The host reference would take minutes at the DiT's size: the kernels (independent code: TMA + wgmma,
             // cp.async + wgmma, mma.sync) check each other against the mma.sync one here; the host reference checks
@@ -284,7 +323,7 @@ fn flash_attention_matches_reference() {
         }
     }
     assert!(failures.is_empty(), "{} failed checks:\n{}", failures.len(), failures.join("\n"));
-    assert_fast(1, "attention");
+    assert_fast(ATTENTION, "attention");
 }
 
 #[test]
@@ -311,15 +350,15 @@ fn flash_attention_key_mask_and_portable_agree() {
     let want = reference_attention(&q, &segs, Some(&m), false);
     let mut failures = Vec::new();
     for k in &FLASH_KERNELS[1..] {
-        cuda::set_flash_kernel(*k);
+        set_flash_kernel(*k);
         let out = G::attend(q.clone(), &segs, &opts);
         failures.extend(
             try_check(&format!("attend: key mask, {} kernel", k.name()), out, want.clone(), 2e-2).err(),
         );
     }
-    cuda::set_flash_kernel(FlashKernel::Auto);
+    set_flash_kernel(FlashKernel::Auto);
     assert!(failures.is_empty(), "{} failed checks:\n{}", failures.len(), failures.join("\n"));
-    assert_fast(1, "attention");
+    assert_fast(ATTENTION, "attention");
 }
 
 #[test]
@@ -332,7 +371,7 @@ fn flash_attention_blocks_match_per_block_attention() {
     let fast = G::attend_blocks(q.clone(), k.clone(), v.clone(), &cu);
     let want = portable::attention_blocks(q, k, v, &cu, |q, s, o| reference_attention(&q, s, None, o.causal));
     check("attend_blocks: vision windows, head dim 80", fast, want, 2e-2);
-    assert_fast(1, "attention");
+    assert_fast(ATTENTION, "attention");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +430,7 @@ fn fused_glue_matches_portable() {
     let fast = G::silu_mul(g.clone(), u.clone());
     let want = portable_run(|| portable::silu_mul(g.clone(), u.clone()));
     check("silu_mul 1469x18944", fast, want, 2e-2);
-    assert_fast(2, "glue");
+    assert_fast(GLUE, "glue");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +455,7 @@ fn interleaved_burn_and_fast_ops_stay_ordered() {
     let fast = chain(x0.clone());
     let want = portable_run(|| chain(x0.clone()));
     check("24 × (cuBLASLt GEMM → burn elementwise)", fast, want, 2e-2);
-    println!("ordering mode: {:?}", cuda::ordering_mode(0));
+    println!("ordering mode: {:?}", cuda::ordering_mode(&dev()));
 }
 
 fn fixture(case: &str) -> PathBuf {
@@ -432,12 +471,14 @@ fn tiny_dit_on_the_gpu_matches_the_cpu() {
         let dir = fixture(case);
         let inputs = dir.join("inputs.safetensors");
         let gpu = QwenImageTransformer::<G>::load(&dir.join("transformer"), DType::BF16, &dev()).unwrap();
-        cuda::reset_stats();
+        reset_stats();
         let (out, shape) = dit_forward(&gpu, &inputs).unwrap();
-        let s = cuda::stats();
-        println!("{case}: fast-path calls {:?}, fallbacks {:?}", s.calls, s.fallbacks);
+        let s = stats();
+        let calls: Vec<u64> = s.iter().map(|k| k.calls).collect();
+        let fallbacks: Vec<u64> = s.iter().map(|k| k.fallbacks).collect();
+        println!("{case}: fast-path calls {calls:?}, fallbacks {fallbacks:?}");
         assert!(
-            s.calls.iter().all(|&c| c > 0) && s.fallbacks == [0; 3],
+            calls.iter().all(|&c| c > 0) && fallbacks == [0; 3],
             "{case}: not all on the fast path: {s:?}"
         );
         let cpu = QwenImageTransformer::<CpuBackend>::load(
@@ -523,7 +564,7 @@ fn weights_upload_straight_from_the_memory_map() {
     let a: Tensor<G, 2> = gpu_store.tensor("a.weight", [3, 1000], &dev()).expect("a");
     let b: Tensor<G, 2> = gpu_store.tensor("b.weight", [4097, 33], &dev()).expect("b");
     let c: Tensor<G, 1> = gpu_store.tensor("c.bias", [7], &dev()).expect("c");
-    assert_fast(2, "weight upload");
+    assert_fast(GLUE, "weight upload");
     let cpu = Default::default();
     let want_b: Tensor<CpuBackend, 2> = cpu_store.tensor("b.weight", [4097, 33], &cpu).expect("b");
     let want_c: Tensor<CpuBackend, 1> = cpu_store.tensor("c.bias", [7], &cpu).expect("c");
@@ -541,7 +582,7 @@ fn weights_upload_straight_from_the_memory_map() {
     let f32_tensor: Tensor<G, 2> = G::upload(TensorData::new(values.clone(), [5, 7]), &dev());
     assert_eq!(f32_tensor.dtype(), DType::F32);
     assert_eq!(to_f32_vec(f32_tensor.cast(DType::BF16)), values, "exact in bf16 too (multiples of 1/4)");
-    assert_fast(2, "f32 upload");
+    assert_fast(GLUE, "f32 upload");
     println!("weight upload: 3 tensors from 2 mapped shards and one f32 tensor, bit-exact");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -567,9 +608,9 @@ fn vae_convolutions_and_wide_attention_use_gemms() {
         (1, 3, 96, 40, 40, 3, 1, 1),
     ] {
         let (x, weight, bias) = (randn([n, c, h, w], 1.0), randn([o, c, k, k], 0.1), randn([o], 0.1));
-        cuda::reset_stats();
+        reset_stats();
         let fast = G::conv2d_nchw(x.clone(), &weight, &bias, s, p);
-        assert!(cuda::stats().calls[0] > 0, "the convolution did not run a cuBLASLt GEMM");
+        assert!(stats()[GEMM].calls > 0, "the convolution did not run a cuBLASLt GEMM");
         let want = portable::conv2d(to_cpu(x), &to_cpu(weight), &to_cpu(bias), s, p);
         let got = to_f32_vec(fast.clone());
         assert_eq!(fast.dims(), want.dims());

@@ -1,6 +1,6 @@
 //! The pipeline's behaviour beyond numerical parity, on the built-in demo snapshot: request validation, the
 //! schedule check before anything runs, the pruning-cache lifecycle, seeded noise, Edit-Plus with 3 images,
-//! runtime LoRA swapping, progress events and the report.
+//! runtime LoRA swapping, progress events and the typed report.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use qwen_image::{processor::RgbImage, tensor_io::rel_l2, CpuBackend};
 use qwen_image_pipeline::{
-    demo, lora::LoraWeights, EditRequest, LoadOptions, NoProgress, PipelineError, Progress,
+    demo, lora::LoraWeights, EditReport, EditRequest, LoadOptions, NoProgress, PipelineError, Progress,
     QwenImageEditPipeline, Stage, StepReport,
 };
 use qwen_image_pruning::{
-    GroupAction, LayerPlan, PruneError, PruningSchedule, ReuseMode, ScheduleSpec, StepContext, StepPlan,
+    from_fn, GroupAction, GroupPlan, LayerPlan, PruneError, PruningSchedule, ReuseMode, ScheduleSpec,
+    StepContext, StepPlan, TokenSubset,
 };
 
 type B = CpuBackend;
@@ -47,8 +48,8 @@ fn spec(s: &str) -> ScheduleSpec {
     s.parse().unwrap()
 }
 
-/// Reuses the condition tokens at every step, including the first.
-#[derive(Debug)]
+/// Reuses the condition tokens at every step, including the first. `Clone`, so `&AlwaysReuse` is a factory.
+#[derive(Clone, Debug)]
 struct AlwaysReuse;
 
 impl PruningSchedule for AlwaysReuse {
@@ -62,10 +63,6 @@ impl PruningSchedule for AlwaysReuse {
     fn name(&self) -> String {
         "always-reuse".into()
     }
-}
-
-fn always_reuse() -> Box<dyn PruningSchedule> {
-    Box::new(AlwaysReuse)
 }
 
 #[test]
@@ -103,7 +100,7 @@ fn invalid_requests_are_refused_before_running() {
 fn a_schedule_that_reuses_before_caching_is_refused_before_anything_runs() {
     let mut p = pipe();
     let mut events = Events::default();
-    let e = p.edit(&request("Make it purple"), &always_reuse, &mut events).unwrap_err();
+    let e = p.edit(&request("Make it purple"), &AlwaysReuse, &mut events).unwrap_err();
     assert!(matches!(e, PipelineError::Prune(PruneError::CacheMiss { step: 0, .. })), "{e}");
     assert!(!events.stages.contains(&Stage::EncodePrompt), "the text encoder ran: {:?}", events.stages);
     assert_eq!(p.cache_bytes(), 0);
@@ -114,9 +111,9 @@ fn the_cache_is_cleared_between_edits_unless_kept() {
     let mut p = pipe();
     let first = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
     assert!(first.report.cache_bytes > 0 && p.cache_bytes() == first.report.cache_bytes);
-    assert!(first.report.steps[1].reused_tokens > 0);
+    assert!(first.report.steps[1].stats.reused_tokens > 0);
     // Not kept: cleared, and a plan that reuses at step 1 is refused.
-    assert!(p.edit(&request("Make it purple"), &always_reuse, &mut NoProgress).is_err());
+    assert!(p.edit(&request("Make it purple"), &AlwaysReuse, &mut NoProgress).is_err());
     let baseline = p.edit(&request("Make it purple"), &spec("none"), &mut NoProgress).unwrap();
     assert_eq!(baseline.report.cache_bytes, 0);
     assert_eq!(baseline.report.reused_tokens(), 0);
@@ -124,10 +121,10 @@ fn the_cache_is_cleared_between_edits_unless_kept() {
     p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
     let mut again = request("Add a hat");
     again.keep_cache = true;
-    let reused = p.edit(&again, &always_reuse, &mut NoProgress).unwrap();
-    assert!(reused.report.steps.iter().all(|s| s.reused_tokens > 0));
+    let reused = p.edit(&again, &AlwaysReuse, &mut NoProgress).unwrap();
+    assert!(reused.report.steps.iter().all(|s| s.stats.reused_tokens > 0));
     assert_eq!(
-        reused.report.steps[0].computed_tokens,
+        reused.report.steps[0].stats.computed_tokens,
         reused.report.target_tokens * p.transformer().num_layers()
     );
 }
@@ -205,13 +202,105 @@ fn progress_and_report_describe_the_run() {
     assert_eq!(r.steps.len(), 3);
     assert_eq!(r.sigmas.len(), 4);
     assert_eq!(r.schedule, "reuse:2,3");
-    assert_eq!(r.steps[0].reused_tokens, 0);
-    assert!(r.steps[1].reused_tokens > 0 && r.steps[2].reused_tokens > 0);
+    assert_eq!(r.steps[0].stats.reused_tokens, 0);
+    assert!(r.steps[1].stats.reused_tokens > 0 && r.steps[2].stats.reused_tokens > 0);
+    assert_eq!(r.reused_tokens(), r.steps.iter().map(|s| s.stats.reused_tokens).sum::<usize>());
     assert!(r.cache_peak_bytes > 0);
     assert_eq!((out.image.width(), out.image.height()), (r.width, r.height));
+    assert!(r.size_adjustments.is_empty() && r.fast_path.is_none() && r.comparison.is_none());
+    if cfg!(target_os = "linux") {
+        assert!(r.memory.unwrap().host_rss_bytes.unwrap() > 0, "the default probe reads the host's memory");
+    }
     let json = serde_json::to_value(r).unwrap();
     assert_eq!(json["stages"][3]["stage"], "modulation_table");
     assert_eq!(json["stages"][4]["stage"], "denoise");
+    assert_eq!(
+        json["steps"][1]["reused_tokens"], r.steps[1].stats.reused_tokens,
+        "step stats are flat in JSON"
+    );
+    assert!(json["steps"][1]["seconds"].is_f64() && json["steps"][1]["plan"].is_string());
+    let back: EditReport = serde_json::from_value(json).unwrap();
+    assert_eq!(back.steps.len(), r.steps.len());
+    assert_eq!(back.stages, r.stages);
+    assert_eq!(
+        (back.width, back.schedule.as_str(), back.sigmas.clone()),
+        (r.width, "reuse:2,3", r.sigmas.clone())
+    );
+}
+
+#[test]
+fn a_rounded_output_size_is_in_the_report() {
+    let mut p = pipe();
+    let mut r = request("Make it purple");
+    (r.width, r.height) = (Some(97), Some(64));
+    let out = p.edit(&r, &spec("none"), &mut NoProgress).unwrap();
+    assert_eq!((out.image.width(), out.image.height()), (96, 64));
+    assert_eq!(out.report.size_adjustments, r.size_adjustments());
+    assert_eq!(out.report.size_adjustments[0].to_string(), "width 97 rounded down to 96 (a multiple of 16)");
+}
+
+/// `cat`, but as a user-written schedule with its own state (the number of steps it planned).
+#[derive(Clone, Debug, Default)]
+struct CountingCat {
+    planned: usize,
+}
+
+impl PruningSchedule for CountingCat {
+    fn plan_step(&mut self, ctx: &StepContext<'_>) -> Result<StepPlan, PruneError> {
+        assert_eq!(self.planned, ctx.step, "each run starts from a fresh clone");
+        self.planned += 1;
+        qwen_image_pruning::Cat::default().plan_step(ctx)
+    }
+    fn name(&self) -> String {
+        "counting-cat".into()
+    }
+}
+
+#[test]
+fn schedules_are_passed_as_specs_clone_values_or_closures() {
+    let mut p = pipe();
+    let by_spec = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    let by_value = p.edit(&request("Make it purple"), &CountingCat::default(), &mut NoProgress).unwrap();
+    let by_fn = p.edit(&request("Make it purple"), &from_fn(CountingCat::default), &mut NoProgress).unwrap();
+    assert_eq!(by_value.latents, by_spec.latents);
+    assert_eq!(by_fn.latents, by_spec.latents);
+    assert_eq!(by_value.report.schedule, "counting-cat");
+}
+
+/// Plans a token subset of the condition image at the second step.
+#[derive(Clone, Debug)]
+struct Subset;
+
+impl PruningSchedule for Subset {
+    fn plan_step(&mut self, ctx: &StepContext<'_>) -> Result<StepPlan, PruneError> {
+        let mut plan = qwen_image_pruning::Cat::default().plan_step(ctx)?;
+        if ctx.step == 1 {
+            plan.layers[0].conditions[0] = GroupPlan {
+                action: GroupAction::Compute,
+                tokens: TokenSubset::Indices(vec![0, 1]),
+                rest: GroupAction::Reuse(ReuseMode::KeyValue),
+            };
+        }
+        Ok(plan)
+    }
+    fn name(&self) -> String {
+        "subset".into()
+    }
+}
+
+#[test]
+fn prune_errors_arrive_by_one_path() {
+    let mut p = pipe();
+    // Token subsets are refused by the plan's validation, before anything runs.
+    let e = p.edit(&request("Make it purple"), &Subset, &mut NoProgress).unwrap_err();
+    assert!(matches!(e, PipelineError::Prune(PruneError::Unsupported(_))), "{e:?}");
+    // A kept cache of a condition image of another size: the model finds the mismatch while running, and it
+    // still arrives as `PipelineError::Prune`, not as `PipelineError::Model`.
+    p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    let mut other = request("Make it purple");
+    (other.areas.vae, other.keep_cache) = (96 * 96, true);
+    let e = p.edit(&other, &AlwaysReuse, &mut NoProgress).unwrap_err();
+    assert!(matches!(e, PipelineError::Prune(PruneError::CacheShapeMismatch { .. })), "{e:?}");
 }
 
 #[test]

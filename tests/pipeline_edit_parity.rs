@@ -20,8 +20,12 @@ use serde_json::Value;
 
 type B = CpuBackend;
 
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline")
+    root().join("tests/fixtures/pipeline")
 }
 
 fn fixture() -> Value {
@@ -58,7 +62,8 @@ fn run(name: &str, positions: PositionMode, spec: &str) -> (EditOutput, TensorFi
 fn run_in(name: &str, positions: PositionMode, spec: &str, dtype: DType) -> (EditOutput, TensorFile) {
     let fx = fixture();
     let case = &fx["cases"][name];
-    let snapshot = dir().join(case["snapshot"].as_str().unwrap());
+    // A path from the repository root (the Edit v1 snapshot is the library's embedded demo model).
+    let snapshot = root().join(case["snapshot"].as_str().unwrap());
     let mut pipe = QwenImageEditPipeline::<B>::load(
         snapshot.to_str().unwrap(),
         &options(positions, dtype),

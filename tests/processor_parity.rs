@@ -393,7 +393,7 @@ fn load_image_decodes_png_and_jpeg_and_refuses_bad_files() {
 
 #[test]
 fn the_bundled_sample_runs_through_the_edit_preprocessing() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/sample.png");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/qwen-image-pipeline/assets/sample.png");
     assert!(std::fs::metadata(&path).unwrap().len() <= 200 * 1024);
     let image = load_image(&path).unwrap();
     assert_eq!(image.dimensions(), (384, 256));

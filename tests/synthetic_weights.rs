@@ -19,7 +19,7 @@ use qwen_image_pipeline::{demo, EditRequest, LoadOptions, NoProgress, QwenImageE
 type B = CpuBackend;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/snapshot_edit").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/qwen-image-pipeline/assets/demo_snapshot").join(rel)
 }
 
 fn tmp(name: &str) -> PathBuf {

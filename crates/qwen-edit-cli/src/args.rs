@@ -145,8 +145,14 @@ pub struct Args {
     pub report: Option<PathBuf>,
     /// Run the edits of a JSONL file in one process (weights loaded once). Each line: {"input": "a.png" or [..],
     /// "prompt": "…"} with optional "seed", "steps", "cfg", "negative_prompt", "schedule", "width", "height".
+    /// Every line is checked before the weights are loaded, and all bad lines are reported at once.
     #[arg(long)]
     pub batch: Option<PathBuf>,
+    /// With --batch: run the valid edits even when some lines are invalid or fail, instead of stopping; the exit
+    /// status is still an error, and the report lists every edit that did not run under `failed`. Without it,
+    /// every line is checked first and nothing runs while any is bad.
+    #[arg(long)]
+    pub keep_going: bool,
     /// Run the built-in tiny random-weight model on the bundled sample image (no download, CPU, seconds).
     #[arg(long)]
     pub demo: bool,

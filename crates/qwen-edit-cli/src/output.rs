@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use qwen_image::processor::RgbImage;
-use qwen_image_pipeline::{save_image, EditReport};
+use qwen_image_pipeline::{save_image, Comparison, EditReport, MemoryReading};
 
-use crate::{memory::MemoryReading, CliError};
+use crate::CliError;
 
 /// `YYYYmmdd_HHMMSS` (UTC) of now.
 pub fn timestamp() -> String {
@@ -112,11 +112,11 @@ pub fn print_report(out: &mut dyn Write, r: &EditReport) -> Result<(), CliError>
             "  {:>4} {:>7.4} {:>10.4} {:>9} {:>9} {:>12}  {}",
             s.step + 1,
             s.sigma,
-            s.seconds,
-            s.computed_tokens,
-            s.reused_tokens,
+            s.seconds(),
+            s.stats.computed_tokens,
+            s.stats.reused_tokens,
             s.cache_bytes,
-            s.plan
+            s.plan_summary
         )?;
     }
     Ok(())
@@ -127,8 +127,7 @@ pub fn print_comparison(
     out: &mut dyn Write,
     base: &EditReport,
     pruned: &EditReport,
-    psnr: f64,
-    ssim: f64,
+    comparison: &Comparison,
 ) -> Result<(), CliError> {
     use qwen_image_pipeline::Stage;
     writeln!(out, "  {:<16} {:>12} {:>12} {:>9}", "", "baseline", pruned.schedule, "speedup")?;
@@ -148,14 +147,15 @@ pub fn print_comparison(
         row(out, stage.label(), base.stage_seconds(stage), pruned.stage_seconds(stage))?;
     }
     for (a, b) in base.steps.iter().zip(&pruned.steps) {
-        row(out, &format!("  step {}", a.step + 1), a.seconds, b.seconds)?;
+        row(out, &format!("  step {}", a.step + 1), a.seconds(), b.seconds())?;
     }
     row(out, "total", base.total_seconds, pruned.total_seconds)?;
+    let psnr = comparison.psnr_db;
     let psnr = if psnr.is_finite() { format!("{psnr:.2} dB") } else { "inf (identical)".into() };
     writeln!(
         out,
-        "  PSNR {psnr}, SSIM {ssim:.4} (pruned vs baseline); cache peak {} bytes",
-        pruned.cache_peak_bytes
+        "  PSNR {psnr}, SSIM {:.4} (pruned vs baseline); cache peak {} bytes",
+        comparison.ssim, pruned.cache_peak_bytes
     )?;
     Ok(())
 }

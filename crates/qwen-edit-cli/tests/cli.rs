@@ -122,13 +122,19 @@ fn compare_writes_both_images_heat_map_grid_and_metrics() {
     }
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("my_report.json")).unwrap()).unwrap();
-    let c = &r["edits"][0]["comparison"];
-    assert_eq!(c["schedule"], "reuse:2,3,4");
+    let pruned = &r["edits"][0]["runs"]["pruning"];
+    assert_eq!(pruned["schedule"], "reuse:2,3,4");
+    assert!(pruned["cache_peak_bytes"].as_u64().unwrap() > 0);
+    let c = &pruned["comparison"];
+    assert_eq!(c["baseline"], "none");
     assert!(c["ssim"].as_f64().unwrap() > 0.0 && c["ssim"].as_f64().unwrap() <= 1.0);
     assert!(c["psnr_db"].is_number() || c["psnr_db"] == "inf");
     assert!(c["speedup_denoise"].as_f64().unwrap() > 0.0);
-    assert!(c["cache_peak_bytes"].as_u64().unwrap() > 0);
-    let pruned = &r["edits"][0]["runs"]["pruning"];
+    assert!(r["edits"][0]["runs"]["baseline"]["comparison"].is_null());
+    let outputs = &r["edits"][0]["outputs"];
+    for key in ["baseline", "pruning", "difference", "grid"] {
+        assert!(outputs[key].is_string(), "no {key} in {outputs}");
+    }
     assert!(pruned["steps"]
         .as_array()
         .unwrap()
@@ -169,6 +175,85 @@ fn batch_runs_three_edits_with_one_load() {
     assert_eq!(edits[2]["runs"]["baseline"]["true_cfg"], true);
     let outs = files(&dir.join("outputs_pruning"));
     assert_eq!(outs.iter().filter(|f| f.starts_with("output_")).count(), 3, "{outs:?}");
+}
+
+/// A batch of two good lines (one with the schedule in its JSON form), three lines that are refused before loading
+/// (a missing image, malformed JSON, a layer range beyond the model) and one that fails only at run time (one step:
+/// the base scheduler's terminal stretch needs two).
+fn mixed_batch(dir: &Path) -> PathBuf {
+    let input = sample(dir);
+    let p = input.to_str().unwrap();
+    let jsonl = format!(
+        "{{\"input\": \"{p}\", \"prompt\": \"Make it purple\", \"steps\": 2}}\n\
+         {{\"input\": \"missing.png\", \"prompt\": \"Add a hat\"}}\n\
+         {{\"input\": \"{p}\", \"prompt\": \"Sunset\"\n\
+         {{\"input\": \"{p}\", \"prompt\": \"Snow\", \"schedule\": \"cat@0-9\"}}\n\
+         {{\"input\": \"{p}\", \"prompt\": \"Fog\", \"steps\": 1, \"schedule\": \"none\"}}\n\
+         {{\"input\": \"{p}\", \"prompt\": \"Rain\", \"steps\": 3, \"schedule\": {{\"type\": \"reuse\", \"steps\": [2, 3]}}}}\n"
+    );
+    let path = dir.join("edits.jsonl");
+    std::fs::write(&path, jsonl).unwrap();
+    path
+}
+
+#[test]
+fn a_batch_with_bad_lines_reports_them_all_and_runs_nothing() {
+    let dir = workdir("batch-bad");
+    mixed_batch(&dir);
+    let o = qwen_edit(&dir, &["--demo", "--batch", "edits.jsonl"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("3 of 6 edits") && err.contains("--keep-going"), "{err}");
+    for want in
+        ["line 2: input image", "missing.png", "line 3: not a valid edit", "line 4: schedule `cat@0-9`"]
+    {
+        assert!(err.contains(want), "`{want}` not in\n{err}");
+    }
+    assert!(!out.contains("Loaded"), "nothing is loaded while a line is bad: {out}");
+    assert!(files(&dir.join("outputs_pruning")).is_empty());
+}
+
+#[test]
+fn keep_going_runs_the_good_lines_and_the_exit_status_says_some_failed() {
+    let dir = workdir("batch-keep-going");
+    mixed_batch(&dir);
+    let o = qwen_edit(&dir, &["--demo", "--batch", "edits.jsonl", "--keep-going"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "some lines failed: the exit status says so\n{out}");
+    assert!(err.contains("4 of 6 edits did not run"), "{err}");
+    assert!(out.contains("Skipping 3 of 6") && out.contains("[3/3]") && out.contains("Failed: "), "{out}");
+    let r = report(&dir.join("outputs_pruning"));
+    let edits = r["edits"].as_array().unwrap();
+    assert_eq!(edits.iter().map(|e| e["line"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 6]);
+    assert_eq!(edits[1]["runs"]["pruning"]["schedule"], "reuse:2,3");
+    let failed = r["failed"].as_array().unwrap();
+    let lines: Vec<u64> = failed.iter().map(|f| f["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, [2, 3, 4, 5]);
+    let before: Vec<bool> = failed.iter().map(|f| f["before_loading"].as_bool().unwrap()).collect();
+    assert_eq!(before, [true, true, true, false]);
+    assert!(failed[3]["error"].as_str().unwrap().contains("at least 2 steps"), "{}", failed[3]);
+    let outs = files(&dir.join("outputs_pruning"));
+    assert_eq!(outs.iter().filter(|f| f.starts_with("output_")).count(), 2, "{outs:?}");
+    assert_fails("keep-going-alone", &["--demo", "--keep-going"], &["--keep-going", "--batch"]);
+}
+
+#[test]
+fn a_rounded_size_is_reported() {
+    let dir = workdir("rounded-size");
+    let o = qwen_edit(&dir, &["--demo", "--width", "97", "--height", "64", "-s", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("warning: width 97 rounded down to 96 (a multiple of 16)"), "{out}");
+    let r = report(&dir.join("outputs_pruning"));
+    let run = &r["edits"][0]["runs"]["pruning"];
+    assert_eq!(run["width"], 96);
+    assert_eq!(run["size_adjustments"][0]["side"], "width");
+    assert_eq!(
+        (run["size_adjustments"][0]["requested"].as_u64(), run["size_adjustments"][0]["used"].as_u64()),
+        (Some(97), Some(96))
+    );
+    assert_eq!(run["size_adjustments"].as_array().unwrap().len(), 1);
 }
 
 #[test]
@@ -238,7 +323,7 @@ fn errors_are_clear_and_leave_no_output() {
         &["--demo", "-i", "input.png", "-i", "input.png"],
         &["exactly 1 input image"],
     );
-    assert_fails("negative-cfg", &["--demo", "--cfg=-1"], &["--cfg"]);
+    assert_fails("negative-cfg", &["--demo", "--cfg=-1"], &["CFG scale -1"]);
     assert_fails("no-cuda", &["--demo", "--device", "cuda"], &["--features cuda"]);
 }
 
@@ -361,13 +446,16 @@ fn repeat_runs_the_edit_n_times_and_reports_memory_after_each() {
     for (i, e) in edits.iter().enumerate() {
         assert_eq!(e["run"], i + 1);
         assert!(e["runs"]["baseline"]["total_seconds"].as_f64().unwrap() > 0.0);
+        let memory = &e["runs"]["pruning"]["memory"];
         if cfg!(target_os = "linux") {
-            assert!(e["memory"]["host_rss_bytes"].as_u64().unwrap() > 1 << 20, "{}", e["memory"]);
+            assert!(memory["host_rss_bytes"].as_u64().unwrap() > 1 << 20, "{memory}");
         }
-        assert!(e["memory"]["device_used_bytes"].is_null(), "no GPU on the CPU backend");
+        assert!(memory["device_used_bytes"].is_null(), "no GPU on the CPU backend");
+        assert!(e["runs"]["pruning"]["fast_path"].is_null(), "no fast path on the CPU backend");
     }
     // The three runs of the same edit give the same image.
-    assert_eq!(edits[0]["comparison"]["psnr_db"], edits[2]["comparison"]["psnr_db"]);
+    let psnr = |e: &Value| e["runs"]["pruning"]["comparison"]["psnr_db"].clone();
+    assert_eq!(psnr(&edits[0]), psnr(&edits[2]));
     if cfg!(target_os = "linux") {
         assert!(r["memory_growth"]["host_rss_bytes"].is_i64(), "{}", r["memory_growth"]);
     }

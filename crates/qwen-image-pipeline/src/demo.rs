@@ -11,9 +11,10 @@
 //! # let _ = (dir, image); Ok(()) }
 //! ```
 //!
-//! The snapshot is the one the end-to-end parity test runs through diffusers (`tests/fixtures/pipeline/
-//! snapshot_edit`, built by `tools/fixtures/pipeline.py`): a 2-block DiT, a 4-channel VAE, a 2-layer Qwen2.5-VL and
-//! a 400-token byte-level BPE, ~1.4 MB embedded in the library.
+//! The snapshot is the one the end-to-end parity test runs through diffusers (`assets/demo_snapshot` in this crate,
+//! built by `tools/fixtures/pipeline.py`): a 2-block DiT, a 4-channel VAE, a 2-layer Qwen2.5-VL and a 400-token
+//! byte-level BPE, ~1 MB embedded in the library. Everything embedded lives under this crate's `assets/` (see its
+//! `README.md`), so the crate packages on its own.
 //!
 //! [`DemoSize::Full`] is the same idea at full size, for GPUs: the published configs of the 20 B DiT, the
 //! Qwen2.5-VL-7B text encoder and the VAE (embedded below, no weight files) with random bf16 weights created on the
@@ -28,11 +29,11 @@ use std::path::{Path, PathBuf};
 
 use qwen_image::processor::RgbImage;
 
-use crate::{pipeline::ImageAreas, PipelineError, Result};
+use crate::{request::ImageAreas, PipelineError, Result};
 
 macro_rules! snapshot_files {
     ($($path:literal),* $(,)?) => {
-        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/pipeline/snapshot_edit/", $path)) as &[u8])),*]
+        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo_snapshot/", $path)) as &[u8])),*]
     };
 }
 
@@ -51,8 +52,9 @@ pub const SNAPSHOT_FILES: &[(&str, &[u8])] = snapshot_files!(
     "vae/diffusion_pytorch_model.safetensors",
 );
 
-/// The bundled sample input image (PNG): scikit-image's CC0 "chelsea" photo, 384×256 (`assets/README.md`).
-pub const SAMPLE_PNG: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/sample.png"));
+/// The bundled sample input image (PNG): scikit-image's CC0 "chelsea" photo, 384×256 (this crate's
+/// `assets/README.md`).
+pub const SAMPLE_PNG: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/sample.png"));
 
 /// Writes the demo snapshot under `dir` (created if needed) and returns the snapshot folder.
 pub fn write_demo_snapshot(dir: &Path) -> Result<PathBuf> {

@@ -1,15 +1,15 @@
 //! The denoising loop: flow-matching Euler steps of the DiT under a pruning schedule, with optional true CFG.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use burn::tensor::{backend::Backend, Bool, DType, Tensor};
 use qwen_image::{
-    dit::{DitInput, ImageShape, ModulationMode, ModulationTable, PlannedStats, QwenImageTransformer},
+    dit::{DitInput, ImageShape, ModulationMode, ModulationTable, QwenImageTransformer},
     ops::QwenBackend,
 };
 use qwen_image_pruning::{PruningSchedule, StepContext, StepOutcome, TokenPruningCache};
 
-use crate::{PipelineError, Result};
+use crate::{progress::sync, report::StepReport, PipelineError, Result};
 
 /// Text conditioning of one branch (prompt or negative prompt).
 #[derive(Clone, Debug)]
@@ -69,29 +69,6 @@ impl<B: Backend> DenoiseCaches<B> {
     }
 }
 
-/// What one denoising step did.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepReport {
-    /// 0-based step index.
-    pub step: usize,
-    /// σ of the step.
-    pub sigma: f32,
-    /// Wall time of the step (the device is synchronized before the clock stops).
-    pub time: Duration,
-    /// Image tokens computed, summed over blocks and CFG branches.
-    pub computed_tokens: usize,
-    /// Condition tokens reused from the cache, summed over blocks and branches.
-    pub reused_tokens: usize,
-    /// Cache entries written.
-    pub cached_entries: usize,
-    /// Bytes held by the caches after the step.
-    pub cache_bytes: usize,
-    /// Relative L2 change of the velocity against the previous step.
-    pub velocity_change: Option<f32>,
-    /// The schedule's plan, summarized (`compute`, `cache`, `reuse` counts over blocks × condition images).
-    pub plan_summary: String,
-}
-
 fn summarize(plan: &qwen_image_pruning::StepPlan) -> String {
     use qwen_image_pruning::GroupAction::*;
     let (mut c, mut s, mut r) = (0, 0, 0);
@@ -129,7 +106,8 @@ impl<E: burn::tensor::ElementConversion> ToF32 for E {
 }
 
 /// True CFG with per-token norm rescaling: `comb = neg + s·(cond − neg)`, rescaled so that each token's L2 norm over
-/// the channels equals the conditional prediction's.
+/// the channels equals the conditional prediction's
+/// ([diffusers](https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L797-L801)).
 pub fn true_cfg<B: Backend>(cond: Tensor<B, 3>, neg: Tensor<B, 3>, scale: f32) -> Tensor<B, 3> {
     let comb = neg.clone() + (cond.clone() - neg) * scale;
     let norm = |t: Tensor<B, 3>| t.square().sum_dim(2).sqrt();
@@ -197,13 +175,9 @@ pub fn denoise<B: QwenBackend>(
         let (v_cond, mut stats) = model.forward_planned(&cond_input, &plan, step, &mut caches.prompt)?;
         let v = match cfg {
             Some(neg) => {
-                let (v_neg, s2) =
+                let (v_neg, neg_stats) =
                     model.forward_planned(&input_of(neg, &x), &plan, step, &mut caches.negative)?;
-                stats = PlannedStats {
-                    computed_tokens: stats.computed_tokens + s2.computed_tokens,
-                    reused_tokens: stats.reused_tokens + s2.reused_tokens,
-                    cached_entries: stats.cached_entries + s2.cached_entries,
-                };
+                stats += neg_stats;
                 true_cfg(v_cond, v_neg, inputs.cfg_scale)
             }
             None => v_cond,
@@ -212,25 +186,21 @@ pub fn denoise<B: QwenBackend>(
         let xf = x.cast(DType::F32) + v.clone().cast(DType::F32) * (sigma_next - sigma);
         x = xf.cast(dtype);
         let velocity_change = last_v.as_ref().map(|p| rel_change(&v, p));
-        B::sync(&device).map_err(|e| PipelineError::Device(format!("{e:?}")))?;
+        sync::<B>(&device)?;
         last_v = Some(v);
         let report = StepReport {
             step,
             sigma,
             time: start.elapsed(),
-            computed_tokens: stats.computed_tokens,
-            reused_tokens: stats.reused_tokens,
-            cached_entries: stats.cached_entries,
+            stats,
             cache_bytes: caches.size_bytes(),
             velocity_change,
             plan_summary: summarize(&plan),
         };
         let mut outcome = StepOutcome::new(step, plan);
-        outcome.computed_tokens = report.computed_tokens;
-        outcome.reused_tokens = report.reused_tokens;
-        outcome.cached_entries = report.cached_entries;
+        outcome.stats = stats;
         outcome.cache_bytes = report.cache_bytes;
-        outcome.velocity_change = report.velocity_change;
+        outcome.velocity_change = velocity_change;
         outcome.seconds = Some(report.time.as_secs_f64());
         schedule.observe(&outcome);
         on_step(&report);

@@ -1,23 +1,28 @@
 //! The Qwen-Image-Edit pipeline: composes the model crate and the pruning crate.
 //!
-//! - [`pipeline`]: [`QwenImageEditPipeline`] — load a diffusers snapshot, run edits (Edit v1 and Edit-Plus) under a
-//!   pruning schedule, get the image and an [`EditReport`].
+//! - [`pipeline`]: [`QwenImageEditPipeline`] — load a diffusers snapshot ([`load`](mod@load)), run edits (Edit v1 and
+//!   Edit-Plus) under a pruning schedule ([`edit`](mod@edit), one method per stage), get the image and an
+//!   [`EditReport`].
+//! - [`request`], [`sizes`], [`validate`]: what an edit asks for, its sizes, and the checks that need no weights
+//!   ([`EditRequest::validate`], [`check_schedule`]), for callers that refuse bad requests before loading.
 //! - [`denoise`](mod@denoise): the flow-matching Euler loop under a [`PruningSchedule`](qwen_image_pruning::PruningSchedule),
 //!   with true CFG and per-step reports.
 //! - [`scheduler`]: `FlowMatchEulerDiscreteScheduler` (base and Lightning configs).
 //! - [`lora`]: LoRA files (Lightning and others), merged at load time or attached at run time.
-//! - [`metrics`]: PSNR and SSIM (scikit-image's Gaussian-window SSIM) for comparing outputs.
+//! - [`metrics`]: PSNR and SSIM (scikit-image's Gaussian-window SSIM), and a [`Comparison`] of two edits.
 //! - [`snapshot`]: finding and checking snapshot folders (also in the Hugging Face cache).
-//! - [`progress`], [`report`]: progress events and timings as data.
+//! - [`progress`], [`report`]: progress events, and timings and statistics as typed data.
 //! - [`latents`], [`noise`]: packing, image ↔ tensor conversions, seeded noise.
 //! - [`demo`]: a built-in tiny random-weight snapshot to try everything without downloading weights, and the
 //!   full-size configs to run the real architecture with random weights on a GPU.
-//! - [`memory`]: host memory readings (resident set, peak) for reports and benchmarks.
+//! - [`memory`]: memory readings (host resident set and peak; device memory through a [`MemoryProbe`]).
 
 pub mod demo;
 pub mod denoise;
+pub mod edit;
 pub mod error;
 pub mod latents;
+pub mod load;
 pub mod lora;
 pub mod memory;
 pub mod metrics;
@@ -25,16 +30,22 @@ pub mod noise;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod request;
 pub mod scheduler;
+pub mod sizes;
 pub mod snapshot;
+pub mod validate;
 
-pub use denoise::{denoise, true_cfg, DenoiseCaches, DenoiseInputs, StepReport, TextConditioning};
+pub use denoise::{denoise, true_cfg, DenoiseCaches, DenoiseInputs, TextConditioning};
 pub use error::{PipelineError, Result};
-pub use pipeline::{
-    save_image, EditOutput, EditRequest, ImageAreas, LoadOptions, LoraOption, QwenImageEditPipeline,
-    ScheduleFactory, SchedulerChoice,
-};
+pub use load::{LoadOptions, LoraOption, SchedulerChoice};
+pub use memory::{MemoryProbe, MemoryReading};
+pub use metrics::Comparison;
+pub use pipeline::QwenImageEditPipeline;
 pub use progress::{NoProgress, Progress, Stage};
-pub use report::{EditReport, StageTiming, StepEntry};
+pub use report::{EditReport, StageTiming, StepReport};
+pub use request::{save_image, EditOutput, EditRequest, ImageAreas};
 pub use scheduler::{FlowMatchEulerScheduler, Schedule, SchedulerConfig};
+pub use sizes::{EditSizes, SizeAdjustment};
 pub use snapshot::{Snapshot, Variant};
+pub use validate::check_schedule;

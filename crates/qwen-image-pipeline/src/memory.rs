@@ -1,15 +1,19 @@
-//! Host memory readings for reports and benchmarks (Linux: `/proc/self/status`; elsewhere nothing).
+//! Memory readings for reports and benchmarks: the host's (Linux: `/proc/self/status`; elsewhere nothing) and, where
+//! the caller can read it, the device's.
 //!
 //! How to use: [`HostMemory::read`] gives the current resident set (split into anonymous memory and mapped file
 //! pages) and its peak; [`PeakSampler`] polls in a background thread to catch the peak of each part during an
 //! operation (the kernel keeps only the total's peak); [`reset_peak`] restarts the kernel's peak (`VmHWM`).
-//! Device memory depends on the backend and is read by the caller (e.g. `qwen_image::cuda::device_memory_used`).
+//! [`MemoryReading`] is what a report holds (host and device, `None` where unknown), and a [`MemoryProbe`] takes
+//! one: [`MemoryProbe::host`] by default; device memory depends on the backend, so a caller that knows it builds a
+//! probe that adds it (e.g. from `qwen_image::cuda::device_memory_used`) and gives it to the pipeline
+//! ([`QwenImageEditPipeline::set_memory_probe`](crate::QwenImageEditPipeline::set_memory_probe)).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Resident memory of this process, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -46,6 +50,113 @@ impl HostMemory {
             anon: field("RssAnon"),
             file: field("RssFile"),
         }
+    }
+}
+
+/// Memory in bytes at one moment; `None` where it cannot be read (no `/proc`, no GPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryReading {
+    /// Host resident set (`VmRSS`).
+    pub host_rss_bytes: Option<u64>,
+    /// Host peak resident set since the start (`VmHWM`).
+    pub host_peak_rss_bytes: Option<u64>,
+    /// Memory in use on the whole GPU (driver's total − free).
+    pub device_used_bytes: Option<u64>,
+    /// Bytes of burn's device-memory pool in use by live tensors.
+    pub pool_in_use_bytes: Option<u64>,
+    /// Bytes burn's pool holds from the driver (in use or cached for reuse).
+    pub pool_reserved_bytes: Option<u64>,
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+impl MemoryReading {
+    /// The host's readings only.
+    pub fn host() -> Self {
+        let m = HostMemory::read();
+        MemoryReading {
+            host_rss_bytes: m.map(|m| m.rss),
+            host_peak_rss_bytes: m.map(|m| m.peak_rss),
+            ..Default::default()
+        }
+    }
+
+    /// One line: `host RSS 1.20 GiB; GPU used 60.1 GiB, pool 58.0 GiB in use / 70.2 GiB reserved`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(r) = self.host_rss_bytes {
+            parts.push(format!("host RSS {}", gib(r)));
+        }
+        if let Some(d) = self.device_used_bytes {
+            parts.push(format!("GPU used {}", gib(d)));
+        }
+        if let (Some(a), Some(b)) = (self.pool_in_use_bytes, self.pool_reserved_bytes) {
+            parts.push(format!("pool {} in use / {} reserved", gib(a), gib(b)));
+        }
+        if parts.is_empty() {
+            "unavailable".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+
+    /// The change of every reading from `self` to `later`.
+    pub fn growth_to(&self, later: &MemoryReading) -> MemoryGrowth {
+        let d = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b as i64 - a as i64);
+        MemoryGrowth {
+            host_rss_bytes: d(self.host_rss_bytes, later.host_rss_bytes),
+            device_used_bytes: d(self.device_used_bytes, later.device_used_bytes),
+            pool_in_use_bytes: d(self.pool_in_use_bytes, later.pool_in_use_bytes),
+            pool_reserved_bytes: d(self.pool_reserved_bytes, later.pool_reserved_bytes),
+        }
+    }
+}
+
+/// Change of each [`MemoryReading`] between two moments, in bytes; `None` where either reading is missing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryGrowth {
+    /// Host resident set.
+    pub host_rss_bytes: Option<i64>,
+    /// Memory in use on the whole GPU.
+    pub device_used_bytes: Option<i64>,
+    /// burn's pool, in use.
+    pub pool_in_use_bytes: Option<i64>,
+    /// burn's pool, reserved.
+    pub pool_reserved_bytes: Option<i64>,
+}
+
+/// Takes a [`MemoryReading`] (what it can read depends on who built it). Cheap to clone.
+#[derive(Clone)]
+pub struct MemoryProbe(Arc<dyn Fn() -> MemoryReading + Send + Sync>);
+
+impl MemoryProbe {
+    /// A probe calling `read`.
+    pub fn new(read: impl Fn() -> MemoryReading + Send + Sync + 'static) -> Self {
+        MemoryProbe(Arc::new(read))
+    }
+
+    /// The host's memory only ([`MemoryReading::host`]).
+    pub fn host() -> Self {
+        MemoryProbe::new(MemoryReading::host)
+    }
+
+    /// A reading now.
+    pub fn read(&self) -> MemoryReading {
+        (self.0)()
+    }
+}
+
+impl Default for MemoryProbe {
+    fn default() -> Self {
+        MemoryProbe::host()
+    }
+}
+
+impl std::fmt::Debug for MemoryProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryProbe")
     }
 }
 
@@ -111,6 +222,24 @@ mod tests {
         );
         assert_eq!(m, HostMemory { rss: 1 << 20, peak_rss: 2 << 20, anon: 512 << 10, file: 256 << 10 });
         assert_eq!(HostMemory::parse("nothing"), HostMemory::default());
+    }
+
+    #[test]
+    fn summary_and_growth() {
+        let a = MemoryReading {
+            host_rss_bytes: Some(1 << 30),
+            device_used_bytes: Some(3 << 30),
+            ..Default::default()
+        };
+        let b = MemoryReading { host_rss_bytes: Some(1 << 29), ..a };
+        assert_eq!(a.summary(), "host RSS 1.00 GiB; GPU used 3.00 GiB");
+        assert_eq!(MemoryReading::default().summary(), "unavailable");
+        let g = a.growth_to(&b);
+        assert_eq!(
+            (g.host_rss_bytes, g.device_used_bytes, g.pool_in_use_bytes),
+            (Some(-(1 << 29)), Some(0), None)
+        );
+        assert_eq!(MemoryProbe::new(move || b).read(), b);
     }
 
     #[test]

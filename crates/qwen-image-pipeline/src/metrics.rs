@@ -21,7 +21,70 @@
 //! 3.5σ, scipy's `reflect` borders), K1 = 0.01, K2 = 0.03, the map cropped by the window radius, averaged per
 //! channel, then over channels. Parity with scikit-image is tested on fixture images.
 
-use crate::{PipelineError, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{progress::Stage, request::EditOutput, PipelineError, Result};
+
+/// Quality and speed of an edit against a baseline edit of the same request (typically the same seed without
+/// pruning): what `qwen-edit --compare` reports, and what an evaluation of schedules collects.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The baseline's schedule.
+    pub baseline: String,
+    /// [`psnr`] of the image against the baseline's, in dB; `+∞` for identical images (JSON: `"inf"`).
+    #[serde(with = "decibels")]
+    pub psnr_db: f64,
+    /// [`ssim`] of the image against the baseline's.
+    pub ssim: f64,
+    /// Denoising time of the baseline divided by this edit's.
+    pub speedup_denoise: f64,
+    /// Total time of the baseline divided by this edit's.
+    pub speedup_total: f64,
+}
+
+impl Comparison {
+    /// `edit` against `baseline` (their images must have the same size).
+    pub fn between(baseline: &EditOutput, edit: &EditOutput) -> Result<Self> {
+        let (a, b) = (&baseline.image, &edit.image);
+        let (w, h) = a.dimensions();
+        let (ra, rb) = (&baseline.report, &edit.report);
+        let ratio = |x: f64, y: f64| x / y.max(1e-12);
+        let denoise = |r: &crate::EditReport| r.stage_seconds(Stage::Denoise);
+        Ok(Comparison {
+            baseline: ra.schedule.clone(),
+            psnr_db: psnr(a.as_raw(), b.as_raw())?,
+            ssim: ssim(a.as_raw(), b.as_raw(), w as usize, h as usize, 3)?,
+            speedup_denoise: ratio(denoise(ra), denoise(rb)),
+            speedup_total: ratio(ra.total_seconds, rb.total_seconds),
+        })
+    }
+}
+
+/// A PSNR in JSON: a number, or `"inf"` for identical images (JSON has no infinity).
+mod decibels {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Db {
+        Finite(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() { Db::Finite(*v) } else { Db::Text(if *v > 0.0 { "inf" } else { "-inf" }.into()) }
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Db::deserialize(d)? {
+            Db::Finite(v) => Ok(v),
+            Db::Text(t) if t == "inf" => Ok(f64::INFINITY),
+            Db::Text(t) if t == "-inf" => Ok(f64::NEG_INFINITY),
+            Db::Text(t) => Err(serde::de::Error::custom(format!("`{t}` is not a PSNR"))),
+        }
+    }
+}
 
 /// Peak signal-to-noise ratio in dB for 8-bit data: `10·log10(255² / MSE)`; `+∞` for identical inputs.
 pub fn psnr(a: &[u8], b: &[u8]) -> Result<f64> {
@@ -182,6 +245,22 @@ mod tests {
         let b: Vec<u8> = a.iter().map(|v| v ^ 1).collect();
         let p = psnr(&a, &b).unwrap();
         assert!((p - 10.0 * (255f64 * 255.0).log10()).abs() < 1e-9, "{p}");
+    }
+
+    #[test]
+    fn an_infinite_psnr_is_inf_in_json() {
+        let c = Comparison {
+            baseline: "none".into(),
+            psnr_db: f64::INFINITY,
+            ssim: 1.0,
+            speedup_denoise: 2.0,
+            speedup_total: 1.5,
+        };
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["psnr_db"], "inf");
+        assert_eq!(serde_json::from_value::<Comparison>(json).unwrap(), c);
+        let finite = Comparison { psnr_db: 31.5, ..c };
+        assert_eq!(serde_json::to_value(&finite).unwrap()["psnr_db"], 31.5);
     }
 
     #[test]

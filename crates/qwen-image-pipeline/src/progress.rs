@@ -4,14 +4,15 @@
 //! [`QwenImageEditPipeline::load`](crate::QwenImageEditPipeline::load) and
 //! [`edit`](crate::QwenImageEditPipeline::edit); pass [`NoProgress`] to stay silent. The library never prints.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
 
-use crate::StepReport;
+use crate::{report::StageTiming, PipelineError, Result, StepReport};
 
 /// A named part of loading or of an edit, timed separately.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// Reading `transformer/`.
@@ -24,7 +25,8 @@ pub enum Stage {
     LoadProcessor,
     /// Reading and applying LoRA files.
     LoadLora,
-    /// Resizing the input images and tokenizing the prompts.
+    /// Everything cheap that comes before the networks run: the sizes, resizing the input images, tokenizing the
+    /// prompts, the σ schedule and the pruning schedule's check against it, and the initial noise.
     Preprocess,
     /// The Qwen2.5-VL text encoder (prompt and negative prompt).
     EncodePrompt,
@@ -75,3 +77,44 @@ pub trait Progress {
 pub struct NoProgress;
 
 impl Progress for NoProgress {}
+
+/// Waits for the device's queued work (so that a clock stopped afterwards measures it).
+pub(crate) fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+    B::sync(device).map_err(|e| PipelineError::Device(format!("{e:?}")))
+}
+
+/// Runs the stages of a load or an edit, each the same way: tells the [`Progress`] it starts, runs it, synchronizes
+/// the device before stopping the clock, records a [`StageTiming`] and tells the `Progress` it finished.
+pub(crate) struct StageClock<'a, B: Backend> {
+    device: B::Device,
+    progress: &'a mut dyn Progress,
+    timings: Vec<StageTiming>,
+}
+
+impl<'a, B: Backend> StageClock<'a, B> {
+    /// A clock for stages on `device`, reporting to `progress`.
+    pub(crate) fn new(device: &B::Device, progress: &'a mut dyn Progress) -> Self {
+        StageClock { device: device.clone(), progress, timings: Vec::new() }
+    }
+
+    /// Runs `f` as `stage` (`f` gets the `Progress`, e.g. for per-step events).
+    pub(crate) fn run<T>(
+        &mut self,
+        stage: Stage,
+        f: impl FnOnce(&mut dyn Progress) -> Result<T>,
+    ) -> Result<T> {
+        self.progress.stage_started(stage);
+        let start = Instant::now();
+        let out = f(&mut *self.progress)?;
+        sync::<B>(&self.device)?;
+        let time = start.elapsed();
+        self.timings.push(StageTiming { stage, seconds: time.as_secs_f64() });
+        self.progress.stage_finished(stage, time);
+        Ok(out)
+    }
+
+    /// The timings of the stages that ran, in order.
+    pub(crate) fn into_timings(self) -> Vec<StageTiming> {
+        self.timings
+    }
+}

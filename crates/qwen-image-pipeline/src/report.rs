@@ -1,14 +1,20 @@
-//! [`EditReport`]: what an edit did and how long each part took, as data (serializable to JSON).
+//! [`EditReport`]: what an edit did and how long each part took, as data (serde, to and from JSON).
 //!
 //! How to use: every [`EditOutput`](crate::EditOutput) carries one; `serde_json::to_string_pretty(&report)` gives the
 //! JSON the CLI writes with `--report`, and [`EditReport::stage_seconds`] / [`EditReport::steps`] feed tables.
 
-use serde::Serialize;
+use std::time::Duration;
 
-use crate::{progress::Stage, snapshot::Variant, StepReport};
+use qwen_image::ops::FastPathReport;
+use qwen_image_pruning::StepStats;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    memory::MemoryReading, metrics::Comparison, progress::Stage, sizes::SizeAdjustment, snapshot::Variant,
+};
 
 /// Wall time of one stage.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageTiming {
     /// The stage.
     pub stage: Stage,
@@ -16,47 +22,37 @@ pub struct StageTiming {
     pub seconds: f64,
 }
 
-/// One denoising step.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct StepEntry {
-    /// 0-based step index.
+/// What one denoising step did: the progress event of the step and its entry in the [`EditReport`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// 0-based step index (tables print it 1-based).
     pub step: usize,
     /// σ of the step.
     pub sigma: f32,
-    /// Wall time of the step in seconds.
-    pub seconds: f64,
-    /// Image tokens computed, summed over blocks and CFG branches.
-    pub computed_tokens: usize,
-    /// Condition tokens reused from the cache, summed over blocks and branches.
-    pub reused_tokens: usize,
-    /// Cache entries written.
-    pub cached_entries: usize,
+    /// Wall time of the step (the device is synchronized before the clock stops); JSON: `seconds`.
+    #[serde(rename = "seconds", with = "duration_seconds")]
+    pub time: Duration,
+    /// Tokens computed and reused and cache entries written, summed over blocks and CFG branches (JSON: flattened).
+    #[serde(flatten)]
+    pub stats: StepStats,
     /// Bytes held by the caches after the step.
     pub cache_bytes: usize,
     /// Relative L2 change of the velocity against the previous step.
     pub velocity_change: Option<f32>,
-    /// The plan, summarized (`compute n, cache n, reuse n` over blocks × condition images).
-    pub plan: String,
+    /// The schedule's plan, summarized (`compute n, cache n, reuse n` over blocks × condition images); JSON: `plan`.
+    #[serde(rename = "plan")]
+    pub plan_summary: String,
 }
 
-impl From<&StepReport> for StepEntry {
-    fn from(r: &StepReport) -> Self {
-        StepEntry {
-            step: r.step,
-            sigma: r.sigma,
-            seconds: r.time.as_secs_f64(),
-            computed_tokens: r.computed_tokens,
-            reused_tokens: r.reused_tokens,
-            cached_entries: r.cached_entries,
-            cache_bytes: r.cache_bytes,
-            velocity_change: r.velocity_change,
-            plan: r.plan_summary.clone(),
-        }
+impl StepReport {
+    /// The wall time of the step in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.time.as_secs_f64()
     }
 }
 
 /// Everything an edit reports.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EditReport {
     /// The pipeline variant.
     pub variant: Variant,
@@ -66,6 +62,9 @@ pub struct EditReport {
     pub width: u32,
     /// Output height in pixels.
     pub height: u32,
+    /// Requested output sides that were rounded down to the model's multiple (empty when none was).
+    #[serde(default)]
+    pub size_adjustments: Vec<SizeAdjustment>,
     /// Denoising steps.
     pub num_steps: usize,
     /// Whether true CFG ran (scale > 1 and a negative prompt).
@@ -85,13 +84,23 @@ pub struct EditReport {
     /// Time per stage, in order.
     pub stages: Vec<StageTiming>,
     /// Per-step details.
-    pub steps: Vec<StepEntry>,
+    pub steps: Vec<StepReport>,
     /// Wall time of the whole edit in seconds.
     pub total_seconds: f64,
     /// Bytes held by the pruning caches at the end of the edit.
     pub cache_bytes: usize,
     /// Largest cache size seen after any step.
     pub cache_peak_bytes: usize,
+    /// Memory at the end of the edit, as the pipeline's [`MemoryProbe`](crate::memory::MemoryProbe) reads it.
+    #[serde(default)]
+    pub memory: Option<MemoryReading>,
+    /// The backend's fast-path statistics (calls, fallbacks, errors per kind of operation); `None` for a backend
+    /// without a fast path.
+    #[serde(default)]
+    pub fast_path: Option<FastPathReport>,
+    /// Quality and speed against a baseline edit, when the caller compared them ([`Comparison::between`]).
+    #[serde(default)]
+    pub comparison: Option<Comparison>,
 }
 
 impl EditReport {
@@ -100,8 +109,29 @@ impl EditReport {
         self.stages.iter().filter(|s| s.stage == stage).map(|s| s.seconds).sum()
     }
 
+    /// Tokens computed and reused and cache entries written over the whole run.
+    pub fn stats(&self) -> StepStats {
+        self.steps.iter().map(|s| s.stats).sum()
+    }
+
     /// Condition tokens reused over the whole run.
     pub fn reused_tokens(&self) -> usize {
-        self.steps.iter().map(|s| s.reused_tokens).sum()
+        self.stats().reused_tokens
+    }
+}
+
+/// A [`Duration`] as seconds (f64) in JSON.
+mod duration_seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
     }
 }

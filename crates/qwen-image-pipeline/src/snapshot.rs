@@ -8,13 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
-use qwen_image::processor::ImageProcessorConfig;
-use serde::Serialize;
+use qwen_image::{dit::DitConfig, processor::ImageProcessorConfig};
+use serde::{Deserialize, Serialize};
 
 use crate::{PipelineError, Result};
 
 /// Which pipeline a snapshot is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Variant {
     /// `QwenImageEditPipeline` (Qwen-Image-Edit): one input image, the vision-language encoder sees it at ~1 MP.
     Edit,
@@ -141,6 +141,11 @@ impl Snapshot {
         }
         snap.processor_dir()?;
         Ok(snap)
+    }
+
+    /// The DiT's `transformer/config.json` (e.g. its number of blocks, to check a schedule before loading).
+    pub fn dit_config(&self) -> Result<DitConfig> {
+        Ok(DitConfig::from_file(&self.root.join("transformer/config.json"))?)
     }
 
     /// `processor/` when it holds a tokenizer, else `tokenizer/`.

@@ -7,9 +7,12 @@ use crate::TokenGroup;
 #[non_exhaustive]
 pub enum PruneError {
     /// A plan reuses tokens that no earlier step cached.
-    #[error("step {step}, layer {layer}: {group} is reused but nothing was cached for it (cache it at an earlier step)")]
+    #[error(
+        "step {}, layer {layer}: {group} is reused but nothing was cached for it (cache it at an earlier step)",
+        .step + 1
+    )]
     CacheMiss {
-        /// 0-based step index.
+        /// 0-based step index (the message prints the 1-based step number).
         step: usize,
         /// Block index.
         layer: usize,

@@ -11,15 +11,16 @@
 //!
 //! # Writing a schedule
 //!
-//! A schedule is any type implementing [`PruningSchedule`]. This one computes everything at even steps and reuses
-//! the condition tokens' K/V at odd steps, but only in the second half of the network:
+//! A schedule is any type implementing [`PruningSchedule`]. This one computes and caches everything at the steps
+//! with an even index (steps 1, 3, … as people count them: [`StepContext::step`] is 0-based, spec step numbers are
+//! 1-based) and reuses the condition tokens' K/V at the others, but only in the second half of the network:
 //!
 //! ```
 //! use qwen_image_pruning::{
 //!     GroupAction, LayerPlan, PruneError, PruningSchedule, ReuseMode, StepContext, StepPlan,
 //! };
 //!
-//! #[derive(Debug)]
+//! #[derive(Clone, Debug)]
 //! struct OddStepsDeepLayers;
 //!
 //! impl PruningSchedule for OddStepsDeepLayers {
@@ -48,15 +49,21 @@
 //! let plans = qwen_image_pruning::dry_run(&mut OddStepsDeepLayers, &[1.0, 0.9, 0.75, 0.5, 0.0], 4, &layout);
 //! assert!(plans.is_ok());
 //! ```
+//!
+//! A pipeline takes a [`ScheduleFactory`], which builds a fresh schedule for every run: a [`ScheduleSpec`], any
+//! `Clone` schedule (`&OddStepsDeepLayers` above), or a closure wrapped in [`from_fn`].
 
 mod cache;
 mod error;
+mod factory;
 mod plan;
 mod schedule;
 mod spec;
+mod stats;
 
 pub use cache::{CacheStats, CachedCondition, TokenPruningCache};
 pub use error::PruneError;
+pub use factory::{from_fn, FromFn, ScheduleFactory};
 pub use plan::{
     GroupAction, GroupPlan, LayerPlan, ReuseMode, StepPlan, TokenGroup, TokenLayout, TokenSubset,
 };
@@ -64,3 +71,4 @@ pub use schedule::{
     dry_run, Cat, LayerRange, NoPruning, PruningSchedule, ReuseSteps, StepContext, StepOutcome,
 };
 pub use spec::ScheduleSpec;
+pub use stats::StepStats;

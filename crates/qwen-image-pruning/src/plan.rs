@@ -1,4 +1,8 @@
 //! Plans: what happens to each token group at each layer of one denoising step.
+//!
+//! Plans are plain serde data. Their JSON names are snake_case and follow the spec grammar where it has a word for
+//! them: `{"action": {"reuse": "recompute"}, "tokens": "all", …}`. The PascalCase names of earlier versions
+//! (`"RecomputeKeyValue"`, `"ComputeAndCache"`, …) are still accepted on input.
 
 use serde::{Deserialize, Serialize};
 
@@ -6,12 +10,16 @@ use crate::PruneError;
 
 /// A group of tokens of the DiT's joint sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TokenGroup {
     /// The text (prompt) stream.
+    #[serde(alias = "Text")]
     Text,
     /// The noisy target latent tokens (the image being generated).
+    #[serde(alias = "Target")]
     Target,
     /// The tokens of condition image `k` (0-based, in `img_shapes` order after the target).
+    #[serde(alias = "Condition")]
     Condition(usize),
 }
 
@@ -26,26 +34,36 @@ impl std::fmt::Display for TokenGroup {
 }
 
 /// How reused condition tokens provide their keys and values.
+///
+/// JSON: `"kv"` and `"recompute"`, the words of the spec grammar (`cat/recompute`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum ReuseMode {
     /// Attend to the post-QK-norm, post-RoPE K and V exactly as they were cached. The condition tokens cost
     /// nothing at this layer.
     #[default]
+    #[serde(rename = "kv", alias = "KeyValue", alias = "key_value")]
     KeyValue,
     /// Recompute K and V from the cached layer-input hidden states with the current step's modulation (LayerNorm,
     /// modulate, K/V projections, QK-norm, RoPE). No Q, attention output or MLP is computed for these tokens.
+    #[serde(rename = "recompute", alias = "RecomputeKeyValue", alias = "recompute_key_value")]
     RecomputeKeyValue,
 }
 
 /// What one token group does at one layer.
+///
+/// Text and target tokens are always computed: [`StepPlan::validate_shape`] rejects any other action for them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GroupAction {
     /// Compute the tokens normally; nothing is cached.
     #[default]
+    #[serde(alias = "Compute")]
     Compute,
     /// Compute the tokens normally and cache their layer-input hidden states and post-norm post-RoPE K and V.
+    #[serde(alias = "ComputeAndCache")]
     ComputeAndCache,
     /// Do not compute the tokens; attend to cached keys and values.
+    #[serde(alias = "Reuse")]
     Reuse(ReuseMode),
 }
 
@@ -63,16 +81,20 @@ impl GroupAction {
 
 /// Which tokens of a group an action applies to.
 ///
-/// Today only [`TokenSubset::All`] is executed by the model; the type leaves room for schedules that recompute only
+/// Only [`TokenSubset::All`] is supported yet: [`StepPlan::validate_shape`] rejects [`TokenSubset::Indices`] with
+/// [`PruneError::Unsupported`] (the one place that says so). The type leaves room for schedules that recompute only
 /// some tokens (an edited region) and reuse the rest, without breaking existing schedules.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum TokenSubset {
     /// Every token of the group.
     #[default]
+    #[serde(alias = "All")]
     All,
     /// Only these token indices (0-based within the group, strictly increasing); the action of the other tokens
-    /// is given by [`GroupPlan::rest`].
+    /// is given by [`GroupPlan::rest`]. Not supported yet (see above).
+    #[serde(alias = "Indices")]
     Indices(Vec<u32>),
 }
 
@@ -175,8 +197,10 @@ impl StepPlan {
         self.layers.iter().any(|l| l.groups().any(|(_, p)| p.action.reuses() || p.rest.reuses()))
     }
 
-    /// Checks the plan's structure against the model and the token layout: one plan per layer, one per condition
-    /// image, text and target only computed (their reuse is not implemented), token subsets in range.
+    /// Checks the plan against the model and the token layout before anything runs: one plan per layer, one per
+    /// condition image, token subsets in range; and what the model does not execute is rejected here, the one place
+    /// that decides it ([`PruneError::Unsupported`]): any action but [`GroupAction::Compute`] on the text or the
+    /// target (their caching and reuse are not implemented), and token subsets ([`TokenSubset::Indices`], not yet).
     pub fn validate_shape(&self, num_layers: usize, layout: &TokenLayout) -> Result<(), PruneError> {
         if self.layers.len() != num_layers {
             return Err(PruneError::InvalidPlan(format!(
@@ -201,11 +225,15 @@ impl StepPlan {
                             "layer {layer}, {group}: token indices must be strictly increasing and < {len}"
                         )));
                     }
-                }
-                let only_compute = matches!(group, TokenGroup::Text | TokenGroup::Target);
-                if only_compute && (plan.action.reuses() || plan.rest.reuses()) {
                     return Err(PruneError::Unsupported(format!(
-                        "layer {layer}: reusing {group} tokens is not supported (only condition images)"
+                        "layer {layer}, {group}: token subsets are not supported yet (use TokenSubset::All)"
+                    )));
+                }
+                let condition = matches!(group, TokenGroup::Condition(_));
+                if !condition && plan.action != GroupAction::Compute {
+                    return Err(PruneError::Unsupported(format!(
+                        "layer {layer}: {group} tokens are always computed; caching or reusing them is not \
+                         supported (only condition images)"
                     )));
                 }
             }
@@ -280,5 +308,64 @@ impl TokenLayout {
     /// Total number of image-stream tokens (target + all condition images).
     pub fn image_tokens(&self) -> usize {
         self.target_tokens + self.condition_tokens.iter().sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> TokenLayout {
+        TokenLayout::new(4, 8, vec![8])
+    }
+
+    fn one_layer(edit: impl FnOnce(&mut LayerPlan)) -> StepPlan {
+        let mut layer = LayerPlan::compute_all(1);
+        edit(&mut layer);
+        StepPlan::new(vec![layer])
+    }
+
+    #[test]
+    fn json_is_snake_case_and_pascal_case_is_still_read() {
+        let plan = one_layer(|l| {
+            l.conditions[0] = GroupAction::Reuse(ReuseMode::RecomputeKeyValue).into();
+        });
+        let json = serde_json::to_string(&plan.layers[0].conditions[0]).unwrap();
+        assert_eq!(json, r#"{"action":{"reuse":"recompute"},"tokens":"all","rest":{"reuse":"recompute"}}"#);
+        assert_eq!(serde_json::from_str::<StepPlan>(&serde_json::to_string(&plan).unwrap()).unwrap(), plan);
+        let old: GroupPlan = serde_json::from_str(
+            r#"{"action":{"Reuse":"RecomputeKeyValue"},"tokens":"All","rest":"ComputeAndCache"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.action, GroupAction::Reuse(ReuseMode::RecomputeKeyValue));
+        assert_eq!(old.rest, GroupAction::ComputeAndCache);
+        assert_eq!(serde_json::to_string(&TokenGroup::Condition(1)).unwrap(), r#"{"condition":1}"#);
+        assert_eq!(serde_json::from_str::<ReuseMode>(r#""KeyValue""#).unwrap(), ReuseMode::KeyValue);
+    }
+
+    #[test]
+    fn validation_rejects_what_the_model_does_not_execute() {
+        assert!(one_layer(|_| {}).validate_shape(1, &layout()).is_ok());
+        for (what, plan) in [
+            ("target cached", one_layer(|l| l.target = GroupAction::ComputeAndCache.into())),
+            ("text cached", one_layer(|l| l.text = GroupAction::ComputeAndCache.into())),
+            ("text reused", one_layer(|l| l.text = GroupAction::Reuse(ReuseMode::KeyValue).into())),
+            (
+                "subset",
+                one_layer(|l| {
+                    l.conditions[0] = GroupPlan {
+                        action: GroupAction::Compute,
+                        tokens: TokenSubset::Indices(vec![0, 3]),
+                        rest: GroupAction::Reuse(ReuseMode::KeyValue),
+                    }
+                }),
+            ),
+        ] {
+            let err = plan.validate_shape(1, &layout()).unwrap_err();
+            assert!(matches!(err, PruneError::Unsupported(_)), "{what}: {err}");
+        }
+        let out_of_range = one_layer(|l| l.conditions[0].tokens = TokenSubset::Indices(vec![8]));
+        assert!(matches!(out_of_range.validate_shape(1, &layout()), Err(PruneError::InvalidPlan(_))));
+        assert!(matches!(one_layer(|_| {}).validate_shape(2, &layout()), Err(PruneError::InvalidPlan(_))));
     }
 }

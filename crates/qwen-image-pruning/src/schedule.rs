@@ -3,12 +3,13 @@
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
-use crate::{GroupAction, LayerPlan, PruneError, ReuseMode, StepPlan, TokenLayout};
+use crate::{GroupAction, LayerPlan, PruneError, ReuseMode, StepPlan, StepStats, TokenLayout};
 
 /// What a schedule knows when it plans a step.
 #[derive(Clone, Copy, Debug)]
 pub struct StepContext<'a> {
-    /// 0-based index of the step.
+    /// 0-based index of the step: `0` is the first step, `num_steps - 1` the last (a spec's step `n` is index
+    /// `n - 1`; see [`PruningSchedule`]).
     pub step: usize,
     /// Number of denoising steps of the run.
     pub num_steps: usize,
@@ -26,16 +27,12 @@ pub struct StepContext<'a> {
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct StepOutcome {
-    /// 0-based index of the step.
+    /// 0-based index of the step (as [`StepContext::step`]).
     pub step: usize,
     /// The plan that ran.
     pub plan: StepPlan,
-    /// Image-stream tokens computed, summed over layers.
-    pub computed_tokens: usize,
-    /// Condition tokens served from the cache, summed over layers.
-    pub reused_tokens: usize,
-    /// (layer, condition) entries written to the cache.
-    pub cached_entries: usize,
+    /// Tokens computed and reused and cache entries written, summed over layers (and CFG branches).
+    pub stats: StepStats,
     /// Bytes held by the cache after the step.
     pub cache_bytes: usize,
     /// Relative L2 change of the target velocity against the previous step, when the caller measured it.
@@ -55,6 +52,19 @@ impl StepOutcome {
 ///
 /// `plan_step` takes `&mut self`, so a schedule may keep state; [`PruningSchedule::observe`] tells it what the
 /// step did (tokens computed and reused, cache size, the change of the prediction) so it can adapt.
+///
+/// # Step numbering
+///
+/// In code, steps are **0-based indices**: [`StepContext::step`], [`StepOutcome::step`], the `step` of
+/// [`PruneError::CacheMiss`] and of the pipeline's step reports. Where people write steps — the spec grammar
+/// (`reuse:2,3,4`), [`ReuseSteps::new`], [`PruneError::StepRange`], error messages and printed tables — they are
+/// **1-based numbers**, as users count them. Step number `n` is index `n - 1`: `reuse:2` reuses at the step whose
+/// `ctx.step == 1`.
+///
+/// # Passing a schedule to a pipeline
+///
+/// Pipelines take a [`ScheduleFactory`](crate::ScheduleFactory), which a `Clone` schedule is: pass
+/// `&MySchedule::new()`, or `&from_fn(|| MySchedule::new())` for one that is not `Clone`.
 pub trait PruningSchedule: Debug + Send {
     /// The plan of the step described by `ctx`.
     fn plan_step(&mut self, ctx: &StepContext<'_>) -> Result<StepPlan, PruneError>;
@@ -106,7 +116,7 @@ impl ReuseSteps {
     pub fn new(steps: impl IntoIterator<Item = usize>, mode: ReuseMode) -> Result<Self, PruneError> {
         let steps: BTreeSet<usize> = steps.into_iter().collect();
         if steps.contains(&0) {
-            return Err(PruneError::StepRange { step: 0, num_steps: 0 });
+            return Err(PruneError::InvalidPlan("steps are numbered from 1: there is no step 0".into()));
         }
         if steps.contains(&1) {
             return Err(PruneError::InvalidPlan(
@@ -195,7 +205,7 @@ impl PruningSchedule for Cat {
 /// Outside the range every token is computed. So that a block after the range can compute the condition tokens
 /// at a reuse step, the block just after the range is cached (its layer-input hidden states) whenever the inner
 /// schedule caches.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LayerRange<S> {
     inner: S,
     lo: usize,
@@ -324,8 +334,10 @@ mod tests {
     }
 
     #[test]
-    fn reuse_at_step_one_is_rejected() {
+    fn reuse_at_step_one_or_zero_is_rejected() {
         assert!(matches!(ReuseSteps::new([1, 2], ReuseMode::KeyValue), Err(PruneError::InvalidPlan(_))));
+        let err = ReuseSteps::new([0, 2], ReuseMode::KeyValue).unwrap_err().to_string();
+        assert!(err.contains("numbered from 1") && !err.contains("1-0"), "{err}");
     }
 
     #[test]

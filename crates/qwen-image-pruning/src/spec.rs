@@ -8,6 +8,9 @@
 //! - `@LO-HI` restricts caching and reuse to blocks `LO..=HI` (0-based, inclusive).
 //!
 //! Examples: `none`, `cat`, `reuse:2,3,4`, `reuse:2,4/recompute@10-49`.
+//!
+//! JSON: `{"type": "reuse", "steps": [2, 4], "mode": "recompute", "layers": [10, 49]}` (`mode` and `layers` are
+//! optional; `mode` is `kv` or `recompute`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -197,11 +200,12 @@ mod tests {
 
     #[test]
     fn json_form() {
-        let spec: ScheduleSpec = serde_json::from_str(
-            r#"{"type":"reuse","steps":[2,4],"mode":"RecomputeKeyValue","layers":[0,3]}"#,
-        )
-        .unwrap();
+        let json = r#"{"type":"reuse","steps":[2,4],"mode":"recompute","layers":[0,3]}"#;
+        let spec: ScheduleSpec = serde_json::from_str(json).unwrap();
         assert_eq!(spec.to_string(), "reuse:2,4/recompute@0-3");
+        assert_eq!(serde_json::to_string(&spec).unwrap(), json);
+        let old = r#"{"type":"reuse","steps":[2,4],"mode":"RecomputeKeyValue","layers":[0,3]}"#;
+        assert_eq!(serde_json::from_str::<ScheduleSpec>(old).unwrap(), spec);
         let cat: ScheduleSpec = serde_json::from_str(r#"{"type":"cat"}"#).unwrap();
         assert_eq!(cat, ScheduleSpec::default());
     }

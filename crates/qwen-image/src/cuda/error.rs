@@ -6,7 +6,8 @@ pub enum FastError {
     /// The inputs are outside what the kernel handles (dtype, head dimension, layout…): a silent fallback.
     #[error("not supported by the fast path: {0}")]
     Unsupported(String),
-    /// A CUDA, NVRTC or cuBLASLt call failed: the operation kind is disabled for the rest of the process.
+    /// A CUDA, NVRTC or cuBLASLt call failed: the operation kind is switched off on that device (until the next
+    /// [`configure`](super::configure)), logged and reported.
     #[error("CUDA fast path failed: {0}")]
     Cuda(String),
 }

@@ -3,15 +3,20 @@
 //! Row-major `Y[M, N] = X[M, K] · Wᵀ + b` with `W` in PyTorch's `[N, K]` layout is, in cuBLAS' column-major terms,
 //! `Yᵀ (N × M, ld N) = op(W) · Xᵀ` with `transa = T` (W read as a `K × N` column-major matrix of leading dimension
 //! `K`), `transb = N` (X as `K × M`, leading dimension `K`). bf16 in and out, f32 accumulation and scale; the bias
-//! and GELU-tanh are cuBLASLt epilogues. A plan (descriptors, layouts, the algorithm) is cached per shape.
+//! and GELU-tanh are cuBLASLt epilogues. A prepared matmul (descriptors, layouts, the algorithm) is cached per shape.
 //!
 //! **Autotuning.** cuBLASLt's heuristic picks one algorithm from the shape alone, and on the H200 its pick for some
 //! DiT shapes (the MLP's GELU-epilogue GEMM above all) runs 10–15 % below the best. For GEMMs of at least
 //! [`AUTOTUNE_MIN_FLOP`], the first call of a shape times the heuristic's top [`CANDIDATES`] algorithms on the call's
 //! own buffers (CUDA events on our stream, one warm-up and [`TIMED_REPS`] runs each) and keeps the fastest for the
 //! rest of the process, as PyTorch's `cudnn.benchmark` does. Results are the same GEMM up to f32 accumulation order.
-//! `QWEN_GEMM_AUTOTUNE=0` keeps the heuristic's first choice (reproducible algorithm selection across processes);
-//! `QWEN_GEMM_AUTOTUNE=verbose` prints every autotuned shape's candidate timings to stderr.
+//! [`GemmAutotune::Off`] (`QWEN_GEMM_AUTOTUNE=0`) keeps the heuristic's first choice (reproducible algorithm
+//! selection across processes); [`GemmAutotune::Verbose`] logs every autotuned shape's candidate timings
+//! (`log::info!`).
+//!
+//! The cuBLASLt handle, its workspace, the prepared matmuls (descriptors and layouts) and the timing events live as
+//! long as the device state, i.e. until the process exits: one handle and workspace per device, one matmul per GEMM
+//! shape.
 
 use std::{collections::HashMap, ffi::c_void, mem::size_of};
 
@@ -22,8 +27,10 @@ use cudarc::{
 };
 
 use super::{
-    device::{with_device, Device},
+    config::GemmAutotune,
     error::{require, FastError},
+    gpu::Gpu,
+    registry::with_gpu,
     tensor::{dense, dims, empty_like_device, is_bf16, is_dense, ptr, strides, Prim},
 };
 
@@ -39,18 +46,6 @@ const AUTOTUNE_MIN_FLOP: f64 = 2e10;
 
 /// Timed runs per candidate algorithm (after one warm-up run).
 const TIMED_REPS: usize = 3;
-
-/// Whether shapes are autotuned (`QWEN_GEMM_AUTOTUNE=0` turns it off).
-fn autotune_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !matches!(std::env::var("QWEN_GEMM_AUTOTUNE").as_deref(), Ok("0") | Ok("off")))
-}
-
-/// Whether each autotuned shape's timings are printed to stderr (`QWEN_GEMM_AUTOTUNE=verbose`).
-fn autotune_verbose() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("QWEN_GEMM_AUTOTUNE").as_deref() == Ok("verbose"))
-}
 
 /// The fused epilogue of a GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -82,7 +77,7 @@ impl Epilogue {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct PlanKey {
+struct ShapeKey {
     m: u64,
     n: u64,
     k: u64,
@@ -91,13 +86,14 @@ struct PlanKey {
     epilogue: Epilogue,
 }
 
-impl PlanKey {
+impl ShapeKey {
     fn flop(&self) -> f64 {
         2.0 * self.m as f64 * self.n as f64 * self.k as f64
     }
 }
 
-struct Plan {
+/// A cuBLASLt matmul prepared for one shape: descriptors, layouts and algorithms.
+struct Matmul {
     desc: lt_sys::cublasLtMatmulDesc_t,
     a: lt_sys::cublasLtMatrixLayout_t,
     b: lt_sys::cublasLtMatrixLayout_t,
@@ -110,11 +106,11 @@ struct Plan {
     settled: bool,
 }
 
-/// A cuBLASLt handle, its workspace and the cached plans of one device.
+/// A cuBLASLt handle, its workspace and the prepared matmuls of one device.
 pub(crate) struct Blas {
     handle: lt_sys::cublasLtHandle_t,
     workspace: sys::CUdeviceptr,
-    plans: HashMap<PlanKey, Plan>,
+    matmuls: HashMap<ShapeKey, Matmul>,
     /// Timing events for autotuning (created on first use).
     timer: Option<(sys::CUevent, sys::CUevent)>,
 }
@@ -133,23 +129,28 @@ struct Call {
 }
 
 impl Blas {
-    /// Runs the GEMM of `plan` with `algo`.
-    fn run(&self, plan: &Plan, algo: &lt_sys::cublasLtMatmulAlgo_t, call: Call) -> Result<(), FastError> {
+    /// Runs the GEMM of `m` with `algo`.
+    fn run(&self, m: &Matmul, algo: &lt_sys::cublasLtMatmulAlgo_t, call: Call) -> Result<(), FastError> {
         let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the handle, descriptor and layouts are live (never destroyed) and describe `Y[N×M] = op(W)·X`
+        // over the buffers of `call`, which the caller holds until the GEMM is queued (`dense_prim` checked their
+        // dtypes, shapes and leading dimensions when building the key); alpha and beta are f32 as the descriptor's
+        // scale type says and are read before the call returns; the workspace has `WORKSPACE_BYTES` bytes and is
+        // only used on our stream, so GEMMs never overlap on it.
         unsafe {
             lt::matmul(
                 self.handle,
-                plan.desc,
+                m.desc,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
                 call.w as *const c_void,
-                plan.a,
+                m.a,
                 call.x as *const c_void,
-                plan.b,
+                m.b,
                 call.y as *const c_void,
-                plan.c,
+                m.c,
                 call.y as *mut c_void,
-                plan.c,
+                m.c,
                 algo,
                 self.workspace as *mut c_void,
                 WORKSPACE_BYTES,
@@ -159,9 +160,9 @@ impl Blas {
         }
     }
 
-    /// Times every candidate of `key`'s plan on this call's buffers and keeps the fastest. A candidate that fails
+    /// Times every candidate of `key`'s matmul on this call's buffers and keeps the fastest. A candidate that fails
     /// to launch is skipped; if all fail, the heuristic's choice stays.
-    fn autotune(&mut self, key: PlanKey, call: Call) -> Result<(), FastError> {
+    fn autotune(&mut self, key: ShapeKey, call: Call, mode: GemmAutotune) -> Result<(), FastError> {
         let (start, stop) = match self.timer {
             Some(t) => t,
             None => {
@@ -169,29 +170,34 @@ impl Blas {
                 let ev = |what| {
                     result::event::create(flags).map_err(|e| FastError::cuda(format!("{what}: {e:?}")))
                 };
+                // Never destroyed, like the rest of the device state.
                 let t = (ev("timing event")?, ev("timing event")?);
                 self.timer = Some(t);
                 t
             }
         };
-        let plan = self.plans.get(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
+        let m = self.matmuls.get(&key).ok_or_else(|| FastError::cuda("matmul cache"))?;
         // Milliseconds for TIMED_REPS runs of each candidate after a warm-up run; NaN for one that failed.
         let time = |algo| -> Result<f32, FastError> {
             let e = |err| FastError::cuda(format!("timing event: {err:?}"));
-            self.run(plan, algo, call)?;
-            unsafe { result::event::record(start, call.stream) }.map_err(e)?;
-            for _ in 0..TIMED_REPS {
-                self.run(plan, algo, call)?;
+            self.run(m, algo, call)?;
+            // SAFETY: `start` and `stop` are live events of the current context, recorded on our (live) stream;
+            // `stop` is waited for before the elapsed time between the two is read.
+            unsafe {
+                result::event::record(start, call.stream).map_err(e)?;
+                for _ in 0..TIMED_REPS {
+                    self.run(m, algo, call)?;
+                }
+                result::event::record(stop, call.stream).map_err(e)?;
+                result::event::synchronize(stop).map_err(e)?;
+                result::event::elapsed(start, stop).map_err(e)
             }
-            unsafe { result::event::record(stop, call.stream) }.map_err(e)?;
-            unsafe { result::event::synchronize(stop) }.map_err(e)?;
-            unsafe { result::event::elapsed(start, stop) }.map_err(e)
         };
-        let timings: Vec<f32> = plan.candidates.iter().map(|algo| time(algo).unwrap_or(f32::NAN)).collect();
-        if autotune_verbose() {
+        let timings: Vec<f32> = m.candidates.iter().map(|algo| time(algo).unwrap_or(f32::NAN)).collect();
+        if mode == GemmAutotune::Verbose {
             let per_run: Vec<String> =
                 timings.iter().map(|ms| format!("{:.3}", ms / TIMED_REPS as f32)).collect();
-            eprintln!(
+            log::info!(
                 "qwen-image: GEMM {}x{}x{} {:?}: ms per run of the heuristic's top {}: [{}]",
                 key.m,
                 key.n,
@@ -204,45 +210,51 @@ impl Blas {
         let fastest = (0..timings.len())
             .filter(|&i| timings[i].is_finite())
             .min_by(|&i, &j| timings[i].total_cmp(&timings[j]));
-        let plan = self.plans.get_mut(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
+        let m = self.matmuls.get_mut(&key).ok_or_else(|| FastError::cuda("matmul cache"))?;
         if let Some(i) = fastest {
-            plan.algo = plan.candidates[i];
+            m.algo = m.candidates[i];
         }
-        plan.settled = true;
+        m.settled = true;
         Ok(())
     }
 
     fn new() -> Result<Self, FastError> {
+        // SAFETY: only checks whether libcublasLt could be loaded.
         if !unsafe { lt_sys::is_culib_present() } {
             return Err(FastError::cuda(
                 "libcublasLt not found (put the CUDA lib64 directory on LD_LIBRARY_PATH)",
             ));
         }
+        // The handle and the workspace are never freed (see the module docs).
         let handle = lt::create_handle().map_err(|e| blas_err("create handle", e))?;
+        // SAFETY: a plain device allocation in the current context; it is only handed to cuBLASLt as its workspace
+        // of `WORKSPACE_BYTES` bytes.
         let workspace = unsafe { result::malloc_sync(WORKSPACE_BYTES) }
             .map_err(|e| FastError::cuda(format!("workspace allocation: {e:?}")))?;
-        Ok(Blas { handle, workspace, plans: HashMap::new(), timer: None })
+        Ok(Blas { handle, workspace, matmuls: HashMap::new(), timer: None })
     }
 
-    /// The plan of `key`, made on first use.
-    fn plan(&mut self, key: PlanKey) -> Result<&Plan, FastError> {
-        if !self.plans.contains_key(&key) {
-            let plan = self.make_plan(key)?;
-            self.plans.insert(key, plan);
+    /// The matmul of `key`, made on first use (with the candidates `mode` asks for).
+    fn matmul_for(&mut self, key: ShapeKey, mode: GemmAutotune) -> Result<&Matmul, FastError> {
+        if !self.matmuls.contains_key(&key) {
+            let m = self.make_matmul(key, mode)?;
+            self.matmuls.insert(key, m);
         }
-        self.plans.get(&key).ok_or_else(|| FastError::cuda("plan cache"))
+        self.matmuls.get(&key).ok_or_else(|| FastError::cuda("matmul cache"))
     }
 
     /// Runs the GEMM of `key` on `call` (autotuning the shape first if it is not settled).
-    fn matmul(&mut self, key: PlanKey, call: Call) -> Result<(), FastError> {
-        if !self.plan(key)?.settled {
-            self.autotune(key, call)?;
+    fn matmul(&mut self, key: ShapeKey, call: Call, mode: GemmAutotune) -> Result<(), FastError> {
+        if !self.matmul_for(key, mode)?.settled {
+            self.autotune(key, call, mode)?;
         }
-        let plan = self.plans.get(&key).ok_or_else(|| FastError::cuda("plan cache"))?;
-        self.run(plan, &plan.algo, call)
+        let m = self.matmuls.get(&key).ok_or_else(|| FastError::cuda("matmul cache"))?;
+        self.run(m, &m.algo, call)
     }
 
-    fn make_plan(&self, key: PlanKey) -> Result<Plan, FastError> {
+    /// The descriptors, layouts and candidate algorithms of `key`. They are never destroyed (one set per shape;
+    /// if a step fails, those made before it leak, once, as the GEMM kind is then switched off).
+    fn make_matmul(&self, key: ShapeKey, mode: GemmAutotune) -> Result<Matmul, FastError> {
         use lt_sys::{cublasComputeType_t::CUBLAS_COMPUTE_32F, cudaDataType_t::*};
         let e = |what: &'static str| move |err| blas_err(what, err);
         // A = W stored K x N (col-major, ld = lda), used transposed; B = X stored K x M (ld = ldb); C = D = Y, N x M.
@@ -250,8 +262,11 @@ impl Blas {
         let b = lt::create_matrix_layout(CUDA_R_16BF, key.k, key.m, key.ldb).map_err(e("layout B"))?;
         let c = lt::create_matrix_layout(CUDA_R_16BF, key.n, key.m, key.n as i64).map_err(e("layout C"))?;
         let desc = lt::create_matmul_desc(CUBLAS_COMPUTE_32F, CUDA_R_32F).map_err(e("matmul desc"))?;
-        let set = |attr, value: *const c_void, size: usize| unsafe {
-            lt::set_matmul_desc_attribute(desc, attr, value, size).map_err(e("desc attribute"))
+        // Sets a descriptor attribute from a value of `size` bytes at `value`.
+        let set = |attr, value: *const c_void, size: usize| {
+            // SAFETY: `desc` is live; every call below passes a pointer to a local of the attribute's type, with
+            // its size, which cuBLASLt copies before returning.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, value, size).map_err(e("desc attribute")) }
         };
         use lt_sys::cublasLtMatmulDescAttributes_t::*;
         let trans_a: i32 = 1;
@@ -277,6 +292,7 @@ impl Blas {
         }
         let pref = lt::create_matmul_pref().map_err(e("preference"))?;
         let ws = WORKSPACE_BYTES;
+        // SAFETY: `pref` is live; the attribute is a `usize` passed by pointer with its size, copied by cuBLASLt.
         unsafe {
             lt::set_matmul_pref_attribute(
                 pref,
@@ -286,10 +302,14 @@ impl Blas {
             )
             .map_err(e("preference attribute"))?;
         }
-        let wanted = if autotune_enabled() && key.flop() >= AUTOTUNE_MIN_FLOP { CANDIDATES } else { 1 };
-        let mut results =
-            vec![unsafe { std::mem::zeroed::<lt_sys::cublasLtMatmulHeuristicResult_t>() }; wanted];
+        let tuned = mode != GemmAutotune::Off && key.flop() >= AUTOTUNE_MIN_FLOP;
+        let wanted = if tuned { CANDIDATES } else { 1 };
+        // SAFETY: the heuristic result is a plain C struct for which all-zero bytes are a valid value.
+        let blank = unsafe { std::mem::zeroed::<lt_sys::cublasLtMatmulHeuristicResult_t>() };
+        let mut results = vec![blank; wanted];
         let mut found = 0i32;
+        // SAFETY: the handle, descriptor, layouts and preference are live; `results` has room for the `wanted`
+        // results asked for and `found` receives how many were written.
         let status = unsafe {
             lt_sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
@@ -304,6 +324,7 @@ impl Blas {
                 &mut found,
             )
         };
+        // SAFETY: `pref` is live and not used after this.
         unsafe { lt::destroy_matmul_pref(pref) }.ok();
         status.result().map_err(e("heuristic"))?;
         let candidates: Vec<_> = results
@@ -316,16 +337,18 @@ impl Blas {
             FastError::cuda(format!("cuBLASLt has no algorithm for {}×{}×{}", key.m, key.n, key.k))
         })?;
         let settled = candidates.len() < 2;
-        Ok(Plan { desc, a, b, c, candidates, algo, settled })
+        Ok(Matmul { desc, a, b, c, candidates, algo, settled })
     }
 }
 
-impl Device {
+impl Gpu<'_> {
+    /// The device's cuBLASLt state, created on first use.
     fn blas(&mut self) -> Result<&mut Blas, FastError> {
-        if self.blas.is_none() {
-            self.blas = Some(Blas::new()?);
+        let state = self.state();
+        if state.blas.is_none() {
+            state.blas = Some(Blas::new()?);
         }
-        self.blas.as_mut().ok_or_else(|| FastError::cuda("cuBLASLt state"))
+        state.blas.as_mut().ok_or_else(|| FastError::cuda("cuBLASLt state"))
     }
 }
 
@@ -359,17 +382,21 @@ pub(crate) fn dense_prim(x: Prim, weight: Prim, bias: Option<Prim>, gelu: bool) 
     let out = empty_like_device(&x, vec![xd[0], xd[1], n], DType::BF16);
     let (px, pw, py) = (ptr(&x)?, ptr(&weight)?, ptr(&out)?);
     let pb = bias.as_ref().map(ptr).transpose()?;
-    let key = PlanKey { m: m as u64, n: n as u64, k: k as u64, lda, ldb: k as i64, epilogue };
-    with_device(x.device.index, |dev| {
+    let key = ShapeKey { m: m as u64, n: n as u64, k: k as u64, lda, ldb: k as i64, epilogue };
+    with_gpu(x.device.index, |dev| {
         dev.begin(&x)?;
-        dev.poison(py, m * n)?;
-        let call = Call { w: pw, x: px, y: py, stream: dev.stream };
+        // SAFETY: `out` holds `m·n` bf16 values and lives until this function returns.
+        unsafe { dev.poison(py, m * n) }?;
+        let call = Call { w: pw, x: px, y: py, stream: dev.stream() };
+        let mode = dev.config().gemm_autotune;
         let blas = dev.blas()?;
-        let plan = blas.plan(key)?;
+        let matmul = blas.matmul_for(key, mode)?;
         if let Some(pb) = pb {
+            // SAFETY: the descriptor is live; the bias pointer is passed by pointer with its size and copied by
+            // cuBLASLt. The descriptor is only used by GEMMs on our stream, each setting its own bias first.
             unsafe {
                 lt::set_matmul_desc_attribute(
-                    plan.desc,
+                    matmul.desc,
                     lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     &pb as *const u64 as *const c_void,
                     size_of::<u64>(),
@@ -377,9 +404,10 @@ pub(crate) fn dense_prim(x: Prim, weight: Prim, bias: Option<Prim>, gelu: bool) 
                 .map_err(|e| blas_err("bias pointer", e))?;
             }
         }
-        blas.matmul(key, call)?;
+        blas.matmul(key, call, mode)?;
         dev.end()
     })?;
+    // The inputs stay alive until the GEMM is queued (burn's allocator then reuses them only after it).
     drop((x, weight, bias));
     Ok(out)
 }

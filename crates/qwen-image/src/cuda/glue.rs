@@ -6,9 +6,9 @@ use std::ffi::c_void;
 use burn::tensor::DType;
 
 use super::{
-    device::with_device,
     error::{require, FastError},
     kernels,
+    registry::with_gpu,
     tensor::{dense, dims, empty_like_device, inner_contiguous, is_bf16, is_dense, ptr, strides, Prim},
 };
 
@@ -18,6 +18,7 @@ const ROW_THREADS: u32 = 128;
 /// Widest row of the row kernels (`ROW_THREADS` threads × 8 vectors × 8 elements).
 const MAX_DIM: usize = 128 * 8 * 8;
 
+/// `Runs` of `elementwise.cu`: token runs and the modulation row each uses.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct Runs {
@@ -25,6 +26,8 @@ struct Runs {
     end: [i32; MAX_RUNS],
     row: [i32; MAX_RUNS],
 }
+
+assert_layout!(Runs: size 68, align 4 { n @ 0, end @ 4, row @ 36 });
 
 fn runs_of(runs: &[(usize, usize)], tokens: usize, rows: usize) -> Result<Runs, FastError> {
     let mut r = Runs::default();
@@ -83,6 +86,7 @@ fn modulation(t: &Prim, batch: usize, dim: usize) -> Result<(Prim, u64, i64, i64
     Ok((t, p, sr, sb))
 }
 
+/// `LnModParams` of `elementwise.cu` (`ln_modulate`, `ln_modulate_3072`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct LnModParams {
@@ -102,6 +106,11 @@ struct LnModParams {
     pad: i32,
     runs: Runs,
 }
+
+assert_layout!(LnModParams: size 168, align 8 {
+    x @ 0, y @ 8, shift @ 16, scale @ 24, x_sb @ 32, x_st @ 40, sh_sr @ 48, sh_sb @ 56, sc_sr @ 64, sc_sb @ 72,
+    s @ 80, d @ 84, eps @ 88, pad @ 92, runs @ 96,
+});
 
 /// See [`crate::ops::QwenBackend::layer_norm_modulate`].
 pub(crate) fn layer_norm_modulate_prim(
@@ -138,20 +147,26 @@ pub(crate) fn layer_norm_modulate_prim(
         pad: 0,
         runs,
     };
-    with_device(x.t.device.index, |dev| {
+    with_gpu(x.t.device.index, |dev| {
         // Rows of the DiT's width fit a kernel with a third of the registers (more blocks in flight).
         let name = if dim <= 3072 { "ln_modulate_3072" } else { "ln_modulate" };
-        let f = dev.function(MODULE, kernels::ELEMENTWISE, name)?;
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, name, 0)?;
         dev.begin(&x.t)?;
-        dev.poison(p.y, batch * tokens * dim)?;
+        // SAFETY: `out` holds `batch·tokens·dim` bf16 values and lives until this function returns.
+        unsafe { dev.poison(p.y, batch * tokens * dim) }?;
         let mut args = [&mut p as *mut LnModParams as *mut c_void];
-        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args)? };
+        // SAFETY: an `LnModParams` by value is the kernel's signature (layout checked on both sides at compile
+        // time). It points at `x` and the modulation tensors, whose shapes, 16-byte alignment and strides `rows`
+        // and `modulation` checked, whose runs `runs_of` checked against their rows, and at the dense output; all
+        // are held until this function returns. One block per (token, batch item) row, `dim` ≤ `MAX_DIM`.
+        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args) }?;
         dev.end()
     })?;
     drop((x, sh, sc));
     Ok(out)
 }
 
+/// `GatedParams` of `elementwise.cu` (`gated_residual`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct GatedParams {
@@ -169,6 +184,11 @@ struct GatedParams {
     d: i32,
     runs: Runs,
 }
+
+assert_layout!(GatedParams: size 160, align 8 {
+    res @ 0, y @ 8, gate @ 16, out @ 24, r_sb @ 32, r_st @ 40, y_sb @ 48, y_st @ 56, g_sr @ 64, g_sb @ 72, s @ 80,
+    d @ 84, runs @ 88,
+});
 
 /// See [`crate::ops::QwenBackend::gated_residual`].
 pub(crate) fn gated_residual_prim(
@@ -202,18 +222,23 @@ pub(crate) fn gated_residual_prim(
         d: dim as i32,
         runs,
     };
-    with_device(r.t.device.index, |dev| {
-        let f = dev.function(MODULE, kernels::ELEMENTWISE, "gated_residual")?;
+    with_gpu(r.t.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "gated_residual", 0)?;
         dev.begin(&r.t)?;
-        dev.poison(p.out, batch * tokens * dim)?;
+        // SAFETY: `out` holds `batch·tokens·dim` bf16 values and lives until this function returns.
+        unsafe { dev.poison(p.out, batch * tokens * dim) }?;
         let mut args = [&mut p as *mut GatedParams as *mut c_void];
-        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args)? };
+        // SAFETY: a `GatedParams` by value is the kernel's signature (layout checked on both sides at compile time).
+        // It points at the residual, `y` and the gate, whose shapes, alignment and strides `rows` and `modulation`
+        // checked (runs checked by `runs_of`), and at the dense output; all are held until this function returns.
+        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args) }?;
         dev.end()
     })?;
     drop((r, yv, g));
     Ok(out)
 }
 
+/// `RmsRopeParams` of `elementwise.cu` (`rms_norm_rope`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RmsRopeParams {
@@ -235,6 +260,11 @@ struct RmsRopeParams {
     batch: i32,
     pad: i32,
 }
+
+assert_layout!(RmsRopeParams: size 112, align 8 {
+    x @ 0, y @ 8, w @ 16, cos @ 24, sin @ 32, x_sb @ 40, x_st @ 48, x_sh @ 56, y_sb @ 64, y_st @ 72, y_sh @ 80,
+    s @ 88, h @ 92, dh @ 96, eps @ 100, batch @ 104, pad @ 108,
+});
 
 /// One run of tokens of [`rms_norm_rope_cat_prim`]: input, weight, eps, cos and sin tables.
 pub(crate) struct NormRopePart<'a> {
@@ -323,13 +353,18 @@ pub(crate) fn rms_norm_rope_cat_prim(parts: Vec<NormRopePart<'_>>) -> Result<Pri
         // One warp per token, four per block.
         launches.push((params, ((batch * tokens) as u64).div_ceil(4) as u32));
     }
-    with_device(out.device.index, |dev| {
-        let f = dev.function(MODULE, kernels::ELEMENTWISE, "rms_norm_rope")?;
+    with_gpu(out.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "rms_norm_rope", 0)?;
         dev.begin(&out)?;
-        dev.poison(py, batch * total * heads * dh)?;
+        // SAFETY: `out` holds `batch·total·heads·head_dim` bf16 values and lives until this function returns.
+        unsafe { dev.poison(py, batch * total * heads * dh) }?;
         for (params, blocks) in &mut launches {
             let mut args = [params as *mut RmsRopeParams as *mut c_void];
-            unsafe { dev.launch(f, (*blocks, 1, 1), (128, 1, 1), 0, &mut args)? };
+            // SAFETY: an `RmsRopeParams` by value is the kernel's signature (layout checked on both sides at compile
+            // time). It points at one part's input (strides and alignment checked), its dense weight and f32
+            // `[tokens, head_dim / 2]` tables, and at that part's rows `start..start + tokens` of the output; all
+            // are held (`prepared`, `out`) until this function returns. One warp per token.
+            unsafe { dev.launch(f, (*blocks, 1, 1), (128, 1, 1), 0, &mut args) }?;
         }
         dev.end()
     })?;
@@ -350,17 +385,21 @@ pub(crate) fn silu_mul_prim(gate: Prim, up: Prim) -> Result<Prim, FastError> {
     let (mut pg, mut pu, mut po, mut nn) = (ptr(&g)?, ptr(&u)?, ptr(&out)?, n as i64);
     require(pg % 16 == 0 && pu % 16 == 0 && po % 16 == 0, || "misaligned".into())?;
     let blocks = (n / 8).div_ceil(256).min(132 * 16) as u32;
-    with_device(g.device.index, |dev| {
-        let f = dev.function(MODULE, kernels::ELEMENTWISE, "silu_mul")?;
+    with_gpu(g.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "silu_mul", 0)?;
         dev.begin(&g)?;
-        dev.poison(po, n)?;
+        // SAFETY: `out` holds `n` bf16 values and lives until this function returns.
+        unsafe { dev.poison(po, n) }?;
         let mut args = [
             &mut pg as *mut u64 as *mut c_void,
             &mut pu as *mut u64 as *mut c_void,
             &mut po as *mut u64 as *mut c_void,
             &mut nn as *mut i64 as *mut c_void,
         ];
-        unsafe { dev.launch(f, (blocks, 1, 1), (256, 1, 1), 0, &mut args)? };
+        // SAFETY: the arguments match `silu_mul(const bf16*, const bf16*, bf16*, i64)` in type and order; the
+        // three buffers are dense, 16-byte aligned, hold `n` bf16 values each (a multiple of 8: the kernel moves 8
+        // at a time) and are held until this function returns.
+        unsafe { dev.launch(f, (blocks, 1, 1), (256, 1, 1), 0, &mut args) }?;
         dev.end()
     })?;
     drop((g, u));

@@ -28,20 +28,70 @@
 //! (drivers before CUDA 12.5, or `QWEN_CUDA_ORDERING=sync`), [`OrderingMode::HostSync`] drains burn's queue before
 //! and synchronizes our stream after each operation. The benchmark measures the per-step cost of both.
 //!
-//! # Fallbacks
+//! # Configuration
+//!
+//! Each device's fast path follows a [`FastPathConfig`]: it starts from the process's environment
+//! ([`FastPathConfig::from_env`], the variables below, read once) and [`configure`] replaces it. The device registry
+//! (one entry per GPU, for the life of the process) holds that configuration, the counters and the CUDA state; it
+//! and the environment's configuration are the fast path's only process-wide state.
+//!
+//! | variable | values (default first) | [`FastPathConfig`] field |
+//! |---|---|---|
+//! | `QWEN_CUDA_FAST` | `all`, `none`, or a comma list of `gemm`, `attention` (`attn`), `glue` | [`ops`](FastPathConfig::ops): the kinds of operation on the fast path |
+//! | `QWEN_FLASH` | `auto` (`tma`), `tma-serial`, `wgmma`, `mma` | [`flash_kernel`](FastPathConfig::flash_kernel): the head-dim-128 attention kernel on Hopper |
+//! | `QWEN_CUDA_ORDERING` | `events` (`context`), `sync` (`host`) | [`ordering`](FastPathConfig::ordering): ordering against burn's queue |
+//! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape (`verbose`: and log the timings at `info` level) |
+//! | `QWEN_CUDA_KERNEL_DIR` | unset, or a folder | [`kernel_dir`](FastPathConfig::kernel_dir): `<dir>/<module>.cu` replaces a built-in kernel source (tuning without a rebuild) |
+//! | `QWEN_CUDA_CACHE_DIR` | unset, or a folder | none (process-wide): where [`configure_runtime_caches`]`(None)` keeps burn's compiled kernels and autotune results ([`default_cache_dir`]) |
+//!
+//! Test support without a variable: [`FastPathConfig::poison_outputs`] fills every output with NaN before its
+//! kernel runs. A value that does not parse is ignored with a `log` warning.
+//!
+//! # Fallbacks and errors
 //!
 //! Every operation checks its inputs (bf16, layouts, head dimension, …) and falls back to
 //! [`crate::ops::portable`] when the fast kernels do not cover them; it never panics. A failed CUDA, NVRTC or
-//! cuBLASLt call switches that kind of operation off for the rest of the process (see [`errors`]). Kernels are
-//! compiled with NVRTC on first use for the device's architecture (`sm_90a` on Hopper) and cached. At run time the
-//! fast path needs `libcuda`, `libnvrtc` and `libcublasLt` on the loader path (no CUDA headers).
+//! cuBLASLt call switches that kind of operation off on that device until the next [`configure`]: the errors
+//! possible there (a missing library, a kernel that does not compile, memory exhaustion, a sticky launch failure)
+//! would recur on every call, each costing a compile or an allocation attempt. The switch is logged with
+//! `log::warn!` and reported, with the counters of calls, fallbacks and errors per kind, by
+//! [`QwenBackend::fast_path_report`]. Kernels are compiled with NVRTC on first use for the device's architecture
+//! (`sm_90a` on Hopper) and cached. At run time the fast path needs `libcuda`, `libnvrtc` and `libcublasLt` on the
+//! loader path (no CUDA headers).
+//!
+//! # Unsafe code
+//!
+//! Every `unsafe` block says why it is sound (`clippy::undocumented_unsafe_blocks` is denied here). The
+//! `#[repr(C)]` structs handed to kernels are checked against their C++ definitions at compile time on both sides:
+//! `assert_layout!` here and `QI_ASSERT_LAYOUT`/`QI_ASSERT_OFFSET` (`kernels/prelude.cuh`) assert the same sizes,
+//! alignments and field offsets.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+/// Compile-time check that a `#[repr(C)]` struct handed to a kernel has the layout of its C++ mirror: size,
+/// alignment and the offset of every field, the numbers the `.cu`/`.cuh` side asserts with `static_assert`.
+macro_rules! assert_layout {
+    ($t:ty: size $size:literal, align $align:literal { $($field:ident @ $offset:literal),* $(,)? }) => {
+        const _: () = {
+            assert!(size_of::<$t>() == $size, concat!(stringify!($t), ": size differs from the C++ struct"));
+            assert!(align_of::<$t>() == $align, concat!(stringify!($t), ": alignment differs from the C++ struct"));
+            $(assert!(
+                std::mem::offset_of!($t, $field) == $offset,
+                concat!(stringify!($t), ".", stringify!($field), ": offset differs from the C++ struct")
+            );)*
+        };
+    };
+}
 
 mod attention;
-mod device;
+mod config;
 mod error;
 mod gemm;
 mod glue;
+mod gpu;
 mod kernels;
+mod nvrtc;
+mod registry;
 mod runtime_cache;
 mod tensor;
 
@@ -49,17 +99,14 @@ use burn::tensor::{Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use cubecl::cuda::CudaRuntime;
 
-pub use attention::{flash_kernel, set_flash_kernel, FlashKernel};
-pub use device::{
-    errors, fast_ops, ordering_mode, reset_stats, set_fast_ops, set_ordering_mode, set_poison_outputs, stats,
-    synchronize, FastOps, FastPathStats, OrderingMode,
-};
+pub use config::{FastOps, FastPathConfig, FlashKernel, GemmAutotune, OrderingMode};
 pub use error::FastError;
+pub use registry::{config, configure, ordering_mode, reset_stats, synchronize};
 pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
-use crate::ops::{lowered, portable, AttentionOptions, KvSegment, NormRope, QwenBackend};
-use device::{outcome, Kind};
-use tensor::{prim, prim_bool, wrap};
+use crate::ops::{lowered, portable, AttentionOptions, FastPathReport, KvSegment, NormRope, QwenBackend};
+use registry::{attempt, enabled, Kind};
+use tensor::{prim, wrap};
 
 /// burn's CUDA backend (no fusion), bf16 by default: the backend the fast path accelerates.
 pub type CudaBackend = CubeBackend<CudaRuntime, burn::tensor::bf16, i32, u8>;
@@ -67,11 +114,20 @@ pub type CudaBackend = CubeBackend<CudaRuntime, burn::tensor::bf16, i32, u8>;
 /// A CUDA device (`CudaDevice::new(index)`).
 pub type CudaDevice = cubecl::cuda::CudaDevice;
 
-fn run<T>(kind: Kind, f: impl FnOnce() -> Result<T, FastError>) -> Option<T> {
-    if !kind.enabled() {
-        return None;
+/// `fast(&inputs)` on the fast path of `device` when `kind` is on there and it succeeds, else `portable(inputs)`
+/// (the outcome is booked in the device's counters; see [`registry::attempt`]). The fast closure borrows the
+/// inputs, so it clones only what it hands to a kernel, and only when it runs.
+fn fast_or<I, O>(
+    device: &CudaDevice,
+    kind: Kind,
+    inputs: I,
+    fast: impl FnOnce(&I) -> Result<O, FastError>,
+    portable: impl FnOnce(I) -> O,
+) -> O {
+    match attempt(device.index, kind, || fast(&inputs)) {
+        Some(out) => out,
+        None => portable(inputs),
     }
-    outcome(kind, f())
 }
 
 impl QwenBackend for CudaBackend {
@@ -80,13 +136,11 @@ impl QwenBackend for CudaBackend {
         weight: &Tensor<Self, 2>,
         bias: Option<&Tensor<Self, 1>>,
     ) -> Tensor<Self, 3> {
-        let fast = run(Kind::Gemm, || {
+        let fast = |x: &Tensor<Self, 3>| {
             gemm::dense_prim(prim(x.clone()), prim(weight.clone()), bias.map(|b| prim(b.clone())), false)
-        });
-        match fast {
-            Some(y) => wrap(y),
-            None => portable::dense(x, weight, bias),
-        }
+                .map(wrap)
+        };
+        fast_or(&x.device(), Kind::Gemm, x, fast, |x| portable::dense(x, weight, bias))
     }
 
     fn dense_gelu_tanh(
@@ -94,13 +148,11 @@ impl QwenBackend for CudaBackend {
         weight: &Tensor<Self, 2>,
         bias: Option<&Tensor<Self, 1>>,
     ) -> Tensor<Self, 3> {
-        let fast = run(Kind::Gemm, || {
+        let fast = |x: &Tensor<Self, 3>| {
             gemm::dense_prim(prim(x.clone()), prim(weight.clone()), bias.map(|b| prim(b.clone())), true)
-        });
-        match fast {
-            Some(y) => wrap(y),
-            None => portable::dense_gelu_tanh(x, weight, bias),
-        }
+                .map(wrap)
+        };
+        fast_or(&x.device(), Kind::Gemm, x, fast, |x| portable::dense_gelu_tanh(x, weight, bias))
     }
 
     fn attend(
@@ -108,34 +160,7 @@ impl QwenBackend for CudaBackend {
         segments: &[KvSegment<Self>],
         options: &AttentionOptions<Self>,
     ) -> Tensor<Self, 4> {
-        // Head dims our flash kernels do not cover (the VAE's single 384-wide head): two cuBLASLt GEMMs and a
-        // softmax instead of burn's attention, whose autotuning takes minutes per shape (and can panic, burn#5187).
-        let head_dim = query.dims()[3];
-        if attention::kernel_name(head_dim).is_none()
-            && options.key_mask.is_none()
-            && !options.causal
-            && Kind::Gemm.enabled()
-        {
-            return lowered::attention(query, segments);
-        }
-        let fast = run(Kind::Attention, || {
-            let mut segs: Vec<(tensor::Prim, tensor::Prim)> =
-                segments.iter().map(|s| (prim(s.key.clone()), prim(s.value.clone()))).collect();
-            if segs.len() > attention::MAX_SEGS {
-                // Merge the tail so the kernel sees at most MAX_SEGS segments.
-                let cut = attention::MAX_SEGS - 1;
-                let k = Tensor::cat(segments[cut..].iter().map(|s| s.key.clone()).collect(), 1);
-                let v = Tensor::cat(segments[cut..].iter().map(|s| s.value.clone()).collect(), 1);
-                segs.truncate(cut);
-                segs.push((prim(k), prim(v)));
-            }
-            let mask = options.key_mask.clone().map(prim_bool);
-            attention::attend_prim(prim(query.clone()), segs, mask, options.causal)
-        });
-        match fast {
-            Some(o) => wrap(o),
-            None => portable::attention(query, segments, options),
-        }
+        attention::attend(query, segments, options)
     }
 
     fn attend_blocks(
@@ -144,13 +169,13 @@ impl QwenBackend for CudaBackend {
         v: Tensor<Self, 4>,
         cu_seqlens: &[usize],
     ) -> Tensor<Self, 4> {
-        let fast = run(Kind::Attention, || {
+        let fast = |(q, k, v): &(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)| {
             attention::attend_blocks_prim(prim(q.clone()), prim(k.clone()), prim(v.clone()), cu_seqlens)
-        });
-        match fast {
-            Some(o) => wrap(o),
-            None => portable::attention_blocks(q, k, v, cu_seqlens, Self::attend),
-        }
+                .map(wrap)
+        };
+        fast_or(&q.device(), Kind::Attention, (q, k, v), fast, |(q, k, v)| {
+            portable::attention_blocks(q, k, v, cu_seqlens, Self::attend)
+        })
     }
 
     fn layer_norm_modulate(
@@ -160,19 +185,13 @@ impl QwenBackend for CudaBackend {
         runs: &[(usize, usize)],
         eps: f64,
     ) -> Tensor<Self, 3> {
-        let fast = run(Kind::Glue, || {
-            glue::layer_norm_modulate_prim(
-                prim(x.clone()),
-                &prim(shift.clone()),
-                &prim(scale.clone()),
-                runs,
-                eps,
-            )
-        });
-        match fast {
-            Some(y) => wrap(y),
-            None => portable::layer_norm_modulate(x, shift, scale, runs, eps),
-        }
+        let fast = |x: &Tensor<Self, 3>| {
+            let (shift, scale) = (prim(shift.clone()), prim(scale.clone()));
+            glue::layer_norm_modulate_prim(prim(x.clone()), &shift, &scale, runs, eps).map(wrap)
+        };
+        fast_or(&x.device(), Kind::Glue, x, fast, |x| {
+            portable::layer_norm_modulate(x, shift, scale, runs, eps)
+        })
     }
 
     fn gated_residual(
@@ -181,13 +200,13 @@ impl QwenBackend for CudaBackend {
         gate: &Tensor<Self, 3>,
         runs: &[(usize, usize)],
     ) -> Tensor<Self, 3> {
-        let fast = run(Kind::Glue, || {
+        let fast = |(residual, y): &(Tensor<Self, 3>, Tensor<Self, 3>)| {
             glue::gated_residual_prim(prim(residual.clone()), prim(y.clone()), &prim(gate.clone()), runs)
-        });
-        match fast {
-            Some(o) => wrap(o),
-            None => portable::gated_residual(residual, y, gate, runs),
-        }
+                .map(wrap)
+        };
+        fast_or(&residual.device(), Kind::Glue, (residual, y), fast, |(residual, y)| {
+            portable::gated_residual(residual, y, gate, runs)
+        })
     }
 
     fn rms_norm_rope(
@@ -197,19 +216,11 @@ impl QwenBackend for CudaBackend {
         cos: &Tensor<Self, 2>,
         sin: &Tensor<Self, 2>,
     ) -> Tensor<Self, 4> {
-        let fast = run(Kind::Glue, || {
-            glue::rms_norm_rope_prim(
-                prim(x.clone()),
-                &prim(weight.clone()),
-                eps,
-                &prim(cos.clone()),
-                &prim(sin.clone()),
-            )
-        });
-        match fast {
-            Some(y) => wrap(y),
-            None => portable::rms_norm_rope(x, weight, eps, cos, sin),
-        }
+        let fast = |x: &Tensor<Self, 4>| {
+            let (weight, cos, sin) = (prim(weight.clone()), prim(cos.clone()), prim(sin.clone()));
+            glue::rms_norm_rope_prim(prim(x.clone()), &weight, eps, &cos, &sin).map(wrap)
+        };
+        fast_or(&x.device(), Kind::Glue, x, fast, |x| portable::rms_norm_rope(x, weight, eps, cos, sin))
     }
 
     fn conv2d_nchw(
@@ -221,7 +232,7 @@ impl QwenBackend for CudaBackend {
     ) -> Tensor<Self, 4> {
         // One cuBLASLt GEMM over an im2col copy instead of burn's convolution kernels, which compile and autotune
         // per shape on first use (minutes for the VAE at 1024²).
-        if Kind::Gemm.enabled() {
+        if enabled(x.device().index, Kind::Gemm) {
             lowered::conv2d(x, weight, bias, stride, pad)
         } else {
             portable::conv2d(x, weight, bias, stride, pad)
@@ -229,7 +240,10 @@ impl QwenBackend for CudaBackend {
     }
 
     fn rms_norm_rope_cat(parts: &[NormRope<'_, Self>]) -> Tensor<Self, 4> {
-        let fast = run(Kind::Glue, || {
+        let Some(first) = parts.first() else {
+            return portable::rms_norm_rope_cat(parts);
+        };
+        let fast = |parts: &&[NormRope<'_, Self>]| {
             // The weights and tables as primitives, kept here: the parts borrow them.
             let tables: Vec<_> = parts
                 .iter()
@@ -246,27 +260,25 @@ impl QwenBackend for CudaBackend {
                     sin,
                 })
                 .collect();
-            glue::rms_norm_rope_cat_prim(prims)
-        });
-        match fast {
-            Some(y) => wrap(y),
-            None => portable::rms_norm_rope_cat(parts),
-        }
+            glue::rms_norm_rope_cat_prim(prims).map(wrap)
+        };
+        fast_or(&first.x.device(), Kind::Glue, parts, fast, portable::rms_norm_rope_cat)
     }
 
     fn silu_mul(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        let fast = run(Kind::Glue, || glue::silu_mul_prim(prim(gate.clone()), prim(up.clone())));
-        match fast {
-            Some(y) => wrap(y),
-            None => portable::silu_mul(gate, up),
-        }
+        let fast = |(gate, up): &(Tensor<Self, 3>, Tensor<Self, 3>)| {
+            glue::silu_mul_prim(prim(gate.clone()), prim(up.clone())).map(wrap)
+        };
+        fast_or(&gate.device(), Kind::Glue, (gate, up), fast, |(gate, up)| portable::silu_mul(gate, up))
     }
 
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
-        match run(Kind::Glue, || tensor::upload_prim(&data, device)) {
-            Some(t) => wrap(t),
-            None => portable::upload(data, device),
-        }
+        let fast = |data: &TensorData| tensor::upload_prim(data, device).map(wrap);
+        fast_or(device, Kind::Glue, data, fast, |data| portable::upload(data, device))
+    }
+
+    fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {
+        Some(registry::report(device.index))
     }
 }
 
@@ -283,7 +295,7 @@ pub fn pool_usage(device: &CudaDevice) -> Option<(u64, u64)> {
 
 /// Device memory in use on the whole GPU (`total − free` from the driver), for benchmarks.
 pub fn device_memory_used(index: usize) -> Option<u64> {
-    device::with_device(index, |_| {
+    registry::with_gpu(index, |_| {
         let (free, total) = cudarc::driver::result::mem_get_info()
             .map_err(|e| FastError::cuda(format!("cuMemGetInfo: {e:?}")))?;
         Ok((total - free) as u64)

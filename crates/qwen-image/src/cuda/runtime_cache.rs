@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 
 use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
 
-/// Where the caches go when no folder is given: `$QWEN_CUDA_CACHE_DIR`, else `$XDG_CACHE_HOME/qwen-image/cubecl`,
+/// Where the caches go when no folder is given: `$QWEN_CUDA_CACHE_DIR` (read once per process, with the other
+/// `QWEN_*` variables), else `$XDG_CACHE_HOME/qwen-image/cubecl`,
 /// else `$HOME/.cache/qwen-image/cubecl`, else `./.qwen-image-cache/cubecl`.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("QWEN_CUDA_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
+    if let Some(d) = super::config::cache_dir_from_env() {
+        return d.to_path_buf();
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|d| !d.is_empty())

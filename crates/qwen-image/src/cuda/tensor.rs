@@ -7,8 +7,9 @@ use cubecl::{cuda::CudaRuntime, Runtime};
 use cudarc::driver::sys;
 
 use super::{
-    device::{drv, with_device},
     error::{require, FastError},
+    gpu::drv,
+    registry::with_gpu,
     CudaBackend, CudaDevice,
 };
 
@@ -33,7 +34,7 @@ pub(crate) fn wrap<const D: usize>(t: Prim) -> Tensor<CudaBackend, D> {
 /// The device address of the tensor's first element (the handle's offset included).
 ///
 /// This is a blocking round trip to burn's server thread, so every operation this thread submitted before has been
-/// handed to the CUDA driver when it returns (the ordering in [`super::device`] relies on it).
+/// handed to the CUDA driver when it returns (the ordering in [`super::gpu::Gpu::begin`] relies on it).
 pub(crate) fn ptr(t: &Prim) -> Result<u64, FastError> {
     let res = t
         .client
@@ -112,10 +113,13 @@ pub(crate) fn upload_prim(data: &TensorData, device: &CudaDevice) -> Result<Prim
         return Ok(out);
     }
     let dst = ptr(&out)?;
-    with_device(device.index, |dev| {
+    with_gpu(device.index, |dev| {
         dev.begin(&out)?;
+        // SAFETY: `dst` is the start of `out`, a new dense allocation of exactly `bytes.len()` bytes (checked
+        // above) held until this function returns; `bytes` is host memory borrowed for the call, and a copy from
+        // pageable memory returns only once the source has been read (staged by the driver).
         drv("cuMemcpyHtoDAsync", unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, bytes.as_ptr().cast(), bytes.len(), dev.stream).result()
+            sys::cuMemcpyHtoDAsync_v2(dst, bytes.as_ptr().cast(), bytes.len(), dev.stream()).result()
         })?;
         dev.end()
     })?;

@@ -26,6 +26,5 @@ pub mod transformer;
 pub use config::DitConfig;
 pub use linears::dit_linear_names;
 pub use modulation_table::{ModulationMode, ModulationTable, ModulationTableUpdate};
-pub use planned::PlannedStats;
 pub use rope::ImageShape;
 pub use transformer::{DitInput, DitLoadOptions, QwenImageTransformer};

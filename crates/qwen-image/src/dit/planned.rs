@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 use qwen_image_pruning::{
-    CachedCondition, GroupAction, PruneError, ReuseMode, StepPlan, TokenGroup, TokenPruningCache,
+    CachedCondition, GroupAction, PruneError, ReuseMode, StepPlan, StepStats, TokenGroup, TokenPruningCache,
 };
 
 use super::{
@@ -10,18 +10,7 @@ use super::{
     modulation::ModRuns,
     transformer::{DitInput, QwenImageTransformer},
 };
-use crate::{ops::KvSegment, ops::QwenBackend, ModelError, Result};
-
-/// What a planned forward pass did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PlannedStats {
-    /// Image tokens computed, summed over blocks.
-    pub computed_tokens: usize,
-    /// Condition tokens served from the cache, summed over blocks.
-    pub reused_tokens: usize,
-    /// (block, condition image) entries written to the cache.
-    pub cached_entries: usize,
-}
+use crate::{ops::KvSegment, ops::QwenBackend, Result};
 
 /// The image tokens currently held: which images, in order, and their hidden states `[batch, tokens, dim]`.
 struct ImageState<B: Backend> {
@@ -30,31 +19,24 @@ struct ImageState<B: Backend> {
 }
 
 impl<B: QwenBackend> QwenImageTransformer<B> {
-    /// Runs step `step` under `plan`, reading and writing `cache`; returns the target tokens' prediction
-    /// `[batch, target_tokens, out_features]`.
+    /// Runs step `step` (0-based) under `plan`, reading and writing `cache`; returns the target tokens' prediction
+    /// `[batch, target_tokens, out_features]` and what the pass computed, reused and cached.
     ///
     /// A condition image that is reused at a block costs nothing there: the other tokens attend to its cached
     /// keys and values ([`ReuseMode::KeyValue`]) or to keys and values recomputed from its cached block input with
     /// this step's modulation ([`ReuseMode::RecomputeKeyValue`]). A condition image computed at a block after a
     /// block that reused it takes that block's input from the cache. The plan is checked against the cache before
-    /// anything runs. With a plan that computes everything, the target prediction is bit-identical to
-    /// [`forward`](Self::forward).
+    /// anything runs ([`StepPlan::validate_shape`] rejects what is not executed, such as token subsets). With a plan
+    /// that computes everything, the target prediction is bit-identical to [`forward`](Self::forward).
     pub fn forward_planned(
         &self,
         input: &DitInput<B>,
         plan: &StepPlan,
         step: usize,
         cache: &mut TokenPruningCache<B>,
-    ) -> Result<(Tensor<B, 3>, PlannedStats)> {
+    ) -> Result<(Tensor<B, 3>, StepStats)> {
         let layout = input.layout();
         plan.validate_shape(self.num_layers(), &layout)?;
-        for (layer, lp) in plan.layers.iter().enumerate() {
-            if let Some((group, _)) = lp.groups().find(|(_, g)| g.uniform_action().is_none()) {
-                return Err(ModelError::Prune(PruneError::Unsupported(format!(
-                    "layer {layer}: token subsets of {group} are not executed yet"
-                ))));
-            }
-        }
         cache.check_plan(step, plan, &layout)?;
 
         let p = self.prepare(input)?;
@@ -63,7 +45,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         for (i, s) in input.img_shapes.iter().enumerate() {
             offsets[i + 1] = offsets[i] + s.tokens();
         }
-        let mut stats = PlannedStats::default();
+        let mut stats = StepStats::default();
         let mut state = ImageState { images: (0..n_images).collect(), hidden: p.img.clone() };
         let (mut txt, batch) = (p.txt.clone(), input.timestep.len());
 

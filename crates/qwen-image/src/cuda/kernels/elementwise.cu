@@ -13,6 +13,10 @@ struct Runs {
     int end[MAX_RUNS];
     int row[MAX_RUNS];
 };
+QI_ASSERT_LAYOUT(Runs, 68, 4);
+QI_ASSERT_OFFSET(Runs, n, 0);
+QI_ASSERT_OFFSET(Runs, end, 4);
+QI_ASSERT_OFFSET(Runs, row, 36);
 
 __device__ __forceinline__ int run_row(const Runs& r, int s) {
     int row = r.row[0];
@@ -52,6 +56,22 @@ struct LnModParams {
     int pad_;
     Runs runs;
 };
+QI_ASSERT_LAYOUT(LnModParams, 168, 8);
+QI_ASSERT_OFFSET(LnModParams, x, 0);
+QI_ASSERT_OFFSET(LnModParams, y, 8);
+QI_ASSERT_OFFSET(LnModParams, shift, 16);
+QI_ASSERT_OFFSET(LnModParams, scale, 24);
+QI_ASSERT_OFFSET(LnModParams, x_sb, 32);
+QI_ASSERT_OFFSET(LnModParams, x_st, 40);
+QI_ASSERT_OFFSET(LnModParams, sh_sr, 48);
+QI_ASSERT_OFFSET(LnModParams, sh_sb, 56);
+QI_ASSERT_OFFSET(LnModParams, sc_sr, 64);
+QI_ASSERT_OFFSET(LnModParams, sc_sb, 72);
+QI_ASSERT_OFFSET(LnModParams, S, 80);
+QI_ASSERT_OFFSET(LnModParams, D, 84);
+QI_ASSERT_OFFSET(LnModParams, eps, 88);
+QI_ASSERT_OFFSET(LnModParams, pad_, 92);
+QI_ASSERT_OFFSET(LnModParams, runs, 96);
 
 // y = bf16(LayerNorm(x)) · (1 + scale[row]) + shift[row]; LayerNorm without affine, statistics in f32.
 // Grid (S, B), ROW_THREADS threads; rows up to ROW_THREADS · VEC · 8 wide (the row stays in registers).
@@ -130,6 +150,20 @@ struct GatedParams {
     int S, D;
     Runs runs;
 };
+QI_ASSERT_LAYOUT(GatedParams, 160, 8);
+QI_ASSERT_OFFSET(GatedParams, res, 0);
+QI_ASSERT_OFFSET(GatedParams, y, 8);
+QI_ASSERT_OFFSET(GatedParams, gate, 16);
+QI_ASSERT_OFFSET(GatedParams, out, 24);
+QI_ASSERT_OFFSET(GatedParams, r_sb, 32);
+QI_ASSERT_OFFSET(GatedParams, r_st, 40);
+QI_ASSERT_OFFSET(GatedParams, y_sb, 48);
+QI_ASSERT_OFFSET(GatedParams, y_st, 56);
+QI_ASSERT_OFFSET(GatedParams, g_sr, 64);
+QI_ASSERT_OFFSET(GatedParams, g_sb, 72);
+QI_ASSERT_OFFSET(GatedParams, S, 80);
+QI_ASSERT_OFFSET(GatedParams, D, 84);
+QI_ASSERT_OFFSET(GatedParams, runs, 88);
 
 // out = res + gate[row] · y. Grid (S, B), ROW_THREADS threads.
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) gated_residual(const GatedParams p) {
@@ -163,6 +197,24 @@ struct RmsRopeParams {
     int batch;
     int pad_;
 };
+QI_ASSERT_LAYOUT(RmsRopeParams, 112, 8);
+QI_ASSERT_OFFSET(RmsRopeParams, x, 0);
+QI_ASSERT_OFFSET(RmsRopeParams, y, 8);
+QI_ASSERT_OFFSET(RmsRopeParams, w, 16);
+QI_ASSERT_OFFSET(RmsRopeParams, cos, 24);
+QI_ASSERT_OFFSET(RmsRopeParams, sin, 32);
+QI_ASSERT_OFFSET(RmsRopeParams, x_sb, 40);
+QI_ASSERT_OFFSET(RmsRopeParams, x_st, 48);
+QI_ASSERT_OFFSET(RmsRopeParams, x_sh, 56);
+QI_ASSERT_OFFSET(RmsRopeParams, y_sb, 64);
+QI_ASSERT_OFFSET(RmsRopeParams, y_st, 72);
+QI_ASSERT_OFFSET(RmsRopeParams, y_sh, 80);
+QI_ASSERT_OFFSET(RmsRopeParams, S, 88);
+QI_ASSERT_OFFSET(RmsRopeParams, H, 92);
+QI_ASSERT_OFFSET(RmsRopeParams, Dh, 96);
+QI_ASSERT_OFFSET(RmsRopeParams, eps, 100);
+QI_ASSERT_OFFSET(RmsRopeParams, batch, 104);
+QI_ASSERT_OFFSET(RmsRopeParams, pad_, 108);
 
 // y = RoPE(bf16(bf16(x · rsqrt(mean(x²) + eps)) · w)), interleaved pairs (x[2k], x[2k+1]) rotated by
 // (cos, sin)[s, k]. One warp per token (b, s): its weights and rotation are read once, then each of its H heads

@@ -38,6 +38,7 @@ constexpr int CONSUMER_WARPS = 8;
 struct __align__(64) TensorMap {
     u64 opaque[16];
 };
+QI_ASSERT_LAYOUT(TensorMap, 128, 64);
 
 // Tensor maps of one call: Q and the key/value segments, each over a [batch, tokens, heads, 128] tensor (dims
 // innermost first: head dim, head, token, batch), box = 64 head-dim columns x 1 head x 128 tokens x 1 batch with
@@ -47,6 +48,10 @@ struct TmaMaps {
     TensorMap k[MAX_SEGS];
     TensorMap v[MAX_SEGS];
 };
+QI_ASSERT_LAYOUT(TmaMaps, 1152, 64);
+QI_ASSERT_OFFSET(TmaMaps, q, 0);
+QI_ASSERT_OFFSET(TmaMaps, k, 128);
+QI_ASSERT_OFFSET(TmaMaps, v, 640);
 
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));

@@ -65,6 +65,11 @@ struct VtParams {
     int kv_heads;
     int pad_;
 };
+QI_ASSERT_LAYOUT(VtParams, 24, 8);
+QI_ASSERT_OFFSET(VtParams, vt, 0);
+QI_ASSERT_OFFSET(VtParams, kpad, 8);
+QI_ASSERT_OFFSET(VtParams, kv_heads, 16);
+QI_ASSERT_OFFSET(VtParams, pad_, 20);
 
 extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_wgmma_d128(const FlashParams p, const VtParams vp) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];

@@ -7,6 +7,17 @@ typedef long long i64;
 
 #define QI_INF __int_as_float(0x7f800000)
 
+// Layout checks of the parameter structs the host fills: `assert_layout!` on each Rust mirror (`cuda/glue.rs`,
+// `cuda/attention/params.rs`) asserts the same size, alignment and field offsets, so a struct changed on one side
+// only fails to compile (here with NVRTC, at the module's first use or in `tools/bench/nvrtc_check.py`). Header-free
+// NVRTC has neither `offsetof` nor `__builtin_offsetof`; `__INTADDR__` is its front end's constant-address builtin
+// (what its own `offsetof` expands to).
+#define QI_ASSERT_LAYOUT(T, size, align) \
+    static_assert(sizeof(T) == (size) && alignof(T) == (align), #T ": size or alignment differs from the Rust mirror")
+#define QI_ASSERT_OFFSET(T, field, offset)                                      \
+    static_assert((unsigned long long)__INTADDR__(&(((T*)0)->field)) == (offset), \
+                  #T "." #field ": offset differs from the Rust mirror")
+
 __device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
 
 // Round-to-nearest-even f32 -> bf16.

@@ -1,0 +1,377 @@
+//! [`QwenImageEditPipeline::edit`]: one edit as a sequence of stages, one method each, every one run the same way
+//! by the stage clock (progress event, device sync, timing).
+//!
+//! The stages follow diffusers v0.42.1's `QwenImageEditPipeline.__call__` and `QwenImageEditPlusPipeline.__call__`
+//! (permalinks below: `edit.py` = [`pipeline_qwenimage_edit.py`][edit], `plus.py` = [`pipeline_qwenimage_edit_plus.py`][plus]):
+//!
+//! 1. **Preprocess** ([`Stage::Preprocess`]): the sizes ([`EditSizes`]: [`calculate_dimensions`][dims] rounding half
+//!    to even, the output floored to multiples of 16 [edit.py#L623-L630][out]), Pillow-exact Lanczos resizes (the
+//!    vision-language image per variant: Edit v1 the ~1 MP image [edit.py#L662][resize], Edit-Plus ~384² per image
+//!    [plus.py#L693-L706][plus-sizes]), the prompts' token ids, the σ schedule with μ from the noisy-token count
+//!    [edit.py#L720-L735][sigmas] (the pruning schedule is dry-run against it here, before anything heavy runs), and
+//!    the initial noise from a seed or supplied.
+//! 2. **Encode prompt**: the vision tower once for the condition images, then the Qwen2.5-VL text encoder for the
+//!    prompt and, under true CFG ([edit.py#L678][cfg]), the negative prompt; the first 64 template tokens are dropped
+//!    ([edit.py#L225-L270][embeds]).
+//! 3. **Encode image**: VAE encode (posterior mean), per-channel normalization and 2×2 packing
+//!    ([edit.py#L406-L427][vae], [edit.py#L382-L388][pack]).
+//! 4. **Modulation table** (table mode only, [`ModulationMode::Table`]): the DiT's modulation rows of this edit's
+//!    timesteps that the pipeline's table does not hold yet (the first edit of a schedule; nothing afterwards).
+//! 5. **Denoise**: the flow-matching Euler loop under the pruning schedule, with true CFG and per-token norm
+//!    rescaling ([edit.py#L797-L801][cfg-norm]); see [`denoise`](crate::denoise()).
+//! 6. **Decode**: unpacking, de-normalization and VAE decode ([edit.py#L832-L843][decode]).
+//! 7. The report ([`EditReport`]), untimed.
+//!
+//! The pruning cache of the DiT belongs to the pipeline: it is cleared before every edit unless the request keeps it.
+//! The image-encoding stage and the vision-tower part of prompt encoding depend on the input images only, which is
+//! where a cache of per-image results across edits would hook in.
+//!
+//! [edit]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py
+//! [plus]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py
+//! [dims]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L155-L162
+//! [out]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L623-L630
+//! [resize]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L662
+//! [plus-sizes]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py#L693-L706
+//! [sigmas]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L720-L735
+//! [cfg]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L678
+//! [embeds]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L225-L270
+//! [vae]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L406-L427
+//! [pack]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L382-L388
+//! [cfg-norm]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L797-L801
+//! [decode]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py#L832-L843
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use qwen_image::{
+    dit::{ImageShape, ModulationMode, ModulationTableUpdate},
+    ops::QwenBackend,
+    processor::{encode_prompt, extract_prompt_embeds, PixelValues, PromptTemplate, RgbImage, DROP_IDX},
+    text_encoder::TextEncoderInput,
+};
+use qwen_image_pruning::{ScheduleFactory, TokenLayout};
+
+use crate::{
+    denoise::{denoise, DenoiseInputs, TextConditioning},
+    latents::{image_to_tensor, pack, tensor_to_image, unpack},
+    noise::gaussian_noise,
+    progress::{Progress, Stage, StageClock},
+    report::{EditReport, StageTiming, StepReport},
+    request::{EditOutput, EditRequest},
+    scheduler::{linspace, Schedule},
+    sizes::{EditSizes, ResizedImages},
+    snapshot::Variant,
+    validate::dry_run_each,
+    PipelineError, QwenImageEditPipeline, Result,
+};
+
+/// What the preprocessing stage prepares for the networks.
+struct EditInputs<B: Backend> {
+    sizes: EditSizes,
+    images: ResizedImages,
+    /// The vision-language images as the vision tower's patches.
+    pixels: PixelValues,
+    prompt_ids: Vec<u32>,
+    /// Under true CFG only.
+    negative_ids: Option<Vec<u32>>,
+    /// σ and timesteps of the run.
+    schedule: Schedule,
+    /// Packed initial noise `[1, target_tokens, 4·z_dim]`.
+    noise: Tensor<B, 3>,
+}
+
+/// The text conditioning of the DiT: the prompt, and the negative prompt under true CFG.
+struct EncodedPrompts<B: Backend> {
+    prompt: TextConditioning<B>,
+    negative: Option<TextConditioning<B>>,
+}
+
+/// What the denoising stage gives.
+struct Denoised<B: Backend> {
+    /// Final packed latents, in the model dtype.
+    latents: Tensor<B, 3>,
+    steps: Vec<StepReport>,
+    /// The name of the schedule that ran.
+    schedule: String,
+}
+
+impl<B: QwenBackend> QwenImageEditPipeline<B> {
+    /// Runs one edit under fresh schedules from `schedule` (a [`ScheduleSpec`](qwen_image_pruning::ScheduleSpec), a
+    /// `Clone` schedule, or [`from_fn`](qwen_image_pruning::from_fn)).
+    ///
+    /// Errors before any heavy work for an invalid request ([`EditRequest::validate`]: empty prompt, 0 steps, wrong
+    /// number of images, …) and for a schedule that would reuse condition tokens before caching them.
+    pub fn edit(
+        &mut self,
+        req: &EditRequest,
+        schedule: &dyn ScheduleFactory,
+        progress: &mut dyn Progress,
+    ) -> Result<EditOutput> {
+        let start = Instant::now();
+        req.validate(self.variant())?;
+        let mut clock = StageClock::<B>::new(&self.device, progress);
+        let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
+        let text = clock.run(Stage::EncodePrompt, |_| self.encode_prompts(&inputs))?;
+        let image_latents = clock.run(Stage::EncodeImage, |_| self.encode_images(&inputs.images.vae))?;
+        if self.table_mode() {
+            clock.run(Stage::ModulationTable, |_| self.extend_modulation_table(&inputs))?;
+        }
+        let denoised =
+            clock.run(Stage::Denoise, |p| self.denoise(req, schedule, &inputs, &text, image_latents, p))?;
+        let image = clock.run(Stage::Decode, |_| self.decode(&denoised.latents, &inputs.sizes))?;
+        let report = self.report(req, &inputs, &denoised, clock.into_timings(), start.elapsed());
+        Ok(EditOutput {
+            image,
+            latents: to_f32(denoised.latents)?,
+            prompt_embeds: to_f32(text.prompt.embeds)?,
+            report,
+        })
+    }
+
+    /// [`Stage::Preprocess`]: sizes, resized images, pixel values, token ids, σ (with the pruning schedule checked
+    /// against them) and noise.
+    fn preprocess(&self, req: &EditRequest, schedule: &dyn ScheduleFactory) -> Result<EditInputs<B>> {
+        let sizes = EditSizes::new(req, self.variant())?;
+        let images = sizes.resize(&req.images)?;
+        let pixels = self.image_processor.preprocess_all(&images.vision)?;
+        let prompt_ids = self.tokenize(&req.prompt, &pixels)?;
+        let negative_ids = match &req.negative_prompt {
+            Some(negative) if req.true_cfg() => Some(self.tokenize(negative, &pixels)?),
+            _ => None,
+        };
+        let sigmas = self.scheduler.set_timesteps_with_sigmas(
+            &linspace(1.0, 1.0 / req.num_steps as f64, req.num_steps),
+            Some(self.scheduler.mu(sizes.target().tokens())),
+        )?;
+        let inputs = EditInputs {
+            noise: self.initial_noise(req, &sizes)?,
+            sizes,
+            images,
+            pixels,
+            prompt_ids,
+            negative_ids,
+            schedule: sigmas,
+        };
+        self.check_schedule(req, schedule, &inputs)?;
+        Ok(inputs)
+    }
+
+    /// The token ids of `prompt` in the variant's template, with the condition images' placeholders.
+    fn tokenize(&self, prompt: &str, pixels: &PixelValues) -> Result<Vec<u32>> {
+        let template = match self.variant() {
+            Variant::Edit => PromptTemplate::Edit,
+            Variant::EditPlus => PromptTemplate::EditPlus,
+        };
+        let merge = self.image_processor.config().merge_size;
+        let ids = encode_prompt(&self.tokenizer, template, prompt, &pixels.grids, merge)?.input_ids;
+        if ids.len() <= DROP_IDX {
+            return Err(PipelineError::invalid(format!(
+                "the prompt template gave only {} tokens (more than {DROP_IDX} are needed)",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Dry-runs fresh schedules against the real σ values and token layout of each CFG branch. With a kept cache
+    /// the schedule may reuse from the start (the previous edit cached), so the check is left to the model, which
+    /// checks each step's plan against the real cache before it runs.
+    fn check_schedule(
+        &self,
+        req: &EditRequest,
+        schedule: &dyn ScheduleFactory,
+        inputs: &EditInputs<B>,
+    ) -> Result<()> {
+        if req.keep_cache && self.caches.size_bytes() > 0 {
+            return Ok(());
+        }
+        let conditions: Vec<usize> = inputs.sizes.conditions().iter().map(ImageShape::tokens).collect();
+        let target = inputs.sizes.target().tokens();
+        let layouts: Vec<TokenLayout> = std::iter::once(&inputs.prompt_ids)
+            .chain(inputs.negative_ids.as_ref())
+            .map(|ids| TokenLayout::new(ids.len() - DROP_IDX, target, conditions.clone()))
+            .collect();
+        dry_run_each(schedule, &inputs.schedule.sigmas, self.transformer.num_layers(), &layouts)
+    }
+
+    /// The packed initial noise: the request's, checked, or drawn from its seed.
+    fn initial_noise(&self, req: &EditRequest, sizes: &EditSizes) -> Result<Tensor<B, 3>> {
+        let z_dim = self.vae.z_dim();
+        let target_tokens = sizes.target().tokens();
+        match &req.noise {
+            Some(n) => {
+                let want = target_tokens * 4 * z_dim;
+                if n.len() != want || n.iter().any(|v| !v.is_finite()) {
+                    return Err(PipelineError::invalid(format!(
+                        "the supplied noise has {} values; {want} finite values ([1, {target_tokens}, {}]) are needed",
+                        n.len(),
+                        4 * z_dim
+                    )));
+                }
+                let data = TensorData::new(n.clone(), [1, target_tokens, 4 * z_dim]);
+                Ok(Tensor::<B, 3>::from_data(data, (&self.device, DType::F32)))
+            }
+            None => {
+                let (lh, lw) = sizes.latent_grid();
+                let z = TensorData::new(gaussian_noise(req.seed, z_dim * lh * lw), [1, z_dim, lh, lw]);
+                pack(Tensor::<B, 4>::from_data(z, (&self.device, DType::F32)))
+            }
+        }
+    }
+
+    /// [`Stage::EncodePrompt`]: the vision tower once, then the text encoder per prompt.
+    fn encode_prompts(&self, inputs: &EditInputs<B>) -> Result<EncodedPrompts<B>> {
+        let image_embeds = self.vision_embeds(&inputs.pixels)?;
+        let encode = |ids: &Vec<u32>| self.encode_text(ids, &image_embeds, &inputs.pixels);
+        Ok(EncodedPrompts {
+            prompt: encode(&inputs.prompt_ids)?,
+            negative: inputs.negative_ids.as_ref().map(encode).transpose()?,
+        })
+    }
+
+    /// The vision tower's embeddings of the condition images (shared by the prompt and the negative prompt).
+    fn vision_embeds(&self, pixels: &PixelValues) -> Result<Tensor<B, 2>> {
+        let pv = Tensor::<B, 2>::from_data(
+            TensorData::new(pixels.values.clone(), pixels.shape()),
+            (&self.device, DType::F32),
+        )
+        .cast(self.text_encoder.dtype());
+        Ok(self.text_encoder.vision_forward(pv, &pixels.grid_thw())?)
+    }
+
+    /// The DiT's text conditioning for the token ids `ids` with the condition images' embeddings.
+    fn encode_text(
+        &self,
+        ids: &[u32],
+        image_embeds: &Tensor<B, 2>,
+        pixels: &PixelValues,
+    ) -> Result<TextConditioning<B>> {
+        let input = TextEncoderInput::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>())
+            .with_image_embeds(image_embeds.clone(), pixels.grid_thw())
+            .with_positions(self.options.text_positions);
+        let hidden = self.text_encoder.forward(&input)?;
+        let embeds = extract_prompt_embeds(hidden, &[vec![1; ids.len()]], DROP_IDX)?;
+        let mask = embeds.mask_if_padded();
+        Ok(TextConditioning { embeds: embeds.embeds, mask })
+    }
+
+    /// [`Stage::EncodeImage`]: the VAE latents of the condition images, normalized and packed, concatenated.
+    fn encode_images(&self, images: &[RgbImage]) -> Result<Tensor<B, 3>> {
+        let mut parts = Vec::new();
+        for img in images {
+            let x = image_to_tensor::<B>(img, &self.device).cast(self.vae.dtype());
+            let z = match &self.options.vae_tiling {
+                Some(t) => self.vae.encode_mode_tiled(x, t)?,
+                None => self.vae.encode_mode(x)?,
+            };
+            parts.push(pack(self.vae.normalize_latents(z)?)?);
+        }
+        Ok(Tensor::cat(parts, 1))
+    }
+
+    /// Whether the DiT's modulation rows come from the pipeline's table (its weights are on the host).
+    fn table_mode(&self) -> bool {
+        self.transformer.modulation_mode() == ModulationMode::Table
+    }
+
+    /// The timestep the DiT gets at each step.
+    fn dit_timesteps(&self, inputs: &EditInputs<B>) -> Vec<f32> {
+        let num_train_timesteps = self.scheduler.config().num_train_timesteps;
+        inputs.schedule.dit_timesteps(self.transformer.dtype(), num_train_timesteps)
+    }
+
+    /// [`Stage::ModulationTable`]: adds the rows of this edit's timesteps to the pipeline's table.
+    fn extend_modulation_table(&mut self, inputs: &EditInputs<B>) -> Result<ModulationTableUpdate> {
+        let timesteps = self.dit_timesteps(inputs);
+        let calls: Vec<&[f32]> = timesteps.iter().map(std::slice::from_ref).collect();
+        Ok(self.transformer.extend_modulation_table(&mut self.modulation, &calls)?)
+    }
+
+    /// [`Stage::Denoise`]: the Euler loop under a fresh schedule, on the pipeline's pruning caches (cleared first
+    /// unless the request keeps them).
+    fn denoise(
+        &mut self,
+        req: &EditRequest,
+        schedule: &dyn ScheduleFactory,
+        inputs: &EditInputs<B>,
+        text: &EncodedPrompts<B>,
+        image_latents: Tensor<B, 3>,
+        progress: &mut dyn Progress,
+    ) -> Result<Denoised<B>> {
+        if !req.keep_cache {
+            self.caches.clear();
+        }
+        let img_shapes = std::iter::once(inputs.sizes.target()).chain(inputs.sizes.conditions()).collect();
+        let dit_inputs = DenoiseInputs {
+            latents: inputs.noise.clone(),
+            image_latents,
+            prompt: text.prompt.clone(),
+            negative: text.negative.clone(),
+            cfg_scale: req.true_cfg_scale,
+            img_shapes,
+            timesteps: self.dit_timesteps(inputs),
+            sigmas: inputs.schedule.sigmas.clone(),
+            modulation: self.table_mode().then(|| self.modulation.clone()),
+        };
+        let mut run = schedule.build()?;
+        let name = run.name();
+        progress.denoise_started(req.num_steps);
+        let (latents, steps) =
+            denoise(&self.transformer, &dit_inputs, run.as_mut(), &mut self.caches, &mut |r| {
+                progress.step_finished(r)
+            })?;
+        Ok(Denoised { latents, steps, schedule: name })
+    }
+
+    /// [`Stage::Decode`]: the final latents unpacked, de-normalized and decoded to an image.
+    fn decode(&self, latents: &Tensor<B, 3>, sizes: &EditSizes) -> Result<RgbImage> {
+        let (lh, lw) = sizes.latent_grid();
+        let z = unpack(latents.clone(), lh, lw)?.cast(self.vae.dtype());
+        let z = self.vae.denormalize_latents(z)?;
+        let x = match &self.options.vae_tiling {
+            Some(t) => self.vae.decode_tiled(z, t)?,
+            None => self.vae.decode(z)?,
+        };
+        tensor_to_image(x)
+    }
+
+    /// The report of an edit that took `total` and ran `stages`.
+    fn report(
+        &self,
+        req: &EditRequest,
+        inputs: &EditInputs<B>,
+        denoised: &Denoised<B>,
+        stages: Vec<StageTiming>,
+        total: Duration,
+    ) -> EditReport {
+        let (width, height) = inputs.sizes.output;
+        EditReport {
+            variant: self.variant(),
+            schedule: denoised.schedule.clone(),
+            width,
+            height,
+            size_adjustments: inputs.sizes.adjustments.clone(),
+            num_steps: req.num_steps,
+            true_cfg: req.true_cfg(),
+            cfg_scale: req.true_cfg_scale,
+            seed: req.noise.is_none().then_some(req.seed),
+            text_tokens: inputs.prompt_ids.len() - DROP_IDX,
+            target_tokens: inputs.sizes.target().tokens(),
+            condition_tokens: inputs.sizes.conditions().iter().map(ImageShape::tokens).collect(),
+            sigmas: inputs.schedule.sigmas.clone(),
+            stages,
+            cache_peak_bytes: denoised.steps.iter().map(|s| s.cache_bytes).max().unwrap_or(0),
+            steps: denoised.steps.clone(),
+            total_seconds: total.as_secs_f64(),
+            cache_bytes: self.caches.size_bytes(),
+            memory: Some(self.memory_probe.read()),
+            fast_path: B::fast_path_report(&self.device),
+            comparison: None,
+        }
+    }
+}
+
+/// A tensor's values as f32.
+fn to_f32<B: Backend>(t: Tensor<B, 3>) -> Result<Vec<f32>> {
+    t.cast(DType::F32).into_data().to_vec().map_err(|e| PipelineError::Device(format!("{e:?}")))
+}

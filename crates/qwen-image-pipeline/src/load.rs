@@ -1,0 +1,274 @@
+//! Loading a snapshot into a [`QwenImageEditPipeline`]: [`LoadOptions`] and the constructors.
+//!
+//! Cheap checks come first (scheduler config, DiT config, LoRA files), so that a bad option fails before gigabytes
+//! are read; then each component is loaded as a timed [`Stage`]; last, the components are checked against each other.
+
+use std::path::PathBuf;
+
+use burn::tensor::DType;
+use qwen_image::{
+    dit::{DitConfig, DitLoadOptions, ModulationMode, ModulationTable, QwenImageTransformer},
+    ops::QwenBackend,
+    processor::{ImageProcessor, QwenTokenizer},
+    text_encoder::{PositionMode, Qwen25VlConfig, Qwen25VlTextEncoder},
+    vae::{AutoencoderKLQwenImage, TileConfig, VaeConfig},
+    weights::WeightStore,
+};
+
+use crate::{
+    denoise::DenoiseCaches,
+    lora::LoraWeights,
+    memory::MemoryProbe,
+    progress::{Progress, Stage, StageClock},
+    scheduler::{FlowMatchEulerScheduler, SchedulerConfig},
+    snapshot::Snapshot,
+    PipelineError, QwenImageEditPipeline, Result,
+};
+
+/// Which scheduler config to use.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum SchedulerChoice {
+    /// The snapshot's `scheduler/scheduler_config.json` (the base model's: dynamic shift, terminal stretch).
+    #[default]
+    Snapshot,
+    /// The Qwen-Image-Lightning config (static shift 3, no stretch), for the Lightning LoRAs.
+    Lightning,
+    /// A given config.
+    Config(SchedulerConfig),
+}
+
+/// A LoRA to apply at load time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraOption {
+    /// The safetensors file.
+    pub path: PathBuf,
+    /// Strength (1 = as trained).
+    pub multiplier: f32,
+    /// Merge into the weights (no run-time cost) instead of attaching a runtime adapter.
+    pub merge: bool,
+}
+
+/// How to load a snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadOptions {
+    /// Weights and activations dtype of all three networks (bf16 on GPUs; f32 on CPUs and for parity tests).
+    pub dtype: DType,
+    /// LoRAs applied to the DiT.
+    pub loras: Vec<LoraOption>,
+    /// The scheduler config.
+    pub scheduler: SchedulerChoice,
+    /// Rotary positions of the text encoder: [`PositionMode::Multimodal`] (what Qwen2.5-VL was trained with, and
+    /// what diffusers computed with transformers 4) or [`PositionMode::Sequential`] (what diffusers computes with
+    /// transformers 5, which no longer passes the image grid positions).
+    pub text_positions: PositionMode,
+    /// Encode and decode with the VAE in tiles (large images).
+    pub vae_tiling: Option<TileConfig>,
+    /// Where the DiT's modulation weights live: on the host, with the rows of the timesteps seen so far in a table
+    /// (the default; 12.7 GiB less device memory at full size in bf16, same outputs), or on the device.
+    pub modulation: ModulationMode,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            loras: Vec::new(),
+            scheduler: SchedulerChoice::Snapshot,
+            text_positions: PositionMode::Multimodal,
+            vae_tiling: None,
+            modulation: ModulationMode::default(),
+        }
+    }
+}
+
+/// Where the networks' weights come from: the snapshot's files, or a seeded random store per network.
+struct WeightSource<'a> {
+    snapshot: &'a Snapshot,
+    dtype: DType,
+    random_seed: Option<u64>,
+    dit: DitLoadOptions,
+}
+
+impl WeightSource<'_> {
+    /// The random store of network `n` (each network from its own seed, so that changing one config leaves the
+    /// others' weights alone), or `None` to read the files.
+    fn random(&self, n: u64) -> Option<WeightStore> {
+        self.random_seed.map(|s| WeightStore::random(self.dtype, s.wrapping_mul(3).wrapping_add(n)))
+    }
+
+    fn text_encoder<B: QwenBackend>(&self, device: &B::Device) -> Result<Qwen25VlTextEncoder<B>> {
+        let dir = self.snapshot.root.join("text_encoder");
+        Ok(match self.random(0) {
+            None => Qwen25VlTextEncoder::load(&dir, self.dtype, device)?,
+            Some(mut store) => {
+                let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
+                Qwen25VlTextEncoder::from_store(config, &mut store, device)?
+            }
+        })
+    }
+
+    fn vae<B: QwenBackend>(&self, device: &B::Device) -> Result<AutoencoderKLQwenImage<B>> {
+        let dir = self.snapshot.root.join("vae");
+        Ok(match self.random(1) {
+            None => AutoencoderKLQwenImage::load(&dir, self.dtype, device)?,
+            Some(mut store) => AutoencoderKLQwenImage::from_store(
+                VaeConfig::from_file(&dir.join("config.json"))?,
+                &mut store,
+                device,
+            )?,
+        })
+    }
+
+    fn transformer<B: QwenBackend>(
+        &self,
+        config: DitConfig,
+        device: &B::Device,
+    ) -> Result<QwenImageTransformer<B>> {
+        Ok(match self.random(2) {
+            None => {
+                let dir = self.snapshot.root.join("transformer");
+                QwenImageTransformer::load_with(&dir, self.dtype, &self.dit, device)?
+            }
+            Some(mut store) => QwenImageTransformer::from_store_with(config, &mut store, &self.dit, device)?,
+        })
+    }
+}
+
+impl<B: QwenBackend> QwenImageEditPipeline<B> {
+    /// Loads a snapshot folder, or a repo id (`Qwen/Qwen-Image-Edit`) from the Hugging Face cache.
+    pub fn load(
+        spec: &str,
+        options: &LoadOptions,
+        device: &B::Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Self> {
+        Self::from_snapshot(Snapshot::locate(spec)?, options, device, progress)
+    }
+
+    /// Loads the components of `snapshot`.
+    pub fn from_snapshot(
+        snapshot: Snapshot,
+        options: &LoadOptions,
+        device: &B::Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Self> {
+        Self::build(snapshot, options, None, device, progress)
+    }
+
+    /// Builds the three networks of `snapshot` from their configs alone, with random weights created on `device`
+    /// (see [`WeightStore::random`]; deterministic per `seed`); the snapshot needs no weight files. Tokenizer,
+    /// image processor and scheduler come from the snapshot as usual. For benchmarks and demos of the full-size
+    /// model without its 58 GB of checkpoints ([`crate::demo::DemoSize::Full`]); the images it makes are noise.
+    pub fn from_snapshot_random(
+        snapshot: Snapshot,
+        options: &LoadOptions,
+        seed: u64,
+        device: &B::Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Self> {
+        Self::build(snapshot, options, Some(seed), device, progress)
+    }
+
+    /// [`Self::from_snapshot`] (weights from files) or [`Self::from_snapshot_random`] (`random_seed`).
+    fn build(
+        snapshot: Snapshot,
+        options: &LoadOptions,
+        random_seed: Option<u64>,
+        device: &B::Device,
+        progress: &mut dyn Progress,
+    ) -> Result<Self> {
+        let scheduler = FlowMatchEulerScheduler::new(scheduler_config(&snapshot, &options.scheduler)?)?;
+        let dit_config = snapshot.dit_config()?;
+        let loras = options
+            .loras
+            .iter()
+            .map(|l| LoraWeights::load(&l.path, dit_config.num_layers))
+            .collect::<Result<Vec<_>>>()?;
+        let dit = DitLoadOptions { modulation: options.modulation };
+        let weights = WeightSource { snapshot: &snapshot, dtype: options.dtype, random_seed, dit };
+        let mut clock = StageClock::<B>::new(device, progress);
+        let (tokenizer, image_processor) = clock.run(Stage::LoadProcessor, |_| load_processor(&snapshot))?;
+        let text_encoder = clock.run(Stage::LoadTextEncoder, |_| weights.text_encoder(device))?;
+        let vae = clock.run(Stage::LoadVae, |_| weights.vae(device))?;
+        let mut transformer =
+            clock.run(Stage::LoadTransformer, |_| weights.transformer(dit_config, device))?;
+        if !loras.is_empty() {
+            clock.run(Stage::LoadLora, |_| apply_loras(&loras, &options.loras, &mut transformer))?;
+        }
+        let pipe = QwenImageEditPipeline {
+            snapshot,
+            transformer,
+            vae,
+            text_encoder,
+            tokenizer,
+            image_processor,
+            scheduler,
+            caches: DenoiseCaches::default(),
+            modulation: ModulationTable::new(),
+            options: options.clone(),
+            load_stages: clock.into_timings(),
+            memory_probe: MemoryProbe::default(),
+            device: device.clone(),
+        };
+        pipe.check_components()?;
+        Ok(pipe)
+    }
+
+    /// Checks that the networks fit together (channels, widths, VAE compression).
+    fn check_components(&self) -> Result<()> {
+        let dit = &self.transformer.config;
+        let z = self.vae.z_dim();
+        let bad = |reason: String| Err(PipelineError::Snapshot { path: self.snapshot.root.clone(), reason });
+        if dit.in_channels != 4 * z || dit.out_features() != 4 * z {
+            return bad(format!(
+                "the transformer takes {} channels per token but the VAE has {z} latent channels (4·{z} expected)",
+                dit.in_channels
+            ));
+        }
+        if dit.joint_attention_dim != self.text_encoder.hidden_size() {
+            return bad(format!(
+                "the transformer expects {}-wide text embeddings but the text encoder gives {}",
+                dit.joint_attention_dim,
+                self.text_encoder.hidden_size()
+            ));
+        }
+        if self.vae.spatial_compression() != 8 {
+            return bad(format!("the VAE compresses by {} (8 expected)", self.vae.spatial_compression()));
+        }
+        Ok(())
+    }
+}
+
+/// The scheduler config `choice` names.
+fn scheduler_config(snapshot: &Snapshot, choice: &SchedulerChoice) -> Result<SchedulerConfig> {
+    Ok(match choice {
+        SchedulerChoice::Snapshot => {
+            SchedulerConfig::from_file(&snapshot.root.join("scheduler/scheduler_config.json"))?
+        }
+        SchedulerChoice::Lightning => SchedulerConfig::lightning(),
+        SchedulerChoice::Config(c) => c.clone(),
+    })
+}
+
+/// The tokenizer and the image processor of `snapshot`.
+fn load_processor(snapshot: &Snapshot) -> Result<(QwenTokenizer, ImageProcessor)> {
+    let tokenizer = QwenTokenizer::from_dir(&snapshot.processor_dir()?)?;
+    let image_processor = ImageProcessor::new(snapshot.image_processor_config()?)?;
+    Ok((tokenizer, image_processor))
+}
+
+/// Merges or attaches each of `loras` as its option says.
+fn apply_loras<B: QwenBackend>(
+    loras: &[LoraWeights],
+    options: &[LoraOption],
+    transformer: &mut QwenImageTransformer<B>,
+) -> Result<()> {
+    for (lora, opt) in loras.iter().zip(options) {
+        if opt.merge {
+            lora.merge_into(transformer, opt.multiplier)?;
+        } else {
+            lora.attach(transformer, opt.multiplier)?;
+        }
+    }
+    Ok(())
+}

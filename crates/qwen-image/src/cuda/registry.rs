@@ -1,0 +1,300 @@
+//! The device registry: per GPU, its [`FastPathConfig`], the counters of the fast operations and the CUDA state
+//! ([`GpuState`], created on first use). The registry is the fast path's only process-wide state besides the
+//! environment's configuration; devices never leave it.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use super::{
+    config::{FastOps, FastPathConfig, OrderingMode},
+    error::FastError,
+    gpu::{guarded, Gpu, GpuState},
+    CudaDevice,
+};
+use crate::ops::{FastKindStats, FastPathReport};
+
+/// The kinds of operation, each switched and counted on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Gemm = 0,
+    Attention = 1,
+    Glue = 2,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Gemm, Kind::Attention, Kind::Glue];
+
+    /// The name in reports and logs.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Gemm => "gemm",
+            Kind::Attention => "attention",
+            Kind::Glue => "glue",
+        }
+    }
+
+    fn configured(self, ops: FastOps) -> bool {
+        match self {
+            Kind::Gemm => ops.gemm,
+            Kind::Attention => ops.attention,
+            Kind::Glue => ops.glue,
+        }
+    }
+}
+
+/// What one kind of operation did on one device.
+#[derive(Clone, Debug, Default)]
+struct KindState {
+    calls: u64,
+    fallbacks: u64,
+    errors: u64,
+    /// Set by a CUDA error; cleared by [`configure`].
+    switched_off: bool,
+    last_error: Option<String>,
+}
+
+/// One GPU's entry in the registry.
+struct DeviceState {
+    config: FastPathConfig,
+    kinds: [KindState; 3],
+    /// Created on first use ([`with_gpu`]).
+    gpu: Option<GpuState>,
+}
+
+impl DeviceState {
+    fn new() -> Self {
+        DeviceState { config: FastPathConfig::from_env(), kinds: Default::default(), gpu: None }
+    }
+
+    fn enabled(&self, kind: Kind) -> bool {
+        kind.configured(self.config.ops) && !self.kinds[kind as usize].switched_off
+    }
+}
+
+/// Every device the fast path has seen, by CUDA device index.
+static REGISTRY: Mutex<BTreeMap<usize, DeviceState>> = Mutex::new(BTreeMap::new());
+
+/// Runs `f` on device `index`'s entry (made on first use). Whatever runs under the lock either cannot panic or is
+/// guarded against panics ([`guarded`]: CUDA initialization and the fast operations), so a poisoned lock still
+/// holds consistent data and is used as it is.
+fn with_state<R>(index: usize, f: impl FnOnce(&mut DeviceState) -> R) -> R {
+    f(registry().entry(index).or_insert_with(DeviceState::new))
+}
+
+/// The locked registry (see [`with_state`] on poisoning).
+fn registry() -> MutexGuard<'static, BTreeMap<usize, DeviceState>> {
+    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `f` with device `index`'s CUDA state (created on first use) and configuration, its context bound to this
+/// thread. The registry stays locked meanwhile: operations on the fast path are serialized (they only queue work).
+pub(crate) fn with_gpu<R>(
+    index: usize,
+    f: impl FnOnce(&mut Gpu<'_>) -> Result<R, FastError>,
+) -> Result<R, FastError> {
+    let mut registry = registry();
+    let state = registry.entry(index).or_insert_with(DeviceState::new);
+    let DeviceState { config, gpu, .. } = state;
+    if gpu.is_none() {
+        *gpu = Some(guarded("CUDA initialization", || GpuState::new(index, config.ordering))?);
+    }
+    let gpu = gpu.as_mut().ok_or_else(|| FastError::cuda("CUDA state missing"))?;
+    gpu.bind()?;
+    guarded("fast-path operation", || f(&mut Gpu::new(gpu, config)))
+}
+
+/// Whether `kind` runs on the fast path of device `index` (configured on, not switched off by an error).
+pub(crate) fn enabled(index: usize, kind: Kind) -> bool {
+    with_state(index, |s| s.enabled(kind))
+}
+
+/// Runs the fast implementation `f` of a `kind` operation on device `index` if that kind is on, and books what
+/// happened: `Some(value)` when it ran, `None` when the caller falls back to the portable implementation (the kind
+/// is off, the inputs are unsupported, or a CUDA call failed: that switches the kind off on this device, with a
+/// `log` warning, until the next [`configure`]).
+pub(crate) fn attempt<T>(index: usize, kind: Kind, f: impl FnOnce() -> Result<T, FastError>) -> Option<T> {
+    let on = with_state(index, |s| {
+        let on = s.enabled(kind);
+        if !on {
+            s.kinds[kind as usize].fallbacks += 1;
+        }
+        on
+    });
+    if !on {
+        return None;
+    }
+    // Not under the registry lock: `f` takes it itself (`with_gpu`), and burn work it triggers may take long.
+    let result = f();
+    with_state(index, |s| {
+        let k = &mut s.kinds[kind as usize];
+        match result {
+            Ok(value) => {
+                k.calls += 1;
+                Some(value)
+            }
+            Err(FastError::Unsupported(why)) => {
+                k.fallbacks += 1;
+                log::debug!("qwen-image: {} on CUDA device {index} falls back: {why}", kind.name());
+                None
+            }
+            Err(FastError::Cuda(msg)) => {
+                k.fallbacks += 1;
+                k.errors += 1;
+                k.switched_off = true;
+                log::warn!(
+                    "qwen-image: CUDA fast path for {} switched off on device {index} (until the next \
+                     cuda::configure): {msg}",
+                    kind.name()
+                );
+                k.last_error = Some(msg);
+                None
+            }
+        }
+    })
+}
+
+/// Sets the fast path's configuration of `device` (which starts from [`FastPathConfig::from_env`]). Kinds switched
+/// off by a CUDA error are switched on again (their errors stay in the report). On a device already in use, a new
+/// [`OrderingMode`] takes effect at once (everything pending on our stream is waited for first); if context events
+/// are not available there, this fails and nothing changes ([`ordering_mode`] tells the mode in effect). On a device not used yet, the ordering is set up at
+/// its first operation, falling back to host syncs (with a `log` warning) where context events are missing.
+/// Compiled kernels and GEMM algorithms chosen before stay as they are (`kernel_dir`, `gemm_autotune`).
+pub fn configure(device: &CudaDevice, config: FastPathConfig) -> Result<(), FastError> {
+    let mut registry = registry();
+    let state = registry.entry(device.index).or_insert_with(DeviceState::new);
+    if let Some(gpu) = state.gpu.as_mut() {
+        // A new ordering is switched to unless already in effect (a device that fell back to host syncs stays so
+        // while the configured mode does not change).
+        if config.ordering != state.config.ordering && config.ordering != gpu.ordering() {
+            gpu.bind()?;
+            guarded("switching the ordering mode", || gpu.set_ordering(config.ordering))?;
+        }
+    }
+    state.config = config;
+    for k in &mut state.kinds {
+        k.switched_off = false;
+    }
+    Ok(())
+}
+
+/// The fast path's configuration of `device`.
+pub fn config(device: &CudaDevice) -> FastPathConfig {
+    with_state(device.index, |s| s.config.clone())
+}
+
+/// Zeroes the counters of `device` (calls, fallbacks, errors); the last error of each kind, and whether it is
+/// switched off, stay.
+pub fn reset_stats(device: &CudaDevice) {
+    with_state(device.index, |s| {
+        for k in &mut s.kinds {
+            (k.calls, k.fallbacks, k.errors) = (0, 0, 0);
+        }
+    })
+}
+
+/// The fast path's statistics on device `index`, per kind of operation (see
+/// [`QwenBackend::fast_path_report`](crate::ops::QwenBackend::fast_path_report)).
+pub(crate) fn report(index: usize) -> FastPathReport {
+    with_state(index, |s| FastPathReport {
+        backend: "cuda".into(),
+        kinds: Kind::ALL
+            .iter()
+            .map(|&kind| {
+                let k = &s.kinds[kind as usize];
+                FastKindStats {
+                    kind: kind.name().into(),
+                    calls: k.calls,
+                    fallbacks: k.fallbacks,
+                    errors: k.errors,
+                    disabled: !s.enabled(kind),
+                    last_error: k.last_error.clone(),
+                }
+            })
+            .collect(),
+    })
+}
+
+/// The ordering mechanism in use on `device` (initializing its CUDA state if needed): the configured one, or
+/// [`OrderingMode::HostSync`] where context events are not available.
+pub fn ordering_mode(device: &CudaDevice) -> Result<OrderingMode, FastError> {
+    with_gpu(device.index, |g| Ok(g.ordering()))
+}
+
+/// Waits until everything submitted to our stream on `device` has finished (benchmarks call it together with
+/// burn's `sync` before reading a clock).
+pub fn synchronize(device: &CudaDevice) -> Result<(), FastError> {
+    with_gpu(device.index, |g| g.synchronize())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bookkeeping needs no GPU: these devices are never initialized (each test has its own index).
+    use super::*;
+
+    fn device(index: usize) -> CudaDevice {
+        let device = CudaDevice::new(index);
+        configure(&device, FastPathConfig::default()).expect("no CUDA state yet: nothing to switch");
+        device
+    }
+
+    fn kind<'a>(report: &'a FastPathReport, name: &str) -> &'a FastKindStats {
+        report.kinds.iter().find(|k| k.kind == name).expect("kind in the report")
+    }
+
+    #[test]
+    fn a_cuda_error_switches_the_kind_off_until_configure() {
+        let d = device(1001);
+        assert_eq!(attempt(d.index, Kind::Gemm, || Ok(7)), Some(7));
+        assert_eq!(attempt::<()>(d.index, Kind::Gemm, || Err(FastError::unsupported("odd shape"))), None);
+        assert!(enabled(d.index, Kind::Gemm), "an unsupported input falls back silently");
+        assert_eq!(attempt::<()>(d.index, Kind::Gemm, || Err(FastError::cuda("launch failed"))), None);
+        assert!(!enabled(d.index, Kind::Gemm) && enabled(d.index, Kind::Glue));
+        let mut ran = false;
+        let off = attempt(d.index, Kind::Gemm, || {
+            ran = true;
+            Ok(())
+        });
+        assert_eq!(off, None);
+        assert!(!ran, "a switched-off kind does not run");
+        let r = report(d.index);
+        let gemm = kind(&r, "gemm");
+        assert_eq!((gemm.calls, gemm.fallbacks, gemm.errors, gemm.disabled), (1, 3, 1, true));
+        assert_eq!(gemm.last_error.as_deref(), Some("launch failed"));
+        assert_eq!(kind(&r, "glue"), &FastKindStats { kind: "glue".into(), ..Default::default() });
+        // Other devices are not affected.
+        assert!(enabled(device(1002).index, Kind::Gemm));
+
+        configure(&d, config(&d)).expect("configure");
+        assert!(enabled(d.index, Kind::Gemm), "configure switches it on again");
+        let r = report(d.index);
+        assert!(
+            !kind(&r, "gemm").disabled && kind(&r, "gemm").last_error.is_some(),
+            "the error stays reported"
+        );
+        reset_stats(&d);
+        let r = report(d.index);
+        let gemm = kind(&r, "gemm");
+        assert_eq!((gemm.calls, gemm.fallbacks, gemm.errors), (0, 0, 0));
+        assert_eq!(gemm.last_error.as_deref(), Some("launch failed"));
+    }
+
+    #[test]
+    fn kinds_configured_off_fall_back_without_running() {
+        let d = device(1003);
+        let ops = FastOps { attention: true, ..FastOps::NONE };
+        configure(&d, FastPathConfig { ops, ..config(&d) }).expect("configure");
+        assert_eq!(config(&d).ops, ops);
+        assert_eq!(attempt(d.index, Kind::Glue, || -> Result<(), FastError> { unreachable!() }), None);
+        assert_eq!(attempt(d.index, Kind::Attention, || Ok(1)), Some(1));
+        let r = report(d.index);
+        assert_eq!(r.backend, "cuda");
+        let names: Vec<&str> = r.kinds.iter().map(|k| k.kind.as_str()).collect();
+        assert_eq!(names, ["gemm", "attention", "glue"]);
+        let glue = kind(&r, "glue");
+        assert_eq!((glue.calls, glue.fallbacks, glue.errors, glue.disabled), (0, 1, 0, true));
+        assert!(glue.last_error.is_none());
+        assert!(!kind(&r, "attention").disabled);
+    }
+}
