@@ -185,15 +185,9 @@ fn progress_and_report_describe_the_run() {
     assert_eq!(p.load_stages().len(), 4);
     let mut events = Events::default();
     let out = p.edit(&request("Make it purple"), &spec("reuse:2,3"), &mut events).unwrap();
-    // The modulation table stage: the default table mode computes the rows of the edit's timesteps first.
-    let edit_stages = [
-        Stage::Preprocess,
-        Stage::EncodePrompt,
-        Stage::EncodeImage,
-        Stage::ModulationTable,
-        Stage::Denoise,
-        Stage::Decode,
-    ];
+    // With the modulation table stage: the default table mode computes the rows of the edit's timesteps first.
+    let edit_stages = Stage::EDIT;
+    assert_eq!(edit_stages[3], Stage::ModulationTable);
     assert_eq!(events.stages, edit_stages);
     assert_eq!(events.finished.len(), 6);
     assert_eq!((events.denoise_steps, events.steps.clone()), (Some(3), vec![0, 1, 2]));

@@ -135,15 +135,7 @@ pub fn print_comparison(
         writeln!(out, "  {:<16} {:>11.4}s {:>11.4}s {:>8.2}x", name, a, b, a / b.max(1e-12))?;
         Ok(())
     };
-    let stages = [
-        Stage::Preprocess,
-        Stage::EncodePrompt,
-        Stage::EncodeImage,
-        Stage::ModulationTable,
-        Stage::Denoise,
-        Stage::Decode,
-    ];
-    for stage in stages {
+    for stage in Stage::EDIT {
         row(out, stage.label(), base.stage_seconds(stage), pruned.stage_seconds(stage))?;
     }
     for (a, b) in base.steps.iter().zip(&pruned.steps) {

@@ -42,6 +42,16 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The stages of an edit, in the order they run ([`Stage::ModulationTable`] in table mode only).
+    pub const EDIT: [Stage; 6] = [
+        Stage::Preprocess,
+        Stage::EncodePrompt,
+        Stage::EncodeImage,
+        Stage::ModulationTable,
+        Stage::Denoise,
+        Stage::Decode,
+    ];
+
     /// A short label.
     pub fn label(self) -> &'static str {
         match self {
