@@ -49,8 +49,8 @@ use crate::{
     snapshot::{Snapshot, Variant},
 };
 
-/// The loaded pipeline: the three networks, tokenizer, image processor and scheduler of one snapshot, and the
-/// pruning caches it keeps between edits.
+/// The loaded pipeline: the three networks, tokenizer, image processor and scheduler of one snapshot, the pruning
+/// caches it keeps between edits, and the DiT's modulation table (rows per timestep, kept for the process).
 #[derive(Debug)]
 pub struct QwenImageEditPipeline<B: QwenBackend> {
     pub(crate) snapshot: Snapshot,
