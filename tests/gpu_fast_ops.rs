@@ -15,7 +15,8 @@ mod gpu_support;
 
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use gpu_support::{
-    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, G, ATTENTION, GEMM, GLUE,
+    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, ATTENTION, G, GEMM,
+    GLUE,
 };
 use qwen_image::{
     cuda::{self, FlashKernel},
