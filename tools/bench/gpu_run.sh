@@ -26,8 +26,12 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c 'import diffusers' 2>/dev/null;
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if has tests; then
-  echo "== GPU tests"; timeout ${TEST_TIMEOUT:-300} .dev/gpu_fast_ops --test-threads=1 --nocapture > "$OUT/tests.log" 2>&1
-  echo "tests exit $?"; grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
+  echo "== GPU tests"; : > "$OUT/tests.log"
+  for t in gpu_fast_ops gpu_models; do
+    timeout ${TEST_TIMEOUT:-300} .dev/$t --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
+    echo "$t exit $?"
+  done
+  grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
   # If the default (TMA) attention kernel failed a check, benchmark the DiT with the mma.sync kernel instead.
   if ! grep -q 'attend: DiT joint.*, tma vs mma.sync' "$OUT/tests.log" \
     || grep -qE 'attend(: DiT.*, tma vs| \(tma\)|: key mask, tma ).*(relative L2 error|non-finite)' "$OUT/tests.log"; then

@@ -104,7 +104,8 @@ pub struct Args {
     /// Scheduler config.
     #[arg(long, value_enum, default_value = "auto")]
     pub scheduler: SchedulerArg,
-    /// Pruning schedule: none | cat | reuse:S1,S2,… `[/kv|/recompute]` `[@LO-HI]` (as the `denoise` example).
+    /// Pruning schedule: none | cat | reuse:S1,S2,… `[/kv|/recompute]` `[@LO-HI]` (as the `denoise` example);
+    /// steps S count from 1, blocks LO-HI from 0.
     #[arg(long, default_value = "cat")]
     pub schedule: ScheduleSpec,
     /// Seed of the initial noise.

@@ -38,7 +38,7 @@ impl OutputNames {
         OutputNames { dir: dir.to_path_buf(), stamp }
     }
 
-    /// The folder.
+    /// The output folder, where every file is written.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -76,7 +76,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         self.snapshot.variant
     }
 
-    /// The snapshot folder.
+    /// The snapshot the pipeline was loaded from: its folder and variant.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
     }
@@ -99,7 +99,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         &mut self.transformer
     }
 
-    /// The scheduler.
+    /// The scheduler that sets each edit's σ values and timesteps (the snapshot's config, or Lightning's).
     pub fn scheduler(&self) -> &FlowMatchEulerScheduler {
         &self.scheduler
     }

@@ -24,18 +24,19 @@ impl Default for ImageAreas {
     }
 }
 
-/// One edit.
+/// One edit: the input images and the instruction, and every option of the run. [`EditRequest::new`] gives the
+/// defaults; [`EditRequest::validate`] checks it without weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EditRequest {
     /// Input images (Edit v1: exactly one; Edit-Plus: 1–3).
     pub images: Vec<RgbImage>,
-    /// The instruction.
+    /// The edit instruction, put into the variant's chat template with the images (must not be blank).
     pub prompt: String,
     /// Negative prompt for true CFG (Qwen uses `" "`).
     pub negative_prompt: Option<String>,
     /// True-CFG scale; CFG runs when it is above 1 and a negative prompt is given.
     pub true_cfg_scale: f32,
-    /// Denoising steps.
+    /// Denoising steps, from 1 to [`MAX_STEPS`](crate::validate::MAX_STEPS): one DiT call each, two under true CFG.
     pub num_steps: usize,
     /// Seed of the initial noise.
     pub seed: u64,
@@ -46,7 +47,7 @@ pub struct EditRequest {
     pub width: Option<u32>,
     /// Output height (default: from the last image's aspect ratio); floored to a multiple of 16 (as the width).
     pub height: Option<u32>,
-    /// Image areas.
+    /// The pixel areas the inputs are resized to (VAE and default output; Edit-Plus's vision-language images).
     pub areas: ImageAreas,
     /// Keep the pruning cache of the previous edit (same image and size) instead of clearing it.
     pub keep_cache: bool,
@@ -77,10 +78,11 @@ impl EditRequest {
     }
 }
 
-/// The result of an edit.
+/// What [`QwenImageEditPipeline::edit`](crate::QwenImageEditPipeline::edit) gives back: the image, the final
+/// latents and prompt embeddings (for comparisons with a reference run), and the report.
 #[derive(Clone, Debug)]
 pub struct EditOutput {
-    /// The edited image.
+    /// The edited image, at the output size of the report ([`EditReport::width`] × [`EditReport::height`]).
     pub image: RgbImage,
     /// Final packed latents `[1, target_tokens, 4·z_dim]` as f32 (before unpacking and decoding).
     pub latents: Vec<f32>,

@@ -236,7 +236,7 @@ impl FlowMatchEulerScheduler {
         Ok(FlowMatchEulerScheduler { config })
     }
 
-    /// The config.
+    /// The configuration (shifts, training timesteps, …), as validated by [`new`](Self::new).
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
     }

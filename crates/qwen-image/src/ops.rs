@@ -326,7 +326,7 @@ pub mod portable {
         nn::{layer_norm, rms_norm},
     };
 
-    /// `x · weightᵀ + bias` (see [`QwenBackend::dense`](super::QwenBackend::dense)).
+    /// `x · weightᵀ + bias` (see [`QwenBackend::dense`]).
     pub fn dense<B: Backend>(
         x: Tensor<B, 3>,
         weight: &Tensor<B, 2>,
@@ -453,7 +453,7 @@ pub mod portable {
         activation::silu(gate) * up
     }
 
-    /// burn's `conv2d` (see [`QwenBackend::conv2d_nchw`](super::QwenBackend::conv2d_nchw)).
+    /// burn's `conv2d` (see [`QwenBackend::conv2d_nchw`]).
     pub fn conv2d<B: Backend>(
         x: Tensor<B, 4>,
         weight: &Tensor<B, 4>,

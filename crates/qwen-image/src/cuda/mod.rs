@@ -15,7 +15,7 @@
 //!
 //! cubecl-cuda 0.10 keeps its CUDA streams private (one per thread stream id, owned by its server thread, no
 //! accessor), so our kernels run on a stream of our own in the same primary context. Taking a tensor's device
-//! address ([`tensor::ptr`]) is a blocking round trip to burn's server thread, so once an operation holds its
+//! address (`tensor::ptr`) is a blocking round trip to burn's server thread, so once an operation holds its
 //! pointers every burn operation this thread issued before has been handed to the driver. Then
 //! ([`OrderingMode::ContextEvents`], the default):
 //!

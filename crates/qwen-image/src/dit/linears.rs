@@ -7,7 +7,7 @@
 //! - the checkpoint's key list with shapes ([`synthetic::dit_checkpoint_tensors`](crate::synthetic::dit_checkpoint_tensors)):
 //!   the loader run on a [shape-only store](crate::weights::WeightStore::shape_only);
 //! - the linear layers by name ([`dit_linear_names`], LoRA targets): this visitor, which each module implements with
-//!   [`linear_layers!`](linear_layers) from the list of its fields. The macro names *every* field of the struct
+//!   `linear_layers!` from the list of its fields. The macro names *every* field of the struct
 //!   (the others after `without`), so a new field does not compile until it is listed, and a test checks that the
 //!   visited names are exactly the linear layers the loader reads.
 //!

@@ -26,7 +26,8 @@ impl ModRuns {
         ModRuns::new([(tokens, 0)])
     }
 
-    /// The runs.
+    /// The `(tokens, row)` pairs in token order, as the adaLN and gated-residual operations of
+    /// [`QwenBackend`](crate::ops::QwenBackend) take them.
     pub fn runs(&self) -> &[(usize, usize)] {
         &self.0
     }
