@@ -42,10 +42,20 @@ CASES = {
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edit-snapshot", default=SNAPSHOTS["edit"], help="relative to the repository root, or absolute")
+    ap.add_argument("--plus-snapshot", default=SNAPSHOTS["plus"])
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    snapshots = {"edit": args.edit_snapshot, "plus": args.plus_snapshot}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     pm.patch_areas()
     torch.set_grad_enabled(False)
     manifest = {json.loads(l)["id"]: json.loads(l) for l in (OUT / "heldout/manifest.jsonl").read_text().splitlines()}
-    pipes = {v: pm.load_pipeline(ROOT / p) for v, p in SNAPSHOTS.items()}
+    pipes = {v: pm.load_pipeline(ROOT / p) for v, p in snapshots.items()}
     cases = {}
     for case, (variant, eid, negative, cfg, seed, bf16) in CASES.items():
         e = manifest[eid]
@@ -57,12 +67,12 @@ def main():
             bf, _ = run_edit(copy.deepcopy(pipe).to(torch.bfloat16), arg, e["instruction"], negative, cfg, 4, seed)
             tensors["latents_bf16"] = bf["latents"].float()
             tensors["image_bf16"] = bf["image"]
-        save(OUT / f"{case}.safetensors", tensors)
-        cases[case] = {"snapshot": SNAPSHOTS[variant], "images": [f"heldout/{p}" for p in e["sources"]],
+        save(out / f"{case}.safetensors", tensors)
+        cases[case] = {"snapshot": snapshots[variant], "images": [f"heldout/{p}" for p in e["sources"]],
                        "heldout_id": eid, "task": e["task"], "prompt": e["instruction"], "negative_prompt": negative,
                        "true_cfg_scale": cfg, "steps": 4, "width": w, "height": h}
         print(f"  {case}: {e['instruction']!r} {w}x{h}, prompt_embeds {tuple(tensors['prompt_embeds'].shape)}")
-    (OUT / "edits.json").write_text(json.dumps({
+    (out / "edits.json").write_text(json.dumps({
         "vae_area": pm.VAE_AREA, "condition_area": pm.COND_AREA, "text_positions": "sequential",
         "scheduler": "snapshot (Lightning: sigmas 1, 0.9, 0.75, 0.5)", "cases": cases}, indent=1, sort_keys=True))
 
