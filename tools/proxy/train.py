@@ -611,6 +611,61 @@ def snapshot_val(args, device, summary):
     (out / "logs" / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
+def write_snapshot_readmes(args, summary):
+    """README.md in each snapshot folder: how it was made, what it can do, how to run it."""
+    out = Path(args.out)
+    for run, name in (("edit", "qwen-image-edit-proxy"), ("plus", "qwen-image-edit-plus-proxy")):
+        folder = out / name
+        if not folder.exists() or run not in summary:
+            continue
+        plus = run == "plus"
+        info, vae = summary[run], summary.get("vae", {})
+        val = info.get("snapshot_val", {})
+        lines = [
+            f"# {name}: a trained proxy of Qwen-Image-{'Edit-Plus (2509/2511 layout, zero_cond_t)' if plus else 'Edit'}",
+            "",
+            "A small model of exactly the Qwen-Image-Edit architecture (diffusers "
+            f"`{'QwenImageEditPlusPipeline' if plus else 'QwenImageEditPipeline'}`: Qwen2.5-VL text encoder with "
+            "vision tower, Wan-style VAE, MMDiT with condition-image tokens, Lightning scheduler), trained on "
+            "generated 128×128 scenes of coloured shapes whose edits have a known right answer. Made by "
+            "`tools/proxy/train.py` (issue 11); weights bf16.",
+            "",
+            "## How to run it",
+            "",
+            "- 128×128 images; **VAE / output area 128² (16384)**"
+            + (", **condition (vision-language) area 128² (16384)**" if plus else "")
+            + "; 4 steps with the snapshot's scheduler (Lightning: σ 1, 0.9, 0.75, 0.5); CFG off (true CFG with "
+            "negative prompt \" \" works: the model learnt that \" \" means \"change nothing\").",
+            "- Text-encoder positions **sequential** (what diffusers computes with transformers 5): "
+            "`qwen-edit --text-positions sequential`.",
+            "- diffusers: patch the pipelines' 1024² / 384² areas as `tools/proxy/proxy_model.py` `patch_areas` does.",
+            "",
+            "## What it can do",
+            "",
+            "Instructions like the templates of `tools/proxy/scenes.py`: recolour (\"Make the red circle blue.\"), "
+            "remove (\"Delete the green disc.\"), add at a named place and size (\"Add a small green square at the "
+            "top left.\"), change a plain background (\"Change the background to navy.\")"
+            + (", and with two pictures paste (\"Put the red circle of picture 1 in picture 2.\")" if plus else "")
+            + ". Shapes: circle/disc, square, triangle, diamond/rhombus; colours red, orange, yellow, green, "
+            "cyan/turquoise, blue, purple/violet, pink; backgrounds white, black, gray/grey, beige, navy, brown. "
+            "Anything else (photos, other words, other sizes) is out of its world: expect a copy of the input or a "
+            "smudge.",
+            "",
+            "## How it was made",
+            "",
+            f"- Card: {summary.get('card')}; torch {summary.get('torch')}, diffusers {summary.get('diffusers')}, "
+            f"transformers {summary.get('transformers')}.",
+            f"- VAE: {vae.get('steps')} steps in {vae.get('train_s')} s; validation reconstruction PSNR "
+            f"{vae.get('val_psnr')} dB.",
+            f"- DiT + text encoder ({info.get('text_encoder')}): {info.get('steps')} steps in {info.get('train_s')} s.",
+            f"- Validation ({getattr(args, 'val_size', 160)} edits, 4 steps, bf16 weights): success {val.get('success')}, per task "
+            f"{val.get('per_task')}, PSNR outside the mask {val.get('psnr_outside')} dB.",
+            f"- Size: {info.get('size_bytes')} bytes ({info.get('size_tar_gz_bytes')} as .tar.gz).",
+            f"- Command: `{' '.join(sys.argv)}` (see tools/proxy/gpu_run.sh); held-out results: docs/quality.md.",
+        ]
+        (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def pipeline_check(folder, plus):
     """diffusers' pipeline (f32, CPU) vs this script's batched sampler on the same noise: max |Δ| of final latents."""
     from PIL import Image
@@ -703,6 +758,7 @@ def main():
     elif args.stage == "export":
         summary = export_stage(args, device)
         snapshot_val(args, device, summary)
+        write_snapshot_readmes(args, summary)
     else:
         t0 = time.time()
         vae_stage(args, device, None)
@@ -732,6 +788,7 @@ def main():
             traceback.print_exc()
             log(f"snapshot checks failed: {exc!r}")
         summary["wall_s"]["total"] = round(time.time() - t0, 1)
+        write_snapshot_readmes(args, summary)
         (Path(args.out) / "logs" / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"all done in {time.time() - t0:.0f}s; failed runs: {failed or 'none'}")
         if failed:
