@@ -240,7 +240,7 @@ def vae_stage(args, device, tokenizer):
     logf = open(Path(args.out) / "logs" / "vae.csv", "a", newline="")
     writer = csv.writer(logf)
     if step == 0:
-        writer.writerow(["step", "time_s", "lr", "loss", "mse", "kl", "val_psnr"])
+        writer.writerow(["step", "time_s", "lr", "loss", "mse", "kl", "val_psnr", "anchor"])
     t_start = time.time()
     clock = time.time()
     vae.train()
@@ -261,7 +261,11 @@ def vae_stage(args, device, tokenizer):
         mse = F.mse_loss(rec, x)
         l1 = (rec - x).abs().mean()
         kl = (mean.float() ** 2).mean()  # keeps the latents' scale bounded (normalized per channel afterwards)
-        loss = mse + 0.1 * l1 + args.vae_kl * kl
+        # Anchor: latent channels 0-2 = the 8×8 block means of the image. Without it encoder and decoder stay stuck
+        # at "background colour only" (MSE 0.12 on [-1, 1], even on one fixed batch of 8 images); with it the
+        # reconstruction keeps improving (CPU test: 0.12 -> 0.07 in 150 steps on that batch).
+        anchor = F.mse_loss(mean[:, :3, 0].float(), F.avg_pool2d(x, 8))
+        loss = mse + 0.1 * l1 + args.vae_kl * kl + args.vae_anchor * anchor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -280,7 +284,7 @@ def vae_stage(args, device, tokenizer):
                 vp = f"{vae_psnr(vae, val_img):.2f}"
                 vae.train()
             writer.writerow([step, f"{time.time() - t_start:.1f}", f"{lr:.2e}", f"{loss.item():.5f}",
-                             f"{mse.item():.6f}", f"{kl.item():.3f}", vp])
+                             f"{mse.item():.6f}", f"{kl.item():.3f}", vp, f"{anchor.item():.5f}"])
             logf.flush()
             if vp:
                 log(f"vae {step}/{steps} loss {loss.item():.5f} mse {mse.item():.6f} val psnr {vp} dB "
@@ -721,10 +725,11 @@ def main():
     ap.add_argument("--vae-steps", type=int, default=6000)
     ap.add_argument("--vae-time", type=float, default=0, help="seconds; fewer steps if they would not fit")
     ap.add_argument("--vae-batch", type=int, default=64)
-    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-5, help="weight of mean(z²)")
     ap.add_argument("--vae-pool", type=int, default=20000)
     ap.add_argument("--vae-val-size", type=int, default=256)
+    ap.add_argument("--vae-anchor", type=float, default=1.0, help="weight of the block-mean anchor of latents 0-2")
     ap.add_argument("--dit-steps", type=int, default=12000)
     ap.add_argument("--dit-time", type=float, default=0, help="seconds; fewer steps if they would not fit")
     ap.add_argument("--dit-batch", type=int, default=256)
