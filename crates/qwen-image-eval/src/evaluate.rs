@@ -259,6 +259,28 @@ impl<B: QwenBackend> Evaluator<B> {
     }
 }
 
+/// Parses a comma-separated list of schedules in the spec syntax of `--schedule`; a part that starts with a digit
+/// continues the previous spec (`none,cat,reuse:2,3,4,cat/recompute` is four schedules).
+pub fn parse_schedules(list: &str) -> Result<Vec<ScheduleSpec>> {
+    let mut parts: Vec<String> = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        match parts.last_mut() {
+            Some(last) if part.starts_with(|c: char| c.is_ascii_digit()) => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ if part.is_empty() => {
+                return Err(EvalError::Invalid(format!("empty schedule in the list `{list}`")));
+            }
+            _ => parts.push(part.to_string()),
+        }
+    }
+    parts
+        .iter()
+        .map(|p| p.parse::<ScheduleSpec>().map_err(|e| EvalError::Invalid(format!("schedule `{p}`: {e}"))))
+        .collect()
+}
+
 /// The request of a held-out edit.
 fn request(edit: &HeldOutEdit, images: EditImages, options: &EvalOptions) -> EditRequest {
     let mut request = EditRequest::new(images.sources, edit.instruction.clone());
@@ -277,6 +299,23 @@ fn step_flops<B: QwenBackend>(pipe: &QwenImageEditPipeline<B>, spec: &ScheduleSp
     let branches = if r.true_cfg { 2 } else { 1 };
     let per_step = planned_step_flops(&pipe.transformer().config, spec, &r.sigmas, &layout, branches)?;
     Ok(per_step.iter().sum::<f64>() / per_step.len().max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_lists_keep_reuse_steps_together() {
+        let names = |s: &str| parse_schedules(s).unwrap().iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(names("none,cat,reuse:2,3,4,cat/recompute"), ["none", "cat", "reuse:2,3,4", "cat/recompute"]);
+        assert_eq!(names(" cat@1-4 , reuse:2 "), ["cat@1-4", "reuse:2"]);
+        assert!(parse_schedules("none,,cat").unwrap_err().to_string().contains("empty schedule"));
+        assert!(parse_schedules("none,purple").unwrap_err().to_string().contains("schedule `purple`"));
+        let options = EvalOptions::new(parse_schedules("cat,none,cat").unwrap());
+        assert_eq!(options.run_order().len(), 2);
+        assert_eq!(options.run_order()[0], ScheduleSpec::None);
+    }
 }
 
 /// Adds `record` to the worst cases `list` (worst first, at most `keep`).

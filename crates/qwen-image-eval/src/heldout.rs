@@ -102,8 +102,9 @@ pub struct EditImages {
 /// Which edits of the set to run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selection {
-    /// At most this many edits, spread evenly over the selected (variant, task) groups (round robin in manifest
-    /// order), so that a small limit still covers every task; `None` = all.
+    /// At most this many edits, spread evenly over the selected (variant, task) groups (round robin over the
+    /// groups, the variants alternating, each group in manifest order), so that a small limit still covers every
+    /// task of both variants; `None` = all.
     pub limit: Option<usize>,
     /// Only these tasks (empty = all).
     pub tasks: Vec<String>,
@@ -176,6 +177,18 @@ impl HeldOutSet {
                 None => groups.push((key, vec![e])),
             }
         }
+        // Alternate the variants (edit/recolor, plus/recolor, edit/remove, …) so that a small limit covers both.
+        let mut rank = std::collections::HashMap::new();
+        let mut ranked: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let r = rank.entry(g.0 .0).or_insert(0usize);
+                *r += 1;
+                (*r, g)
+            })
+            .collect();
+        ranked.sort_by_key(|(r, _)| *r);
+        let groups: Vec<_> = ranked.into_iter().map(|(_, g)| g).collect();
         let total: usize = groups.iter().map(|(_, l)| l.len()).sum();
         let limit = selection.limit.unwrap_or(total).min(total);
         let mut picked = Vec::with_capacity(limit);
