@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use burn::tensor::DType;
 use qwen_image::{ops::QwenBackend, processor::RgbImage};
 use qwen_image_eval::score::{score_against_truth, TruthScore};
-use qwen_image_pipeline::{check_schedule, EditOutput, EditRequest, QwenImageEditPipeline, Snapshot, Variant};
+use qwen_image_pipeline::{
+    check_schedule, EditOutput, EditRequest, QwenImageEditPipeline, Snapshot, Variant,
+};
 use qwen_image_proxy::Scene;
 use qwen_image_pruning::ScheduleSpec;
 
@@ -29,7 +31,11 @@ struct DemoInput {
 }
 
 /// Runs the proxy demo on backend `B`.
-pub(crate) fn run_proxy<B: QwenBackend>(args: &Args, device: &B::Device, out: &mut dyn Write) -> Result<(), CliError> {
+pub(crate) fn run_proxy<B: QwenBackend>(
+    args: &Args,
+    device: &B::Device,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     check_args(args)?;
     let input = demo_input(args)?;
     let variant = if input.request.images.len() > 1 { Variant::EditPlus } else { Variant::Edit };
@@ -44,7 +50,8 @@ pub(crate) fn run_proxy<B: QwenBackend>(args: &Args, device: &B::Device, out: &m
 /// Flags the proxy demo does not take.
 fn check_args(args: &Args) -> Result<(), CliError> {
     let refuse = |flag: &str| -> Result<(), CliError> {
-        Err(format!("{flag} is not available with the proxy demo (use --demo --size tiny, or a model)").into())
+        Err(format!("{flag} is not available with the proxy demo (use --demo --size tiny, or a model)")
+            .into())
     };
     if args.batch.is_some() {
         return refuse("--batch");
@@ -142,7 +149,12 @@ fn load_and_edit<B: QwenBackend>(
     for p in &paths {
         writeln!(out, "Saved {}", p.display())?;
     }
-    let columns = [Some("before"), baseline.as_ref().map(|_| "unpruned"), Some("after"), input.scene.map(|_| "ground truth")];
+    let columns = [
+        Some("before"),
+        baseline.as_ref().map(|_| "unpruned"),
+        Some("after"),
+        input.scene.map(|_| "ground truth"),
+    ];
     writeln!(out, "Grid: {}", columns.into_iter().flatten().collect::<Vec<_>>().join(" | "))?;
     Ok(())
 }

@@ -102,7 +102,13 @@ impl BackendTask for EvalTask<'_> {
         let pipes = variants.iter().map(|&v| load::<B>(args, v, &tmp, device)).collect::<Result<Vec<_>, _>>();
         let _ = std::fs::remove_dir_all(&tmp);
         let names: Vec<String> = options.run_order().iter().map(|s| s.to_string()).collect();
-        writeln!(out, "Evaluating {} held-out edits under {} on {:?}", edits.len(), names.join(", "), args.device)?;
+        writeln!(
+            out,
+            "Evaluating {} held-out edits under {} on {:?}",
+            edits.len(),
+            names.join(", "),
+            args.device
+        )?;
         let mut evaluator = Evaluator::new(pipes?);
         let quiet = args.quiet;
         let run = evaluator.run(&set, &edits, &options, &mut |p: EvalProgress<'_>| {
@@ -157,7 +163,9 @@ fn load<B: QwenBackend>(
     };
     let snapshot = Snapshot::open(&root)?;
     if snapshot.variant != variant {
-        return Err(format!("{} is a {:?} snapshot, not {variant:?}", root.display(), snapshot.variant).into());
+        return Err(
+            format!("{} is a {:?} snapshot, not {variant:?}", root.display(), snapshot.variant).into()
+        );
     }
     let dtype = match (args.dtype, args.device) {
         (Some(Dtype::F32), _) | (None, Device::Cpu) => DType::F32,
@@ -189,14 +197,30 @@ fn print_table(out: &mut dyn Write, report: &EvalReport) -> Result<(), CliError>
     writeln!(
         out,
         "\n{:<16} {:<17} {:>5} {:>8} {:>7} {:>6} {:>7} {:>7} {:>6} | {:>7} {:>6} {:>4} {:>6}",
-        "schedule", "group", "edits", "success", "PSNR", "SSIM", "inside", "outside", "ΔE", "vsPSNR", "vsSSIM", "max", "SSIM2"
+        "schedule",
+        "group",
+        "edits",
+        "success",
+        "PSNR",
+        "SSIM",
+        "inside",
+        "outside",
+        "ΔE",
+        "vsPSNR",
+        "vsSSIM",
+        "max",
+        "SSIM2"
     )?;
     for s in &report.schedules {
         for g in std::iter::once(&s.all).chain(&s.groups) {
             print_group(out, s, g)?;
         }
     }
-    writeln!(out, "\n{:<16} {:>14} {:>7} {:>9} {:>8} {:>9} {:>8}", "schedule", "DiT GFLOP/step", "ratio", "seconds", "speed-up", "denoise s", "speed-up")?;
+    writeln!(
+        out,
+        "\n{:<16} {:>14} {:>7} {:>9} {:>8} {:>9} {:>8}",
+        "schedule", "DiT GFLOP/step", "ratio", "seconds", "speed-up", "denoise s", "speed-up"
+    )?;
     for s in &report.schedules {
         writeln!(
             out,
@@ -238,7 +262,12 @@ fn print_group(out: &mut dyn Write, s: &ScheduleSummary, g: &GroupStats) -> Resu
 }
 
 /// `eval_report.json` and one worst-case grid per schedule.
-fn write_outputs(args: &EvalArgs, run: &EvalRun, report: &EvalReport, out: &mut dyn Write) -> Result<(), CliError> {
+fn write_outputs(
+    args: &EvalArgs,
+    run: &EvalRun,
+    report: &EvalReport,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     std::fs::create_dir_all(&args.output_dir)
         .map_err(|e| format!("cannot create the output folder {}: {e}", args.output_dir.display()))?;
     let json = args.output_dir.join("eval_report.json");
@@ -250,7 +279,11 @@ fn write_outputs(args: &EvalArgs, run: &EvalRun, report: &EvalReport, out: &mut 
                 name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
             let path = args.output_dir.join(format!("worst_{file}.png"));
             save_image(&grid, &path)?;
-            writeln!(out, "Worst cases of {name} (source | ground truth | output | |output − truth|): {}", path.display())?;
+            writeln!(
+                out,
+                "Worst cases of {name} (source | ground truth | output | |output − truth|): {}",
+                path.display()
+            )?;
         }
     }
     Ok(())

@@ -127,7 +127,11 @@ fn check_demo_args(args: &Args) -> Result<(), CliError> {
     if args.keep_going && args.batch.is_none() {
         return Err("--keep-going applies to --batch".into());
     }
-    if args.demo && demo_choice(args) == DemoSizeArg::Full && args.device == Device::Cpu && !args.allow_full_on_cpu {
+    if args.demo
+        && demo_choice(args) == DemoSizeArg::Full
+        && args.device == Device::Cpu
+        && !args.allow_full_on_cpu
+    {
         return Err(concat!(
             "--demo --size full builds the 20 B-parameter model (~58 GB of bf16 weights, ~80 GB in f32) and is meant ",
             "for a GPU: use --device cuda (a CUDA build). To run it on the CPU anyway (hours per edit), add ",

@@ -200,7 +200,8 @@ impl<B: QwenBackend> Evaluator<B> {
         variants.sort();
         variants.dedup();
         for v in variants {
-            let max_images = edits.iter().filter(|e| e.variant == v).map(|e| e.sources.len()).max().unwrap_or(1);
+            let max_images =
+                edits.iter().filter(|e| e.variant == v).map(|e| e.sources.len()).max().unwrap_or(1);
             let layers = self.pipe(v.pipeline_variant())?.transformer().config.num_layers;
             for spec in order {
                 qwen_image_pipeline::check_schedule(spec, options.steps, layers, max_images)
@@ -211,7 +212,13 @@ impl<B: QwenBackend> Evaluator<B> {
     }
 
     /// `options.warmup` untimed runs of the first edit of each variant under each schedule.
-    fn warm_up(&mut self, set: &HeldOutSet, edits: &[&HeldOutEdit], options: &EvalOptions, order: &[ScheduleSpec]) -> Result<()> {
+    fn warm_up(
+        &mut self,
+        set: &HeldOutSet,
+        edits: &[&HeldOutEdit],
+        options: &EvalOptions,
+        order: &[ScheduleSpec],
+    ) -> Result<()> {
         if options.warmup == 0 {
             return Ok(());
         }
@@ -293,7 +300,11 @@ fn request(edit: &HeldOutEdit, images: EditImages, options: &EvalOptions) -> Edi
 }
 
 /// Mean planned DiT FLOPs per step of the edit that gave `out`.
-fn step_flops<B: QwenBackend>(pipe: &QwenImageEditPipeline<B>, spec: &ScheduleSpec, out: &EditOutput) -> Result<f64> {
+fn step_flops<B: QwenBackend>(
+    pipe: &QwenImageEditPipeline<B>,
+    spec: &ScheduleSpec,
+    out: &EditOutput,
+) -> Result<f64> {
     let r = &out.report;
     let layout = TokenLayout::new(r.text_tokens, r.target_tokens, r.condition_tokens.clone());
     let branches = if r.true_cfg { 2 } else { 1 };
@@ -308,7 +319,10 @@ mod tests {
     #[test]
     fn schedule_lists_keep_reuse_steps_together() {
         let names = |s: &str| parse_schedules(s).unwrap().iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(names("none,cat,reuse:2,3,4,cat/recompute"), ["none", "cat", "reuse:2,3,4", "cat/recompute"]);
+        assert_eq!(
+            names("none,cat,reuse:2,3,4,cat/recompute"),
+            ["none", "cat", "reuse:2,3,4", "cat/recompute"]
+        );
         assert_eq!(names(" cat@1-4 , reuse:2 "), ["cat@1-4", "reuse:2"]);
         assert!(parse_schedules("none,,cat").unwrap_err().to_string().contains("empty schedule"));
         assert!(parse_schedules("none,purple").unwrap_err().to_string().contains("schedule `purple`"));
@@ -319,7 +333,13 @@ mod tests {
 }
 
 /// Adds `record` to the worst cases `list` (worst first, at most `keep`).
-fn keep_worst(list: &mut Vec<WorstCase>, record: &EditRecord, images: &EditImages, output: &RgbImage, keep: usize) {
+fn keep_worst(
+    list: &mut Vec<WorstCase>,
+    record: &EditRecord,
+    images: &EditImages,
+    output: &RgbImage,
+    keep: usize,
+) {
     if keep == 0 {
         return;
     }

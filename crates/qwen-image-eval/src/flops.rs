@@ -15,7 +15,9 @@
 //! counted with the prompt's text length.
 
 use qwen_image::dit::DitConfig;
-use qwen_image_pruning::{dry_run, GroupAction, GroupPlan, ReuseMode, ScheduleFactory, StepPlan, TokenLayout, TokenSubset};
+use qwen_image_pruning::{
+    dry_run, GroupAction, GroupPlan, ReuseMode, ScheduleFactory, StepPlan, TokenLayout, TokenSubset,
+};
 
 use crate::Result;
 
@@ -66,7 +68,10 @@ pub fn step_flops(config: &DitConfig, layout: &TokenLayout, plans: &[StepPlan], 
                         total.recomputed_kv += c.recomputed_kv;
                         total.reused_kv += c.reused_kv;
                     }
-                    let (q, k) = (total.computed as f64, (total.computed + total.recomputed_kv + total.reused_kv) as f64);
+                    let (q, k) = (
+                        total.computed as f64,
+                        (total.computed + total.recomputed_kv + total.reused_kv) as f64,
+                    );
                     24.0 * d * d * q + 4.0 * d * d * total.recomputed_kv as f64 + 4.0 * q * k * d
                 })
                 .sum();

@@ -129,9 +129,10 @@ impl HeldOutSet {
         if !dir.is_dir() {
             return Err(EvalError::HeldOut {
                 path: dir.to_path_buf(),
-                reason: "no such folder (the held-out set is written by `python3 tools/proxy/scenes.py heldout`; \
+                reason:
+                    "no such folder (the held-out set is written by `python3 tools/proxy/scenes.py heldout`; \
                          pass its folder with --heldout)"
-                    .into(),
+                        .into(),
             });
         }
         let text = std::fs::read_to_string(&manifest).map_err(|e| bad(format!("cannot read it: {e}")))?;
@@ -215,10 +216,12 @@ impl HeldOutSet {
 
     /// Decodes the images of `edit` and checks that the target and the mask have the same size.
     pub fn load(&self, edit: &HeldOutEdit) -> Result<EditImages> {
-        let image = |rel: &str| load_image(&self.dir.join(rel)).map_err(|e| EvalError::HeldOut {
-            path: self.dir.join(rel),
-            reason: format!("edit {}: {e}", edit.id),
-        });
+        let image = |rel: &str| {
+            load_image(&self.dir.join(rel)).map_err(|e| EvalError::HeldOut {
+                path: self.dir.join(rel),
+                reason: format!("edit {}: {e}", edit.id),
+            })
+        };
         let sources = edit.sources.iter().map(|s| image(s)).collect::<Result<Vec<_>>>()?;
         let target = image(&edit.target)?;
         let mask_image = image(&edit.mask)?;
@@ -279,7 +282,8 @@ mod tests {
         let s = set();
         let err = s.select(&Selection { tasks: vec!["recolour".into()], ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("unknown task `recolour`"), "{err}");
-        let none = Selection { tasks: vec!["paste".into()], variants: vec![SetVariant::Edit], ..Default::default() };
+        let none =
+            Selection { tasks: vec!["paste".into()], variants: vec![SetVariant::Edit], ..Default::default() };
         assert!(s.select(&none).is_err());
         let err = HeldOutSet::open(Path::new("/nonexistent/heldout")).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/heldout") && err.contains("scenes.py heldout"), "{err}");

@@ -181,8 +181,14 @@ pub fn ssimulacra2(reference: &RgbImage, distorted: &RgbImage) -> Result<f64> {
     use ssimulacra2::{compute_frame_ssimulacra2, ColorPrimaries, Rgb, TransferCharacteristic};
     let frame = |img: &RgbImage| {
         let data = img.pixels().map(|p| p.0.map(|v| v as f32 / 255.0)).collect();
-        Rgb::new(data, img.width() as usize, img.height() as usize, TransferCharacteristic::SRGB, ColorPrimaries::BT709)
-            .map_err(|e| EvalError::Invalid(format!("SSIMULACRA2: {e}")))
+        Rgb::new(
+            data,
+            img.width() as usize,
+            img.height() as usize,
+            TransferCharacteristic::SRGB,
+            ColorPrimaries::BT709,
+        )
+        .map_err(|e| EvalError::Invalid(format!("SSIMULACRA2: {e}")))
     };
     compute_frame_ssimulacra2(frame(reference)?, frame(distorted)?)
         .map_err(|e| EvalError::Invalid(format!("SSIMULACRA2: {e}")))
@@ -205,13 +211,30 @@ mod tests {
 
     #[test]
     fn the_success_rule_needs_the_colour_and_the_rest() {
-        let target = RgbImage::from_fn(16, 16, |x, _| if x < 8 { image::Rgb([200, 30, 30]) } else { image::Rgb([90; 3]) });
+        let target =
+            RgbImage::from_fn(
+                16,
+                16,
+                |x, _| if x < 8 { image::Rgb([200, 30, 30]) } else { image::Rgb([90; 3]) },
+            );
         let mask: Vec<u8> = (0..256).map(|i| if i % 16 < 8 { 255 } else { 0 }).collect();
         let good = score_against_truth(&target, &target, &mask, [200.0, 30.0, 30.0]).unwrap();
         assert!(good.success && good.delta_e == 0.0 && good.psnr_outside_db.is_infinite());
-        let wrong_colour = RgbImage::from_fn(16, 16, |x, y| if x < 8 { image::Rgb([30, 30, 200]) } else { *target.get_pixel(x, y) });
+        let wrong_colour = RgbImage::from_fn(16, 16, |x, y| {
+            if x < 8 {
+                image::Rgb([30, 30, 200])
+            } else {
+                *target.get_pixel(x, y)
+            }
+        });
         assert!(!score_against_truth(&wrong_colour, &target, &mask, [200.0, 30.0, 30.0]).unwrap().success);
-        let spilled = RgbImage::from_fn(16, 16, |x, y| if x < 12 { image::Rgb([200, 30, 30]) } else { *target.get_pixel(x, y) });
+        let spilled = RgbImage::from_fn(16, 16, |x, y| {
+            if x < 12 {
+                image::Rgb([200, 30, 30])
+            } else {
+                *target.get_pixel(x, y)
+            }
+        });
         let s = score_against_truth(&spilled, &target, &mask, [200.0, 30.0, 30.0]).unwrap();
         assert!(s.delta_e == 0.0 && s.psnr_outside_db < PSNR_OUTSIDE_MIN_DB && !s.success);
         assert!(score_against_truth(&RgbImage::new(8, 8), &target, &mask, [0.0; 3]).is_err());

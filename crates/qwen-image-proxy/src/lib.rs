@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use qwen_image::{processor::RgbImage, text_encoder::PositionMode};
-use qwen_image_pipeline::{EditRequest, ImageAreas, LoadOptions, PipelineError, Result, SchedulerChoice, Variant};
+use qwen_image_pipeline::{
+    EditRequest, ImageAreas, LoadOptions, PipelineError, Result, SchedulerChoice, Variant,
+};
 
 mod scenes;
 
