@@ -30,8 +30,8 @@ import proxy_model as pm  # noqa: E402
 import scenes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SNAPSHOTS = {"edit": ROOT / "assets/proxy/qwen-image-edit-proxy",
-             "plus": ROOT / "assets/proxy/qwen-image-edit-plus-proxy"}
+SNAPSHOTS = {"edit": ROOT / "crates/qwen-image-proxy/snapshots/qwen-image-edit-proxy",
+             "plus": ROOT / "crates/qwen-image-proxy/snapshots/qwen-image-edit-plus-proxy"}
 
 
 def ssim(a, b):

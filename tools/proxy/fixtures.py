@@ -30,7 +30,7 @@ from common import save  # noqa: E402
 from pipeline import run_edit  # noqa: E402
 
 OUT = ROOT / "tests/fixtures/proxy"
-SNAPSHOTS = {"edit": "assets/proxy/qwen-image-edit-proxy", "plus": "assets/proxy/qwen-image-edit-plus-proxy"}
+SNAPSHOTS = {"edit": "crates/qwen-image-proxy/snapshots/qwen-image-edit-proxy", "plus": "crates/qwen-image-proxy/snapshots/qwen-image-edit-plus-proxy"}
 # case: (variant, held-out edit id, negative prompt, true-CFG scale, noise seed, also in bf16)
 CASES = {
     "edit_nocfg": ("edit", "edit_0000", None, 1.0, 1, True),
