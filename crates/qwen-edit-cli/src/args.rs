@@ -82,7 +82,7 @@ pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Input image (PNG or JPEG); repeat for Edit-Plus (2509/2511) with up to 3 images [default: input.png; with
-    /// --demo: the bundled sample image].
+    /// --demo: the held-out scene; with --demo --size tiny|full: the bundled sample image].
     #[arg(short = 'i', long = "input")]
     pub input: Vec<PathBuf>,
     /// The edit instruction [default: Make it purple; with --demo: the scene's instruction].
@@ -134,10 +134,11 @@ pub struct Args {
     #[arg(long)]
     pub height: Option<u32>,
     /// Pixel area of the resized inputs for the VAE and of the default output (diffusers: 1024²; with --demo:
-    /// 128²).
+    /// 128²; the proxy was trained at 128²).
     #[arg(long)]
     pub vae_area: Option<u32>,
-    /// Pixel area of Edit-Plus's vision-language condition images (diffusers: 384²; with --demo: 64²).
+    /// Pixel area of Edit-Plus's vision-language condition images (diffusers: 384²; with --demo: 64², the
+    /// proxy 128²).
     #[arg(long)]
     pub condition_area: Option<u32>,
     /// Run the baseline and the pruned schedule with the same seed; write both, a difference heat map, a

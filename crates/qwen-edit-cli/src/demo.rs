@@ -89,6 +89,8 @@ fn demo_input(args: &Args) -> Result<DemoInput, CliError> {
     request.seed = args.seed;
     request.true_cfg_scale = args.cfg;
     request.negative_prompt = args.negative_prompt.clone().or_else(|| (args.cfg > 1.0).then(|| " ".into()));
+    request.areas.vae = args.vae_area.unwrap_or(request.areas.vae);
+    request.areas.condition = args.condition_area.unwrap_or(request.areas.condition);
     request.width = args.width;
     request.height = args.height;
     let schedule = if args.no_pruning { ScheduleSpec::None } else { args.schedule.clone() };
