@@ -3,6 +3,11 @@
 //! `tools/proxy/fixtures.py`: `tests/fixtures/proxy/{edits.json, <case>.safetensors}`, the noise injected). Final
 //! latents within relative L2 1e-4 in f32 on the CPU, decoded images at PSNR ≥ 60 dB; bf16 within 2e-2.
 //!
+//! The snapshots are the ones embedded in `qwen-image-proxy` (the fixtures must come from the same ones); they are
+//! not committed yet (crates/qwen-image-proxy/snapshots/README.md), so these tests are `#[ignore]`d until they
+//! are: `python3 tools/proxy/fixtures.py --edit-snapshot … --plus-snapshot …`, then
+//! `QWEN_IMAGE_PROXY_SNAPSHOTS=/path/to/trained cargo test --test proxy_parity -- --ignored`.
+//!
 //! Unlike the random tiny snapshot's parity test, these weights make real edits: an error in the conditioning
 //! (template, vision tower, text positions, condition tokens, `zero_cond_t`) changes the picture, not only noise.
 
@@ -15,7 +20,7 @@ use qwen_image::{
     CpuBackend,
 };
 use qwen_image_pipeline::{
-    metrics::psnr, EditOutput, EditRequest, NoProgress, QwenImageEditPipeline, Snapshot,
+    metrics::psnr, EditOutput, EditRequest, NoProgress, QwenImageEditPipeline, Snapshot, Variant,
 };
 use qwen_image_pruning::ScheduleSpec;
 use serde_json::Value;
@@ -52,8 +57,9 @@ fn run(name: &str, spec: &str, dtype: DType) -> (EditOutput, TensorFile) {
     let fx = fixture();
     let case = &fx["cases"][name];
     assert_eq!(fx["text_positions"], "sequential");
-    // The snapshot path is relative to the repository root (the snapshots live in crates/qwen-image-proxy).
-    let snapshot = root().join(case["snapshot"].as_str().unwrap());
+    let variant = if name.starts_with("plus") { Variant::EditPlus } else { Variant::Edit };
+    let tmp = std::env::temp_dir().join(format!("qwen-proxy-parity-{}-{name}-{dtype:?}", std::process::id()));
+    let snapshot = qwen_image_proxy::write_snapshot(variant, &tmp).unwrap();
     let options = qwen_image_proxy::load_options(dtype);
     let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(
         Snapshot::open(&snapshot).unwrap(),
@@ -62,6 +68,7 @@ fn run(name: &str, spec: &str, dtype: DType) -> (EditOutput, TensorFile) {
         &mut NoProgress,
     )
     .unwrap();
+    let _ = std::fs::remove_dir_all(&tmp);
     let want = TensorFile::open(&dir().join(format!("{name}.safetensors"))).unwrap();
     let images = case["images"]
         .as_array()
@@ -101,31 +108,37 @@ fn check(name: &str) {
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_without_cfg_matches_diffusers() {
     check("edit_nocfg");
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_with_true_cfg_matches_diffusers() {
     check("edit_cfg");
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_plus_two_images_matches_diffusers() {
     check("plus_nocfg");
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_plus_with_true_cfg_matches_diffusers() {
     check("plus_cfg");
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_plus_one_image_matches_diffusers() {
     check("plus_single_nocfg");
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_bf16_matches_diffusers_bf16() {
     for name in ["edit_nocfg", "plus_cfg"] {
         let (out, want) = run(name, "none", DType::BF16);
@@ -137,6 +150,7 @@ fn proxy_bf16_matches_diffusers_bf16() {
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn the_proxy_fixture_is_sensitive_to_pruning() {
     // A pruned schedule moves the latents far beyond the tolerance: the comparisons above are not vacuous.
     let (pruned, want) = run("edit_nocfg", "reuse:2,3,4", DType::F32);

@@ -4,6 +4,10 @@
 //! baseline. This is the test that fails when a change makes edits wrong (docs/quality.md).
 //!
 //! Also: the Rust success rule gives `scenes.score`'s numbers (tools/proxy/scenes.py) on held-out images.
+//!
+//! The subset test needs the trained snapshots embedded in `qwen-image-proxy`, which are not committed yet
+//! (crates/qwen-image-proxy/snapshots/README.md): it is `#[ignore]`d until they are; run it with
+//! `QWEN_IMAGE_PROXY_SNAPSHOTS=/path/to/trained cargo test --test proxy_quality -- --ignored --nocapture`.
 
 use std::path::{Path, PathBuf};
 
@@ -81,6 +85,7 @@ fn run_subset() -> EvalReport {
 }
 
 #[test]
+#[ignore = "needs the trained proxy snapshots, not committed yet (crates/qwen-image-proxy/snapshots/README.md)"]
 fn the_baseline_edits_correctly_and_cat_stays_close() {
     let report = run_subset();
     for s in &report.schedules {

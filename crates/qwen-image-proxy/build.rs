@@ -1,7 +1,9 @@
-//! Lists the files of each snapshot folder under `snapshots/` for `include_bytes!` (`$OUT_DIR/snapshot_files.rs`).
+//! Lists the files of each snapshot folder for `include_bytes!` (`$OUT_DIR/snapshot_files.rs`): the folders under
+//! `$QWEN_IMAGE_PROXY_SNAPSHOTS` when that is set (e.g. `/work/proxy-trained-v1`), else under this crate's
+//! `snapshots/`.
 //!
 //! A folder that is missing gives an empty list: the crate still builds, and asking for that snapshot is an error
-//! at run time that says so (the trained snapshots are committed by the training run, see `snapshots/README.md`).
+//! at run time that says so (see `snapshots/README.md`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,16 +14,21 @@ const SNAPSHOTS: [(&str, &str); 2] =
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    println!("cargo:rerun-if-env-changed=QWEN_IMAGE_PROXY_SNAPSHOTS");
+    let base = match std::env::var_os("QWEN_IMAGE_PROXY_SNAPSHOTS") {
+        Some(dir) => PathBuf::from(dir),
+        None => manifest.join("snapshots"),
+    };
     let mut code = String::new();
     for (folder, constant) in SNAPSHOTS {
-        let root = manifest.join("snapshots").join(folder);
+        let root = base.join(folder);
         println!("cargo:rerun-if-changed={}", root.display());
         let mut files = Vec::new();
         if root.is_dir() {
             collect(&root, &root, &mut files);
         }
         files.sort();
-        writeln!(code, "/// The files of `snapshots/{folder}` (relative path, bytes).").unwrap();
+        writeln!(code, "/// The files of `{}` (relative path, bytes).", root.display()).unwrap();
         writeln!(code, "pub(crate) const {constant}: &[(&str, &[u8])] = &[").unwrap();
         for (rel, abs) in &files {
             println!("cargo:rerun-if-changed={}", abs.display());

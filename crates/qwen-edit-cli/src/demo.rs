@@ -8,7 +8,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use burn::tensor::DType;
 use qwen_image::{ops::QwenBackend, processor::RgbImage};
 use qwen_image_eval::score::{score_against_truth, TruthScore};
 use qwen_image_pipeline::{
@@ -17,7 +16,7 @@ use qwen_image_pipeline::{
 use qwen_image_proxy::Scene;
 use qwen_image_pruning::ScheduleSpec;
 
-use crate::args::{Args, Device, Dtype};
+use crate::args::Args;
 use crate::output::{self, timestamp, OutputNames};
 use crate::progress::Bars;
 use crate::CliError;
@@ -28,6 +27,12 @@ struct DemoInput {
     inputs: Vec<String>,
     scene: Option<&'static Scene>,
     schedule: ScheduleSpec,
+}
+
+/// Whether the proxy the demo would run (Edit-Plus for two or more `-i` images, else Edit) is bundled in this build.
+pub(crate) fn proxy_bundled(args: &Args) -> bool {
+    let variant = if args.input.len() > 1 { Variant::EditPlus } else { Variant::Edit };
+    qwen_image_proxy::is_bundled(variant)
 }
 
 /// Runs the proxy demo on backend `B`.
@@ -123,10 +128,7 @@ fn load_and_edit<B: QwenBackend>(
     let layers = snapshot.dit_config()?.num_layers;
     check_schedule(&input.schedule, input.request.num_steps, layers, input.request.images.len())
         .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
-    let dtype = match (args.dtype, args.device) {
-        (Some(Dtype::F32), _) | (None, Device::Cpu) => DType::F32,
-        (Some(Dtype::Bf16), _) | (None, Device::Cuda) => DType::BF16,
-    };
+    let dtype = crate::dtype_for(args.dtype, args.device);
     let mut bars = Bars::new(args.quiet);
     let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(
         snapshot,

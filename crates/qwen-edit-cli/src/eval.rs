@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use burn::tensor::DType;
 use qwen_image::ops::QwenBackend;
 use qwen_image_eval::{
     evaluate::{parse_schedules, EvalProgress},
@@ -75,7 +74,10 @@ pub struct EvalArgs {
 
 /// A parsed `--schedules` list.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ScheduleList(pub Vec<ScheduleSpec>);
+pub struct ScheduleList(
+    /// The schedules, in the order given.
+    pub Vec<ScheduleSpec>,
+);
 
 fn schedule_list(s: &str) -> Result<ScheduleList, String> {
     parse_schedules(s).map(ScheduleList).map_err(|e| e.to_string())
@@ -159,7 +161,10 @@ fn load<B: QwenBackend>(
     };
     let root = match given {
         Some(path) => path.clone(),
-        None => qwen_image_proxy::write_snapshot(variant, tmp)?,
+        None => qwen_image_proxy::write_snapshot(variant, tmp).map_err(|e| {
+            let flag = if variant == Variant::Edit { "--edit-model" } else { "--plus-model" };
+            format!("{e}; pass a snapshot folder with {flag}")
+        })?,
     };
     let snapshot = Snapshot::open(&root)?;
     if snapshot.variant != variant {
@@ -167,10 +172,7 @@ fn load<B: QwenBackend>(
             format!("{} is a {:?} snapshot, not {variant:?}", root.display(), snapshot.variant).into()
         );
     }
-    let dtype = match (args.dtype, args.device) {
-        (Some(Dtype::F32), _) | (None, Device::Cpu) => DType::F32,
-        (Some(Dtype::Bf16), _) | (None, Device::Cuda) => DType::BF16,
-    };
+    let dtype = crate::dtype_for(args.dtype, args.device);
     let options = qwen_image_proxy::load_options(dtype);
     Ok(QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut NoProgress)?)
 }

@@ -32,7 +32,7 @@ use std::io::Write;
 use qwen_image::ops::QwenBackend;
 use qwen_image_pipeline::MemoryProbe;
 
-use crate::args::{Args, Command, DemoSizeArg, Device};
+use crate::args::{Args, Command, DemoSizeArg, Device, Dtype};
 
 /// Errors of the CLI: the library's typed errors, or a message.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,7 +61,14 @@ struct EditTask<'a> {
 impl BackendTask for EditTask<'_> {
     fn run<B: QwenBackend>(self, device: &B::Device, probe: MemoryProbe) -> Result<(), CliError> {
         if self.args.demo && demo_choice(self.args) == DemoSizeArg::Proxy {
-            return demo::run_proxy::<B>(self.args, device, self.out);
+            if self.args.size.is_some() || demo::proxy_bundled(self.args) {
+                return demo::run_proxy::<B>(self.args, device, self.out);
+            }
+            writeln!(
+                self.out,
+                "Note: the trained proxy model is not bundled in this build (crates/qwen-image-proxy/snapshots/README.md); \
+                 running the random-weight tiny model instead."
+            )?;
         }
         run::run_on::<B>(self.args, device, probe, self.out)
     }
@@ -100,6 +107,14 @@ pub(crate) fn on_device(device: Device, task: impl BackendTask) -> Result<(), Cl
                     .into())
             }
         }
+    }
+}
+
+/// The weights dtype: `--dtype`, else f32 on the CPU and bf16 on CUDA.
+pub(crate) fn dtype_for(dtype: Option<Dtype>, device: Device) -> burn::tensor::DType {
+    match (dtype, device) {
+        (Some(Dtype::F32), _) | (None, Device::Cpu) => burn::tensor::DType::F32,
+        (Some(Dtype::Bf16), _) | (None, Device::Cuda) => burn::tensor::DType::BF16,
     }
 }
 
