@@ -312,26 +312,6 @@ fn step_flops<B: QwenBackend>(
     Ok(per_step.iter().sum::<f64>() / per_step.len().max(1) as f64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedule_lists_keep_reuse_steps_together() {
-        let names = |s: &str| parse_schedules(s).unwrap().iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            names("none,cat,reuse:2,3,4,cat/recompute"),
-            ["none", "cat", "reuse:2,3,4", "cat/recompute"]
-        );
-        assert_eq!(names(" cat@1-4 , reuse:2 "), ["cat@1-4", "reuse:2"]);
-        assert!(parse_schedules("none,,cat").unwrap_err().to_string().contains("empty schedule"));
-        assert!(parse_schedules("none,purple").unwrap_err().to_string().contains("schedule `purple`"));
-        let options = EvalOptions::new(parse_schedules("cat,none,cat").unwrap());
-        assert_eq!(options.run_order().len(), 2);
-        assert_eq!(options.run_order()[0], ScheduleSpec::None);
-    }
-}
-
 /// Adds `record` to the worst cases `list` (worst first, at most `keep`).
 fn keep_worst(
     list: &mut Vec<WorstCase>,
@@ -359,4 +339,24 @@ fn keep_worst(
         },
     );
     list.truncate(keep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_lists_keep_reuse_steps_together() {
+        let names = |s: &str| parse_schedules(s).unwrap().iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names("none,cat,reuse:2,3,4,cat/recompute"),
+            ["none", "cat", "reuse:2,3,4", "cat/recompute"]
+        );
+        assert_eq!(names(" cat@1-4 , reuse:2 "), ["cat@1-4", "reuse:2"]);
+        assert!(parse_schedules("none,,cat").unwrap_err().to_string().contains("empty schedule"));
+        assert!(parse_schedules("none,purple").unwrap_err().to_string().contains("schedule `purple`"));
+        let options = EvalOptions::new(parse_schedules("cat,none,cat").unwrap());
+        assert_eq!(options.run_order().len(), 2);
+        assert_eq!(options.run_order()[0], ScheduleSpec::None);
+    }
 }

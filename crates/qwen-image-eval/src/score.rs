@@ -117,8 +117,8 @@ fn core_mean(image: &RgbImage, mask: &[u8]) -> [f64; 3] {
     let mut sum = [0.0f64; 3];
     let mut n = 0usize;
     for (p, _) in image.pixels().zip(mask).filter(|(_, &m)| m == 255) {
-        for c in 0..3 {
-            sum[c] += p.0[c] as f64;
+        for (acc, &v) in sum.iter_mut().zip(&p.0) {
+            *acc += v as f64;
         }
         n += 1;
     }
