@@ -64,7 +64,7 @@ pub struct EvalArgs {
     /// Worst cases per schedule in the grids.
     #[arg(long, default_value_t = 6)]
     pub worst: usize,
-    /// Output folder: eval_report.json and worst_<schedule>.png.
+    /// Output folder: `eval_report.json` and `worst_<schedule>.png`.
     #[arg(short = 'o', long = "output-dir", default_value = "outputs_eval")]
     pub output_dir: PathBuf,
     /// No line per edit.
