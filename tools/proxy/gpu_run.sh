@@ -2,7 +2,7 @@
 # The GPU run that made the committed snapshots (tools/proxy/README.md). From a checkout root with tools/proxy (or a
 # copy in $PROXY) and, where diffusers is missing, the wheels of diffusers 0.42.1 + importlib_metadata + zipp in
 # $PROXY/whl. $OUT receives the snapshots (a .tar.gz split in 15 MB parts), the logs and the console output.
-#   PROXY=tools/proxy OUT=/tmp/out [SMOKE=0] bash tools/proxy/gpu_run.sh [VAE seconds] [DiT seconds]
+#   PROXY=tools/proxy OUT=/tmp/out [SMOKE=0] bash tools/proxy/gpu_run.sh [VAE seconds] [DiT seconds] [train.py flags]
 set -o pipefail
 START=$(date +%s)
 PROXY=${PROXY:-tools/proxy}
@@ -24,7 +24,7 @@ if [ "${SMOKE:-1}" = 1 ]; then  # every code path for a few steps first (~100 s)
   fi
   echo "smoke ok after $(( $(date +%s) - START ))s"
 fi
-python3 $PROXY/train.py --work $WORK --out $RES --vae-time ${1:-65} --dit-time ${2:-120} 2>&1 \
+python3 $PROXY/train.py --work $WORK --out $RES --vae-time ${1:-65} --dit-time ${2:-120} "${@:3}" 2>&1 \
   | grep -v -i warn | tee "$OUT/train.log" | grep -E "vae|edit|plus|export|snapshot|check|done|Error|error|Trace" | tail -n 60
 tar -czf "$OUT/logs.tar.gz" -C $RES logs
 tar -czf /tmp/snapshots.tar.gz -C $RES qwen-image-edit-proxy qwen-image-edit-plus-proxy 2>/dev/null
