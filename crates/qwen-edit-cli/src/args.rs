@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use qwen_image_pruning::ScheduleSpec;
 
 /// Where the networks run.
@@ -37,6 +37,9 @@ pub enum SchedulerArg {
 /// Which demo model `--demo` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DemoSizeArg {
+    /// The trained proxy model (crate `qwen-image-proxy`: the Qwen-Image-Edit architecture at 6 blocks, trained on
+    /// generated scenes of coloured shapes): a real edit of a held-out scene, on the CPU in seconds.
+    Proxy,
     /// The tiny model with bundled random weights (CPU, seconds).
     Tiny,
     /// The published architecture (20 B DiT, Qwen2.5-VL-7B, VAE) with random bf16 weights created on the GPU,
@@ -66,20 +69,25 @@ pub enum ModulationArg {
 /// Edit images with Qwen-Image-Edit (v1, 2509, 2511) and token pruning.
 ///
 /// Examples:
-///   qwen-edit --demo                                       (built-in tiny random model, no download)
+///   qwen-edit --demo                                       (the built-in trained proxy edits a scene, no download)
+///   qwen-edit --demo -i scene.png -p "Make the red circle blue"
+///   qwen-edit eval --limit 24 --schedules none,cat,reuse:2,3,4   (schedules on the proxy's held-out set)
 ///   qwen-edit --demo --size full --device cuda --compare   (full-size random model on a GPU: timings, memory)
 ///   qwen-edit -i input.png -p "Make it purple"             (Qwen/Qwen-Image-Edit from the Hugging Face cache)
 ///   qwen-edit -i in.png -p "Add a hat" --lora Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors --compare
 #[derive(Clone, Debug, Parser)]
-#[command(name = "qwen-edit", version, verbatim_doc_comment)]
+#[command(name = "qwen-edit", version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// A subcommand instead of an edit.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Input image (PNG or JPEG); repeat for Edit-Plus (2509/2511) with up to 3 images [default: input.png; with
-    /// --demo: the bundled sample image].
+    /// --demo: the held-out scene; with --demo --size tiny|full: the bundled sample image].
     #[arg(short = 'i', long = "input")]
     pub input: Vec<PathBuf>,
-    /// The edit instruction.
-    #[arg(short = 'p', long = "prompt", default_value = "Make it purple")]
-    pub prompt: String,
+    /// The edit instruction [default: Make it purple; with --demo: the scene's instruction].
+    #[arg(short = 'p', long = "prompt")]
+    pub prompt: Option<String>,
     /// Output folder.
     #[arg(short = 'o', long = "output_dir", alias = "output-dir", default_value = "outputs_pruning")]
     pub output_dir: PathBuf,
@@ -127,10 +135,11 @@ pub struct Args {
     #[arg(long)]
     pub height: Option<u32>,
     /// Pixel area of the resized inputs for the VAE and of the default output (diffusers: 1024²; with --demo:
-    /// 128²).
+    /// 128²; the proxy was trained at 128²).
     #[arg(long)]
     pub vae_area: Option<u32>,
-    /// Pixel area of Edit-Plus's vision-language condition images (diffusers: 384²; with --demo: 64²).
+    /// Pixel area of Edit-Plus's vision-language condition images (diffusers: 384²; with --demo: 64², the
+    /// proxy 128²).
     #[arg(long)]
     pub condition_area: Option<u32>,
     /// Run the baseline and the pruned schedule with the same seed; write both, a difference heat map, a
@@ -154,10 +163,12 @@ pub struct Args {
     /// every line is checked first and nothing runs while any is bad.
     #[arg(long)]
     pub keep_going: bool,
-    /// Run the built-in tiny random-weight model on the bundled sample image (no download, CPU, seconds).
+    /// Run a built-in model (no download): the trained proxy on a held-out scene and its instruction (or on `-i`
+    /// with `-p`), writing a before/after grid; with `--size tiny|full`, a random-weight model on the bundled sample.
     #[arg(long)]
     pub demo: bool,
-    /// With --demo: the tiny model, or the full-size architecture with random weights (GPU) [default: tiny].
+    /// With --demo: the trained proxy, the tiny random-weight model, or the full-size architecture with random
+    /// weights (GPU) [default: proxy].
     #[arg(long, value_enum)]
     pub size: Option<DemoSizeArg>,
     /// Allow `--demo --size full` on the CPU (a 20 B-parameter model: ~80 GB of memory, hours per edit).
@@ -180,4 +191,18 @@ pub struct Args {
     /// No progress bars.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// The subcommands.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Evaluate pruning schedules on the proxy models' held-out set (docs/quality.md).
+    Eval(crate::eval::EvalArgs),
+}
+
+impl Args {
+    /// The instruction: `-p`, else `default`.
+    pub fn prompt_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.prompt.as_deref().unwrap_or(default)
+    }
 }

@@ -17,6 +17,9 @@ use serde::Deserialize;
 use crate::args::Args;
 use crate::CliError;
 
+/// The instruction when `-p` is not given.
+pub const DEFAULT_PROMPT: &str = "Make it purple";
+
 /// One edit to run: its inputs (loaded), request and schedule.
 #[derive(Clone, Debug)]
 pub struct Job {
@@ -176,7 +179,8 @@ impl JobBuilder<'_> {
             None => args.schedule.clone(),
         };
         let cfg = line.and_then(|l| l.cfg).unwrap_or(args.cfg);
-        let mut request = EditRequest::new(images, line.map_or(args.prompt.clone(), |l| l.prompt.clone()));
+        let prompt = line.map_or_else(|| args.prompt_or(DEFAULT_PROMPT).to_string(), |l| l.prompt.clone());
+        let mut request = EditRequest::new(images, prompt);
         request.num_steps = line.and_then(|l| l.steps).unwrap_or(args.steps);
         request.true_cfg_scale = cfg;
         request.seed = line.and_then(|l| l.seed).unwrap_or(args.seed);

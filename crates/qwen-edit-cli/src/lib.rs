@@ -4,19 +4,23 @@
 //! formats tables.
 //!
 //! - [`args`]: the command line.
+//! - [`demo`](mod@demo): `--demo` with the trained proxy model (a real edit and a before/after grid).
+//! - [`eval`]: `qwen-edit eval`, schedules on the proxy's held-out set (the logic is in `qwen-image-eval`).
 //! - [`jobs`]: the edits to run, from the command line or a batch file, checked before any weights are loaded.
 //! - [`run`](mod@run): the run itself, as a list of stages (check, load, warm up, run each job, report).
 //! - [`report`]: the typed [`RunReport`](report::RunReport) written as JSON.
 //! - [`output`]: output file names, the comparison grid, and the text tables.
 //! - [`progress`]: progress bars.
 //!
-//! How to use: `qwen-edit --demo`, `qwen-edit -i input.png -p "Make it purple"`, `qwen-edit --help`; on a GPU,
+//! How to use: `qwen-edit --demo`, `qwen-edit eval --limit 24`, `qwen-edit -i input.png -p "Make it purple"`, `qwen-edit --help`; on a GPU,
 //! `qwen-edit --demo --size full --device cuda --compare --repeat 10` runs the full-size architecture with random
 //! weights and reports the time per stage and the memory after each edit. Library warnings (e.g. a CUDA fast path
 //! switched off) go through the `log` crate; the binary shows them on stderr (`RUST_LOG` sets the level, default
 //! `warn`).
 
 pub mod args;
+pub mod demo;
+pub mod eval;
 pub mod jobs;
 pub mod output;
 pub mod progress;
@@ -25,20 +29,55 @@ pub mod run;
 
 use std::io::Write;
 
-use qwen_image_pipeline::{demo, MemoryProbe};
+use qwen_image::ops::QwenBackend;
+use qwen_image_pipeline::MemoryProbe;
 
-use crate::args::{Args, DemoSizeArg, Device};
+use crate::args::{Args, Command, DemoSizeArg, Device, Dtype};
 
 /// Errors of the CLI: the library's typed errors, or a message.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs the command described by `args`, writing human-readable output to `out`.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
+    if let Some(Command::Eval(eval)) = &args.command {
+        return on_device(eval.device, eval::EvalTask { args: eval, out });
+    }
     check_demo_args(args)?;
-    match args.device {
-        Device::Cpu => {
-            run::run_on::<qwen_image::CpuBackend>(args, &Default::default(), MemoryProbe::host(), out)
+    on_device(args.device, EditTask { args, out })
+}
+
+/// Work that runs on the backend of a `--device`.
+pub(crate) trait BackendTask {
+    /// Runs on backend `B`, device `device`, reading memory with `probe`.
+    fn run<B: QwenBackend>(self, device: &B::Device, probe: MemoryProbe) -> Result<(), CliError>;
+}
+
+/// The edits of the flat command line (and `--demo`).
+struct EditTask<'a> {
+    args: &'a Args,
+    out: &'a mut dyn Write,
+}
+
+impl BackendTask for EditTask<'_> {
+    fn run<B: QwenBackend>(self, device: &B::Device, probe: MemoryProbe) -> Result<(), CliError> {
+        if self.args.demo && demo_choice(self.args) == DemoSizeArg::Proxy {
+            if self.args.size.is_some() || demo::proxy_bundled(self.args) {
+                return demo::run_proxy::<B>(self.args, device, self.out);
+            }
+            writeln!(
+                self.out,
+                "Note: the trained proxy model is not bundled in this build (crates/qwen-image-proxy/snapshots/README.md); \
+                 running the random-weight tiny model instead."
+            )?;
         }
+        run::run_on::<B>(self.args, device, probe, self.out)
+    }
+}
+
+/// Runs `task` on the backend of `device`.
+pub(crate) fn on_device(device: Device, task: impl BackendTask) -> Result<(), CliError> {
+    match device {
+        Device::Cpu => task.run::<qwen_image::CpuBackend>(&Default::default(), MemoryProbe::host()),
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
@@ -58,10 +97,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
                         ..qwen_image_pipeline::MemoryReading::host()
                     }
                 });
-                run::run_on::<qwen_image::cuda::CudaBackend>(args, &device, probe, out)
+                task.run::<qwen_image::cuda::CudaBackend>(&device, probe)
             }
             #[cfg(not(feature = "cuda"))]
             {
+                drop(task);
                 Err("--device cuda needs a build with CUDA support: \
                      cargo build --release -p qwen-edit-cli --features cuda"
                     .into())
@@ -70,11 +110,24 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
     }
 }
 
-/// The demo size asked for.
-pub(crate) fn demo_size(args: &Args) -> demo::DemoSize {
+/// The weights dtype: `--dtype`, else f32 on the CPU and bf16 on CUDA.
+pub(crate) fn dtype_for(dtype: Option<Dtype>, device: Device) -> burn::tensor::DType {
+    match (dtype, device) {
+        (Some(Dtype::F32), _) | (None, Device::Cpu) => burn::tensor::DType::F32,
+        (Some(Dtype::Bf16), _) | (None, Device::Cuda) => burn::tensor::DType::BF16,
+    }
+}
+
+/// The demo model asked for (default: the trained proxy).
+pub(crate) fn demo_choice(args: &Args) -> DemoSizeArg {
+    args.size.unwrap_or(DemoSizeArg::Proxy)
+}
+
+/// The random-weight demo model asked for (`--size tiny|full`; the trained proxy runs in [`demo`](mod@demo)).
+pub(crate) fn demo_size(args: &Args) -> qwen_image_pipeline::demo::DemoSize {
     match args.size {
-        Some(DemoSizeArg::Full) => demo::DemoSize::Full,
-        Some(DemoSizeArg::Tiny) | None => demo::DemoSize::Tiny,
+        Some(DemoSizeArg::Full) => qwen_image_pipeline::demo::DemoSize::Full,
+        Some(DemoSizeArg::Tiny | DemoSizeArg::Proxy) | None => qwen_image_pipeline::demo::DemoSize::Tiny,
     }
 }
 
@@ -89,7 +142,11 @@ fn check_demo_args(args: &Args) -> Result<(), CliError> {
     if args.keep_going && args.batch.is_none() {
         return Err("--keep-going applies to --batch".into());
     }
-    if demo_size(args) == demo::DemoSize::Full && args.device == Device::Cpu && !args.allow_full_on_cpu {
+    if args.demo
+        && demo_choice(args) == DemoSizeArg::Full
+        && args.device == Device::Cpu
+        && !args.allow_full_on_cpu
+    {
         return Err(concat!(
             "--demo --size full builds the 20 B-parameter model (~58 GB of bf16 weights, ~80 GB in f32) and is meant ",
             "for a GPU: use --device cuda (a CUDA build). To run it on the CPU anyway (hours per edit), add ",

@@ -4,7 +4,6 @@
 
 use std::io::Write;
 
-use burn::tensor::DType;
 use qwen_image::{dit::ModulationMode, ops::QwenBackend, processor::RgbImage, text_encoder::PositionMode};
 use qwen_image_pipeline::{
     demo, metrics, Comparison, EditOutput, ImageAreas, LoadOptions, LoraOption, MemoryProbe,
@@ -12,7 +11,7 @@ use qwen_image_pipeline::{
 };
 use qwen_image_pruning::ScheduleSpec;
 
-use crate::args::{Args, Device, Dtype, ModulationArg, SchedulerArg, TextPositions};
+use crate::args::{Args, Device, ModulationArg, SchedulerArg, TextPositions};
 use crate::jobs::{self, Job, JobSet};
 use crate::output::{self, timestamp, OutputNames};
 use crate::progress::Bars;
@@ -123,10 +122,7 @@ fn announce(args: &Args, jobs: &[Job], out: &mut dyn Write) -> Result<(), CliErr
 
 /// The pipeline's load options from the arguments.
 fn load_options(args: &Args) -> LoadOptions {
-    let dtype = match (args.dtype, args.device) {
-        (Some(Dtype::F32), _) | (None, Device::Cpu) => DType::F32,
-        (Some(Dtype::Bf16), _) | (None, Device::Cuda) => DType::BF16,
-    };
+    let dtype = crate::dtype_for(args.dtype, args.device);
     let scheduler = match (args.scheduler, args.lora.is_empty()) {
         (SchedulerArg::Lightning, _) | (SchedulerArg::Auto, false) => SchedulerChoice::Lightning,
         _ => SchedulerChoice::Snapshot,

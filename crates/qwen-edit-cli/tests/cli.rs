@@ -1,4 +1,5 @@
-//! The `qwen-edit` binary end to end on the built-in demo model: the seed's flags, `--compare`, `--report`, batch
+//! The `qwen-edit` binary end to end on the built-in tiny random-weight demo model (`--demo --size tiny`; the
+//! trained proxy demo and `qwen-edit eval` are in `proxy.rs`): the seed's flags, `--compare`, `--report`, batch
 //! mode, LoRA, and every error case of issue 4 (clear message, non-zero exit, no panic, no output file).
 
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ fn report(dir: &Path) -> Value {
 #[test]
 fn demo_runs_and_says_the_weights_are_random() {
     let dir = workdir("demo");
-    let o = qwen_edit(&dir, &["--demo"]);
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("RANDOM WEIGHTS"), "{out}");
@@ -66,6 +67,8 @@ fn seed_flags_work() {
         &dir,
         &[
             "--demo",
+            "--size",
+            "tiny",
             "-i",
             input.to_str().unwrap(),
             "-p",
@@ -111,8 +114,10 @@ fn seed_flags_work() {
 #[test]
 fn compare_writes_both_images_heat_map_grid_and_metrics() {
     let dir = workdir("compare");
-    let o =
-        qwen_edit(&dir, &["--demo", "--compare", "--schedule", "reuse:2,3,4", "--report", "my_report.json"]);
+    let o = qwen_edit(
+        &dir,
+        &["--demo", "--size", "tiny", "--compare", "--schedule", "reuse:2,3,4", "--report", "my_report.json"],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("PSNR") && out.contains("SSIM") && out.contains("speedup"), "{out}");
@@ -162,7 +167,7 @@ fn batch_runs_three_edits_with_one_load() {
          {{\"input\": \"{p}\", \"prompt\": \"Sunset\", \"schedule\": \"none\", \"cfg\": 2.0}}\n"
     );
     std::fs::write(dir.join("edits.jsonl"), jsonl).unwrap();
-    let o = qwen_edit(&dir, &["--demo", "--batch", "edits.jsonl"]);
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--batch", "edits.jsonl"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert_eq!(out.matches("Loaded ").count(), 1, "weights must be loaded once: {out}");
@@ -200,7 +205,7 @@ fn mixed_batch(dir: &Path) -> PathBuf {
 fn a_batch_with_bad_lines_reports_them_all_and_runs_nothing() {
     let dir = workdir("batch-bad");
     mixed_batch(&dir);
-    let o = qwen_edit(&dir, &["--demo", "--batch", "edits.jsonl"]);
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--batch", "edits.jsonl"]);
     let (out, err) = text(&o);
     assert!(!o.status.success(), "{out}");
     assert!(!err.contains("panicked"), "{err}");
@@ -218,7 +223,7 @@ fn a_batch_with_bad_lines_reports_them_all_and_runs_nothing() {
 fn keep_going_runs_the_good_lines_and_the_exit_status_says_some_failed() {
     let dir = workdir("batch-keep-going");
     mixed_batch(&dir);
-    let o = qwen_edit(&dir, &["--demo", "--batch", "edits.jsonl", "--keep-going"]);
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--batch", "edits.jsonl", "--keep-going"]);
     let (out, err) = text(&o);
     assert!(!o.status.success(), "some lines failed: the exit status says so\n{out}");
     assert!(err.contains("4 of 6 edits did not run"), "{err}");
@@ -235,13 +240,17 @@ fn keep_going_runs_the_good_lines_and_the_exit_status_says_some_failed() {
     assert!(failed[3]["error"].as_str().unwrap().contains("at least 2 steps"), "{}", failed[3]);
     let outs = files(&dir.join("outputs_pruning"));
     assert_eq!(outs.iter().filter(|f| f.starts_with("output_")).count(), 2, "{outs:?}");
-    assert_fails("keep-going-alone", &["--demo", "--keep-going"], &["--keep-going", "--batch"]);
+    assert_fails(
+        "keep-going-alone",
+        &["--demo", "--size", "tiny", "--keep-going"],
+        &["--keep-going", "--batch"],
+    );
 }
 
 #[test]
 fn a_rounded_size_is_reported() {
     let dir = workdir("rounded-size");
-    let o = qwen_edit(&dir, &["--demo", "--width", "97", "--height", "64", "-s", "2"]);
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--width", "97", "--height", "64", "-s", "2"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("warning: width 97 rounded down to 96 (a multiple of 16)"), "{out}");
@@ -270,7 +279,7 @@ fn lora_is_applied_and_a_mismatched_lora_is_refused() {
         ],
     )
     .unwrap();
-    let o = qwen_edit(&dir, &["--demo", "--lora", good.to_str().unwrap(), "--steps", "2"]);
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--lora", good.to_str().unwrap(), "--steps", "2"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
     let r = report(&dir.join("outputs_pruning"));
@@ -285,7 +294,10 @@ fn lora_is_applied_and_a_mismatched_lora_is_refused() {
     write_f32(&bad, &[("double_blocks.0.img_attn.qkv.lora_down.weight", vec![0.1; 4 * 32], vec![4, 32])])
         .unwrap();
     let out_dir = dir.join("bad_out");
-    let o = qwen_edit(&dir, &["--demo", "--lora", bad.to_str().unwrap(), "-o", out_dir.to_str().unwrap()]);
+    let o = qwen_edit(
+        &dir,
+        &["--demo", "--size", "tiny", "--lora", bad.to_str().unwrap(), "-o", out_dir.to_str().unwrap()],
+    );
     let (_, err) = text(&o);
     assert!(!o.status.success());
     assert!(err.contains("LoRA") && err.contains("double_blocks.0.img_attn.qkv"), "{err}");
@@ -313,18 +325,22 @@ fn errors_are_clear_and_leave_no_output() {
         &["--model", "Nobody/Nothing-At-All", "-i", "input.png"],
         &["Nobody/Nothing-At-All"],
     );
-    assert_fails("empty-prompt", &["--demo", "-p", "   "], &["prompt is empty"]);
-    assert_fails("zero-steps", &["--demo", "-s", "0"], &["at least 1"]);
-    assert_fails("reuse-first", &["--demo", "--schedule", "reuse:1,2"], &["step 1 cannot reuse"]);
-    assert_fails("bad-range", &["--demo", "--schedule", "cat@0-9"], &["layer range"]);
-    assert_fails("missing-image", &["--demo", "-i", "nope.png"], &["nope.png"]);
+    assert_fails("empty-prompt", &["--demo", "--size", "tiny", "-p", "   "], &["prompt is empty"]);
+    assert_fails("zero-steps", &["--demo", "--size", "tiny", "-s", "0"], &["at least 1"]);
+    assert_fails(
+        "reuse-first",
+        &["--demo", "--size", "tiny", "--schedule", "reuse:1,2"],
+        &["step 1 cannot reuse"],
+    );
+    assert_fails("bad-range", &["--demo", "--size", "tiny", "--schedule", "cat@0-9"], &["layer range"]);
+    assert_fails("missing-image", &["--demo", "--size", "tiny", "-i", "nope.png"], &["nope.png"]);
     assert_fails(
         "two-images-v1",
-        &["--demo", "-i", "input.png", "-i", "input.png"],
+        &["--demo", "--size", "tiny", "-i", "input.png", "-i", "input.png"],
         &["exactly 1 input image"],
     );
-    assert_fails("negative-cfg", &["--demo", "--cfg=-1"], &["CFG scale -1"]);
-    assert_fails("no-cuda", &["--demo", "--device", "cuda"], &["--features cuda"]);
+    assert_fails("negative-cfg", &["--demo", "--size", "tiny", "--cfg=-1"], &["CFG scale -1"]);
+    assert_fails("no-cuda", &["--demo", "--size", "tiny", "--device", "cuda"], &["--features cuda"]);
 }
 
 #[test]
@@ -334,7 +350,7 @@ fn unreadable_and_huge_images_are_refused() {
     // 16385 × 1 pixels: over the 16384-pixel side limit (refused before decoding).
     image::RgbImage::new(16385, 1).save(dir.join("huge.png")).unwrap();
     for (file, msg) in [("text.png", "not a PNG or JPEG"), ("huge.png", "16385")] {
-        let o = qwen_edit(&dir, &["--demo", "-i", file]);
+        let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "-i", file]);
         let (_, err) = text(&o);
         assert!(!o.status.success(), "{file}");
         assert!(err.contains(msg) && !err.contains("panicked"), "{file}: {err}");
@@ -423,7 +439,7 @@ fn the_full_size_demo_is_refused_on_the_cpu_and_size_needs_demo() {
     );
     assert_fails("size-without-demo", &["--size", "full", "-i", "input.png"], &["--size", "--demo"]);
     assert_fails("bad-size", &["--demo", "--size", "huge"], &["huge"]);
-    assert_fails("zero-repeat", &["--demo", "--repeat", "0"], &["--repeat"]);
+    assert_fails("zero-repeat", &["--demo", "--size", "tiny", "--repeat", "0"], &["--repeat"]);
     // Without the cuda feature, the GPU path says how to build it (the CPU check comes first only for the CPU).
     if !cfg!(feature = "cuda") {
         assert_fails("full-no-cuda", &["--demo", "--size", "full", "--device", "cuda"], &["--features cuda"]);

@@ -1,0 +1,210 @@
+//! `qwen-edit --demo` with the trained proxy model (crate `qwen-image-proxy`): a real edit of a held-out scene with
+//! its instruction (or of the user's `-i` images with `-p`), a before/after grid, and, for a held-out scene, the
+//! score against its ground truth.
+//!
+//! The stages: the inputs (scene or files) and the request, checked; the embedded snapshot written to a temporary
+//! folder and loaded; the edit (and the unpruned baseline with `--compare`); the images, the grid and the report.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use qwen_image::{ops::QwenBackend, processor::RgbImage};
+use qwen_image_eval::score::{score_against_truth, TruthScore};
+use qwen_image_pipeline::{
+    check_schedule, EditOutput, EditRequest, QwenImageEditPipeline, Snapshot, Variant,
+};
+use qwen_image_proxy::Scene;
+use qwen_image_pruning::ScheduleSpec;
+
+use crate::args::Args;
+use crate::output::{self, timestamp, OutputNames};
+use crate::progress::Bars;
+use crate::CliError;
+
+/// What the demo edits: the request, where its inputs come from, and the scene when it is a held-out one.
+struct DemoInput {
+    request: EditRequest,
+    inputs: Vec<String>,
+    scene: Option<&'static Scene>,
+    schedule: ScheduleSpec,
+}
+
+/// Whether the proxy the demo would run (Edit-Plus for two or more `-i` images, else Edit) is bundled in this build.
+pub(crate) fn proxy_bundled(args: &Args) -> bool {
+    let variant = if args.input.len() > 1 { Variant::EditPlus } else { Variant::Edit };
+    qwen_image_proxy::is_bundled(variant)
+}
+
+/// Runs the proxy demo on backend `B`.
+pub(crate) fn run_proxy<B: QwenBackend>(
+    args: &Args,
+    device: &B::Device,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    check_args(args)?;
+    let input = demo_input(args)?;
+    let variant = if input.request.images.len() > 1 { Variant::EditPlus } else { Variant::Edit };
+    input.request.validate(variant)?;
+    announce(&input, variant, out)?;
+    let dir = std::env::temp_dir().join(format!("qwen-edit-proxy-{}", std::process::id()));
+    let result = load_and_edit::<B>(args, device, &input, variant, &dir, out);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Flags the proxy demo does not take.
+fn check_args(args: &Args) -> Result<(), CliError> {
+    let refuse = |flag: &str| -> Result<(), CliError> {
+        Err(format!("{flag} is not available with the proxy demo (use --demo --size tiny, or a model)")
+            .into())
+    };
+    if args.batch.is_some() {
+        return refuse("--batch");
+    }
+    if !args.lora.is_empty() {
+        return refuse("--lora");
+    }
+    if args.repeat > 1 {
+        return refuse("--repeat");
+    }
+    if !args.input.is_empty() && args.prompt.is_none() {
+        return Err("--demo with -i needs the instruction: -p \"Make the red circle blue\"".into());
+    }
+    Ok(())
+}
+
+/// The default held-out scene and its instruction, or `-i` with `-p`; the request with the proxy's settings.
+fn demo_input(args: &Args) -> Result<DemoInput, CliError> {
+    let (images, inputs, prompt, scene) = if args.input.is_empty() {
+        let scene = qwen_image_proxy::default_scene();
+        let prompt = args.prompt_or(scene.instruction).to_string();
+        let known = (prompt == scene.instruction).then_some(scene);
+        (vec![scene.source()?], vec![format!("<held-out scene {}>", scene.id)], prompt, known)
+    } else {
+        let images = args
+            .input
+            .iter()
+            .map(|p| qwen_image::processor::load_image(p).map_err(|e| format!("input image: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let names = args.input.iter().map(|p| p.display().to_string()).collect();
+        (images, names, args.prompt_or("").to_string(), None)
+    };
+    let mut request = qwen_image_proxy::request(images, prompt);
+    request.num_steps = args.steps;
+    request.seed = args.seed;
+    request.true_cfg_scale = args.cfg;
+    request.negative_prompt = args.negative_prompt.clone().or_else(|| (args.cfg > 1.0).then(|| " ".into()));
+    request.areas.vae = args.vae_area.unwrap_or(request.areas.vae);
+    request.areas.condition = args.condition_area.unwrap_or(request.areas.condition);
+    request.width = args.width;
+    request.height = args.height;
+    let schedule = if args.no_pruning { ScheduleSpec::None } else { args.schedule.clone() };
+    Ok(DemoInput { request, inputs, scene, schedule })
+}
+
+fn announce(input: &DemoInput, variant: Variant, out: &mut dyn Write) -> Result<(), CliError> {
+    writeln!(
+        out,
+        "DEMO: the trained Qwen-Image-Edit proxy ({}; the Qwen-Image-Edit architecture at 6 blocks, trained on \
+         generated scenes of coloured shapes: see docs/quality.md)",
+        qwen_image_proxy::variant_label(variant)
+    )?;
+    writeln!(out, "Input: {}", input.inputs.join(", "))?;
+    writeln!(out, "Instruction: \"{}\"", input.request.prompt)?;
+    Ok(())
+}
+
+/// Writes and loads the snapshot, runs the edit (and the baseline with `--compare`), writes the results.
+fn load_and_edit<B: QwenBackend>(
+    args: &Args,
+    device: &B::Device,
+    input: &DemoInput,
+    variant: Variant,
+    dir: &std::path::Path,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let root = qwen_image_proxy::write_snapshot(variant, dir)?;
+    let snapshot = Snapshot::open(&root)?;
+    let layers = snapshot.dit_config()?.num_layers;
+    check_schedule(&input.schedule, input.request.num_steps, layers, input.request.images.len())
+        .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
+    let dtype = crate::dtype_for(args.dtype, args.device);
+    let mut bars = Bars::new(args.quiet);
+    let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(
+        snapshot,
+        &qwen_image_proxy::load_options(dtype),
+        device,
+        &mut bars,
+    )?;
+    let baseline = if args.compare && input.schedule.prunes() {
+        Some(pipe.edit(&input.request, &ScheduleSpec::None, &mut bars)?)
+    } else {
+        None
+    };
+    let edited = pipe.edit(&input.request, &input.schedule, &mut bars)?;
+    let r = &edited.report;
+    writeln!(out, "Edit time: {:.3} s  (schedule {}, {} steps)", r.total_seconds, r.schedule, r.num_steps)?;
+    output::print_report(out, r)?;
+    let score = input.scene.map(|s| scene_score(s, &edited.image)).transpose()?;
+    if let Some(s) = &score {
+        print_score(out, s)?;
+    }
+    let paths = save(args, input, &edited, baseline.as_ref())?;
+    for p in &paths {
+        writeln!(out, "Saved {}", p.display())?;
+    }
+    let columns = [
+        Some("before"),
+        baseline.as_ref().map(|_| "unpruned"),
+        Some("after"),
+        input.scene.map(|_| "ground truth"),
+    ];
+    writeln!(out, "Grid: {}", columns.into_iter().flatten().collect::<Vec<_>>().join(" | "))?;
+    Ok(())
+}
+
+/// The output against the scene's ground truth.
+fn scene_score(scene: &Scene, output: &RgbImage) -> Result<TruthScore, CliError> {
+    Ok(score_against_truth(output, &scene.target()?, &scene.mask()?, scene.core_rgb)?)
+}
+
+fn print_score(out: &mut dyn Write, s: &TruthScore) -> Result<(), CliError> {
+    writeln!(
+        out,
+        "Against the ground truth: PSNR {:.2} dB (outside the object {:.2} dB), ΔE of the object's colour {:.1} → {}",
+        s.psnr_db,
+        s.psnr_outside_db,
+        s.delta_e,
+        if s.success { "edit correct" } else { "edit NOT correct" }
+    )?;
+    Ok(())
+}
+
+/// Writes the output(s) and the grid `before | [baseline |] after [| ground truth]`; returns the paths written.
+fn save(
+    args: &Args,
+    input: &DemoInput,
+    edited: &EditOutput,
+    baseline: Option<&EditOutput>,
+) -> Result<Vec<PathBuf>, CliError> {
+    std::fs::create_dir_all(&args.output_dir)
+        .map_err(|e| format!("cannot create the output folder {}: {e}", args.output_dir.display()))?;
+    let names = OutputNames::new(&args.output_dir, timestamp());
+    let label = if input.schedule.prunes() { "pruning" } else { "baseline" };
+    let mut paths = vec![names.save(&edited.image, label, None)?];
+    let (w, h) = edited.image.dimensions();
+    let last = &input.request.images[input.request.images.len() - 1];
+    let before = qwen_image::processor::resize(last, w, h, qwen_image::processor::Filter::Lanczos)?;
+    let target = input.scene.map(|s| s.target()).transpose()?;
+    let mut cells = vec![&before];
+    if let Some(b) = baseline {
+        paths.push(names.save(&b.image, "baseline", None)?);
+        cells.push(&b.image);
+    }
+    cells.push(&edited.image);
+    cells.extend(target.as_ref());
+    let grid = output::grid(&cells);
+    paths.push(names.save_plain(&grid, "demo", None)?);
+    qwen_image_pipeline::save_image(&grid, &names.latest("demo"))?;
+    Ok(paths)
+}

@@ -1,0 +1,185 @@
+//! Edit quality on the trained proxy models, in CI: a fixed subset of the held-out set (24 edits spread over every
+//! task of both variants, `tests/fixtures/proxy/heldout`) runs on the CPU under `none` and `cat`, and the baseline's
+//! edit-success rate and PSNR against the ground truth must stay above floors, and `cat` within a margin of the
+//! baseline. This is the test that fails when a change makes edits wrong (docs/quality.md).
+//!
+//! Also: the Rust success rule gives `scenes.score`'s numbers (tools/proxy/scenes.py) on held-out images.
+//!
+//! The subset test needs the trained snapshots embedded in `qwen-image-proxy`, which are not committed yet
+//! (crates/qwen-image-proxy/snapshots/README.md): it is `#[ignore]`d until they are; run it with
+//! `QWEN_IMAGE_PROXY_SNAPSHOTS=/path/to/trained cargo test --test proxy_quality -- --ignored --nocapture`.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use qwen_image::{
+    processor::{load_image, RgbImage},
+    CpuBackend,
+};
+use qwen_image_eval::{
+    report::GroupStats, score::score_against_truth, EvalOptions, EvalReport, Evaluator, HeldOutSet, Selection,
+};
+use qwen_image_pipeline::{NoProgress, QwenImageEditPipeline, Snapshot, Variant};
+
+/// Held-out edits in the subset (`Selection::limit`: spread evenly over the 9 variant/task groups).
+const SUBSET_EDITS: usize = 24;
+
+// Floors and margins. PROVISIONAL: set before the trained snapshots were measured (the targets are 90 %
+// success and 28 dB outside the mask over the whole held-out set); the lead sets them from the trained model's
+// measured values on this subset (`cargo test --release --test proxy_quality -- --nocapture` prints them), a few
+// points below, so that run-to-run noise does not fail CI but a broken edit does.
+
+/// The lowest edit-success rate of `none` on the subset.
+const NONE_MIN_SUCCESS: f64 = 0.75;
+/// The lowest mean PSNR of `none` against the ground truth over the whole image, dB.
+const NONE_MIN_PSNR_DB: f64 = 24.0;
+/// The lowest mean PSNR of `none` against the ground truth outside the object mask, dB.
+const NONE_MIN_PSNR_OUTSIDE_DB: f64 = 26.0;
+/// How far `cat`'s success rate may fall below `none`'s (fraction of the edits: 0.125 = 3 of 24).
+const CAT_MAX_SUCCESS_DROP: f64 = 0.125;
+/// How far `cat`'s mean PSNR against the ground truth may fall below `none`'s, dB.
+const CAT_MAX_PSNR_DROP_DB: f64 = 1.0;
+
+fn heldout_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/proxy/heldout")
+}
+
+fn pipeline(variant: Variant, dir: &Path) -> QwenImageEditPipeline<CpuBackend> {
+    let root = qwen_image_proxy::write_snapshot(variant, dir).unwrap();
+    let options = qwen_image_proxy::load_options(DType::F32);
+    QwenImageEditPipeline::from_snapshot(
+        Snapshot::open(&root).unwrap(),
+        &options,
+        &Default::default(),
+        &mut NoProgress,
+    )
+    .unwrap()
+}
+
+fn describe(name: &str, g: &GroupStats) -> String {
+    format!(
+        "{name:<12} {:<18} {:>3} edits  success {:5.1} %  PSNR {:6.2} dB  inside {:6.2}  outside {:6.2}  ΔE {:5.1}",
+        match (&g.variant, &g.task) {
+            (Some(v), Some(t)) => format!("{}/{t}", v.name()),
+            _ => "all".into(),
+        },
+        g.edits,
+        100.0 * g.success_rate,
+        g.psnr_db,
+        g.psnr_inside_db,
+        g.psnr_outside_db,
+        g.delta_e
+    )
+}
+
+fn run_subset() -> EvalReport {
+    let set = HeldOutSet::open(&heldout_dir()).unwrap();
+    let edits = set.select(&Selection { limit: Some(SUBSET_EDITS), ..Selection::default() }).unwrap();
+    assert_eq!(edits.len(), SUBSET_EDITS);
+    let dir = std::env::temp_dir().join(format!("qwen-proxy-quality-{}", std::process::id()));
+    let pipes = vec![pipeline(Variant::Edit, &dir), pipeline(Variant::EditPlus, &dir)];
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = EvalOptions::new(vec!["none".parse().unwrap(), "cat".parse().unwrap()]);
+    let run = Evaluator::new(pipes).run(&set, &edits, &options, &mut |_| {}).unwrap();
+    run.report(&set, &options)
+}
+
+#[test]
+#[ignore = "needs the trained proxy snapshots, not committed yet (crates/qwen-image-proxy/snapshots/README.md)"]
+fn the_baseline_edits_correctly_and_cat_stays_close() {
+    let report = run_subset();
+    for s in &report.schedules {
+        for g in std::iter::once(&s.all).chain(&s.groups) {
+            println!("{}", describe(&s.schedule, g));
+        }
+        println!(
+            "{:<12} {:.3} s per edit, {:.2}× speed-up, FLOPs ratio {:.3}",
+            s.schedule, s.seconds, s.speedup, s.flops_ratio
+        );
+    }
+    let (none, cat) = (&report.schedules[0], &report.schedules[1]);
+    assert_eq!((none.schedule.as_str(), cat.schedule.as_str()), ("none", "cat"));
+    assert_eq!(none.groups.len(), 9, "every task of both variants is in the subset");
+    let n = &none.all;
+    assert!(n.success_rate >= NONE_MIN_SUCCESS, "none: success {:.3} < {NONE_MIN_SUCCESS}", n.success_rate);
+    assert!(n.psnr_db >= NONE_MIN_PSNR_DB, "none: PSNR {:.2} dB < {NONE_MIN_PSNR_DB}", n.psnr_db);
+    assert!(
+        n.psnr_outside_db >= NONE_MIN_PSNR_OUTSIDE_DB,
+        "none: PSNR outside the mask {:.2} dB < {NONE_MIN_PSNR_OUTSIDE_DB}",
+        n.psnr_outside_db
+    );
+    let c = &cat.all;
+    assert!(
+        c.success_rate >= n.success_rate - CAT_MAX_SUCCESS_DROP,
+        "cat: success {:.3} more than {CAT_MAX_SUCCESS_DROP} below none's {:.3}",
+        c.success_rate,
+        n.success_rate
+    );
+    assert!(
+        c.psnr_db >= n.psnr_db - CAT_MAX_PSNR_DROP_DB,
+        "cat: PSNR {:.2} dB more than {CAT_MAX_PSNR_DROP_DB} dB below none's {:.2}",
+        c.psnr_db,
+        n.psnr_db
+    );
+    assert!(cat.flops_ratio < 0.95, "cat plans fewer DiT FLOPs than none: {}", cat.flops_ratio);
+}
+
+#[test]
+fn the_success_rule_gives_scenes_py_numbers() {
+    // `scenes.score(out, tgt, mask, core_rgb)` with out = clip(tgt + ((131 y + 17 x + 7 c) mod 23) − 11), and with
+    // out = the (last) source image, computed with tools/proxy/scenes.py.
+    let cases = [
+        (
+            "edit_0000",
+            false,
+            [31.696264795092326, 31.700446316943204, 31.696186839261628, 0.1391292572290475],
+            true,
+        ),
+        (
+            "edit_0080",
+            false,
+            [31.696264795092326, 31.68272136342196, 31.696545357208883, 0.07280570825627196],
+            true,
+        ),
+        (
+            "plus_0100",
+            false,
+            [31.696602172025734, 31.725795801164516, 31.696107338058745, 0.15553111598918376],
+            true,
+        ),
+        (
+            "edit_0000",
+            true,
+            [28.497205095792395, 11.124218250031653, f64::INFINITY, 37.56966194547801],
+            false,
+        ),
+        (
+            "plus_0100",
+            true,
+            [23.525539309934615, 5.758845545181125, f64::INFINITY, 116.56659354979885],
+            false,
+        ),
+    ];
+    let set = HeldOutSet::open(&heldout_dir()).unwrap();
+    for (id, from_source, want, success) in cases {
+        let edit = set.edits.iter().find(|e| e.id == id).unwrap();
+        let images = set.load(edit).unwrap();
+        let output = if from_source {
+            load_image(&set.dir.join(edit.sources.last().unwrap())).unwrap()
+        } else {
+            let (w, h) = images.target.dimensions();
+            let raw = images.target.as_raw().iter().enumerate().map(|(i, &v)| {
+                let (c, x, y) = ((i % 3) as u32, (i / 3) as u32 % w, (i / 3) as u32 / w);
+                let d = ((131 * y + 17 * x + 7 * c) % 23) as i32 - 11;
+                (v as i32 + d).clamp(0, 255) as u8
+            });
+            RgbImage::from_raw(w, h, raw.collect()).unwrap()
+        };
+        let s = score_against_truth(&output, &images.target, &images.mask, edit.core_rgb).unwrap();
+        let got = [s.psnr_db, s.psnr_inside_db, s.psnr_outside_db, s.delta_e];
+        for (g, w) in got.iter().zip(want) {
+            assert!(g == &w || (g - w).abs() < 1e-9, "{id}: {got:?} vs {want:?}");
+        }
+        assert_eq!(s.success, success, "{id}");
+    }
+}
