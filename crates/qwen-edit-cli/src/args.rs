@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use qwen_image_pruning::ScheduleSpec;
 
 /// Where the networks run.
@@ -179,4 +179,14 @@ pub struct Args {
     /// No progress bars.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// A subcommand instead of edits.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Serve edits over HTTP (OpenAI-compatible `POST /v1/images/edits`); see docs/serving.md.
+    Serve(crate::serve::ServeArgs),
 }

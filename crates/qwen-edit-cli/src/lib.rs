@@ -9,6 +9,7 @@
 //! - [`report`]: the typed [`RunReport`](report::RunReport) written as JSON.
 //! - [`output`]: output file names, the comparison grid, and the text tables.
 //! - [`progress`]: progress bars.
+//! - [`serve`](mod@serve): `qwen-edit serve`, the OpenAI-compatible HTTP server (crate `qwen-image-serve`).
 //!
 //! How to use: `qwen-edit --demo`, `qwen-edit -i input.png -p "Make it purple"`, `qwen-edit --help`; on a GPU,
 //! `qwen-edit --demo --size full --device cuda --compare --repeat 10` runs the full-size architecture with random
@@ -22,23 +23,59 @@ pub mod output;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod serve;
 
 use std::io::Write;
 
 use qwen_image_pipeline::{demo, MemoryProbe};
 
-use crate::args::{Args, DemoSizeArg, Device};
+use qwen_image::ops::QwenBackend;
+
+use crate::args::{Args, Command, DemoSizeArg, Device};
 
 /// Errors of the CLI: the library's typed errors, or a message.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs the command described by `args`, writing human-readable output to `out`.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
+    if let Some(Command::Serve(serve_args)) = &args.command {
+        return serve::run(serve_args);
+    }
     check_demo_args(args)?;
-    match args.device {
-        Device::Cpu => {
-            run::run_on::<qwen_image::CpuBackend>(args, &Default::default(), MemoryProbe::host(), out)
-        }
+    with_backend(args.device, EditRun { args, out })
+}
+
+/// Where a command runs: the device of backend `B`, and how its memory is read.
+pub(crate) struct Target<B: QwenBackend> {
+    /// The device.
+    pub device: B::Device,
+    /// Host memory, plus the GPU's in CUDA builds.
+    pub probe: MemoryProbe,
+}
+
+/// A command that runs on any backend ([`with_backend`] picks it).
+pub(crate) trait OnBackend {
+    /// Runs on backend `B`.
+    fn run<B: QwenBackend>(self, target: Target<B>) -> Result<(), CliError>;
+}
+
+/// The edits of `qwen-edit` (no subcommand).
+struct EditRun<'a> {
+    args: &'a Args,
+    out: &'a mut dyn Write,
+}
+
+impl OnBackend for EditRun<'_> {
+    fn run<B: QwenBackend>(self, target: Target<B>) -> Result<(), CliError> {
+        run::run_on::<B>(self.args, &target.device, target.probe, self.out)
+    }
+}
+
+/// Runs `command` on the backend of `device`.
+pub(crate) fn with_backend(device: Device, command: impl OnBackend) -> Result<(), CliError> {
+    match device {
+        Device::Cpu => command
+            .run::<qwen_image::CpuBackend>(Target { device: Default::default(), probe: MemoryProbe::host() }),
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
@@ -58,10 +95,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
                         ..qwen_image_pipeline::MemoryReading::host()
                     }
                 });
-                run::run_on::<qwen_image::cuda::CudaBackend>(args, &device, probe, out)
+                command.run::<qwen_image::cuda::CudaBackend>(Target { device, probe })
             }
             #[cfg(not(feature = "cuda"))]
             {
+                let _ = command;
                 Err("--device cuda needs a build with CUDA support: \
                      cargo build --release -p qwen-edit-cli --features cuda"
                     .into())
