@@ -15,6 +15,12 @@
 //!   layer on the GPU at a time), timed separately: the first edit's extra cost. `--modulation resident` loads
 //!   everything onto the GPU, as before the table.
 //!
+//! - with `--reuse`: per-image reuse across edits (`qwen-edit serve`'s cache). The full-size pipeline (random
+//!   weights, the full demo at 1024²) edits the same image twice with a `ReuseCache`: the first edit computes the
+//!   VAE latents and the vision tower's embeddings, the second takes them from the cache. Reports the stage times
+//!   (encode prompt, encode image) and totals of both (medians over `--reps`), the saving, and whether the final
+//!   latents are bit-identical.
+//!
 //! GPU memory is read after each section: the driver's used memory (whole GPU) and burn's pool (in use /
 //! reserved; the pool keeps what it reserved, so "reserved" is the section's peak as seen by burn).
 //!
@@ -23,6 +29,7 @@
 //! <binary> --json out.json [--reps 5] [--skip-text-encoder] [--skip-vae]
 //!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--loads cold,warm] [--keep]
 //!           [--modulation table|resident]]
+//!          [--reuse [--reuse-steps 4]]
 //! ```
 
 mod common;
@@ -82,6 +89,12 @@ struct Args {
     /// Where the DiT's modulation weights go at load.
     #[arg(long, value_enum, default_value = "table")]
     modulation: ModulationArg,
+    /// Run the per-image reuse benchmark (loads the whole full-size pipeline: ~45 GB of GPU memory).
+    #[arg(long)]
+    reuse: bool,
+    /// Denoising steps of the reuse benchmark's edits (the saving does not depend on them).
+    #[arg(long, default_value_t = 4)]
+    reuse_steps: usize,
 }
 
 /// Four distinct DiT timesteps, as a 4-step Lightning edit has (any four values cost the same).
@@ -320,6 +333,57 @@ fn load(args: &Args, root: &Path) -> Value {
     })
 }
 
+/// Per-image reuse: the same 1024² image edited with and without the VAE latents and vision embeddings cached.
+fn reuse(args: &Args) -> Value {
+    use qwen_image_pipeline::{
+        EditRequest, LoadOptions, NoProgress, QwenImageEditPipeline, ReuseCache, Snapshot, Stage,
+    };
+    println!("\n== per-image reuse: full-size pipeline (random bf16), 1024², {} steps ==", args.reuse_steps);
+    let dir = std::env::temp_dir().join(format!("qwen-reuse-bench-{}", std::process::id()));
+    let root = demo::DemoSize::Full.write_snapshot(&dir).expect("demo snapshot");
+    let snapshot = Snapshot::locate(root.to_str().expect("utf-8 path")).expect("snapshot");
+    let options =
+        LoadOptions { dtype: DType::BF16, modulation: args.modulation.mode(), ..LoadOptions::default() };
+    let mut pipe =
+        QwenImageEditPipeline::<G>::from_snapshot_random(snapshot, &options, 0, &dev(), &mut NoProgress)
+            .expect("load");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut req =
+        EditRequest::new(vec![demo::DemoSize::Full.sample_image().expect("image")], "Make it purple");
+    req.num_steps = args.reuse_steps;
+    let schedule: qwen_image_pruning::ScheduleSpec = "none".parse().expect("spec");
+    let warm = pipe.edit(&req, &schedule, &mut NoProgress).expect("warm-up edit"); // kernels compiled
+    let encode = |r: &qwen_image_pipeline::EditReport| {
+        (r.stage_seconds(Stage::EncodePrompt) + r.stage_seconds(Stage::EncodeImage)) * 1e3
+    };
+    let (mut miss, mut hit) = (Vec::new(), Vec::new());
+    let mut identical = true;
+    for _ in 0..args.reps.max(1) {
+        let mut cache = ReuseCache::<G>::new(8 << 30);
+        let first = pipe.edit_with(&req, &schedule, &mut NoProgress, &mut cache).expect("edit");
+        let second = pipe.edit_with(&req, &schedule, &mut NoProgress, &mut cache).expect("edit");
+        assert_eq!((first.report.image_reuse.misses, second.report.image_reuse.hits), (2, 2));
+        identical &= first.latents == second.latents && second.latents == warm.latents;
+        miss.push((encode(&first.report), first.report.total_seconds * 1e3));
+        hit.push((encode(&second.report), second.report.total_seconds * 1e3));
+    }
+    let med = |v: &[(f64, f64)], i: usize| median(v.iter().map(|p| if i == 0 { p.0 } else { p.1 }).collect());
+    let (miss_encode, hit_encode, miss_total, hit_total) =
+        (med(&miss, 0), med(&hit, 0), med(&miss, 1), med(&hit, 1));
+    println!("encode prompt + encode image: {miss_encode:.1} ms computed, {hit_encode:.1} ms reused");
+    println!(
+        "edit total: {miss_total:.1} ms first, {hit_total:.1} ms second (saving {:.1} ms)",
+        miss_total - hit_total
+    );
+    println!("final latents bit-identical: {identical}");
+    json!({
+        "steps": args.reuse_steps, "reps": args.reps,
+        "encode_ms_computed": miss_encode, "encode_ms_reused": hit_encode,
+        "total_ms_first": miss_total, "total_ms_second": hit_total, "saving_ms": miss_total - hit_total,
+        "latents_bit_identical": identical, "memory": gpu_memory("after reuse"),
+    })
+}
+
 fn main() {
     let args = Args::parse();
     log_to_stderr();
@@ -335,6 +399,9 @@ fn main() {
     }
     if let Some(dir) = &args.load_dir {
         results.insert("load".into(), load(&args, dir));
+    }
+    if args.reuse {
+        results.insert("reuse".into(), reuse(&args));
     }
     results.insert("fast_path".into(), fast_path_json());
     std::fs::write(&args.json, serde_json::to_string_pretty(&Value::Object(results)).expect("json"))

@@ -10,4 +10,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 CARGO_TARGET_DIR=target/cuda cargo clippy --locked --workspace --features cuda --all-targets -- -D warnings
 cargo test --locked --workspace --all-targets
 cargo test --locked --workspace --doc
+# `qwen-edit serve` as clients see it (the binary the tests built): Python/curl clients, bad requests, a 200-request
+# load test, SIGTERM under load, two servers behind HAProxy (skipped without haproxy unless SERVE_TEST_REQUIRE_LB=1).
+MAX_OVERHEAD_MS=25 ./tests/serve/run.sh target/debug/qwen-edit  # a debug build: the 5 ms target is for release builds
 cargo package --locked --workspace --exclude qwen-image-edit --no-verify --allow-dirty  # each library crate packages on its own

@@ -198,6 +198,8 @@ pub struct Args {
 pub enum Command {
     /// Evaluate pruning schedules on the proxy models' held-out set (docs/quality.md).
     Eval(crate::eval::EvalArgs),
+    /// Serve edits over HTTP (OpenAI-compatible `POST /v1/images/edits`); see docs/serving.md.
+    Serve(crate::serve::ServeArgs),
 }
 
 impl Args {

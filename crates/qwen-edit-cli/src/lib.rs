@@ -11,6 +11,7 @@
 //! - [`report`]: the typed [`RunReport`](report::RunReport) written as JSON.
 //! - [`output`]: output file names, the comparison grid, and the text tables.
 //! - [`progress`]: progress bars.
+//! - [`serve`](mod@serve): `qwen-edit serve`, the OpenAI-compatible HTTP server (crate `qwen-image-serve`).
 //!
 //! How to use: `qwen-edit --demo`, `qwen-edit eval --limit 24`, `qwen-edit -i input.png -p "Make it purple"`, `qwen-edit --help`; on a GPU,
 //! `qwen-edit --demo --size full --device cuda --compare --repeat 10` runs the full-size architecture with random
@@ -26,6 +27,7 @@ pub mod output;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod serve;
 
 use std::io::Write;
 
@@ -39,8 +41,10 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs the command described by `args`, writing human-readable output to `out`.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), CliError> {
-    if let Some(Command::Eval(eval)) = &args.command {
-        return on_device(eval.device, eval::EvalTask { args: eval, out });
+    match &args.command {
+        Some(Command::Eval(eval)) => return on_device(eval.device, eval::EvalTask { args: eval, out }),
+        Some(Command::Serve(serve_args)) => return serve::run(serve_args),
+        None => {}
     }
     check_demo_args(args)?;
     on_device(args.device, EditTask { args, out })

@@ -5,9 +5,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // The libraries report warnings (e.g. a CUDA fast path switched off after an error) through `log`.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = qwen_edit_cli::args::Args::parse();
+    if let Some(qwen_edit_cli::args::Command::Serve(serve)) = &args.command {
+        qwen_edit_cli::serve::init_logging(serve.log_json); // tracing; `log` records are forwarded to it
+    } else {
+        // The libraries report warnings (e.g. a CUDA fast path switched off after an error) through `log`.
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    }
     match qwen_edit_cli::run(&args, &mut std::io::stdout()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -124,6 +124,21 @@ pub fn denoise<B: QwenBackend>(
     caches: &mut DenoiseCaches<B>,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<(Tensor<B, 3>, Vec<StepReport>)> {
+    denoise_with(model, inputs, schedule, caches, &mut |r| {
+        on_step(r);
+        Ok(())
+    })
+}
+
+/// [`denoise`] whose `on_step` may stop the loop after any step by returning an error (e.g.
+/// [`PipelineError::Cancelled`]), which the loop returns.
+pub fn denoise_with<B: QwenBackend>(
+    model: &QwenImageTransformer<B>,
+    inputs: &DenoiseInputs<B>,
+    schedule: &mut dyn PruningSchedule,
+    caches: &mut DenoiseCaches<B>,
+    on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
+) -> Result<(Tensor<B, 3>, Vec<StepReport>)> {
     let num_steps = inputs.sigmas.len().saturating_sub(1);
     if num_steps == 0 || inputs.timesteps.len() != num_steps {
         return Err(PipelineError::invalid(format!(
@@ -203,7 +218,7 @@ pub fn denoise<B: QwenBackend>(
         outcome.velocity_change = velocity_change;
         outcome.seconds = Some(report.time.as_secs_f64());
         schedule.observe(&outcome);
-        on_step(&report);
+        on_step(&report)?;
         reports.push(report);
     }
     Ok((x, reports))

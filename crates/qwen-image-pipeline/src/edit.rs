@@ -23,8 +23,10 @@
 //! 7. The report ([`EditReport`]), untimed.
 //!
 //! The pruning cache of the DiT belongs to the pipeline: it is cleared before every edit unless the request keeps it.
-//! The image-encoding stage and the vision-tower part of prompt encoding depend on the input images only, which is
-//! where a cache of per-image results across edits would hook in.
+//! The image-encoding stage and the vision-tower part of prompt encoding depend on the input images only: with
+//! [`QwenImageEditPipeline::edit_with`] their results come from and go to an [`ImageReuse`] (see
+//! [`reuse`](crate::reuse)). Cancellation ([`Progress::cancelled`]) is checked before each stage and after each
+//! denoising step.
 //!
 //! [edit]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit.py
 //! [plus]: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py
@@ -52,12 +54,13 @@ use qwen_image::{
 use qwen_image_pruning::{ScheduleFactory, TokenLayout};
 
 use crate::{
-    denoise::{denoise, DenoiseInputs, TextConditioning},
+    denoise::{denoise_with, DenoiseInputs, TextConditioning},
     latents::{image_to_tensor, pack, tensor_to_image, unpack},
     noise::gaussian_noise,
-    progress::{Progress, Stage, StageClock},
+    progress::{check_cancelled, Progress, Stage, StageClock},
     report::{EditReport, StageTiming, StepReport},
     request::{EditOutput, EditRequest},
+    reuse::{ImageReuse, NoReuse, ReuseCounts},
     scheduler::{linspace, Schedule},
     sizes::{EditSizes, ResizedImages},
     snapshot::Variant,
@@ -100,26 +103,48 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     /// `Clone` schedule, or [`from_fn`](qwen_image_pruning::from_fn)).
     ///
     /// Errors before any heavy work for an invalid request ([`EditRequest::validate`]: empty prompt, 0 steps, wrong
-    /// number of images, …) and for a schedule that would reuse condition tokens before caching them.
+    /// number of images, …) and for a schedule that would reuse condition tokens before caching them; with
+    /// [`PipelineError::Cancelled`] when `progress` asks to stop ([`Progress::cancelled`]).
     pub fn edit(
         &mut self,
         req: &EditRequest,
         schedule: &dyn ScheduleFactory,
         progress: &mut dyn Progress,
     ) -> Result<EditOutput> {
+        self.edit_with(req, schedule, progress, &mut NoReuse)
+    }
+
+    /// [`Self::edit`] with the per-image encodings (VAE latents, vision-tower embeddings) taken from and given to
+    /// `reuse` (e.g. a [`ReuseCache`](crate::ReuseCache) kept across edits of the same images). Reused encodings
+    /// are the very tensors an earlier edit computed, so the result is bit-identical to [`Self::edit`]'s; the
+    /// report's [`image_reuse`](EditReport::image_reuse) counts hits and misses. A `reuse` belongs to one pipeline.
+    pub fn edit_with(
+        &mut self,
+        req: &EditRequest,
+        schedule: &dyn ScheduleFactory,
+        progress: &mut dyn Progress,
+        reuse: &mut dyn ImageReuse<B>,
+    ) -> Result<EditOutput> {
         let start = Instant::now();
         req.validate(self.variant())?;
+        let mut counts = ReuseCounts::default();
         let mut clock = StageClock::<B>::new(&self.device, progress);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
-        let text = clock.run(Stage::EncodePrompt, |_| self.encode_prompts(&inputs))?;
-        let image_latents = clock.run(Stage::EncodeImage, |_| self.encode_images(&inputs.images.vae))?;
+        let text = clock.run(Stage::EncodePrompt, |_| {
+            let image_embeds =
+                self.vision_embeds_reused(&inputs.images.vision, &inputs.pixels, reuse, &mut counts)?;
+            self.encode_prompts(&inputs, &image_embeds)
+        })?;
+        let image_latents = clock
+            .run(Stage::EncodeImage, |_| self.encode_images_reused(&inputs.images.vae, reuse, &mut counts))?;
         if self.table_mode() {
             clock.run(Stage::ModulationTable, |_| self.extend_modulation_table(&inputs))?;
         }
         let denoised =
             clock.run(Stage::Denoise, |p| self.denoise(req, schedule, &inputs, &text, image_latents, p))?;
         let image = clock.run(Stage::Decode, |_| self.decode(&denoised.latents, &inputs.sizes))?;
-        let report = self.report(req, &inputs, &denoised, clock.into_timings(), start.elapsed());
+        let mut report = self.report(req, &inputs, &denoised, clock.into_timings(), start.elapsed());
+        report.image_reuse = counts;
         Ok(EditOutput {
             image,
             latents: to_f32(denoised.latents)?,
@@ -219,10 +244,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
     }
 
-    /// [`Stage::EncodePrompt`]: the vision tower once, then the text encoder per prompt.
-    fn encode_prompts(&self, inputs: &EditInputs<B>) -> Result<EncodedPrompts<B>> {
-        let image_embeds = self.vision_embeds(&inputs.pixels)?;
-        let encode = |ids: &Vec<u32>| self.encode_text(ids, &image_embeds, &inputs.pixels);
+    /// [`Stage::EncodePrompt`] after the vision tower (`image_embeds`): the text encoder per prompt.
+    fn encode_prompts(
+        &self,
+        inputs: &EditInputs<B>,
+        image_embeds: &Tensor<B, 2>,
+    ) -> Result<EncodedPrompts<B>> {
+        let encode = |ids: &Vec<u32>| self.encode_text(ids, image_embeds, &inputs.pixels);
         Ok(EncodedPrompts {
             prompt: encode(&inputs.prompt_ids)?,
             negative: inputs.negative_ids.as_ref().map(encode).transpose()?,
@@ -230,7 +258,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// The vision tower's embeddings of the condition images (shared by the prompt and the negative prompt).
-    fn vision_embeds(&self, pixels: &PixelValues) -> Result<Tensor<B, 2>> {
+    pub(crate) fn vision_embeds(&self, pixels: &PixelValues) -> Result<Tensor<B, 2>> {
         let pv = Tensor::<B, 2>::from_data(
             TensorData::new(pixels.values.clone(), pixels.shape()),
             (&self.device, DType::F32),
@@ -256,7 +284,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// [`Stage::EncodeImage`]: the VAE latents of the condition images, normalized and packed, concatenated.
-    fn encode_images(&self, images: &[RgbImage]) -> Result<Tensor<B, 3>> {
+    pub(crate) fn encode_images(&self, images: &[RgbImage]) -> Result<Tensor<B, 3>> {
         let mut parts = Vec::new();
         for img in images {
             let x = image_to_tensor::<B>(img, &self.device).cast(self.vae.dtype());
@@ -317,8 +345,9 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let name = run.name();
         progress.denoise_started(req.num_steps);
         let (latents, steps) =
-            denoise(&self.transformer, &dit_inputs, run.as_mut(), &mut self.caches, &mut |r| {
-                progress.step_finished(r)
+            denoise_with(&self.transformer, &dit_inputs, run.as_mut(), &mut self.caches, &mut |r| {
+                progress.step_finished(r);
+                check_cancelled(&*progress)
             })?;
         Ok(Denoised { latents, steps, schedule: name })
     }
@@ -367,6 +396,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             memory: Some(self.memory_probe.read()),
             fast_path: B::fast_path_report(&self.device),
             comparison: None,
+            image_reuse: ReuseCounts::default(),
         }
     }
 }

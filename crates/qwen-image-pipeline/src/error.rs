@@ -51,6 +51,10 @@ pub enum PipelineError {
     /// A device-side failure (out of memory, kernel error).
     #[error("device error: {0}")]
     Device(String),
+    /// The caller cancelled the edit ([`Progress::cancelled`](crate::Progress::cancelled)); it stopped between two
+    /// stages or two denoising steps.
+    #[error("the edit was cancelled")]
+    Cancelled,
 }
 
 impl From<ModelError> for PipelineError {

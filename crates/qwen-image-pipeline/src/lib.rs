@@ -11,7 +11,9 @@
 //! - [`lora`]: LoRA files (Lightning and others), merged at load time or attached at run time.
 //! - [`metrics`]: PSNR and SSIM (scikit-image's Gaussian-window SSIM), and a [`Comparison`] of two edits.
 //! - [`snapshot`]: finding and checking snapshot folders (also in the Hugging Face cache).
-//! - [`progress`], [`report`]: progress events, and timings and statistics as typed data.
+//! - [`progress`], [`report`]: progress events (and cancellation), and timings and statistics as typed data.
+//! - [`reuse`]: per-image encodings (VAE latents, vision-tower embeddings) reused across edits of the same images
+//!   ([`ReuseCache`]: LRU with a byte budget).
 //! - [`latents`], [`noise`]: packing, image ↔ tensor conversions, seeded noise.
 //! - [`demo`]: a built-in tiny random-weight snapshot to try everything without downloading weights, and the
 //!   full-size configs to run the real architecture with random weights on a GPU.
@@ -31,12 +33,13 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod request;
+pub mod reuse;
 pub mod scheduler;
 pub mod sizes;
 pub mod snapshot;
 pub mod validate;
 
-pub use denoise::{denoise, true_cfg, DenoiseCaches, DenoiseInputs, TextConditioning};
+pub use denoise::{denoise, denoise_with, true_cfg, DenoiseCaches, DenoiseInputs, TextConditioning};
 pub use error::{PipelineError, Result};
 pub use load::{LoadOptions, LoraOption, SchedulerChoice};
 pub use memory::{MemoryProbe, MemoryReading};
@@ -45,6 +48,7 @@ pub use pipeline::QwenImageEditPipeline;
 pub use progress::{NoProgress, Progress, Stage};
 pub use report::{EditReport, StageTiming, StepReport};
 pub use request::{save_image, EditOutput, EditRequest, ImageAreas};
+pub use reuse::{Encoding, EncodingKind, ImageReuse, NoReuse, ReuseCache, ReuseCounts, ReuseKey, ReuseStats};
 pub use scheduler::{FlowMatchEulerScheduler, Schedule, SchedulerConfig};
 pub use sizes::{EditSizes, SizeAdjustment};
 pub use snapshot::{Snapshot, Variant};

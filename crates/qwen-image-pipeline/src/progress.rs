@@ -80,6 +80,20 @@ pub trait Progress {
     fn denoise_started(&mut self, _num_steps: usize) {}
     /// A denoising step ended.
     fn step_finished(&mut self, _report: &StepReport) {}
+    /// Whether the caller wants the edit stopped: asked before every stage and after every denoising step, and
+    /// the edit then ends with [`PipelineError::Cancelled`]. Default: never.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// [`PipelineError::Cancelled`] when `progress` asks for the edit to stop.
+pub(crate) fn check_cancelled(progress: &dyn Progress) -> Result<()> {
+    if progress.cancelled() {
+        Err(PipelineError::Cancelled)
+    } else {
+        Ok(())
+    }
 }
 
 /// A [`Progress`] that ignores everything.
@@ -113,6 +127,7 @@ impl<'a, B: Backend> StageClock<'a, B> {
         stage: Stage,
         f: impl FnOnce(&mut dyn Progress) -> Result<T>,
     ) -> Result<T> {
+        check_cancelled(&*self.progress)?;
         self.progress.stage_started(stage);
         let start = Instant::now();
         let out = f(&mut *self.progress)?;

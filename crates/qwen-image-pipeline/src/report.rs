@@ -10,7 +10,8 @@ use qwen_image_pruning::StepStats;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    memory::MemoryReading, metrics::Comparison, progress::Stage, sizes::SizeAdjustment, snapshot::Variant,
+    memory::MemoryReading, metrics::Comparison, progress::Stage, reuse::ReuseCounts, sizes::SizeAdjustment,
+    snapshot::Variant,
 };
 
 /// Wall time of one stage.
@@ -101,6 +102,10 @@ pub struct EditReport {
     /// Quality and speed against a baseline edit, when the caller compared them ([`Comparison::between`]).
     #[serde(default)]
     pub comparison: Option<Comparison>,
+    /// Per-image encodings taken from ([`ReuseCounts::hits`]) or computed for ([`ReuseCounts::misses`]) an
+    /// [`ImageReuse`](crate::ImageReuse) cache (both 0 without one).
+    #[serde(default)]
+    pub image_reuse: ReuseCounts,
 }
 
 impl EditReport {
