@@ -19,7 +19,8 @@
 //!    timesteps that the pipeline's table does not hold yet (the first edit of a schedule; nothing afterwards).
 //! 5. **Denoise**: the flow-matching Euler loop under the pruning schedule, with true CFG and per-token norm
 //!    rescaling ([edit.py#L797-L801][cfg-norm]); see [`denoise`](crate::denoise()).
-//! 6. **Decode**: unpacking, de-normalization and VAE decode ([edit.py#L832-L843][decode]).
+//! 6. **Decode**: unpacking, de-normalization and VAE decode ([edit.py#L832-L843][decode]); under a `mask:FILE`
+//!    schedule the unmasked pixels are then copied from the source ([`keep_unmasked`]).
 //! 7. The report ([`EditReport`]), untimed.
 //!
 //! The pruning cache of the DiT belongs to the pipeline: it is cleared before every edit unless the request keeps it.
@@ -52,10 +53,12 @@ use qwen_image::{
 use qwen_image_pruning::{ScheduleFactory, TokenLayout};
 
 use crate::{
+    compose::RequestSchedule,
     denoise::{denoise, DenoiseInputs, TextConditioning},
     latents::{image_to_tensor, pack, tensor_to_image, unpack},
     noise::gaussian_noise,
     progress::{Progress, Stage, StageClock},
+    region::keep_unmasked,
     report::{EditReport, StageTiming, StepReport},
     request::{EditOutput, EditRequest},
     scheduler::{linspace, Schedule},
@@ -109,6 +112,9 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     ) -> Result<EditOutput> {
         let start = Instant::now();
         req.validate(self.variant())?;
+        let per_token = 3 * self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
+        let fitted = RequestSchedule::new(schedule, req, per_token);
+        let schedule: &dyn ScheduleFactory = &fitted;
         let mut clock = StageClock::<B>::new(&self.device, progress);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
         let text = clock.run(Stage::EncodePrompt, |_| self.encode_prompts(&inputs))?;
@@ -118,7 +124,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
         let denoised =
             clock.run(Stage::Denoise, |p| self.denoise(req, schedule, &inputs, &text, image_latents, p))?;
-        let image = clock.run(Stage::Decode, |_| self.decode(&denoised.latents, &inputs.sizes))?;
+        let image = clock.run(Stage::Decode, |_| {
+            let image = self.decode(&denoised.latents, &inputs.sizes)?;
+            match (schedule.output_mask()?, req.images.last()) {
+                (Some(mask), Some(source)) => keep_unmasked(image, source, &mask),
+                _ => Ok(image),
+            }
+        })?;
         let report = self.report(req, &inputs, &denoised, clock.into_timings(), start.elapsed());
         Ok(EditOutput {
             image,
@@ -314,13 +326,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             modulation: self.table_mode().then(|| self.modulation.clone()),
         };
         let mut run = schedule.build()?;
-        let name = run.name();
         progress.denoise_started(req.num_steps);
         let (latents, steps) =
             denoise(&self.transformer, &dit_inputs, run.as_mut(), &mut self.caches, &mut |r| {
                 progress.step_finished(r)
             })?;
-        Ok(Denoised { latents, steps, schedule: name })
+        // Named after the run: a fitted schedule's name says what its budget dropped.
+        Ok(Denoised { latents, steps, schedule: run.name() })
     }
 
     /// [`Stage::Decode`]: the final latents unpacked, de-normalized and decoded to an image.
