@@ -41,8 +41,8 @@ use qwen_image::{
 };
 use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditioning};
 use qwen_image_pruning::{
-    EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode, ScheduleFactory, ScheduleSpec, StepPlan,
-    TokenPruningCache,
+    EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode, ScheduleFactory, ScheduleSpec,
+    StepPlan, TokenPruningCache,
 };
 use serde_json::{json, Value};
 
@@ -86,9 +86,11 @@ struct Args {
 /// A region schedule computing a centred rectangle of `fraction` of a `rows × cols` target grid after step 1.
 fn forced_region(fraction: f64, rows: usize, cols: usize) -> EditRegion {
     let side = fraction.clamp(0.0, 1.0).sqrt();
-    let (h, w) = (((rows as f64 * side).round() as usize).max(1), ((cols as f64 * side).round() as usize).max(1));
+    let (h, w) =
+        (((rows as f64 * side).round() as usize).max(1), ((cols as f64 * side).round() as usize).max(1));
     let (top, left) = ((rows - h) / 2, (cols - w) / 2);
-    let edit = (0..rows * cols).map(|i| (top..top + h).contains(&(i / cols)) && (left..left + w).contains(&(i % cols)));
+    let edit = (0..rows * cols)
+        .map(|i| (top..top + h).contains(&(i / cols)) && (left..left + w).contains(&(i % cols)));
     let mask = PixelMask::new(cols, rows, edit.collect()).expect("mask");
     EditRegion::new(RegionSource::Mask(mask), 0, None, ReuseMode::KeyValue).expect("region")
 }
@@ -335,7 +337,12 @@ fn dit_case(
     let mut none_flop = None;
     let mut runs_to_time: Vec<(String, Box<dyn ScheduleFactory>)> = ["none", "cat", "reuse:2,3,4"]
         .into_iter()
-        .map(|s| (s.to_string(), Box::new(s.parse::<ScheduleSpec>().expect("schedule")) as Box<dyn ScheduleFactory>))
+        .map(|s| {
+            (
+                s.to_string(),
+                Box::new(s.parse::<ScheduleSpec>().expect("schedule")) as Box<dyn ScheduleFactory>,
+            )
+        })
         .collect();
     for &f in &args.forced_region {
         runs_to_time.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64))));
@@ -360,8 +367,10 @@ fn dit_case(
         let steps: Vec<f64> = last_reports.iter().map(|r| r.time.as_secs_f64() * 1e3).collect();
         let cache = last_reports.iter().map(|r| r.cache_bytes).max().unwrap_or(0);
         // The plans' FLOP: each step's image tokens computed (per block) against all keys.
-        let flop: f64 =
-            last_reports.iter().map(|r| step_flop(layers, text, r.stats.computed_tokens / layers, keys)).sum();
+        let flop: f64 = last_reports
+            .iter()
+            .map(|r| step_flop(layers, text, r.stats.computed_tokens / layers, keys))
+            .sum();
         let speedup = none_total.map(|n: f64| n / total);
         if spec == "none" {
             (none_total, none_flop) = (Some(total), Some(flop));

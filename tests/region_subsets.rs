@@ -28,7 +28,8 @@ fn case_dir(case: &str) -> PathBuf {
 
 fn load(case: &str) -> (QwenImageTransformer<B>, qwen_image::dit::DitInput<B>) {
     let model =
-        QwenImageTransformer::load(&case_dir(case).join("transformer"), DType::F32, &Default::default()).unwrap();
+        QwenImageTransformer::load(&case_dir(case).join("transformer"), DType::F32, &Default::default())
+            .unwrap();
     let file = TensorFile::open(&case_dir(case).join("inputs.safetensors")).unwrap();
     let input = read_dit_input::<B>(&file, model.device()).unwrap();
     (model, input)
@@ -59,7 +60,8 @@ fn a_subset_computes_its_tokens_as_the_full_pass_and_holds_the_rest() {
         let rest: Vec<usize> = (0..t).filter(|i| i % 3 != 1).collect();
         for mode in [ReuseMode::KeyValue, ReuseMode::RecomputeKeyValue] {
             let mut cache = TokenPruningCache::new();
-            let (full, full_stats) = model.forward_planned(&input, &full_cache_plan(layers, n), 0, &mut cache).unwrap();
+            let (full, full_stats) =
+                model.forward_planned(&input, &full_cache_plan(layers, n), 0, &mut cache).unwrap();
             let full = to_f32_vec(full);
             assert_eq!(full_stats.cached_entries, layers * (n + 1));
             assert!(cache.target_bytes() > 0);
@@ -69,13 +71,22 @@ fn a_subset_computes_its_tokens_as_the_full_pass_and_holds_the_rest() {
             let (out, stats) = model.forward_planned(&input, &plan, 1, &mut cache).unwrap();
             let out = to_f32_vec(out);
             assert_eq!(out.len(), full.len());
-            let (got, want) = (rows(&out, channels, subset.iter().map(|&i| i as usize)), rows(&full, channels, subset.iter().map(|&i| i as usize)));
+            let (got, want) = (
+                rows(&out, channels, subset.iter().map(|&i| i as usize)),
+                rows(&full, channels, subset.iter().map(|&i| i as usize)),
+            );
             let err = rel_l2(&got, &want);
             println!("{case} {mode:?}: subset tokens vs full pass rel L2 {err:.2e}");
             assert!(err <= 1e-5, "{case} {mode:?}: {err:.3e}");
-            assert_eq!(rows(&out, channels, rest.iter().copied()), rows(&full, channels, rest.iter().copied()));
+            assert_eq!(
+                rows(&out, channels, rest.iter().copied()),
+                rows(&full, channels, rest.iter().copied())
+            );
             assert_eq!(stats.computed_tokens, subset.len() * layers);
-            assert_eq!(stats.reused_tokens, (rest.len() + layout.condition_tokens.iter().sum::<usize>()) * layers);
+            assert_eq!(
+                stats.reused_tokens,
+                (rest.len() + layout.condition_tokens.iter().sum::<usize>()) * layers
+            );
         }
     }
 }
@@ -90,12 +101,16 @@ fn the_held_tokens_keep_the_last_prediction_while_the_subset_moves() {
     let (full, _) = model.forward_planned(&input, &full_cache_plan(layers, n), 0, &mut cache).unwrap();
     let full = to_f32_vec(full);
     input.timestep = vec![input.timestep[0] * 0.5];
-    let (moved, _) = model.forward_planned(&input, &subset_plan(layers, n, &[0], ReuseMode::KeyValue), 1, &mut cache).unwrap();
+    let (moved, _) = model
+        .forward_planned(&input, &subset_plan(layers, n, &[0], ReuseMode::KeyValue), 1, &mut cache)
+        .unwrap();
     let moved = to_f32_vec(moved);
     assert!(rel_l2(&moved[..channels], &full[..channels]) > 1e-3, "the computed token did not change");
     assert_eq!(moved[channels..], full[channels..]);
     // The next subset step holds what the last one predicted (token 0 included).
-    let (next, _) = model.forward_planned(&input, &subset_plan(layers, n, &[t as u32 - 1], ReuseMode::KeyValue), 2, &mut cache).unwrap();
+    let (next, _) = model
+        .forward_planned(&input, &subset_plan(layers, n, &[t as u32 - 1], ReuseMode::KeyValue), 2, &mut cache)
+        .unwrap();
     assert_eq!(to_f32_vec(next)[..channels], moved[..channels]);
 }
 
@@ -107,8 +122,11 @@ fn a_subset_of_every_token_is_the_full_plan_bit_for_bit() {
     let mut cache = TokenPruningCache::new();
     model.forward_planned(&input, &full_cache_plan(layers, n), 0, &mut cache).unwrap();
     let all: Vec<u32> = (0..t as u32).collect();
-    let (a, _) = model.forward_planned(&input, &subset_plan(layers, n, &all, ReuseMode::KeyValue), 1, &mut cache).unwrap();
-    let reuse = StepPlan::new(vec![LayerPlan::with_conditions(n, GroupAction::Reuse(ReuseMode::KeyValue)); layers]);
+    let (a, _) = model
+        .forward_planned(&input, &subset_plan(layers, n, &all, ReuseMode::KeyValue), 1, &mut cache)
+        .unwrap();
+    let reuse =
+        StepPlan::new(vec![LayerPlan::with_conditions(n, GroupAction::Reuse(ReuseMode::KeyValue)); layers]);
     let (b, _) = model.forward_planned(&input, &reuse, 1, &mut cache).unwrap();
     let (a, b) = (to_f32_vec(a), to_f32_vec(b));
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
@@ -132,7 +150,9 @@ fn subset_plans_without_their_cache_fail_before_computing() {
     assert!(err.to_string().contains("layer 0: target is reused"), "{err}");
     // A subset with recomputed K/V needs the target's block inputs: present after a full caching step.
     model.forward_planned(&input, &full_cache_plan(layers, n), 0, &mut cache).unwrap();
-    model.forward_planned(&input, &subset_plan(layers, n, &[1], ReuseMode::RecomputeKeyValue), 1, &mut cache).unwrap();
+    model
+        .forward_planned(&input, &subset_plan(layers, n, &[1], ReuseMode::RecomputeKeyValue), 1, &mut cache)
+        .unwrap();
     // Subsets differing between blocks are refused.
     let mut mixed = plan.clone();
     mixed.layers[1].target = GroupPlan::subset(vec![1], ReuseMode::KeyValue);
@@ -194,7 +214,13 @@ fn region_schedules_run_in_the_denoising_loop_with_and_without_cfg() {
 fn mask_keeps_unmasked_pixels_bit_identical_and_budget_and_guardrail_are_reported() {
     let dir = std::env::temp_dir().join(format!("qwen-region-{}", std::process::id()));
     let snapshot = demo::write_demo_snapshot(&dir.join("snapshot")).unwrap();
-    let mut pipe = QwenImageEditPipeline::<B>::load(snapshot.to_str().unwrap(), &LoadOptions::default(), &Default::default(), &mut NoProgress).unwrap();
+    let mut pipe = QwenImageEditPipeline::<B>::load(
+        snapshot.to_str().unwrap(),
+        &LoadOptions::default(),
+        &Default::default(),
+        &mut NoProgress,
+    )
+    .unwrap();
     let image = demo::sample_image().unwrap();
     let mut request = EditRequest::new(vec![image.clone()], "Make it purple");
     request.areas = demo::demo_areas();
@@ -217,7 +243,11 @@ fn mask_keeps_unmasked_pixels_bit_identical_and_budget_and_guardrail_are_reporte
     request.guardrail = Some(0.0);
     request.cache_budget = Some(0);
     let guarded = pipe.edit(&request, &"region".parse::<ScheduleSpec>().unwrap(), &mut NoProgress).unwrap();
-    assert!(guarded.report.schedule.contains("budget") && guarded.report.schedule.contains("dropped"), "{}", guarded.report.schedule);
+    assert!(
+        guarded.report.schedule.contains("budget") && guarded.report.schedule.contains("dropped"),
+        "{}",
+        guarded.report.schedule
+    );
     request.cache_budget = None;
     let guarded = pipe.edit(&request, &"cat".parse::<ScheduleSpec>().unwrap(), &mut NoProgress).unwrap();
     assert!(guarded.report.steps[1].guardrail.is_some(), "the guardrail did not fire");
@@ -228,7 +258,13 @@ fn mask_keeps_unmasked_pixels_bit_identical_and_budget_and_guardrail_are_reporte
 #[test]
 fn region_runs_on_edit_plus_with_three_images() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/snapshot_plus");
-    let mut pipe = QwenImageEditPipeline::<B>::load(root.to_str().unwrap(), &LoadOptions::default(), &Default::default(), &mut NoProgress).unwrap();
+    let mut pipe = QwenImageEditPipeline::<B>::load(
+        root.to_str().unwrap(),
+        &LoadOptions::default(),
+        &Default::default(),
+        &mut NoProgress,
+    )
+    .unwrap();
     let img = demo::sample_image().unwrap();
     let mut r = EditRequest::new(vec![img.clone(), img.clone(), img], "Combine them");
     r.areas = demo::demo_areas();

@@ -183,7 +183,9 @@ pub fn denoise<B: QwenBackend>(
             layout: &layout,
         };
         let plan = schedule.plan_step(&ctx)?;
-        let run_plan = |plan: &StepPlan, caches: &mut DenoiseCaches<B>| -> Result<(Tensor<B, 3>, StepStats)> {
+        let run_plan = |plan: &StepPlan,
+                        caches: &mut DenoiseCaches<B>|
+         -> Result<(Tensor<B, 3>, StepStats)> {
             let (v_cond, mut stats) = model.forward_planned(&cond_input, plan, step, &mut caches.prompt)?;
             let v = match cfg {
                 Some(neg) => {

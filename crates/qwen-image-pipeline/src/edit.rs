@@ -112,7 +112,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     ) -> Result<EditOutput> {
         let start = Instant::now();
         req.validate(self.variant())?;
-        let per_token = 3 * self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
+        let per_token =
+            3 * self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
         let fitted = RequestSchedule::new(schedule, req, per_token);
         let schedule: &dyn ScheduleFactory = &fitted;
         let mut clock = StageClock::<B>::new(&self.device, progress);

@@ -32,7 +32,8 @@ pub fn target_signals<B: Backend>(
     };
     let first = |t: &Tensor<B, 3>| t.clone().narrow(0, 0, 1).cast(DType::F32);
     let x0 = host(first(x) - first(v) * sigma)?;
-    let target = img_shapes.first().copied().ok_or_else(|| PipelineError::invalid("no target image shape"))?;
+    let target =
+        img_shapes.first().copied().ok_or_else(|| PipelineError::invalid("no target image shape"))?;
     let mut offset = 0;
     let mut reference = None;
     for shape in img_shapes.iter().skip(1) {
@@ -84,7 +85,10 @@ mod tests {
         let x = Tensor::<B, 3>::ones([1, 4, 2], &dev);
         let v = Tensor::<B, 3>::ones([1, 4, 2], &dev);
         let shapes = [ImageShape::new(2, 2), ImageShape::new(1, 3), ImageShape::new(2, 2)];
-        let latents = Tensor::<B, 3>::from_data([[[9.0; 2], [9.0; 2], [9.0; 2], [0.5; 2], [0.5; 2], [0.5; 2], [0.5; 2]]], &dev);
+        let latents = Tensor::<B, 3>::from_data(
+            [[[9.0; 2], [9.0; 2], [9.0; 2], [0.5; 2], [0.5; 2], [0.5; 2], [0.5; 2]]],
+            &dev,
+        );
         let s = target_signals(&x, &v, 0.25, &latents, &shapes).unwrap();
         assert_eq!(s.grid, (2, 2));
         assert_eq!(s.x0, vec![0.75; 8]);

@@ -17,7 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{GroupAction, GroupPlan, PruneError, PruningSchedule, StepContext, StepOutcome, StepPlan, TokenLayout};
+use crate::{
+    GroupAction, GroupPlan, PruneError, PruningSchedule, StepContext, StepOutcome, StepPlan, TokenLayout,
+};
 
 /// What a budget dropped from a schedule's plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +101,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, PruneError> {
     };
     let value = number.trim().parse::<f64>().map(|v| v * scale).unwrap_or(f64::NAN);
     if !value.is_finite() || value < 0.0 {
-        return Err(PruneError::InvalidPlan(format!("`{text}` is not a byte count (e.g. 2GiB, 512MiB, 1.5GB)")));
+        return Err(PruneError::InvalidPlan(format!(
+            "`{text}` is not a byte count (e.g. 2GiB, 512MiB, 1.5GB)"
+        )));
     }
     Ok(value as u64)
 }
@@ -167,7 +171,8 @@ mod tests {
     #[test]
     fn drops_the_target_region_when_it_cannot_fit() {
         let layout = TokenLayout::new(2, 4, vec![4]);
-        let region = EditRegion::new(RegionSource::Estimate { threshold: 0.1 }, 0, None, ReuseMode::KeyValue).unwrap();
+        let region =
+            EditRegion::new(RegionSource::Estimate { threshold: 0.1 }, 0, None, ReuseMode::KeyValue).unwrap();
         let mut s = CacheBudget::new(region, 20, 1).unwrap();
         let plans = dry_run(&mut s, &SIGMAS, 10, &layout).unwrap();
         assert!(plans.iter().all(|p| p.target_subset(4).is_none()));

@@ -68,12 +68,22 @@ impl<B: Backend> Default for TokenPruningCache<B> {
 impl<B: Backend> TokenPruningCache<B> {
     /// An empty cache.
     pub fn new() -> Self {
-        TokenPruningCache { layers: Vec::new(), targets: Vec::new(), target_output: None, stats: CacheStats::default() }
+        TokenPruningCache {
+            layers: Vec::new(),
+            targets: Vec::new(),
+            target_output: None,
+            stats: CacheStats::default(),
+        }
     }
 
     /// Stores the entry of `group` (a condition image or the target) at block `layer`, replacing any older one.
     /// The text is never cached: storing it is an [`PruneError::Unsupported`] error.
-    pub fn store_group(&mut self, layer: usize, group: TokenGroup, entry: CachedCondition<B>) -> Result<(), PruneError> {
+    pub fn store_group(
+        &mut self,
+        layer: usize,
+        group: TokenGroup,
+        entry: CachedCondition<B>,
+    ) -> Result<(), PruneError> {
         match group {
             TokenGroup::Condition(k) => self.store(layer, k, entry),
             TokenGroup::Target => {
@@ -107,7 +117,9 @@ impl<B: Backend> TokenPruningCache<B> {
         tokens: usize,
     ) -> Result<&CachedCondition<B>, PruneError> {
         let entry = match group {
-            TokenGroup::Condition(k) => self.layers.get(layer).and_then(|row| row.get(k)).and_then(|e| e.as_ref()),
+            TokenGroup::Condition(k) => {
+                self.layers.get(layer).and_then(|row| row.get(k)).and_then(|e| e.as_ref())
+            }
             TokenGroup::Target => self.targets.get(layer).and_then(|e| e.as_ref()),
             TokenGroup::Text => None,
         };
@@ -172,8 +184,14 @@ impl<B: Backend> TokenPruningCache<B> {
 
     /// Bytes of device memory held by all entries and the target's last prediction.
     pub fn size_bytes(&self) -> usize {
-        let entries: usize =
-            self.layers.iter().flatten().chain(&self.targets).flatten().map(CachedCondition::size_bytes).sum();
+        let entries: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .chain(&self.targets)
+            .flatten()
+            .map(CachedCondition::size_bytes)
+            .sum();
         let output = self.target_output.as_ref().map_or(0, |t| t.shape().num_elements() * t.dtype().size());
         entries + output
     }

@@ -76,7 +76,14 @@ mod tests {
     fn fires_only_at_reuse_steps_past_the_threshold() {
         let mut g = Guardrail::new(Cat::default(), 0.2).unwrap();
         let layout = TokenLayout::new(2, 4, vec![4]);
-        let ctx = |step| StepContext { step, num_steps: 4, sigma: 1.0, sigma_next: 0.5, num_layers: 2, layout: &layout };
+        let ctx = |step| StepContext {
+            step,
+            num_steps: 4,
+            sigma: 1.0,
+            sigma_next: 0.5,
+            num_layers: 2,
+            layout: &layout,
+        };
         let full = g.plan_step(&ctx(0)).unwrap();
         let mut outcome = StepOutcome::new(0, full);
         outcome.velocity_change = Some(0.9);

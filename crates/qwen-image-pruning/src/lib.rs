@@ -76,12 +76,12 @@ pub use mask::PixelMask;
 pub use plan::{
     GroupAction, GroupPlan, LayerPlan, ReuseMode, StepPlan, TokenGroup, TokenLayout, TokenSubset,
 };
-pub use schedule::{
-    dry_run, Cat, LayerRange, NoPruning, PruningSchedule, ReuseSteps, StepContext, StepOutcome,
-};
 pub use region::{
     Adaptive, EditRegion, RegionSource, DEFAULT_ADAPTIVE_BUDGET, DEFAULT_MASK_MARGIN, DEFAULT_REGION_MARGIN,
     DEFAULT_REGION_THRESHOLD,
+};
+pub use schedule::{
+    dry_run, Cat, LayerRange, NoPruning, PruningSchedule, ReuseSteps, StepContext, StepOutcome,
 };
 pub use signals::{dilate, TargetSignals};
 pub use spec::ScheduleSpec;

@@ -128,7 +128,11 @@ impl GroupPlan {
     /// A plan computing only the target tokens `indices` at this block; the others attend as cached K/V, provided
     /// by `rest` (a [`GroupAction::Reuse`]).
     pub fn subset(indices: Vec<u32>, rest: ReuseMode) -> Self {
-        GroupPlan { action: GroupAction::Compute, tokens: TokenSubset::Indices(indices), rest: GroupAction::Reuse(rest) }
+        GroupPlan {
+            action: GroupAction::Compute,
+            tokens: TokenSubset::Indices(indices),
+            rest: GroupAction::Reuse(rest),
+        }
     }
 
     /// A plan applying `action` to every token of the group.
@@ -280,7 +284,8 @@ impl StepPlan {
         lookup: impl Fn(usize, TokenGroup) -> Option<(usize, bool)>,
     ) -> Result<(), PruneError> {
         let check = |layer: usize, group: TokenGroup, expected: usize, needs_hidden: bool| {
-            let (cached, has_hidden) = lookup(layer, group).ok_or(PruneError::CacheMiss { step, layer, group })?;
+            let (cached, has_hidden) =
+                lookup(layer, group).ok_or(PruneError::CacheMiss { step, layer, group })?;
             if cached != expected {
                 return Err(PruneError::CacheShapeMismatch { layer, group, cached, expected });
             }
@@ -434,7 +439,9 @@ mod tests {
         let err = two.check_cache(1, &layout(), miss).unwrap_err();
         assert_eq!(err, PruneError::CacheMiss { step: 1, layer: 1, group: TokenGroup::Target });
         two.layers[1].target.rest = GroupAction::Reuse(ReuseMode::RecomputeKeyValue);
-        assert!(matches!(two.check_cache(1, &layout(), hit), Err(PruneError::HiddenNotCached { layer: 1, .. })));
+        assert!(matches!(
+            two.check_cache(1, &layout(), hit),
+            Err(PruneError::HiddenNotCached { layer: 1, .. })
+        ));
     }
-
 }

@@ -11,8 +11,8 @@
 //! `forward_planned`); for Euler steps this is the same as holding their x̂₀ fixed.
 
 use crate::{
-    dilate, GroupAction, GroupPlan, LayerPlan, PixelMask, PruneError, PruningSchedule, ReuseMode, StepContext,
-    StepOutcome, StepPlan,
+    dilate, GroupAction, GroupPlan, LayerPlan, PixelMask, PruneError, PruningSchedule, ReuseMode,
+    StepContext, StepOutcome, StepPlan,
 };
 
 /// Default relative change (per-token RMS of x̂₀ − condition over the condition's RMS) above which `region` marks a
@@ -56,7 +56,12 @@ pub struct EditRegion {
 impl EditRegion {
     /// A region schedule; `refresh` is an optional 1-based step (≥ 2) that computes and re-caches everything and
     /// derives the region again.
-    pub fn new(source: RegionSource, margin: usize, refresh: Option<usize>, mode: ReuseMode) -> Result<Self, PruneError> {
+    pub fn new(
+        source: RegionSource,
+        margin: usize,
+        refresh: Option<usize>,
+        mode: ReuseMode,
+    ) -> Result<Self, PruneError> {
         if refresh.is_some_and(|r| r < 2) {
             return Err(PruneError::InvalidPlan("the refresh step of a region schedule is ≥ 2".into()));
         }
@@ -203,12 +208,20 @@ mod tests {
     }
 
     fn ctx(step: usize, layout: &TokenLayout) -> StepContext<'_> {
-        StepContext { step, num_steps: 4, sigma: SIGMAS[step], sigma_next: SIGMAS[step + 1], num_layers: 2, layout }
+        StepContext {
+            step,
+            num_steps: 4,
+            sigma: SIGMAS[step],
+            sigma_next: SIGMAS[step + 1],
+            num_layers: 2,
+            layout,
+        }
     }
 
     #[test]
     fn region_marks_changed_tokens_with_a_margin() {
-        let mut s = EditRegion::new(RegionSource::Estimate { threshold: 0.5 }, 1, None, ReuseMode::KeyValue).unwrap();
+        let mut s =
+            EditRegion::new(RegionSource::Estimate { threshold: 0.5 }, 1, None, ReuseMode::KeyValue).unwrap();
         let l = layout();
         let first = s.plan_step(&ctx(0, &l)).unwrap();
         assert_eq!(first.layers[0].target.action, GroupAction::ComputeAndCache);
@@ -217,7 +230,8 @@ mod tests {
         let mut x0 = vec![1.0; 16];
         x0[5] = 3.0;
         let mut outcome = StepOutcome::new(0, first);
-        outcome.target = Some(TargetSignals { grid: (4, 4), channels: 1, x0, reference: Some(vec![1.0; 16]) });
+        outcome.target =
+            Some(TargetSignals { grid: (4, 4), channels: 1, x0, reference: Some(vec![1.0; 16]) });
         s.observe(&outcome);
         let plan = s.plan_step(&ctx(1, &l)).unwrap();
         let target = &plan.layers[1].target;
@@ -229,18 +243,27 @@ mod tests {
 
     #[test]
     fn region_without_a_reference_is_an_error_and_the_dry_run_checks_subsets() {
-        let mut s = EditRegion::new(RegionSource::Estimate { threshold: 0.5 }, 0, Some(3), ReuseMode::KeyValue).unwrap();
+        let mut s =
+            EditRegion::new(RegionSource::Estimate { threshold: 0.5 }, 0, Some(3), ReuseMode::KeyValue)
+                .unwrap();
         let plans = dry_run(&mut s.clone(), &SIGMAS, 2, &layout()).unwrap();
         assert_eq!(plans[1].target_subset(16), Some(&[0][..]));
         assert_eq!(plans[2].layers[0].target.action, GroupAction::ComputeAndCache);
         let first = s.plan_step(&ctx(0, &layout())).unwrap();
         let mut outcome = StepOutcome::new(0, first);
-        outcome.target = Some(TargetSignals { grid: (4, 4), channels: 1, x0: vec![0.0; 16], reference: None });
+        outcome.target =
+            Some(TargetSignals { grid: (4, 4), channels: 1, x0: vec![0.0; 16], reference: None });
         s.observe(&outcome);
         assert!(s.plan_step(&ctx(1, &layout())).unwrap_err().to_string().contains("same token grid"));
-        assert!(EditRegion::new(RegionSource::Estimate { threshold: 0.1 }, 0, Some(1), ReuseMode::KeyValue).is_err());
-        let mut late = EditRegion::new(RegionSource::Estimate { threshold: 0.1 }, 0, Some(6), ReuseMode::KeyValue).unwrap();
-        assert!(matches!(dry_run(&mut late, &SIGMAS, 2, &layout()), Err(PruneError::StepRange { step: 6, .. })));
+        assert!(EditRegion::new(RegionSource::Estimate { threshold: 0.1 }, 0, Some(1), ReuseMode::KeyValue)
+            .is_err());
+        let mut late =
+            EditRegion::new(RegionSource::Estimate { threshold: 0.1 }, 0, Some(6), ReuseMode::KeyValue)
+                .unwrap();
+        assert!(matches!(
+            dry_run(&mut late, &SIGMAS, 2, &layout()),
+            Err(PruneError::StepRange { step: 6, .. })
+        ));
     }
 
     #[test]

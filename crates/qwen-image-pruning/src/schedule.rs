@@ -3,7 +3,10 @@
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
-use crate::{GroupAction, LayerPlan, PruneError, ReuseMode, StepPlan, StepStats, TargetSignals, TokenGroup, TokenLayout};
+use crate::{
+    GroupAction, LayerPlan, PruneError, ReuseMode, StepPlan, StepStats, TargetSignals, TokenGroup,
+    TokenLayout,
+};
 
 /// What a schedule knows when it plans a step.
 #[derive(Clone, Copy, Debug)]

@@ -27,8 +27,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Adaptive, Cat, EditRegion, LayerRange, NoPruning, PixelMask, PruneError, PruningSchedule, RegionSource, ReuseMode,
-    ReuseSteps, DEFAULT_ADAPTIVE_BUDGET, DEFAULT_MASK_MARGIN, DEFAULT_REGION_MARGIN, DEFAULT_REGION_THRESHOLD,
+    Adaptive, Cat, EditRegion, LayerRange, NoPruning, PixelMask, PruneError, PruningSchedule, RegionSource,
+    ReuseMode, ReuseSteps, DEFAULT_ADAPTIVE_BUDGET, DEFAULT_MASK_MARGIN, DEFAULT_REGION_MARGIN,
+    DEFAULT_REGION_THRESHOLD,
 };
 
 fn default_threshold() -> f32 {
@@ -137,7 +138,9 @@ impl ScheduleSpec {
                 let source = RegionSource::Mask(PixelMask::load(path)?);
                 (Box::new(EditRegion::new(source, *margin, *refresh, *mode)?), *layers)
             }
-            ScheduleSpec::Adaptive { budget, mode, layers } => (Box::new(Adaptive::new(*budget, *mode)?), *layers),
+            ScheduleSpec::Adaptive { budget, mode, layers } => {
+                (Box::new(Adaptive::new(*budget, *mode)?), *layers)
+            }
         };
         Ok(match layers {
             Some((lo, hi)) => Box::new(LayerRange::new(inner, lo, hi)?),
@@ -231,7 +234,8 @@ impl FromStr for ScheduleSpec {
                     None => Some(DEFAULT_REGION_THRESHOLD),
                 };
                 let threshold = threshold.ok_or_else(|| err("the region threshold is a number ≥ 0"))?;
-                let int = |i: usize, what: &str| values.get(i).map(|v| v.parse::<usize>().map_err(|_| err(what)));
+                let int =
+                    |i: usize, what: &str| values.get(i).map(|v| v.parse::<usize>().map_err(|_| err(what)));
                 let margin = int(1, "the region margin is a whole number of tokens")
                     .transpose()?
                     .unwrap_or(DEFAULT_REGION_MARGIN);
@@ -249,11 +253,9 @@ impl FromStr for ScheduleSpec {
                 let budget = budget.ok_or_else(|| err("the adaptive budget is a number ≥ 0"))?;
                 ScheduleSpec::Adaptive { budget, mode, layers }
             }
-            _ => {
-                return Err(err(
-                    "expected `none`, `cat`, `reuse:S1,S2,...`, `region[:T,M,R]`, `mask:FILE` or `adaptive[:B]`",
-                ))
-            }
+            _ => return Err(err(
+                "expected `none`, `cat`, `reuse:S1,S2,...`, `region[:T,M,R]`, `mask:FILE` or `adaptive[:B]`",
+            )),
         };
         Ok(spec)
     }
@@ -411,8 +413,16 @@ mod tests {
         };
         assert_eq!(spec("region"), region);
         assert_eq!(serde_json::from_str::<ScheduleSpec>(r#"{"type":"region"}"#).unwrap(), region);
-        assert_eq!(spec("adaptive"), ScheduleSpec::Adaptive { budget: DEFAULT_ADAPTIVE_BUDGET, mode: ReuseMode::KeyValue, layers: None });
-        let mask: ScheduleSpec = serde_json::from_str(r#"{"type":"mask","path":"m.png","margin":2}"#).unwrap();
+        assert_eq!(
+            spec("adaptive"),
+            ScheduleSpec::Adaptive {
+                budget: DEFAULT_ADAPTIVE_BUDGET,
+                mode: ReuseMode::KeyValue,
+                layers: None
+            }
+        );
+        let mask: ScheduleSpec =
+            serde_json::from_str(r#"{"type":"mask","path":"m.png","margin":2}"#).unwrap();
         assert!(matches!(mask, ScheduleSpec::Mask { margin: 2, .. }));
         let err = mask.build().unwrap_err().to_string();
         assert!(err.contains("cannot read the mask"), "{err}");

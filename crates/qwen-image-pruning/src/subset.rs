@@ -7,7 +7,12 @@ use crate::{GroupAction, GroupPlan, PruneError, TokenGroup, TokenSubset};
 /// Checks the plan of `group` (of `len` tokens) at block `layer`: indices strictly increasing and in range, and
 /// only what the model executes (text computed; target computed, cached, or computed on a subset with the rest
 /// reused; condition images on all their tokens).
-pub(crate) fn check_group(layer: usize, group: TokenGroup, plan: &GroupPlan, len: usize) -> Result<(), PruneError> {
+pub(crate) fn check_group(
+    layer: usize,
+    group: TokenGroup,
+    plan: &GroupPlan,
+    len: usize,
+) -> Result<(), PruneError> {
     if let TokenSubset::Indices(idx) = &plan.tokens {
         if idx.is_empty() {
             return Err(PruneError::InvalidPlan(format!(

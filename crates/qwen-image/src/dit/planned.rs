@@ -50,9 +50,9 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
 
         let mut p = self.prepare(input)?;
         let n_images = input.img_shapes.len();
-        let subset = plan
-            .target_subset(layout.target_tokens)
-            .map(|idx| TargetSubset::<B>::new(idx, layout.target_tokens, layout.image_tokens(), self.device()));
+        let subset = plan.target_subset(layout.target_tokens).map(|idx| {
+            TargetSubset::<B>::new(idx, layout.target_tokens, layout.image_tokens(), self.device())
+        });
         // Token counts of the images as held: the target's computed tokens, then each condition image.
         let mut offsets = vec![0usize; n_images + 1];
         for (i, s) in input.img_shapes.iter().enumerate() {
