@@ -19,7 +19,8 @@
 //! `--forced-region F,…` adds, per fraction F, a `region` run whose edit region is forced to a centred rectangle of
 //! F of the target tokens (a `mask` schedule with margin 0: step 1 computes and caches everything, steps 2–4 compute
 //! only those target tokens and the text, the rest of the target and the condition image attend as cached K/V).
-//! Every 4-step run reports its FLOP ceiling: the FLOP of `none` over the FLOP of its plans.
+//! Every 4-step run reports its FLOP ceiling: the FLOP of `none` over the FLOP of its plans. `--cache-budget 2GiB`
+//! adds a `cat` run fitted to that cache budget (its peak cache and time show what the budget costs).
 //! `tools/bench/torch_dit_bench.py` measures the PyTorch reference on the same shapes and
 //! `tools/bench/compare.py` puts both side by side; `docs/performance.md` has the results.
 
@@ -41,8 +42,8 @@ use qwen_image::{
 };
 use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditioning};
 use qwen_image_pruning::{
-    EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode, ScheduleFactory, ScheduleSpec,
-    StepPlan, TokenPruningCache,
+    from_fn, CacheBudget, Cat, EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode,
+    ScheduleFactory, ScheduleSpec, StepPlan, TokenPruningCache,
 };
 use serde_json::{json, Value};
 
@@ -81,6 +82,9 @@ struct Args {
     /// Fractions of the target tokens to force as the edit region of extra `region` runs (e.g. `0.1,0.25,0.5`).
     #[arg(long, value_delimiter = ',')]
     forced_region: Vec<f64>,
+    /// Also run `cat` fitted to this cache budget (e.g. `2GiB`), to measure what the budget costs.
+    #[arg(long, value_parser = |s: &str| qwen_image_pruning::parse_bytes(s).map_err(|e| e.to_string()))]
+    cache_budget: Option<u64>,
 }
 
 /// A region schedule computing a centred rectangle of `fraction` of a `rows × cols` target grid after step 1.
@@ -346,6 +350,12 @@ fn dit_case(
         .collect();
     for &f in &args.forced_region {
         runs_to_time.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64))));
+    }
+    if let Some(bytes) = args.cache_budget {
+        // K, V and block input per cached token, bf16.
+        let per_token = 3 * D as u64 * 2;
+        let fitted = from_fn(move || CacheBudget::new(Cat::default(), bytes, per_token).expect("budget"));
+        runs_to_time.push((format!("cat budget {:.1}GiB", gib(bytes)), Box::new(fitted)));
     }
     for (spec, parsed) in &runs_to_time {
         let spec = spec.as_str();
