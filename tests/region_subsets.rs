@@ -210,17 +210,18 @@ fn region_schedules_run_in_the_denoising_loop_with_and_without_cfg() {
     }
 }
 
+/// The pipeline of the snapshot folder `dir`, on the CPU.
+fn pipeline(dir: &Path) -> QwenImageEditPipeline<B> {
+    let options = LoadOptions::default();
+    QwenImageEditPipeline::load(dir.to_str().unwrap(), &options, &Default::default(), &mut NoProgress)
+        .unwrap()
+}
+
 #[test]
 fn mask_keeps_unmasked_pixels_bit_identical_and_budget_and_guardrail_are_reported() {
     let dir = std::env::temp_dir().join(format!("qwen-region-{}", std::process::id()));
     let snapshot = demo::write_demo_snapshot(&dir.join("snapshot")).unwrap();
-    let mut pipe = QwenImageEditPipeline::<B>::load(
-        snapshot.to_str().unwrap(),
-        &LoadOptions::default(),
-        &Default::default(),
-        &mut NoProgress,
-    )
-    .unwrap();
+    let mut pipe = pipeline(&snapshot);
     let image = demo::sample_image().unwrap();
     let mut request = EditRequest::new(vec![image.clone()], "Make it purple");
     request.areas = demo::demo_areas();
@@ -258,13 +259,7 @@ fn mask_keeps_unmasked_pixels_bit_identical_and_budget_and_guardrail_are_reporte
 #[test]
 fn region_runs_on_edit_plus_with_three_images() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/snapshot_plus");
-    let mut pipe = QwenImageEditPipeline::<B>::load(
-        root.to_str().unwrap(),
-        &LoadOptions::default(),
-        &Default::default(),
-        &mut NoProgress,
-    )
-    .unwrap();
+    let mut pipe = pipeline(&root);
     let img = demo::sample_image().unwrap();
     let mut r = EditRequest::new(vec![img.clone(), img.clone(), img], "Combine them");
     r.areas = demo::demo_areas();
