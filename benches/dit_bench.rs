@@ -13,8 +13,14 @@
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench dit_bench --no-run
 //! <binary> --json out.json [--cases v1,plus] [--layers 60] [--reps 5] [--skip-kernels] [--skip-dit]
-//!          [--modulation table|resident]
+//!          [--modulation table|resident] [--forced-region 0.1,0.25,0.5]
 //! ```
+//!
+//! `--forced-region F,…` adds, per fraction F, a `region` run whose edit region is forced to a centred rectangle of
+//! F of the target tokens (a `mask` schedule with margin 0: step 1 computes and caches everything, steps 2–4 compute
+//! only those target tokens and the text, the rest of the target and the condition image attend as cached K/V).
+//! Every 4-step run reports its FLOP ceiling: the FLOP of `none` over the FLOP of its plans. `--cache-budget 2GiB`
+//! adds a `cat` run fitted to that cache budget (its peak cache and time show what the budget costs).
 //! `tools/bench/torch_dit_bench.py` measures the PyTorch reference on the same shapes and
 //! `tools/bench/compare.py` puts both side by side; `docs/performance.md` has the results.
 
@@ -35,7 +41,10 @@ use qwen_image::{
     weights::WeightStore,
 };
 use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditioning};
-use qwen_image_pruning::{GroupAction, LayerPlan, ReuseMode, ScheduleSpec, StepPlan, TokenPruningCache};
+use qwen_image_pruning::{
+    from_fn, CacheBudget, Cat, EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode,
+    ScheduleFactory, ScheduleSpec, StepPlan, TokenPruningCache,
+};
 use serde_json::{json, Value};
 
 use common::{dev, fast_path_json, gib, gpu_memory, log_to_stderr, median, sync, ModulationArg, G};
@@ -70,6 +79,24 @@ struct Args {
     /// Where the DiT's modulation weights live.
     #[arg(long, value_enum, default_value = "table")]
     modulation: ModulationArg,
+    /// Fractions of the target tokens to force as the edit region of extra `region` runs (e.g. `0.1,0.25,0.5`).
+    #[arg(long, value_delimiter = ',')]
+    forced_region: Vec<f64>,
+    /// Also run `cat` fitted to this cache budget (e.g. `2GiB`), to measure what the budget costs.
+    #[arg(long, value_parser = |s: &str| qwen_image_pruning::parse_bytes(s).map_err(|e| e.to_string()))]
+    cache_budget: Option<u64>,
+}
+
+/// A region schedule computing a centred rectangle of `fraction` of a `rows × cols` target grid after step 1.
+fn forced_region(fraction: f64, rows: usize, cols: usize) -> EditRegion {
+    let side = fraction.clamp(0.0, 1.0).sqrt();
+    let (h, w) =
+        (((rows as f64 * side).round() as usize).max(1), ((cols as f64 * side).round() as usize).max(1));
+    let (top, left) = ((rows - h) / 2, (cols - w) / 2);
+    let edit = (0..rows * cols)
+        .map(|i| (top..top + h).contains(&(i / cols)) && (left..left + w).contains(&(i % cols)));
+    let mask = PixelMask::new(cols, rows, edit.collect()).expect("mask");
+    EditRegion::new(RegionSource::Mask(mask), 0, None, ReuseMode::KeyValue).expect("region")
 }
 
 /// The timestep of the single-step measurements.
@@ -311,8 +338,27 @@ fn dit_case(
         modulation: table.cloned(),
     };
     let mut none_total = None;
-    for spec in ["none", "cat", "reuse:2,3,4"] {
-        let parsed: ScheduleSpec = spec.parse().expect("schedule");
+    let mut none_flop = None;
+    let mut runs_to_time: Vec<(String, Box<dyn ScheduleFactory>)> = ["none", "cat", "reuse:2,3,4"]
+        .into_iter()
+        .map(|s| {
+            (
+                s.to_string(),
+                Box::new(s.parse::<ScheduleSpec>().expect("schedule")) as Box<dyn ScheduleFactory>,
+            )
+        })
+        .collect();
+    for &f in &args.forced_region {
+        runs_to_time.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64))));
+    }
+    if let Some(bytes) = args.cache_budget {
+        // K, V and block input per cached token, bf16.
+        let per_token = 3 * D as u64 * 2;
+        let fitted = from_fn(move || CacheBudget::new(Cat::default(), bytes, per_token).expect("budget"));
+        runs_to_time.push((format!("cat budget {:.1}GiB", gib(bytes)), Box::new(fitted)));
+    }
+    for (spec, parsed) in &runs_to_time {
+        let spec = spec.as_str();
         let mut runs = Vec::new();
         let mut last_reports = Vec::new();
         for _ in 0..2 {
@@ -330,19 +376,27 @@ fn dit_case(
         let total = runs[1];
         let steps: Vec<f64> = last_reports.iter().map(|r| r.time.as_secs_f64() * 1e3).collect();
         let cache = last_reports.iter().map(|r| r.cache_bytes).max().unwrap_or(0);
+        // The plans' FLOP: each step's image tokens computed (per block) against all keys.
+        let flop: f64 = last_reports
+            .iter()
+            .map(|r| step_flop(layers, text, r.stats.computed_tokens / layers, keys))
+            .sum();
         let speedup = none_total.map(|n: f64| n / total);
         if spec == "none" {
-            none_total = Some(total);
+            (none_total, none_flop) = (Some(total), Some(flop));
         }
+        let ceiling = none_flop.map(|n| n / flop);
         println!(
-            "4 steps {spec:12}: {total:8.1} ms (steps {}){}; cache {:.2} GiB",
+            "4 steps {spec:12}: {total:8.1} ms (steps {}){}; FLOP ceiling {:.2}x; cache {:.2} GiB",
             steps.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(" / "),
             speedup.map(|s| format!(", {s:.2}x vs none")).unwrap_or_default(),
+            ceiling.unwrap_or(1.0),
             gib(cache as u64)
         );
         schedules.insert(
             spec.into(),
-            json!({"total_ms": total, "first_run_ms": runs[0], "step_ms": steps, "cache_bytes": cache, "speedup_vs_none": speedup}),
+            json!({"total_ms": total, "first_run_ms": runs[0], "step_ms": steps, "cache_bytes": cache,
+                   "speedup_vs_none": speedup, "tflop": flop / 1e12, "flop_ceiling_vs_none": ceiling}),
         );
     }
     json!({

@@ -112,10 +112,22 @@ pub struct Args {
     /// Scheduler config.
     #[arg(long, value_enum, default_value = "auto")]
     pub scheduler: SchedulerArg,
-    /// Pruning schedule: none | cat | reuse:S1,S2,… `[/kv|/recompute]` `[@LO-HI]` (as the `denoise` example);
-    /// steps S count from 1, blocks LO-HI from 0.
+    /// Pruning schedule: none | cat | reuse:S1,S2,… | region[:T,M,R] | mask:FILE | adaptive[:B], then
+    /// `[/kv|/recompute]` `[@LO-HI]` (docs/schedules.md); steps count from 1, blocks LO-HI from 0.
     #[arg(long, default_value = "cat")]
     pub schedule: ScheduleSpec,
+    /// A black/white mask of the region to edit (white = edit): the schedule becomes `mask:FILE` (unmasked target
+    /// tokens reused from step 2 on) and the pixels outside the mask are exactly the source's.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Fit the pruning cache to this many bytes (e.g. 2GiB, 512MiB; both CFG branches together); the report's
+    /// schedule name says which blocks were dropped.
+    #[arg(long, value_parser = parse_budget)]
+    pub cache_budget: Option<u64>,
+    /// Guard reuse by drift: a reuse step whose velocity changed by more than this (relative L2) runs again with
+    /// everything computed, and its step report says so [off by default; e.g. 0.5].
+    #[arg(long)]
+    pub guardrail: Option<f32>,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -207,4 +219,9 @@ impl Args {
     pub fn prompt_or<'a>(&'a self, default: &'a str) -> &'a str {
         self.prompt.as_deref().unwrap_or(default)
     }
+}
+
+/// `--cache-budget`'s value: a byte count with an optional unit.
+fn parse_budget(text: &str) -> Result<u64, String> {
+    qwen_image_pruning::parse_bytes(text).map_err(|e| e.to_string())
 }

@@ -176,7 +176,10 @@ impl JobBuilder<'_> {
             Some(ScheduleField::Text(s)) => s.parse::<ScheduleSpec>()?,
             Some(ScheduleField::Spec(spec)) => spec,
             None if args.no_pruning => ScheduleSpec::None,
-            None => args.schedule.clone(),
+            None => match &args.mask {
+                Some(path) => format!("mask:{}", path.display()).parse::<ScheduleSpec>()?,
+                None => args.schedule.clone(),
+            },
         };
         let cfg = line.and_then(|l| l.cfg).unwrap_or(args.cfg);
         let prompt = line.map_or_else(|| args.prompt_or(DEFAULT_PROMPT).to_string(), |l| l.prompt.clone());
@@ -191,6 +194,8 @@ impl JobBuilder<'_> {
         request.width = line.and_then(|l| l.width).or(args.width);
         request.height = line.and_then(|l| l.height).or(args.height);
         request.areas = self.areas;
+        request.cache_budget = args.cache_budget;
+        request.guardrail = args.guardrail;
         request.validate(self.snapshot.variant)?;
         check_schedule(&schedule, request.num_steps, self.num_layers, request.images.len())
             .map_err(|e| format!("schedule `{schedule}`: {e}"))?;

@@ -341,6 +341,48 @@ fn errors_are_clear_and_leave_no_output() {
     );
     assert_fails("negative-cfg", &["--demo", "--size", "tiny", "--cfg=-1"], &["CFG scale -1"]);
     assert_fails("no-cuda", &["--demo", "--size", "tiny", "--device", "cuda"], &["--features cuda"]);
+    assert_fails(
+        "missing-mask",
+        &["--demo", "--size", "tiny", "--mask", "nope.png"],
+        &["cannot read the mask"],
+    );
+    assert_fails("bad-region", &["--demo", "--size", "tiny", "--schedule", "region:0.1,1,9"], &["step 9"]);
+    assert_fails(
+        "bad-budget",
+        &["--demo", "--size", "tiny", "--cache-budget", "lots"],
+        &["not a byte count"],
+    );
+}
+
+#[test]
+fn mask_budget_and_guardrail_flags_reach_the_report() {
+    let dir = workdir("mask");
+    let input = image::open(sample(&dir)).unwrap();
+    let (w, h) = (input.width(), input.height());
+    image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x < w / 2 { 255 } else { 0 }]))
+        .save(dir.join("edit.png"))
+        .unwrap();
+    let args = [
+        "--demo",
+        "--size",
+        "tiny",
+        "-i",
+        "input.png",
+        "--mask",
+        "edit.png",
+        "--cache-budget",
+        "1GiB",
+        "--guardrail",
+        "100",
+    ];
+    let o = qwen_edit(&dir, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let r = report(&dir.join("outputs_pruning"));
+    let run = &r["edits"][0]["runs"]["pruning"];
+    let name = run["schedule"].as_str().unwrap();
+    assert!(name.starts_with("mask(margin 1)+budget:1.00GiB") && name.ends_with("+guardrail:100"), "{name}");
+    assert!(run["steps"][1]["plan"].as_str().unwrap().contains("target"), "{run}");
 }
 
 #[test]

@@ -7,9 +7,16 @@ use qwen_image::{
     dit::{DitInput, ImageShape, ModulationMode, ModulationTable, QwenImageTransformer},
     ops::QwenBackend,
 };
-use qwen_image_pruning::{PruningSchedule, StepContext, StepOutcome, TokenPruningCache};
+use qwen_image_pruning::{
+    PruningSchedule, StepContext, StepOutcome, StepPlan, StepStats, TokenLayout, TokenPruningCache,
+};
 
-use crate::{progress::sync, report::StepReport, PipelineError, Result};
+use crate::{
+    progress::sync,
+    region::target_signals,
+    report::{GuardrailEvent, StepReport},
+    PipelineError, Result,
+};
 
 /// Text conditioning of one branch (prompt or negative prompt).
 #[derive(Clone, Debug)]
@@ -69,7 +76,7 @@ impl<B: Backend> DenoiseCaches<B> {
     }
 }
 
-fn summarize(plan: &qwen_image_pruning::StepPlan) -> String {
+fn summarize(plan: &StepPlan, layout: &TokenLayout) -> String {
     use qwen_image_pruning::GroupAction::*;
     let (mut c, mut s, mut r) = (0, 0, 0);
     for l in &plan.layers {
@@ -81,7 +88,11 @@ fn summarize(plan: &qwen_image_pruning::StepPlan) -> String {
             }
         }
     }
-    format!("compute {c}, cache {s}, reuse {r}")
+    let target = match plan.target_subset(layout.target_tokens) {
+        Some(idx) => format!(", target {}/{} tokens", idx.len(), layout.target_tokens),
+        None => String::new(),
+    };
+    format!("compute {c}, cache {s}, reuse {r}{target}")
 }
 
 fn rel_change<B: Backend>(a: &Tensor<B, 3>, b: &Tensor<B, 3>) -> f32 {
@@ -187,20 +198,44 @@ pub fn denoise_with<B: QwenBackend>(
             layout: &layout,
         };
         let plan = schedule.plan_step(&ctx)?;
-        let (v_cond, mut stats) = model.forward_planned(&cond_input, &plan, step, &mut caches.prompt)?;
-        let v = match cfg {
-            Some(neg) => {
-                let (v_neg, neg_stats) =
-                    model.forward_planned(&input_of(neg, &x), &plan, step, &mut caches.negative)?;
-                stats += neg_stats;
-                true_cfg(v_cond, v_neg, inputs.cfg_scale)
-            }
-            None => v_cond,
+        let run_plan = |plan: &StepPlan,
+                        caches: &mut DenoiseCaches<B>|
+         -> Result<(Tensor<B, 3>, StepStats)> {
+            let (v_cond, mut stats) = model.forward_planned(&cond_input, plan, step, &mut caches.prompt)?;
+            let v = match cfg {
+                Some(neg) => {
+                    let (v_neg, neg_stats) =
+                        model.forward_planned(&input_of(neg, &x), plan, step, &mut caches.negative)?;
+                    stats += neg_stats;
+                    true_cfg(v_cond, v_neg, inputs.cfg_scale)
+                }
+                None => v_cond,
+            };
+            Ok((v, stats))
+        };
+        let (mut v, mut stats) = run_plan(&plan, caches)?;
+        let mut velocity_change = last_v.as_ref().map(|p| rel_change(&v, p));
+        let mut outcome = StepOutcome::new(step, plan);
+        outcome.velocity_change = velocity_change;
+        // The schedule may reject the step (a guardrail) and have it run again with another plan.
+        let mut guardrail = None;
+        if let Some(fallback) = schedule.review(&outcome) {
+            let again = Instant::now();
+            let drift = velocity_change.unwrap_or(0.0);
+            let (v2, stats2) = run_plan(&fallback, caches)?;
+            velocity_change = last_v.as_ref().map(|p| rel_change(&v2, p));
+            v = v2;
+            stats += stats2;
+            outcome.plan = fallback;
+            guardrail = Some(GuardrailEvent { drift, seconds: again.elapsed().as_secs_f64() });
+        }
+        let target = match schedule.needs_target_signals(step) {
+            true => Some(target_signals(&x, &v, sigma, &image_latents, &inputs.img_shapes)?),
+            false => None,
         };
         // Euler step in f32, stored in the model dtype (as diffusers does).
         let xf = x.cast(DType::F32) + v.clone().cast(DType::F32) * (sigma_next - sigma);
         x = xf.cast(dtype);
-        let velocity_change = last_v.as_ref().map(|p| rel_change(&v, p));
         sync::<B>(&device)?;
         last_v = Some(v);
         let report = StepReport {
@@ -210,13 +245,14 @@ pub fn denoise_with<B: QwenBackend>(
             stats,
             cache_bytes: caches.size_bytes(),
             velocity_change,
-            plan_summary: summarize(&plan),
+            plan_summary: summarize(&outcome.plan, &layout),
+            guardrail,
         };
-        let mut outcome = StepOutcome::new(step, plan);
         outcome.stats = stats;
         outcome.cache_bytes = report.cache_bytes;
         outcome.velocity_change = velocity_change;
         outcome.seconds = Some(report.time.as_secs_f64());
+        outcome.target = target;
         schedule.observe(&outcome);
         on_step(&report)?;
         reports.push(report);

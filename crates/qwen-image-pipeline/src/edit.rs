@@ -19,7 +19,8 @@
 //!    timesteps that the pipeline's table does not hold yet (the first edit of a schedule; nothing afterwards).
 //! 5. **Denoise**: the flow-matching Euler loop under the pruning schedule, with true CFG and per-token norm
 //!    rescaling ([edit.py#L797-L801][cfg-norm]); see [`denoise`](crate::denoise()).
-//! 6. **Decode**: unpacking, de-normalization and VAE decode ([edit.py#L832-L843][decode]).
+//! 6. **Decode**: unpacking, de-normalization and VAE decode ([edit.py#L832-L843][decode]); under a `mask:FILE`
+//!    schedule the unmasked pixels are then copied from the source ([`keep_unmasked`]).
 //! 7. The report ([`EditReport`]), untimed.
 //!
 //! The pruning cache of the DiT belongs to the pipeline: it is cleared before every edit unless the request keeps it.
@@ -54,10 +55,12 @@ use qwen_image::{
 use qwen_image_pruning::{ScheduleFactory, TokenLayout};
 
 use crate::{
+    compose::RequestSchedule,
     denoise::{denoise_with, DenoiseInputs, TextConditioning},
     latents::{image_to_tensor, pack, tensor_to_image, unpack},
     noise::gaussian_noise,
     progress::{check_cancelled, Progress, Stage, StageClock},
+    region::keep_unmasked,
     report::{EditReport, StageTiming, StepReport},
     request::{EditOutput, EditRequest},
     reuse::{ImageReuse, NoReuse, ReuseCounts},
@@ -128,6 +131,10 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let start = Instant::now();
         req.validate(self.variant())?;
         let mut counts = ReuseCounts::default();
+        let per_token =
+            3 * self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
+        let fitted = RequestSchedule::new(schedule, req, per_token);
+        let schedule: &dyn ScheduleFactory = &fitted;
         let mut clock = StageClock::<B>::new(&self.device, progress);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
         let text = clock.run(Stage::EncodePrompt, |_| {
@@ -142,7 +149,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
         let denoised =
             clock.run(Stage::Denoise, |p| self.denoise(req, schedule, &inputs, &text, image_latents, p))?;
-        let image = clock.run(Stage::Decode, |_| self.decode(&denoised.latents, &inputs.sizes))?;
+        let image = clock.run(Stage::Decode, |_| {
+            let image = self.decode(&denoised.latents, &inputs.sizes)?;
+            match (schedule.output_mask()?, req.images.last()) {
+                (Some(mask), Some(source)) => keep_unmasked(image, source, &mask),
+                _ => Ok(image),
+            }
+        })?;
         let mut report = self.report(req, &inputs, &denoised, clock.into_timings(), start.elapsed());
         report.image_reuse = counts;
         Ok(EditOutput {
@@ -342,14 +355,14 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             modulation: self.table_mode().then(|| self.modulation.clone()),
         };
         let mut run = schedule.build()?;
-        let name = run.name();
         progress.denoise_started(req.num_steps);
         let (latents, steps) =
             denoise_with(&self.transformer, &dit_inputs, run.as_mut(), &mut self.caches, &mut |r| {
                 progress.step_finished(r);
                 check_cancelled(&*progress)
             })?;
-        Ok(Denoised { latents, steps, schedule: name })
+        // Named after the run: a fitted schedule's name says what its budget dropped.
+        Ok(Denoised { latents, steps, schedule: run.name() })
     }
 
     /// [`Stage::Decode`]: the final latents unpacked, de-normalized and decoded to an image.

@@ -17,8 +17,11 @@
 //! - [`latents`], [`noise`]: packing, image ↔ tensor conversions, seeded noise.
 //! - [`demo`]: a built-in tiny random-weight snapshot to try everything without downloading weights, and the
 //!   full-size configs to run the real architecture with random weights on a GPU.
+//! - [`compose`]: the schedule an edit runs (the caller's, fitted to a cache budget, guarded by a guardrail).
+//! - [`region`]: what the edit-region schedules need from the pipeline (per-token signals, unmasked pixels kept).
 //! - [`memory`]: memory readings (host resident set and peak; device memory through a [`MemoryProbe`]).
 
+pub mod compose;
 pub mod demo;
 pub mod denoise;
 pub mod edit;
@@ -31,6 +34,7 @@ pub mod metrics;
 pub mod noise;
 pub mod pipeline;
 pub mod progress;
+pub mod region;
 pub mod report;
 pub mod request;
 pub mod reuse;
@@ -46,7 +50,7 @@ pub use memory::{MemoryProbe, MemoryReading};
 pub use metrics::Comparison;
 pub use pipeline::QwenImageEditPipeline;
 pub use progress::{NoProgress, Progress, Stage};
-pub use report::{EditReport, StageTiming, StepReport};
+pub use report::{EditReport, GuardrailEvent, StageTiming, StepReport};
 pub use request::{save_image, EditOutput, EditRequest, ImageAreas};
 pub use reuse::{Encoding, EncodingKind, ImageReuse, NoReuse, ReuseCache, ReuseCounts, ReuseKey, ReuseStats};
 pub use scheduler::{FlowMatchEulerScheduler, Schedule, SchedulerConfig};

@@ -43,6 +43,18 @@ pub struct StepReport {
     /// The schedule's plan, summarized (`compute n, cache n, reuse n` over blocks × condition images); JSON: `plan`.
     #[serde(rename = "plan")]
     pub plan_summary: String,
+    /// Set when the schedule's guardrail rejected the step's reuse and the step ran again with everything computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardrail: Option<GuardrailEvent>,
+}
+
+/// A step the guardrail ran again with everything computed ([`PruningSchedule::review`](qwen_image_pruning::PruningSchedule::review)).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GuardrailEvent {
+    /// The relative velocity change that made it fire.
+    pub drift: f32,
+    /// Seconds the second DiT pass took (included in the step's time).
+    pub seconds: f64,
 }
 
 impl StepReport {

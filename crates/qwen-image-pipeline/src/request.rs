@@ -51,6 +51,12 @@ pub struct EditRequest {
     pub areas: ImageAreas,
     /// Keep the pruning cache of the previous edit (same image and size) instead of clearing it.
     pub keep_cache: bool,
+    /// Fit the pruning schedule's plans to this many bytes of cache, both CFG branches together
+    /// ([`CacheBudget`](qwen_image_pruning::CacheBudget); the report's schedule name says what was dropped).
+    pub cache_budget: Option<u64>,
+    /// Guard reuse by the drift signal: a reuse step whose velocity changed by more than this is run again with
+    /// everything computed ([`Guardrail`](qwen_image_pruning::Guardrail); the step report says so). Off by default.
+    pub guardrail: Option<f32>,
 }
 
 impl EditRequest {
@@ -68,6 +74,8 @@ impl EditRequest {
             height: None,
             areas: ImageAreas::default(),
             keep_cache: false,
+            cache_budget: None,
+            guardrail: None,
         }
     }
 

@@ -84,7 +84,8 @@ pub fn check_schedule(
     num_images: usize,
 ) -> Result<()> {
     let sigmas: Vec<f32> = (0..=num_steps).map(|i| 1.0 - i as f32 / num_steps.max(1) as f32).collect();
-    dry_run_each(schedule, &sigmas, num_layers, &[TokenLayout::new(1, 1, vec![1; num_images])])
+    // Four target tokens, so that a schedule computing a target subset plans a strict one.
+    dry_run_each(schedule, &sigmas, num_layers, &[TokenLayout::new(1, 4, vec![4; num_images])])
 }
 
 /// Dry-runs a fresh schedule from `schedule` on each of `layouts` (one per CFG branch).
@@ -137,5 +138,9 @@ mod tests {
         assert!(check_schedule(&spec("cat"), 4, 2, 1).is_ok());
         assert!(check_schedule(&spec("reuse:2,5"), 4, 2, 1).unwrap_err().to_string().contains("step 5"));
         assert!(check_schedule(&spec("cat@0-9"), 4, 2, 1).unwrap_err().to_string().contains("layer range"));
+        for ok in ["region", "region:0.1,0,3/recompute@0-1", "adaptive:0.2"] {
+            check_schedule(&spec(ok), 4, 2, 3).unwrap();
+        }
+        assert!(check_schedule(&spec("region:0.1,1,5"), 4, 2, 1).unwrap_err().to_string().contains("step 5"));
     }
 }

@@ -1,10 +1,11 @@
-//! [`TokenPruningCache`]: per block, what was cached of each condition image.
+//! [`TokenPruningCache`]: per block, what was cached of each condition image and of the target; and the target's
+//! last prediction.
 
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{PruneError, StepPlan, TokenGroup, TokenLayout};
 
-/// What is cached of one condition image at one block.
+/// What is cached of one token group (a condition image, or the whole target) at one block.
 #[derive(Clone, Debug)]
 pub struct CachedCondition<B: Backend> {
     /// Keys after QK-RMSNorm and RoPE, `[batch, tokens, heads·head_dim]`.
@@ -43,13 +44,18 @@ pub struct CacheStats {
     pub reused_tokens: usize,
 }
 
-/// Per block and per condition image: the post-norm, post-RoPE K and V and the layer-input hidden states.
+/// Per block and per token group (condition images and the target): the post-norm, post-RoPE K and V and the
+/// layer-input hidden states; and the target's last prediction.
 ///
 /// The pipeline owns one cache per request (or keeps it across requests of the same image); the model writes it at
-/// `ComputeAndCache` and reads it at `Reuse`.
+/// `ComputeAndCache` and reads it at `Reuse`. After every planned pass the model stores the prediction of all target
+/// tokens ([`store_target_output`](Self::store_target_output)): a step that computes a target subset takes the
+/// prediction of the other tokens from it (their velocity from the last step that computed them).
 #[derive(Clone, Debug)]
 pub struct TokenPruningCache<B: Backend> {
     layers: Vec<Vec<Option<CachedCondition<B>>>>,
+    targets: Vec<Option<CachedCondition<B>>>,
+    target_output: Option<Tensor<B, 3>>,
     stats: CacheStats,
 }
 
@@ -62,7 +68,75 @@ impl<B: Backend> Default for TokenPruningCache<B> {
 impl<B: Backend> TokenPruningCache<B> {
     /// An empty cache.
     pub fn new() -> Self {
-        TokenPruningCache { layers: Vec::new(), stats: CacheStats::default() }
+        TokenPruningCache {
+            layers: Vec::new(),
+            targets: Vec::new(),
+            target_output: None,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Stores the entry of `group` (a condition image or the target) at block `layer`, replacing any older one.
+    /// The text is never cached: storing it is an [`PruneError::Unsupported`] error.
+    pub fn store_group(
+        &mut self,
+        layer: usize,
+        group: TokenGroup,
+        entry: CachedCondition<B>,
+    ) -> Result<(), PruneError> {
+        match group {
+            TokenGroup::Condition(k) => self.store(layer, k, entry),
+            TokenGroup::Target => {
+                if self.targets.len() <= layer {
+                    self.targets.resize_with(layer + 1, || None);
+                }
+                self.stats.stores += 1;
+                self.stats.stored_tokens += entry.tokens();
+                self.targets[layer] = Some(entry);
+            }
+            TokenGroup::Text => return Err(PruneError::Unsupported("the text is never cached".into())),
+        }
+        Ok(())
+    }
+
+    /// The entry of `group` at block `layer`, if any; does not count as a reuse.
+    pub fn get_group(&self, layer: usize, group: TokenGroup) -> Option<&CachedCondition<B>> {
+        match group {
+            TokenGroup::Condition(k) => self.get(layer, k),
+            TokenGroup::Target => self.targets.get(layer)?.as_ref(),
+            TokenGroup::Text => None,
+        }
+    }
+
+    /// The entry of `group` at block `layer` for reuse at `step`, serving `tokens` of its tokens; counts the read.
+    pub fn reuse_group(
+        &mut self,
+        step: usize,
+        layer: usize,
+        group: TokenGroup,
+        tokens: usize,
+    ) -> Result<&CachedCondition<B>, PruneError> {
+        let entry = match group {
+            TokenGroup::Condition(k) => {
+                self.layers.get(layer).and_then(|row| row.get(k)).and_then(|e| e.as_ref())
+            }
+            TokenGroup::Target => self.targets.get(layer).and_then(|e| e.as_ref()),
+            TokenGroup::Text => None,
+        };
+        let entry = entry.ok_or(PruneError::CacheMiss { step, layer, group })?;
+        self.stats.reuses += 1;
+        self.stats.reused_tokens += tokens;
+        Ok(entry)
+    }
+
+    /// Stores the prediction of every target token of the last planned pass, `[batch, target_tokens, channels]`.
+    pub fn store_target_output(&mut self, output: Tensor<B, 3>) {
+        self.target_output = Some(output);
+    }
+
+    /// The prediction of every target token of the last planned pass, if any.
+    pub fn target_output(&self) -> Option<&Tensor<B, 3>> {
+        self.target_output.as_ref()
     }
 
     /// Stores the entry of condition image `k` at block `layer`, replacing any older one.
@@ -86,16 +160,15 @@ impl<B: Backend> TokenPruningCache<B> {
 
     /// The entry of condition image `k` at block `layer` for reuse at `step`; counts the read.
     pub fn reuse(&mut self, step: usize, layer: usize, k: usize) -> Result<&CachedCondition<B>, PruneError> {
-        let entry = self.layers.get(layer).and_then(|row| row.get(k)).and_then(|e| e.as_ref());
-        let entry = entry.ok_or(PruneError::CacheMiss { step, layer, group: TokenGroup::Condition(k) })?;
-        self.stats.reuses += 1;
-        self.stats.reused_tokens += entry.tokens();
-        Ok(entry)
+        let tokens = self.get(layer, k).map_or(0, CachedCondition::tokens);
+        self.reuse_group(step, layer, TokenGroup::Condition(k), tokens)
     }
 
     /// Drops every entry and resets the counters.
     pub fn clear(&mut self) {
         self.layers.clear();
+        self.targets.clear();
+        self.target_output = None;
         self.stats = CacheStats::default();
     }
 
@@ -104,14 +177,29 @@ impl<B: Backend> TokenPruningCache<B> {
         self.entries() == 0
     }
 
-    /// Number of (block, condition image) entries held.
+    /// Number of (block, group) entries held (condition images and the target).
     pub fn entries(&self) -> usize {
-        self.layers.iter().flatten().filter(|e| e.is_some()).count()
+        self.layers.iter().flatten().chain(&self.targets).filter(|e| e.is_some()).count()
     }
 
-    /// Bytes of device memory held by all entries.
+    /// Bytes of device memory held by all entries and the target's last prediction.
     pub fn size_bytes(&self) -> usize {
-        self.layers.iter().flatten().flatten().map(CachedCondition::size_bytes).sum()
+        let entries: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .chain(&self.targets)
+            .flatten()
+            .map(CachedCondition::size_bytes)
+            .sum();
+        let output = self.target_output.as_ref().map_or(0, |t| t.shape().num_elements() * t.dtype().size());
+        entries + output
+    }
+
+    /// Bytes held by the target's entries (K/V and block inputs of all blocks) and its last prediction.
+    pub fn target_bytes(&self) -> usize {
+        let entries: usize = self.targets.iter().flatten().map(CachedCondition::size_bytes).sum();
+        entries + self.target_output.as_ref().map_or(0, |t| t.shape().num_elements() * t.dtype().size())
     }
 
     /// Traffic counters since creation or the last [`clear`](Self::clear).
@@ -119,11 +207,25 @@ impl<B: Backend> TokenPruningCache<B> {
         self.stats
     }
 
-    /// Checks that every cache read of `plan` will hit, before the step runs (see [`StepPlan::check_cache`]).
+    /// Checks that every cache read of `plan` will hit, before the step runs (see [`StepPlan::check_cache`]); a
+    /// target subset also needs the last prediction of all target tokens.
     pub fn check_plan(&self, step: usize, plan: &StepPlan, layout: &TokenLayout) -> Result<(), PruneError> {
-        plan.check_cache(step, layout, |layer, k| {
-            self.get(layer, k).map(|e| (e.tokens(), e.hidden.is_some()))
-        })
+        plan.check_cache(step, layout, |layer, group| {
+            self.get_group(layer, group).map(|e| (e.tokens(), e.hidden.is_some()))
+        })?;
+        if plan.target_subset(layout.target_tokens).is_some() {
+            let tokens = self.target_output.as_ref().map(|t| t.dims()[1]);
+            if tokens != Some(layout.target_tokens) {
+                return Err(PruneError::InvalidPlan(format!(
+                    "step {}: a target subset needs the prediction of all {} target tokens from an earlier step \
+                     (the cache holds {})",
+                    step + 1,
+                    layout.target_tokens,
+                    tokens.map_or("none".to_string(), |t| format!("{t} tokens"))
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

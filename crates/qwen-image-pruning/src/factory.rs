@@ -19,17 +19,27 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{PruneError, PruningSchedule, ScheduleSpec};
+use crate::{PixelMask, PruneError, PruningSchedule, ScheduleSpec};
 
 /// Builds a fresh pruning schedule, in its initial state, each time it is asked.
 pub trait ScheduleFactory {
     /// A new schedule in its initial state.
     fn build(&self) -> Result<Box<dyn PruningSchedule>, PruneError>;
+
+    /// The user's edit mask, when the schedule edits a masked region whose unmasked output pixels the pipeline must
+    /// keep exactly the source's (`mask:FILE`). The default is `None`.
+    fn output_mask(&self) -> Result<Option<PixelMask>, PruneError> {
+        Ok(None)
+    }
 }
 
 impl ScheduleFactory for ScheduleSpec {
     fn build(&self) -> Result<Box<dyn PruningSchedule>, PruneError> {
         ScheduleSpec::build(self)
+    }
+
+    fn output_mask(&self) -> Result<Option<PixelMask>, PruneError> {
+        ScheduleSpec::output_mask(self)
     }
 }
 

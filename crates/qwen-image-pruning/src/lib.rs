@@ -53,22 +53,36 @@
 //! A pipeline takes a [`ScheduleFactory`], which builds a fresh schedule for every run: a [`ScheduleSpec`], any
 //! `Clone` schedule (`&OddStepsDeepLayers` above), or a closure wrapped in [`from_fn`].
 
+mod budget;
 mod cache;
 mod error;
 mod factory;
+mod guard;
+mod mask;
 mod plan;
+mod region;
 mod schedule;
+mod signals;
 mod spec;
 mod stats;
+mod subset;
 
+pub use budget::{parse_bytes, BudgetFit, CacheBudget};
 pub use cache::{CacheStats, CachedCondition, TokenPruningCache};
 pub use error::PruneError;
 pub use factory::{from_fn, FromFn, ScheduleFactory};
+pub use guard::{full_cache_plan, Guardrail, DEFAULT_GUARDRAIL_DRIFT};
+pub use mask::PixelMask;
 pub use plan::{
     GroupAction, GroupPlan, LayerPlan, ReuseMode, StepPlan, TokenGroup, TokenLayout, TokenSubset,
+};
+pub use region::{
+    Adaptive, EditRegion, RegionSource, DEFAULT_ADAPTIVE_BUDGET, DEFAULT_MASK_MARGIN, DEFAULT_REGION_MARGIN,
+    DEFAULT_REGION_THRESHOLD,
 };
 pub use schedule::{
     dry_run, Cat, LayerRange, NoPruning, PruningSchedule, ReuseSteps, StepContext, StepOutcome,
 };
+pub use signals::{dilate, TargetSignals};
 pub use spec::ScheduleSpec;
 pub use stats::StepStats;

@@ -81,9 +81,9 @@ impl GroupAction {
 
 /// Which tokens of a group an action applies to.
 ///
-/// Only [`TokenSubset::All`] is supported yet: [`StepPlan::validate_shape`] rejects [`TokenSubset::Indices`] with
-/// [`PruneError::Unsupported`] (the one place that says so). The type leaves room for schedules that recompute only
-/// some tokens (an edited region) and reuse the rest, without breaking existing schedules.
+/// [`TokenSubset::Indices`] is supported for the **target** group (an edited region: the tokens outside the subset
+/// are not computed and attend as cached K/V; see [`StepPlan::validate_shape`] for the rules). Condition images and
+/// the text take [`TokenSubset::All`] only.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -92,8 +92,8 @@ pub enum TokenSubset {
     #[default]
     #[serde(alias = "All")]
     All,
-    /// Only these token indices (0-based within the group, strictly increasing); the action of the other tokens
-    /// is given by [`GroupPlan::rest`]. Not supported yet (see above).
+    /// Only these token indices (0-based within the group, strictly increasing, not empty); the action of the other
+    /// tokens is given by [`GroupPlan::rest`]. Target group only.
     #[serde(alias = "Indices")]
     Indices(Vec<u32>),
 }
@@ -109,7 +109,32 @@ pub struct GroupPlan {
     pub rest: GroupAction,
 }
 
+impl TokenSubset {
+    /// The indices of a subset, `None` for [`TokenSubset::All`].
+    pub fn indices(&self) -> Option<&[u32]> {
+        match self {
+            TokenSubset::All => None,
+            TokenSubset::Indices(idx) => Some(idx),
+        }
+    }
+
+    /// Number of selected tokens in a group of `group_len` tokens.
+    pub fn count(&self, group_len: usize) -> usize {
+        self.indices().map_or(group_len, <[u32]>::len)
+    }
+}
+
 impl GroupPlan {
+    /// A plan computing only the target tokens `indices` at this block; the others attend as cached K/V, provided
+    /// by `rest` (a [`GroupAction::Reuse`]).
+    pub fn subset(indices: Vec<u32>, rest: ReuseMode) -> Self {
+        GroupPlan {
+            action: GroupAction::Compute,
+            tokens: TokenSubset::Indices(indices),
+            rest: GroupAction::Reuse(rest),
+        }
+    }
+
     /// A plan applying `action` to every token of the group.
     pub fn all(action: GroupAction) -> Self {
         GroupPlan { action, tokens: TokenSubset::All, rest: action }
@@ -199,8 +224,13 @@ impl StepPlan {
 
     /// Checks the plan against the model and the token layout before anything runs: one plan per layer, one per
     /// condition image, token subsets in range; and what the model does not execute is rejected here, the one place
-    /// that decides it ([`PruneError::Unsupported`]): any action but [`GroupAction::Compute`] on the text or the
-    /// target (their caching and reuse are not implemented), and token subsets ([`TokenSubset::Indices`], not yet).
+    /// that decides it ([`PruneError::Unsupported`]):
+    ///
+    /// - the text is always [`GroupAction::Compute`]d;
+    /// - the target is [`GroupAction::Compute`]d or cached as a whole, or computed on a [`TokenSubset::Indices`]
+    ///   (action [`GroupAction::Compute`], `rest` a [`GroupAction::Reuse`]); a subset is the same at every block of
+    ///   the step (the model gathers the tokens once per step and scatters the prediction once);
+    /// - condition images take any action on all their tokens (no subsets).
     pub fn validate_shape(&self, num_layers: usize, layout: &TokenLayout) -> Result<(), PruneError> {
         if self.layers.len() != num_layers {
             return Err(PruneError::InvalidPlan(format!(
@@ -208,6 +238,7 @@ impl StepPlan {
                 self.layers.len()
             )));
         }
+        let first_target = self.layers.first().map(|l| &l.target.tokens);
         for (layer, lp) in self.layers.iter().enumerate() {
             if lp.conditions.len() != layout.condition_tokens.len() {
                 return Err(PruneError::InvalidPlan(format!(
@@ -218,60 +249,66 @@ impl StepPlan {
             }
             for (group, plan) in lp.groups() {
                 let len = layout.group_len(group).unwrap_or(0);
-                if let TokenSubset::Indices(idx) = &plan.tokens {
-                    if !idx.windows(2).all(|w| w[0] < w[1]) || idx.last().is_some_and(|&i| i as usize >= len)
-                    {
-                        return Err(PruneError::InvalidPlan(format!(
-                            "layer {layer}, {group}: token indices must be strictly increasing and < {len}"
-                        )));
-                    }
-                    return Err(PruneError::Unsupported(format!(
-                        "layer {layer}, {group}: token subsets are not supported yet (use TokenSubset::All)"
-                    )));
-                }
-                let condition = matches!(group, TokenGroup::Condition(_));
-                if !condition && plan.action != GroupAction::Compute {
-                    return Err(PruneError::Unsupported(format!(
-                        "layer {layer}: {group} tokens are always computed; caching or reusing them is not \
-                         supported (only condition images)"
-                    )));
-                }
+                crate::subset::check_group(layer, group, plan, len)?;
+            }
+            if Some(&lp.target.tokens) != first_target {
+                return Err(PruneError::Unsupported(format!(
+                    "layer {layer}: the target's token subset differs from layer 0's; a subset is the same at \
+                     every block of a step"
+                )));
             }
         }
         Ok(())
     }
 
+    /// The target tokens this step computes when it computes only some of them: a strict subset of the
+    /// `target_tokens` (after [`validate_shape`](Self::validate_shape), the same at every block); `None` when every
+    /// target token is computed.
+    pub fn target_subset(&self, target_tokens: usize) -> Option<&[u32]> {
+        let idx = self.layers.first()?.target.tokens.indices()?;
+        (idx.len() < target_tokens).then_some(idx)
+    }
+
     /// Checks, before anything runs, that every cache read of this plan will hit.
     ///
-    /// `lookup(layer, k)` returns, for condition image `k` at block `layer`, `None` if nothing is cached, else the
-    /// number of cached tokens and whether the layer-input hidden states were cached. A condition image that is
-    /// reused at some block and computed again at a later block takes that later block's input from the cache, so
-    /// its hidden states must be there.
+    /// `lookup(layer, group)` returns, for `group` (a condition image or the target) at block `layer`, `None` if
+    /// nothing is cached, else the number of cached tokens and whether the layer-input hidden states were cached. A
+    /// condition image that is reused at some block and computed again at a later block takes that later block's
+    /// input from the cache, so its hidden states must be there. A target subset needs the whole target cached at
+    /// every block (with hidden states for [`ReuseMode::RecomputeKeyValue`]); the last prediction it also needs is
+    /// checked by [`TokenPruningCache::check_plan`](crate::TokenPruningCache::check_plan).
     pub fn check_cache(
         &self,
         step: usize,
         layout: &TokenLayout,
-        lookup: impl Fn(usize, usize) -> Option<(usize, bool)>,
+        lookup: impl Fn(usize, TokenGroup) -> Option<(usize, bool)>,
     ) -> Result<(), PruneError> {
+        let check = |layer: usize, group: TokenGroup, expected: usize, needs_hidden: bool| {
+            let (cached, has_hidden) =
+                lookup(layer, group).ok_or(PruneError::CacheMiss { step, layer, group })?;
+            if cached != expected {
+                return Err(PruneError::CacheShapeMismatch { layer, group, cached, expected });
+            }
+            if needs_hidden && !has_hidden {
+                return Err(PruneError::HiddenNotCached { layer, group });
+            }
+            Ok(())
+        };
         let mut live = vec![true; layout.condition_tokens.len()];
+        let target_subset = self.target_subset(layout.target_tokens).is_some();
         for (layer, lp) in self.layers.iter().enumerate() {
+            if target_subset {
+                let needs_hidden = lp.target.rest == GroupAction::Reuse(ReuseMode::RecomputeKeyValue);
+                check(layer, TokenGroup::Target, layout.target_tokens, needs_hidden)?;
+            }
             for (k, plan) in lp.conditions.iter().enumerate() {
-                let group = TokenGroup::Condition(k);
                 let needs_hidden = match plan.action {
                     GroupAction::Reuse(ReuseMode::KeyValue) => false,
                     GroupAction::Reuse(ReuseMode::RecomputeKeyValue) => true,
                     GroupAction::Compute | GroupAction::ComputeAndCache if live[k] => continue,
                     GroupAction::Compute | GroupAction::ComputeAndCache => true,
                 };
-                let (cached, has_hidden) =
-                    lookup(layer, k).ok_or(PruneError::CacheMiss { step, layer, group })?;
-                let expected = layout.condition_tokens[k];
-                if cached != expected {
-                    return Err(PruneError::CacheShapeMismatch { layer, group, cached, expected });
-                }
-                if needs_hidden && !has_hidden {
-                    return Err(PruneError::HiddenNotCached { layer, group });
-                }
+                check(layer, TokenGroup::Condition(k), layout.condition_tokens[k], needs_hidden)?;
                 live[k] = plan.action.computes();
             }
         }
@@ -347,7 +384,7 @@ mod tests {
     fn validation_rejects_what_the_model_does_not_execute() {
         assert!(one_layer(|_| {}).validate_shape(1, &layout()).is_ok());
         for (what, plan) in [
-            ("target cached", one_layer(|l| l.target = GroupAction::ComputeAndCache.into())),
+            ("target reused", one_layer(|l| l.target = GroupAction::Reuse(ReuseMode::KeyValue).into())),
             ("text cached", one_layer(|l| l.text = GroupAction::ComputeAndCache.into())),
             ("text reused", one_layer(|l| l.text = GroupAction::Reuse(ReuseMode::KeyValue).into())),
             (
@@ -364,8 +401,47 @@ mod tests {
             let err = plan.validate_shape(1, &layout()).unwrap_err();
             assert!(matches!(err, PruneError::Unsupported(_)), "{what}: {err}");
         }
-        let out_of_range = one_layer(|l| l.conditions[0].tokens = TokenSubset::Indices(vec![8]));
+        let out_of_range = one_layer(|l| l.target = GroupPlan::subset(vec![8], ReuseMode::KeyValue));
         assert!(matches!(out_of_range.validate_shape(1, &layout()), Err(PruneError::InvalidPlan(_))));
         assert!(matches!(one_layer(|_| {}).validate_shape(2, &layout()), Err(PruneError::InvalidPlan(_))));
+    }
+
+    #[test]
+    fn target_subsets_are_validated() {
+        let subset = |idx: Vec<u32>| GroupPlan::subset(idx, ReuseMode::KeyValue);
+        let ok = one_layer(|l| l.target = subset(vec![1, 5]));
+        ok.validate_shape(1, &layout()).unwrap();
+        assert_eq!(ok.target_subset(8), Some(&[1, 5][..]));
+        assert_eq!(one_layer(|l| l.target = subset((0..8).collect())).target_subset(8), None);
+        for (what, plan) in [
+            ("empty", one_layer(|l| l.target = subset(vec![]))),
+            ("unsorted", one_layer(|l| l.target = subset(vec![3, 1]))),
+            (
+                "rest computed",
+                one_layer(|l| {
+                    l.target = subset(vec![0]);
+                    l.target.rest = GroupAction::Compute;
+                }),
+            ),
+        ] {
+            let err = plan.validate_shape(1, &layout()).unwrap_err();
+            assert!(matches!(err, PruneError::InvalidPlan(_) | PruneError::Unsupported(_)), "{what}: {err}");
+        }
+        let mut two = StepPlan::new(vec![LayerPlan::compute_all(1); 2]);
+        two.layers[0].target = subset(vec![1]);
+        assert!(matches!(two.validate_shape(2, &layout()), Err(PruneError::Unsupported(_))));
+        two.layers[1].target = subset(vec![1]);
+        two.validate_shape(2, &layout()).unwrap();
+        // The subset needs the target cached at every block.
+        let hit = |_: usize, g: TokenGroup| (g == TokenGroup::Target).then_some((8, false));
+        two.check_cache(1, &layout(), hit).unwrap();
+        let miss = |l: usize, g: TokenGroup| (g == TokenGroup::Target && l == 0).then_some((8, false));
+        let err = two.check_cache(1, &layout(), miss).unwrap_err();
+        assert_eq!(err, PruneError::CacheMiss { step: 1, layer: 1, group: TokenGroup::Target });
+        two.layers[1].target.rest = GroupAction::Reuse(ReuseMode::RecomputeKeyValue);
+        assert!(matches!(
+            two.check_cache(1, &layout(), hit),
+            Err(PruneError::HiddenNotCached { layer: 1, .. })
+        ));
     }
 }

@@ -3,7 +3,10 @@
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
-use crate::{GroupAction, LayerPlan, PruneError, ReuseMode, StepPlan, StepStats, TokenLayout};
+use crate::{
+    GroupAction, LayerPlan, PruneError, ReuseMode, StepPlan, StepStats, TargetSignals, TokenGroup,
+    TokenLayout,
+};
 
 /// What a schedule knows when it plans a step.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,9 @@ pub struct StepOutcome {
     pub velocity_change: Option<f32>,
     /// Wall time of the DiT call in seconds, when measured.
     pub seconds: Option<f64>,
+    /// Per-token data of the target after the step (x̂₀, the reference condition latent, the token grid), when the
+    /// schedule asked for it ([`PruningSchedule::needs_target_signals`]) and the caller measured it.
+    pub target: Option<TargetSignals>,
 }
 
 impl StepOutcome {
@@ -72,6 +78,19 @@ pub trait PruningSchedule: Debug + Send {
     /// Called after each step with what happened. The default ignores it.
     fn observe(&mut self, _outcome: &StepOutcome) {}
 
+    /// Reviews a step's outcome before it is committed (before the Euler update; [`StepOutcome::velocity_change`]
+    /// is set when measured): a plan returned runs the step again with it (a guardrail's fallback,
+    /// [`Guardrail`](crate::Guardrail)), and the step's report says so. The default accepts every step.
+    fn review(&mut self, _outcome: &StepOutcome) -> Option<StepPlan> {
+        None
+    }
+
+    /// Whether [`observe`](Self::observe) needs [`StepOutcome::target`] after the step `step` (0-based): per-token
+    /// data copied to the host, which costs a device synchronization. The default is `false`.
+    fn needs_target_signals(&self, _step: usize) -> bool {
+        false
+    }
+
     /// A short human-readable name (used in reports).
     fn name(&self) -> String;
 }
@@ -82,6 +101,12 @@ impl<S: PruningSchedule + ?Sized> PruningSchedule for Box<S> {
     }
     fn observe(&mut self, outcome: &StepOutcome) {
         (**self).observe(outcome)
+    }
+    fn needs_target_signals(&self, step: usize) -> bool {
+        (**self).needs_target_signals(step)
+    }
+    fn review(&mut self, outcome: &StepOutcome) -> Option<StepPlan> {
+        (**self).review(outcome)
     }
     fn name(&self) -> String {
         (**self).name()
@@ -162,7 +187,7 @@ impl PruningSchedule for ReuseSteps {
     }
 }
 
-fn mode_suffix(mode: ReuseMode) -> &'static str {
+pub(crate) fn mode_suffix(mode: ReuseMode) -> &'static str {
     match mode {
         ReuseMode::KeyValue => "",
         ReuseMode::RecomputeKeyValue => "/recompute",
@@ -247,6 +272,12 @@ impl<S: PruningSchedule> PruningSchedule for LayerRange<S> {
     fn observe(&mut self, outcome: &StepOutcome) {
         self.inner.observe(outcome)
     }
+    fn needs_target_signals(&self, step: usize) -> bool {
+        self.inner.needs_target_signals(step)
+    }
+    fn review(&mut self, outcome: &StepOutcome) -> Option<StepPlan> {
+        self.inner.review(outcome)
+    }
     fn name(&self) -> String {
         format!("{}@{}-{}", self.inner.name(), self.lo, self.hi)
     }
@@ -255,7 +286,8 @@ impl<S: PruningSchedule> PruningSchedule for LayerRange<S> {
 /// Plans every step of a run without tensors and checks that no step reuses what was not cached before.
 ///
 /// `sigmas` has `num_steps + 1` entries (the last is the final σ, usually 0). Returns the plans. The schedule sees
-/// empty [`StepOutcome`]s; schedules whose plans depend on measured outcomes are only checked approximately.
+/// [`StepOutcome`]s without measurements; schedules whose plans depend on measured outcomes plan without them (the
+/// built-in region schedules then plan a one-token region, so that the subset path is checked).
 pub fn dry_run<S: PruningSchedule + ?Sized>(
     schedule: &mut S,
     sigmas: &[f32],
@@ -263,7 +295,13 @@ pub fn dry_run<S: PruningSchedule + ?Sized>(
     layout: &TokenLayout,
 ) -> Result<Vec<StepPlan>, PruneError> {
     let num_steps = sigmas.len().saturating_sub(1);
-    let mut cached = vec![vec![None::<bool>; layout.condition_tokens.len()]; num_layers];
+    // Per block: whether the target (index 0) and each condition image (index k + 1) are cached, with hidden states.
+    let mut cached = vec![vec![None::<bool>; layout.condition_tokens.len() + 1]; num_layers];
+    let slot = |group: TokenGroup| match group {
+        TokenGroup::Target => Some(0),
+        TokenGroup::Condition(k) => Some(k + 1),
+        TokenGroup::Text => None,
+    };
     let mut plans = Vec::with_capacity(num_steps);
     for step in 0..num_steps {
         let ctx = StepContext {
@@ -276,13 +314,19 @@ pub fn dry_run<S: PruningSchedule + ?Sized>(
         };
         let plan = schedule.plan_step(&ctx)?;
         plan.validate_shape(num_layers, layout)?;
-        plan.check_cache(step, layout, |layer, k| {
-            cached[layer][k].map(|hidden| (layout.condition_tokens[k], hidden))
+        plan.check_cache(step, layout, |layer, group| {
+            let hidden = cached[layer][slot(group)?]?;
+            Some((layout.group_len(group)?, hidden))
         })?;
+        if step == 0 && plan.target_subset(layout.target_tokens).is_some() {
+            return Err(PruneError::InvalidPlan(
+                "step 1 cannot compute a target subset: no earlier step predicted the other tokens".into(),
+            ));
+        }
         for (layer, lp) in plan.layers.iter().enumerate() {
-            for (k, c) in lp.conditions.iter().enumerate() {
-                if c.action == GroupAction::ComputeAndCache {
-                    cached[layer][k] = Some(true);
+            for (group, g) in lp.groups() {
+                if let (GroupAction::ComputeAndCache, Some(i)) = (g.action, slot(group)) {
+                    cached[layer][i] = Some(true);
                 }
             }
         }

@@ -1,26 +1,52 @@
 //! [`ScheduleSpec`]: the built-in schedules as plain data, parsed from the command-line grammar or from JSON.
 //!
 //! Grammar: `BASE[/MODE][@LO-HI]` where
-//! - `BASE` is `none`, `cat` (compute and cache at odd steps, reuse at even steps) or `reuse:S1,S2,…` (1-based
-//!   steps that reuse; the others compute and cache);
+//! - `BASE` is `none`, `cat` (compute and cache at odd steps, reuse at even steps), `reuse:S1,S2,…` (1-based
+//!   steps that reuse; the others compute and cache), `region[:THRESHOLD[,MARGIN[,REFRESH]]]` (compute only the
+//!   target tokens that step 1's x̂₀ moves by more than THRESHOLD, dilated by MARGIN tokens; REFRESH a 1-based step
+//!   that computes everything again), `mask:FILE` (the region is the white part of a black/white image; the file
+//!   name keeps its case and may contain `/`) or `adaptive[:BUDGET]` (reuse the condition images, re-cache them after
+//!   a step whose velocity changed by more than BUDGET);
 //! - `MODE` is `kv` (reuse K/V as cached, the default) or `recompute` (recompute K/V from the cached hidden
 //!   states with the current step's modulation);
 //! - `@LO-HI` restricts caching and reuse to blocks `LO..=HI` (0-based, inclusive).
 //!
-//! Examples: `none`, `cat`, `reuse:2,3,4`, `reuse:2,4/recompute@10-49`.
+//! Examples: `none`, `cat`, `reuse:2,3,4`, `reuse:2,4/recompute@10-49`, `region:0.05,1`, `region:0.05,1,3/recompute`,
+//! `mask:edit.png`, `adaptive:0.05`. `@LO-HI` restricts the condition images' caching and reuse; a target region
+//! applies to every block of a step.
 //!
 //! JSON: `{"type": "reuse", "steps": [2, 4], "mode": "recompute", "layers": [10, 49]}` (`mode` and `layers` are
-//! optional; `mode` is `kv` or `recompute`).
+//! optional; `mode` is `kv` or `recompute`); `{"type": "region", "threshold": 0.05, "margin": 1, "refresh": 3}`,
+//! `{"type": "mask", "path": "edit.png", "margin": 1}`, `{"type": "adaptive", "budget": 0.05}` (parameters optional,
+//! defaulting to the `DEFAULT_*` constants).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Cat, LayerRange, NoPruning, PruneError, PruningSchedule, ReuseMode, ReuseSteps};
+use crate::{
+    Adaptive, Cat, EditRegion, LayerRange, NoPruning, PixelMask, PruneError, PruningSchedule, RegionSource,
+    ReuseMode, ReuseSteps, DEFAULT_ADAPTIVE_BUDGET, DEFAULT_MASK_MARGIN, DEFAULT_REGION_MARGIN,
+    DEFAULT_REGION_THRESHOLD,
+};
+
+fn default_threshold() -> f32 {
+    DEFAULT_REGION_THRESHOLD
+}
+fn default_region_margin() -> usize {
+    DEFAULT_REGION_MARGIN
+}
+fn default_mask_margin() -> usize {
+    DEFAULT_MASK_MARGIN
+}
+fn default_budget() -> f32 {
+    DEFAULT_ADAPTIVE_BUDGET
+}
 
 /// A built-in schedule described as data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ScheduleSpec {
     /// [`NoPruning`].
@@ -45,6 +71,54 @@ pub enum ScheduleSpec {
         #[serde(default)]
         layers: Option<(usize, usize)>,
     },
+    /// [`EditRegion`] from step 1's x̂₀: compute only the target tokens the edit changes.
+    Region {
+        /// Relative change above which a target token is edited.
+        #[serde(default = "default_threshold")]
+        threshold: f32,
+        /// Dilation of the region, in tokens.
+        #[serde(default = "default_region_margin")]
+        margin: usize,
+        /// Optional 1-based step (≥ 2) that computes and caches everything and derives the region again.
+        #[serde(default)]
+        refresh: Option<usize>,
+        /// How reused tokens provide K/V.
+        #[serde(default)]
+        mode: ReuseMode,
+        /// Optional inclusive block range `[lo, hi]` of the condition images' reuse.
+        #[serde(default)]
+        layers: Option<(usize, usize)>,
+    },
+    /// [`EditRegion`] from a black/white mask image (white = edit); the pipeline also keeps the unmasked output
+    /// pixels exactly the source's.
+    Mask {
+        /// The mask image (PNG or JPEG).
+        path: PathBuf,
+        /// Dilation of the region, in tokens.
+        #[serde(default = "default_mask_margin")]
+        margin: usize,
+        /// Optional 1-based refresh step (≥ 2).
+        #[serde(default)]
+        refresh: Option<usize>,
+        /// How reused tokens provide K/V.
+        #[serde(default)]
+        mode: ReuseMode,
+        /// Optional inclusive block range `[lo, hi]` of the condition images' reuse.
+        #[serde(default)]
+        layers: Option<(usize, usize)>,
+    },
+    /// [`Adaptive`]: reuse the condition images, re-cache after drift above the budget.
+    Adaptive {
+        /// Relative L2 change of the velocity between steps above which the next step re-caches.
+        #[serde(default = "default_budget")]
+        budget: f32,
+        /// How reused tokens provide K/V.
+        #[serde(default)]
+        mode: ReuseMode,
+        /// Optional inclusive block range `[lo, hi]`.
+        #[serde(default)]
+        layers: Option<(usize, usize)>,
+    },
 }
 
 impl ScheduleSpec {
@@ -55,6 +129,17 @@ impl ScheduleSpec {
             ScheduleSpec::Cat { mode, layers } => (Box::new(Cat::new(*mode)), *layers),
             ScheduleSpec::Reuse { steps, mode, layers } => {
                 (Box::new(ReuseSteps::new(steps.iter().copied(), *mode)?), *layers)
+            }
+            ScheduleSpec::Region { threshold, margin, refresh, mode, layers } => {
+                let source = RegionSource::Estimate { threshold: *threshold };
+                (Box::new(EditRegion::new(source, *margin, *refresh, *mode)?), *layers)
+            }
+            ScheduleSpec::Mask { path, margin, refresh, mode, layers } => {
+                let source = RegionSource::Mask(PixelMask::load(path)?);
+                (Box::new(EditRegion::new(source, *margin, *refresh, *mode)?), *layers)
+            }
+            ScheduleSpec::Adaptive { budget, mode, layers } => {
+                (Box::new(Adaptive::new(*budget, *mode)?), *layers)
             }
         };
         Ok(match layers {
@@ -69,6 +154,16 @@ impl ScheduleSpec {
             ScheduleSpec::None => false,
             ScheduleSpec::Cat { .. } => true,
             ScheduleSpec::Reuse { steps, .. } => !steps.is_empty(),
+            ScheduleSpec::Region { .. } | ScheduleSpec::Mask { .. } | ScheduleSpec::Adaptive { .. } => true,
+        }
+    }
+
+    /// The user's edit mask of a `mask:FILE` schedule (loaded), whose unmasked output pixels the pipeline keeps
+    /// exactly the source's; `None` for the other schedules.
+    pub fn output_mask(&self) -> Result<Option<PixelMask>, PruneError> {
+        match self {
+            ScheduleSpec::Mask { path, .. } => PixelMask::load(path).map(Some),
+            _ => Ok(None),
         }
     }
 }
@@ -84,6 +179,9 @@ impl FromStr for ScheduleSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = |reason: &str| PruneError::Spec { spec: s.to_string(), reason: reason.to_string() };
+        if s.trim().to_ascii_lowercase().starts_with("mask:") {
+            return parse_mask(s.trim()).ok_or_else(|| err("a mask is written `mask:FILE[/MODE][@LO-HI]`"));
+        }
         let text = s.trim().to_ascii_lowercase();
         let (rest, layers) = match text.split_once('@') {
             Some((rest, range)) => {
@@ -125,16 +223,92 @@ impl FromStr for ScheduleSpec {
                 }
                 ScheduleSpec::Reuse { steps, mode, layers }
             }
-            _ => return Err(err("expected `none`, `cat` or `reuse:S1,S2,...`")),
+            b if b == "region" || b.starts_with("region:") => {
+                let params = b.strip_prefix("region").unwrap_or_default().trim_start_matches(':');
+                let values: Vec<&str> = params.split(',').map(str::trim).filter(|v| !v.is_empty()).collect();
+                if values.len() > 3 {
+                    return Err(err("`region` takes at most THRESHOLD,MARGIN,REFRESH"));
+                }
+                let threshold = match values.first() {
+                    Some(v) => v.parse::<f32>().ok().filter(|t| t.is_finite() && *t >= 0.0),
+                    None => Some(DEFAULT_REGION_THRESHOLD),
+                };
+                let threshold = threshold.ok_or_else(|| err("the region threshold is a number ≥ 0"))?;
+                let int =
+                    |i: usize, what: &str| values.get(i).map(|v| v.parse::<usize>().map_err(|_| err(what)));
+                let margin = int(1, "the region margin is a whole number of tokens")
+                    .transpose()?
+                    .unwrap_or(DEFAULT_REGION_MARGIN);
+                let refresh = int(2, "the refresh step is a step number").transpose()?;
+                if refresh.is_some_and(|r| r < 2) {
+                    return Err(err("the refresh step is ≥ 2 (step 1 always computes everything)"));
+                }
+                ScheduleSpec::Region { threshold, margin, refresh, mode, layers }
+            }
+            b if b == "adaptive" || b.starts_with("adaptive:") => {
+                let budget = match b.strip_prefix("adaptive:") {
+                    Some(v) => v.trim().parse::<f32>().ok().filter(|t| t.is_finite() && *t >= 0.0),
+                    None => Some(DEFAULT_ADAPTIVE_BUDGET),
+                };
+                let budget = budget.ok_or_else(|| err("the adaptive budget is a number ≥ 0"))?;
+                ScheduleSpec::Adaptive { budget, mode, layers }
+            }
+            _ => return Err(err(
+                "expected `none`, `cat`, `reuse:S1,S2,...`, `region[:T,M,R]`, `mask:FILE` or `adaptive[:B]`",
+            )),
         };
         Ok(spec)
     }
+}
+
+/// `mask:FILE[/MODE][@LO-HI]`, the file name as given (its case and any `/` kept): a trailing `@LO-HI` and a
+/// trailing `/kv` or `/recompute` are the suffixes, the rest is the file.
+fn parse_mask(s: &str) -> Option<ScheduleSpec> {
+    let mut rest = &s["mask:".len()..];
+    let mut layers = None;
+    if let Some((head, range)) = rest.rsplit_once('@') {
+        let (lo, hi) = range.split_once('-')?;
+        let (lo, hi) = (lo.trim().parse::<usize>().ok()?, hi.trim().parse::<usize>().ok()?);
+        if lo > hi {
+            return None;
+        }
+        (rest, layers) = (head, Some((lo, hi)));
+    }
+    let mut mode = ReuseMode::KeyValue;
+    for (suffix, m) in [("/kv", ReuseMode::KeyValue), ("/recompute", ReuseMode::RecomputeKeyValue)] {
+        if rest.to_ascii_lowercase().ends_with(suffix) {
+            (rest, mode) = (&rest[..rest.len() - suffix.len()], m);
+        }
+    }
+    let path = rest.trim();
+    (!path.is_empty()).then(|| ScheduleSpec::Mask {
+        path: PathBuf::from(path),
+        margin: DEFAULT_MASK_MARGIN,
+        refresh: None,
+        mode,
+        layers,
+    })
 }
 
 impl fmt::Display for ScheduleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (mode, layers) = match self {
             ScheduleSpec::None => return write!(f, "none"),
+            ScheduleSpec::Region { threshold, margin, refresh, mode, layers } => {
+                write!(f, "region:{threshold},{margin}")?;
+                if let Some(r) = refresh {
+                    write!(f, ",{r}")?;
+                }
+                (mode, layers)
+            }
+            ScheduleSpec::Mask { path, mode, layers, .. } => {
+                write!(f, "mask:{}", path.display())?;
+                (mode, layers)
+            }
+            ScheduleSpec::Adaptive { budget, mode, layers } => {
+                write!(f, "adaptive:{budget}")?;
+                (mode, layers)
+            }
             ScheduleSpec::Cat { mode, layers } => {
                 write!(f, "cat")?;
                 (mode, layers)
@@ -175,7 +349,17 @@ mod tests {
 
     #[test]
     fn round_trips_through_display() {
-        for s in ["none", "cat", "cat/recompute@0-29", "reuse:2,4", "reuse:2,3,4/recompute@5-9"] {
+        for s in [
+            "none",
+            "cat",
+            "cat/recompute@0-29",
+            "reuse:2,4",
+            "reuse:2,3,4/recompute@5-9",
+            "region:0.05,1",
+            "region:0.2,0,3/recompute@2-5",
+            "adaptive:0.05",
+            "mask:Dir/Edit.png/recompute@0-3",
+        ] {
             assert_eq!(s.parse::<ScheduleSpec>().unwrap().to_string(), s);
         }
     }
@@ -193,6 +377,13 @@ mod tests {
             "cat@9-3",
             "cat/fast",
             "none@0-3",
+            "region:x",
+            "region:0.1,1,1",
+            "region:-1",
+            "region:0.1,1,3,4",
+            "adaptive:nan",
+            "mask:",
+            "mask:a.png@3-1",
         ] {
             assert!(matches!(s.parse::<ScheduleSpec>(), Err(PruneError::Spec { .. })), "{s:?} should fail");
         }
@@ -208,6 +399,34 @@ mod tests {
         assert_eq!(serde_json::from_str::<ScheduleSpec>(old).unwrap(), spec);
         let cat: ScheduleSpec = serde_json::from_str(r#"{"type":"cat"}"#).unwrap();
         assert_eq!(cat, ScheduleSpec::default());
+    }
+
+    #[test]
+    fn region_specs_have_defaults() {
+        let spec = |s: &str| s.parse::<ScheduleSpec>().unwrap();
+        let region = ScheduleSpec::Region {
+            threshold: DEFAULT_REGION_THRESHOLD,
+            margin: DEFAULT_REGION_MARGIN,
+            refresh: None,
+            mode: ReuseMode::KeyValue,
+            layers: None,
+        };
+        assert_eq!(spec("region"), region);
+        assert_eq!(serde_json::from_str::<ScheduleSpec>(r#"{"type":"region"}"#).unwrap(), region);
+        assert_eq!(
+            spec("adaptive"),
+            ScheduleSpec::Adaptive {
+                budget: DEFAULT_ADAPTIVE_BUDGET,
+                mode: ReuseMode::KeyValue,
+                layers: None
+            }
+        );
+        let mask: ScheduleSpec =
+            serde_json::from_str(r#"{"type":"mask","path":"m.png","margin":2}"#).unwrap();
+        assert!(matches!(mask, ScheduleSpec::Mask { margin: 2, .. }));
+        let err = mask.build().unwrap_err().to_string();
+        assert!(err.contains("cannot read the mask"), "{err}");
+        assert_eq!(spec("region:0.1,2,3@1-2").build().unwrap().name(), "region:0.1,2,3@1-2");
     }
 
     #[test]

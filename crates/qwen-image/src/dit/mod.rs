@@ -20,6 +20,7 @@ pub mod modulation;
 pub mod modulation_table;
 pub mod planned;
 pub mod rope;
+mod target_subset;
 pub mod timestep;
 pub mod transformer;
 

@@ -1,4 +1,5 @@
-//! The forward pass driven by a pruning plan: condition images are computed, cached or reused per block.
+//! The forward pass driven by a pruning plan: condition images are computed, cached or reused per block; the target
+//! is computed whole, cached, or computed on a token subset with the rest reused.
 
 use burn::tensor::{backend::Backend, Tensor};
 use qwen_image_pruning::{
@@ -8,6 +9,7 @@ use qwen_image_pruning::{
 use super::{
     block::BlockContext,
     modulation::ModRuns,
+    target_subset::TargetSubset,
     transformer::{DitInput, QwenImageTransformer},
 };
 use crate::{ops::KvSegment, ops::QwenBackend, Result};
@@ -26,8 +28,15 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     /// keys and values ([`ReuseMode::KeyValue`]) or to keys and values recomputed from its cached block input with
     /// this step's modulation ([`ReuseMode::RecomputeKeyValue`]). A condition image computed at a block after a
     /// block that reused it takes that block's input from the cache. The plan is checked against the cache before
-    /// anything runs ([`StepPlan::validate_shape`] rejects what is not executed, such as token subsets). With a plan
-    /// that computes everything, the target prediction is bit-identical to [`forward`](Self::forward).
+    /// anything runs ([`StepPlan::validate_shape`] rejects what is not executed). With a plan that computes
+    /// everything, the target prediction is bit-identical to [`forward`](Self::forward).
+    ///
+    /// A target cached at a block (`ComputeAndCache`) stores its K/V and block input like a condition image. A step
+    /// computing a target subset ([`StepPlan::target_subset`]) gathers those tokens once, before the first block;
+    /// at every block the other target tokens attend as the cached K/V of the target (as cached, or recomputed from
+    /// the cached block input); the returned prediction holds the computed tokens' new values and, for the others,
+    /// the cache's last prediction (their velocity from the last step that computed them; see `target_subset.rs`).
+    /// Steps that cache the target or compute a subset store the prediction of all target tokens in the cache.
     pub fn forward_planned(
         &self,
         input: &DitInput<B>,
@@ -39,14 +48,30 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         plan.validate_shape(self.num_layers(), &layout)?;
         cache.check_plan(step, plan, &layout)?;
 
-        let p = self.prepare(input)?;
+        let mut p = self.prepare(input)?;
         let n_images = input.img_shapes.len();
+        let subset = plan.target_subset(layout.target_tokens).map(|idx| {
+            TargetSubset::<B>::new(idx, layout.target_tokens, layout.image_tokens(), self.device())
+        });
+        // Token counts of the images as held: the target's computed tokens, then each condition image.
         let mut offsets = vec![0usize; n_images + 1];
         for (i, s) in input.img_shapes.iter().enumerate() {
-            offsets[i + 1] = offsets[i] + s.tokens();
+            let len = match (&subset, i) {
+                (Some(sub), 0) => sub.computed,
+                _ => s.tokens(),
+            };
+            offsets[i + 1] = offsets[i] + len;
         }
         let mut stats = StepStats::default();
-        let mut state = ImageState { images: (0..n_images).collect(), hidden: p.img.clone() };
+        let (img, rest_rope) = match &subset {
+            Some(sub) => {
+                let (computed, rest) = sub.ropes(&p.img_rope.set(&[0]));
+                p.img_rope = p.img_rope.with_target(computed);
+                (sub.gather(p.img.clone()), Some(rest))
+            }
+            None => (p.img.clone(), None),
+        };
+        let mut state = ImageState { images: (0..n_images).collect(), hidden: img };
         let (mut txt, batch) = (p.txt.clone(), input.timestep.len());
 
         for (layer, (block, lp)) in self.blocks.iter().zip(&plan.layers).enumerate() {
@@ -63,8 +88,29 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             let runs = ModRuns::new(computed.iter().map(|&i| (offsets[i + 1] - offsets[i], p.row_of(i))));
             let m = p.block_modulation(layer, block)?;
 
-            // Keys and values of the condition images that are not computed at this block.
+            // Keys and values of the target tokens and the condition images that are not computed at this block.
             let mut extra_kv = Vec::new();
+            if let (Some(sub), Some(rest_rope)) = (&subset, &rest_rope) {
+                let entry = cache.reuse_group(step, layer, TokenGroup::Target, sub.rest)?.clone();
+                stats.reused_tokens += sub.rest;
+                let rest = |t: Tensor<B, 3>| t.select(1, sub.rest_index.clone());
+                let (key, value) = match lp.target.rest {
+                    GroupAction::Reuse(ReuseMode::RecomputeKeyValue) => {
+                        let hidden = entry
+                            .hidden
+                            .ok_or(PruneError::HiddenNotCached { layer, group: TokenGroup::Target })?;
+                        let runs = ModRuns::new([(sub.rest, p.row_of(0))]);
+                        block.image_kv(rest(hidden), &m, rest_rope, &runs)
+                    }
+                    _ => {
+                        let heads = |t: Tensor<B, 3>| {
+                            rest(t).reshape([batch, sub.rest, block.attn.heads, block.attn.head_dim])
+                        };
+                        (heads(entry.key), heads(entry.value))
+                    }
+                };
+                extra_kv.push(KvSegment { key, value });
+            }
             for k in (1..n_images).filter(|&i| !action(i).computes()) {
                 let entry = cache.reuse(step, layer, k - 1)?.clone();
                 let tokens = entry.tokens();
@@ -99,11 +145,11 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             let out = block.forward(state.hidden, txt, &m, &ctx);
             stats.computed_tokens += out.img.dims()[1];
 
-            // Cache the condition images this block was told to cache.
+            // Cache the images (the whole target, condition images) this block was told to cache.
             let mut start = 0;
             for &i in &computed {
                 let len = offsets[i + 1] - offsets[i];
-                if i > 0 && action(i) == GroupAction::ComputeAndCache {
+                if action(i) == GroupAction::ComputeAndCache {
                     let inner = block.attn.heads * block.attn.head_dim;
                     let flat = |t: Tensor<B, 4>| owned(t.narrow(1, start, len).reshape([batch, len, inner]));
                     let entry = CachedCondition {
@@ -112,7 +158,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                         hidden: Some(owned(input_hidden.clone().narrow(1, start, len))),
                         step,
                     };
-                    cache.store(layer, i - 1, entry);
+                    let group = if i == 0 { TokenGroup::Target } else { TokenGroup::Condition(i - 1) };
+                    cache.store_group(layer, group, entry)?;
                     stats.cached_entries += 1;
                 }
                 start += len;
@@ -121,9 +168,16 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             txt = out.txt;
         }
 
-        let out = self.final_layer(state.hidden, &p);
-        let target = offsets[1];
-        Ok((out.narrow(1, 0, target), stats))
+        let out = self.final_layer(state.hidden, &p).narrow(1, 0, offsets[1]);
+        let out = match &subset {
+            Some(sub) => sub.scatter(out, cache)?,
+            None => out,
+        };
+        let caches_target = plan.layers.iter().any(|l| l.target.action == GroupAction::ComputeAndCache);
+        if subset.is_some() || caches_target {
+            cache.store_target_output(owned(out.clone()));
+        }
+        Ok((out, stats))
     }
 
     /// Rebuilds the held image tokens so that they are exactly `wanted` (in order): images still held are sliced

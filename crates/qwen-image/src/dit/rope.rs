@@ -100,6 +100,11 @@ impl<B: Backend> RopeTensors<B> {
             sin: self.sin.clone().narrow(0, start, len),
         }
     }
+
+    /// The rows `rows`, in that order (copies: bit-identical to the table's rows).
+    pub fn select(&self, rows: Tensor<B, 1, burn::tensor::Int>) -> Self {
+        RopeTensors { cos: self.cos.clone().select(0, rows.clone()), sin: self.sin.clone().select(0, rows) }
+    }
 }
 
 /// Positions on each side of 0 that the per-axis tables cover: `−MAX_POSITION .. MAX_POSITION`, as diffusers'
@@ -236,6 +241,14 @@ pub(crate) struct ImageRopes<B: Backend> {
 }
 
 impl<B: Backend> ImageRopes<B> {
+    /// The same tables with image 0 (the target) replaced by `target`, the table of the target tokens a step
+    /// computes; the sets are built again on demand.
+    pub(crate) fn with_target(&self, target: RopeTensors<B>) -> Self {
+        let mut images = self.images.clone();
+        images[0] = target;
+        ImageRopes { images, sets: RefCell::new(Vec::new()) }
+    }
+
     /// The table of the images `set` (indices into the call's images), concatenated in that order.
     pub(crate) fn set(&self, set: &[usize]) -> RopeTensors<B> {
         if let [one] = set {

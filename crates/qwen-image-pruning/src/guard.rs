@@ -1,0 +1,102 @@
+//! [`Guardrail`]: stops reuse from silently ruining an edit, by the drift signal.
+//!
+//! At a step whose plan reuses anything, the denoising loop asks the schedule to
+//! [`review`](PruningSchedule::review) the outcome before the Euler update. The guardrail compares the relative
+//! change of the velocity against the previous step ([`StepOutcome::velocity_change`]) with a threshold; past it, it
+//! returns a plan that computes and caches everything, the loop runs the step again with it, and the step's report
+//! says so. Its cost: nothing while it does not fire (the drift is measured for every step anyway), one full DiT
+//! call per step where it fires (counted in that step's time and reported separately).
+
+use crate::{GroupAction, LayerPlan, PruneError, PruningSchedule, StepContext, StepOutcome, StepPlan};
+
+/// Default drift threshold of the guardrail. Provisional: to be set by the quality benchmark on the trained proxy.
+pub const DEFAULT_GUARDRAIL_DRIFT: f32 = 0.5;
+
+/// Wraps a schedule: a reuse step whose velocity changed by more than `max_drift` is run again fully.
+#[derive(Clone, Debug)]
+pub struct Guardrail<S> {
+    inner: S,
+    max_drift: f32,
+    /// Blocks and condition images of the last plan.
+    shape: (usize, usize),
+}
+
+impl<S: PruningSchedule> Guardrail<S> {
+    /// Guards `inner` with the drift threshold `max_drift` (≥ 0).
+    pub fn new(inner: S, max_drift: f32) -> Result<Self, PruneError> {
+        if !max_drift.is_finite() || max_drift < 0.0 {
+            return Err(PruneError::InvalidPlan(format!("guardrail threshold {max_drift} must be ≥ 0")));
+        }
+        Ok(Guardrail { inner, max_drift, shape: (0, 0) })
+    }
+}
+
+/// Every group of every block computed and cached (the target whole).
+pub fn full_cache_plan(num_layers: usize, num_conditions: usize) -> StepPlan {
+    let layer = LayerPlan {
+        target: GroupAction::ComputeAndCache.into(),
+        ..LayerPlan::with_conditions(num_conditions, GroupAction::ComputeAndCache)
+    };
+    StepPlan::new(vec![layer; num_layers])
+}
+
+impl<S: PruningSchedule> PruningSchedule for Guardrail<S> {
+    fn plan_step(&mut self, ctx: &StepContext<'_>) -> Result<StepPlan, PruneError> {
+        self.shape = (ctx.num_layers, ctx.layout.condition_tokens.len());
+        self.inner.plan_step(ctx)
+    }
+
+    fn review(&mut self, outcome: &StepOutcome) -> Option<StepPlan> {
+        let drift = outcome.velocity_change?;
+        if outcome.plan.reuses_anything() && drift > self.max_drift {
+            return Some(full_cache_plan(self.shape.0, self.shape.1));
+        }
+        self.inner.review(outcome)
+    }
+
+    fn observe(&mut self, outcome: &StepOutcome) {
+        self.inner.observe(outcome)
+    }
+
+    fn needs_target_signals(&self, step: usize) -> bool {
+        self.inner.needs_target_signals(step)
+    }
+
+    fn name(&self) -> String {
+        format!("{}+guardrail:{}", self.inner.name(), self.max_drift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cat, TokenLayout};
+
+    #[test]
+    fn fires_only_at_reuse_steps_past_the_threshold() {
+        let mut g = Guardrail::new(Cat::default(), 0.2).unwrap();
+        let layout = TokenLayout::new(2, 4, vec![4]);
+        let ctx = |step| StepContext {
+            step,
+            num_steps: 4,
+            sigma: 1.0,
+            sigma_next: 0.5,
+            num_layers: 2,
+            layout: &layout,
+        };
+        let full = g.plan_step(&ctx(0)).unwrap();
+        let mut outcome = StepOutcome::new(0, full);
+        outcome.velocity_change = Some(0.9);
+        assert!(g.review(&outcome).is_none(), "a step that reuses nothing is not reviewed");
+        let reuse = g.plan_step(&ctx(1)).unwrap();
+        let mut outcome = StepOutcome::new(1, reuse);
+        outcome.velocity_change = Some(0.1);
+        assert!(g.review(&outcome).is_none());
+        outcome.velocity_change = Some(0.3);
+        let fallback = g.review(&outcome).unwrap();
+        assert_eq!(fallback, full_cache_plan(2, 1));
+        assert!(!fallback.reuses_anything());
+        assert_eq!(g.name(), "cat+guardrail:0.2");
+        assert!(Guardrail::new(Cat::default(), -1.0).is_err());
+    }
+}
