@@ -336,13 +336,20 @@ def pixel_values_fast(processor, imgs_u8):
     x = imgs_u8.contiguous()
     if (rh, rw) != (h, w):
         x = tvF.resize(x, [rh, rw], interpolation=pil_torch_interpolation_mapping[ip.resample], antialias=True)
-    mean = torch.tensor(ip.image_mean, device=x.device) * (1.0 / ip.rescale_factor)
-    std = torch.tensor(ip.image_std, device=x.device) * (1.0 / ip.rescale_factor)
+    key = (id(ip), str(x.device), n, rh, rw)
+    if key not in _PIXEL_CONST:  # built once per device and batch size: no host-to-device copies per batch
+        mean = torch.tensor(ip.image_mean, device=x.device) * (1.0 / ip.rescale_factor)
+        std = torch.tensor(ip.image_std, device=x.device) * (1.0 / ip.rescale_factor)
+        gh, gw = rh // ip.patch_size, rw // ip.patch_size
+        _PIXEL_CONST[key] = (mean, std, torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=x.device))
+    mean, std, grid = _PIXEL_CONST[key]
     x = tvF.normalize(x.to(torch.float32), mean, std, inplace=True)
     patches, gh, gw = ip.patchify(x, patch_size=ip.patch_size, merge_size=ip.merge_size,
                                   temporal_patch_size=ip.temporal_patch_size)
-    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=x.device)
     return patches.reshape(n * gh * gw, -1), grid
+
+
+_PIXEL_CONST: dict = {}
 
 
 def check_pixel_values(processor, imgs_u8):

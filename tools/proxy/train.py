@@ -126,6 +126,11 @@ class Batcher:
             [pm.token_ids(tokenizer, processor, " ", 1, False)]
         self.noop_ids = [torch.tensor(x, device=device) for x in noop]
         self.pad = tokenizer.pad_token_id
+        # the no-op prompt as full padded rows: batches swap them in with `where`, no host sync on the mask
+        width = pool["ids"].shape[1]
+        assert max(len(x) for x in noop) <= width, "the no-op prompt is longer than the pool's prompts"
+        self.noop_rows = [torch.cat([x, torch.full((width - len(x),), self.pad, device=device, dtype=x.dtype)])
+                          for x in self.noop_ids]
         self.groups = {n: torch.nonzero(pool["n_src"] == n).flatten() for n in (1, 2)}
         self.groups = {n: g for n, g in self.groups.items() if len(g)}
         self.cache = cache
@@ -161,25 +166,21 @@ class Batcher:
         return 0 if not self.cache else self.lat_src.nbytes + self.lat_tgt.nbytes
 
     @torch.no_grad()
-    def batch(self, idx, noop_mask, need_tgt=False):
-        """A batch of pool rows `idx` (all with the same number of sources); `noop_mask` rows become no-op edits
-        (prompt " ", target = last source). `tgt` (the target images, for scoring) is rendered only with `need_tgt`
-        or without the cache."""
+    def batch(self, idx, noop_mask, need_tgt=False, n_src=None):
+        """A batch of pool rows `idx` (all with `n_src` sources; read from the pool when not given, a host sync);
+        `noop_mask` rows become no-op edits (prompt " ", target = last source). `tgt` (the target images, for
+        scoring) is rendered only with `need_tgt` or without the cache."""
         p = self.pool
-        n_src = int(p["n_src"][idx[0]])
+        n_src = int(p["n_src"][idx[0]]) if n_src is None else n_src
         b = len(idx)
         srcs = [render_u8(p["src_obj"][idx, k], p["src_bg"][idx, k]) for k in range(n_src)]
         tgt = None
         if need_tgt or not self.cache:
             tgt = render_u8(p["tgt_obj"][idx], p["tgt_bg"][idx])
             tgt = torch.where(noop_mask.view(b, 1, 1, 1), srcs[-1], tgt)
-        lens = p["lens"][idx].clone()
-        ids = p["ids"][idx].clone()
-        noop = self.noop_ids[n_src - 1 if self.plus else 0]
-        if noop_mask.any():
-            ids[noop_mask] = self.pad
-            ids[noop_mask, : len(noop)] = noop
-            lens[noop_mask] = len(noop)
+        k = n_src - 1 if self.plus else 0
+        ids = torch.where(noop_mask[:, None], self.noop_rows[k][None], p["ids"][idx])
+        lens = torch.where(noop_mask, len(self.noop_ids[k]), p["lens"][idx])
         t_max = int(lens.max())
         ids = ids[:, :t_max]
         attn = (torch.arange(t_max, device=self.device)[None] < lens[:, None]).long()
@@ -204,7 +205,8 @@ class Batcher:
 def check_batch_cache(cached, plain, idx, noop):
     """The same batch built with the pool cache and without it: max |Δ| per tensor. Asserts equality of ids, masks
     and grids, pixel values within 1e-6 and latents within float rounding (f32: 1e-4; bf16 encoder under autocast:
-    other batch compositions can move a latent by a bf16 ulp, so max 0.25 and mean 1e-2 of unit-scale latents)."""
+    other batch compositions can move a raw latent by a bf16 ulp, 2^-8 of its size, so max |Δ| ≤ 2 % of max |x| and
+    mean |Δ| ≤ 1 % of mean |x|; wrong rows or a wrong order give differences of the order of the values)."""
     a, b = cached.batch(idx, noop, need_tgt=True), plain.batch(idx, noop)
     diff = {}
     for k in ("x0", "cond", "pix", "ids", "attn", "grid", "tgt"):
@@ -217,7 +219,12 @@ def check_batch_cache(cached, plain, idx, noop):
     assert diff["pix"][0] <= 1e-6, diff["pix"]
     bf16 = cached.lat_tgt.dtype == torch.bfloat16
     for k in ("x0", "cond"):
-        assert diff[k][0] <= (0.25 if bf16 else 1e-4) and diff[k][1] <= (1e-2 if bf16 else 1e-5), (k, diff[k])
+        if bf16:
+            ref = b[k].abs()
+            ok = diff[k][0] <= 2e-2 * ref.max().item() and diff[k][1] <= 1e-2 * ref.mean().item()
+        else:
+            ok = diff[k][0] <= 1e-4 and diff[k][1] <= 1e-5
+        assert ok, (k, diff[k])
     return {k: diff[k] for k in ("x0", "cond", "pix")}
 
 
@@ -512,7 +519,7 @@ def dit_stage(args, device, run):
         grp = batcher.groups[n_cond]
         idx = grp[torch.randint(0, len(grp), (args.dit_batch,), device=device, generator=g)]
         noop = torch.rand(args.dit_batch, device=device, generator=g) < NOOP_FRACTION
-        bt = batcher.batch(idx, noop)
+        bt = batcher.batch(idx, noop, n_src=n_cond)
         loss = dit_loss(dit, te, bt, g, device, train_te)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -835,7 +842,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         args.vae_steps, args.vae_pool, args.vae_batch = 30, 400, 8
-        args.dit_steps, args.dit_pool, args.dit_batch = 30, 400, 8
+        args.dit_steps, args.dit_pool, args.dit_batch = 30, 160, 8  # (the pool cache encodes every pool image once)
         args.val_size, args.val_every, args.log_every, args.ckpt_every = 16, 20, 10, 20
         args.warmup, args.ablation_fraction = 10, 0.5
     device = torch.device(args.device)
