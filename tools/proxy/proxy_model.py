@@ -252,9 +252,19 @@ def images_to_vae_input(img_u8):
 
 def encode_latents(vae, img_u8):
     """Normalized packed latents of uint8 images (what the pipeline's `_encode_vae_image` + pack produce)."""
-    z = vae_encode_mean(vae, images_to_vae_input(img_u8))
+    return normalize_pack(vae, raw_latents(vae, img_u8))
+
+
+def raw_latents(vae, img_u8):
+    """The VAE posterior means [B, z, h, w] of uint8 images, in the encoder's output dtype (bf16 under autocast):
+    what `train.py` caches per pool image; `normalize_pack` turns them into `encode_latents`' output exactly."""
+    return vae_encode_mean(vae, images_to_vae_input(img_u8))[:, :, 0]
+
+
+def normalize_pack(vae, z):
+    """[B, z, h, w] raw latents (any float dtype) -> normalized packed f32 latents [B, hw/4, 4z]."""
     mean, std = latent_stats(vae, z.device)
-    return pack((z.float() - mean) / std)
+    return pack((z[:, :, None].float() - mean) / std)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +319,46 @@ def pixel_values(processor, imgs_u8):
     out = processor.image_processor(images=list(imgs_u8), return_tensors="pt", device=imgs_u8[0].device)
     pix = out["pixel_values"]
     return pix, out["image_grid_thw"].to(pix.device)
+
+
+def pixel_values_fast(processor, imgs_u8):
+    """`pixel_values` as one batched tensor op on uint8 [N, 3, H, W] images of one size (any device): the same
+    torchvision resize (uint8 in, uint8 out), fused rescale + normalize and patchify the HF Qwen2-VL processor runs
+    image by image, without its per-image Python work. Bit-identical to `pixel_values` (`check_pixel_values`)."""
+    from torchvision.transforms.v2 import functional as tvF
+    from transformers.image_utils import pil_torch_interpolation_mapping
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    ip = processor.image_processor
+    n, _, h, w = imgs_u8.shape
+    f = ip.patch_size * ip.merge_size
+    rh, rw = smart_resize(h, w, factor=f, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+    x = imgs_u8.contiguous()
+    if (rh, rw) != (h, w):
+        x = tvF.resize(x, [rh, rw], interpolation=pil_torch_interpolation_mapping[ip.resample], antialias=True)
+    key = (id(ip), str(x.device), n, rh, rw)
+    if key not in _PIXEL_CONST:  # built once per device and batch size: no host-to-device copies per batch
+        mean = torch.tensor(ip.image_mean, device=x.device) * (1.0 / ip.rescale_factor)
+        std = torch.tensor(ip.image_std, device=x.device) * (1.0 / ip.rescale_factor)
+        gh, gw = rh // ip.patch_size, rw // ip.patch_size
+        _PIXEL_CONST[key] = (mean, std, torch.tensor([[1, gh, gw]] * n, dtype=torch.long, device=x.device))
+    mean, std, grid = _PIXEL_CONST[key]
+    x = tvF.normalize(x.to(torch.float32), mean, std, inplace=True)
+    patches, gh, gw = ip.patchify(x, patch_size=ip.patch_size, merge_size=ip.merge_size,
+                                  temporal_patch_size=ip.temporal_patch_size)
+    return patches.reshape(n * gh * gw, -1), grid
+
+
+_PIXEL_CONST: dict = {}
+
+
+def check_pixel_values(processor, imgs_u8):
+    """max |Δ| between the HF processor and `pixel_values_fast` (asserted below 1e-6), and the grids equal."""
+    a, ga = pixel_values(processor, imgs_u8)
+    b, gb = pixel_values_fast(processor, imgs_u8)
+    d = (a - b).abs().max().item()
+    assert a.shape == b.shape and torch.equal(ga.cpu(), gb.cpu()) and d <= 1e-6, (a.shape, b.shape, d)
+    return d
 
 
 def encode_prompts(text_encoder, ids, attn, pix, grid):
