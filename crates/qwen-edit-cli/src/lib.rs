@@ -122,6 +122,22 @@ pub(crate) fn dtype_for(dtype: Option<Dtype>, device: Device) -> burn::tensor::D
     }
 }
 
+/// `--lora` files as the pipeline's LoRA options (merged into the weights, `--lora-scale` each).
+pub(crate) fn lora_options(paths: &[std::path::PathBuf], scale: f32) -> Vec<qwen_image_pipeline::LoraOption> {
+    paths
+        .iter()
+        .map(|p| qwen_image_pipeline::LoraOption { path: p.clone(), multiplier: scale, merge: true })
+        .collect()
+}
+
+/// `--modulation` as the model's [`ModulationMode`](qwen_image::dit::ModulationMode).
+pub(crate) fn modulation_mode(arg: args::ModulationArg) -> qwen_image::dit::ModulationMode {
+    match arg {
+        args::ModulationArg::Table => qwen_image::dit::ModulationMode::Table,
+        args::ModulationArg::Resident => qwen_image::dit::ModulationMode::Resident,
+    }
+}
+
 /// The demo model asked for (default: the trained proxy).
 pub(crate) fn demo_choice(args: &Args) -> DemoSizeArg {
     args.size.unwrap_or(DemoSizeArg::Proxy)

@@ -4,14 +4,14 @@
 
 use std::io::Write;
 
-use qwen_image::{dit::ModulationMode, ops::QwenBackend, processor::RgbImage, text_encoder::PositionMode};
+use qwen_image::{ops::QwenBackend, processor::RgbImage, text_encoder::PositionMode};
 use qwen_image_pipeline::{
-    demo, metrics, Comparison, EditOutput, ImageAreas, LoadOptions, LoraOption, MemoryProbe,
-    QwenImageEditPipeline, SchedulerChoice, Snapshot,
+    demo, metrics, Comparison, EditOutput, ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline,
+    SchedulerChoice, Snapshot,
 };
 use qwen_image_pruning::ScheduleSpec;
 
-use crate::args::{Args, Device, ModulationArg, SchedulerArg, TextPositions};
+use crate::args::{Args, Device, SchedulerArg, TextPositions};
 use crate::jobs::{self, Job, JobSet};
 use crate::output::{self, timestamp, OutputNames};
 use crate::progress::Bars;
@@ -129,21 +129,14 @@ fn load_options(args: &Args) -> LoadOptions {
     };
     LoadOptions {
         dtype,
-        loras: args
-            .lora
-            .iter()
-            .map(|p| LoraOption { path: p.clone(), multiplier: args.lora_scale, merge: true })
-            .collect(),
+        loras: crate::lora_options(&args.lora, args.lora_scale),
         scheduler,
         text_positions: match args.text_positions {
             TextPositions::Multimodal => PositionMode::Multimodal,
             TextPositions::Sequential => PositionMode::Sequential,
         },
         vae_tiling: args.vae_tiling.then(Default::default),
-        modulation: match args.modulation {
-            ModulationArg::Table => ModulationMode::Table,
-            ModulationArg::Resident => ModulationMode::Resident,
-        },
+        modulation: crate::modulation_mode(args.modulation),
     }
 }
 

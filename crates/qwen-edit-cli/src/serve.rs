@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use burn::tensor::DType;
-use qwen_image::{dit::ModulationMode, ops::QwenBackend};
+use qwen_image::ops::QwenBackend;
 use qwen_image_pipeline::{
-    demo, ImageAreas, LoadOptions, LoraOption, MemoryProbe, QwenImageEditPipeline, SchedulerChoice,
+    demo, ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline, SchedulerChoice,
 };
 use qwen_image_pruning::ScheduleSpec;
 use qwen_image_serve::http::{self, Defaults, HttpConfig, Limits};
@@ -224,22 +223,11 @@ fn http_config(args: &ServeArgs, model_name: String, areas: ImageAreas) -> Resul
 }
 
 fn load_options(args: &ServeArgs) -> LoadOptions {
-    let dtype = match (args.dtype, args.device) {
-        (Some(Dtype::F32), _) | (None, Device::Cpu) => DType::F32,
-        (Some(Dtype::Bf16), _) | (None, Device::Cuda) => DType::BF16,
-    };
     LoadOptions {
-        dtype,
-        loras: args
-            .lora
-            .iter()
-            .map(|p| LoraOption { path: p.clone(), multiplier: args.lora_scale, merge: true })
-            .collect(),
+        dtype: crate::dtype_for(args.dtype, args.device),
+        loras: crate::lora_options(&args.lora, args.lora_scale),
         scheduler: if args.lora.is_empty() { SchedulerChoice::Snapshot } else { SchedulerChoice::Lightning },
-        modulation: match args.modulation {
-            ModulationArg::Table => ModulationMode::Table,
-            ModulationArg::Resident => ModulationMode::Resident,
-        },
+        modulation: crate::modulation_mode(args.modulation),
         ..LoadOptions::default()
     }
 }
