@@ -3,18 +3,17 @@
 //! noise injected through `latents=`. The Rust pipeline must give the same prompt embeddings, final latents
 //! (relative L2 ≤ 1e-3) and image (PSNR ≥ 40 dB).
 
+mod edit_fixture;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use qwen_image::{
-    processor::load_image,
     tensor_io::{rel_l2, TensorFile},
     text_encoder::PositionMode,
     CpuBackend,
 };
-use qwen_image_pipeline::{
-    metrics::psnr, EditOutput, EditRequest, ImageAreas, LoadOptions, NoProgress, QwenImageEditPipeline,
-};
+use qwen_image_pipeline::{metrics::psnr, EditOutput, LoadOptions, NoProgress, QwenImageEditPipeline};
 use qwen_image_pruning::ScheduleSpec;
 use serde_json::Value;
 
@@ -37,24 +36,6 @@ fn options(positions: PositionMode, dtype: DType) -> LoadOptions {
     LoadOptions { text_positions: positions, dtype, ..LoadOptions::default() }
 }
 
-fn request(fx: &Value, case: &Value, noise: Vec<f32>) -> EditRequest {
-    let images = case["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| load_image(&dir().join(n.as_str().unwrap())).unwrap());
-    let mut req = EditRequest::new(images.collect(), case["prompt"].as_str().unwrap());
-    req.negative_prompt = case["negative_prompt"].as_str().map(String::from);
-    req.true_cfg_scale = case["true_cfg_scale"].as_f64().unwrap() as f32;
-    req.num_steps = case["steps"].as_u64().unwrap() as usize;
-    req.noise = Some(noise);
-    req.areas = ImageAreas {
-        vae: fx["vae_area"].as_u64().unwrap() as u32,
-        condition: fx["condition_area"].as_u64().unwrap() as u32,
-    };
-    req
-}
-
 fn run(name: &str, positions: PositionMode, spec: &str) -> (EditOutput, TensorFile) {
     run_in(name, positions, spec, DType::F32)
 }
@@ -74,7 +55,11 @@ fn run_in(name: &str, positions: PositionMode, spec: &str, dtype: DType) -> (Edi
     let want = TensorFile::open(&dir().join(format!("{name}.safetensors"))).unwrap();
     let noise = want.f32("noise").unwrap().0;
     let out = pipe
-        .edit(&request(&fx, case, noise), &spec.parse::<ScheduleSpec>().unwrap(), &mut NoProgress)
+        .edit(
+            &edit_fixture::request(&dir(), &fx, case, noise),
+            &spec.parse::<ScheduleSpec>().unwrap(),
+            &mut NoProgress,
+        )
         .unwrap();
     assert_eq!(
         (out.report.width, out.report.height),

@@ -11,17 +11,16 @@
 //! Unlike the random tiny snapshot's parity test, these weights make real edits: an error in the conditioning
 //! (template, vision tower, text positions, condition tokens, `zero_cond_t`) changes the picture, not only noise.
 
+mod edit_fixture;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use qwen_image::{
-    processor::load_image,
     tensor_io::{rel_l2, TensorFile},
     CpuBackend,
 };
-use qwen_image_pipeline::{
-    metrics::psnr, EditOutput, EditRequest, NoProgress, QwenImageEditPipeline, Snapshot, Variant,
-};
+use qwen_image_pipeline::{metrics::psnr, EditOutput, NoProgress, QwenImageEditPipeline, Snapshot, Variant};
 use qwen_image_pruning::ScheduleSpec;
 use serde_json::Value;
 
@@ -70,20 +69,7 @@ fn run(name: &str, spec: &str, dtype: DType) -> (EditOutput, TensorFile) {
     .unwrap();
     let _ = std::fs::remove_dir_all(&tmp);
     let want = TensorFile::open(&dir().join(format!("{name}.safetensors"))).unwrap();
-    let images = case["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| load_image(&dir().join(n.as_str().unwrap())).unwrap());
-    let mut req = EditRequest::new(images.collect(), case["prompt"].as_str().unwrap());
-    req.negative_prompt = case["negative_prompt"].as_str().map(String::from);
-    req.true_cfg_scale = case["true_cfg_scale"].as_f64().unwrap() as f32;
-    req.num_steps = case["steps"].as_u64().unwrap() as usize;
-    req.noise = Some(want.f32("noise").unwrap().0);
-    req.areas = qwen_image_pipeline::ImageAreas {
-        vae: fx["vae_area"].as_u64().unwrap() as u32,
-        condition: fx["condition_area"].as_u64().unwrap() as u32,
-    };
+    let req = edit_fixture::request(&dir(), &fx, case, want.f32("noise").unwrap().0);
     assert_eq!(req.areas, qwen_image_proxy::areas(), "the fixture's areas are the proxy's");
     let out = pipe.edit(&req, &spec.parse::<ScheduleSpec>().unwrap(), &mut NoProgress).unwrap();
     let size = (case["width"].as_u64().unwrap() as u32, case["height"].as_u64().unwrap() as u32);
