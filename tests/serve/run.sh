@@ -24,12 +24,16 @@ trap cleanup EXIT
 # start_server NAME ARGS… : starts a demo server on a free port; sets $URL and $PID.
 start_server() {
   local name=$1; shift
+  # The files exist before the server starts: the redirections below run in the child, which may not have
+  # opened them by the time the loop first reads them (this failed CI once on a slow machine).
+  : >"$OUT/$name.out"; : >"$OUT/$name.log"
   "$BIN" serve --demo --port 0 "$@" >"$OUT/$name.out" 2>"$OUT/$name.log" &
   PID=$!
   PIDS+=("$PID")
   for _ in $(seq 600); do
-    URL=$(sed -n 's/^listening on //p' "$OUT/$name.out")
+    URL=$(sed -n 's/^listening on //p' "$OUT/$name.out" || true)
     if [ -n "$URL" ] && curl -sf "$URL/ready" >/dev/null; then return 0; fi
+    kill -0 "$PID" 2>/dev/null || break
     sleep 0.1
   done
   echo "server $name did not start:"; cat "$OUT/$name.log"; exit 1
@@ -63,7 +67,8 @@ assert answered.get(200, 0) > 0, r
 print(f"ok   SIGTERM: {answered} answered (200 done, 503 cancelled), {r['statuses'].get('0', 0)} refused after close")
 EOF
 if ls -d /tmp/qwen-edit-serve-"$PID" 2>/dev/null; then echo "files left behind"; exit 1; fi
-grep -q "stopped" "$OUT/main.log" && echo "ok   the server logged its shutdown and exited 0"
+grep -q "stopped" "$OUT/main.log" || { echo "the server did not log its shutdown:"; cat "$OUT/main.log"; exit 1; }
+echo "ok   the server logged its shutdown and exited 0"
 
 echo "== 4. two servers behind HAProxy"
 if ! command -v haproxy >/dev/null; then
