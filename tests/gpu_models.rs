@@ -70,7 +70,7 @@ fn tiny_dit_on_the_gpu_matches_the_cpu() {
 fn the_modulation_table_is_bit_identical_on_the_gpu() {
     let _g = setup();
     use ModulationMode::{Resident, Table};
-    let options = |modulation| DitLoadOptions { modulation };
+    let options = |modulation| DitLoadOptions { modulation, ..Default::default() };
     let mut cases = Vec::new();
     for case in ["plain", "zero_cond"] {
         let dir = fixture(case).join("transformer");
