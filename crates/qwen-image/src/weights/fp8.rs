@@ -99,3 +99,56 @@ impl WeightStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use safetensors::{tensor::TensorView, Dtype};
+
+    use super::*;
+
+    /// A checkpoint with one pre-quantized layer `lin` ([2, 3] e4m3 of 1, 2, …, 6) and the given scale tensors.
+    fn checkpoint(name: &str, scales: &[(&str, Vec<f32>, Vec<usize>)]) -> WeightStore {
+        let path = std::env::temp_dir().join(format!("qwen-fp8-{}-{name}.safetensors", std::process::id()));
+        let bits: Vec<u8> = (1..=6).map(|v| crate::quant::e4m3::encode(v as f32)).collect();
+        let scale_bytes: Vec<Vec<u8>> =
+            scales.iter().map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let mut views = vec![
+            ("lin.weight".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &bits).unwrap()),
+            (SCALED_FP8_MARKER.to_string(), TensorView::new(Dtype::F8_E4M3, vec![0], &[]).unwrap()),
+        ];
+        for ((key, _, shape), bytes) in scales.iter().zip(&scale_bytes) {
+            views.push((key.to_string(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()));
+        }
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let store = WeightStore::open_files(&[path.clone()], DType::F32).unwrap();
+        let _ = std::fs::remove_file(path);
+        store
+    }
+
+    fn weight(store: &mut WeightStore) -> Result<Vec<f32>> {
+        let w = store.prequantized::<Flex>("lin", [2, 3], &Default::default())?.expect("stored as e4m3");
+        Ok(w.dequantize().into_data().iter::<f32>().collect())
+    }
+
+    #[test]
+    fn scales_are_per_tensor_per_channel_or_one() {
+        let mut per_channel = checkpoint("channel", &[("lin.weight_scale", vec![0.5, 2.0], vec![2, 1])]);
+        assert_eq!(weight(&mut per_channel).unwrap(), vec![0.5, 1.0, 1.5, 8.0, 10.0, 12.0]);
+        per_channel.read_past_fp8_marker();
+        per_channel.finish().unwrap();
+        let mut per_tensor = checkpoint("tensor", &[("lin.scale_weight", vec![0.25], vec![])]);
+        assert_eq!(weight(&mut per_tensor).unwrap(), vec![0.25, 0.5, 0.75, 1.0, 1.25, 1.5]);
+        let mut plain_cast = checkpoint("none", &[]);
+        assert_eq!(weight(&mut plain_cast).unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        // Not stored as e4m3: read as usual.
+        assert!(plain_cast.prequantized::<Flex>("other", [2, 3], &Default::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_scale_of_another_shape_is_an_error_naming_it() {
+        let mut store = checkpoint("bad", &[("lin.scale_weight", vec![1.0, 2.0, 3.0], vec![3])]);
+        let err = weight(&mut store).unwrap_err().to_string();
+        assert!(err.contains("lin.scale_weight") && err.contains("[3]"), "{err}");
+    }
+}
