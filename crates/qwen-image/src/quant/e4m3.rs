@@ -3,9 +3,9 @@
 //!
 //! Conversion is the `float8` crate's [`F8E4M3::from_f64`] (a port of CUDA's `__nv_cvt_double_to_fp8` with
 //! `__NV_SATFINITE`: round to nearest, ties to even, subnormals kept, values beyond 448 saturate to ±448). It equals
-//! PyTorch's `x.clamp(-448, 448).to(torch.float8_e4m3fn)` bit for bit on every finite f32 (PyTorch's own cast does
-//! not saturate: it makes NaN of anything that rounds past 448); the fixture `tests/fixtures/fp8/e4m3.safetensors`
-//! (`tools/fixtures/fp8.py`) checks ties, subnormals, saturation and signed zeros against PyTorch.
+//! PyTorch's `x.clamp(-448, 448).to(torch.float8_e4m3fn)` bit for bit (the clamp makes the saturation explicit:
+//! older PyTorch casts made NaN of values rounding past 448); the fixture `tests/fixtures/fp8/e4m3.safetensors`
+//! (`tools/fixtures/fp8.py`, checked by `tests/fp8.rs`) covers ties, subnormals, saturation and signed zeros.
 //!
 //! **Row scaling** (weights per output channel, activations per token): `scale = amax / 448` in f32 over the row
 //! (`1` when that is below `f32::MIN_POSITIVE`, e.g. an all-zero row), then `q = e4m3(v / scale)` with the division in
@@ -53,7 +53,7 @@ pub struct RowQuantized {
 
 /// Quantizes the row-major `[rows, cols]` matrix `values` row by row (see the module docs).
 pub fn quantize_rows(values: &[f32], cols: usize) -> RowQuantized {
-    let rows = if cols == 0 { 0 } else { values.len() / cols };
+    let rows = values.len().checked_div(cols).unwrap_or(0);
     let mut bits = Vec::with_capacity(values.len());
     let mut scales = Vec::with_capacity(rows);
     for row in values.chunks_exact(cols.max(1)).take(rows) {

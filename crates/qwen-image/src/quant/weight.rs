@@ -53,7 +53,7 @@ impl<B: QwenBackend> Fp8Weight<B> {
     }
 
     /// A weight from parts known to fit together (u8 bits, one f32 scale per row).
-    pub(super) fn from_fitting_parts(bits: Tensor<B, 2, Int>, scales: Tensor<B, 1>, dtype: DType) -> Self {
+    pub(crate) fn from_fitting_parts(bits: Tensor<B, 2, Int>, scales: Tensor<B, 1>, dtype: DType) -> Self {
         Fp8Weight { bits, scales, dtype, source: None }
     }
 

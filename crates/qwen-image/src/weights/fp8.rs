@@ -121,7 +121,7 @@ mod tests {
             views.push((key.to_string(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()));
         }
         safetensors::serialize_to_file(views, None, &path).unwrap();
-        let store = WeightStore::open_files(&[path.clone()], DType::F32).unwrap();
+        let store = WeightStore::open_files(std::slice::from_ref(&path), DType::F32).unwrap();
         let _ = std::fs::remove_file(path);
         store
     }

@@ -204,6 +204,19 @@ impl MappedFiles {
         self.files[entry.file].path.display().to_string()
     }
 
+    /// Errors unless `key`'s `entry` has the shape `expected`.
+    fn check_shape(&self, key: &str, entry: &Entry, expected: &[usize]) -> Result<()> {
+        if entry.shape == expected {
+            return Ok(());
+        }
+        Err(ModelError::ShapeMismatch {
+            key: key.to_string(),
+            file: self.file_name(entry),
+            expected: expected.to_vec(),
+            found: entry.shape.clone(),
+        })
+    }
+
     /// The entry of the float tensor `key`, checked against `expected` (if given).
     fn float_entry(&self, key: &str, expected: Option<&[usize]>) -> Result<&Entry> {
         let entry = self
@@ -211,14 +224,7 @@ impl MappedFiles {
             .get(key)
             .ok_or_else(|| ModelError::MissingKey { key: key.to_string(), files: self.file_list() })?;
         if let Some(expected) = expected {
-            if entry.shape != expected {
-                return Err(ModelError::ShapeMismatch {
-                    key: key.to_string(),
-                    file: self.file_name(entry),
-                    expected: expected.to_vec(),
-                    found: entry.shape.clone(),
-                });
-            }
+            self.check_shape(key, entry, expected)?;
         }
         if !entry.dtype.is_float() {
             return Err(ModelError::Dtype {
@@ -248,14 +254,7 @@ impl MappedFiles {
         let Some(entry) = self.entries.get(key).filter(|e| e.fp8) else {
             return Ok(None);
         };
-        if entry.shape != expected {
-            return Err(ModelError::ShapeMismatch {
-                key: key.to_string(),
-                file: self.file_name(entry),
-                expected: expected.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
+        self.check_shape(key, entry, expected)?;
         let bytes = self.files[entry.file].map[entry.range.clone()].to_vec();
         Ok(Some(TensorData::from_bytes_vec(bytes, entry.shape.clone(), DType::U8)))
     }
