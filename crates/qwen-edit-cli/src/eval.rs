@@ -106,6 +106,13 @@ impl BackendTask for EvalTask<'_> {
         let tmp = std::env::temp_dir().join(format!("qwen-edit-eval-{}", std::process::id()));
         let pipes = variants.iter().map(|&v| load::<B>(args, v, &tmp, device)).collect::<Result<Vec<_>, _>>();
         let _ = std::fs::remove_dir_all(&tmp);
+        let pipes = pipes?;
+        if args.quantize.quantize != crate::args::QuantizeArg::None {
+            for pipe in &pipes {
+                let weights = pipe.transformer().linear_weights().describe();
+                writeln!(out, "{:?} DiT weights: {weights}", pipe.variant())?;
+            }
+        }
         let names: Vec<String> = options.run_order().iter().map(|s| s.to_string()).collect();
         writeln!(
             out,
@@ -114,7 +121,7 @@ impl BackendTask for EvalTask<'_> {
             names.join(", "),
             args.device
         )?;
-        let mut evaluator = Evaluator::new(pipes?);
+        let mut evaluator = Evaluator::new(pipes);
         let quiet = args.quiet;
         let run = evaluator.run(&set, &edits, &options, &mut |p: EvalProgress<'_>| {
             if !quiet {

@@ -142,8 +142,10 @@ impl<B: QwenBackend> Linear<B> {
         Linear { weight: weight.into(), bias, adapters: Vec::new() }
     }
 
-    /// Loads `{path}.weight` (and `{path}.bias` when `bias`): dense in the store's dtype, or FP8 (see
-    /// [`LinearWeight::load`]).
+    /// Loads `{path}.weight` (and `{path}.bias` when `bias`): dense in the store's dtype; quantized to FP8 when the
+    /// store's FP8 options name the layer ([`WeightStore::quantize_linears`](crate::weights::WeightStore::quantize_linears));
+    /// FP8 as stored when the checkpoint holds it already quantized
+    /// ([`WeightStore::prequantized`](crate::weights::WeightStore::prequantized); dequantized if the options keep it).
     pub fn load(
         path: &mut WeightPath<'_>,
         in_dim: usize,
@@ -303,7 +305,8 @@ pub struct DeferredLinear<B: Backend> {
 }
 
 impl<B: QwenBackend> DeferredLinear<B> {
-    /// Takes `{path}.weight` (and `{path}.bias` when `bias`) without putting them on the device.
+    /// Takes `{path}.weight` (and `{path}.bias` when `bias`) without putting them on the device. A weight the
+    /// checkpoint stores already quantized to e4m3 is an error (load the layer onto the device instead).
     pub fn load(
         path: &mut WeightPath<'_>,
         in_dim: usize,
@@ -311,6 +314,14 @@ impl<B: QwenBackend> DeferredLinear<B> {
         bias: bool,
         device: &B::Device,
     ) -> Result<Self> {
+        let key = path.key("weight");
+        if path.store().stores_fp8(&key) {
+            return Err(crate::ModelError::invalid(format!(
+                "`{key}` is stored as e4m3 (a pre-quantized checkpoint), but this layer stays on the host until used, \
+                 which needs a float dtype: load it onto the device (for the DiT's modulation layers: \
+                 ModulationMode::Resident, `--modulation resident`)"
+            )));
+        }
         let weight = path.deferred("weight", &[out_dim, in_dim])?;
         let bias = if bias { Some(path.deferred("bias", &[out_dim])?) } else { None };
         Ok(DeferredLinear { weight, bias, adapters: Vec::new(), merged: Vec::new(), device: device.clone() })

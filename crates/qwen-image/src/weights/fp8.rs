@@ -74,6 +74,11 @@ impl WeightStore {
         Fp8Weight::from_parts(bits, scales, self.dtype).map(Some)
     }
 
+    /// Whether the checkpoint stores `key` as e4m3 (`F8_E4M3`).
+    pub fn stores_fp8(&self, key: &str) -> bool {
+        matches!(&self.source, Source::Files(files) if files.is_fp8(key))
+    }
+
     /// Marks the file-wide marker of ComfyUI's scaled fp8 checkpoints (`scaled_fp8`) as read, if the files hold it.
     pub fn read_past_fp8_marker(&mut self) {
         if let Source::Files(files) = &self.source {
@@ -143,6 +148,21 @@ mod tests {
         assert_eq!(weight(&mut plain_cast).unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         // Not stored as e4m3: read as usual.
         assert!(plain_cast.prequantized::<Flex>("other", [2, 3], &Default::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_prequantized_layer_cannot_stay_on_the_host() {
+        let mut store = checkpoint("deferred", &[]);
+        let err = crate::nn::DeferredLinear::<Flex>::load(
+            &mut store.root().pp("lin"),
+            3,
+            2,
+            false,
+            &Default::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("lin.weight") && err.contains("--modulation resident"), "{err}");
     }
 
     #[test]

@@ -248,6 +248,11 @@ impl MappedFiles {
         })
     }
 
+    /// Whether the files store `key` as `F8_E4M3`.
+    pub fn is_fp8(&self, key: &str) -> bool {
+        self.entries.get(key).is_some_and(|e| e.fp8)
+    }
+
     /// The e4m3 bytes of `key` (a `U8` tensor of `expected` shape) when the file stores it as `F8_E4M3`; `None` for
     /// a key of another dtype or that the files lack.
     pub fn fp8_data(&self, key: &str, expected: &[usize]) -> Result<Option<TensorData>> {
