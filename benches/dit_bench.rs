@@ -430,7 +430,7 @@ fn main() {
     if !args.skip_dit {
         let config = DitConfig { num_layers: args.layers, zero_cond_t: false, ..DitConfig::default() };
         let t = Instant::now();
-        let options = DitLoadOptions { modulation: args.modulation.mode() };
+        let options = DitLoadOptions { modulation: args.modulation.mode(), ..Default::default() };
         let mut store = WeightStore::random(DType::BF16, 42);
         let model =
             QwenImageTransformer::<G>::from_store_with(config, &mut store, &options, &device).expect("model");

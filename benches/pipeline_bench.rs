@@ -250,7 +250,7 @@ fn load(args: &Args, root: &Path) -> Value {
     );
     let after_write = HostMemory::read().unwrap_or_default();
     // In table mode the modulation weights stay in the files at load.
-    let options = DitLoadOptions { modulation: args.modulation.mode() };
+    let options = DitLoadOptions { modulation: args.modulation.mode(), ..Default::default() };
     let deferred: u64 = tensors
         .iter()
         .filter(|(k, _)| k.contains("_mod.1."))

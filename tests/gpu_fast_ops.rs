@@ -15,12 +15,13 @@ mod gpu_support;
 
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use gpu_support::{
-    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, ATTENTION, G, GEMM,
-    GLUE,
+    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, ATTENTION, FP8, G,
+    GEMM, GLUE,
 };
 use qwen_image::{
     cuda::{self, FlashKernel},
     ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
+    quant::Fp8Weight,
     tensor_io::{rel_l2, to_f32_vec},
     CpuBackend,
 };
@@ -61,6 +62,58 @@ fn try_check<const D: usize>(
 
 // ---------------------------------------------------------------------------------------------------------------
 // GEMMs
+
+/// The bits and scales of an FP8 weight on the host.
+fn fp8_parts(w: &Fp8Weight<G>) -> (Vec<u8>, Vec<f32>) {
+    (w.bits.clone().into_data().iter::<u8>().collect(), to_f32_vec(w.scales.clone()))
+}
+
+#[test]
+fn fp8_quantization_and_gemm_match_the_portable_emulation() {
+    let _g = setup();
+    // (tokens, in, out, gelu): the DiT's MLP and attention shapes at full size, a text-length GEMM.
+    for (m, k, n, gelu) in [(1024, 3072, 12288, true), (1024, 12288, 3072, false), (77, 3072, 3072, false)] {
+        let w = randn([n, k], 1.0 / (k as f64).sqrt());
+        // Rows of different magnitudes and a token with an outlier: the per-row scales matter.
+        let rows = Tensor::<G, 1>::from_data(
+            TensorData::new((0..n).map(|i| 2f32.powi(i as i32 % 7 - 3)).collect::<Vec<_>>(), [n]),
+            &dev(),
+        );
+        let w = (w * rows.cast(DType::BF16).unsqueeze_dim(1)).cast(DType::BF16);
+        let x = randn([1, m, k], 1.0).slice_assign(
+            [0..1, 3..4, 5..6],
+            Tensor::<G, 3>::full([1, 1, 1], 300.0, &dev()).cast(DType::BF16),
+        );
+        let b = randn([n], 0.5);
+        let fast = G::quantize_fp8(w.clone());
+        let want = portable_run(|| G::quantize_fp8(w.clone()));
+        assert_eq!(
+            fp8_parts(&fast),
+            fp8_parts(&want),
+            "{m}x{k}x{n}: the quantization kernel differs from the host"
+        );
+        let got = if gelu {
+            G::dense_fp8_gelu_tanh(x.clone(), &fast, Some(&b))
+        } else {
+            G::dense_fp8(x.clone(), &fast, Some(&b))
+        };
+        let reference = portable_run(|| {
+            if gelu {
+                G::dense_fp8_gelu_tanh(x.clone(), &want, Some(&b))
+            } else {
+                G::dense_fp8(x.clone(), &want, Some(&b))
+            }
+        });
+        // The same e4m3 products in another summation order, each side rounded once to bf16.
+        check(&format!("fp8 GEMM {m}x{k}x{n} gelu {gelu} vs the emulation"), got, reference, 1e-2);
+    }
+    assert_fast(FP8, "FP8 quantization and GEMMs");
+    // A width cuBLASLt's FP8 GEMM does not take (K not a multiple of 16) falls back to the emulation.
+    let (x, w) = (randn([1, 5, 40], 1.0), G::quantize_fp8(randn([24, 40], 0.2)));
+    let before = stats()[FP8].fallbacks;
+    drop(G::dense_fp8(x, &w, None));
+    assert_eq!(stats()[FP8].fallbacks, before + 1);
+}
 
 #[test]
 fn gemm_matches_burn_matmul() {

@@ -28,8 +28,13 @@ fn case_dir(case: &str) -> PathBuf {
 
 fn load(case: &str, modulation: ModulationMode) -> QwenImageTransformer<B> {
     let dir = case_dir(case).join("transformer");
-    QwenImageTransformer::load_with(&dir, DType::F32, &DitLoadOptions { modulation }, &Default::default())
-        .unwrap()
+    QwenImageTransformer::load_with(
+        &dir,
+        DType::F32,
+        &DitLoadOptions { modulation, ..Default::default() },
+        &Default::default(),
+    )
+    .unwrap()
 }
 
 fn tmp(name: &str) -> PathBuf {

@@ -399,7 +399,7 @@ fn the_fixtures_catch_porting_mistakes() {
             for layer in &mut m.language.layers {
                 let hd = layer.self_attn.head_dim;
                 for proj in [&mut layer.self_attn.q_proj, &mut layer.self_attn.k_proj] {
-                    proj.weight = interleave_rows(proj.weight.clone(), hd);
+                    proj.weight = interleave_rows(proj.weight.to_dense(), hd).into();
                     let bias = proj.bias.clone().unwrap();
                     let n = bias.dims()[0];
                     proj.bias = Some(interleave_rows(bias.reshape([n, 1]), hd).reshape([n]));
@@ -413,7 +413,7 @@ fn the_fixtures_catch_porting_mistakes() {
             for block in &mut m.vision.blocks {
                 let (hd, dim) = (block.attn.head_dim, block.attn.proj.out_dim());
                 let qkv = &mut block.attn.qkv;
-                let parts = qkv.weight.clone().split(dim, 0);
+                let parts = qkv.weight.to_dense().split(dim, 0);
                 let bias = qkv.bias.clone().unwrap().reshape([3 * dim, 1]).split(dim, 0);
                 let mix = |p: Vec<Tensor<B, 2>>| {
                     Tensor::cat(
@@ -425,7 +425,7 @@ fn the_fixtures_catch_porting_mistakes() {
                         0,
                     )
                 };
-                qkv.weight = mix(parts);
+                qkv.weight = mix(parts).into();
                 qkv.bias = Some(mix(bias).reshape([3 * dim]));
             }
         }),

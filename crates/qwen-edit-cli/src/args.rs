@@ -66,6 +66,45 @@ pub enum ModulationArg {
     Resident,
 }
 
+/// Quantization of the DiT's weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    /// Weights in the model's dtype (--dtype).
+    #[default]
+    None,
+    /// e4m3 weights with one scale per output channel, quantized at load time (LoRAs merged first), and per-token
+    /// dynamic e4m3 activations: about half the DiT's weight memory (docs/fp8.md).
+    Fp8,
+}
+
+/// `--quantize` and its keep list (the edit command, `serve` and `eval` take the same options).
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct QuantizeArgs {
+    /// Quantize the DiT's linear weights at load time.
+    #[arg(long, value_enum, default_value = "none")]
+    pub quantize: QuantizeArg,
+    /// With --quantize fp8: the DiT layers kept in the model's dtype, comma-separated checkpoint names or whole
+    /// dot-separated parts of them (`default`: img_in, txt_in, time_text_embed.timestep_embedder, norm_out.linear,
+    /// proj_out, img_mod, txt_mod, img_mlp.net.2; `default,transformer_blocks.0` adds block 0; `none` quantizes
+    /// every layer) [default: default].
+    #[arg(long, value_name = "LAYERS")]
+    pub quantize_keep: Option<String>,
+}
+
+impl QuantizeArgs {
+    /// The FP8 options these arguments ask for (`None` without `--quantize fp8`); the keep list's syntax is checked
+    /// here, its names against the model when it is loaded (or dry-run).
+    pub fn fp8_options(&self) -> Result<Option<qwen_image::quant::Fp8Options>, crate::CliError> {
+        match (self.quantize, &self.quantize_keep) {
+            (QuantizeArg::None, None) => Ok(None),
+            (QuantizeArg::None, Some(_)) => Err("--quantize-keep applies to --quantize fp8".into()),
+            (QuantizeArg::Fp8, keep) => {
+                Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep.as_deref().unwrap_or("default"))?))
+            }
+        }
+    }
+}
+
 /// Edit images with Qwen-Image-Edit (v1, 2509, 2511) and token pruning.
 ///
 /// Examples:
@@ -75,6 +114,7 @@ pub enum ModulationArg {
 ///   qwen-edit --demo --size full --device cuda --compare   (full-size random model on a GPU: timings, memory)
 ///   qwen-edit -i input.png -p "Make it purple"             (Qwen/Qwen-Image-Edit from the Hugging Face cache)
 ///   qwen-edit -i in.png -p "Add a hat" --lora Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors --compare
+///   qwen-edit -i in.png -p "Add a hat" --device cuda --quantize fp8 --dry-run   (what FP8 quantizes, bytes saved)
 #[derive(Clone, Debug, Parser)]
 #[command(name = "qwen-edit", version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
 pub struct Args {
@@ -200,6 +240,13 @@ pub struct Args {
     /// Where the DiT's modulation weights (img_mod/txt_mod, a third of its parameters) live.
     #[arg(long, value_enum, default_value = "table")]
     pub modulation: ModulationArg,
+    /// Quantization of the DiT's weights.
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
+    /// Check the edits and the options against the snapshot's configs, say what would be loaded (the DiT's layers:
+    /// FP8 or not, weight bytes) and stop, without reading any weights.
+    #[arg(long)]
+    pub dry_run: bool,
     /// No progress bars.
     #[arg(long, short = 'q')]
     pub quiet: bool,

@@ -128,14 +128,15 @@ fn load_and_edit<B: QwenBackend>(
     let layers = snapshot.dit_config()?.num_layers;
     check_schedule(&input.schedule, input.request.num_steps, layers, input.request.images.len())
         .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
-    let dtype = crate::dtype_for(args.dtype, args.device);
+    let options = qwen_image_pipeline::LoadOptions {
+        fp8: args.quantize.fp8_options()?,
+        ..qwen_image_proxy::load_options(crate::dtype_for(args.dtype, args.device))
+    };
+    if args.dry_run {
+        return crate::run::dry_run(&snapshot, &options, 1, out);
+    }
     let mut bars = Bars::new(args.quiet);
-    let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(
-        snapshot,
-        &qwen_image_proxy::load_options(dtype),
-        device,
-        &mut bars,
-    )?;
+    let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut bars)?;
     let baseline = if args.compare && input.schedule.prunes() {
         Some(pipe.edit(&input.request, &ScheduleSpec::None, &mut bars)?)
     } else {

@@ -15,7 +15,7 @@ use qwen_image_eval::{
 use qwen_image_pipeline::{save_image, MemoryProbe, NoProgress, QwenImageEditPipeline, Snapshot, Variant};
 use qwen_image_pruning::ScheduleSpec;
 
-use crate::args::{Device, Dtype};
+use crate::args::{Device, Dtype, QuantizeArgs};
 use crate::{BackendTask, CliError};
 
 /// Arguments of `qwen-edit eval`.
@@ -49,6 +49,9 @@ pub struct EvalArgs {
     /// Weights dtype (default: f32 on the CPU, bf16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
+    /// Quantization of the DiT's weights (compare `--quantize fp8` with a run without it: docs/fp8.md).
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
     /// Noise seed of manifest line 0 (line i uses seed + i, the same under every schedule).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -103,6 +106,13 @@ impl BackendTask for EvalTask<'_> {
         let tmp = std::env::temp_dir().join(format!("qwen-edit-eval-{}", std::process::id()));
         let pipes = variants.iter().map(|&v| load::<B>(args, v, &tmp, device)).collect::<Result<Vec<_>, _>>();
         let _ = std::fs::remove_dir_all(&tmp);
+        let pipes = pipes?;
+        if args.quantize.quantize != crate::args::QuantizeArg::None {
+            for pipe in &pipes {
+                let weights = pipe.transformer().linear_weights().describe();
+                writeln!(out, "{:?} DiT weights: {weights}", pipe.variant())?;
+            }
+        }
         let names: Vec<String> = options.run_order().iter().map(|s| s.to_string()).collect();
         writeln!(
             out,
@@ -111,7 +121,7 @@ impl BackendTask for EvalTask<'_> {
             names.join(", "),
             args.device
         )?;
-        let mut evaluator = Evaluator::new(pipes?);
+        let mut evaluator = Evaluator::new(pipes);
         let quiet = args.quiet;
         let run = evaluator.run(&set, &edits, &options, &mut |p: EvalProgress<'_>| {
             if !quiet {
@@ -172,8 +182,10 @@ fn load<B: QwenBackend>(
             format!("{} is a {:?} snapshot, not {variant:?}", root.display(), snapshot.variant).into()
         );
     }
-    let dtype = crate::dtype_for(args.dtype, args.device);
-    let options = qwen_image_proxy::load_options(dtype);
+    let options = qwen_image_pipeline::LoadOptions {
+        fp8: args.quantize.fp8_options()?,
+        ..qwen_image_proxy::load_options(crate::dtype_for(args.dtype, args.device))
+    };
     Ok(QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut NoProgress)?)
 }
 

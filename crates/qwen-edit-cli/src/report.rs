@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use qwen_image::quant::LinearWeightSummary;
 use qwen_image_pipeline::{
     memory::{MemoryGrowth, MemoryReading},
     EditReport, StageTiming, Variant,
@@ -37,6 +38,9 @@ pub struct RunReport {
     pub load_stages: Vec<StageTiming>,
     /// Memory right after loading.
     pub memory_after_load: MemoryReading,
+    /// How the DiT's linear layers hold their weights (FP8 or the model's dtype) and the bytes FP8 saves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dit_weights: Option<LinearWeightSummary>,
     /// Runs per edit (`--repeat`).
     pub repeat: usize,
     /// Change of memory from the first measured edit to the last (`None` with a single edit).

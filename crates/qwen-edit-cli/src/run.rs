@@ -1,10 +1,15 @@
-//! Running the jobs of one invocation on one backend, as a list of stages: build and check every job, load the
-//! pipeline once, warm up, run each job (plain, or the baseline and the pruned schedule with `--compare`), write the
-//! images and the [`RunReport`].
+//! Running the jobs of one invocation on one backend, as a list of stages: build and check every job (and stop there
+//! with `--dry-run`), load the pipeline once, warm up, run each job (plain, or the baseline and the pruned schedule
+//! with `--compare`), write the images and the [`RunReport`].
 
 use std::io::Write;
 
-use qwen_image::{ops::QwenBackend, processor::RgbImage, text_encoder::PositionMode};
+use qwen_image::{
+    dit::{dit_linear_plan, DitLoadOptions},
+    ops::QwenBackend,
+    processor::RgbImage,
+    text_encoder::PositionMode,
+};
 use qwen_image_pipeline::{
     demo, metrics, Comparison, EditOutput, ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline,
     SchedulerChoice, Snapshot,
@@ -58,8 +63,12 @@ fn run_model<B: QwenBackend>(
     let set = jobs::build(args, areas, &snapshot)?;
     let failed = accept_jobs(args, &set, out)?;
     announce(args, &set.jobs, out)?;
+    let options = load_options(args)?;
+    if args.dry_run {
+        return dry_run(&snapshot, &options, set.jobs.len(), out);
+    }
     let mut bars = Bars::new(args.quiet);
-    let pipe = load::<B>(args, snapshot, device, probe, &mut bars)?;
+    let pipe = load::<B>(args, snapshot, &options, device, probe, &mut bars)?;
     let mut report = loaded(args, model, &pipe, out)?;
     report.failed = failed;
     let mut runner = Runner { args, pipe, bars, out };
@@ -120,14 +129,33 @@ fn announce(args: &Args, jobs: &[Job], out: &mut dyn Write) -> Result<(), CliErr
     Ok(())
 }
 
+/// `--dry-run`: what would be loaded (the DiT's layers and their weight bytes, from its config alone), after the
+/// edits were checked.
+pub(crate) fn dry_run(
+    snapshot: &Snapshot,
+    options: &LoadOptions,
+    edits: usize,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let dit = DitLoadOptions { modulation: options.modulation, fp8: options.fp8.clone() };
+    let plan = dit_linear_plan(&snapshot.dit_config()?, options.dtype, &dit)?;
+    writeln!(
+        out,
+        "Dry run: {edits} edit(s) checked against {}; no weights were read.",
+        snapshot.root.display()
+    )?;
+    writeln!(out, "DiT weights: {}", plan.describe())?;
+    Ok(())
+}
+
 /// The pipeline's load options from the arguments.
-fn load_options(args: &Args) -> LoadOptions {
+fn load_options(args: &Args) -> Result<LoadOptions, CliError> {
     let dtype = crate::dtype_for(args.dtype, args.device);
     let scheduler = match (args.scheduler, args.lora.is_empty()) {
         (SchedulerArg::Lightning, _) | (SchedulerArg::Auto, false) => SchedulerChoice::Lightning,
         _ => SchedulerChoice::Snapshot,
     };
-    LoadOptions {
+    Ok(LoadOptions {
         dtype,
         loras: crate::lora_options(&args.lora, args.lora_scale),
         scheduler,
@@ -137,22 +165,23 @@ fn load_options(args: &Args) -> LoadOptions {
         },
         vae_tiling: args.vae_tiling.then(Default::default),
         modulation: crate::modulation_mode(args.modulation),
-    }
+        fp8: args.quantize.fp8_options()?,
+    })
 }
 
 /// Loads the pipeline once (random weights for the full-size demo); its reports read memory with `probe`.
 fn load<B: QwenBackend>(
     args: &Args,
     snapshot: Snapshot,
+    options: &LoadOptions,
     device: &B::Device,
     probe: MemoryProbe,
     bars: &mut Bars,
 ) -> Result<QwenImageEditPipeline<B>, CliError> {
-    let options = load_options(args);
     let mut pipe = if args.demo && demo_size(args).random_weights() {
-        QwenImageEditPipeline::<B>::from_snapshot_random(snapshot, &options, 0, device, bars)?
+        QwenImageEditPipeline::<B>::from_snapshot_random(snapshot, options, 0, device, bars)?
     } else {
-        QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, bars)?
+        QwenImageEditPipeline::<B>::from_snapshot(snapshot, options, device, bars)?
     };
     pipe.set_memory_probe(probe);
     Ok(pipe)
@@ -171,6 +200,8 @@ fn loaded<B: QwenBackend>(
     let dtype = pipe.options().dtype;
     writeln!(out, "Loaded {label} ({:?}, {dtype:?}) in {load_seconds:.2} s", pipe.variant())?;
     writeln!(out, "Memory after loading: {}", memory_after_load.summary())?;
+    let dit_weights = pipe.transformer().linear_weights();
+    writeln!(out, "DiT weights: {}", dit_weights.describe())?;
     Ok(RunReport {
         model: label,
         random_weights: args.demo,
@@ -183,6 +214,7 @@ fn loaded<B: QwenBackend>(
         load_seconds,
         load_stages: pipe.load_stages().to_vec(),
         memory_after_load,
+        dit_weights: Some(dit_weights),
         repeat: args.repeat,
         memory_growth: None,
         edits: Vec::new(),

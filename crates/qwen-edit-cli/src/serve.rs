@@ -18,7 +18,7 @@ use qwen_image_pruning::ScheduleSpec;
 use qwen_image_serve::http::{self, Defaults, HttpConfig, Limits};
 use qwen_image_serve::{EditService, ServiceConfig};
 
-use crate::args::{Device, Dtype, ModulationArg};
+use crate::args::{Device, Dtype, ModulationArg, QuantizeArgs};
 use crate::CliError;
 
 /// Serve edits over HTTP: OpenAI's `POST /v1/images/edits` (multipart or JSON), `GET /v1/models`, `/health`,
@@ -56,6 +56,9 @@ pub struct ServeArgs {
     /// Where the DiT's modulation weights live.
     #[arg(long, value_enum, default_value = "table")]
     pub modulation: ModulationArg,
+    /// Quantization of the DiT's weights.
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
     /// Jobs that may wait in the queue; more get 429 with Retry-After.
     #[arg(long, default_value_t = 32)]
     pub queue_capacity: usize,
@@ -134,7 +137,7 @@ fn serve_on<B: QwenBackend>(args: &ServeArgs, device: B::Device, probe: MemoryPr
         (args.model.clone(), ImageAreas::default(), None)
     };
     let model_name = args.model_name.clone().unwrap_or_else(|| default_model_name(args, &model));
-    let options = load_options(args);
+    let options = load_options(args)?;
     let loader_dir = demo_dir.clone();
     let load = move || {
         let loaded =
@@ -222,12 +225,13 @@ fn http_config(args: &ServeArgs, model_name: String, areas: ImageAreas) -> Resul
     })
 }
 
-fn load_options(args: &ServeArgs) -> LoadOptions {
-    LoadOptions {
+fn load_options(args: &ServeArgs) -> Result<LoadOptions, CliError> {
+    Ok(LoadOptions {
         dtype: crate::dtype_for(args.dtype, args.device),
         loras: crate::lora_options(&args.lora, args.lora_scale),
         scheduler: if args.lora.is_empty() { SchedulerChoice::Snapshot } else { SchedulerChoice::Lightning },
         modulation: crate::modulation_mode(args.modulation),
+        fp8: args.quantize.fp8_options()?,
         ..LoadOptions::default()
-    }
+    })
 }

@@ -7,9 +7,12 @@ use std::path::PathBuf;
 
 use burn::tensor::DType;
 use qwen_image::{
-    dit::{DitConfig, DitLoadOptions, ModulationMode, ModulationTable, QwenImageTransformer},
+    dit::{
+        dit_linear_names, DitConfig, DitLoadOptions, ModulationMode, ModulationTable, QwenImageTransformer,
+    },
     ops::QwenBackend,
     processor::{ImageProcessor, QwenTokenizer},
+    quant::Fp8Options,
     text_encoder::{PositionMode, Qwen25VlConfig, Qwen25VlTextEncoder},
     vae::{AutoencoderKLQwenImage, TileConfig, VaeConfig},
     weights::WeightStore,
@@ -66,6 +69,9 @@ pub struct LoadOptions {
     /// Where the DiT's modulation weights live: on the host, with the rows of the timesteps seen so far in a table
     /// (the default; 12.7 GiB less device memory at full size in bf16, same outputs), or on the device.
     pub modulation: ModulationMode,
+    /// FP8 weights for the DiT's linear layers on the device, all but a keep list (default: none). LoRAs to merge are
+    /// merged into the unquantized weights before each layer is quantized (see docs/fp8.md).
+    pub fp8: Option<Fp8Options>,
 }
 
 impl Default for LoadOptions {
@@ -77,6 +83,7 @@ impl Default for LoadOptions {
             text_positions: PositionMode::Multimodal,
             vae_tiling: None,
             modulation: ModulationMode::default(),
+            fp8: None,
         }
     }
 }
@@ -184,7 +191,10 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             .iter()
             .map(|l| LoraWeights::load(&l.path, dit_config.num_layers))
             .collect::<Result<Vec<_>>>()?;
-        let dit = DitLoadOptions { modulation: options.modulation };
+        if let Some(fp8) = &options.fp8 {
+            fp8.check(&dit_linear_names(&dit_config)?)?;
+        }
+        let dit = DitLoadOptions { modulation: options.modulation, fp8: options.fp8.clone() };
         let weights = WeightSource { snapshot: &snapshot, dtype: options.dtype, random_seed, dit };
         let mut clock = StageClock::<B>::new(device, progress);
         let (tokenizer, image_processor) = clock.run(Stage::LoadProcessor, |_| load_processor(&snapshot))?;

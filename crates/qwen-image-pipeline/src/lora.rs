@@ -219,12 +219,17 @@ impl LoraWeights {
         Ok(LoraWeights { path: path.to_path_buf(), modules })
     }
 
-    /// Checks every module against the model's layer shapes before anything is changed.
-    fn check<B: QwenBackend>(&self, layers: &[(String, &mut dyn LinearLayer<B>)]) -> Result<()> {
+    /// Checks every module against the model's layer shapes (and, to `merge`, that the layers can take a merge) before
+    /// anything is changed.
+    fn check<B: QwenBackend>(&self, layers: &[(String, &mut dyn LinearLayer<B>)], merge: bool) -> Result<()> {
         let shapes: HashMap<&str, [usize; 2]> = layers.iter().map(|(p, l)| (p.as_str(), l.shape())).collect();
+        let mergeable: std::collections::HashSet<&str> =
+            layers.iter().filter(|(_, l)| l.can_merge()).map(|(p, _)| p.as_str()).collect();
         let mut bad = Vec::new();
         for (module, m) in &self.modules {
             match shapes.get(module.as_str()) {
+                Some(_) if merge && !mergeable.contains(module.as_str()) => bad
+                    .push(format!("{module} (FP8 weights read already quantized: attach the LoRA instead)")),
                 Some([out, inp]) if *out == m.out_features && *inp == m.in_features => {}
                 Some([out, inp]) => bad
                     .push(format!("{module} (LoRA {}x{}, layer {out}x{inp})", m.out_features, m.in_features)),
@@ -240,15 +245,16 @@ impl LoraWeights {
 
     /// Merges the LoRA into the weights: `W ← W + multiplier · alpha/rank · up·down`, computed in f32 and stored in
     /// the model dtype (see [`LinearLayer::merge_low_rank`]; a layer deferred on the host, such as a modulation
-    /// layer in table mode, applies it whenever its weight is made on the device). Returns the number of layers
-    /// changed.
+    /// layer in table mode, applies it whenever its weight is made on the device; an FP8 layer merges it into its
+    /// unquantized weight and quantizes again, so the model holds `quantize(W + update)`). Errors before changing
+    /// anything when a targeted layer holds FP8 weights read already quantized. Returns the number of layers changed.
     pub fn merge_into<B: QwenBackend>(
         &self,
         model: &mut QwenImageTransformer<B>,
         multiplier: f32,
     ) -> Result<usize> {
         let mut layers = linears_mut(model);
-        self.check(&layers)?;
+        self.check(&layers, true)?;
         let mut n = 0;
         for (path, lin) in layers.iter_mut() {
             let Some(m) = self.modules.get(path.as_str()) else { continue };
@@ -256,7 +262,7 @@ impl LoraWeights {
                 down: TensorData::new(m.down.clone(), [m.rank, m.in_features]),
                 up: TensorData::new(m.up.clone(), [m.out_features, m.rank]),
                 scale: m.scale() * multiplier,
-            });
+            })?;
             n += 1;
         }
         Ok(n)
@@ -272,7 +278,7 @@ impl LoraWeights {
         let dtype = model.dtype();
         let device = model.device().clone();
         let mut layers = linears_mut(model);
-        self.check(&layers)?;
+        self.check(&layers, false)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         for (path, lin) in layers.iter_mut() {
             let Some(m) = self.modules.get(path.as_str()) else { continue };

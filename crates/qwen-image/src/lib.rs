@@ -9,6 +9,7 @@
 //!   or stores without files (random weights; shape-only, to list what a loader reads).
 //! - [`synthetic`]: random weights for the full-size networks (no checkpoint needed) and random sharded
 //!   checkpoints, for benchmarks.
+//! - [`quant`]: FP8 (e4m3) weights with per-channel scales for linear layers, quantized at load time.
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
 //! - `cuda` (feature `cuda`): the CUDA fast path (cuBLASLt GEMMs, our flash attention, fused kernels) on burn's
@@ -24,6 +25,7 @@ pub mod nn;
 pub mod ops;
 pub mod processor;
 pub mod published;
+pub mod quant;
 pub mod synthetic;
 pub mod tensor_io;
 pub mod text_encoder;

@@ -1,5 +1,5 @@
-//! Small layers shared by the networks: linear (on the device, or [deferred](DeferredLinear) on the host until
-//! needed), RMSNorm, LayerNorm without affine parameters.
+//! Small layers shared by the networks: linear (on the device with a dense or [FP8](Fp8Weight) weight, or
+//! [deferred](DeferredLinear) on the host until needed), RMSNorm, LayerNorm without affine parameters.
 //!
 //! The structs are plain parameter holders (tensors loaded by [`WeightPath`]); there is no burn `Module`
 //! machinery and no lazily initialized parameter that could silently stay random.
@@ -8,19 +8,117 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::{
     ops::QwenBackend,
+    quant::Fp8Weight,
     weights::{DeferredTensor, WeightPath},
     Result,
 };
 
-/// A linear layer in PyTorch layout: `weight [out, in]`, optional `bias [out]`, and optional runtime low-rank
-/// adapters (LoRA) added to its output.
+/// The weight of a [`Linear`], `[out_features, in_features]`: dense in the model's dtype, or e4m3 with one scale per
+/// output channel.
+#[derive(Clone, Debug)]
+pub enum LinearWeight<B: Backend> {
+    /// In a float dtype (the model's).
+    Dense(Tensor<B, 2>),
+    /// e4m3 with per-output-channel scales ([`QwenBackend::dense_fp8`] multiplies by it).
+    Fp8(Fp8Weight<B>),
+}
+
+/// How a linear layer's weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// In this float dtype.
+    Dense(DType),
+    /// e4m3 with per-output-channel f32 scales.
+    Fp8E4M3,
+}
+
+impl<B: QwenBackend> LinearWeight<B> {
+    /// `[out_features, in_features]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            LinearWeight::Dense(w) => w.dims(),
+            LinearWeight::Fp8(w) => w.shape(),
+        }
+    }
+
+    /// The model's dtype: the dense weight's, or the one an FP8 weight was quantized from.
+    pub fn dtype(&self) -> DType {
+        match self {
+            LinearWeight::Dense(w) => w.dtype(),
+            LinearWeight::Fp8(w) => w.dtype,
+        }
+    }
+
+    /// How it is stored.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            LinearWeight::Dense(w) => WeightFormat::Dense(w.dtype()),
+            LinearWeight::Fp8(_) => WeightFormat::Fp8E4M3,
+        }
+    }
+
+    /// The dense weight, or the FP8 one dequantized to the model's dtype.
+    pub fn to_dense(&self) -> Tensor<B, 2> {
+        match self {
+            LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Fp8(w) => w.dequantize(),
+        }
+    }
+
+    /// `x · Wᵀ + bias` through the backend's dense or FP8 GEMM.
+    fn forward(&self, x: Tensor<B, 3>, bias: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+        match self {
+            LinearWeight::Dense(w) => B::dense(x, w, bias),
+            LinearWeight::Fp8(w) => B::dense_fp8(x, w, bias),
+        }
+    }
+
+    /// `gelu_tanh(x · Wᵀ + bias)`, fused where the backend can.
+    fn forward_gelu_tanh(&self, x: Tensor<B, 3>, bias: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+        match self {
+            LinearWeight::Dense(w) => B::dense_gelu_tanh(x, w, bias),
+            LinearWeight::Fp8(w) => B::dense_fp8_gelu_tanh(x, w, bias),
+        }
+    }
+
+    /// Loads `{path}.weight` `[out, in]`: quantized to FP8 when the store's FP8 options name this layer
+    /// ([`WeightStore::quantize_linears`](crate::weights::WeightStore::quantize_linears)), kept as the checkpoint
+    /// stores it when that is already FP8 ([`WeightStore::prequantized`](crate::weights::WeightStore::prequantized);
+    /// dequantized if the options keep the layer dense), else dense in the store's dtype.
+    fn load(path: &mut WeightPath<'_>, shape: [usize; 2], device: &B::Device) -> Result<Self> {
+        let layer = path.prefix().to_string();
+        let fp8 = path.store().quantizes(&layer);
+        if let Some(weight) = path.store().prequantized::<B>(&layer, shape, device)? {
+            return Ok(match fp8 {
+                Some(false) => LinearWeight::Dense(weight.dequantize()),
+                _ => LinearWeight::Fp8(weight),
+            });
+        }
+        Ok(match fp8 {
+            Some(true) => {
+                LinearWeight::Fp8(Fp8Weight::from_source(path.deferred("weight", &shape)?, device)?)
+            }
+            _ => LinearWeight::Dense(path.tensor("weight", shape, device)?),
+        })
+    }
+}
+
+impl<B: Backend> From<Tensor<B, 2>> for LinearWeight<B> {
+    fn from(weight: Tensor<B, 2>) -> Self {
+        LinearWeight::Dense(weight)
+    }
+}
+
+/// A linear layer in PyTorch layout: weight `[out, in]` ([dense or FP8](LinearWeight)), optional `bias [out]`, and
+/// optional runtime low-rank adapters (LoRA) added to its output.
 #[derive(Clone, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out_features, in_features]`.
-    pub weight: Tensor<B, 2>,
+    pub weight: LinearWeight<B>,
     /// `[out_features]`.
     pub bias: Option<Tensor<B, 1>>,
-    /// Runtime (unmerged) LoRA adapters: `y = W·x + b + Σ scale·up(down(x))`. Empty for a plain layer.
+    /// Runtime (unmerged) LoRA adapters: `y = W·x + b + Σ scale·up(down(x))`, in the model's dtype (also on an FP8
+    /// weight). Empty for a plain layer.
     pub adapters: Vec<LowRankAdapter<B>>,
 }
 
@@ -38,12 +136,16 @@ pub struct LowRankAdapter<B: Backend> {
 }
 
 impl<B: QwenBackend> Linear<B> {
-    /// A layer from its weight `[out, in]` and optional bias `[out]`, without adapters.
-    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Linear { weight, bias, adapters: Vec::new() }
+    /// A layer from its weight `[out, in]` (a dense tensor or a [`LinearWeight`]) and optional bias `[out]`, without
+    /// adapters.
+    pub fn new(weight: impl Into<LinearWeight<B>>, bias: Option<Tensor<B, 1>>) -> Self {
+        Linear { weight: weight.into(), bias, adapters: Vec::new() }
     }
 
-    /// Loads `{path}.weight` (and `{path}.bias` when `bias`).
+    /// Loads `{path}.weight` (and `{path}.bias` when `bias`): dense in the store's dtype; quantized to FP8 when the
+    /// store's FP8 options name the layer ([`WeightStore::quantize_linears`](crate::weights::WeightStore::quantize_linears));
+    /// FP8 as stored when the checkpoint holds it already quantized
+    /// ([`WeightStore::prequantized`](crate::weights::WeightStore::prequantized); dequantized if the options keep it).
     pub fn load(
         path: &mut WeightPath<'_>,
         in_dim: usize,
@@ -51,7 +153,7 @@ impl<B: QwenBackend> Linear<B> {
         bias: bool,
         device: &B::Device,
     ) -> Result<Self> {
-        let weight = path.tensor("weight", [out_dim, in_dim], device)?;
+        let weight = LinearWeight::load(path, [out_dim, in_dim], device)?;
         let bias = if bias { Some(path.tensor("bias", [out_dim], device)?) } else { None };
         Ok(Linear::new(weight, bias))
     }
@@ -59,9 +161,9 @@ impl<B: QwenBackend> Linear<B> {
     /// `[batch, tokens, in] → [batch, tokens, out]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         if self.adapters.is_empty() {
-            return B::dense(x, &self.weight, self.bias.as_ref());
+            return self.weight.forward(x, self.bias.as_ref());
         }
-        let base = B::dense(x.clone(), &self.weight, self.bias.as_ref());
+        let base = self.weight.forward(x.clone(), self.bias.as_ref());
         self.adapters.iter().fold(base, |y, a| {
             y + B::dense(B::dense(x.clone(), &a.down, None), &a.up, None).mul_scalar(a.scale)
         })
@@ -70,7 +172,7 @@ impl<B: QwenBackend> Linear<B> {
     /// `gelu_tanh(self.forward(x))`, fused where the backend can.
     pub fn forward_gelu_tanh(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         if self.adapters.is_empty() {
-            B::dense_gelu_tanh(x, &self.weight, self.bias.as_ref())
+            self.weight.forward_gelu_tanh(x, self.bias.as_ref())
         } else {
             burn::tensor::activation::gelu_approximate(self.forward(x))
         }
@@ -107,7 +209,7 @@ pub struct LowRankUpdate {
 }
 
 /// `weight + update`: the product computed in f32 on the weight's device, the sum stored in the weight's dtype.
-fn merge_update<B: QwenBackend>(weight: Tensor<B, 2>, update: &LowRankUpdate) -> Tensor<B, 2> {
+pub(crate) fn merge_update<B: QwenBackend>(weight: Tensor<B, 2>, update: &LowRankUpdate) -> Tensor<B, 2> {
     let (device, dtype) = (weight.device(), weight.dtype());
     // Through `QwenBackend::upload`: burn's own upload would keep a pinned host copy.
     let down = B::upload::<2>(update.down.clone(), &device).cast(DType::F32);
@@ -127,6 +229,9 @@ pub trait LinearLayer<B: Backend> {
     /// Whether the weight is on the device (`false`: [deferred](DeferredLinear)).
     fn is_resident(&self) -> bool;
 
+    /// How the weight is stored (dense in a dtype, or FP8).
+    fn weight_format(&self) -> WeightFormat;
+
     /// The runtime adapters.
     fn adapters(&self) -> &[LowRankAdapter<B>];
 
@@ -135,8 +240,14 @@ pub trait LinearLayer<B: Backend> {
 
     /// Merges `update` into the weight: `W ← W + scale · up · down`, the product computed in f32 on the device and
     /// the sum stored in the weight's dtype. A [`DeferredLinear`] keeps the update and applies it, with the same
-    /// operations, each time its weight is made on the device.
-    fn merge_low_rank(&mut self, update: LowRankUpdate);
+    /// operations, each time its weight is made on the device. An FP8 weight merges it into its unquantized weight
+    /// and quantizes again ([`Fp8Weight::merge_low_rank`]; an error for weights read already quantized).
+    fn merge_low_rank(&mut self, update: LowRankUpdate) -> Result<()>;
+
+    /// Whether [`merge_low_rank`](Self::merge_low_rank) can succeed (not for FP8 weights read already quantized).
+    fn can_merge(&self) -> bool {
+        true
+    }
 }
 
 impl<B: QwenBackend> LinearLayer<B> for Linear<B> {
@@ -148,6 +259,10 @@ impl<B: QwenBackend> LinearLayer<B> for Linear<B> {
         true
     }
 
+    fn weight_format(&self) -> WeightFormat {
+        self.weight.format()
+    }
+
     fn adapters(&self) -> &[LowRankAdapter<B>] {
         &self.adapters
     }
@@ -156,8 +271,19 @@ impl<B: QwenBackend> LinearLayer<B> for Linear<B> {
         &mut self.adapters
     }
 
-    fn merge_low_rank(&mut self, update: LowRankUpdate) {
-        self.weight = merge_update(self.weight.clone(), &update);
+    fn can_merge(&self) -> bool {
+        match &self.weight {
+            LinearWeight::Dense(_) => true,
+            LinearWeight::Fp8(w) => w.can_requantize(),
+        }
+    }
+
+    fn merge_low_rank(&mut self, update: LowRankUpdate) -> Result<()> {
+        match &mut self.weight {
+            LinearWeight::Dense(w) => *w = merge_update(w.clone(), &update),
+            LinearWeight::Fp8(w) => w.merge_low_rank(update)?,
+        }
+        Ok(())
     }
 }
 
@@ -179,7 +305,8 @@ pub struct DeferredLinear<B: Backend> {
 }
 
 impl<B: QwenBackend> DeferredLinear<B> {
-    /// Takes `{path}.weight` (and `{path}.bias` when `bias`) without putting them on the device.
+    /// Takes `{path}.weight` (and `{path}.bias` when `bias`) without putting them on the device. A weight the
+    /// checkpoint stores already quantized to e4m3 is an error (load the layer onto the device instead).
     pub fn load(
         path: &mut WeightPath<'_>,
         in_dim: usize,
@@ -187,6 +314,14 @@ impl<B: QwenBackend> DeferredLinear<B> {
         bias: bool,
         device: &B::Device,
     ) -> Result<Self> {
+        let key = path.key("weight");
+        if path.store().stores_fp8(&key) {
+            return Err(crate::ModelError::invalid(format!(
+                "`{key}` is stored as e4m3 (a pre-quantized checkpoint), but this layer stays on the host until used, \
+                 which needs a float dtype: load it onto the device (for the DiT's modulation layers: \
+                 ModulationMode::Resident, `--modulation resident`)"
+            )));
+        }
         let weight = path.deferred("weight", &[out_dim, in_dim])?;
         let bias = if bias { Some(path.deferred("bias", &[out_dim])?) } else { None };
         Ok(DeferredLinear { weight, bias, adapters: Vec::new(), merged: Vec::new(), device: device.clone() })
@@ -200,7 +335,7 @@ impl<B: QwenBackend> DeferredLinear<B> {
             weight = merge_update(weight, update);
         }
         let bias = self.bias.as_ref().map(|b| b.to_device::<B, 1>(&self.device)).transpose()?;
-        Ok(Linear { weight, bias, adapters: self.adapters.clone() })
+        Ok(Linear { weight: LinearWeight::Dense(weight), bias, adapters: self.adapters.clone() })
     }
 
     /// Bytes [`to_device`](Self::to_device) puts on the device for the weight and the bias.
@@ -219,6 +354,10 @@ impl<B: QwenBackend> LinearLayer<B> for DeferredLinear<B> {
         false
     }
 
+    fn weight_format(&self) -> WeightFormat {
+        WeightFormat::Dense(self.weight.dtype())
+    }
+
     fn adapters(&self) -> &[LowRankAdapter<B>] {
         &self.adapters
     }
@@ -227,8 +366,9 @@ impl<B: QwenBackend> LinearLayer<B> for DeferredLinear<B> {
         &mut self.adapters
     }
 
-    fn merge_low_rank(&mut self, update: LowRankUpdate) {
+    fn merge_low_rank(&mut self, update: LowRankUpdate) -> Result<()> {
         self.merged.push(update);
+        Ok(())
     }
 }
 

@@ -9,6 +9,8 @@
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::quant::Fp8Weight;
+
 /// What an accelerated backend's fast path did for one kind of operation (GEMM, attention, glue, …) since the
 /// process (or the backend's statistics) started.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +96,46 @@ pub trait QwenBackend: Backend {
         bias: Option<&Tensor<Self, 1>>,
     ) -> Tensor<Self, 3> {
         portable::dense_gelu_tanh(x, weight, bias)
+    }
+
+    /// Quantizes a linear weight `[out, in]` to e4m3 with one f32 scale per output channel: for each row `n`,
+    /// `scale[n] = max_k |W[n, k]| / 448` (1 when that is below `f32::MIN_POSITIVE`) and
+    /// `bits[n, k] = e4m3(W[n, k] / scale[n])`, the division in f32 and the rounding to nearest even, saturating at
+    /// ±448 (PyTorch's `(W / scale).clamp(-448, 448).to(torch.float8_e4m3fn)`). An override must give the same bits
+    /// and scales (the portable default is checked against PyTorch); it runs once per layer at load time.
+    fn quantize_fp8(weight: Tensor<Self, 2>) -> Fp8Weight<Self> {
+        portable::quantize_fp8(weight)
+    }
+
+    /// `x · Wᵀ + bias` with an FP8 weight and per-token dynamic FP8 activations; `x` is `[batch, tokens, in]` in the
+    /// model's dtype, the result is in `x`'s dtype.
+    ///
+    /// What an override (an FP8 GEMM with row/column scaling, e.g. cuBLASLt's outer-vector scale modes) must compute,
+    /// with the `batch·tokens` rows of `x` as `m`:
+    /// 1. `sx[m] = max_k |x[m, k]| / 448` in f32 (1 when below `f32::MIN_POSITIVE`) and
+    ///    `qx[m, k] = e4m3(x[m, k] / sx[m])` (as [`quantize_fp8`](Self::quantize_fp8) does for weight rows);
+    /// 2. `y[m, n] = (Σ_k qx[m, k] · bits[n, k]) · sx[m] · weight.scales[n] + bias[n]`, products and sums in f32
+    ///    (every product of two e4m3 values is exact in f32);
+    /// 3. one rounding of `y` to `x`'s dtype.
+    ///
+    /// The portable default ([`portable::dense_fp8`]) computes exactly that in f32 with burn ops (quantizing on the
+    /// host); a GPU result may differ from it only by the order of the sums.
+    fn dense_fp8(
+        x: Tensor<Self, 3>,
+        weight: &Fp8Weight<Self>,
+        bias: Option<&Tensor<Self, 1>>,
+    ) -> Tensor<Self, 3> {
+        portable::dense_fp8(x, weight, bias)
+    }
+
+    /// `gelu_tanh` of [`dense_fp8`](Self::dense_fp8)'s step 2, applied in f32 before the one rounding of step 3
+    /// (a GELU epilogue): the DiT MLP's first layer.
+    fn dense_fp8_gelu_tanh(
+        x: Tensor<Self, 3>,
+        weight: &Fp8Weight<Self>,
+        bias: Option<&Tensor<Self, 1>>,
+    ) -> Tensor<Self, 3> {
+        portable::dense_fp8_gelu_tanh(x, weight, bias)
     }
 
     /// Scaled dot-product attention of `query` over the concatenation of `segments` along the key axis.
@@ -316,6 +358,8 @@ pub mod portable {
         activation, backend::Backend, module::attention as burn_attention, ops::AttentionModuleOptions,
         Tensor, TensorData,
     };
+
+    pub use crate::quant::portable::{dense_fp8, dense_fp8_gelu_tanh, quantize_fp8};
 
     use super::{AttentionOptions, KvSegment, NormRope, QwenBackend};
     use crate::{

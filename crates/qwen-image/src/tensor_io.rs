@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::{ModelError, Result};
 
-/// A safetensors file of named tensors, read into memory.
+/// A safetensors file of named tensors, read into memory (e4m3 tensors as their f32 values).
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
@@ -22,6 +22,13 @@ impl TensorFile {
             .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), reason: format!("{e:?}") })?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
+            if view.dtype() == safetensors::Dtype::F8_E4M3 {
+                // e4m3 is read as its values (exact in f32).
+                let values: Vec<u8> =
+                    view.data().iter().flat_map(|&b| crate::quant::e4m3::decode(b).to_le_bytes()).collect();
+                tensors.insert(name, (DType::F32, view.shape().to_vec(), values));
+                continue;
+            }
             let dtype = match view.dtype() {
                 safetensors::Dtype::F32 => DType::F32,
                 safetensors::Dtype::F16 => DType::F16,

@@ -121,15 +121,18 @@ pub struct FastOps {
     /// `rms_norm_rope_cat`, `silu_mul`) and the direct weight `upload` (off: burn's upload, which stages through a
     /// pinned host pool the size of the model).
     pub glue: bool,
+    /// FP8: the e4m3 quantization kernel (`quantize_fp8`) and cuBLASLt FP8 GEMMs with per-row/column scales
+    /// (`dense_fp8`, `dense_fp8_gelu_tanh`; cuBLASLt 12.9+, sm_89+).
+    pub fp8: bool,
 }
 
 impl FastOps {
     /// Everything on (the default).
-    pub const ALL: FastOps = FastOps { gemm: true, attention: true, glue: true };
+    pub const ALL: FastOps = FastOps { gemm: true, attention: true, glue: true, fp8: true };
     /// Everything off: burn's own kernels only.
-    pub const NONE: FastOps = FastOps { gemm: false, attention: false, glue: false };
+    pub const NONE: FastOps = FastOps { gemm: false, attention: false, glue: false, fp8: false };
 
-    /// Parses a comma-separated list of `gemm`, `attention` (or `attn`), `glue`, or `all` / `none`.
+    /// Parses a comma-separated list of `gemm`, `attention` (or `attn`), `glue`, `fp8`, or `all` / `none`.
     pub fn parse(s: &str) -> Option<FastOps> {
         let mut ops = FastOps::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -139,6 +142,7 @@ impl FastOps {
                 "gemm" => ops.gemm = true,
                 "attention" | "attn" => ops.attention = true,
                 "glue" => ops.glue = true,
+                "fp8" => ops.fp8 = true,
                 _ => return None,
             }
         }
@@ -253,7 +257,7 @@ mod tests {
             ("QWEN_CUDA_CACHE_DIR", "/c"),
         ]);
         let want = FastPathConfig {
-            ops: FastOps { gemm: true, attention: true, glue: false },
+            ops: FastOps { gemm: true, attention: true, glue: false, fp8: false },
             flash_kernel: FlashKernel::Wgmma,
             ordering: OrderingMode::HostSync,
             gemm_autotune: GemmAutotune::Verbose,

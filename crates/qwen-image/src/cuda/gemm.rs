@@ -49,7 +49,7 @@ const TIMED_REPS: usize = 3;
 
 /// The fused epilogue of a GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Epilogue {
+pub(super) enum Epilogue {
     /// `X·Wᵀ`.
     None,
     /// `X·Wᵀ + b`.
@@ -61,6 +61,16 @@ pub(crate) enum Epilogue {
 }
 
 impl Epilogue {
+    /// The epilogue with or without a bias and a GELU.
+    pub(super) fn of(bias: bool, gelu: bool) -> Self {
+        match (bias, gelu) {
+            (false, false) => Epilogue::None,
+            (true, false) => Epilogue::Bias,
+            (false, true) => Epilogue::Gelu,
+            (true, true) => Epilogue::GeluBias,
+        }
+    }
+
     fn lt(self) -> lt_sys::cublasLtEpilogue_t {
         use lt_sys::cublasLtEpilogue_t::*;
         match self {
@@ -76,14 +86,17 @@ impl Epilogue {
     }
 }
 
+/// A GEMM shape: `Y[M, N] = X[M, K] · W[N, K]ᵀ` with leading dimensions, the epilogue, and whether the inputs are
+/// e4m3 with outer-vector scales (`cuda/fp8.rs`) instead of bf16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ShapeKey {
-    m: u64,
-    n: u64,
-    k: u64,
-    lda: i64,
-    ldb: i64,
-    epilogue: Epilogue,
+pub(super) struct ShapeKey {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub lda: i64,
+    pub ldb: i64,
+    pub epilogue: Epilogue,
+    pub fp8: bool,
 }
 
 impl ShapeKey {
@@ -93,8 +106,9 @@ impl ShapeKey {
 }
 
 /// A cuBLASLt matmul prepared for one shape: descriptors, layouts and algorithms.
-struct Matmul {
-    desc: lt_sys::cublasLtMatmulDesc_t,
+pub(super) struct Matmul {
+    /// The descriptor, whose per-call pointers (bias, FP8 scales) the caller sets before each run.
+    pub desc: lt_sys::cublasLtMatmulDesc_t,
     a: lt_sys::cublasLtMatrixLayout_t,
     b: lt_sys::cublasLtMatrixLayout_t,
     c: lt_sys::cublasLtMatrixLayout_t,
@@ -115,17 +129,29 @@ pub(crate) struct Blas {
     timer: Option<(sys::CUevent, sys::CUevent)>,
 }
 
-fn blas_err(what: &str, e: lt::CublasError) -> FastError {
+pub(super) fn blas_err(what: &str, e: lt::CublasError) -> FastError {
     FastError::cuda(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// Sets the device pointer `p` as the descriptor attribute `attr` (a per-call pointer: bias, FP8 scales).
+pub(super) fn set_pointer(
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    attr: lt_sys::cublasLtMatmulDescAttributes_t,
+    p: u64,
+) -> Result<(), FastError> {
+    // SAFETY: `desc` is a live descriptor; the pointer is passed by pointer with its size and copied by cuBLASLt.
+    // A descriptor is only used by GEMMs on our stream, each setting its own pointers first.
+    unsafe { lt::set_matmul_desc_attribute(desc, attr, &p as *const u64 as *const c_void, size_of::<u64>()) }
+        .map_err(|e| blas_err("pointer attribute", e))
 }
 
 /// The pointers and stream of one GEMM call.
 #[derive(Clone, Copy)]
-struct Call {
-    w: u64,
-    x: u64,
-    y: u64,
-    stream: sys::CUstream,
+pub(super) struct Call {
+    pub w: u64,
+    pub x: u64,
+    pub y: u64,
+    pub stream: sys::CUstream,
 }
 
 impl Blas {
@@ -235,7 +261,7 @@ impl Blas {
     }
 
     /// The matmul of `key`, made on first use (with the candidates `mode` asks for).
-    fn matmul_for(&mut self, key: ShapeKey, mode: GemmAutotune) -> Result<&Matmul, FastError> {
+    pub(super) fn matmul_for(&mut self, key: ShapeKey, mode: GemmAutotune) -> Result<&Matmul, FastError> {
         if !self.matmuls.contains_key(&key) {
             let m = self.make_matmul(key, mode)?;
             self.matmuls.insert(key, m);
@@ -244,7 +270,7 @@ impl Blas {
     }
 
     /// Runs the GEMM of `key` on `call` (autotuning the shape first if it is not settled).
-    fn matmul(&mut self, key: ShapeKey, call: Call, mode: GemmAutotune) -> Result<(), FastError> {
+    pub(super) fn matmul(&mut self, key: ShapeKey, call: Call, mode: GemmAutotune) -> Result<(), FastError> {
         if !self.matmul_for(key, mode)?.settled {
             self.autotune(key, call, mode)?;
         }
@@ -258,8 +284,9 @@ impl Blas {
         use lt_sys::{cublasComputeType_t::CUBLAS_COMPUTE_32F, cudaDataType_t::*};
         let e = |what: &'static str| move |err| blas_err(what, err);
         // A = W stored K x N (col-major, ld = lda), used transposed; B = X stored K x M (ld = ldb); C = D = Y, N x M.
-        let a = lt::create_matrix_layout(CUDA_R_16BF, key.k, key.n, key.lda).map_err(e("layout A"))?;
-        let b = lt::create_matrix_layout(CUDA_R_16BF, key.k, key.m, key.ldb).map_err(e("layout B"))?;
+        let input = if key.fp8 { CUDA_R_8F_E4M3 } else { CUDA_R_16BF };
+        let a = lt::create_matrix_layout(input, key.k, key.n, key.lda).map_err(e("layout A"))?;
+        let b = lt::create_matrix_layout(input, key.k, key.m, key.ldb).map_err(e("layout B"))?;
         let c = lt::create_matrix_layout(CUDA_R_16BF, key.n, key.m, key.n as i64).map_err(e("layout C"))?;
         let desc = lt::create_matmul_desc(CUBLAS_COMPUTE_32F, CUDA_R_32F).map_err(e("matmul desc"))?;
         // Sets a descriptor attribute from a value of `size` bytes at `value`.
@@ -289,6 +316,16 @@ impl Blas {
             // A placeholder pointer for the heuristic; the real one is set per call.
             let p: u64 = self.workspace;
             set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p as *const u64 as *const c_void, size_of::<u64>())?;
+        }
+        if key.fp8 {
+            // One f32 scale per row of op(A) (= per output feature: the weight's) and per column of op(B) (= per
+            // token: the activation's). Placeholder pointers for the heuristic; the real ones are set per call.
+            let mode = lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+            let size = size_of::<lt_sys::cublasLtMatmulMatrixScale_t>();
+            set(CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode as *const _ as *const c_void, size)?;
+            set(CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode as *const _ as *const c_void, size)?;
+            set_pointer(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, self.workspace)?;
+            set_pointer(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, self.workspace)?;
         }
         let pref = lt::create_matmul_pref().map_err(e("preference"))?;
         let ws = WORKSPACE_BYTES;
@@ -343,13 +380,19 @@ impl Blas {
 
 impl Gpu<'_> {
     /// The device's cuBLASLt state, created on first use.
-    fn blas(&mut self) -> Result<&mut Blas, FastError> {
+    pub(super) fn blas(&mut self) -> Result<&mut Blas, FastError> {
         let state = self.state();
         if state.blas.is_none() {
             state.blas = Some(Blas::new()?);
         }
         state.blas.as_mut().ok_or_else(|| FastError::cuda("cuBLASLt state"))
     }
+}
+
+/// A GEMM's bias: bf16 `[n]`, dense.
+pub(super) fn dense_bias(b: Prim, n: usize) -> Result<Prim, FastError> {
+    require(is_bf16(&b) && dims(&b) == [n], || format!("bias {:?} {:?}", b.dtype, dims(&b)))?;
+    Ok(dense(b))
 }
 
 /// `x [batch, tokens, K] · weight[N, K]ᵀ (+ bias[N]) (→ gelu_tanh)` on cuBLASLt; returns `[batch, tokens, N]`.
@@ -366,23 +409,12 @@ pub(crate) fn dense_prim(x: Prim, weight: Prim, bias: Option<Prim>, gelu: bool) 
     let ws = strides(&weight);
     let weight = if ws[1] == 1 && ws[0] >= k { weight } else { dense(weight) };
     let lda = strides(&weight)[0].max(k) as i64;
-    let bias = match bias {
-        Some(b) => {
-            require(is_bf16(&b) && dims(&b) == [n], || format!("bias {:?} {:?}", b.dtype, dims(&b)))?;
-            Some(dense(b))
-        }
-        None => None,
-    };
-    let epilogue = match (bias.is_some(), gelu) {
-        (false, false) => Epilogue::None,
-        (true, false) => Epilogue::Bias,
-        (false, true) => Epilogue::Gelu,
-        (true, true) => Epilogue::GeluBias,
-    };
+    let bias = bias.map(|b| dense_bias(b, n)).transpose()?;
+    let epilogue = Epilogue::of(bias.is_some(), gelu);
     let out = empty_like_device(&x, vec![xd[0], xd[1], n], DType::BF16);
     let (px, pw, py) = (ptr(&x)?, ptr(&weight)?, ptr(&out)?);
     let pb = bias.as_ref().map(ptr).transpose()?;
-    let key = ShapeKey { m: m as u64, n: n as u64, k: k as u64, lda, ldb: k as i64, epilogue };
+    let key = ShapeKey { m: m as u64, n: n as u64, k: k as u64, lda, ldb: k as i64, epilogue, fp8: false };
     with_gpu(x.device.index, |dev| {
         dev.begin(&x)?;
         // SAFETY: `out` holds `m·n` bf16 values and lives until this function returns.
@@ -392,17 +424,11 @@ pub(crate) fn dense_prim(x: Prim, weight: Prim, bias: Option<Prim>, gelu: bool) 
         let blas = dev.blas()?;
         let matmul = blas.matmul_for(key, mode)?;
         if let Some(pb) = pb {
-            // SAFETY: the descriptor is live; the bias pointer is passed by pointer with its size and copied by
-            // cuBLASLt. The descriptor is only used by GEMMs on our stream, each setting its own bias first.
-            unsafe {
-                lt::set_matmul_desc_attribute(
-                    matmul.desc,
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &pb as *const u64 as *const c_void,
-                    size_of::<u64>(),
-                )
-                .map_err(|e| blas_err("bias pointer", e))?;
-            }
+            set_pointer(
+                matmul.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                pb,
+            )?;
         }
         blas.matmul(key, call, mode)?;
         dev.end()

@@ -37,7 +37,7 @@
 //!
 //! | variable | values (default first) | [`FastPathConfig`] field |
 //! |---|---|---|
-//! | `QWEN_CUDA_FAST` | `all`, `none`, or a comma list of `gemm`, `attention` (`attn`), `glue` | [`ops`](FastPathConfig::ops): the kinds of operation on the fast path |
+//! | `QWEN_CUDA_FAST` | `all`, `none`, or a comma list of `gemm`, `attention` (`attn`), `glue`, `fp8` | [`ops`](FastPathConfig::ops): the kinds of operation on the fast path |
 //! | `QWEN_FLASH` | `auto` (`tma`), `tma-serial`, `wgmma`, `mma` | [`flash_kernel`](FastPathConfig::flash_kernel): the head-dim-128 attention kernel on Hopper |
 //! | `QWEN_CUDA_ORDERING` | `events` (`context`), `sync` (`host`) | [`ordering`](FastPathConfig::ordering): ordering against burn's queue |
 //! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape (`verbose`: and log the timings at `info` level) |
@@ -86,6 +86,7 @@ macro_rules! assert_layout {
 mod attention;
 mod config;
 mod error;
+mod fp8;
 mod gemm;
 mod glue;
 mod gpu;
@@ -95,7 +96,7 @@ mod registry;
 mod runtime_cache;
 mod tensor;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use cubecl::cuda::CudaRuntime;
 
@@ -105,6 +106,7 @@ pub use registry::{config, configure, ordering_mode, reset_stats, synchronize};
 pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
 use crate::ops::{lowered, portable, AttentionOptions, FastPathReport, KvSegment, NormRope, QwenBackend};
+use crate::quant::Fp8Weight;
 use registry::{attempt, enabled, Kind};
 use tensor::{prim, wrap};
 
@@ -153,6 +155,38 @@ impl QwenBackend for CudaBackend {
                 .map(wrap)
         };
         fast_or(&x.device(), Kind::Gemm, x, fast, |x| portable::dense_gelu_tanh(x, weight, bias))
+    }
+
+    fn quantize_fp8(weight: Tensor<Self, 2>) -> Fp8Weight<Self> {
+        let dtype = weight.dtype();
+        let fast = |w: &Tensor<Self, 2>| {
+            fp8::quantize_rows_prim(prim(w.clone())).map(|(bits, scales)| {
+                Fp8Weight::from_fitting_parts(
+                    Tensor::<Self, 2, Int>::from_primitive(bits),
+                    wrap(scales),
+                    dtype,
+                )
+            })
+        };
+        fast_or(&weight.device(), Kind::Fp8, weight, fast, portable::quantize_fp8)
+    }
+
+    fn dense_fp8(
+        x: Tensor<Self, 3>,
+        weight: &Fp8Weight<Self>,
+        bias: Option<&Tensor<Self, 1>>,
+    ) -> Tensor<Self, 3> {
+        let fast = |x: &Tensor<Self, 3>| fp8_gemm(x, weight, bias, false);
+        fast_or(&x.device(), Kind::Fp8, x, fast, |x| portable::dense_fp8(x, weight, bias))
+    }
+
+    fn dense_fp8_gelu_tanh(
+        x: Tensor<Self, 3>,
+        weight: &Fp8Weight<Self>,
+        bias: Option<&Tensor<Self, 1>>,
+    ) -> Tensor<Self, 3> {
+        let fast = |x: &Tensor<Self, 3>| fp8_gemm(x, weight, bias, true);
+        fast_or(&x.device(), Kind::Fp8, x, fast, |x| portable::dense_fp8_gelu_tanh(x, weight, bias))
     }
 
     fn attend(
@@ -280,6 +314,17 @@ impl QwenBackend for CudaBackend {
     fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {
         Some(registry::report(device.index))
     }
+}
+
+/// The FP8 GEMM of `x` and `weight` on cuBLASLt (see `fp8.rs`).
+fn fp8_gemm(
+    x: &Tensor<CudaBackend, 3>,
+    weight: &Fp8Weight<CudaBackend>,
+    bias: Option<&Tensor<CudaBackend, 1>>,
+    gelu: bool,
+) -> Result<Tensor<CudaBackend, 3>, FastError> {
+    let (bits, scales) = (weight.bits.clone().into_primitive(), prim(weight.scales.clone()));
+    fp8::dense_fp8_prim(prim(x.clone()), bits, scales, bias.map(|b| prim(b.clone())), gelu).map(wrap)
 }
 
 /// burn's CUDA backend in f32 (`burn::backend::Cuda` with its default element): the portable path only, so that

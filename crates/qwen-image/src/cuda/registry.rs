@@ -21,10 +21,11 @@ pub(crate) enum Kind {
     Gemm = 0,
     Attention = 1,
     Glue = 2,
+    Fp8 = 3,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Gemm, Kind::Attention, Kind::Glue];
+    const ALL: [Kind; 4] = [Kind::Gemm, Kind::Attention, Kind::Glue, Kind::Fp8];
 
     /// The name in reports and logs.
     fn name(self) -> &'static str {
@@ -32,6 +33,7 @@ impl Kind {
             Kind::Gemm => "gemm",
             Kind::Attention => "attention",
             Kind::Glue => "glue",
+            Kind::Fp8 => "fp8",
         }
     }
 
@@ -40,6 +42,7 @@ impl Kind {
             Kind::Gemm => ops.gemm,
             Kind::Attention => ops.attention,
             Kind::Glue => ops.glue,
+            Kind::Fp8 => ops.fp8,
         }
     }
 }
@@ -58,7 +61,7 @@ struct KindState {
 /// One GPU's entry in the registry.
 struct DeviceState {
     config: FastPathConfig,
-    kinds: [KindState; 3],
+    kinds: [KindState; 4],
     /// Created on first use ([`with_gpu`]).
     gpu: Option<GpuState>,
 }
@@ -291,7 +294,7 @@ mod tests {
         let r = report(d.index);
         assert_eq!(r.backend, "cuda");
         let names: Vec<&str> = r.kinds.iter().map(|k| k.kind.as_str()).collect();
-        assert_eq!(names, ["gemm", "attention", "glue"]);
+        assert_eq!(names, ["gemm", "attention", "glue", "fp8"]);
         let glue = kind(&r, "glue");
         assert_eq!((glue.calls, glue.fallbacks, glue.errors, glue.disabled), (0, 1, 0, true));
         assert!(glue.last_error.is_none());

@@ -15,12 +15,18 @@
 //! ([`DeferredLinear`](crate::nn::DeferredLinear), the modulation layers in
 //! [table mode](super::ModulationMode::Table)).
 
+use std::collections::HashMap;
+
 use burn::tensor::DType;
 
-use super::{config::DitConfig, transformer::QwenImageTransformer};
+use super::{
+    config::DitConfig,
+    transformer::{DitLoadOptions, QwenImageTransformer},
+};
 use crate::{
     nn::{Linear, LinearLayer, PlacedLinear},
     ops::QwenBackend,
+    quant::LinearWeightSummary,
     weights::WeightStore,
     CpuBackend, Result,
 };
@@ -124,6 +130,48 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         self.mark_weights_changed();
         self.walk_mut("", &mut f);
     }
+}
+
+impl<B: QwenBackend> QwenImageTransformer<B> {
+    /// How the linear layers hold their weights (FP8, dense, on the host) and the FP8 keep list it was loaded with.
+    pub fn linear_weights(&self) -> LinearWeightSummary {
+        let dtype = self.dtype();
+        let mut summary = LinearWeightSummary::new(dtype);
+        self.visit_linears(|_, layer| {
+            summary.add(layer.shape(), layer.weight_format(), layer.is_resident(), dtype);
+        });
+        summary.keep = self.fp8_options().map(|o| o.keep.clone());
+        summary
+    }
+}
+
+/// The [`LinearWeightSummary`] a DiT of `config` loaded in `dtype` with `options` would have, from a
+/// [shape-only](WeightStore::shape_only) build: nothing is allocated, and the FP8 keep list is checked.
+pub fn dit_linear_plan(
+    config: &DitConfig,
+    dtype: DType,
+    options: &DitLoadOptions,
+) -> Result<LinearWeightSummary> {
+    let mut store = WeightStore::shape_only(dtype);
+    let model = QwenImageTransformer::<CpuBackend>::from_store_with(
+        config.clone(),
+        &mut store,
+        options,
+        &Default::default(),
+    )?;
+    // A shape-only build holds empty tensors: the shapes come from what the loader asked for.
+    let shapes: HashMap<&str, &[usize]> =
+        store.created().iter().map(|(k, s)| (k.as_str(), s.as_slice())).collect();
+    let mut summary = LinearWeightSummary::new(dtype);
+    model.visit_linears(|name, layer| {
+        let shape = match shapes.get(format!("{name}.weight").as_str()) {
+            Some(&[out, inp]) => [*out, *inp],
+            _ => layer.shape(),
+        };
+        summary.add(shape, layer.weight_format(), layer.is_resident(), dtype);
+    });
+    summary.keep = options.fp8.as_ref().map(|o| o.keep.clone());
+    Ok(summary)
 }
 
 /// The diffusers names of every linear layer of a DiT of `config` (e.g. the layers a LoRA may target), from the

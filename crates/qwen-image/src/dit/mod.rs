@@ -25,7 +25,7 @@ pub mod timestep;
 pub mod transformer;
 
 pub use config::DitConfig;
-pub use linears::dit_linear_names;
+pub use linears::{dit_linear_names, dit_linear_plan};
 pub use modulation_table::{ModulationMode, ModulationTable, ModulationTableUpdate};
 pub use rope::ImageShape;
 pub use transformer::{DitInput, DitLoadOptions, QwenImageTransformer};

@@ -253,7 +253,7 @@ mod tests {
     }
 
     fn options(modulation: ModulationMode) -> DitLoadOptions {
-        DitLoadOptions { modulation }
+        DitLoadOptions { modulation, ..Default::default() }
     }
 
     /// A random checkpoint of `config` written to a folder of its own.

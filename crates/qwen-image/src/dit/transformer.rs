@@ -18,6 +18,7 @@ use super::{
 use crate::{
     nn::{layer_norm, Linear, RmsNorm},
     ops::QwenBackend,
+    quant::Fp8Options,
     weights::WeightStore,
     ModelError, Result,
 };
@@ -79,10 +80,15 @@ impl<B: QwenBackend> Prepared<B> {
 }
 
 /// How to load the DiT.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DitLoadOptions {
     /// Where the modulation weights live (default: on the host, see [`ModulationTable`]).
     pub modulation: ModulationMode,
+    /// FP8 weights for the linear layers on the device, all but a keep list (default: none; see
+    /// [`crate::quant`]). Each layer is quantized as it is loaded (its unquantized weight is on the device only
+    /// meanwhile); a LoRA merged later is merged into the unquantized weight and the layer quantized again. Layers a
+    /// checkpoint stores already quantized stay so, also without this option.
+    pub fp8: Option<Fp8Options>,
 }
 
 /// A new identity for a model's weights (see [`QwenImageTransformer::extend_modulation_table`]).
@@ -118,6 +124,8 @@ pub struct QwenImageTransformer<B: Backend> {
     /// Identifies the weights: a new value whenever they may have changed (the mutable layer visitor), so that a
     /// [`ModulationTable`] computed from other weights is recognized.
     weights_id: u64,
+    /// The FP8 options it was loaded with.
+    fp8: Option<Fp8Options>,
 }
 
 linear_layers!(QwenImageTransformer {
@@ -127,7 +135,7 @@ linear_layers!(QwenImageTransformer {
     blocks => "transformer_blocks",
     norm_out => "norm_out.linear",
     proj_out => "proj_out",
-} without { config, txt_norm, rope, dtype, device, weights_id });
+} without { config, txt_norm, rope, dtype, device, weights_id, fp8 });
 
 impl<B: QwenBackend> QwenImageTransformer<B> {
     /// Loads a diffusers `transformer/` folder: `config.json` and `diffusion_pytorch_model.safetensors` (or its
@@ -159,6 +167,24 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         device: &B::Device,
     ) -> Result<Self> {
         config.validate()?;
+        if let Some(fp8) = &options.fp8 {
+            fp8.check(&super::dit_linear_names(&config)?)?;
+        }
+        let outer = store.fp8_options().cloned();
+        store.quantize_linears(options.fp8.clone());
+        let model = Self::read(config, store, options, device);
+        store.quantize_linears(outer);
+        store.read_past_fp8_marker();
+        model
+    }
+
+    /// The loader proper: every tensor by name and shape, in checkpoint order.
+    fn read(
+        config: DitConfig,
+        store: &mut WeightStore,
+        options: &DitLoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (heads, head_dim) = (config.num_attention_heads, config.attention_head_dim);
         let dim = config.inner_dim();
         let mut root = store.root();
@@ -185,6 +211,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             device: device.clone(),
             config,
             weights_id: next_weights_id(),
+            fp8: options.fp8.clone(),
         })
     }
 
@@ -204,6 +231,11 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
     /// The device the weights live on.
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// The FP8 options it was loaded with ([`DitLoadOptions::fp8`]).
+    pub fn fp8_options(&self) -> Option<&Fp8Options> {
+        self.fp8.as_ref()
     }
 
     /// Number of transformer blocks.

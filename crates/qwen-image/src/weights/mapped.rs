@@ -17,7 +17,10 @@ use crate::{ModelError, Result};
 #[derive(Clone, Debug)]
 struct Entry {
     file: usize,
+    /// The dtype (`U8` for e4m3 bytes, see `fp8`).
     dtype: DType,
+    /// Whether the file stores e4m3 (`F8_E4M3`, PyTorch's `float8_e4m3fn`): bytes read as they are.
+    fp8: bool,
     shape: Vec<usize>,
     range: Range<usize>,
 }
@@ -81,8 +84,10 @@ pub(super) struct MappedFiles {
     entries: HashMap<String, Entry>,
 }
 
+/// The dtype a file's tensor is read in (e4m3 as its bytes, `U8`).
 fn file_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
+        safetensors::Dtype::F8_E4M3 | safetensors::Dtype::U8 => Some(DType::U8),
         safetensors::Dtype::BF16 => Some(DType::BF16),
         safetensors::Dtype::F16 => Some(DType::F16),
         safetensors::Dtype::F32 => Some(DType::F32),
@@ -155,7 +160,9 @@ impl MappedFiles {
                 dtype: format!("{:?}", info.dtype),
             })?;
             let (a, b) = info.data_offsets;
-            let entry = Entry { file: file_idx, dtype, shape: info.shape.clone(), range: base + a..base + b };
+            let fp8 = info.dtype == safetensors::Dtype::F8_E4M3;
+            let entry =
+                Entry { file: file_idx, dtype, fp8, shape: info.shape.clone(), range: base + a..base + b };
             if self.entries.insert(name.clone(), entry).is_some() {
                 return Err(ModelError::Safetensors {
                     path: path.to_path_buf(),
@@ -197,6 +204,19 @@ impl MappedFiles {
         self.files[entry.file].path.display().to_string()
     }
 
+    /// Errors unless `key`'s `entry` has the shape `expected`.
+    fn check_shape(&self, key: &str, entry: &Entry, expected: &[usize]) -> Result<()> {
+        if entry.shape == expected {
+            return Ok(());
+        }
+        Err(ModelError::ShapeMismatch {
+            key: key.to_string(),
+            file: self.file_name(entry),
+            expected: expected.to_vec(),
+            found: entry.shape.clone(),
+        })
+    }
+
     /// The entry of the float tensor `key`, checked against `expected` (if given).
     fn float_entry(&self, key: &str, expected: Option<&[usize]>) -> Result<&Entry> {
         let entry = self
@@ -204,14 +224,7 @@ impl MappedFiles {
             .get(key)
             .ok_or_else(|| ModelError::MissingKey { key: key.to_string(), files: self.file_list() })?;
         if let Some(expected) = expected {
-            if entry.shape != expected {
-                return Err(ModelError::ShapeMismatch {
-                    key: key.to_string(),
-                    file: self.file_name(entry),
-                    expected: expected.to_vec(),
-                    found: entry.shape.clone(),
-                });
-            }
+            self.check_shape(key, entry, expected)?;
         }
         if !entry.dtype.is_float() {
             return Err(ModelError::Dtype {
@@ -233,6 +246,22 @@ impl MappedFiles {
             shape: entry.shape.clone(),
             range: entry.range.clone(),
         })
+    }
+
+    /// Whether the files store `key` as `F8_E4M3`.
+    pub fn is_fp8(&self, key: &str) -> bool {
+        self.entries.get(key).is_some_and(|e| e.fp8)
+    }
+
+    /// The e4m3 bytes of `key` (a `U8` tensor of `expected` shape) when the file stores it as `F8_E4M3`; `None` for
+    /// a key of another dtype or that the files lack.
+    pub fn fp8_data(&self, key: &str, expected: &[usize]) -> Result<Option<TensorData>> {
+        let Some(entry) = self.entries.get(key).filter(|e| e.fp8) else {
+            return Ok(None);
+        };
+        self.check_shape(key, entry, expected)?;
+        let bytes = self.files[entry.file].map[entry.range.clone()].to_vec();
+        Ok(Some(TensorData::from_bytes_vec(bytes, entry.shape.clone(), DType::U8)))
     }
 
     /// The data of the float tensor `key` converted to `dtype`, checked against `expected` (if given).

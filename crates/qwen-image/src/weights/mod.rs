@@ -14,6 +14,7 @@
 //! ([`WeightStore::deferred`]), made on a device only when needed (see `deferred.rs`).
 
 mod deferred;
+mod fp8;
 mod generated;
 mod mapped;
 
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::{ops::QwenBackend, ModelError, Result};
+use crate::{ops::QwenBackend, quant::Fp8Options, ModelError, Result};
 pub use deferred::DeferredTensor;
 use generated::{Fill, Generated};
 use mapped::MappedFiles;
@@ -46,11 +47,20 @@ pub struct WeightStore {
     dtype: DType,
     /// Bytes of the tensors put on a device by [`WeightStore::tensor`].
     device_bytes: usize,
+    /// Which linear layers [`Linear::load`](crate::nn::Linear::load) quantizes ([`WeightStore::quantize_linears`]).
+    fp8: Option<Fp8Options>,
 }
 
 impl WeightStore {
     fn with_source(source: Source, dtype: DType) -> Self {
-        WeightStore { source, used: BTreeSet::new(), ignored_prefixes: Vec::new(), dtype, device_bytes: 0 }
+        WeightStore {
+            source,
+            used: BTreeSet::new(),
+            ignored_prefixes: Vec::new(),
+            dtype,
+            device_bytes: 0,
+            fp8: None,
+        }
     }
 
     /// Opens `dir/{stem}.safetensors`, or the shards listed in `dir/{stem}.safetensors.index.json`.
@@ -288,6 +298,11 @@ pub struct WeightPath<'a> {
 }
 
 impl WeightPath<'_> {
+    /// The prefix itself (e.g. `transformer_blocks.3.attn.to_q`; empty at the root).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The full key of `name` under this prefix.
     pub fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() {

@@ -22,3 +22,5 @@ pub(crate) const FLASH_TMA: &str = concat!(
     include_str!("wgmma.cuh"),
     include_str!("flash_attention_tma.cu")
 );
+/// Row-wise e4m3 quantization (`fp8_quantize_rows`) for the FP8 GEMMs.
+pub(crate) const FP8: &str = include_str!("fp8.cu");

@@ -1,0 +1,79 @@
+//! `--quantize fp8` end to end on the built-in tiny random-weight demo model: the dry run, an edit with its report,
+//! and the errors of the keep list.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qwen-edit-fp8-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn qwen_edit(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let o: Output = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
+        .current_dir(dir)
+        .args(["--demo", "--size", "tiny", "-q"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (o.status.success(), text(&o.stdout), text(&o.stderr))
+}
+
+#[test]
+fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
+    let dir = workdir("dry-run");
+    let (ok, out, err) = qwen_edit(&dir, &["--quantize", "fp8", "--dry-run"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("Dry run: 1 edit(s) checked"), "{out}");
+    assert!(out.contains("DiT weights: FP8 (e4m3, per-channel scales):") && out.contains("saved"), "{out}");
+    assert!(out.contains("kept in F32: img_in, txt_in"), "{out}");
+    assert!(!out.contains("Loaded") && !dir.join("outputs_pruning").exists(), "{out}");
+    // Without --quantize the dry run says so too.
+    let (ok, out, _) = qwen_edit(&dir, &["--dry-run", "--dtype", "bf16"]);
+    assert!(ok && out.contains("DiT weights: no FP8 layers") && out.contains("in BF16"), "{out}");
+}
+
+#[test]
+fn an_fp8_edit_reports_its_weights() {
+    let dir = workdir("edit");
+    let (ok, out, err) =
+        qwen_edit(&dir, &["--quantize", "fp8", "--quantize-keep", "default,transformer_blocks.0"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("DiT weights: FP8"), "{out}");
+    let reports = dir.join("outputs_pruning");
+    let name = std::fs::read_dir(&reports)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .find(|f| f.starts_with("report_"))
+        .expect("a report");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(reports.join(name)).unwrap()).unwrap();
+    let weights = &report["dit_weights"];
+    assert!(weights["fp8_layers"].as_u64().unwrap() > 0, "{weights}");
+    assert!(weights["fp8_bytes"].as_u64() < weights["fp8_unquantized_bytes"].as_u64(), "{weights}");
+    assert_eq!(weights["keep"].as_array().unwrap().last().unwrap(), "transformer_blocks.0");
+}
+
+#[test]
+fn bad_quantize_options_are_clear_errors() {
+    let dir = workdir("errors");
+    for (args, expect) in [
+        (&["--quantize-keep", "img_in"][..], "--quantize-keep applies to --quantize fp8"),
+        (
+            &["--quantize", "fp8", "--quantize-keep", "img_in,img_out,to_z"],
+            "names no layer of the model: img_out, to_z",
+        ),
+        (&["--quantize", "fp8", "--quantize-keep", "img_in,,proj_out"], "empty entry"),
+        (&["--quantize", "int4"], "invalid value 'int4'"),
+    ] {
+        let (ok, out, err) = qwen_edit(&dir, args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(!dir.join("outputs_pruning").exists());
+}
