@@ -164,8 +164,13 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             extra_kv: &extra_kv,
             key_mask: pass.p.key_mask.as_ref(),
         };
+        let text = txt.dims()[1];
         let out = block.forward(state.hidden.clone(), txt, &m, &ctx);
-        stats.computed_tokens += out.img.dims()[1];
+        let (computed_img, reused_img) =
+            (out.img.dims()[1], extra_kv.iter().map(|kv| kv.key.dims()[1]).sum::<usize>());
+        stats.computed_tokens += computed_img;
+        stats.text_tokens += text;
+        stats.attention_pairs += (text + computed_img) * (text + computed_img + reused_img);
         self.cache_block_outputs(pass, layer, &state, &out, cache, stats)?;
         Ok((ImageState { images: state.images, hidden: out.img }, out.txt))
     }
@@ -232,6 +237,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             GroupAction::Reuse(ReuseMode::RecomputeKeyValue) => {
                 let hidden =
                     reuse.entry.hidden.ok_or(PruneError::HiddenNotCached { layer, group: reuse.group })?;
+                stats.recomputed_kv_tokens += tokens;
                 let runs = ModRuns::new([(tokens, reuse.row)]);
                 block.image_kv(select(hidden), m, reuse.rope, &runs)
             }
