@@ -1,7 +1,8 @@
 //! Target-token subsets in the model (edit-region pruning) on the tiny random DiT fixtures: a subset computes only
 //! its tokens and matches a full computation where the cached K/V are exact, the other tokens keep their last
 //! prediction, and a plan needing a missing cache entry fails before computing. Then the region schedules through the
-//! denoising loop (with CFG), and `mask:FILE` through the pipeline (unmasked pixels bit-identical to the source).
+//! denoising loop (with CFG) and the FLOPs their steps ran, and `mask:FILE` through the pipeline (unmasked pixels
+//! bit-identical to the source).
 
 use std::path::{Path, PathBuf};
 
@@ -12,12 +13,14 @@ use qwen_image::{
     CpuBackend,
 };
 use qwen_image_edit::reference::read_dit_input;
+use qwen_image_eval::flops::{executed_flops, planned_step_flops};
 use qwen_image_pipeline::{
     demo, denoise, DenoiseCaches, DenoiseInputs, EditRequest, LoadOptions, NoProgress, QwenImageEditPipeline,
     TextConditioning,
 };
 use qwen_image_pruning::{
-    full_cache_plan, GroupAction, GroupPlan, LayerPlan, ReuseMode, ScheduleSpec, StepPlan, TokenPruningCache,
+    full_cache_plan, GroupAction, GroupPlan, LayerPlan, ReuseMode, ScheduleSpec, StepPlan, TokenLayout,
+    TokenPruningCache,
 };
 
 type B = CpuBackend;
@@ -207,6 +210,45 @@ fn region_schedules_run_in_the_denoising_loop_with_and_without_cfg() {
         assert!(reports[2..].iter().all(|r| r.stats.reused_tokens == 0), "budget 0 refreshes after step 2");
         let (_, reports, _) = run("adaptive:1000");
         assert!(reports[1..].iter().all(|r| r.stats.reused_tokens > 0), "a large budget never refreshes");
+    }
+}
+
+/// The eval's FLOPs (`qwen_image_eval::flops::executed_flops`) count what each step ran, from its stats: for
+/// schedules whose plans do not depend on measurements they equal the dry run's planned count (with and without
+/// CFG, with cached or recomputed K/V); for a region they count the tokens the edit chose, which the dry run (a
+/// one-token region) cannot know.
+#[test]
+fn executed_flops_count_the_plans_that_ran() {
+    let (model, _) = load("plain");
+    let config = &model.config;
+    for cfg in [false, true] {
+        // Both branches have the same text length here, so the planned count (prompt's length twice) is exact.
+        let inputs = denoise_inputs(&model, cfg);
+        let conditions = inputs.img_shapes[1..].iter().map(|s| s.tokens()).collect();
+        let layout =
+            TokenLayout::new(inputs.prompt.embeds.dims()[1], inputs.img_shapes[0].tokens(), conditions);
+        let branches = if cfg { 2 } else { 1 };
+        let executed = |spec: &str| -> Vec<f64> {
+            let mut schedule = spec.parse::<ScheduleSpec>().unwrap().build().unwrap();
+            let mut caches = DenoiseCaches::default();
+            let (_, reports) = denoise(&model, &inputs, schedule.as_mut(), &mut caches, &mut |_| {}).unwrap();
+            reports.iter().map(|r| executed_flops(config, &r.stats)).collect()
+        };
+        let planned = |spec: &str| -> Vec<f64> {
+            let spec = spec.parse::<ScheduleSpec>().unwrap();
+            planned_step_flops(config, &spec, &inputs.sigmas, &layout, branches).unwrap()
+        };
+        let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-12 * y.abs());
+        for spec in ["none", "cat", "reuse:2,3,4", "cat/recompute", "region:1000,0/recompute"] {
+            let (ran, plan) = (executed(spec), planned(spec));
+            assert!(same(&ran, &plan), "cfg {cfg}, {spec}: ran {ran:?}, planned {plan:?}");
+        }
+        // Threshold 0: the region is the whole target, so the steps after the first cost what `reuse:2,3,4`'s
+        // do; the dry run's one-token region counts far less.
+        let (region, reuse, none) = (executed("region:0,0"), executed("reuse:2,3,4"), executed("none"));
+        assert!(same(&region, &reuse), "cfg {cfg}: {region:?} vs {reuse:?}");
+        assert!(planned("region:0,0")[1] < 0.9 * region[1], "cfg {cfg}: the dry run's region is one token");
+        assert!(region[0] == none[0] && region[1] < none[1], "cfg {cfg}: {region:?} vs {none:?}");
     }
 }
 

@@ -2,6 +2,8 @@
 //! its instruction (or of the user's `-i` images with `-p`), a before/after grid, and, for a held-out scene, the
 //! score against its ground truth.
 //!
+//! The model and its settings are [`DemoModel`]'s (crate `qwen-image-proxy`), as for `qwen-edit serve --demo`.
+//!
 //! The stages: the inputs (scene or files) and the request, checked; the embedded snapshot written to a temporary
 //! folder and loaded; the edit (and the unpruned baseline with `--compare`); the images, the grid and the report.
 
@@ -13,10 +15,10 @@ use qwen_image_eval::score::{score_against_truth, TruthScore};
 use qwen_image_pipeline::{
     check_schedule, EditOutput, EditRequest, QwenImageEditPipeline, Snapshot, Variant,
 };
-use qwen_image_proxy::Scene;
+use qwen_image_proxy::{DemoModel, Scene};
 use qwen_image_pruning::ScheduleSpec;
 
-use crate::args::Args;
+use crate::args::{Args, DemoSizeArg};
 use crate::output::{self, timestamp, OutputNames};
 use crate::progress::Bars;
 use crate::CliError;
@@ -29,25 +31,30 @@ struct DemoInput {
     schedule: ScheduleSpec,
 }
 
-/// Whether the proxy the demo would run (Edit-Plus for two or more `-i` images, else Edit) is bundled in this build.
-pub(crate) fn proxy_bundled(args: &Args) -> bool {
+/// The demo model of `--demo`: the proxy of the inputs' variant (Edit-Plus for two or more `-i` images, else
+/// Edit) when this build bundles it, else the tiny random-weight model; with `--size proxy`, the proxy whether
+/// bundled or not (its snapshot then says that it is not).
+pub(crate) fn demo_model(args: &Args) -> DemoModel {
     let variant = if args.input.len() > 1 { Variant::EditPlus } else { Variant::Edit };
-    qwen_image_proxy::is_bundled(variant)
+    match args.size {
+        Some(DemoSizeArg::Proxy) => DemoModel::Proxy(variant),
+        _ => DemoModel::for_variant(variant),
+    }
 }
 
-/// Runs the proxy demo on backend `B`.
+/// Runs the proxy demo `model` on backend `B`.
 pub(crate) fn run_proxy<B: QwenBackend>(
     args: &Args,
+    model: DemoModel,
     device: &B::Device,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     check_args(args)?;
-    let input = demo_input(args)?;
-    let variant = if input.request.images.len() > 1 { Variant::EditPlus } else { Variant::Edit };
-    input.request.validate(variant)?;
-    announce(&input, variant, out)?;
+    let input = demo_input(args, model)?;
+    input.request.validate(model.variant())?;
+    announce(&input, model, out)?;
     let dir = std::env::temp_dir().join(format!("qwen-edit-proxy-{}", std::process::id()));
-    let result = load_and_edit::<B>(args, device, &input, variant, &dir, out);
+    let result = load_and_edit::<B>(args, device, &input, model, &dir, out);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -73,8 +80,8 @@ fn check_args(args: &Args) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The default held-out scene and its instruction, or `-i` with `-p`; the request with the proxy's settings.
-fn demo_input(args: &Args) -> Result<DemoInput, CliError> {
+/// The default held-out scene and its instruction, or `-i` with `-p`; the request with `model`'s settings.
+fn demo_input(args: &Args, model: DemoModel) -> Result<DemoInput, CliError> {
     let (images, inputs, prompt, scene) = if args.input.is_empty() {
         let scene = qwen_image_proxy::default_scene();
         let prompt = args.prompt_or(scene.instruction).to_string();
@@ -89,7 +96,7 @@ fn demo_input(args: &Args) -> Result<DemoInput, CliError> {
         let names = args.input.iter().map(|p| p.display().to_string()).collect();
         (images, names, args.prompt_or("").to_string(), None)
     };
-    let mut request = qwen_image_proxy::request(images, prompt);
+    let mut request = model.request(images, prompt);
     request.num_steps = args.steps;
     request.seed = args.seed;
     request.true_cfg_scale = args.cfg;
@@ -102,13 +109,8 @@ fn demo_input(args: &Args) -> Result<DemoInput, CliError> {
     Ok(DemoInput { request, inputs, scene, schedule })
 }
 
-fn announce(input: &DemoInput, variant: Variant, out: &mut dyn Write) -> Result<(), CliError> {
-    writeln!(
-        out,
-        "DEMO: the trained Qwen-Image-Edit proxy ({}; the Qwen-Image-Edit architecture at 6 blocks, trained on \
-         generated scenes of coloured shapes: see docs/quality.md)",
-        qwen_image_proxy::variant_label(variant)
-    )?;
+fn announce(input: &DemoInput, model: DemoModel, out: &mut dyn Write) -> Result<(), CliError> {
+    writeln!(out, "DEMO: {} (docs/quality.md)", model.describe())?;
     writeln!(out, "Input: {}", input.inputs.join(", "))?;
     writeln!(out, "Instruction: \"{}\"", input.request.prompt)?;
     Ok(())
@@ -119,18 +121,18 @@ fn load_and_edit<B: QwenBackend>(
     args: &Args,
     device: &B::Device,
     input: &DemoInput,
-    variant: Variant,
+    model: DemoModel,
     dir: &std::path::Path,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let root = qwen_image_proxy::write_snapshot(variant, dir)?;
+    let root = model.write_snapshot(dir)?;
     let snapshot = Snapshot::open(&root)?;
     let layers = snapshot.dit_config()?.num_layers;
     check_schedule(&input.schedule, input.request.num_steps, layers, input.request.images.len())
         .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
     let options = qwen_image_pipeline::LoadOptions {
         fp8: args.quantize.fp8_options()?,
-        ..qwen_image_proxy::load_options(crate::dtype_for(args.dtype, args.device))
+        ..model.load_options(crate::dtype_for(args.dtype, args.device))
     };
     if args.dry_run {
         return crate::run::dry_run(&snapshot, &options, 1, out);

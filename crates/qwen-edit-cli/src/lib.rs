@@ -65,8 +65,9 @@ struct EditTask<'a> {
 impl BackendTask for EditTask<'_> {
     fn run<B: QwenBackend>(self, device: &B::Device, probe: MemoryProbe) -> Result<(), CliError> {
         if self.args.demo && demo_choice(self.args) == DemoSizeArg::Proxy {
-            if self.args.size.is_some() || demo::proxy_bundled(self.args) {
-                return demo::run_proxy::<B>(self.args, device, self.out);
+            let model = demo::demo_model(self.args);
+            if let qwen_image_proxy::DemoModel::Proxy(_) = model {
+                return demo::run_proxy::<B>(self.args, model, device, self.out);
             }
             writeln!(
                 self.out,

@@ -1,4 +1,6 @@
 //! `qwen-edit serve`: the OpenAI-compatible edit server ([`qwen_image_serve`]) on the demo model or a snapshot.
+//! `--demo` serves the model of `qwen-edit --demo` with its settings ([`DemoModel`], crate `qwen-image-proxy`):
+//! the trained Edit proxy when this build bundles it, else the tiny random-weight model.
 //!
 //! It prints `listening on http://ADDR` on stdout once the port is bound (`--port 0` picks a free one), loads the
 //! model on the service's worker thread (`/ready` turns 200 when it is loaded), serves until SIGTERM or Ctrl-C,
@@ -12,8 +14,9 @@ use std::time::Duration;
 
 use qwen_image::ops::QwenBackend;
 use qwen_image_pipeline::{
-    demo, ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline, SchedulerChoice,
+    ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline, SchedulerChoice, Variant,
 };
+use qwen_image_proxy::DemoModel;
 use qwen_image_pruning::ScheduleSpec;
 use qwen_image_serve::http::{self, Defaults, HttpConfig, Limits};
 use qwen_image_serve::{EditService, ServiceConfig};
@@ -31,7 +34,8 @@ pub struct ServeArgs {
     /// Port (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Serve the built-in demo model (no download; CPU).
+    /// Serve the built-in demo model of `qwen-edit --demo` with its settings (no download; CPU): the trained Edit
+    /// proxy when this build bundles it, else the tiny random-weight model.
     #[arg(long)]
     pub demo: bool,
     /// Snapshot folder, or a repo id found in the Hugging Face cache.
@@ -83,9 +87,9 @@ pub struct ServeArgs {
     /// Most denoising steps per request.
     #[arg(long, default_value_t = 100)]
     pub max_steps: usize,
-    /// Default denoising steps.
-    #[arg(long, default_value_t = 4)]
-    pub steps: usize,
+    /// Default denoising steps [default: 4; with --demo, the demo model's].
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Default pruning schedule.
     #[arg(long, default_value = "cat")]
     pub schedule: ScheduleSpec,
@@ -129,16 +133,11 @@ impl crate::BackendTask for Serve<'_> {
 
 /// [`run`] on backend `B`.
 fn serve_on<B: QwenBackend>(args: &ServeArgs, device: B::Device, probe: MemoryProbe) -> Result<(), CliError> {
-    let (model, areas, demo_dir) = if args.demo {
-        let dir = std::env::temp_dir().join(format!("qwen-edit-serve-{}", std::process::id()));
-        let root = demo::write_demo_snapshot(&dir)?;
-        (root.to_string_lossy().into_owned(), demo::demo_areas(), Some(dir))
-    } else {
-        (args.model.clone(), ImageAreas::default(), None)
-    };
-    let model_name = args.model_name.clone().unwrap_or_else(|| default_model_name(args, &model));
-    let options = load_options(args)?;
-    let loader_dir = demo_dir.clone();
+    let served = served_model(args)?;
+    let model_name = args.model_name.clone().unwrap_or_else(|| default_model_name(args, &served.model));
+    let config = http_config(args, model_name, &served)?;
+    let Served { model, options, demo_dir, .. } = served;
+    let loader_dir = demo_dir.as_ref().map(|d| d.0.clone());
     let load = move || {
         let loaded =
             QwenImageEditPipeline::<B>::load(&model, &options, &device, &mut qwen_image_pipeline::NoProgress);
@@ -153,13 +152,65 @@ fn serve_on<B: QwenBackend>(args: &ServeArgs, device: B::Device, probe: MemoryPr
     let service_config =
         ServiceConfig { queue_capacity: args.queue_capacity, reuse_budget_bytes: args.reuse_cache_mib << 20 };
     let service = Arc::new(EditService::start(service_config, load));
-    let config = http_config(args, model_name, areas)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(serve_until_stopped(args, service, config));
-    if let Some(dir) = demo_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    drop(demo_dir); // the demo snapshot, if the load did not remove it
     result
+}
+
+/// What the server loads and the settings its requests default to.
+struct Served {
+    /// The snapshot folder or repo id.
+    model: String,
+    options: LoadOptions,
+    areas: ImageAreas,
+    steps: usize,
+    /// With `--demo`: the temporary folder of the unpacked demo snapshot (removed once it is loaded, or dropped).
+    demo_dir: Option<RemovedOnDrop>,
+}
+
+/// A folder that is removed when this is dropped, so that no files are left behind on any path out.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `--model` with the options of the flags, or with `--demo` the demo model ([`DemoModel`], the one
+/// `qwen-edit --demo` runs for one input image) unpacked to a temporary folder, with its load options, areas and steps.
+fn served_model(args: &ServeArgs) -> Result<Served, CliError> {
+    if !args.demo {
+        let steps = args.steps.unwrap_or(Defaults::default().steps);
+        let options = load_options(args)?;
+        return Ok(Served {
+            model: args.model.clone(),
+            options,
+            areas: ImageAreas::default(),
+            steps,
+            demo_dir: None,
+        });
+    }
+    if !args.lora.is_empty() {
+        return Err("--lora applies to --model snapshots, not to the demo model".into());
+    }
+    let demo = DemoModel::for_variant(Variant::Edit);
+    let dir = RemovedOnDrop(std::env::temp_dir().join(format!("qwen-edit-serve-{}", std::process::id())));
+    let root = demo.write_snapshot(&dir.0)?;
+    tracing::info!(model = %demo.describe(), "serving the demo model");
+    let dtype = crate::dtype_for(args.dtype, args.device);
+    Ok(Served {
+        model: root.to_string_lossy().into_owned(),
+        options: LoadOptions {
+            modulation: crate::modulation_mode(args.modulation),
+            fp8: args.quantize.fp8_options()?,
+            ..demo.load_options(dtype)
+        },
+        areas: demo.areas(),
+        steps: args.steps.unwrap_or(demo.steps()),
+        demo_dir: Some(dir),
+    })
 }
 
 /// Binds, announces the address, and serves until a signal (or a failed load, which is an error).
@@ -199,7 +250,7 @@ fn default_model_name(args: &ServeArgs, model: &str) -> String {
     path.file_name().map_or_else(|| model.to_owned(), |n| n.to_string_lossy().into_owned())
 }
 
-fn http_config(args: &ServeArgs, model_name: String, areas: ImageAreas) -> Result<HttpConfig, CliError> {
+fn http_config(args: &ServeArgs, model_name: String, served: &Served) -> Result<HttpConfig, CliError> {
     let seconds = |name: &str, s: f64| {
         Duration::try_from_secs_f64(s)
             .map_err(|_| -> CliError { format!("--{name} {s} is not a duration").into() })
@@ -215,9 +266,9 @@ fn http_config(args: &ServeArgs, model_name: String, areas: ImageAreas) -> Resul
             max_steps: args.max_steps,
         },
         defaults: Defaults {
-            steps: args.steps,
+            steps: served.steps,
             schedule: args.schedule.clone(),
-            areas,
+            areas: served.areas,
             ..Defaults::default()
         },
         request_timeout: seconds("timeout-seconds", args.timeout_seconds)?,

@@ -144,7 +144,7 @@ fn eval_runs_schedules_and_writes_table_json_and_grids() {
         "--limit",
         "2",
         "--schedules",
-        "cat,reuse:2,3,4",
+        "cat,reuse:2,3,4,region",
         "-o",
         "ev",
         "--worst",
@@ -154,18 +154,29 @@ fn eval_runs_schedules_and_writes_table_json_and_grids() {
     let args: Vec<&str> = args.into_iter().chain(models.iter().map(String::as_str)).collect();
     let (o, out, err) = qwen_edit(&dir, &args);
     assert!(o.status.success(), "{out}\n{err}");
-    for want in ["edit/recolor", "plus/recolor", "DiT GFLOP/step", "reuse:2,3,4"] {
+    for want in ["edit/recolor", "plus/recolor", "DiT GFLOP/step (ran)", "reuse:2,3,4"] {
         assert!(out.contains(want), "`{want}` not in\n{out}");
     }
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("ev/eval_report.json")).unwrap()).unwrap();
     let schedules: Vec<&str> =
         report["schedules"].as_array().unwrap().iter().map(|s| s["schedule"].as_str().unwrap()).collect();
-    assert_eq!(schedules, ["none", "cat", "reuse:2,3,4"]);
+    assert_eq!(schedules, ["none", "cat", "reuse:2,3,4", "region:0.05,1"]);
     assert_eq!(report["edits"], 2);
-    assert_eq!(report["records"].as_array().unwrap().len(), 6);
+    let records = report["records"].as_array().unwrap();
+    assert_eq!(records.len(), 8);
     let cat = &report["schedules"][1];
     assert!(cat["flops_ratio"].as_f64().unwrap() < 1.0, "{cat}");
+    // The FLOPs of the plans that ran, per edit: a region's depend on the region each edit chose.
+    let region = &report["schedules"][3];
+    assert!(region["flops_ratio"].as_f64().unwrap() < 1.0, "{region}");
+    let region_flops: Vec<f64> = records
+        .iter()
+        .filter(|r| r["schedule"] == "region:0.05,1")
+        .map(|r| r["dit_flops_per_step"].as_f64().unwrap())
+        .collect();
+    let mean = region_flops.iter().sum::<f64>() / region_flops.len() as f64;
+    assert!((region["dit_flops_per_step"].as_f64().unwrap() - mean).abs() <= 1e-9 * mean, "{region}");
     assert!(cat["all"]["drift"]["ssimulacra2"].as_f64().unwrap() > 0.0, "{cat}");
     assert!(report["schedules"][0]["all"]["drift"].is_null());
     let grids = files(&dir.join("ev"));

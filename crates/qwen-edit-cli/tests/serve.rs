@@ -170,6 +170,56 @@ fn openai_style_edits_reuse_the_image_and_stream_progress() {
     assert!(server.healthy());
 }
 
+/// `serve --demo` runs the model of `qwen-edit --demo` with its settings (areas, steps, scheduler, text positions):
+/// the trained proxy when this build bundles it, else the tiny random model. The same edit through both gives the
+/// same pixels.
+#[test]
+fn the_server_and_the_cli_demo_run_the_same_model_with_the_same_settings() {
+    let server = Server::start(&["--schedule", "none"]);
+    let (status, _, body) = edit(&server, &[("seed", None, b"7")]);
+    assert_eq!(status, 200, "{body}");
+    let served = decoded_image(json(&body)["data"][0]["b64_json"].as_str().unwrap());
+    let dir = std::env::temp_dir().join(format!("qwen-serve-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("in.png"), png()).unwrap();
+    let cli = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
+        .current_dir(&dir)
+        .args([
+            "--demo",
+            "-i",
+            "in.png",
+            "-p",
+            "Make it purple",
+            "-s",
+            "2",
+            "--seed",
+            "7",
+            "--no-pruning",
+            "-q",
+        ])
+        .args(["-o", "out"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&cli.stderr));
+    let bundled = qwen_image_proxy::is_bundled(qwen_image_pipeline::Variant::Edit);
+    assert_eq!(stdout.contains("trained Qwen-Image-Edit proxy"), bundled, "{stdout}");
+    let local = image::open(dir.join("out/latest_baseline.png")).unwrap().to_rgb8();
+    assert_eq!(local.dimensions(), served.dimensions());
+    assert!(local == served, "the server's demo edit differs from the CLI's");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_demo_takes_no_lora() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
+        .args(["serve", "--demo", "--port", "0", "--lora", "x.safetensors"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--lora applies to --model"), "{err}");
+}
+
 #[test]
 fn bad_requests_get_a_json_4xx_and_the_server_keeps_serving() {
     let server = Server::start(&["--max-body-mib", "1"]);
@@ -308,15 +358,21 @@ fn sigterm_under_load_finishes_or_cancels_every_job_and_leaves_no_files() {
     let pid = server.child.id();
     let demo_dir = std::env::temp_dir().join(format!("qwen-edit-serve-{pid}"));
     assert!(!demo_dir.exists(), "the demo snapshot is removed once loaded");
+    // Jobs of about 0.4 s on this machine and demo model (the trained proxy is far slower than the tiny random
+    // model), so that the first ones finish within the grace period and the later ones are cancelled.
+    let start = Instant::now();
+    assert_eq!(edit(&server, &[]).0, 200, "a 2-step edit");
+    let per_step = start.elapsed().as_secs_f64() / 2.0;
+    let steps = ((0.4 / per_step).round() as usize).clamp(1, 12).to_string();
     let url = server.url("/v1/images/edits");
     let clients: Vec<_> = (0..6)
         .map(|_| {
-            let url = url.clone();
+            let (url, steps) = (url.clone(), steps.clone());
             thread::spawn(move || {
                 let (ct, body) = multipart(&[
                     ("image", Some("a.png"), png()),
                     ("prompt", None, b"x"),
-                    ("steps", None, b"12"),
+                    ("steps", None, steps.as_bytes()),
                 ]);
                 post(&url, &ct, &body)
             })

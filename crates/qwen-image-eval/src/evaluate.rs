@@ -20,12 +20,12 @@
 //! ```
 
 use qwen_image::{ops::QwenBackend, processor::RgbImage};
-use qwen_image_pipeline::{EditOutput, EditRequest, NoProgress, QwenImageEditPipeline, Stage, Variant};
-use qwen_image_pruning::{ScheduleSpec, TokenLayout};
+use qwen_image_pipeline::{EditRequest, NoProgress, QwenImageEditPipeline, Stage, Variant};
+use qwen_image_pruning::ScheduleSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    flops::planned_step_flops,
+    flops::executed_flops_per_step,
     heldout::{EditImages, HeldOutEdit, HeldOutSet, SetVariant},
     score::{drift_from_baseline, score_against_truth, DriftScore, TruthScore},
     EvalError, Result,
@@ -99,7 +99,8 @@ pub struct EditRecord {
     pub seconds: f64,
     /// Wall time of the denoising loop, seconds.
     pub denoise_seconds: f64,
-    /// Planned FLOPs of the DiT's blocks per step, averaged over the steps ([`crate::flops`]).
+    /// FLOPs of the DiT's blocks per step that the edit ran (from its steps' stats: the plans that actually ran,
+    /// [`crate::flops::executed_flops`]), averaged over its steps.
     pub dit_flops_per_step: f64,
 }
 
@@ -247,7 +248,7 @@ impl<B: QwenBackend> Evaluator<B> {
         let request = request(edit, images.clone(), options);
         let pipe = self.pipe(edit.variant.pipeline_variant())?;
         let out = pipe.edit(&request, spec, &mut NoProgress)?;
-        let flops = step_flops(pipe, spec, &out)?;
+        let flops = executed_flops_per_step(&pipe.transformer().config, &out.report);
         let truth = score_against_truth(&out.image, &images.target, &images.mask, edit.core_rgb)?;
         let drift = baseline.map(|b| drift_from_baseline(&out.image, b)).transpose()?;
         let record = EditRecord {
@@ -297,19 +298,6 @@ fn request(edit: &HeldOutEdit, images: EditImages, options: &EvalOptions) -> Edi
     request.negative_prompt = (options.cfg > 1.0).then(|| " ".to_string());
     request.areas = options.areas;
     request
-}
-
-/// Mean planned DiT FLOPs per step of the edit that gave `out`.
-fn step_flops<B: QwenBackend>(
-    pipe: &QwenImageEditPipeline<B>,
-    spec: &ScheduleSpec,
-    out: &EditOutput,
-) -> Result<f64> {
-    let r = &out.report;
-    let layout = TokenLayout::new(r.text_tokens, r.target_tokens, r.condition_tokens.clone());
-    let branches = if r.true_cfg { 2 } else { 1 };
-    let per_step = planned_step_flops(&pipe.transformer().config, spec, &r.sigmas, &layout, branches)?;
-    Ok(per_step.iter().sum::<f64>() / per_step.len().max(1) as f64)
 }
 
 /// Adds `record` to the worst cases `list` (worst first, at most `keep`).

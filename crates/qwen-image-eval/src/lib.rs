@@ -2,7 +2,7 @@
 //!
 //! - [`heldout`]: the held-out set (manifest, selection, images).
 //! - [`score`]: per-edit metrics against the ground truth (with the success rule) and against the unpruned run.
-//! - [`flops`]: planned DiT FLOPs per step from a schedule's plans.
+//! - [`flops`]: DiT FLOPs per step, of the steps that ran (from their stats) or planned (from a schedule's plans).
 //! - [`evaluate`](mod@evaluate): running a selection of edits under a list of schedules ([`Evaluator`]).
 //! - [`report`]: the run summarized per schedule and per (variant, task) ([`EvalReport`], serde).
 //! - [`grid`]: the worst cases of a schedule as one image.

@@ -4,7 +4,8 @@
 //! Averages: PSNRs are averaged after capping them at [`PSNR_CAP_DB`] (an identical image has an infinite PSNR)
 //! and skipping NaN (an empty mask region); the success rate is the fraction of edits that pass the success rule
 //! ([`crate::score`]); `max_abs_diff` is the largest over the group. Speed-ups are the unpruned run's mean wall time
-//! divided by the schedule's, FLOPs are the planned FLOPs of the DiT's blocks ([`crate::flops`]).
+//! divided by the schedule's; FLOPs are those of the DiT's blocks in the steps that ran (from each step's stats,
+//! [`crate::flops::executed_flops`]), per step, averaged over an edit's steps and then over the edits.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,7 +64,7 @@ pub struct ScheduleSummary {
     pub all: GroupStats,
     /// Per (variant, task), in the set's order.
     pub groups: Vec<GroupStats>,
-    /// Mean planned DiT FLOPs per step.
+    /// DiT FLOPs per step of the plans that ran, averaged over the edits ([`EditRecord::dit_flops_per_step`]).
     pub dit_flops_per_step: f64,
     /// This schedule's FLOPs per step divided by the unpruned run's.
     pub flops_ratio: f64,

@@ -150,6 +150,21 @@ pub fn denoise_with<B: QwenBackend>(
     caches: &mut DenoiseCaches<B>,
     on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
 ) -> Result<(Tensor<B, 3>, Vec<StepReport>)> {
+    let run = DenoiseRun::new(model, inputs)?;
+    let mut x = inputs.latents.clone().cast(model.dtype());
+    let mut last_v: Option<Tensor<B, 3>> = None;
+    let mut reports = Vec::with_capacity(run.num_steps);
+    for step in 0..run.num_steps {
+        let (next, v, report) = run.step(step, x, last_v.as_ref(), schedule, caches)?;
+        (x, last_v) = (next, Some(v));
+        on_step(&report)?;
+        reports.push(report);
+    }
+    Ok((x, reports))
+}
+
+/// Checks that there are `num_steps + 1` σ values (`num_steps` ≥ 1) and `num_steps` timesteps; returns `num_steps`.
+fn checked_num_steps<B: Backend>(inputs: &DenoiseInputs<B>) -> Result<usize> {
     let num_steps = inputs.sigmas.len().saturating_sub(1);
     if num_steps == 0 || inputs.timesteps.len() != num_steps {
         return Err(PipelineError::invalid(format!(
@@ -158,104 +173,179 @@ pub fn denoise_with<B: QwenBackend>(
             inputs.timesteps.len()
         )));
     }
-    let device = model.device().clone();
-    let dtype = model.dtype();
+    Ok(num_steps)
+}
+
+/// The modulation rows of every step: the caller's table extended with the rows of the timesteps it lacks (or a
+/// new table); `None` for a model in resident mode without a table (it computes its rows in every forward pass).
+fn step_modulation<B: QwenBackend>(
+    model: &QwenImageTransformer<B>,
+    inputs: &DenoiseInputs<B>,
+) -> Result<Option<ModulationTable<B>>> {
     // The prompt and the negative prompt share the rows: they depend on the timestep only.
-    let modulation = match (&inputs.modulation, model.modulation_mode()) {
-        (None, ModulationMode::Resident) => None,
+    match (&inputs.modulation, model.modulation_mode()) {
+        (None, ModulationMode::Resident) => Ok(None),
         (table, _) => {
             let mut table = table.clone().unwrap_or_default();
             let calls: Vec<&[f32]> = inputs.timesteps.iter().map(std::slice::from_ref).collect();
             model.extend_modulation_table(&mut table, &calls)?;
-            Some(table)
+            Ok(Some(table))
         }
-    };
-    let cfg = inputs.negative.as_ref().filter(|_| inputs.cfg_scale > 1.0);
-    let mut x = inputs.latents.clone().cast(dtype);
-    let image_latents = inputs.image_latents.clone().cast(dtype);
-    let mut reports = Vec::with_capacity(num_steps);
-    let mut last_v: Option<Tensor<B, 3>> = None;
+    }
+}
 
-    for step in 0..num_steps {
-        let start = Instant::now();
-        let (sigma, sigma_next) = (inputs.sigmas[step], inputs.sigmas[step + 1]);
-        let input_of = |text: &TextConditioning<B>, x: &Tensor<B, 3>| DitInput {
-            hidden_states: Tensor::cat(vec![x.clone(), image_latents.clone()], 1),
-            encoder_hidden_states: text.embeds.clone(),
-            encoder_hidden_states_mask: text.mask.clone(),
-            timestep: vec![inputs.timesteps[step]],
-            img_shapes: inputs.img_shapes.clone(),
-            modulation: modulation.clone(),
-        };
-        let cond_input = input_of(&inputs.prompt, &x);
-        let layout = cond_input.layout();
-        let ctx = StepContext {
-            step,
+/// One denoising run: the model, its inputs, and what every step shares.
+struct DenoiseRun<'a, B: QwenBackend> {
+    model: &'a QwenImageTransformer<B>,
+    inputs: &'a DenoiseInputs<B>,
+    num_steps: usize,
+    /// The negative prompt, when true CFG runs.
+    cfg: Option<&'a TextConditioning<B>>,
+    modulation: Option<ModulationTable<B>>,
+    /// The condition images' packed latents in the model dtype.
+    image_latents: Tensor<B, 3>,
+}
+
+/// One step's inputs: its index, the latents it starts from and the DiT input of the prompt branch.
+struct StepInput<B: Backend> {
+    step: usize,
+    x: Tensor<B, 3>,
+    cond: DitInput<B>,
+}
+
+/// The velocity of a step under the plan the schedule kept, what computing it took, and the outcome so far.
+struct Prediction<B: Backend> {
+    v: Tensor<B, 3>,
+    /// Both runs' when the schedule's review had the step run again.
+    stats: StepStats,
+    velocity_change: Option<f32>,
+    guardrail: Option<GuardrailEvent>,
+    outcome: StepOutcome,
+}
+
+impl<'a, B: QwenBackend> DenoiseRun<'a, B> {
+    fn new(model: &'a QwenImageTransformer<B>, inputs: &'a DenoiseInputs<B>) -> Result<Self> {
+        let num_steps = checked_num_steps(inputs)?;
+        let modulation = step_modulation(model, inputs)?;
+        Ok(DenoiseRun {
+            model,
+            inputs,
             num_steps,
-            sigma,
-            sigma_next,
-            num_layers: model.num_layers(),
-            layout: &layout,
-        };
+            cfg: inputs.negative.as_ref().filter(|_| inputs.cfg_scale > 1.0),
+            modulation,
+            image_latents: inputs.image_latents.clone().cast(model.dtype()),
+        })
+    }
+
+    /// Step `step` from the latents `x`: the plan, the velocity, the Euler step, the report; the schedule observes
+    /// the outcome. Returns the next latents, the velocity and the report.
+    fn step(
+        &self,
+        step: usize,
+        x: Tensor<B, 3>,
+        last_v: Option<&Tensor<B, 3>>,
+        schedule: &mut dyn PruningSchedule,
+        caches: &mut DenoiseCaches<B>,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 3>, StepReport)> {
+        let start = Instant::now();
+        let (sigma, sigma_next) = (self.inputs.sigmas[step], self.inputs.sigmas[step + 1]);
+        let input = StepInput { step, cond: self.dit_input(step, &self.inputs.prompt, &x), x };
+        let layout = input.cond.layout();
+        let num_layers = self.model.num_layers();
+        let ctx =
+            StepContext { step, num_steps: self.num_steps, sigma, sigma_next, num_layers, layout: &layout };
         let plan = schedule.plan_step(&ctx)?;
-        let run_plan = |plan: &StepPlan,
-                        caches: &mut DenoiseCaches<B>|
-         -> Result<(Tensor<B, 3>, StepStats)> {
-            let (v_cond, mut stats) = model.forward_planned(&cond_input, plan, step, &mut caches.prompt)?;
-            let v = match cfg {
-                Some(neg) => {
-                    let (v_neg, neg_stats) =
-                        model.forward_planned(&input_of(neg, &x), plan, step, &mut caches.negative)?;
-                    stats += neg_stats;
-                    true_cfg(v_cond, v_neg, inputs.cfg_scale)
-                }
-                None => v_cond,
-            };
-            Ok((v, stats))
+        let p = self.predict(&input, plan, last_v, schedule, caches)?;
+        let target = match schedule.needs_target_signals(step) {
+            true => {
+                Some(target_signals(&input.x, &p.v, sigma, &self.image_latents, &self.inputs.img_shapes)?)
+            }
+            false => None,
         };
-        let (mut v, mut stats) = run_plan(&plan, caches)?;
-        let mut velocity_change = last_v.as_ref().map(|p| rel_change(&v, p));
-        let mut outcome = StepOutcome::new(step, plan);
+        // Euler step in f32, stored in the model dtype (as diffusers does).
+        let xf = input.x.cast(DType::F32) + p.v.clone().cast(DType::F32) * (sigma_next - sigma);
+        let x = xf.cast(self.model.dtype());
+        sync::<B>(self.model.device())?;
+        let report = StepReport {
+            step,
+            sigma,
+            time: start.elapsed(),
+            stats: p.stats,
+            cache_bytes: caches.size_bytes(),
+            velocity_change: p.velocity_change,
+            plan_summary: summarize(&p.outcome.plan, &layout),
+            guardrail: p.guardrail,
+        };
+        let mut outcome = p.outcome;
+        outcome.stats = p.stats;
+        outcome.cache_bytes = report.cache_bytes;
+        outcome.velocity_change = p.velocity_change;
+        outcome.seconds = Some(report.time.as_secs_f64());
+        outcome.target = target;
+        schedule.observe(&outcome);
+        Ok((x, p.v, report))
+    }
+
+    /// The velocity under `plan`; when the schedule's review rejects the step (a guardrail), again under the
+    /// schedule's fallback plan.
+    fn predict(
+        &self,
+        input: &StepInput<B>,
+        plan: StepPlan,
+        last_v: Option<&Tensor<B, 3>>,
+        schedule: &mut dyn PruningSchedule,
+        caches: &mut DenoiseCaches<B>,
+    ) -> Result<Prediction<B>> {
+        let (mut v, mut stats) = self.velocity(input, &plan, caches)?;
+        let mut velocity_change = last_v.map(|p| rel_change(&v, p));
+        let mut outcome = StepOutcome::new(input.step, plan);
         outcome.velocity_change = velocity_change;
-        // The schedule may reject the step (a guardrail) and have it run again with another plan.
         let mut guardrail = None;
         if let Some(fallback) = schedule.review(&outcome) {
             let again = Instant::now();
             let drift = velocity_change.unwrap_or(0.0);
-            let (v2, stats2) = run_plan(&fallback, caches)?;
-            velocity_change = last_v.as_ref().map(|p| rel_change(&v2, p));
+            let (v2, stats2) = self.velocity(input, &fallback, caches)?;
+            velocity_change = last_v.map(|p| rel_change(&v2, p));
             v = v2;
             stats += stats2;
             outcome.plan = fallback;
             guardrail = Some(GuardrailEvent { drift, seconds: again.elapsed().as_secs_f64() });
         }
-        let target = match schedule.needs_target_signals(step) {
-            true => Some(target_signals(&x, &v, sigma, &image_latents, &inputs.img_shapes)?),
-            false => None,
-        };
-        // Euler step in f32, stored in the model dtype (as diffusers does).
-        let xf = x.cast(DType::F32) + v.clone().cast(DType::F32) * (sigma_next - sigma);
-        x = xf.cast(dtype);
-        sync::<B>(&device)?;
-        last_v = Some(v);
-        let report = StepReport {
-            step,
-            sigma,
-            time: start.elapsed(),
-            stats,
-            cache_bytes: caches.size_bytes(),
-            velocity_change,
-            plan_summary: summarize(&outcome.plan, &layout),
-            guardrail,
-        };
-        outcome.stats = stats;
-        outcome.cache_bytes = report.cache_bytes;
-        outcome.velocity_change = velocity_change;
-        outcome.seconds = Some(report.time.as_secs_f64());
-        outcome.target = target;
-        schedule.observe(&outcome);
-        on_step(&report)?;
-        reports.push(report);
+        Ok(Prediction { v, stats, velocity_change, guardrail, outcome })
     }
-    Ok((x, reports))
+
+    /// The velocity under `plan`: the prompt branch's, or with true CFG both branches' combined ([`true_cfg`]);
+    /// with what both branches computed.
+    fn velocity(
+        &self,
+        input: &StepInput<B>,
+        plan: &StepPlan,
+        caches: &mut DenoiseCaches<B>,
+    ) -> Result<(Tensor<B, 3>, StepStats)> {
+        let step = input.step;
+        let (v_cond, mut stats) = self.model.forward_planned(&input.cond, plan, step, &mut caches.prompt)?;
+        let v = match self.cfg {
+            Some(neg) => {
+                let neg_input = self.dit_input(step, neg, &input.x);
+                let (v_neg, neg_stats) =
+                    self.model.forward_planned(&neg_input, plan, step, &mut caches.negative)?;
+                stats += neg_stats;
+                true_cfg(v_cond, v_neg, self.inputs.cfg_scale)
+            }
+            None => v_cond,
+        };
+        Ok((v, stats))
+    }
+
+    /// The DiT's input at step `step` for the branch of `text`, from the latents `x`.
+    fn dit_input(&self, step: usize, text: &TextConditioning<B>, x: &Tensor<B, 3>) -> DitInput<B> {
+        DitInput {
+            hidden_states: Tensor::cat(vec![x.clone(), self.image_latents.clone()], 1),
+            encoder_hidden_states: text.embeds.clone(),
+            encoder_hidden_states_mask: text.mask.clone(),
+            timestep: vec![self.inputs.timesteps[step]],
+            img_shapes: self.inputs.img_shapes.clone(),
+            modulation: self.modulation.clone(),
+        }
+    }
 }

@@ -27,6 +27,9 @@
 //! and the text encoder's **sequential** positions (what diffusers computes with transformers 5): [`load_options`]
 //! and [`request`] set all of it.
 //!
+//! [`DemoModel`] is the demo model and its settings in one place: the proxy of a variant when this build bundles
+//! it, else the tiny random-weight model; `qwen-edit --demo` and `qwen-edit serve --demo` both run it.
+//!
 //! The snapshot folders live under this crate's `snapshots/` and are embedded with `include_bytes!` (a build script
 //! lists their files), so the demo needs no checkout and no download at run time. A folder missing at build time
 //! leaves that snapshot out: [`write_snapshot`] then says so.
@@ -39,8 +42,10 @@ use qwen_image_pipeline::{
     EditRequest, ImageAreas, LoadOptions, PipelineError, Result, SchedulerChoice, Variant,
 };
 
+pub mod demo;
 mod scenes;
 
+pub use demo::DemoModel;
 pub use scenes::{default_scene, Scene, SCENES};
 
 include!(concat!(env!("OUT_DIR"), "/snapshot_files.rs"));
@@ -125,12 +130,10 @@ pub fn load_options(dtype: DType) -> LoadOptions {
     }
 }
 
-/// An edit of `images` with `prompt` as the proxies were trained: [`STEPS`] steps, [`areas`], CFG off, seed 0.
+/// An edit of `images` with `prompt` as the proxies were trained: [`STEPS`] steps, [`areas`], CFG off, seed 0
+/// (the same for both variants).
 pub fn request(images: Vec<RgbImage>, prompt: impl Into<String>) -> EditRequest {
-    let mut request = EditRequest::new(images, prompt);
-    request.num_steps = STEPS;
-    request.areas = areas();
-    request
+    DemoModel::Proxy(Variant::Edit).request(images, prompt)
 }
 
 #[cfg(test)]
