@@ -9,6 +9,7 @@
 //!   or stores without files (random weights; shape-only, to list what a loader reads).
 //! - [`synthetic`]: random weights for the full-size networks (no checkpoint needed) and random sharded
 //!   checkpoints, for benchmarks.
+//! - [`transfer`]: activations between host and device in the model dtype (converted on the host).
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
 //! - `cuda` (feature `cuda`): the CUDA fast path (cuBLASLt GEMMs, our flash attention, fused kernels) on burn's
@@ -27,6 +28,7 @@ pub mod published;
 pub mod synthetic;
 pub mod tensor_io;
 pub mod text_encoder;
+pub mod transfer;
 pub mod vae;
 pub mod weights;
 
