@@ -63,7 +63,7 @@ if has e2e; then
 fi
 if has pipeline; then
   echo "== pipeline_bench"
-  timeout ${PIPE_TIMEOUT:-300} .dev/pipeline_bench --json "$OUT/pipeline.json" --stages ${PIPE_ARGS:-} \
+  timeout ${PIPE_TIMEOUT:-420} .dev/pipeline_bench --json "$OUT/pipeline.json" --stages ${PIPE_ARGS:-} \
     > "$OUT/pipeline.log" 2>&1
   echo "pipeline_bench exit $?"; tail -50 "$OUT/pipeline.log"
 fi
