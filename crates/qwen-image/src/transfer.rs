@@ -91,7 +91,17 @@ mod tests {
     /// the values just above a bf16 tie, which burn's CPU cast rounds differently: see the module docs).
     fn values() -> Vec<f32> {
         let mut v: Vec<f32> = (0..4096).map(|i| ((i as f32) * 0.754_321).sin() * 3.1).collect();
-        v.extend([0.0, -0.0, 1.0 + f32::EPSILON, 1.00390625, 1.001953125, 65504.0, 1e-30, -2.5e-39, 1e30]);
+        v.extend([
+            0.0,
+            -0.0,
+            1.0 + f32::EPSILON,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f80_4000),
+            65504.0,
+            1e-30,
+            -2.5e-39,
+            1e30,
+        ]);
         v.extend((8..64).map(|i| f32::from_bits(0x3f80_8000 + i))); // above bf16 ties
         v.extend((1..64).map(|i| f32::from_bits(0x3f80_8000 - i))); // below bf16 ties
         v
