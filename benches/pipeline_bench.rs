@@ -15,6 +15,13 @@
 //!   layer on the GPU at a time), timed separately: the first edit's extra cost. `--modulation resident` loads
 //!   everything onto the GPU, as before the table.
 //!
+//! - with `--stages`: where the stages around the networks spend their time. The full-size pipeline (random
+//!   weights, the full demo at 1024²) runs one warm-up edit, then `QwenImageEditPipeline::profile_stages`: the
+//!   preprocessing, prompt-encoding, image-encoding and decoding stages as the edit runs them and part by part
+//!   (uploads, each network, host work), medians over `--reps`; each stage's overhead over its networks is
+//!   printed (issue 13: within 10 %). Also checks on the GPU that uploading in bf16 converted on the host and
+//!   reading back in bf16 give the same bits as the f32 transfer + cast they replace.
+//!
 //! - with `--reuse`: per-image reuse across edits (`qwen-edit serve`'s cache). The full-size pipeline (random
 //!   weights, the full demo at 1024²) edits the same image twice with a `ReuseCache`: the first edit computes the
 //!   VAE latents and the vision tower's embeddings, the second takes them from the cache. Reports the stage times
@@ -29,7 +36,7 @@
 //! <binary> --json out.json [--reps 5] [--skip-text-encoder] [--skip-vae]
 //!          [--load-dir /local/disk/dir [--layers 60] [--shard-gib 5] [--loads cold,warm] [--keep]
 //!           [--modulation table|resident]]
-//!          [--reuse [--reuse-steps 4]]
+//!          [--stages] [--reuse [--reuse-steps 4]]
 //! ```
 
 mod common;
@@ -50,7 +57,9 @@ use qwen_image::{
 use qwen_image_pipeline::{
     demo,
     memory::{reset_peak, HostMemory, PeakSampler},
+    EditRequest, NoProgress, QwenImageEditPipeline,
 };
+use qwen_image_pruning::ScheduleSpec;
 use serde_json::{json, Value};
 
 use common::{dev, fast_path_json, gib, gpu_memory, log_to_stderr, median, sync, ModulationArg, G};
@@ -89,6 +98,9 @@ struct Args {
     /// Where the DiT's modulation weights go at load.
     #[arg(long, value_enum, default_value = "table")]
     modulation: ModulationArg,
+    /// Profile the stages around the networks (loads the whole full-size pipeline: ~45 GB of GPU memory).
+    #[arg(long)]
+    stages: bool,
     /// Run the per-image reuse benchmark (loads the whole full-size pipeline: ~45 GB of GPU memory).
     #[arg(long)]
     reuse: bool,
@@ -333,26 +345,97 @@ fn load(args: &Args, root: &Path) -> Value {
     })
 }
 
-/// Per-image reuse: the same 1024² image edited with and without the VAE latents and vision embeddings cached.
-fn reuse(args: &Args) -> Value {
-    use qwen_image_pipeline::{
-        EditRequest, LoadOptions, NoProgress, QwenImageEditPipeline, ReuseCache, Snapshot, Stage,
-    };
-    println!("\n== per-image reuse: full-size pipeline (random bf16), 1024², {} steps ==", args.reuse_steps);
-    let dir = std::env::temp_dir().join(format!("qwen-reuse-bench-{}", std::process::id()));
+/// The full-size pipeline (random bf16 weights, the full demo's configs) and the demo's 1024² request with `steps`
+/// denoising steps.
+fn full_pipeline(args: &Args, steps: usize) -> (QwenImageEditPipeline<G>, EditRequest) {
+    use qwen_image_pipeline::{LoadOptions, Snapshot};
+    let dir = std::env::temp_dir().join(format!("qwen-pipeline-bench-{}", std::process::id()));
     let root = demo::DemoSize::Full.write_snapshot(&dir).expect("demo snapshot");
     let snapshot = Snapshot::locate(root.to_str().expect("utf-8 path")).expect("snapshot");
     let options =
         LoadOptions { dtype: DType::BF16, modulation: args.modulation.mode(), ..LoadOptions::default() };
-    let mut pipe =
+    let pipe =
         QwenImageEditPipeline::<G>::from_snapshot_random(snapshot, &options, 0, &dev(), &mut NoProgress)
             .expect("load");
     let _ = std::fs::remove_dir_all(&dir);
     let mut req =
         EditRequest::new(vec![demo::DemoSize::Full.sample_image().expect("image")], "Make it purple");
+    req.num_steps = steps;
+    (pipe, req)
+}
+
+/// The stages around the networks, as the edit runs them and part by part (see the module docs).
+fn stages(args: &Args, pipe: &mut QwenImageEditPipeline<G>, req: &EditRequest) -> Value {
+    println!("\n== stages around the networks: full-size pipeline (random bf16), 1024² ==");
+    let t = Instant::now();
+    let warm = pipe.edit(req, &ScheduleSpec::None, &mut NoProgress).expect("warm-up edit");
+    println!("warm-up edit: {:.2} s ({} text tokens)", t.elapsed().as_secs_f64(), warm.report.text_tokens);
+    let profile = pipe.profile_stages(req, args.reps).expect("profile");
+    println!("{:<16} {:<34} {:>10} {:>10}", "stage", "part", "ms", "network");
+    for s in &profile.stages {
+        for p in &s.parts {
+            let net = if p.network { "yes" } else { "" };
+            println!("{:<16} {:<34} {:>10.2} {net:>10}", s.stage.label(), p.part, p.seconds * 1e3);
+        }
+        let overhead = s
+            .overhead_fraction()
+            .map_or(String::new(), |f| format!(" ({:+.1} % over the networks)", f * 1e2));
+        println!(
+            "{:<16} {:<34} {:>10.2}   networks {:.2} ms, overhead {:.2} ms{overhead}",
+            s.stage.label(),
+            "= whole stage, as the edit runs it",
+            s.seconds * 1e3,
+            s.network_seconds() * 1e3,
+            s.overhead_seconds() * 1e3
+        );
+    }
+    let transfer = transfer_check(&demo::DemoSize::Full.sample_image().expect("image"));
+    println!("bf16 upload / read-back converted on the host vs f32 transfer + cast: {transfer}");
+    json!({
+        "profile": profile, "prompt_tokens": profile.prompt_tokens, "transfer_check": transfer,
+        "memory": gpu_memory("after profiling the stages"),
+    })
+}
+
+/// Whether `transfer::upload_as` (bf16, converted on the host) and `transfer::read_f32` give the same bits as the
+/// f32 upload + device cast and the device cast + f32 read-back they replaced, on the VAE input of `image` (every
+/// 8-bit level) and on 2²⁰ random normal f32 values (magnitudes 2⁻¹⁵ … 2¹⁷, every mantissa pattern).
+fn transfer_check(image: &qwen_image::processor::RgbImage) -> Value {
+    use burn::tensor::TensorData;
+    use qwen_image::transfer::{read_f32, upload_as};
+    let mut values = qwen_image_pipeline::latents::image_values(image);
+    values.extend((0..=255u8).map(|l| 2.0 * (l as f32 / 255.0) - 1.0));
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    values.extend((0..1 << 20).map(|_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let r = (state >> 32) as u32;
+        f32::from_bits((r & 0x8000_0000) | ((0x70 + (r >> 23) % 32) << 23) | (r & 0x007f_ffff))
+    }));
+    let shape = [1, values.len()];
+    let fast = upload_as::<G, 2>(&values, shape, DType::BF16, &dev());
+    let cast = Tensor::<G, 2>::from_data(TensorData::new(values.clone(), shape), (&dev(), DType::F32))
+        .cast(DType::BF16);
+    let (a, b) = (fast.clone().into_data(), cast.into_data());
+    let upload_mismatches =
+        a.as_bytes().chunks(2).zip(b.as_bytes().chunks(2)).filter(|(x, y)| x != y).count();
+    let read: Vec<f32> = fast.clone().cast(DType::F32).into_data().to_vec().expect("f32");
+    let got = read_f32(fast).expect("read back");
+    let read_mismatches = got.iter().zip(&read).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    json!({"values": values.len(), "upload_mismatches": upload_mismatches, "read_back_mismatches": read_mismatches,
+           "bit_identical": upload_mismatches == 0 && read_mismatches == 0})
+}
+
+/// Per-image reuse: the same 1024² image edited with and without the VAE latents and vision embeddings cached.
+fn reuse(args: &Args, pipe: &mut QwenImageEditPipeline<G>, req: &EditRequest) -> Value {
+    use qwen_image_pipeline::{ReuseCache, Stage};
+    println!("\n== per-image reuse: full-size pipeline (random bf16), 1024², {} steps ==", args.reuse_steps);
+    let mut req = req.clone();
     req.num_steps = args.reuse_steps;
-    let schedule: qwen_image_pruning::ScheduleSpec = "none".parse().expect("spec");
-    let warm = pipe.edit(&req, &schedule, &mut NoProgress).expect("warm-up edit"); // kernels compiled
+    let req = &req;
+    let schedule = ScheduleSpec::None;
+    let warm = pipe.edit(req, &schedule, &mut NoProgress).expect("warm-up edit"); // kernels compiled
     let encode = |r: &qwen_image_pipeline::EditReport| {
         (r.stage_seconds(Stage::EncodePrompt) + r.stage_seconds(Stage::EncodeImage)) * 1e3
     };
@@ -360,8 +443,8 @@ fn reuse(args: &Args) -> Value {
     let mut identical = true;
     for _ in 0..args.reps.max(1) {
         let mut cache = ReuseCache::<G>::new(8 << 30);
-        let first = pipe.edit_with(&req, &schedule, &mut NoProgress, &mut cache).expect("edit");
-        let second = pipe.edit_with(&req, &schedule, &mut NoProgress, &mut cache).expect("edit");
+        let first = pipe.edit_with(req, &schedule, &mut NoProgress, &mut cache).expect("edit");
+        let second = pipe.edit_with(req, &schedule, &mut NoProgress, &mut cache).expect("edit");
         assert_eq!((first.report.image_reuse.misses, second.report.image_reuse.hits), (2, 2));
         identical &= first.latents == second.latents && second.latents == warm.latents;
         miss.push((encode(&first.report), first.report.total_seconds * 1e3));
@@ -400,8 +483,14 @@ fn main() {
     if let Some(dir) = &args.load_dir {
         results.insert("load".into(), load(&args, dir));
     }
-    if args.reuse {
-        results.insert("reuse".into(), reuse(&args));
+    if args.stages || args.reuse {
+        let (mut pipe, req) = full_pipeline(&args, 4);
+        if args.stages {
+            results.insert("stages".into(), stages(&args, &mut pipe, &req));
+        }
+        if args.reuse {
+            results.insert("reuse".into(), reuse(&args, &mut pipe, &req));
+        }
     }
     results.insert("fast_path".into(), fast_path_json());
     std::fs::write(&args.json, serde_json::to_string_pretty(&Value::Object(results)).expect("json"))

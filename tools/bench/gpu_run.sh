@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Runs the GPU tests, the Rust benchmark and the PyTorch reference in one go on the GPU host, writing logs and JSON
+# Runs the GPU tests, the Rust benchmarks and the PyTorch references in one go on the GPU host, writing logs and JSON
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
-# PyTorch reference, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
+# PyTorch references, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [pipeline] [ncu] [torch]
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [pipeline] [ncu] [torch] [stages]
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
+#   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
+#
+# `pipeline` runs pipeline_bench with --stages (each stage around the networks part by part; PIPE_ARGS adds more);
+# `stages` runs tools/bench/torch_stage_bench.py (PyTorch VAE, text encoder, encode_prompt, the PyTorch edit summed
+# with torch.json's DiT steps; STAGES_ARGS="--compile vae,text_encoder" adds torch.compile, minutes). The table at
+# the end joins whatever JSON files the stages wrote.
 set -u
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
@@ -57,8 +63,9 @@ if has e2e; then
 fi
 if has pipeline; then
   echo "== pipeline_bench"
-  timeout ${PIPE_TIMEOUT:-300} .dev/pipeline_bench --json "$OUT/pipeline.json" ${PIPE_ARGS:-} > "$OUT/pipeline.log" 2>&1
-  echo "pipeline_bench exit $?"; tail -40 "$OUT/pipeline.log"
+  timeout ${PIPE_TIMEOUT:-420} .dev/pipeline_bench --json "$OUT/pipeline.json" --stages ${PIPE_ARGS:-} \
+    > "$OUT/pipeline.log" 2>&1
+  echo "pipeline_bench exit $?"; tail -50 "$OUT/pipeline.log"
 fi
 if has variants; then
   # Attention kernel variants (tuning switches of flash_attention_tma.cu), each a full module source in
@@ -86,5 +93,14 @@ if has torch; then
     > "$OUT/torch.log" 2>&1
   echo "torch exit $?"; tail -15 "$OUT/torch.log"
 fi
-[ -f "$OUT/rust.json" ] && python3 tools/bench/compare.py "$OUT/rust.json" "$OUT/torch.json" --out "$OUT/combined.json" \
-  | tee "$OUT/table.md"
+if has stages; then
+  # After `torch`: the PyTorch edit's sum takes the DiT steps from torch.json.
+  echo "== PyTorch stages (VAE, text encoder, encode_prompt)"
+  timeout ${STAGES_TIMEOUT:-480} python3 tools/bench/torch_stage_bench.py --json "$OUT/torch_stages.json" \
+    --dit-json "$OUT/torch.json" ${STAGES_ARGS:-} > "$OUT/torch_stages.log" 2>&1
+  echo "torch stages exit $?"; grep -vE '^\[transformers\]|^W[0-9]{4} ' "$OUT/torch_stages.log" | tail -30
+fi
+if ls "$OUT"/*.json >/dev/null 2>&1; then
+  python3 tools/bench/compare.py "$OUT/rust.json" "$OUT/torch.json" --pipeline "$OUT/pipeline.json" \
+    --e2e "$OUT/e2e.json" --torch-stages "$OUT/torch_stages.json" --out "$OUT/combined.json" | tee "$OUT/table.md"
+fi

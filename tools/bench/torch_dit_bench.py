@@ -143,6 +143,7 @@ def main():
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"torch model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
           f"{time.time() - t0:.1f} s")
     side = args.side
@@ -194,6 +195,7 @@ def main():
         state["kv"].clear()
     result["dit"] = cases
     result["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
+    result["weights_bytes"] = weights_bytes
     print(f"torch peak GPU memory {result['peak_bytes'] / 2**30:.1f} GiB")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

@@ -51,13 +51,14 @@ use qwen_image::{
     ops::QwenBackend,
     processor::{encode_prompt, extract_prompt_embeds, PixelValues, PromptTemplate, RgbImage, DROP_IDX},
     text_encoder::TextEncoderInput,
+    transfer::{read_f32, upload_as},
 };
 use qwen_image_pruning::{ScheduleFactory, TokenLayout};
 
 use crate::{
     compose::RequestSchedule,
     denoise::{denoise_with, DenoiseInputs, TextConditioning},
-    latents::{image_to_tensor, pack, tensor_to_image, unpack},
+    latents::{image_values, pack, tensor_to_image, unpack},
     noise::gaussian_noise,
     progress::{check_cancelled, Progress, Stage, StageClock},
     region::keep_unmasked,
@@ -72,22 +73,22 @@ use crate::{
 };
 
 /// What the preprocessing stage prepares for the networks.
-struct EditInputs<B: Backend> {
-    sizes: EditSizes,
-    images: ResizedImages,
+pub(crate) struct EditInputs<B: Backend> {
+    pub(crate) sizes: EditSizes,
+    pub(crate) images: ResizedImages,
     /// The vision-language images as the vision tower's patches.
-    pixels: PixelValues,
-    prompt_ids: Vec<u32>,
+    pub(crate) pixels: PixelValues,
+    pub(crate) prompt_ids: Vec<u32>,
     /// Under true CFG only.
-    negative_ids: Option<Vec<u32>>,
+    pub(crate) negative_ids: Option<Vec<u32>>,
     /// σ and timesteps of the run.
-    schedule: Schedule,
+    pub(crate) schedule: Schedule,
     /// Packed initial noise `[1, target_tokens, 4·z_dim]`.
-    noise: Tensor<B, 3>,
+    pub(crate) noise: Tensor<B, 3>,
 }
 
 /// The text conditioning of the DiT: the prompt, and the negative prompt under true CFG.
-struct EncodedPrompts<B: Backend> {
+pub(crate) struct EncodedPrompts<B: Backend> {
     prompt: TextConditioning<B>,
     negative: Option<TextConditioning<B>>,
 }
@@ -137,11 +138,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let schedule: &dyn ScheduleFactory = &fitted;
         let mut clock = StageClock::<B>::new(&self.device, progress);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
-        let text = clock.run(Stage::EncodePrompt, |_| {
-            let image_embeds =
-                self.vision_embeds_reused(&inputs.images.vision, &inputs.pixels, reuse, &mut counts)?;
-            self.encode_prompts(&inputs, &image_embeds)
-        })?;
+        let text =
+            clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;
         let image_latents = clock
             .run(Stage::EncodeImage, |_| self.encode_images_reused(&inputs.images.vae, reuse, &mut counts))?;
         if self.table_mode() {
@@ -168,7 +166,11 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
 
     /// [`Stage::Preprocess`]: sizes, resized images, pixel values, token ids, σ (with the pruning schedule checked
     /// against them) and noise.
-    fn preprocess(&self, req: &EditRequest, schedule: &dyn ScheduleFactory) -> Result<EditInputs<B>> {
+    pub(crate) fn preprocess(
+        &self,
+        req: &EditRequest,
+        schedule: &dyn ScheduleFactory,
+    ) -> Result<EditInputs<B>> {
         let sizes = EditSizes::new(req, self.variant())?;
         let images = sizes.resize(&req.images)?;
         let pixels = self.image_processor.preprocess_all(&images.vision)?;
@@ -195,7 +197,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// The token ids of `prompt` in the variant's template, with the condition images' placeholders.
-    fn tokenize(&self, prompt: &str, pixels: &PixelValues) -> Result<Vec<u32>> {
+    pub(crate) fn tokenize(&self, prompt: &str, pixels: &PixelValues) -> Result<Vec<u32>> {
         let template = match self.variant() {
             Variant::Edit => PromptTemplate::Edit,
             Variant::EditPlus => PromptTemplate::EditPlus,
@@ -233,7 +235,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// The packed initial noise: the request's, checked, or drawn from its seed.
-    fn initial_noise(&self, req: &EditRequest, sizes: &EditSizes) -> Result<Tensor<B, 3>> {
+    pub(crate) fn initial_noise(&self, req: &EditRequest, sizes: &EditSizes) -> Result<Tensor<B, 3>> {
         let z_dim = self.vae.z_dim();
         let target_tokens = sizes.target().tokens();
         match &req.noise {
@@ -257,6 +259,18 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
     }
 
+    /// [`Stage::EncodePrompt`]: the vision tower's embeddings of the condition images (from `reuse` or computed),
+    /// then the text encoder per prompt.
+    pub(crate) fn encode_prompt_stage(
+        &self,
+        inputs: &EditInputs<B>,
+        reuse: &mut dyn ImageReuse<B>,
+        counts: &mut ReuseCounts,
+    ) -> Result<EncodedPrompts<B>> {
+        let image_embeds = self.vision_embeds_reused(&inputs.images.vision, &inputs.pixels, reuse, counts)?;
+        self.encode_prompts(inputs, &image_embeds)
+    }
+
     /// [`Stage::EncodePrompt`] after the vision tower (`image_embeds`): the text encoder per prompt.
     fn encode_prompts(
         &self,
@@ -272,12 +286,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
 
     /// The vision tower's embeddings of the condition images (shared by the prompt and the negative prompt).
     pub(crate) fn vision_embeds(&self, pixels: &PixelValues) -> Result<Tensor<B, 2>> {
-        let pv = Tensor::<B, 2>::from_data(
-            TensorData::new(pixels.values.clone(), pixels.shape()),
-            (&self.device, DType::F32),
-        )
-        .cast(self.text_encoder.dtype());
-        Ok(self.text_encoder.vision_forward(pv, &pixels.grid_thw())?)
+        Ok(self.text_encoder.vision_forward(self.upload_pixels(pixels), &pixels.grid_thw())?)
+    }
+
+    /// The vision-language images' patches on the device in the text encoder's dtype (converted on the host: no
+    /// copy of the f32 values, half the bytes to upload in bf16).
+    pub(crate) fn upload_pixels(&self, pixels: &PixelValues) -> Tensor<B, 2> {
+        upload_as::<B, 2>(&pixels.values, pixels.shape(), self.text_encoder.dtype(), &self.device)
     }
 
     /// The DiT's text conditioning for the token ids `ids` with the condition images' embeddings.
@@ -287,27 +302,50 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         image_embeds: &Tensor<B, 2>,
         pixels: &PixelValues,
     ) -> Result<TextConditioning<B>> {
+        prompt_conditioning(self.text_hidden(ids, image_embeds, pixels)?, ids.len())
+    }
+
+    /// The text encoder's last hidden states `[1, ids.len(), hidden]` for the token ids `ids` with the condition
+    /// images' embeddings.
+    pub(crate) fn text_hidden(
+        &self,
+        ids: &[u32],
+        image_embeds: &Tensor<B, 2>,
+        pixels: &PixelValues,
+    ) -> Result<Tensor<B, 3>> {
         let input = TextEncoderInput::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>())
             .with_image_embeds(image_embeds.clone(), pixels.grid_thw())
             .with_positions(self.options.text_positions);
-        let hidden = self.text_encoder.forward(&input)?;
-        let embeds = extract_prompt_embeds(hidden, &[vec![1; ids.len()]], DROP_IDX)?;
-        let mask = embeds.mask_if_padded();
-        Ok(TextConditioning { embeds: embeds.embeds, mask })
+        Ok(self.text_encoder.forward(&input)?)
     }
 
     /// [`Stage::EncodeImage`]: the VAE latents of the condition images, normalized and packed, concatenated.
     pub(crate) fn encode_images(&self, images: &[RgbImage]) -> Result<Tensor<B, 3>> {
         let mut parts = Vec::new();
         for img in images {
-            let x = image_to_tensor::<B>(img, &self.device).cast(self.vae.dtype());
-            let z = match &self.options.vae_tiling {
-                Some(t) => self.vae.encode_mode_tiled(x, t)?,
-                None => self.vae.encode_mode(x)?,
-            };
-            parts.push(pack(self.vae.normalize_latents(z)?)?);
+            let z = self.vae_encode(self.upload_image(img))?;
+            parts.push(self.pack_latents(z)?);
         }
         Ok(Tensor::cat(parts, 1))
+    }
+
+    /// `image` as the VAE's `[1, 3, H, W]` input in `[-1, 1]`, in the VAE's dtype (converted on the host).
+    pub(crate) fn upload_image(&self, image: &RgbImage) -> Tensor<B, 4> {
+        let shape = [1, 3, image.height() as usize, image.width() as usize];
+        upload_as::<B, 4>(&image_values(image), shape, self.vae.dtype(), &self.device)
+    }
+
+    /// The VAE's posterior mode of `x` (tiled when the options ask for it).
+    pub(crate) fn vae_encode(&self, x: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        Ok(match &self.options.vae_tiling {
+            Some(t) => self.vae.encode_mode_tiled(x, t)?,
+            None => self.vae.encode_mode(x)?,
+        })
+    }
+
+    /// VAE latents `[1, z_dim, h, w]` normalized and packed into the DiT's tokens.
+    pub(crate) fn pack_latents(&self, z: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
+        pack(self.vae.normalize_latents(z)?)
     }
 
     /// Whether the DiT's modulation rows come from the pipeline's table (its weights are on the host).
@@ -366,15 +404,23 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// [`Stage::Decode`]: the final latents unpacked, de-normalized and decoded to an image.
-    fn decode(&self, latents: &Tensor<B, 3>, sizes: &EditSizes) -> Result<RgbImage> {
+    pub(crate) fn decode(&self, latents: &Tensor<B, 3>, sizes: &EditSizes) -> Result<RgbImage> {
+        tensor_to_image(self.vae_decode(self.decoder_input(latents, sizes)?)?)
+    }
+
+    /// The final packed latents unpacked and de-normalized: the VAE decoder's input.
+    pub(crate) fn decoder_input(&self, latents: &Tensor<B, 3>, sizes: &EditSizes) -> Result<Tensor<B, 4>> {
         let (lh, lw) = sizes.latent_grid();
         let z = unpack(latents.clone(), lh, lw)?.cast(self.vae.dtype());
-        let z = self.vae.denormalize_latents(z)?;
-        let x = match &self.options.vae_tiling {
+        Ok(self.vae.denormalize_latents(z)?)
+    }
+
+    /// The VAE decoder (tiled when the options ask for it).
+    pub(crate) fn vae_decode(&self, z: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        Ok(match &self.options.vae_tiling {
             Some(t) => self.vae.decode_tiled(z, t)?,
             None => self.vae.decode(z)?,
-        };
-        tensor_to_image(x)
+        })
     }
 
     /// The report of an edit that took `total` and ran `stages`.
@@ -414,7 +460,18 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 }
 
-/// A tensor's values as f32.
+/// The DiT's text conditioning from the text encoder's last hidden states of one `len`-token prompt: the template
+/// tokens dropped, the mask kept only when padded.
+pub(crate) fn prompt_conditioning<B: Backend>(
+    hidden: Tensor<B, 3>,
+    len: usize,
+) -> Result<TextConditioning<B>> {
+    let embeds = extract_prompt_embeds(hidden, &[vec![1; len]], DROP_IDX)?;
+    let mask = embeds.mask_if_padded();
+    Ok(TextConditioning { embeds: embeds.embeds, mask })
+}
+
+/// A tensor's values as f32 (read back in its own dtype, converted on the host: the values of an f32 cast).
 fn to_f32<B: Backend>(t: Tensor<B, 3>) -> Result<Vec<f32>> {
-    t.cast(DType::F32).into_data().to_vec().map_err(|e| PipelineError::Device(format!("{e:?}")))
+    read_f32(t).map_err(|e| PipelineError::Device(e.to_string()))
 }

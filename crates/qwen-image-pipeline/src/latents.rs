@@ -13,27 +13,31 @@ use crate::{PipelineError, Result};
 /// `[1, 3, H, W]` f32 in `[-1, 1]` (`x / 255 · 2 − 1`), as diffusers' `VaeImageProcessor.preprocess`.
 pub fn image_to_tensor<B: Backend>(image: &RgbImage, device: &B::Device) -> Tensor<B, 4> {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let mut v = vec![0f32; 3 * h * w];
-    for (i, p) in image.pixels().enumerate() {
-        for c in 0..3 {
-            v[c * h * w + i] = 2.0 * (p[c] as f32 / 255.0) - 1.0;
-        }
-    }
-    Tensor::from_data(TensorData::new(v, [1, 3, h, w]), (device, DType::F32))
+    Tensor::from_data(TensorData::new(image_values(image), [1, 3, h, w]), (device, DType::F32))
 }
 
-/// The first image of a `[batch, 3, H, W]` tensor in `[-1, 1]` as 8-bit RGB.
+/// The values of [`image_to_tensor`] on the host: `[3, H, W]` row-major, `x / 255 · 2 − 1` per 8-bit level (each
+/// of the 256 levels computed once).
+pub fn image_values(image: &RgbImage) -> Vec<f32> {
+    let level: Vec<f32> = (0..=255u8).map(|v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+    let plane = image.width() as usize * image.height() as usize;
+    let mut v = vec![0f32; 3 * plane];
+    let (r, rest) = v.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, p) in image.pixels().enumerate() {
+        (r[i], g[i], b[i]) = (level[p[0] as usize], level[p[1] as usize], level[p[2] as usize]);
+    }
+    v
+}
+
+/// The first image of a `[batch, 3, H, W]` tensor in `[-1, 1]` as 8-bit RGB (read back in the tensor's dtype).
 pub fn tensor_to_image<B: Backend>(x: Tensor<B, 4>) -> Result<RgbImage> {
     let [_, c, h, w] = x.dims();
     if c != 3 {
         return Err(PipelineError::invalid(format!("expected 3 channels, the decoder gave {c}")));
     }
-    let v: Vec<f32> = x
-        .narrow(0, 0, 1)
-        .cast(DType::F32)
-        .into_data()
-        .to_vec()
-        .map_err(|e| PipelineError::Device(format!("cannot read the image back: {e:?}")))?;
+    let v = qwen_image::transfer::read_f32(x.narrow(0, 0, 1))
+        .map_err(|e| PipelineError::Device(format!("cannot read the image back: {e}")))?;
     let mut out = RgbImage::new(w as u32, h as u32);
     for (i, p) in out.pixels_mut().enumerate() {
         for ch in 0..3 {
@@ -100,6 +104,25 @@ mod tests {
         );
         let back: Vec<f32> = unpack(p, h, w).unwrap().into_data().to_vec().unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn image_values_are_the_direct_formula() {
+        let img =
+            RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 16 + y) as u8, 255 - (x * 16 + y) as u8, 7]));
+        let v = image_values(&img);
+        for (i, p) in img.pixels().enumerate() {
+            for c in 0..3 {
+                assert_eq!(v[c * 256 + i].to_bits(), (2.0 * (p[c] as f32 / 255.0) - 1.0).to_bits());
+            }
+        }
+        // The values round to bf16/f16 the same on the host (to nearest even, as CUDA) and in burn's CPU cast
+        // (through f64), so uploading them converted on the host changes nothing on either backend.
+        use burn::tensor::{bf16, f16};
+        for v in (0..=255u8).map(|l| 2.0 * (l as f32 / 255.0) - 1.0) {
+            assert_eq!(bf16::from_f32(v).to_bits(), bf16::from_f64(v as f64).to_bits(), "{v:e}");
+            assert_eq!(f16::from_f32(v).to_bits(), f16::from_f64(v as f64).to_bits(), "{v:e}");
+        }
     }
 
     #[test]

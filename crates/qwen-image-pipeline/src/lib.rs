@@ -20,6 +20,8 @@
 //! - [`compose`]: the schedule an edit runs (the caller's, fitted to a cache budget, guarded by a guardrail).
 //! - [`region`]: what the edit-region schedules need from the pipeline (per-token signals, unmasked pixels kept).
 //! - [`memory`]: memory readings (host resident set and peak; device memory through a [`MemoryProbe`]).
+//! - [`profile`]: the stages around the networks timed as an edit runs them and part by part ([`EditProfile`]), to
+//!   measure each stage's overhead over its network.
 
 pub mod compose;
 pub mod demo;
@@ -33,6 +35,7 @@ pub mod memory;
 pub mod metrics;
 pub mod noise;
 pub mod pipeline;
+pub mod profile;
 pub mod progress;
 pub mod region;
 pub mod report;
@@ -49,6 +52,7 @@ pub use load::{LoadOptions, LoraOption, SchedulerChoice};
 pub use memory::{MemoryProbe, MemoryReading};
 pub use metrics::Comparison;
 pub use pipeline::QwenImageEditPipeline;
+pub use profile::{EditProfile, PartTiming, StageProfile};
 pub use progress::{NoProgress, Progress, Stage};
 pub use report::{EditReport, GuardrailEvent, StageTiming, StepReport};
 pub use request::{save_image, EditOutput, EditRequest, ImageAreas};

@@ -10,6 +10,7 @@
 //! - [`synthetic`]: random weights for the full-size networks (no checkpoint needed) and random sharded
 //!   checkpoints, for benchmarks.
 //! - [`quant`]: FP8 (e4m3) weights with per-channel scales for linear layers, quantized at load time.
+//! - [`transfer`]: activations between host and device in the model dtype (converted on the host).
 //! - [`ops`]: the [`QwenBackend`](ops::QwenBackend) extension trait: the operations an accelerated backend
 //!   overrides (GEMMs, attention), with portable defaults so every test runs on the CPU.
 //! - `cuda` (feature `cuda`): the CUDA fast path (cuBLASLt GEMMs, our flash attention, fused kernels) on burn's
@@ -29,6 +30,7 @@ pub mod quant;
 pub mod synthetic;
 pub mod tensor_io;
 pub mod text_encoder;
+pub mod transfer;
 pub mod vae;
 pub mod weights;
 

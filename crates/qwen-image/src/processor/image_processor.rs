@@ -497,6 +497,29 @@ mod tests {
     }
 
     #[test]
+    fn processed_values_round_to_bf16_and_f16_the_same_on_every_path() {
+        // The pipeline converts pixel values to the text encoder's dtype on the host (round to nearest even, as
+        // CUDA does); burn's CPU cast rounds through f64 and differs just above a tie. No processed value of the
+        // published config (either resampler) is such a value.
+        use burn::tensor::{bf16, f16};
+        for resampler in [Resampler::Torch, Resampler::Pillow] {
+            let p = ImageProcessor::new(ImageProcessorConfig { resampler, ..Default::default() }).unwrap();
+            for &v in p.lut.iter().flatten() {
+                assert_eq!(
+                    bf16::from_f32(v).to_bits(),
+                    bf16::from_f64(v as f64).to_bits(),
+                    "{v:e} ({resampler:?})"
+                );
+                assert_eq!(
+                    f16::from_f32(v).to_bits(),
+                    f16::from_f64(v as f64).to_bits(),
+                    "{v:e} ({resampler:?})"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn config_parsing_follows_transformers_precedence() {
         let c = ImageProcessorConfig::from_json(
             r#"{"size": {"shortest_edge": 100, "longest_edge": 5000}, "max_pixels": 4000, "patch_size": 14,

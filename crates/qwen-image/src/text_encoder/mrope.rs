@@ -101,6 +101,10 @@ pub struct MropeTable {
 impl MropeTable {
     /// The table of `positions` for heads of `head_dim` with base `theta` and frequency `sections` (t, h, w)
     /// summing to `head_dim / 2`. Computed in f32 as transformers does.
+    ///
+    /// An angle depends only on a position value and a frequency, and a prompt holds few distinct position values
+    /// (an image's tokens share rows and columns), so the cosines and sines are computed once per distinct value:
+    /// the same f32 values as evaluating them per token.
     pub fn new(positions: &Positions, head_dim: usize, theta: f64, sections: [usize; 3]) -> Self {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> =
@@ -118,6 +122,19 @@ impl MropeTable {
             .collect();
         let [t, h, w] = positions;
         let tokens = t.len();
+        // Row `slot[p]` of the per-value tables holds the cosines and sines of position value `p` (all `half`
+        // frequencies); values get a row when first seen.
+        let mut slot = std::collections::HashMap::new();
+        let (mut cos_of, mut sin_of) = (Vec::new(), Vec::new());
+        let mut row_of = |p: i64| -> usize {
+            *slot.entry(p).or_insert_with(|| {
+                cos_of.extend(inv_freq.iter().map(|f| (p as f32 * f).cos()));
+                sin_of.extend(inv_freq.iter().map(|f| (p as f32 * f).sin()));
+                cos_of.len() / half - 1
+            })
+        };
+        let rows: Vec<[usize; 3]> =
+            t.iter().zip(h).zip(w).map(|((&pt, &ph), &pw)| [row_of(pt), row_of(ph), row_of(pw)]).collect();
         let mut table = MropeTable {
             cos: Vec::with_capacity(tokens * head_dim),
             sin: Vec::with_capacity(tokens * head_dim),
@@ -125,12 +142,11 @@ impl MropeTable {
         };
         let mut cos = vec![0f32; half];
         let mut sin = vec![0f32; half];
-        for ((&pt, &ph), &pw) in t.iter().zip(h).zip(w) {
-            let pos = [pt, ph, pw];
+        for row in rows {
             for j in 0..half {
-                let angle = pos[axis_of[j]] as f32 * inv_freq[j];
-                cos[j] = angle.cos();
-                sin[j] = angle.sin();
+                let at = row[axis_of[j]] * half + j;
+                cos[j] = cos_of[at];
+                sin[j] = sin_of[at];
             }
             for _ in 0..2 {
                 table.cos.extend_from_slice(&cos);
@@ -183,6 +199,33 @@ mod tests {
             .contains("needs 4"));
         let err = multimodal_positions(&[1, 2], IMG, &[GridThw::new(1, 2, 2)], 2).unwrap_err();
         assert!(err.to_string().contains("0 image(s)"), "{err}");
+    }
+
+    #[test]
+    fn table_equals_the_direct_evaluation_bit_for_bit() {
+        // Edit v1's layout: 66 text tokens, a 74×74-patch image (37×37 merged cells), 32 text tokens; head dim 128.
+        let mut ids = vec![1i64; 66];
+        ids.extend(std::iter::repeat_n(IMG, 37 * 37));
+        ids.extend([1i64; 32]);
+        let positions = multimodal_positions(&ids, IMG, &[GridThw::new(1, 74, 74)], 2).unwrap();
+        let (head_dim, theta, sections) = (128, 1e6, [16, 24, 24]);
+        let got = MropeTable::new(&positions, head_dim, theta, sections);
+        let half = head_dim / 2;
+        let inv: Vec<f32> =
+            (0..half).map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / head_dim as f32)).collect();
+        let axis = |j: usize| usize::from(j >= sections[0]) + usize::from(j >= sections[0] + sections[1]);
+        for (i, c) in got.cos.chunks(head_dim).enumerate() {
+            for (k, &v) in c.iter().enumerate() {
+                let angle = positions[axis(k % half)][i] as f32 * inv[k % half];
+                assert_eq!(v.to_bits(), angle.cos().to_bits(), "token {i}, column {k}");
+                assert_eq!(
+                    got.sin[i * head_dim + k].to_bits(),
+                    angle.sin().to_bits(),
+                    "token {i}, column {k}"
+                );
+            }
+        }
+        assert_eq!(got.len(), ids.len());
     }
 
     #[test]

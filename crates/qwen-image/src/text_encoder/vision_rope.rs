@@ -41,25 +41,31 @@ pub fn patch_positions(grids: &[GridThw], merge: usize) -> Vec<[usize; 2]> {
 
 impl VisionRopeTable {
     /// The table of `grids` (processor order) for heads of `head_dim` (a multiple of 4) and base `theta`.
+    ///
+    /// Every angle is `index as f32 · frequency` with the index a row or a column, so the cosines and sines are
+    /// computed once per (index, frequency) and copied into each patch's row: the same f32 values as evaluating
+    /// them per patch, for a few thousand instead of ~0.9 M trigonometric calls at Edit v1's 74×74 patches.
     pub fn new(grids: &[GridThw], merge: usize, head_dim: usize, theta: f64) -> Self {
         let spatial = head_dim / 2;
         let inv_freq: Vec<f32> =
             (0..spatial).step_by(2).map(|i| 1.0 / (theta as f32).powf(i as f32 / spatial as f32)).collect();
         let positions = patch_positions(grids, merge);
+        let sides = grids.iter().map(|g| g.h.max(g.w)).max().unwrap_or(0);
+        let angle_table = |f: fn(f32) -> f32| -> Vec<f32> {
+            (0..sides).flat_map(|i| inv_freq.iter().map(move |fr| f(i as f32 * fr))).collect()
+        };
+        let (cos_of, sin_of) = (angle_table(f32::cos), angle_table(f32::sin));
+        let q = inv_freq.len();
         let mut table = VisionRopeTable {
             cos: Vec::with_capacity(positions.len() * head_dim),
             sin: Vec::with_capacity(positions.len() * head_dim),
             head_dim,
         };
-        let mut angles = Vec::with_capacity(head_dim);
         for [row, col] in positions {
-            angles.clear();
-            angles.extend(inv_freq.iter().map(|f| row as f32 * f));
-            angles.extend(inv_freq.iter().map(|f| col as f32 * f));
             for _ in 0..2 {
-                for a in &angles {
-                    table.cos.push(a.cos());
-                    table.sin.push(a.sin());
+                for index in [row, col] {
+                    table.cos.extend_from_slice(&cos_of[index * q..(index + 1) * q]);
+                    table.sin.extend_from_slice(&sin_of[index * q..(index + 1) * q]);
                 }
             }
         }
@@ -93,6 +99,41 @@ mod tests {
         let pos = patch_positions(&[GridThw::new(1, 2, 4)], 2);
         assert_eq!(pos, vec![[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]);
         assert_eq!(patch_positions(&[GridThw::new(2, 2, 2)], 2).len(), 8);
+    }
+
+    /// The direct evaluation: the angles of every patch, then their cosines and sines.
+    fn direct(grids: &[GridThw], merge: usize, head_dim: usize, theta: f64) -> VisionRopeTable {
+        let spatial = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..spatial).step_by(2).map(|i| 1.0 / (theta as f32).powf(i as f32 / spatial as f32)).collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for [row, col] in patch_positions(grids, merge) {
+            let angles: Vec<f32> = inv_freq
+                .iter()
+                .map(|f| row as f32 * f)
+                .chain(inv_freq.iter().map(|f| col as f32 * f))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        VisionRopeTable { cos, sin, head_dim }
+    }
+
+    #[test]
+    fn table_equals_the_direct_evaluation_bit_for_bit() {
+        // Edit v1's vision grid (head dim 80, θ = 10⁴), and several images of different sides and frames.
+        for (grids, head_dim) in
+            [(vec![GridThw::new(1, 74, 74)], 80), (vec![GridThw::new(1, 4, 8), GridThw::new(2, 10, 6)], 16)]
+        {
+            let got = VisionRopeTable::new(&grids, 2, head_dim, 1e4);
+            let want = direct(&grids, 2, head_dim, 1e4);
+            assert_eq!(got.len(), want.len());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&got.cos) == bits(&want.cos) && bits(&got.sin) == bits(&want.sin), "{grids:?}");
+        }
+        assert!(VisionRopeTable::new(&[], 2, 16, 1e4).is_empty());
     }
 
     #[test]
