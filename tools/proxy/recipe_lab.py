@@ -1,5 +1,5 @@
 """Controlled CPU experiments on the DiT training recipe of train.py (the runs behind tools/proxy/README.md's
-"Recipe" section).
+"Recipe study" section).
 
     nice -n 10 python3 tools/proxy/recipe_lab.py prep --cache /tmp/rc/cache.pt        # pool + val latents, once
     nice -n 10 python3 tools/proxy/recipe_lab.py diag --cache /tmp/rc/cache.pt        # v1: losses in/out of the mask
@@ -9,8 +9,9 @@
 (latents of every image, token change masks) and saves them, so that every run sees the same data. `train` runs
 train.py's own step (`dit_loss`, AdamW, clip, warm-up) from the v1 snapshot (`--init v1`, the default) or from
 scratch (`--init scratch`) for `--steps` steps with a fixed seed (the same batches, σ and noise in every run that
-keeps the batch size), and validates with train.py's `validate` (current weights, 4 Lightning steps, per-task success
-and losses in/out of the edit mask) every `--eval-every` steps; the curve goes to `--json`. One thread
+keeps the batch size), and validates with train.py's `validate` (4 Lightning steps, per-task success and losses
+in/out of the edit mask; success of the current weights, or of an EMA with `--ema D`) every `--eval-every` steps;
+`--decay` adds train.py's lr decay over the last 30 % of the steps. The curve goes to `--json`. One thread
 (`torch.set_num_threads(1)`): the machine's other core is for builds.
 """
 
@@ -60,8 +61,9 @@ def prep(args):
     vb = train.Batcher(val, tokenizer, processor, vae, plus, CPU)
     torch.save({"variant": args.variant, "pool": pool, "pool_cache": batcher.cache_state(), "val": val,
                 "val_cache": vb.cache_state()}, args.cache)
-    print(f"prep: {len(pool['texts'])} training edits, {len(val['texts'])} validation edits in {time.time() - t0:.0f}s; "
-          f"edited tokens: train {batcher.mask_tok.mean():.3f}, val {vb.mask_tok.mean():.3f} of all")
+    print(f"prep: {len(pool['texts'])} training edits, {len(val['texts'])} validation edits in "
+          f"{time.time() - t0:.0f}s; edited tokens: train {batcher.mask_tok.mean():.3f}, "
+          f"val {vb.mask_tok.mean():.3f} of all")
 
 
 def load_cache(path, tokenizer, processor, vae):
@@ -100,7 +102,7 @@ def diag(args):
     v = train.validate(dit, te, dit.state_dict(), te.state_dict(), d["val"], vb, CPU, plus)
     print(f"{args.init}: {fmt(v)}")
     print("per-task loss in mask (σ 1, .9, .75, .5):", v["per_task_loss_in"])
-    # reference predictors: the velocity error of predicting x0 = ref is |x0 - ref|² / σ²... at σ = 1 it is |x0 - ref|²
+    # reference predictors: predicting x0 = ref gives the velocity error |x0 - ref|² / σ², at σ = 1 |x0 - ref|²
     idx = torch.arange(len(d["val"]["texts"]))
     bt = vb.batch(idx, torch.zeros(len(idx), dtype=torch.bool), n_src=1)
     edited = bt["edited"]

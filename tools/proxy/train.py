@@ -11,8 +11,13 @@ Stages (each resumable from WORK: finished stages are skipped, running ones rest
    `edit_frozen_te` (the `edit` run with the random text encoder frozen, for a shorter time: the ablation that says
    whether training the text encoder matters). Flow matching: x_σ = (1-σ) x0 + σ ε, target v = ε - x0, condition
    image tokens appended exactly as the pipeline does; σ half from the 4-step Lightning schedule {1, .9, .75, .5},
-   half 3σ/(1+2σ) of uniform σ. 5 % of samples are "no-op" edits (prompt " ", target = source) so that true CFG with
-   the negative prompt " " has a meaningful unconditional branch. EMA weights (0.999) are exported.
+   half 3σ/(1+2σ) of uniform σ (`--sigmas`). The velocity MSE weighs each packed latent token 1 + `--mask-weight`
+   (default 3; 0 = the plain MSE of the v1 snapshots) where the edit changes its 16×16 pixels (the source and target
+   renders differ): recolour / add / remove change ~10 % of the tokens, and the plain MSE spends most of its signal
+   on copying the rest (tools/proxy/README.md, "Recipe study"). 5 % of samples are "no-op" edits (prompt " ", target
+   = source) so that true CFG with the negative prompt " " has a meaningful unconditional branch. EMA weights
+   (`--ema`, 0.995) are exported. `--dit-init DIR` starts from the snapshots of an earlier run instead of random
+   weights (a continuation across GPU calls).
 3. `export`: diffusers snapshots (bf16) with the Lightning scheduler, a README each, the measured sizes, a check that
    diffusers' pipeline on the written snapshot gives the latents this script's sampler gives, and the validation
    success rate of the exported weights.
@@ -490,10 +495,16 @@ def parse_task_weights(text):
     return out
 
 
+_SIGMA_CONST: dict = {}
+
+
 def sample_sigmas(b, g, device, mode="mixed"):
     probs, spread_share = SIGMA_MODES[mode]
-    lightning = torch.tensor(pm.LIGHTNING_SIGMAS[:-1], device=device)
-    pick = lightning[torch.multinomial(torch.tensor(probs, device=device), b, replacement=True, generator=g)]
+    key = (mode, str(device))
+    if key not in _SIGMA_CONST:  # once per device: no host-to-device copy per step
+        _SIGMA_CONST[key] = (torch.tensor(pm.LIGHTNING_SIGMAS[:-1], device=device), torch.tensor(probs, device=device))
+    lightning, p = _SIGMA_CONST[key]
+    pick = lightning[torch.multinomial(p, b, replacement=True, generator=g)]
     u = torch.rand(b, device=device, generator=g)
     spread = 3 * u / (1 + 2 * u)
     return torch.where(torch.rand(b, device=device, generator=g) < spread_share, spread, pick)
@@ -519,7 +530,9 @@ def dit_stage(args, device, run):
     vae.requires_grad_(False)
     te = pm.build_text_encoder(tokenizer, args.seed + 2).to(device)
     dit = pm.build_dit(args.seed + 3, zero_cond_t=plus).to(device)
-    if args.dit_init:
+    if args.dit_init and spec["te"] == "frozen":
+        log(f"{run}: ignores --dit-init (the ablation's frozen text encoder is the random one)")
+    elif args.dit_init:
         folder = snapshot_folder(args.dit_init, plus)
         load_snapshot_weights(folder, te, dit)
         log(f"{run}: DiT and text encoder start from {folder}")
@@ -941,8 +954,8 @@ def main():
     ap.add_argument("--dit-batch", type=int, default=256)
     ap.add_argument("--dit-lr", type=float, default=5e-4)
     ap.add_argument("--te-lr", type=float, default=3e-4)
-    ap.add_argument("--mask-weight", type=float, default=0.0,
-                    help="DiT loss weight 1 + W on the latent tokens the edit changes (0: plain MSE)")
+    ap.add_argument("--mask-weight", type=float, default=3.0,
+                    help="DiT loss weight 1 + W on the latent tokens the edit changes (0: plain MSE, the v1 recipe)")
     ap.add_argument("--task-weights", default="", help="training edits drawn ∝ these weights per task, e.g. "
                     "recolor=2,add=2 (tasks not named: 1; empty: uniform over the pool)")
     ap.add_argument("--sigmas", default="mixed", choices=list(SIGMA_MODES), help="training σ distribution")
