@@ -11,8 +11,13 @@ Stages (each resumable from WORK: finished stages are skipped, running ones rest
    `edit_frozen_te` (the `edit` run with the random text encoder frozen, for a shorter time: the ablation that says
    whether training the text encoder matters). Flow matching: x_σ = (1-σ) x0 + σ ε, target v = ε - x0, condition
    image tokens appended exactly as the pipeline does; σ half from the 4-step Lightning schedule {1, .9, .75, .5},
-   half 3σ/(1+2σ) of uniform σ. 5 % of samples are "no-op" edits (prompt " ", target = source) so that true CFG with
-   the negative prompt " " has a meaningful unconditional branch. EMA weights (0.999) are exported.
+   half 3σ/(1+2σ) of uniform σ (`--sigmas`). The velocity MSE weighs each packed latent token 1 + `--mask-weight`
+   (default 3; 0 = the plain MSE of the v1 snapshots) where the edit changes its 16×16 pixels (the source and target
+   renders differ): recolour / add / remove change ~10 % of the tokens, and the plain MSE spends most of its signal
+   on copying the rest (tools/proxy/README.md, "Recipe study"). 5 % of samples are "no-op" edits (prompt " ", target
+   = source) so that true CFG with the negative prompt " " has a meaningful unconditional branch. EMA weights
+   (`--ema`, 0.995) are exported. `--dit-init DIR` starts from the snapshots of an earlier run instead of random
+   weights (a continuation across GPU calls).
 3. `export`: diffusers snapshots (bf16) with the Lightning scheduler, a README each, the measured sizes, a check that
    diffusers' pipeline on the written snapshot gives the latents this script's sampler gives, and the validation
    success rate of the exported weights.
@@ -133,9 +138,27 @@ class Batcher:
                           for x in self.noop_ids]
         self.groups = {n: torch.nonzero(pool["n_src"] == n).flatten() for n in (1, 2)}
         self.groups = {n: g for n, g in self.groups.items() if len(g)}
+        self.set_task_weights({})
         self.cache = cache
         if cache:
             self._build_cache(chunk)
+
+    def set_task_weights(self, weights):
+        """Training rows are drawn with probability ∝ weights[task] (1 for tasks not named; {} = uniform over the
+        pool, the random stream of earlier versions)."""
+        self.uniform = all(w == 1.0 for w in weights.values())
+        w = torch.tensor([float(weights.get(t, 1.0)) for t in TASK_ID], device=self.device)[self.pool["task"]]
+        self.row_w = {n: w[g] for n, g in self.groups.items()}
+        total = sum(float(x.sum()) for x in self.row_w.values())
+        self.p_pair = float(self.row_w[2].sum()) / total if 2 in self.row_w else 0.0
+
+    def draw(self, batch, g):
+        """(n_cond, pool rows) of a training batch: 1 or 2 sources, then `batch` rows with that many."""
+        n_cond = 2 if (self.p_pair > 0 and torch.rand(1, generator=g, device=self.device).item() < self.p_pair) else 1
+        grp = self.groups[n_cond]
+        if self.uniform:
+            return n_cond, grp[torch.randint(0, len(grp), (batch,), device=self.device, generator=g)]
+        return n_cond, grp[torch.multinomial(self.row_w[n_cond], batch, replacement=True, generator=g)]
 
     @torch.no_grad()
     def _encode(self, obj, bg):
@@ -161,6 +184,24 @@ class Batcher:
                 else:
                     lat_src[r, k] = z
         self.lat_src, self.lat_tgt = lat_src, lat_tgt
+        self.mask_tok = torch.zeros((n, TOKENS), device=self.device)
+        for s in range(0, n, chunk):
+            r = torch.arange(s, min(n, s + chunk), device=self.device)
+            self.mask_tok[r] = change_tokens(self._last_source(r), render_u8(p["tgt_obj"][r], p["tgt_bg"][r]))
+
+    def _last_source(self, rows):
+        """The rendered last source image of pool rows (the picture the target is drawn on)."""
+        p = self.pool
+        k = p["n_src"][rows] - 1
+        return render_u8(p["src_obj"][rows, k], p["src_bg"][rows, k])
+
+    def cache_state(self):
+        """The cached tensors (to save a built cache: `recipe_lab.py`)."""
+        return {"lat_src": self.lat_src, "lat_tgt": self.lat_tgt, "mask_tok": self.mask_tok}
+
+    def load_cache_state(self, state):
+        self.lat_src, self.lat_tgt, self.mask_tok = state["lat_src"], state["lat_tgt"], state["mask_tok"]
+        self.cache = True
 
     def cache_bytes(self):
         return 0 if not self.cache else self.lat_src.nbytes + self.lat_tgt.nbytes
@@ -198,8 +239,20 @@ class Batcher:
             pix, grid = pm.pixel_values(self.processor, vl)
         conds = [lat[k * b:(k + 1) * b] for k in range(n_src)]
         x0 = lat[n_src * b:]
+        edited = self.mask_tok[idx] if self.cache else change_tokens(srcs[-1], tgt)
+        edited = torch.where(noop_mask[:, None], 0.0, edited)
         return dict(x0=x0, cond=torch.cat(conds, 1), n_cond=n_src, ids=ids, attn=attn, pix=pix, grid=grid,
-                    tgt=tgt)
+                    tgt=tgt, edited=edited)
+
+
+TOKENS = (scenes.SIZE // 16) ** 2  # packed latent tokens per image: one per 16×16 pixel block
+
+
+def change_tokens(src_u8, tgt_u8, patch=16):
+    """[B, TOKENS] float: 1 for the packed latent tokens (16×16 pixel blocks, `pm.pack`'s row-major order) where the
+    edit changes some pixel by more than 2 levels (the rendered last source vs the target), else 0."""
+    d = (src_u8.float() - tgt_u8.float()).abs().amax(1, keepdim=True)
+    return (F.max_pool2d(d, patch) > 2).float().flatten(1)
 
 
 def check_batch_cache(cached, plain, idx, noop):
@@ -209,12 +262,12 @@ def check_batch_cache(cached, plain, idx, noop):
     mean |Δ| ≤ 1 % of mean |x|; wrong rows or a wrong order give differences of the order of the values)."""
     a, b = cached.batch(idx, noop, need_tgt=True), plain.batch(idx, noop)
     diff = {}
-    for k in ("x0", "cond", "pix", "ids", "attn", "grid", "tgt"):
+    for k in ("x0", "cond", "pix", "ids", "attn", "grid", "tgt", "edited"):
         assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
         d = (a[k].double() - b[k].double()).abs()
         diff[k] = (d.max().item(), d.mean().item())
     assert a["n_cond"] == b["n_cond"]
-    for k in ("ids", "attn", "grid", "tgt"):
+    for k in ("ids", "attn", "grid", "tgt", "edited"):
         assert diff[k][0] == 0, (k, diff[k])
     assert diff["pix"][0] <= 1e-6, diff["pix"]
     bf16 = cached.lat_tgt.dtype == torch.bfloat16
@@ -424,12 +477,37 @@ RUNS = {
 }
 
 
-def sample_sigmas(b, g, device):
-    lightning = torch.tensor(pm.LIGHTNING_SIGMAS[:-1], device=device)
-    pick = lightning[torch.randint(0, 4, (b,), device=device, generator=g)]
+SIGMA_MODES = {  # training σ: P(σ = 1, .9, .75, .5 of the Lightning schedule), then the share of 3u/(1+2u) draws
+    "mixed": ((0.25, 0.25, 0.25, 0.25), 0.5),
+    "lightning": ((0.25, 0.25, 0.25, 0.25), 0.0),
+    "high": ((0.55, 0.15, 0.15, 0.15), 0.25),
+}
+
+
+def parse_task_weights(text):
+    """"recolor=2,add=2" -> {"recolor": 2.0, "add": 2.0} (tasks not named weigh 1)."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        task, _, w = part.partition("=")
+        if task not in TASK_ID or not w:
+            raise ValueError(f"--task-weights: {part!r} is not TASK=WEIGHT with TASK one of {list(TASK_ID)}")
+        out[task] = float(w)
+    return out
+
+
+_SIGMA_CONST: dict = {}
+
+
+def sample_sigmas(b, g, device, mode="mixed"):
+    probs, spread_share = SIGMA_MODES[mode]
+    key = (mode, str(device))
+    if key not in _SIGMA_CONST:  # once per device: no host-to-device copy per step
+        _SIGMA_CONST[key] = (torch.tensor(pm.LIGHTNING_SIGMAS[:-1], device=device), torch.tensor(probs, device=device))
+    lightning, p = _SIGMA_CONST[key]
+    pick = lightning[torch.multinomial(p, b, replacement=True, generator=g)]
     u = torch.rand(b, device=device, generator=g)
     spread = 3 * u / (1 + 2 * u)
-    return torch.where(torch.rand(b, device=device, generator=g) < 0.5, pick, spread)
+    return torch.where(torch.rand(b, device=device, generator=g) < spread_share, spread, pick)
 
 
 def dit_stage(args, device, run):
@@ -452,6 +530,12 @@ def dit_stage(args, device, run):
     vae.requires_grad_(False)
     te = pm.build_text_encoder(tokenizer, args.seed + 2).to(device)
     dit = pm.build_dit(args.seed + 3, zero_cond_t=plus).to(device)
+    if args.dit_init and spec["te"] == "frozen":
+        log(f"{run}: ignores --dit-init (the ablation's frozen text encoder is the random one)")
+    elif args.dit_init:
+        folder = snapshot_folder(args.dit_init, plus)
+        load_snapshot_weights(folder, te, dit)
+        log(f"{run}: DiT and text encoder start from {folder}")
     train_te = spec["te"] == "trained"
     te.requires_grad_(train_te)
     te.train(train_te)
@@ -478,6 +562,7 @@ def dit_stage(args, device, run):
     pool = to_device(tokenize_pool(pool, tokenizer, processor, plus), device)
     t_cache = time.time()
     batcher = Batcher(pool, tokenizer, processor, vae, plus, device, cache=args.pool_cache)
+    batcher.set_task_weights(parse_task_weights(args.task_weights))
     val = val_set(spec["variant"], args.val_size, device)
     val = to_device(tokenize_pool(val, tokenizer, processor, plus), device)
     val_batcher = Batcher(val, tokenizer, processor, vae, plus, device, cache=args.pool_cache)
@@ -500,14 +585,14 @@ def dit_stage(args, device, run):
     writer = csv.writer(logf)
     if step == 0:
         writer.writerow(["step", "time_s", "lr", "loss", "val_loss_s1", "val_loss_s0.9", "val_loss_s0.75",
-                         "val_loss_s0.5", "val_success", "val_psnr_outside", "val_psnr"])
+                         "val_loss_s0.5", "val_success", "val_psnr_outside", "val_psnr"]
+                        + [f"val_loss_{part}_s{s:g}" for part in ("in", "out") for s in pm.LIGHTNING_SIGMAS[:-1]])
     sd_dit, sd_te = dit.state_dict(), te.state_dict()
     ema_pairs = ([ema_dit[k] for k, v in sd_dit.items() if v.dtype.is_floating_point]
                  + ([ema_te[k] for k, v in sd_te.items() if v.dtype.is_floating_point] if train_te else []),
                  [v for v in sd_dit.values() if v.dtype.is_floating_point]
                  + ([v for v in sd_te.values() if v.dtype.is_floating_point] if train_te else []))
     t_start = t_20 = time.time()
-    p_pair = len(batcher.groups.get(2, [])) / len(pool["texts"])
     while step < steps:
         frac = step / max(1, steps)
         decay = 1.0 if frac < 0.7 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (frac - 0.7) / 0.3))
@@ -515,12 +600,10 @@ def dit_stage(args, device, run):
         for gi, gr in enumerate(opt.param_groups):
             gr["lr"] = (args.dit_lr if gi == 0 else args.te_lr) * decay * warm
         g = torch.Generator(device).manual_seed(seed * 7919 + step)
-        n_cond = 2 if (p_pair > 0 and torch.rand(1, generator=g, device=device).item() < p_pair) else 1
-        grp = batcher.groups[n_cond]
-        idx = grp[torch.randint(0, len(grp), (args.dit_batch,), device=device, generator=g)]
+        n_cond, idx = batcher.draw(args.dit_batch, g)
         noop = torch.rand(args.dit_batch, device=device, generator=g) < NOOP_FRACTION
         bt = batcher.batch(idx, noop, n_src=n_cond)
-        loss = dit_loss(dit, te, bt, g, device, train_te)
+        loss = dit_loss(dit, te, bt, g, device, train_te, mask_weight=args.mask_weight, sigmas=args.sigmas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for gr in opt.param_groups for p in gr["params"]], 1.0)
@@ -554,9 +637,11 @@ def dit_stage(args, device, run):
             if v is not None:
                 row += [f"{x:.5f}" for x in v["loss"]] + [f"{v['success']:.4f}", f"{v['psnr_outside']:.2f}",
                                                           f"{v['psnr']:.2f}"]
+                row += [f"{x:.5f}" for x in v["loss_in"] + v["loss_out"]]
                 log(f"{run} {step}/{steps} loss {loss.item():.4f} val loss {' '.join(f'{x:.4f}' for x in v['loss'])}"
-                    f" success {v['success']:.3f} {v['per_task']} psnr_out {v['psnr_outside']:.2f} "
-                    f"({time.time() - t_start:.0f}s)")
+                    f" (edited tokens {' '.join(f'{x:.4f}' for x in v['loss_in'])}, others "
+                    f"{' '.join(f'{x:.4f}' for x in v['loss_out'])}) success {v['success']:.3f} {v['per_task']} "
+                    f"ΔE {v['per_task_delta_e']} psnr_out {v['psnr_outside']:.2f} ({time.time() - t_start:.0f}s)")
             writer.writerow(row)
             logf.flush()
         if step % args.ckpt_every == 0 and step < steps:
@@ -569,12 +654,14 @@ def dit_stage(args, device, run):
     logf.close()
 
 
-def dit_loss(dit, te, bt, g, device, train_te):
+def dit_loss(dit, te, bt, g, device, train_te, mask_weight=0.0, sigmas="mixed"):
+    """Flow-matching loss of a batch: MSE of the velocity, each packed token weighted 1 + `mask_weight` where the
+    edit changes its pixels (`bt["edited"]`), normalized by the batch's total weight (0: the plain MSE)."""
     b = bt["x0"].shape[0]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
             emb, mask = pm.encode_prompts_fast(te, bt["ids"], bt["attn"], bt["pix"], bt["grid"])
-        sigma = sample_sigmas(b, g, device)
+        sigma = sample_sigmas(b, g, device, sigmas)
         eps = torch.randn(bt["x0"].shape, device=device, generator=g)
         s = sigma.view(b, 1, 1)
         xt = (1 - s) * bt["x0"] + s * eps
@@ -582,20 +669,24 @@ def dit_loss(dit, te, bt, g, device, train_te):
         n = xt.shape[1]
         v = dit(hidden_states=torch.cat([xt, bt["cond"]], 1), timestep=sigma, encoder_hidden_states=emb,
                 encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False)[0][:, :n]
-    return F.mse_loss(v.float(), eps - bt["x0"])
+    err = (v.float() - (eps - bt["x0"])).pow(2).mean(-1)  # [b, tokens]
+    if not mask_weight:
+        return err.mean()
+    w = 1.0 + mask_weight * bt["edited"]
+    return (w * err).sum() / w.sum()
 
 
 @torch.no_grad()
 def validate(dit, te, ema_dit, ema_te, val, batcher, device, plus, batch=128):
-    """Loss at the 4 Lightning σ (fixed noise, current weights) and 4-step edit success (EMA weights)."""
+    """Loss at the 4 Lightning σ (fixed noise, current weights), overall and split into the tokens the edit changes
+    (`loss_in`, per task too) and the others (`loss_out`); 4-step edit success (EMA weights), per task with the mean
+    core colour error ΔE."""
     import copy
 
     dit.eval()
     te_mode = te.training
     te.eval()
-    n = len(val["texts"])
-    losses = torch.zeros(4, device=device)
-    scores = []
+    errs, scores = [], []
     ema_model = copy.deepcopy(dit)
     ema_model.load_state_dict(ema_dit)
     ema_te_model = copy.deepcopy(te)
@@ -607,15 +698,17 @@ def validate(dit, te, ema_dit, ema_te, val, batcher, device, plus, batch=128):
             g = torch.Generator(device).manual_seed(12345 + i)
             eps = torch.randn(bt["x0"].shape, device=device, generator=g)
             b = len(idx)
+            err = []
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 emb, mask = pm.encode_prompts_fast(te, bt["ids"], bt["attn"], bt["pix"], bt["grid"])
                 shapes = pm.img_shapes_for(n_cond, 16, 16, b)
-                for j, s in enumerate(pm.LIGHTNING_SIGMAS[:-1]):
+                for s in pm.LIGHTNING_SIGMAS[:-1]:
                     xt = (1 - s) * bt["x0"] + s * eps
                     sig = torch.full((b,), s, device=device)
                     v = dit(hidden_states=torch.cat([xt, bt["cond"]], 1), timestep=sig, encoder_hidden_states=emb,
                             encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False)[0][:, :xt.shape[1]]
-                    losses[j] += F.mse_loss(v.float(), eps - bt["x0"], reduction="sum") / eps[0].numel()
+                    err.append((v.float() - (eps - bt["x0"])).pow(2).mean(-1))  # [b, tokens]
+            errs.append((torch.stack(err, 1), bt["edited"]))  # [b, 4, tokens], [b, tokens]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 emb, mask = pm.encode_prompts_fast(ema_te_model, bt["ids"], bt["attn"], bt["pix"], bt["grid"])
                 lat = pm.sample(ema_model, bt["cond"], n_cond, emb.float(), mask, eps)
@@ -626,14 +719,47 @@ def validate(dit, te, ema_dit, ema_te, val, batcher, device, plus, batch=128):
     dit.train()
     te.train(te_mode)
     cat = {k: torch.cat([s[k] for s in scores]) for k in scores[0]}
-    per_task = {}
+    err = torch.cat([e for e, _ in errs])
+    edited = torch.cat([m for _, m in errs])[:, None]
+
+    def masked_mean(w, sel=slice(None)):  # [4]: mean error over the tokens weighted by w (rows sel)
+        return ((err[sel] * w[sel]).sum((0, 2)) / w[sel].sum((0, 2)).clamp_min(1)).tolist()
+
+    per_task, per_task_de, per_task_loss_in = {}, {}, {}
     for t, i in TASK_ID.items():
         sel = cat["task"] == i
         if sel.any():
             per_task[t] = round(float(cat["success"][sel].mean()), 3)
-    return {"loss": (losses / n).tolist(), "success": float(cat["success"].mean()),
-            "psnr_outside": float(cat["psnr_outside"].mean()), "psnr": float(cat["psnr"].mean()),
-            "per_task": per_task}
+            per_task_de[t] = round(float(cat["delta_e"][sel].mean()), 1)
+            per_task_loss_in[t] = [round(x, 4) for x in masked_mean(edited, sel)]
+    return {"loss": err.mean((0, 2)).tolist(), "loss_in": masked_mean(edited), "loss_out": masked_mean(1 - edited),
+            "success": float(cat["success"].mean()), "psnr_outside": float(cat["psnr_outside"].mean()),
+            "psnr": float(cat["psnr"].mean()), "per_task": per_task, "per_task_delta_e": per_task_de,
+            "per_task_loss_in": per_task_loss_in}
+
+
+def snapshot_folder(root, plus):
+    """The Edit or Edit-Plus snapshot under `root` (a train.py --out folder, or the snapshot folder itself)."""
+    root = Path(root)
+    if (root / "model_index.json").exists():
+        return root
+    return root / ("qwen-image-edit-plus-proxy" if plus else "qwen-image-edit-proxy")
+
+
+def load_snapshot_weights(folder, te, dit):
+    """Loads a written snapshot's text encoder and DiT weights (bf16 on disk) into this script's models."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    device = next(dit.parameters()).device
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(folder) / "text_encoder", dtype=torch.float32)
+    te.load_state_dict(ref.state_dict())
+    ref = QwenImageTransformer2DModel.from_pretrained(Path(folder) / "transformer").float()
+    if ref.config.zero_cond_t != dit.config.zero_cond_t:
+        raise ValueError(f"{folder}: zero_cond_t {ref.config.zero_cond_t}, this run needs {dit.config.zero_cond_t}")
+    dit.load_state_dict(ref.state_dict())
+    te.to(device)
+    dit.to(device)
 
 
 def decode_u8(vae, packed, hw=(16, 16)):
@@ -828,6 +954,13 @@ def main():
     ap.add_argument("--dit-batch", type=int, default=256)
     ap.add_argument("--dit-lr", type=float, default=5e-4)
     ap.add_argument("--te-lr", type=float, default=3e-4)
+    ap.add_argument("--mask-weight", type=float, default=3.0,
+                    help="DiT loss weight 1 + W on the latent tokens the edit changes (0: plain MSE, the v1 recipe)")
+    ap.add_argument("--task-weights", default="", help="training edits drawn ∝ these weights per task, e.g. "
+                    "recolor=2,add=2 (tasks not named: 1; empty: uniform over the pool)")
+    ap.add_argument("--sigmas", default="mixed", choices=list(SIGMA_MODES), help="training σ distribution")
+    ap.add_argument("--dit-init", default="", help="start the DiTs and text encoders from the snapshots in this "
+                    "folder (a train.py --out, e.g. the previous call's) instead of random weights")
     ap.add_argument("--dit-pool", type=int, default=80000)
     ap.add_argument("--no-pool-cache", dest="pool_cache", action="store_false",
                     help="render, VAE-encode and run the HF image processor per batch (the old path, for comparison) "
