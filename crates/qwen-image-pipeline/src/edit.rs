@@ -440,7 +440,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     fn vae_tiling(&self, pixels: usize) -> Option<qwen_image::vae::TileConfig> {
         use crate::memory_plan::{vae_bytes, LOW_MEMORY_TARGET, RUNTIME_OVERHEAD};
         if self.options.vae_tiling.is_some() {
-            return self.options.vae_tiling.clone();
+            return self.options.vae_tiling;
         }
         let budget = self.options.default_cache_budget()?;
         let side = (pixels as f64).sqrt() as u32;

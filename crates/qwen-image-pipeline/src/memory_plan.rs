@@ -293,7 +293,7 @@ impl MemoryPlan {
         let weights_device = weights.device();
         let fits = weights_device + shape.cache_bytes + untiled + RUNTIME_OVERHEAD <= LOW_MEMORY_TARGET;
         let vae_tiled = options.vae_tiling.is_some() || (options.memory == MemoryMode::Low && !fits);
-        let tile = options.vae_tiling.clone().unwrap_or_default();
+        let tile = options.vae_tiling.unwrap_or_default();
         let per_tile = |(w, h): (u32, u32)| {
             if vae_tiled {
                 vae_bytes(configs.vae, (w.min(tile.tile as u32), h.min(tile.tile as u32)), s)
