@@ -89,6 +89,11 @@ pub struct QuantizeArgs {
     /// every layer) [default: default].
     #[arg(long, value_name = "LAYERS")]
     pub quantize_keep: Option<String>,
+    /// For 24 GB cards: FP8 DiT (the keep list above) with the modulation table, the text encoder's linear layers in
+    /// FP8, a 2 GiB default --cache-budget and VAE tiling when the memory plan says the decode would not fit
+    /// (docs/memory.md). Not with --modulation resident.
+    #[arg(long)]
+    pub low_memory: bool,
 }
 
 impl QuantizeArgs {
@@ -97,10 +102,24 @@ impl QuantizeArgs {
     pub fn fp8_options(&self) -> Result<Option<qwen_image::quant::Fp8Options>, crate::CliError> {
         match (self.quantize, &self.quantize_keep) {
             (QuantizeArg::None, None) => Ok(None),
-            (QuantizeArg::None, Some(_)) => Err("--quantize-keep applies to --quantize fp8".into()),
+            (QuantizeArg::None, Some(keep)) if self.low_memory => {
+                Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep)?))
+            }
+            (QuantizeArg::None, Some(_)) => {
+                Err("--quantize-keep applies to --quantize fp8 or --low-memory".into())
+            }
             (QuantizeArg::Fp8, keep) => {
                 Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep.as_deref().unwrap_or("default"))?))
             }
+        }
+    }
+
+    /// The memory mode `--low-memory` asks for.
+    pub fn memory_mode(&self) -> qwen_image_pipeline::MemoryMode {
+        if self.low_memory {
+            qwen_image_pipeline::MemoryMode::Low
+        } else {
+            qwen_image_pipeline::MemoryMode::Resident
         }
     }
 }

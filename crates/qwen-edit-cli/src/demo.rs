@@ -132,10 +132,11 @@ fn load_and_edit<B: QwenBackend>(
         .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
     let options = qwen_image_pipeline::LoadOptions {
         fp8: args.quantize.fp8_options()?,
+        memory: args.quantize.memory_mode(),
         ..model.load_options(crate::dtype_for(args.dtype, args.device))
     };
     if args.dry_run {
-        return crate::run::dry_run(&snapshot, &options, 1, out);
+        return crate::run::dry_run(&snapshot, &options, 1, Some((&input.request, &input.schedule)), out);
     }
     let mut bars = Bars::new(args.quiet);
     let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut bars)?;

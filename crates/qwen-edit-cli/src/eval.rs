@@ -184,6 +184,7 @@ fn load<B: QwenBackend>(
     }
     let options = qwen_image_pipeline::LoadOptions {
         fp8: args.quantize.fp8_options()?,
+        memory: args.quantize.memory_mode(),
         ..qwen_image_proxy::load_options(crate::dtype_for(args.dtype, args.device))
     };
     Ok(QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut NoProgress)?)

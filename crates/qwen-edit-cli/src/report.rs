@@ -41,6 +41,13 @@ pub struct RunReport {
     /// How the DiT's linear layers hold their weights (FP8 or the model's dtype) and the bytes FP8 saves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dit_weights: Option<LinearWeightSummary>,
+    /// The memory plan of the first edit (predicted from the configs and the request; docs/memory.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_plan: Option<qwen_image_pipeline::MemoryPlan>,
+    /// The weight bytes each network's load put on the device, counted from the tensors made (compare with
+    /// `memory_plan.weights`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_weights: Option<qwen_image_pipeline::ComponentWeights>,
     /// Runs per edit (`--repeat`).
     pub repeat: usize,
     /// Change of memory from the first measured edit to the last (`None` with a single edit).

@@ -11,8 +11,8 @@ use qwen_image::{
     text_encoder::PositionMode,
 };
 use qwen_image_pipeline::{
-    demo, metrics, Comparison, EditOutput, ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline,
-    SchedulerChoice, Snapshot,
+    demo, metrics, plan_request, Comparison, EditOutput, EditRequest, ImageAreas, LoadOptions, MemoryProbe,
+    QwenImageEditPipeline, SchedulerChoice, Snapshot,
 };
 use qwen_image_pruning::ScheduleSpec;
 
@@ -65,11 +65,20 @@ fn run_model<B: QwenBackend>(
     announce(args, &set.jobs, out)?;
     let options = load_options(args)?;
     if args.dry_run {
-        return dry_run(&snapshot, &options, set.jobs.len(), out);
+        let first = set.jobs.first().map(|j| (&j.request, &j.schedule));
+        return dry_run(&snapshot, &options, set.jobs.len(), first, out);
     }
+    let memory_plan = match set.jobs.first() {
+        Some(job) => Some(plan_request(&snapshot, &job.request, &job.schedule, &options)?),
+        None => None,
+    };
     let mut bars = Bars::new(args.quiet);
     let pipe = load::<B>(args, snapshot, &options, device, probe, &mut bars)?;
     let mut report = loaded(args, model, &pipe, out)?;
+    if let Some(plan) = &memory_plan {
+        writeln!(out, "First edit's {}", plan.describe())?;
+    }
+    report.memory_plan = memory_plan;
     report.failed = failed;
     let mut runner = Runner { args, pipe, bars, out };
     report.warmup_runs = runner.warm_up(&set.jobs)?;
@@ -129,14 +138,16 @@ fn announce(args: &Args, jobs: &[Job], out: &mut dyn Write) -> Result<(), CliErr
     Ok(())
 }
 
-/// `--dry-run`: what would be loaded (the DiT's layers and their weight bytes, from its config alone), after the
-/// edits were checked.
+/// `--dry-run`: what would be loaded (the DiT's layers and their weight bytes, from its config alone) and the memory
+/// plan of the first edit, after the edits were checked.
 pub(crate) fn dry_run(
     snapshot: &Snapshot,
     options: &LoadOptions,
     edits: usize,
+    first: Option<(&EditRequest, &ScheduleSpec)>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    let options = &options.resolved()?;
     let dit = DitLoadOptions { modulation: options.modulation, fp8: options.fp8.clone() };
     let plan = dit_linear_plan(&snapshot.dit_config()?, options.dtype, &dit)?;
     writeln!(
@@ -145,6 +156,10 @@ pub(crate) fn dry_run(
         snapshot.root.display()
     )?;
     writeln!(out, "DiT weights: {}", plan.describe())?;
+    if let Some((request, schedule)) = first {
+        let memory = plan_request(snapshot, request, schedule, options)?;
+        writeln!(out, "First edit's {}", memory.describe())?;
+    }
     Ok(())
 }
 
@@ -166,6 +181,7 @@ fn load_options(args: &Args) -> Result<LoadOptions, CliError> {
         vae_tiling: args.vae_tiling.then(Default::default),
         modulation: crate::modulation_mode(args.modulation),
         fp8: args.quantize.fp8_options()?,
+        memory: args.quantize.memory_mode(),
     })
 }
 
@@ -215,6 +231,8 @@ fn loaded<B: QwenBackend>(
         load_stages: pipe.load_stages().to_vec(),
         memory_after_load,
         dit_weights: Some(dit_weights),
+        memory_plan: None,
+        loaded_weights: Some(pipe.weight_bytes()),
         repeat: args.repeat,
         memory_growth: None,
         edits: Vec::new(),

@@ -205,6 +205,7 @@ fn served_model(args: &ServeArgs) -> Result<Served, CliError> {
         options: LoadOptions {
             modulation: crate::modulation_mode(args.modulation),
             fp8: args.quantize.fp8_options()?,
+            memory: args.quantize.memory_mode(),
             ..demo.load_options(dtype)
         },
         areas: demo.areas(),
@@ -283,6 +284,7 @@ fn load_options(args: &ServeArgs) -> Result<LoadOptions, CliError> {
         scheduler: if args.lora.is_empty() { SchedulerChoice::Snapshot } else { SchedulerChoice::Lightning },
         modulation: crate::modulation_mode(args.modulation),
         fp8: args.quantize.fp8_options()?,
+        memory: args.quantize.memory_mode(),
         ..LoadOptions::default()
     })
 }

@@ -134,6 +134,14 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let mut counts = ReuseCounts::default();
         let per_token =
             3 * self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
+        let budgeted;
+        let req = match (req.cache_budget, self.options.default_cache_budget()) {
+            (None, Some(budget)) => {
+                budgeted = EditRequest { cache_budget: Some(budget), ..req.clone() };
+                &budgeted
+            }
+            _ => req,
+        };
         let fitted = RequestSchedule::new(schedule, req, per_token);
         let schedule: &dyn ScheduleFactory = &fitted;
         let mut clock = StageClock::<B>::new(&self.device, progress);
@@ -337,7 +345,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
 
     /// The VAE's posterior mode of `x` (tiled when the options ask for it).
     pub(crate) fn vae_encode(&self, x: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
-        Ok(match &self.options.vae_tiling {
+        let [_, _, h, w] = x.dims();
+        Ok(match &self.vae_tiling(w * h) {
             Some(t) => self.vae.encode_mode_tiled(x, t)?,
             None => self.vae.encode_mode(x)?,
         })
@@ -417,10 +426,27 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
 
     /// The VAE decoder (tiled when the options ask for it).
     pub(crate) fn vae_decode(&self, z: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
-        Ok(match &self.options.vae_tiling {
+        let [_, _, h, w] = z.dims();
+        let scale = self.vae.spatial_compression();
+        Ok(match &self.vae_tiling(w * h * scale * scale) {
             Some(t) => self.vae.decode_tiled(z, t)?,
             None => self.vae.decode(z)?,
         })
+    }
+
+    /// The VAE tiling of an image of `pixels`: the options', or under [`MemoryMode::Low`](crate::MemoryMode::Low)
+    /// the default tiles when the weights, the cache budget and the untiled VAE's activations would not fit the
+    /// mode's target ([`crate::memory_plan`]).
+    fn vae_tiling(&self, pixels: usize) -> Option<qwen_image::vae::TileConfig> {
+        use crate::memory_plan::{vae_bytes, LOW_MEMORY_TARGET, RUNTIME_OVERHEAD};
+        if self.options.vae_tiling.is_some() {
+            return self.options.vae_tiling;
+        }
+        let budget = self.options.default_cache_budget()?;
+        let side = (pixels as f64).sqrt() as u32;
+        let untiled = vae_bytes(&self.vae.config, (side, side), self.vae.dtype().size() as u64);
+        let need = self.weight_bytes.device() + budget + untiled + RUNTIME_OVERHEAD;
+        (need > LOW_MEMORY_TARGET).then(Default::default)
     }
 
     /// The report of an edit that took `total` and ran `stages`.

@@ -32,6 +32,7 @@ pub mod latents;
 pub mod load;
 pub mod lora;
 pub mod memory;
+pub mod memory_plan;
 pub mod metrics;
 pub mod noise;
 pub mod pipeline;
@@ -48,8 +49,9 @@ pub mod validate;
 
 pub use denoise::{denoise, denoise_with, true_cfg, DenoiseCaches, DenoiseInputs, TextConditioning};
 pub use error::{PipelineError, Result};
-pub use load::{LoadOptions, LoraOption, SchedulerChoice};
+pub use load::{LoadOptions, LoraOption, MemoryMode, SchedulerChoice};
 pub use memory::{MemoryProbe, MemoryReading};
+pub use memory_plan::{plan_request, ComponentWeights, MemoryPlan, PlanShape};
 pub use metrics::Comparison;
 pub use pipeline::QwenImageEditPipeline;
 pub use profile::{EditProfile, PartTiming, StageProfile};

@@ -13,15 +13,17 @@ use qwen_image::{
     ops::QwenBackend,
     processor::{ImageProcessor, QwenTokenizer},
     quant::Fp8Options,
-    text_encoder::{PositionMode, Qwen25VlConfig, Qwen25VlTextEncoder},
+    text_encoder::{PositionMode, Qwen25VlConfig, Qwen25VlTextEncoder, TEXT_ENCODER_FP8_KEEP},
     vae::{AutoencoderKLQwenImage, TileConfig, VaeConfig},
-    weights::WeightStore,
+    weights::{WeightBytes, WeightStore},
 };
+use serde::{Deserialize, Serialize};
 
 use crate::{
     denoise::DenoiseCaches,
     lora::LoraWeights,
     memory::MemoryProbe,
+    memory_plan::{ComponentWeights, LOW_MEMORY_CACHE_BUDGET},
     progress::{Progress, Stage, StageClock},
     scheduler::{FlowMatchEulerScheduler, SchedulerConfig},
     snapshot::Snapshot,
@@ -51,6 +53,20 @@ pub struct LoraOption {
     pub merge: bool,
 }
 
+/// How much of the model stays on the device (issue 13, item 4; see docs/memory.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMode {
+    /// Every network resident as [`LoadOptions`] says (the default).
+    #[default]
+    Resident,
+    /// For 24 GB cards: the DiT in FP8 (the default keep list unless [`LoadOptions::fp8`] gives one) with its
+    /// modulation weights on the host (table mode), the text encoder's linear layers in FP8 (all but
+    /// [`TEXT_ENCODER_FP8_KEEP`]), a default cache budget ([`LOW_MEMORY_CACHE_BUDGET`]) for requests without one,
+    /// and VAE tiling for images whose untiled decode the [memory plan](crate::memory_plan) says would not fit.
+    Low,
+}
+
 /// How to load a snapshot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
@@ -72,6 +88,8 @@ pub struct LoadOptions {
     /// FP8 weights for the DiT's linear layers on the device, all but a keep list (default: none). LoRAs to merge are
     /// merged into the unquantized weights before each layer is quantized (see docs/fp8.md).
     pub fp8: Option<Fp8Options>,
+    /// How much stays on the device ([`MemoryMode::Low`] implies FP8 and table mode: see [`LoadOptions::resolved`]).
+    pub memory: MemoryMode,
 }
 
 impl Default for LoadOptions {
@@ -84,7 +102,38 @@ impl Default for LoadOptions {
             vae_tiling: None,
             modulation: ModulationMode::default(),
             fp8: None,
+            memory: MemoryMode::Resident,
         }
+    }
+}
+
+impl LoadOptions {
+    /// The options a load uses: under [`MemoryMode::Low`], FP8 for the DiT (the default keep list unless
+    /// [`fp8`](Self::fp8) names one). Errors for a combination low-memory mode cannot honour (resident modulation
+    /// weights).
+    pub fn resolved(&self) -> Result<LoadOptions> {
+        let mut options = self.clone();
+        if self.memory == MemoryMode::Low {
+            if self.modulation == ModulationMode::Resident {
+                return Err(PipelineError::invalid(
+                    "low-memory mode keeps the DiT's modulation weights on the host (the modulation table); it cannot \
+                     be combined with resident modulation weights (--modulation resident)",
+                ));
+            }
+            options.fp8 = Some(self.fp8.clone().unwrap_or_default());
+        }
+        Ok(options)
+    }
+
+    /// The FP8 options of the text encoder's linear layers: [`TEXT_ENCODER_FP8_KEEP`] under [`MemoryMode::Low`],
+    /// none otherwise.
+    pub fn text_encoder_fp8(&self) -> Option<Fp8Options> {
+        (self.memory == MemoryMode::Low).then(|| Fp8Options::keeping(TEXT_ENCODER_FP8_KEEP))
+    }
+
+    /// The cache budget of requests that set none: [`LOW_MEMORY_CACHE_BUDGET`] under [`MemoryMode::Low`].
+    pub fn default_cache_budget(&self) -> Option<u64> {
+        (self.memory == MemoryMode::Low).then_some(LOW_MEMORY_CACHE_BUDGET)
     }
 }
 
@@ -94,6 +143,7 @@ struct WeightSource<'a> {
     dtype: DType,
     random_seed: Option<u64>,
     dit: DitLoadOptions,
+    text_fp8: Option<Fp8Options>,
 }
 
 impl WeightSource<'_> {
@@ -103,42 +153,59 @@ impl WeightSource<'_> {
         self.random_seed.map(|s| WeightStore::random(self.dtype, s.wrapping_mul(3).wrapping_add(n)))
     }
 
-    fn text_encoder<B: QwenBackend>(&self, device: &B::Device) -> Result<Qwen25VlTextEncoder<B>> {
+    /// The text encoder and the bytes its weights took on the device.
+    fn text_encoder<B: QwenBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<(Qwen25VlTextEncoder<B>, WeightBytes)> {
         let dir = self.snapshot.root.join("text_encoder");
-        Ok(match self.random(0) {
-            None => Qwen25VlTextEncoder::load(&dir, self.dtype, device)?,
-            Some(mut store) => {
-                let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
-                Qwen25VlTextEncoder::from_store(config, &mut store, device)?
-            }
-        })
+        let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
+        let mut store = match self.random(0) {
+            None => Qwen25VlTextEncoder::<B>::open_store(&dir, self.dtype)?,
+            Some(store) => store,
+        };
+        store.quantize_linears(self.text_fp8.clone());
+        let model = Qwen25VlTextEncoder::from_store(config, &mut store, device)?;
+        store.finish()?;
+        Ok((model, loaded_bytes(&store)))
     }
 
-    fn vae<B: QwenBackend>(&self, device: &B::Device) -> Result<AutoencoderKLQwenImage<B>> {
+    /// The VAE and the bytes its weights took on the device.
+    fn vae<B: QwenBackend>(&self, device: &B::Device) -> Result<(AutoencoderKLQwenImage<B>, WeightBytes)> {
         let dir = self.snapshot.root.join("vae");
-        Ok(match self.random(1) {
-            None => AutoencoderKLQwenImage::load(&dir, self.dtype, device)?,
-            Some(mut store) => AutoencoderKLQwenImage::from_store(
-                VaeConfig::from_file(&dir.join("config.json"))?,
-                &mut store,
-                device,
-            )?,
-        })
+        let config = VaeConfig::from_file(&dir.join("config.json"))?;
+        let mut store = match self.random(1) {
+            None => WeightStore::open_dir(&dir, "diffusion_pytorch_model", self.dtype)?,
+            Some(store) => store,
+        };
+        let model = AutoencoderKLQwenImage::from_store(config, &mut store, device)?;
+        store.finish()?;
+        Ok((model, loaded_bytes(&store)))
     }
 
+    /// The DiT and the bytes its weights took on the device (and left on the host).
     fn transformer<B: QwenBackend>(
         &self,
         config: DitConfig,
         device: &B::Device,
-    ) -> Result<QwenImageTransformer<B>> {
-        Ok(match self.random(2) {
-            None => {
-                let dir = self.snapshot.root.join("transformer");
-                QwenImageTransformer::load_with(&dir, self.dtype, &self.dit, device)?
-            }
-            Some(mut store) => QwenImageTransformer::from_store_with(config, &mut store, &self.dit, device)?,
-        })
+    ) -> Result<(QwenImageTransformer<B>, WeightBytes)> {
+        let mut store = match self.random(2) {
+            None => WeightStore::open_dir(
+                &self.snapshot.root.join("transformer"),
+                "diffusion_pytorch_model",
+                self.dtype,
+            )?,
+            Some(store) => store,
+        };
+        let model = QwenImageTransformer::from_store_with(config, &mut store, &self.dit, device)?;
+        store.finish()?;
+        Ok((model, loaded_bytes(&store)))
     }
+}
+
+/// The weight bytes a load from `store` put on the device (counted from the tensors made) and left on the host.
+fn loaded_bytes(store: &WeightStore) -> WeightBytes {
+    WeightBytes { device: store.device_bytes() as u64, host: store.planned_bytes().host }
 }
 
 impl<B: QwenBackend> QwenImageEditPipeline<B> {
@@ -184,6 +251,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         device: &B::Device,
         progress: &mut dyn Progress,
     ) -> Result<Self> {
+        let options = &options.resolved()?;
         let scheduler = FlowMatchEulerScheduler::new(scheduler_config(&snapshot, &options.scheduler)?)?;
         let dit_config = snapshot.dit_config()?;
         let loras = options
@@ -195,13 +263,17 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             fp8.check(&dit_linear_names(&dit_config)?)?;
         }
         let dit = DitLoadOptions { modulation: options.modulation, fp8: options.fp8.clone() };
-        let weights = WeightSource { snapshot: &snapshot, dtype: options.dtype, random_seed, dit };
+        let text_fp8 = options.text_encoder_fp8();
+        let weights = WeightSource { snapshot: &snapshot, dtype: options.dtype, random_seed, dit, text_fp8 };
         let mut clock = StageClock::<B>::new(device, progress);
         let (tokenizer, image_processor) = clock.run(Stage::LoadProcessor, |_| load_processor(&snapshot))?;
-        let text_encoder = clock.run(Stage::LoadTextEncoder, |_| weights.text_encoder(device))?;
-        let vae = clock.run(Stage::LoadVae, |_| weights.vae(device))?;
-        let mut transformer =
+        let (text_encoder, text_bytes) =
+            clock.run(Stage::LoadTextEncoder, |_| weights.text_encoder(device))?;
+        let (vae, vae_bytes) = clock.run(Stage::LoadVae, |_| weights.vae(device))?;
+        let (mut transformer, dit_bytes) =
             clock.run(Stage::LoadTransformer, |_| weights.transformer(dit_config, device))?;
+        let weight_bytes =
+            ComponentWeights { text_encoder: text_bytes, vae: vae_bytes, transformer: dit_bytes };
         if !loras.is_empty() {
             clock.run(Stage::LoadLora, |_| apply_loras(&loras, &options.loras, &mut transformer))?;
         }
@@ -218,6 +290,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             options: options.clone(),
             load_stages: clock.into_timings(),
             memory_probe: MemoryProbe::default(),
+            weight_bytes,
             device: device.clone(),
         };
         pipe.check_components()?;
@@ -261,7 +334,7 @@ fn scheduler_config(snapshot: &Snapshot, choice: &SchedulerChoice) -> Result<Sch
 }
 
 /// The tokenizer and the image processor of `snapshot`.
-fn load_processor(snapshot: &Snapshot) -> Result<(QwenTokenizer, ImageProcessor)> {
+pub(crate) fn load_processor(snapshot: &Snapshot) -> Result<(QwenTokenizer, ImageProcessor)> {
     let tokenizer = QwenTokenizer::from_dir(&snapshot.processor_dir()?)?;
     let image_processor = ImageProcessor::new(snapshot.image_processor_config()?)?;
     Ok((tokenizer, image_processor))

@@ -65,6 +65,8 @@ pub struct QwenImageEditPipeline<B: QwenBackend> {
     /// DiT is lent out mutably).
     pub(crate) modulation: ModulationTable<B>,
     pub(crate) options: LoadOptions,
+    /// The weight bytes each network's load put on the device (counted from the tensors made) and left on the host.
+    pub(crate) weight_bytes: crate::memory_plan::ComponentWeights,
     pub(crate) load_stages: Vec<StageTiming>,
     pub(crate) memory_probe: MemoryProbe,
     pub(crate) device: B::Device,
@@ -109,7 +111,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         self.scheduler = scheduler;
     }
 
-    /// The options the pipeline was loaded with.
+    /// The weight bytes each network's load put on the device (counted from the tensors made) and left on the host:
+    /// what the [memory plan](crate::memory_plan)'s weight part predicts.
+    pub fn weight_bytes(&self) -> crate::memory_plan::ComponentWeights {
+        self.weight_bytes
+    }
+
+    /// The options it was loaded with ([`LoadOptions::resolved`]: what low-memory mode implies filled in).
     pub fn options(&self) -> &LoadOptions {
         &self.options
     }

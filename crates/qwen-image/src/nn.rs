@@ -88,18 +88,46 @@ impl<B: QwenBackend> LinearWeight<B> {
     fn load(path: &mut WeightPath<'_>, shape: [usize; 2], device: &B::Device) -> Result<Self> {
         let layer = path.prefix().to_string();
         let fp8 = path.store().quantizes(&layer);
+        let dtype = path.store().dtype();
         if let Some(weight) = path.store().prequantized::<B>(&layer, shape, device)? {
-            return Ok(match fp8 {
+            let weight = match fp8 {
                 Some(false) => LinearWeight::Dense(weight.dequantize()),
                 _ => LinearWeight::Fp8(weight),
-            });
+            };
+            path.store().count_placed(0, weight.planned_bytes(shape, dtype), weight.device_bytes());
+            return Ok(weight);
         }
         Ok(match fp8 {
             Some(true) => {
-                LinearWeight::Fp8(Fp8Weight::from_source(path.deferred("weight", &shape)?, device)?)
+                let weight =
+                    LinearWeight::Fp8(Fp8Weight::from_source(path.deferred("weight", &shape)?, device)?);
+                let from_host = (shape[0] * shape[1] * dtype.size()) as u64;
+                path.store().count_placed(
+                    from_host,
+                    weight.planned_bytes(shape, dtype),
+                    weight.device_bytes(),
+                );
+                weight
             }
             _ => LinearWeight::Dense(path.tensor("weight", shape, device)?),
         })
+    }
+
+    /// Device bytes of the tensors it holds: the dense weight, or the e4m3 bits and the f32 scales.
+    pub fn device_bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(w) => w.shape().num_elements() * w.dtype().size(),
+            LinearWeight::Fp8(w) => w.bits.shape().num_elements() + 4 * w.scales.shape().num_elements(),
+        }
+    }
+
+    /// Device bytes a weight of this format takes at `shape` (`[out, in]`) in a model of `dtype`: one byte per
+    /// weight plus an f32 scale per output channel for FP8.
+    fn planned_bytes(&self, [out, inp]: [usize; 2], dtype: DType) -> u64 {
+        match self {
+            LinearWeight::Dense(_) => (out * inp * dtype.size()) as u64,
+            LinearWeight::Fp8(_) => (out * inp + 4 * out) as u64,
+        }
     }
 }
 

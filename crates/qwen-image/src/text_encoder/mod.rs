@@ -152,6 +152,12 @@ impl<B: Backend> TextEncoderInput<B> {
     }
 }
 
+/// The linear layers of the text encoder kept in the model's dtype when its linears are quantized to FP8
+/// ([`WeightStore::quantize_linears`]): the vision tower's patch merger, whose output is the language model's image
+/// embeddings. The token embeddings, the norms and the patch embedding are not linear layers of
+/// [`Linear::load`](crate::nn::Linear::load) and always stay in the model's dtype.
+pub const TEXT_ENCODER_FP8_KEEP: [&str; 1] = ["merger"];
+
 /// Which names a checkpoint uses for the two towers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyNaming {
@@ -217,12 +223,20 @@ impl<B: QwenBackend> Qwen25VlTextEncoder<B> {
     /// `model.safetensors.index.json`), in either key naming, converting weights to `dtype`.
     pub fn load(dir: &Path, dtype: DType, device: &B::Device) -> Result<Self> {
         let config = Qwen25VlConfig::from_file(&dir.join("config.json"))?;
-        let mut store = WeightStore::open_dir(dir, "model", dtype)?;
-        normalize_key_names(&mut store)?;
-        store.ignore_prefix("lm_head.");
+        let mut store = Self::open_store(dir, dtype)?;
         let model = Self::from_store(config, &mut store, device)?;
         store.finish()?;
         Ok(model)
+    }
+
+    /// The store of a `text_encoder/` folder as [`Self::load`] reads it: key names normalized, `lm_head` ignored.
+    /// For loads that set more options on it (e.g. [`WeightStore::quantize_linears`] with
+    /// [`TEXT_ENCODER_FP8_KEEP`]).
+    pub fn open_store(dir: &Path, dtype: DType) -> Result<WeightStore> {
+        let mut store = WeightStore::open_dir(dir, "model", dtype)?;
+        normalize_key_names(&mut store)?;
+        store.ignore_prefix("lm_head.");
+        Ok(store)
     }
 
     /// Builds the model from an open store with legacy key names (see [`normalize_key_names`]). Does not check for

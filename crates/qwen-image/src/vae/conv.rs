@@ -33,7 +33,10 @@ impl<B: QwenBackend> Conv2d<B> {
         let key = path.key("weight");
         let store = path.store();
         let data = store.data(&key, Some(&[out_channels, in_channels, kernel, kernel, kernel]))?;
-        let weight = B::upload(last_temporal_slice(&data), device);
+        let weight: Tensor<B, 4> = B::upload(last_temporal_slice(&data), device);
+        let size = store.dtype().size();
+        let planned = (out_channels * in_channels * kernel * kernel * size) as u64;
+        store.count_placed(0, planned, weight.shape().num_elements() * size);
         Ok(Conv2d { weight, bias: path.tensor("bias", [out_channels], device)? })
     }
 

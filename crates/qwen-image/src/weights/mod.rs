@@ -22,11 +22,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 use crate::{ops::QwenBackend, quant::Fp8Options, ModelError, Result};
 pub use deferred::DeferredTensor;
 use generated::{Fill, Generated};
 use mapped::MappedFiles;
+
+/// Weight bytes of a load by where they live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightBytes {
+    /// On the device.
+    pub device: u64,
+    /// Left on the host until used (memory-mapped from the checkpoint, or made again from a seed): the DiT's
+    /// modulation layers in table mode.
+    pub host: u64,
+}
 
 /// Where the tensors of a [`WeightStore`] come from.
 #[derive(Debug)]
@@ -45,8 +56,11 @@ pub struct WeightStore {
     used: BTreeSet<String>,
     ignored_prefixes: Vec<String>,
     dtype: DType,
-    /// Bytes of the tensors put on a device by [`WeightStore::tensor`].
+    /// Bytes of the tensors put on a device by [`WeightStore::tensor`] and by the linear layers' FP8 loads, counted
+    /// from the tensors made.
     device_bytes: usize,
+    /// The same at the shapes the loader asked for, and the bytes it left on the host ([`WeightStore::deferred`]).
+    planned: WeightBytes,
     /// Which linear layers [`Linear::load`](crate::nn::Linear::load) quantizes ([`WeightStore::quantize_linears`]).
     fp8: Option<Fp8Options>,
 }
@@ -59,6 +73,7 @@ impl WeightStore {
             ignored_prefixes: Vec::new(),
             dtype,
             device_bytes: 0,
+            planned: WeightBytes::default(),
             fp8: None,
         }
     }
@@ -191,6 +206,7 @@ impl WeightStore {
             B::upload(data, device)
         };
         self.device_bytes += t.shape().num_elements() * self.dtype.size();
+        self.planned.device += (expected.iter().product::<usize>() * self.dtype.size()) as u64;
         Ok(t)
     }
 
@@ -208,13 +224,32 @@ impl WeightStore {
             }
         };
         self.used.insert(key.to_string());
+        self.planned.host += (expected.iter().product::<usize>() * dtype.size()) as u64;
         Ok(t)
     }
 
-    /// Bytes of the tensors this store has put on a device so far ([`WeightStore::tensor`]; none for the
+    /// Bytes of the weights this store's loads have put on a device so far, counted from the tensors made
+    /// ([`WeightStore::tensor`] and the FP8 weights of [`Linear::load`](crate::nn::Linear::load); none for the
     /// [deferred](WeightStore::deferred) ones, nor for the empty tensors of a shape-only store).
     pub fn device_bytes(&self) -> usize {
         self.device_bytes
+    }
+
+    /// The weight bytes of this store's loads so far at the shapes the loaders asked for: on the device (in the
+    /// store's dtype, FP8 layers at one byte per weight plus an f32 scale per row) and left on the host. On a
+    /// [shape-only](WeightStore::shape_only) store this is what the same load from files would hold, without
+    /// allocating anything (the memory plan's weight part).
+    pub fn planned_bytes(&self) -> WeightBytes {
+        self.planned
+    }
+
+    /// Counts a linear weight a loader put on the device outside [`WeightStore::tensor`] (an FP8 weight):
+    /// `planned` bytes at the asked shape, `actual` bytes of the tensors made, and `from_host` bytes that were
+    /// counted as left on the host when its source was [deferred](WeightStore::deferred).
+    pub(crate) fn count_placed(&mut self, from_host: u64, planned: u64, actual: usize) {
+        self.planned.host -= from_host.min(self.planned.host);
+        self.planned.device += planned;
+        self.device_bytes += actual;
     }
 
     /// The value of the scalar `key`: a 0-d or one-element tensor of a float or integer dtype (e.g. a LoRA's

@@ -1,0 +1,106 @@
+//! The memory plan (issue 13, item 4): its weight part against real loads and the published parameter counts, and
+//! `MemoryMode::Low` on the tiny demo model.
+
+use std::path::PathBuf;
+
+use burn::tensor::DType;
+use qwen_image::{dit::ModulationMode, CpuBackend};
+use qwen_image_pipeline::{
+    demo, memory_plan::GIB, plan_request, ComponentWeights, EditRequest, LoadOptions, MemoryMode, NoProgress,
+    QwenImageEditPipeline, Snapshot,
+};
+use qwen_image_pruning::ScheduleSpec;
+
+type B = CpuBackend;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qwen-memory-plan-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn request() -> EditRequest {
+    let mut req = EditRequest::new(vec![demo::sample_image().unwrap()], "Make it purple");
+    req.areas = demo::demo_areas();
+    req.num_steps = 3;
+    req
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn the_planned_weights_are_the_loaded_weights_and_low_memory_edits_like_resident() {
+    let root = demo::write_demo_snapshot(&tmp("tiny")).unwrap();
+    let snapshot = Snapshot::open(&root).unwrap();
+    let spec: ScheduleSpec = "cat".parse().unwrap();
+    let mut latents = Vec::new();
+    for (memory, dtype) in
+        [(MemoryMode::Resident, DType::F32), (MemoryMode::Low, DType::F32), (MemoryMode::Low, DType::BF16)]
+    {
+        let options = LoadOptions { memory, dtype, ..LoadOptions::default() };
+        let planned = ComponentWeights::plan(&snapshot, &options.resolved().unwrap()).unwrap();
+        let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(
+            snapshot.clone(),
+            &options,
+            &Default::default(),
+            &mut NoProgress,
+        )
+        .unwrap();
+        assert_eq!(planned, pipe.weight_bytes(), "{memory:?} {dtype:?}");
+        assert!(planned.transformer.host > 0 && planned.vae.device > 0);
+        let plan = plan_request(&snapshot, &request(), &spec, &options).unwrap();
+        assert_eq!(plan.weights, planned);
+        assert!(plan.cache_bytes > 0, "cat caches the condition image");
+        let out = pipe.edit(&request(), &spec, &mut NoProgress).unwrap();
+        if dtype == DType::F32 {
+            latents.push(out.latents);
+        }
+    }
+    let low = ComponentWeights::plan(
+        &snapshot,
+        &LoadOptions { memory: MemoryMode::Low, ..LoadOptions::default() }.resolved().unwrap(),
+    )
+    .unwrap();
+    let resident = ComponentWeights::plan(&snapshot, &LoadOptions::default()).unwrap();
+    assert!(low.transformer.device < resident.transformer.device);
+    assert!(low.text_encoder.device < resident.text_encoder.device);
+    let err = rel_l2(&latents[1], &latents[0]);
+    println!("low-memory vs resident, tiny demo, f32, 3 steps `cat`: final latents rel. L2 {err:.3e}");
+    assert!(err > 0.0 && err < 0.1, "{err}");
+}
+
+#[test]
+fn the_full_size_weights_match_the_published_parameter_counts() {
+    let root = demo::DemoSize::Full.write_snapshot(&tmp("full")).unwrap();
+    let snapshot = Snapshot::open(&root).unwrap();
+    let bf16 = |memory, modulation| {
+        let options = LoadOptions { dtype: DType::BF16, memory, modulation, ..LoadOptions::default() };
+        ComponentWeights::plan(&snapshot, &options.resolved().unwrap()).unwrap()
+    };
+    let resident = bf16(MemoryMode::Resident, ModulationMode::Resident);
+    // /work/shared/reference/checkpoint_facts.md: DiT 20,430,401,088 parameters; text encoder 7,747,169,280
+    // without lm_head.
+    assert_eq!(resident.transformer.device, 40_860_802_176);
+    assert_eq!(resident.text_encoder.device, 2 * 7_747_169_280);
+    let table = bf16(MemoryMode::Resident, ModulationMode::Table);
+    assert_eq!(table.transformer.device + table.transformer.host, 40_860_802_176);
+    let low = bf16(MemoryMode::Low, ModulationMode::Table);
+    println!(
+        "full size, bf16: resident {:.2} GiB, table {:.2} GiB, low {:.2} GiB (VAE {} bytes)",
+        resident.device() as f64 / GIB as f64,
+        table.device() as f64 / GIB as f64,
+        low.device() as f64 / GIB as f64,
+        resident.vae.device
+    );
+    let options = LoadOptions {
+        memory: MemoryMode::Low,
+        modulation: ModulationMode::Resident,
+        ..LoadOptions::default()
+    };
+    let err = options.resolved().unwrap_err().to_string();
+    assert!(err.contains("modulation"), "{err}");
+}
