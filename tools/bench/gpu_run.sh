@@ -33,7 +33,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c 'import diffusers' 2>/dev/null;
 fi
 if has tests; then
   echo "== GPU tests"; : > "$OUT/tests.log"
-  for t in gpu_fast_ops gpu_models; do
+  for t in gpu_fast_ops gpu_models gpu_region; do
     timeout ${TEST_TIMEOUT:-300} .dev/$t --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
     echo "$t exit $?"
   done
