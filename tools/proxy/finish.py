@@ -84,6 +84,8 @@ class Finish:
         self.demo_png = (self.scratch / "proxy_demo.png") if self.scratch else ROOT / "docs/images/proxy_demo.png"
         self.readme_path = (base / "snapshots_README.md") if self.scratch else self.snapshots / "README.md"
         self.env = dict(os.environ)
+        for var in ("QWEN_IMAGE_PROXY_SNAPSHOTS", "QWEN_IMAGE_PROXY_FIXTURES"):  # only what this run sets counts
+            self.env.pop(var, None)
         if self.scratch:
             self.env["QWEN_IMAGE_PROXY_SNAPSHOTS"] = str(self.snapshots)
             self.env["QWEN_IMAGE_PROXY_FIXTURES"] = str(self.fixture_dir)
