@@ -37,8 +37,13 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The fixture folder: `tests/fixtures/proxy`, or `$QWEN_IMAGE_PROXY_FIXTURES` (a scratch folder of
+/// `tools/proxy/fixtures.py --out`, with `heldout/` beside the fixtures, as `tools/proxy/finish.py --scratch` writes).
 fn dir() -> PathBuf {
-    root().join("tests/fixtures/proxy")
+    match std::env::var_os("QWEN_IMAGE_PROXY_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => root().join("tests/fixtures/proxy"),
+    }
 }
 
 fn fixture() -> Value {
