@@ -17,6 +17,10 @@ OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
 STAGES=${*:-tests kernels dit torch}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# cuDNN 9 for the VAE's convolutions (fast-path kind `conv`): PyTorch's wheel ships it; without it they run as
+# im2col GEMMs (logged once, shown in the fast-path report).
+CUDNN_LIB=$(python3 -c 'import os, nvidia.cudnn as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)
+[ -n "$CUDNN_LIB" ] && [ -d "$CUDNN_LIB" ] && export LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH && echo "cuDNN: $CUDNN_LIB"
 export PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # Binaries travel xz-compressed (the carried tree is limited to 64 MiB).
