@@ -114,6 +114,19 @@ impl QuantizeArgs {
         }
     }
 
+    /// `options` with the FP8 options and the memory mode these arguments ask for: the one place every command
+    /// (edit, demo, eval, serve) applies them.
+    pub fn apply(
+        &self,
+        options: qwen_image_pipeline::LoadOptions,
+    ) -> Result<qwen_image_pipeline::LoadOptions, crate::CliError> {
+        Ok(qwen_image_pipeline::LoadOptions {
+            fp8: self.fp8_options()?,
+            memory: self.memory_mode(),
+            ..options
+        })
+    }
+
     /// The memory mode `--low-memory` asks for.
     pub fn memory_mode(&self) -> qwen_image_pipeline::MemoryMode {
         if self.low_memory {

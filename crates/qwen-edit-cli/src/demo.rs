@@ -130,11 +130,7 @@ fn load_and_edit<B: QwenBackend>(
     let layers = snapshot.dit_config()?.num_layers;
     check_schedule(&input.schedule, input.request.num_steps, layers, input.request.images.len())
         .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
-    let options = qwen_image_pipeline::LoadOptions {
-        fp8: args.quantize.fp8_options()?,
-        memory: args.quantize.memory_mode(),
-        ..model.load_options(crate::dtype_for(args.dtype, args.device))
-    };
+    let options = args.quantize.apply(model.load_options(crate::dtype_for(args.dtype, args.device)))?;
     if args.dry_run {
         return crate::run::dry_run(&snapshot, &options, 1, Some((&input.request, &input.schedule)), out);
     }

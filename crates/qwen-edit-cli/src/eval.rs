@@ -182,11 +182,8 @@ fn load<B: QwenBackend>(
             format!("{} is a {:?} snapshot, not {variant:?}", root.display(), snapshot.variant).into()
         );
     }
-    let options = qwen_image_pipeline::LoadOptions {
-        fp8: args.quantize.fp8_options()?,
-        memory: args.quantize.memory_mode(),
-        ..qwen_image_proxy::load_options(crate::dtype_for(args.dtype, args.device))
-    };
+    let options =
+        args.quantize.apply(qwen_image_proxy::load_options(crate::dtype_for(args.dtype, args.device)))?;
     Ok(QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut NoProgress)?)
 }
 

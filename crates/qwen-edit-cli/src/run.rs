@@ -170,7 +170,7 @@ fn load_options(args: &Args) -> Result<LoadOptions, CliError> {
         (SchedulerArg::Lightning, _) | (SchedulerArg::Auto, false) => SchedulerChoice::Lightning,
         _ => SchedulerChoice::Snapshot,
     };
-    Ok(LoadOptions {
+    args.quantize.apply(LoadOptions {
         dtype,
         loras: crate::lora_options(&args.lora, args.lora_scale),
         scheduler,
@@ -180,8 +180,7 @@ fn load_options(args: &Args) -> Result<LoadOptions, CliError> {
         },
         vae_tiling: args.vae_tiling.then(Default::default),
         modulation: crate::modulation_mode(args.modulation),
-        fp8: args.quantize.fp8_options()?,
-        memory: args.quantize.memory_mode(),
+        ..LoadOptions::default()
     })
 }
 

@@ -202,12 +202,10 @@ fn served_model(args: &ServeArgs) -> Result<Served, CliError> {
     let dtype = crate::dtype_for(args.dtype, args.device);
     Ok(Served {
         model: root.to_string_lossy().into_owned(),
-        options: LoadOptions {
+        options: args.quantize.apply(LoadOptions {
             modulation: crate::modulation_mode(args.modulation),
-            fp8: args.quantize.fp8_options()?,
-            memory: args.quantize.memory_mode(),
             ..demo.load_options(dtype)
-        },
+        })?,
         areas: demo.areas(),
         steps: args.steps.unwrap_or(demo.steps()),
         demo_dir: Some(dir),
@@ -278,13 +276,11 @@ fn http_config(args: &ServeArgs, model_name: String, served: &Served) -> Result<
 }
 
 fn load_options(args: &ServeArgs) -> Result<LoadOptions, CliError> {
-    Ok(LoadOptions {
+    args.quantize.apply(LoadOptions {
         dtype: crate::dtype_for(args.dtype, args.device),
         loras: crate::lora_options(&args.lora, args.lora_scale),
         scheduler: if args.lora.is_empty() { SchedulerChoice::Snapshot } else { SchedulerChoice::Lightning },
         modulation: crate::modulation_mode(args.modulation),
-        fp8: args.quantize.fp8_options()?,
-        memory: args.quantize.memory_mode(),
         ..LoadOptions::default()
     })
 }
