@@ -174,7 +174,8 @@ fn the_fp8_dit_stays_close_to_the_unquantized_one() {
 #[test]
 fn the_keep_list_decides_which_layers_are_fp8_and_the_dry_run_plan_agrees() {
     let config = load(&plain(), DType::F32, &Default::default()).config;
-    for (keep, fp8_layers) in [(None, 33), (Some(&[][..]), 48), (Some(&["attn", "img_in"][..]), 48 - 1 - 24)]
+    // `txt_in` (24 inputs) does not fit the FP8 GEMM and stays dense whatever the keep list says.
+    for (keep, fp8_layers) in [(None, 33), (Some(&[][..]), 47), (Some(&["attn", "img_in"][..]), 48 - 2 - 24)]
     {
         let options = DitLoadOptions { modulation: ModulationMode::Resident, ..fp8(keep) };
         let loaded = load(&plain(), DType::BF16, &options).linear_weights();

@@ -82,7 +82,8 @@ impl<B: QwenBackend> LinearWeight<B> {
     }
 
     /// Loads `{path}.weight` `[out, in]`: quantized to FP8 when the store's FP8 options name this layer
-    /// ([`WeightStore::quantize_linears`](crate::weights::WeightStore::quantize_linears)), kept as the checkpoint
+    /// ([`WeightStore::quantize_linears`](crate::weights::WeightStore::quantize_linears)) and its shape
+    /// [fits the FP8 GEMM](crate::quant::fits_fp8_gemm), kept as the checkpoint
     /// stores it when that is already FP8 ([`WeightStore::prequantized`](crate::weights::WeightStore::prequantized);
     /// dequantized if the options keep the layer dense), else dense in the store's dtype.
     fn load(path: &mut WeightPath<'_>, shape: [usize; 2], device: &B::Device) -> Result<Self> {
@@ -98,7 +99,7 @@ impl<B: QwenBackend> LinearWeight<B> {
             return Ok(weight);
         }
         Ok(match fp8 {
-            Some(true) => {
+            Some(true) if crate::quant::fits_fp8_gemm(shape) => {
                 let weight =
                     LinearWeight::Fp8(Fp8Weight::from_source(path.deferred("weight", &shape)?, device)?);
                 let from_host = (shape[0] * shape[1] * dtype.size()) as u64;

@@ -97,7 +97,7 @@ pub(crate) fn dense_fp8_prim(
     })?;
     let (m, k, n) = (xd[0] * xd[1], xd[2], wd[0]);
     // cuBLASLt's FP8 GEMMs need 16-byte aligned leading dimensions: K bytes of e4m3, N bf16 outputs.
-    require(m > 0 && k % 16 == 0 && n % 8 == 0 && n > 0, || format!("GEMM {m}×{n}×{k}"))?;
+    require(m > 0 && crate::quant::fits_fp8_gemm([n, k]), || format!("GEMM {m}×{n}×{k}"))?;
     let bias = bias.map(|b| dense_bias(b, n)).transpose()?;
     // SAFETY: only reads the version of the loaded cuBLASLt library.
     let version = unsafe { lt_sys::cublasLtGetVersion() };

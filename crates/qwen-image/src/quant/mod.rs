@@ -24,3 +24,28 @@ mod weight;
 pub use options::{Fp8Options, DEFAULT_KEEP};
 pub use summary::LinearWeightSummary;
 pub use weight::Fp8Weight;
+
+/// Whether a linear layer of `shape` (`[out, in]`) is quantized when its options ask for it: the FP8 GEMM of the CUDA
+/// fast path (cuBLASLt) needs 16-byte aligned leading dimensions, `in` e4m3 bytes and `out` bf16 outputs. A layer of
+/// another shape (the Qwen2.5-VL vision MLP's 3420 features) stays in the model's dtype on every backend: on a GPU it
+/// would otherwise run the portable emulation, which quantizes every activation on the host (the first full-size
+/// `--low-memory` edit did not finish in 80 s on an H100), and on the CPU the numbers stay those a GPU gives.
+pub fn fits_fp8_gemm([out, inp]: [usize; 2]) -> bool {
+    out > 0 && inp > 0 && out % 8 == 0 && inp % 16 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits_fp8_gemm;
+
+    #[test]
+    fn only_gemm_aligned_shapes_are_quantized() {
+        // The DiT's and the language model's layers fit; the vision MLP's 3420 features do not, either way round.
+        for fits in [[3072, 3072], [12288, 3072], [3072, 12288], [18944, 3584], [3840, 1280], [8, 16]] {
+            assert!(fits_fp8_gemm(fits), "{fits:?}");
+        }
+        for unfit in [[3420, 1280], [1280, 3420], [32, 24], [12, 16], [0, 16], [8, 0]] {
+            assert!(!fits_fp8_gemm(unfit), "{unfit:?}");
+        }
+    }
+}
