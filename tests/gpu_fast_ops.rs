@@ -15,11 +15,11 @@ mod gpu_support;
 
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use gpu_support::{
-    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, ATTENTION, FP8, G,
-    GEMM, GLUE,
+    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, ATTENTION, CONV, FP8,
+    G, GEMM, GLUE,
 };
 use qwen_image::{
-    cuda::{self, FlashKernel},
+    cuda::{self, FastOps, FastPathConfig, FlashKernel},
     ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
     quant::Fp8Weight,
     tensor_io::{rel_l2, to_f32_vec},
@@ -434,7 +434,7 @@ fn interleaved_burn_and_fast_ops_stay_ordered() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The VAE: convolutions and its 384-wide attention lowered to cuBLASLt GEMMs
+// The VAE: convolutions through cuDNN or lowered to cuBLASLt GEMMs, its 384-wide attention lowered to GEMMs
 
 /// A GPU tensor's values as a CPU (Flex, f32) tensor of the same shape.
 fn to_cpu<const D: usize>(t: Tensor<G, D>) -> Tensor<CpuBackend, D> {
@@ -445,29 +445,37 @@ fn to_cpu<const D: usize>(t: Tensor<G, D>) -> Tensor<CpuBackend, D> {
 #[test]
 fn vae_convolutions_and_wide_attention_use_gemms() {
     let _g = setup();
-    // (batch, in, out, h, w, kernel, stride, pad): 3×3 "same" at a VAE width, 1×1, the stride-2 downsampler on an
-    // odd size, the RGB input convolution (27 im2col columns).
-    for (n, c, o, h, w, k, s, p) in [
-        (1, 96, 96, 64, 48, 3, 1, 1),
-        (2, 64, 32, 17, 9, 1, 1, 0),
-        (1, 32, 32, 33, 33, 3, 2, 0),
-        (1, 3, 96, 40, 40, 3, 1, 1),
-    ] {
-        let (x, weight, bias) = (randn([n, c, h, w], 1.0), randn([o, c, k, k], 0.1), randn([o], 0.1));
-        reset_stats();
-        let fast = G::conv2d_nchw(x.clone(), &weight, &bias, s, p);
-        assert!(stats()[GEMM].calls > 0, "the convolution did not run a cuBLASLt GEMM");
-        let want = portable::conv2d(to_cpu(x), &to_cpu(weight), &to_cpu(bias), s, p);
-        let got = to_f32_vec(fast.clone());
-        assert_eq!(fast.dims(), want.dims());
-        let err = rel_l2(&got, &want.into_data().to_vec::<f32>().unwrap());
-        println!("{:60} rel L2 {err:.2e}", format!("conv2d_nchw {n}x{c}x{h}x{w} -> {o}, k{k} s{s} p{p}"));
-        assert!(
-            err <= 2e-2 && got.iter().all(|v| v.is_finite()),
-            "conv {:?}: {err:.3e}",
-            (n, c, o, h, w, k, s, p)
-        );
+    // The convolutions through cuDNN (needs libcudnn.so.9 on LD_LIBRARY_PATH), then lowered to GEMMs (cuDNN off).
+    for (path, kind, ops) in
+        [("cuDNN", CONV, FastOps::ALL), ("im2col GEMM", GEMM, FastOps { conv: false, ..FastOps::ALL })]
+    {
+        cuda::configure(&dev(), FastPathConfig { ops, ..cuda::config(&dev()) }).expect("configuration");
+        // (batch, in, out, h, w, kernel, stride, pad): 3×3 "same" at a VAE width, 1×1, the stride-2 downsampler on
+        // an odd size, the RGB input convolution (27 im2col columns).
+        for (n, c, o, h, w, k, s, p) in [
+            (1, 96, 96, 64, 48, 3, 1, 1),
+            (2, 64, 32, 17, 9, 1, 1, 0),
+            (1, 32, 32, 33, 33, 3, 2, 0),
+            (1, 3, 96, 40, 40, 3, 1, 1),
+        ] {
+            let (x, weight, bias) = (randn([n, c, h, w], 1.0), randn([o, c, k, k], 0.1), randn([o], 0.1));
+            reset_stats();
+            let fast = G::conv2d_nchw(x.clone(), &weight, &bias, s, p);
+            assert_fast(
+                kind,
+                &format!("conv2d_nchw through {path} (cuDNN needs libcudnn.so.9 on LD_LIBRARY_PATH)"),
+            );
+            let want = portable::conv2d(to_cpu(x), &to_cpu(weight), &to_cpu(bias), s, p);
+            let got = to_f32_vec(fast.clone());
+            assert_eq!(fast.dims(), want.dims());
+            let err = rel_l2(&got, &want.into_data().to_vec::<f32>().unwrap());
+            let what = format!("conv2d_nchw {path} {n}x{c}x{h}x{w} -> {o}, k{k} s{s} p{p}");
+            println!("{what:60} rel L2 {err:.2e}");
+            assert!(err <= 2e-2 && got.iter().all(|v| v.is_finite()), "{what}: {err:.3e}");
+        }
     }
+    cuda::configure(&dev(), FastPathConfig { ops: FastOps::ALL, ..cuda::config(&dev()) })
+        .expect("configuration");
     // The mid-block attention: one 384-wide head over the latent pixels.
     let q = randn([1, 1024, 1, 384], 1.0);
     let segs = segments(1, &[1024], 1, 384);

@@ -11,7 +11,7 @@ mod gpu_support;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Tensor, TensorData};
-use gpu_support::{assert_fast, dev, randn, reset_stats, setup, stats, FP8, G, GLUE};
+use gpu_support::{assert_fast, dev, randn, reset_stats, setup, stats, ATTENTION, CONV, FP8, G, GEMM, GLUE};
 use qwen_image::{
     dit::{DitConfig, DitInput, DitLoadOptions, ImageShape, ModulationMode, QwenImageTransformer},
     ops::QwenBackend,
@@ -45,9 +45,12 @@ fn tiny_dit_on_the_gpu_matches_the_cpu() {
         let calls: Vec<u64> = s.iter().map(|k| k.calls).collect();
         let fallbacks: Vec<u64> = s.iter().map(|k| k.fallbacks).collect();
         println!("{case}: fast-path calls {calls:?}, fallbacks {fallbacks:?}");
-        // GEMMs, attention and glue ran fast; no FP8 layer here.
+        // GEMMs, attention and glue ran fast; no FP8 layer and no convolution here.
         assert!(
-            calls[..3].iter().all(|&c| c > 0) && fallbacks == [0; 4] && calls[3] == 0,
+            [GEMM, ATTENTION, GLUE].iter().all(|&k| calls[k] > 0)
+                && fallbacks.iter().all(|&f| f == 0)
+                && calls[FP8] == 0
+                && calls[CONV] == 0,
             "{case}: not all on the fast path: {s:?}"
         );
         let cpu = QwenImageTransformer::<CpuBackend>::load(
@@ -206,10 +209,10 @@ fn tiny_vae_on_the_gpu_matches_the_cpu() {
         &Default::default(),
     )
     .unwrap();
-    let (g, c) = (
-        qwen_image_edit::reference::vae_file(&gpu, &inputs, None).unwrap(),
-        qwen_image_edit::reference::vae_file(&cpu, &inputs, None).unwrap(),
-    );
+    reset_stats();
+    let g = qwen_image_edit::reference::vae_file(&gpu, &inputs, None).unwrap();
+    assert_fast(CONV, "tiny VAE convolutions through cuDNN (needs libcudnn.so.9 on LD_LIBRARY_PATH)");
+    let c = qwen_image_edit::reference::vae_file(&cpu, &inputs, None).unwrap();
     for ((name, got, _), (_, want, _)) in g.into_iter().zip(c) {
         let err = rel_l2(&got, &want);
         println!("tiny VAE {name}: GPU vs CPU (bf16) rel L2 {err:.2e}");

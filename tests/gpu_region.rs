@@ -65,10 +65,13 @@ fn target_subsets_on_the_gpu_match_the_full_pass_and_the_cpu() {
             let (full, sub) = full_then_subset(&gpu, &gpu_input, mode);
             let stats =
                 CudaBackend::fast_path_report(&dev).expect("the CUDA backend reports its fast path").kinds;
-            let (calls, fallbacks): (Vec<u64>, Vec<u64>) =
-                stats.iter().map(|k| (k.calls, k.fallbacks)).unzip();
-            assert!(calls.iter().all(|&c| c > 0), "{case} {mode:?}: not all on the fast path: {stats:?}");
-            assert!(fallbacks.iter().all(|&f| f == 0), "{case} {mode:?}: fallbacks {stats:?}");
+            // GEMMs, attention and glue ran fast (a bf16 DiT has no FP8 layer and no convolution); nothing fell back.
+            let ran = |kind: &str| stats.iter().any(|k| k.kind == kind && k.calls > 0);
+            assert!(
+                ["gemm", "attention", "glue"].into_iter().all(ran),
+                "{case} {mode:?}: not all on the fast path: {stats:?}"
+            );
+            assert!(stats.iter().all(|k| k.fallbacks == 0), "{case} {mode:?}: fallbacks {stats:?}");
             let (_, cpu_sub) = full_then_subset(&cpu, &cpu_input, mode);
             assert!(sub.iter().all(|v| v.is_finite()), "{case} {mode:?}: non-finite outputs");
             let (vs_full, vs_cpu) = (rel_l2(&sub, &full), rel_l2(&sub, &cpu_sub));

@@ -21,13 +21,14 @@ static LOCK: Mutex<()> = Mutex::new(());
 
 /// Calls the references of the current test made with the fast path off, per kind: booked as fallbacks, they are
 /// not the fast path's (see [`portable_run`] and [`assert_fast`]).
-static REFERENCE_FALLBACKS: Mutex<[u64; 4]> = Mutex::new([0; 4]);
+static REFERENCE_FALLBACKS: Mutex<[u64; 5]> = Mutex::new([0; 5]);
 
 /// Kinds of operation in the order of the fast-path report.
 pub const GEMM: usize = 0;
 pub const ATTENTION: usize = 1;
 pub const GLUE: usize = 2;
 pub const FP8: usize = 3;
+pub const CONV: usize = 4;
 
 /// GPU 0, where every test runs.
 pub fn dev() -> CudaDevice {
@@ -48,7 +49,7 @@ pub fn setup() -> std::sync::MutexGuard<'static, ()> {
 /// Zeroes the device's counters (and this test's reference fallbacks).
 pub fn reset_stats() {
     cuda::reset_stats(&dev());
-    *REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner()) = [0; 4];
+    *REFERENCE_FALLBACKS.lock().unwrap_or_else(|e| e.into_inner()) = [0; 5];
 }
 
 /// The fast path's counters of GPU 0, per kind.

@@ -23,6 +23,8 @@
 //!     resolution, `2·base_dim` channels, with its output and the last block's residual and normalized copies
 //!     (`H·W·(2 + 1 + 2)·base_dim`), or the mid-block attention's scores (`2 · L²` for `L = H·W/64` latent pixels),
 //!     whichever is larger; the encode likewise at its input size.
+//! - **Convolution workspace**: cuDNN's scratch for the VAE's convolutions, at most [`CONV_WORKSPACE`] (the limit
+//!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages.
 //! - **Runtime**: the CUDA context, cuBLASLt's workspace and the allocator's slack, a constant
 //!   ([`RUNTIME_OVERHEAD`], from the H100 measurement of the DiT alone: 28.7 GiB used with 25.4 GiB of weights).
 //! - The stages run one after the other and every network stays resident (also under [`MemoryMode::Low`], where the
@@ -53,6 +55,10 @@ pub const LOW_MEMORY_TARGET: u64 = 22 * GIB;
 pub const LOW_MEMORY_CACHE_BUDGET: u64 = 2 * GIB;
 /// CUDA context, cuBLASLt workspace and allocator slack (see the module docs).
 pub const RUNTIME_OVERHEAD: u64 = 3 * GIB;
+
+/// The most workspace a VAE convolution takes on the CUDA fast path: cuDNN algorithms that need more are not
+/// considered (`qwen_image::cuda::conv`'s `WORKSPACE_MAX`).
+pub const CONV_WORKSPACE: u64 = 256 << 20;
 
 /// Weight bytes of the three networks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -291,7 +297,8 @@ impl MemoryPlan {
         let te = s * lm.max(tower);
         let untiled = vae_bytes(configs.vae, shape.output, s);
         let weights_device = weights.device();
-        let fits = weights_device + shape.cache_bytes + untiled + RUNTIME_OVERHEAD <= LOW_MEMORY_TARGET;
+        let fits = weights_device + shape.cache_bytes + untiled + CONV_WORKSPACE + RUNTIME_OVERHEAD
+            <= LOW_MEMORY_TARGET;
         let vae_tiled = options.vae_tiling.is_some() || (options.memory == MemoryMode::Low && !fits);
         let tile = options.vae_tiling.unwrap_or_default();
         let per_tile = |(w, h): (u32, u32)| {
@@ -309,9 +316,9 @@ impl MemoryPlan {
         };
         let stages = vec![
             stage("encode prompt", te, 0),
-            stage("encode image", per_tile(shape.vae_input), 0),
+            stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
             stage("denoise", dit, shape.cache_bytes),
-            stage("decode", per_tile(shape.output), shape.cache_bytes),
+            stage("decode", per_tile(shape.output) + CONV_WORKSPACE, shape.cache_bytes),
         ];
         let peak_bytes = stages.iter().map(|p| p.total_bytes).max().unwrap_or(base);
         MemoryPlan {

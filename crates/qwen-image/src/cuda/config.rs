@@ -124,15 +124,18 @@ pub struct FastOps {
     /// FP8: the e4m3 quantization kernel (`quantize_fp8`) and cuBLASLt FP8 GEMMs with per-row/column scales
     /// (`dense_fp8`, `dense_fp8_gelu_tanh`; cuBLASLt 12.9+, sm_89+).
     pub fp8: bool,
+    /// The VAE's convolutions (`conv2d_nchw`) through cuDNN; when cuDNN is missing or this is off they are lowered
+    /// to cuBLASLt GEMMs over an im2col copy (with `gemm` on), else burn's own convolution.
+    pub conv: bool,
 }
 
 impl FastOps {
     /// Everything on (the default).
-    pub const ALL: FastOps = FastOps { gemm: true, attention: true, glue: true, fp8: true };
+    pub const ALL: FastOps = FastOps { gemm: true, attention: true, glue: true, fp8: true, conv: true };
     /// Everything off: burn's own kernels only.
-    pub const NONE: FastOps = FastOps { gemm: false, attention: false, glue: false, fp8: false };
+    pub const NONE: FastOps = FastOps { gemm: false, attention: false, glue: false, fp8: false, conv: false };
 
-    /// Parses a comma-separated list of `gemm`, `attention` (or `attn`), `glue`, `fp8`, or `all` / `none`.
+    /// Parses a comma-separated list of `gemm`, `attention` (or `attn`), `glue`, `fp8`, `conv`, or `all` / `none`.
     pub fn parse(s: &str) -> Option<FastOps> {
         let mut ops = FastOps::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -143,6 +146,7 @@ impl FastOps {
                 "attention" | "attn" => ops.attention = true,
                 "glue" => ops.glue = true,
                 "fp8" => ops.fp8 = true,
+                "conv" => ops.conv = true,
                 _ => return None,
             }
         }
@@ -257,7 +261,7 @@ mod tests {
             ("QWEN_CUDA_CACHE_DIR", "/c"),
         ]);
         let want = FastPathConfig {
-            ops: FastOps { gemm: true, attention: true, glue: false, fp8: false },
+            ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
             flash_kernel: FlashKernel::Wgmma,
             ordering: OrderingMode::HostSync,
             gemm_autotune: GemmAutotune::Verbose,
@@ -271,6 +275,7 @@ mod tests {
     #[test]
     fn values_keep_their_meaning() {
         assert_eq!(env(&[("QWEN_CUDA_FAST", "none")]).fast_path.ops, FastOps::NONE);
+        assert_eq!(env(&[("QWEN_CUDA_FAST", "conv")]).fast_path.ops, FastOps { conv: true, ..FastOps::NONE });
         assert_eq!(env(&[("QWEN_GEMM_AUTOTUNE", "0")]).fast_path.gemm_autotune, GemmAutotune::Off);
         assert_eq!(env(&[("QWEN_GEMM_AUTOTUNE", "off")]).fast_path.gemm_autotune, GemmAutotune::Off);
         assert_eq!(env(&[("QWEN_CUDA_ORDERING", "host")]).fast_path.ordering, OrderingMode::HostSync);

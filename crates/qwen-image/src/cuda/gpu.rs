@@ -11,6 +11,7 @@ use cudarc::driver::{result, sys, CudaContext};
 
 use super::{
     config::{FastPathConfig, OrderingMode},
+    conv::Dnn,
     error::FastError,
     gemm::Blas,
     nvrtc::KernelCache,
@@ -56,9 +57,11 @@ pub(crate) struct GpuState {
     kernels: KernelCache,
     /// cuBLASLt, created on first use.
     pub(crate) blas: Option<Blas>,
+    /// cuDNN (the VAE's convolutions), created on first use.
+    pub(crate) dnn: Option<Dnn>,
 }
 
-// SAFETY: the raw CUDA handles (stream, events, modules, functions, cuBLASLt handle and descriptors) are plain
+// SAFETY: the raw CUDA handles (stream, events, modules, functions, cuBLASLt and cuDNN handles and descriptors) are plain
 // driver handles, valid in any thread once the context is bound there. The state is only reached through the
 // registry's mutex, and `with_gpu` binds the context to the calling thread before handing it out, so it is used by
 // one thread at a time with its context current.
@@ -90,6 +93,7 @@ impl GpuState {
             cc,
             kernels: KernelCache::default(),
             blas: None,
+            dnn: None,
         };
         if let Err(e) = gpu.set_ordering(ordering) {
             log::warn!(

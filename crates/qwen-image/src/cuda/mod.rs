@@ -37,10 +37,10 @@
 //!
 //! | variable | values (default first) | [`FastPathConfig`] field |
 //! |---|---|---|
-//! | `QWEN_CUDA_FAST` | `all`, `none`, or a comma list of `gemm`, `attention` (`attn`), `glue`, `fp8` | [`ops`](FastPathConfig::ops): the kinds of operation on the fast path |
+//! | `QWEN_CUDA_FAST` | `all`, `none`, or a comma list of `gemm`, `attention` (`attn`), `glue`, `fp8`, `conv` | [`ops`](FastPathConfig::ops): the kinds of operation on the fast path |
 //! | `QWEN_FLASH` | `auto` (`tma`), `tma-serial`, `wgmma`, `mma` | [`flash_kernel`](FastPathConfig::flash_kernel): the head-dim-128 attention kernel on Hopper |
 //! | `QWEN_CUDA_ORDERING` | `events` (`context`), `sync` (`host`) | [`ordering`](FastPathConfig::ordering): ordering against burn's queue |
-//! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape (`verbose`: and log the timings at `info` level) |
+//! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape, and cuDNN's convolution algorithms per shape (`verbose`: and log the timings at `info` level) |
 //! | `QWEN_CUDA_KERNEL_DIR` | unset, or a folder | [`kernel_dir`](FastPathConfig::kernel_dir): `<dir>/<module>.cu` replaces a built-in kernel source (tuning without a rebuild) |
 //! | `QWEN_CUDA_CACHE_DIR` | unset, or a folder | none (process-wide): where [`configure_runtime_caches`]`(None)` keeps burn's compiled kernels and autotune results ([`default_cache_dir`]) |
 //!
@@ -57,7 +57,9 @@
 //! `log::warn!` and reported, with the counters of calls, fallbacks and errors per kind, by
 //! [`QwenBackend::fast_path_report`]. Kernels are compiled with NVRTC on first use for the device's architecture
 //! (`sm_90a` on Hopper) and cached. At run time the fast path needs `libcuda`, `libnvrtc` and `libcublasLt` on the
-//! loader path (no CUDA headers).
+//! loader path (no CUDA headers), and cuDNN 9 (`libcudnn.so.9`) for the `conv` kind: without it the VAE's
+//! convolutions run as im2col + cuBLASLt GEMMs ([`lowered::conv2d`](crate::ops::lowered::conv2d)) after one logged
+//! error (see `conv.rs`).
 //!
 //! # Unsafe code
 //!
@@ -85,6 +87,7 @@ macro_rules! assert_layout {
 
 mod attention;
 mod config;
+mod conv;
 mod error;
 mod fp8;
 mod gemm;
@@ -264,13 +267,22 @@ impl QwenBackend for CudaBackend {
         stride: usize,
         pad: usize,
     ) -> Tensor<Self, 4> {
-        // One cuBLASLt GEMM over an im2col copy instead of burn's convolution kernels, which compile and autotune
-        // per shape on first use (minutes for the VAE at 1024²).
-        if enabled(x.device().index, Kind::Gemm) {
-            lowered::conv2d(x, weight, bias, stride, pad)
-        } else {
-            portable::conv2d(x, weight, bias, stride, pad)
-        }
+        // cuDNN, with the bias added by burn afterwards (as PyTorch does); else one cuBLASLt GEMM over an im2col
+        // copy instead of burn's convolution kernels, which compile and autotune per shape on first use (minutes for
+        // the VAE at 1024²).
+        let device = x.device();
+        let fast = |x: &Tensor<Self, 4>| {
+            let y: Tensor<Self, 4> =
+                wrap(conv::conv2d_prim(prim(x.clone()), prim(weight.clone()), stride, pad)?);
+            Ok(y + bias.clone().reshape([1, bias.dims()[0], 1, 1]))
+        };
+        fast_or(&device, Kind::Conv, x, fast, |x| {
+            if enabled(device.index, Kind::Gemm) {
+                lowered::conv2d(x, weight, bias, stride, pad)
+            } else {
+                portable::conv2d(x, weight, bias, stride, pad)
+            }
+        })
     }
 
     fn rms_norm_rope_cat(parts: &[NormRope<'_, Self>]) -> Tensor<Self, 4> {

@@ -22,10 +22,11 @@ pub(crate) enum Kind {
     Attention = 1,
     Glue = 2,
     Fp8 = 3,
+    Conv = 4,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Gemm, Kind::Attention, Kind::Glue, Kind::Fp8];
+    const ALL: [Kind; 5] = [Kind::Gemm, Kind::Attention, Kind::Glue, Kind::Fp8, Kind::Conv];
 
     /// The name in reports and logs.
     fn name(self) -> &'static str {
@@ -34,6 +35,7 @@ impl Kind {
             Kind::Attention => "attention",
             Kind::Glue => "glue",
             Kind::Fp8 => "fp8",
+            Kind::Conv => "conv",
         }
     }
 
@@ -43,6 +45,7 @@ impl Kind {
             Kind::Attention => ops.attention,
             Kind::Glue => ops.glue,
             Kind::Fp8 => ops.fp8,
+            Kind::Conv => ops.conv,
         }
     }
 }
@@ -61,7 +64,7 @@ struct KindState {
 /// One GPU's entry in the registry.
 struct DeviceState {
     config: FastPathConfig,
-    kinds: [KindState; 4],
+    kinds: [KindState; 5],
     /// Created on first use ([`with_gpu`]).
     gpu: Option<GpuState>,
 }
@@ -294,7 +297,7 @@ mod tests {
         let r = report(d.index);
         assert_eq!(r.backend, "cuda");
         let names: Vec<&str> = r.kinds.iter().map(|k| k.kind.as_str()).collect();
-        assert_eq!(names, ["gemm", "attention", "glue", "fp8"]);
+        assert_eq!(names, ["gemm", "attention", "glue", "fp8", "conv"]);
         let glue = kind(&r, "glue");
         assert_eq!((glue.calls, glue.fallbacks, glue.errors, glue.disabled), (0, 1, 0, true));
         assert!(glue.last_error.is_none());
