@@ -16,4 +16,7 @@ for name in gpu_fast_ops gpu_models gpu_region dit_bench pipeline_bench qwen-edi
   strip ".dev/$name" 2>/dev/null || true
   xz -T0 -3 -c ".dev/$name" > ".dev/bin/$name.xz"
 done
+# The GPU tests find their fixtures through the checkout path they were built in (CARGO_MANIFEST_DIR); gpu_run.sh
+# links that path to the carried tree when it differs.
+pwd > .dev/bin/BUILD_ROOT
 ls -la .dev/bin

@@ -36,6 +36,9 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c 'import diffusers' 2>/dev/null;
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if has tests; then
+  # The tests read fixtures under the checkout path they were built in (build_gpu.sh records it).
+  root=$(cat .dev/bin/BUILD_ROOT 2>/dev/null || true)
+  if [ -n "$root" ] && [ ! -e "$root/tests/fixtures" ]; then mkdir -p "$(dirname "$root")" && ln -sfn "$PWD" "$root"; fi
   echo "== GPU tests"; : > "$OUT/tests.log"
   for t in gpu_fast_ops gpu_models gpu_region; do
     timeout ${TEST_TIMEOUT:-300} .dev/$t --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
