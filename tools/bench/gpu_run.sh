@@ -7,6 +7,7 @@
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
+#   PACK=1 OUT=$OUT tools/bench/gpu_run.sh …              # on a device call: logs and JSON in $OUT/all.tar.gz
 #
 # `pipeline` runs pipeline_bench with --stages (each stage around the networks part by part; PIPE_ARGS adds more);
 # `stages` runs tools/bench/torch_stage_bench.py (PyTorch VAE, text encoder, encode_prompt, the PyTorch edit summed
@@ -110,4 +111,9 @@ fi
 if ls "$OUT"/*.json >/dev/null 2>&1; then
   python3 tools/bench/compare.py "$OUT/rust.json" "$OUT/torch.json" --pipeline "$OUT/pipeline.json" \
     --e2e "$OUT/e2e.json" --torch-stages "$OUT/torch_stages.json" --out "$OUT/combined.json" | tee "$OUT/table.md"
+fi
+# PACK=1: everything in one archive beside the table (a device call brings back at most 8 files from $OUT).
+if [ "${PACK:-0}" = 1 ]; then
+  tar -czf /tmp/gpu_out.tar.gz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name table.md -delete \
+    && mv /tmp/gpu_out.tar.gz "$OUT/all.tar.gz" && ls -la "$OUT"
 fi
