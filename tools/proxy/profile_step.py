@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_model as pm  # noqa: E402
-import train  # noqa: E402
+import train_data  # noqa: E402
+import train_dit  # noqa: E402
+import train_vae  # noqa: E402
 
 
 def timeit(fn, steps, device):
@@ -56,11 +58,11 @@ def main():
     plus = args.variant == "plus"
     tokenizer = pm.build_tokenizer()
     processor = pm.build_processor(tokenizer)
-    pool = train.generate_pool("train", args.variant, args.pool, 1)
+    pool = train_data.generate_pool("train", args.variant, args.pool, 1)
     pm.patch_causal_conv()
     pm.patch_text_encoder_fast(pm.vision_tokens_per_image(processor) * processor.image_processor.merge_size ** 2)
     if (Path(args.vae) / "vae_final.pt").exists():
-        vae, _ = train.load_vae(args.vae, device)
+        vae, _ = train_vae.load_vae(args.vae, device)
     else:
         vae = pm.build_vae(1).to(device).eval()
     vae.requires_grad_(False)
@@ -72,21 +74,21 @@ def main():
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda")
     params = [p for gr in opt.param_groups for p in gr["params"]]
     ema = [p.detach().clone() for p in params]
-    pool = train.to_device(train.tokenize_pool(pool, tokenizer, processor, plus), device)
+    pool = train_data.to_device(train_data.tokenize_pool(pool, tokenizer, processor, plus), device)
     g = torch.Generator(device).manual_seed(0)
     n_cond = 2 if plus else 1
     grp = torch.nonzero(pool["n_src"] == n_cond).flatten()
     idx = grp[torch.randint(0, len(grp), (args.batch,), device=device, generator=g)]
-    noop = torch.rand(args.batch, device=device, generator=g) < train.NOOP_FRACTION
+    noop = torch.rand(args.batch, device=device, generator=g) < train_data.NOOP_FRACTION
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, variant {args.variant}, "
           f"{n_cond} condition image(s); torch {torch.__version__}")
 
     b = args.batch
     res = {}
-    srcs = [train.render_u8(pool["src_obj"][idx, k], pool["src_bg"][idx, k]) for k in range(n_cond)]
+    srcs = [train_data.render_u8(pool["src_obj"][idx, k], pool["src_bg"][idx, k]) for k in range(n_cond)]
     res["render (sources + target)"] = timeit(
-        lambda: [train.render_u8(pool["src_obj"][idx, k], pool["src_bg"][idx, k]) for k in range(n_cond)]
-        + [train.render_u8(pool["tgt_obj"][idx], pool["tgt_bg"][idx])], args.steps, device)
+        lambda: [train_data.render_u8(pool["src_obj"][idx, k], pool["src_bg"][idx, k]) for k in range(n_cond)]
+        + [train_data.render_u8(pool["tgt_obj"][idx], pool["tgt_bg"][idx])], args.steps, device)
     all_imgs = torch.cat(srcs + [srcs[0]])
 
     def vae_enc():
@@ -100,7 +102,7 @@ def main():
     if hasattr(pm, "pixel_values_fast"):
         res[f"image processor, batched ({len(vl)} images)"] = timeit(
             lambda: pm.pixel_values_fast(processor, vl), args.steps, device)
-    batcher = train.Batcher(pool, tokenizer, processor, vae, plus, device)
+    batcher = train_data.Batcher(pool, tokenizer, processor, vae, plus, device)
     bt = batcher.batch(idx, noop)
 
     def te_fwd():
@@ -110,7 +112,7 @@ def main():
     res[f"text encoder forward (no grad, {bt['ids'].shape[1]} tokens)"] = timeit(te_fwd, args.steps, device)
 
     def fwd_bwd():
-        loss = train.dit_loss(dit, te, bt, g, device, True)
+        loss = train_dit.dit_loss(dit, te, bt, g, device, True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
@@ -131,7 +133,7 @@ def main():
     def make_step(batcher):
         def step():
             bt = batcher.batch(idx, noop)
-            loss = train.dit_loss(dit, te, bt, g, device, True)
+            loss = train_dit.dit_loss(dit, te, bt, g, device, True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt_step()
@@ -140,11 +142,11 @@ def main():
     import inspect
 
     variants = [("per-step render + VAE + HF processor (cache off)", {})]
-    if "cache" in inspect.signature(train.Batcher.__init__).parameters:
+    if "cache" in inspect.signature(train_data.Batcher.__init__).parameters:
         variants = [(variants[0][0], dict(cache=False)), ("pool cache on", dict(cache=True))]
     for name, kw in variants:
         t0 = time.perf_counter()
-        bat = train.Batcher(pool, tokenizer, processor, vae, plus, device, **kw)
+        bat = train_data.Batcher(pool, tokenizer, processor, vae, plus, device, **kw)
         setup = time.perf_counter() - t0
         per = timeit(make_step(bat), args.steps, device)
         print(f"whole step, {name}: {per * 1000:.1f} ms (set-up {setup:.1f} s for a pool of {args.pool})")
@@ -153,7 +155,7 @@ def main():
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         for name, kw in variants:
-            bat = train.Batcher(pool, tokenizer, processor, vae, plus, device, **kw)
+            bat = train_data.Batcher(pool, tokenizer, processor, vae, plus, device, **kw)
             step = make_step(bat)
             step()
             with profile(activities=acts) as prof:

@@ -29,7 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_model as pm  # noqa: E402
-import train  # noqa: E402
+import train_data  # noqa: E402
+import train_dit  # noqa: E402
+import train_vae  # noqa: E402
 
 V1 = Path("/work/proxy-trained-v1")
 VAE_WORK = Path("/work/main/.dev/proxy/work")
@@ -41,7 +43,7 @@ def setup(variant):
     processor = pm.build_processor(tokenizer)
     pm.patch_causal_conv()
     pm.patch_text_encoder_fast(pm.vision_tokens_per_image(processor) * processor.image_processor.merge_size ** 2)
-    vae, _ = train.load_vae(VAE_WORK, CPU)
+    vae, _ = train_vae.load_vae(VAE_WORK, CPU)
     vae.requires_grad_(False)
     return tokenizer, processor, vae
 
@@ -51,14 +53,14 @@ def prep(args):
     plus = args.variant == "plus"
     t0 = time.time()
     tasks = args.tasks.split(",") if args.tasks else [None]
-    parts = [train.generate_pool("train", args.variant, args.pool // len(tasks), 1, task=t) for t in tasks]
+    parts = [train_data.generate_pool("train", args.variant, args.pool // len(tasks), 1, task=t) for t in tasks]
     pool = {k: sum((p[k] for p in parts), []) if k == "texts" else np.concatenate([p[k] for p in parts])
             for k in parts[0]}
-    pool = train.to_device(train.tokenize_pool(pool, tokenizer, processor, plus), CPU)
-    batcher = train.Batcher(pool, tokenizer, processor, vae, plus, CPU)
-    val = train.val_set(args.variant, args.val, CPU)
-    val = train.to_device(train.tokenize_pool(val, tokenizer, processor, plus), CPU)
-    vb = train.Batcher(val, tokenizer, processor, vae, plus, CPU)
+    pool = train_data.to_device(train_data.tokenize_pool(pool, tokenizer, processor, plus), CPU)
+    batcher = train_data.Batcher(pool, tokenizer, processor, vae, plus, CPU)
+    val = train_data.val_set(args.variant, args.val, CPU)
+    val = train_data.to_device(train_data.tokenize_pool(val, tokenizer, processor, plus), CPU)
+    vb = train_data.Batcher(val, tokenizer, processor, vae, plus, CPU)
     torch.save({"variant": args.variant, "pool": pool, "pool_cache": batcher.cache_state(), "val": val,
                 "val_cache": vb.cache_state()}, args.cache)
     print(f"prep: {len(pool['texts'])} training edits, {len(val['texts'])} validation edits in "
@@ -71,7 +73,7 @@ def load_cache(path, tokenizer, processor, vae):
     plus = d["variant"] == "plus"
     out = []
     for name in ("pool", "val"):
-        b = train.Batcher(d[name], tokenizer, processor, vae, plus, CPU, cache=False)
+        b = train_data.Batcher(d[name], tokenizer, processor, vae, plus, CPU, cache=False)
         b.load_cache_state(d[f"{name}_cache"])
         out.append(b)
     return d, out[0], out[1]
@@ -82,7 +84,7 @@ def models(init, tokenizer, seed, plus):
     te = pm.build_text_encoder(tokenizer, seed + 2)
     dit = pm.build_dit(seed + 3, zero_cond_t=plus)
     if init == "v1":
-        train.load_snapshot_weights(train.snapshot_folder(V1, plus), te, dit)
+        train_dit.load_snapshot_weights(train_dit.snapshot_folder(V1, plus), te, dit)
     return te, dit
 
 
@@ -99,7 +101,7 @@ def diag(args):
     d, _, vb = load_cache(args.cache, tokenizer, processor, vae)
     plus = d["variant"] == "plus"
     te, dit = models(args.init, tokenizer, args.seed, plus)
-    v = train.validate(dit, te, dit.state_dict(), te.state_dict(), d["val"], vb, CPU, plus)
+    v = train_dit.validate(dit, te, dit.state_dict(), te.state_dict(), d["val"], vb, CPU, plus)
     print(f"{args.init}: {fmt(v)}")
     print("per-task loss in mask (σ 1, .9, .75, .5):", v["per_task_loss_in"])
     # reference predictors: predicting x0 = ref gives the velocity error |x0 - ref|² / σ², at σ = 1 |x0 - ref|²
@@ -111,7 +113,7 @@ def diag(args):
         print(f"{name} predictor at σ=1: in {(e * edited).sum() / edited.sum():.3f} "
               f"out {(e * (1 - edited)).sum() / (1 - edited).sum():.3f}")
     print(f"edited tokens: {edited.mean():.3f} of all; per task:",
-          {t: round(float(edited[d['val']['task'] == i].mean()), 3) for t, i in train.TASK_ID.items()
+          {t: round(float(edited[d['val']['task'] == i].mean()), 3) for t, i in train_data.TASK_ID.items()
            if (d['val']['task'] == i).any()})
 
 
@@ -141,7 +143,7 @@ def run(args):
             ema_te = {k: v.clone() for k, v in te.state_dict().items()}
             with torch.no_grad():
                 torch._foreach_copy_(params, saved)
-        v = train.validate(dit, te, ema_dit, ema_te, d["val"], vb, CPU, plus)
+        v = train_dit.validate(dit, te, ema_dit, ema_te, d["val"], vb, CPU, plus)
         v.update(step=step, time_s=round(time.time() - t0, 1))
         curve.append(v)
         print(f"[{args.name}] step {step} ({time.time() - t0:.0f}s): {fmt(v)}", flush=True)
@@ -150,7 +152,7 @@ def run(args):
     t0 = time.time()
     if args.eval_first:
         evaluate(0)
-    batcher.set_task_weights(train.parse_task_weights(args.task_weights))
+    batcher.set_task_weights(train_dit.parse_task_weights(args.task_weights))
     for step in range(args.steps):
         warm = min(1.0, (step + 1) / args.warmup)
         frac = step / args.steps  # train.py's schedule: constant, then cosine to 0.1 over the last 30 %
@@ -161,7 +163,7 @@ def run(args):
         n_cond, idx = batcher.draw(args.batch, g)
         noop = torch.rand(args.batch, generator=g) < args.noop
         bt = batcher.batch(idx, noop, n_src=n_cond)
-        loss = train.dit_loss(dit, te, bt, g, CPU, True, mask_weight=args.mask_weight,
+        loss = train_dit.dit_loss(dit, te, bt, g, CPU, True, mask_weight=args.mask_weight,
                               sigmas=args.sigmas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -190,10 +192,10 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--te-lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--noop", type=float, default=train.NOOP_FRACTION)
+    ap.add_argument("--noop", type=float, default=train_data.NOOP_FRACTION)
     ap.add_argument("--mask-weight", type=float, default=0.0)
     ap.add_argument("--task-weights", default="", help="e.g. recolor=2,add=2 (train.py's --task-weights)")
-    ap.add_argument("--sigmas", default="mixed", choices=list(train.SIGMA_MODES))
+    ap.add_argument("--sigmas", default="mixed", choices=list(train_dit.SIGMA_MODES))
     ap.add_argument("--ema", type=float, default=0.0, help="validate the success of EMA weights of this decay")
     ap.add_argument("--decay", action="store_true", help="train.py's lr decay over the last 30 %% of the steps")
     ap.add_argument("--eval-every", type=int, default=50)
