@@ -165,7 +165,9 @@ def vae_from_snapshot(args, device, final):
     ceiling = vae_ceiling(vae, val)
     log(f"vae: from {folder / 'vae'}: val PSNR {psnr:.2f} dB (objects {psnr_obj:.2f} dB); ceiling "
         + ", ".join(f"{t} {100 * r:.1f} %" for t, r in ceiling.items()))
-    torch.save({"vae": vae.state_dict(), "config": dict(vae.config), "steps": 0, "val_psnr": psnr,
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}  # `_name_or_path` is a Path: not
+    # loadable by torch.load's weights_only default
+    torch.save({"vae": vae.state_dict(), "config": config, "steps": 0, "val_psnr": psnr,
                 "val_psnr_objects": psnr_obj, "ceiling": ceiling, "train_s": 0.0, "init": str(folder)}, final)
 
 

@@ -184,66 +184,29 @@ impl FromStr for ScheduleSpec {
         }
         let text = s.trim().to_ascii_lowercase();
         let (rest, layers) = match text.split_once('@') {
-            Some((rest, range)) => {
-                let (lo, hi) = range.split_once('-').ok_or_else(|| err("a layer range is written LO-HI"))?;
-                let parse =
-                    |v: &str| v.trim().parse::<usize>().map_err(|_| err("layer numbers must be integers"));
-                let (lo, hi) = (parse(lo)?, parse(hi)?);
-                if lo > hi {
-                    return Err(err("the layer range is empty (LO > HI)"));
-                }
-                (rest.to_string(), Some((lo, hi)))
-            }
-            None => (text.clone(), None),
+            Some((rest, range)) => (rest, Some(parse_layer_range(range).map_err(err)?)),
+            None => (text.as_str(), None),
         };
         let (base, mode) = match rest.split_once('/') {
             Some((base, "kv")) => (base, ReuseMode::KeyValue),
             Some((base, "recompute")) => (base, ReuseMode::RecomputeKeyValue),
             Some(_) => return Err(err("the reuse mode is `kv` or `recompute`")),
-            None => (rest.as_str(), ReuseMode::KeyValue),
+            None => (rest, ReuseMode::KeyValue),
         };
-        let spec = match base.trim() {
-            "none" => {
-                if layers.is_some() || rest.contains('/') {
-                    return Err(err("`none` takes no mode or layer range"));
-                }
-                ScheduleSpec::None
+        match base.trim() {
+            "none" if layers.is_some() || rest.contains('/') => {
+                Err(err("`none` takes no mode or layer range"))
             }
-            "cat" => ScheduleSpec::Cat { mode, layers },
+            "none" => Ok(ScheduleSpec::None),
+            "cat" => Ok(ScheduleSpec::Cat { mode, layers }),
             b if b.starts_with("reuse:") => {
-                let steps = b["reuse:".len()..]
-                    .split(',')
-                    .map(|v| v.trim().parse::<usize>().map_err(|_| err("steps are comma-separated integers")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if steps.contains(&0) {
-                    return Err(err("steps are numbered from 1"));
-                }
-                if steps.contains(&1) {
-                    return Err(err("step 1 cannot reuse: nothing is cached before it"));
-                }
-                ScheduleSpec::Reuse { steps, mode, layers }
+                let steps = parse_reuse_steps(&b["reuse:".len()..]).map_err(err)?;
+                Ok(ScheduleSpec::Reuse { steps, mode, layers })
             }
             b if b == "region" || b.starts_with("region:") => {
                 let params = b.strip_prefix("region").unwrap_or_default().trim_start_matches(':');
-                let values: Vec<&str> = params.split(',').map(str::trim).filter(|v| !v.is_empty()).collect();
-                if values.len() > 3 {
-                    return Err(err("`region` takes at most THRESHOLD,MARGIN,REFRESH"));
-                }
-                let threshold = match values.first() {
-                    Some(v) => v.parse::<f32>().ok().filter(|t| t.is_finite() && *t >= 0.0),
-                    None => Some(DEFAULT_REGION_THRESHOLD),
-                };
-                let threshold = threshold.ok_or_else(|| err("the region threshold is a number ≥ 0"))?;
-                let int =
-                    |i: usize, what: &str| values.get(i).map(|v| v.parse::<usize>().map_err(|_| err(what)));
-                let margin = int(1, "the region margin is a whole number of tokens")
-                    .transpose()?
-                    .unwrap_or(DEFAULT_REGION_MARGIN);
-                let refresh = int(2, "the refresh step is a step number").transpose()?;
-                if refresh.is_some_and(|r| r < 2) {
-                    return Err(err("the refresh step is ≥ 2 (step 1 always computes everything)"));
-                }
-                ScheduleSpec::Region { threshold, margin, refresh, mode, layers }
+                let (threshold, margin, refresh) = parse_region_params(params).map_err(err)?;
+                Ok(ScheduleSpec::Region { threshold, margin, refresh, mode, layers })
             }
             b if b == "adaptive" || b.starts_with("adaptive:") => {
                 let budget = match b.strip_prefix("adaptive:") {
@@ -251,14 +214,60 @@ impl FromStr for ScheduleSpec {
                     None => Some(DEFAULT_ADAPTIVE_BUDGET),
                 };
                 let budget = budget.ok_or_else(|| err("the adaptive budget is a number ≥ 0"))?;
-                ScheduleSpec::Adaptive { budget, mode, layers }
+                Ok(ScheduleSpec::Adaptive { budget, mode, layers })
             }
-            _ => return Err(err(
+            _ => Err(err(
                 "expected `none`, `cat`, `reuse:S1,S2,...`, `region[:T,M,R]`, `mask:FILE` or `adaptive[:B]`",
             )),
-        };
-        Ok(spec)
+        }
     }
+}
+
+/// `LO-HI`, an inclusive block range; the error is the reason.
+fn parse_layer_range(range: &str) -> Result<(usize, usize), &'static str> {
+    let (lo, hi) = range.split_once('-').ok_or("a layer range is written LO-HI")?;
+    let parse = |v: &str| v.trim().parse::<usize>().map_err(|_| "layer numbers must be integers");
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo > hi {
+        return Err("the layer range is empty (LO > HI)");
+    }
+    Ok((lo, hi))
+}
+
+/// `S1,S2,...` of `reuse:`: 1-based steps, step 1 excluded; the error is the reason.
+fn parse_reuse_steps(list: &str) -> Result<Vec<usize>, &'static str> {
+    let steps = list
+        .split(',')
+        .map(|v| v.trim().parse::<usize>().map_err(|_| "steps are comma-separated integers"))
+        .collect::<Result<Vec<_>, _>>()?;
+    if steps.contains(&0) {
+        return Err("steps are numbered from 1");
+    }
+    if steps.contains(&1) {
+        return Err("step 1 cannot reuse: nothing is cached before it");
+    }
+    Ok(steps)
+}
+
+/// `[THRESHOLD[,MARGIN[,REFRESH]]]` of `region:` (defaults for the missing ones); the error is the reason.
+fn parse_region_params(params: &str) -> Result<(f32, usize, Option<usize>), &'static str> {
+    let values: Vec<&str> = params.split(',').map(str::trim).filter(|v| !v.is_empty()).collect();
+    if values.len() > 3 {
+        return Err("`region` takes at most THRESHOLD,MARGIN,REFRESH");
+    }
+    let threshold = match values.first() {
+        Some(v) => v.parse::<f32>().ok().filter(|t| t.is_finite() && *t >= 0.0),
+        None => Some(DEFAULT_REGION_THRESHOLD),
+    };
+    let threshold = threshold.ok_or("the region threshold is a number ≥ 0")?;
+    let int = |i: usize, what: &'static str| values.get(i).map(|v| v.parse::<usize>().map_err(|_| what));
+    let margin =
+        int(1, "the region margin is a whole number of tokens").transpose()?.unwrap_or(DEFAULT_REGION_MARGIN);
+    let refresh = int(2, "the refresh step is a step number").transpose()?;
+    if refresh.is_some_and(|r| r < 2) {
+        return Err("the refresh step is ≥ 2 (step 1 always computes everything)");
+    }
+    Ok((threshold, margin, refresh))
 }
 
 /// `mask:FILE[/MODE][@LO-HI]`, the file name as given (its case and any `/` kept): a trailing `@LO-HI` and a
