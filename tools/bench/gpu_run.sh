@@ -3,7 +3,7 @@
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
 # PyTorch references, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [pipeline] [ncu] [torch] [stages]
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [pipeline] [ncu] [vaeprof] [torch] [stages]
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
@@ -12,7 +12,8 @@
 # `pipeline` runs pipeline_bench with --stages (each stage around the networks part by part; PIPE_ARGS adds more);
 # `stages` runs tools/bench/torch_stage_bench.py (PyTorch VAE, text encoder, encode_prompt, the PyTorch edit summed
 # with torch.json's DiT steps; STAGES_ARGS="--compile vae,text_encoder" adds torch.compile, minutes). The table at
-# the end joins whatever JSON files the stages wrote.
+# the end joins whatever JSON files the stages wrote. `vaeprof` times every kernel of our VAE and of PyTorch's under
+# ncu and prints where each spends its GPU time (tools/bench/kernel_summary.py).
 set -u
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
@@ -94,6 +95,25 @@ if has ncu; then
     echo "ncu exit $?"; grep -E 'Duration|Throughput|Occupancy|Registers|Stall|Issue|Warp Cycles|Active Warps|Pipe|Bank' \
       "$OUT/ncu_$k.txt" | head -40
   done
+fi
+if has vaeprof; then
+  # Every kernel's duration (ncu serializes them: GPU time without launch gaps) for our VAE encode + decode at 1024²
+  # (pipeline_bench: a first call and one timed call each, then one more decode) and PyTorch's (torch_stage_bench.py:
+  # a warm-up and one timed call each, cudnn.benchmark off). Compare the shares, not the totals (the call counts
+  # differ). QWEN_GEMM_AUTOTUNE=0: cuDNN's heuristic picks our algorithms, so cudnnFind's trials stay out.
+  echo "== ncu: kernels of our VAE"
+  QWEN_GEMM_AUTOTUNE=0 timeout ${NCU_TIMEOUT:-420} ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    --print-units base --log-file "$OUT/vaeprof_ours.csv" .dev/pipeline_bench --skip-text-encoder --reps 1 \
+    --json /tmp/vaeprof_bench.json > "$OUT/vaeprof_ours.log" 2>&1
+  echo "ncu exit $?"; python3 tools/bench/kernel_summary.py "$OUT/vaeprof_ours.csv" --json "$OUT/vaeprof_ours.json" \
+    | head -40
+  echo "== ncu: kernels of PyTorch's VAE"
+  timeout ${NCU_TIMEOUT:-420} ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+    --log-file "$OUT/vaeprof_torch.csv" python3 tools/bench/torch_stage_bench.py --sections vae --reps 1 \
+    --cudnn-benchmark off --skip-vae-stages \
+    --json /tmp/vaeprof_torch.json > "$OUT/vaeprof_torch.log" 2>&1
+  echo "ncu exit $?"; python3 tools/bench/kernel_summary.py "$OUT/vaeprof_torch.csv" --json "$OUT/vaeprof_torch.json" \
+    | head -40
 fi
 if has torch; then
   echo "== PyTorch reference"

@@ -249,7 +249,7 @@ def vae_section(bench, side):
     x = randn(bench, (1, 3, 1, side, side)).clamp(-1, 1)
     z = randn(bench, (1, vae.config.z_dim, 1, side // 8, side // 8), seed=1)
     previous = torch.backends.cudnn.benchmark
-    for flag in (False, True):
+    for flag in {"both": (False, True), "off": (False,), "on": (True,)}[bench.args.cudnn_benchmark]:
         torch.backends.cudnn.benchmark = flag
         key = f"cudnn_benchmark_{str(flag).lower()}"
         enc = bench.time(lambda: vae.encode(x).latent_dist.mode())
@@ -258,6 +258,10 @@ def vae_section(bench, side):
         bench.report(f"decode ({key})", dec)
         out[key] = {"encode": enc, "decode": dec}
     torch.backends.cudnn.benchmark = previous
+    if bench.args.skip_vae_stages:
+        bench.result["sections"]["vae"] = out
+        bench.save()
+        return
 
     # The stages as QwenImageEditPipeline.__call__ runs them (cudnn.benchmark as PyTorch's default leaves it).
     pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
@@ -496,6 +500,10 @@ def main():
     ap.add_argument("--compile", default="", help="comma-separated: vae, text_encoder (torch.compile, minutes)")
     ap.add_argument("--dit-json", default=None, help="torch_dit_bench.py's JSON, for the whole edit's sum")
     ap.add_argument("--dit-case", default="v1")
+    ap.add_argument("--cudnn-benchmark", choices=["both", "off", "on"], default="both",
+                    help="VAE timings with torch.backends.cudnn.benchmark off (PyTorch's default), on, or both")
+    ap.add_argument("--skip-vae-stages", action="store_true",
+                    help="time the VAE networks only, not the pipeline's image-encoding and decoding stages")
     args = ap.parse_args()
     args.sections = [s for s in args.sections.split(",") if s]
     args.compile = [s for s in args.compile.split(",") if s]

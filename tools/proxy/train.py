@@ -75,7 +75,8 @@ def export_stage(args, device):
         dit.load_state_dict(ck["ema_dit"])
         te = pm.build_text_encoder(tokenizer, args.seed + 2)
         te.load_state_dict(ck["ema_te"])
-        summary[run] = {"steps": ck["steps"], "train_s": round(ck["train_s"], 1), "text_encoder": ck["te"]}
+        summary[run] = {"steps": ck["steps"], "train_s": round(ck["train_s"], 1), "text_encoder": ck["te"],
+                        "init": ck.get("init")}
         if run == "edit_frozen_te":
             continue
         name = "qwen-image-edit-plus-proxy" if plus else "qwen-image-edit-proxy"
@@ -95,8 +96,8 @@ def snapshot_val(args, device, summary):
     pm.patch_causal_conv()
     for run, name in (("edit", "qwen-image-edit-proxy"), ("plus", "qwen-image-edit-plus-proxy")):
         folder = out / name
-        if not folder.exists():
-            continue
+        if not folder.exists() or "snapshot" not in summary.get(run, {}):
+            continue  # not exported by this call (an earlier call's snapshot beside it)
         plus = run == "plus"
         pipe = pm.load_pipeline(folder)
         processor = pipe.processor
@@ -163,7 +164,8 @@ def write_snapshot_readmes(args, summary):
             + f"; validation reconstruction PSNR {vae.get('val_psnr')} dB ({vae.get('val_psnr_objects')} dB on the "
             f"objects); success of the validation targets after a VAE round trip (the most the DiT can reach): "
             f"{vae.get('ceiling')}.",
-            f"- DiT + text encoder ({info.get('text_encoder')}): {info.get('steps')} steps in {info.get('train_s')} s.",
+            f"- DiT + text encoder ({info.get('text_encoder')}): {info.get('steps')} steps in {info.get('train_s')} s"
+            + (f", starting from {info['init']}" if info.get("init") else ", from random weights") + ".",
             f"- Validation ({getattr(args, 'val_size', 160)} edits, 4 steps, bf16 weights): success {val.get('success')}, per task "
             f"{val.get('per_task')}, PSNR outside the mask {val.get('psnr_outside')} dB.",
             f"- Size: {info.get('size_bytes')} bytes ({info.get('size_tar_gz_bytes')} as .tar.gz).",

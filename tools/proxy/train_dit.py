@@ -83,10 +83,11 @@ def dit_stage(args, device, run):
     dit = pm.build_dit(args.seed + 3, zero_cond_t=plus).to(device)
     if args.dit_init and spec["te"] == "frozen":
         log(f"{run}: ignores --dit-init (the ablation's frozen text encoder is the random one)")
-    elif args.dit_init:
-        folder = snapshot_folder(args.dit_init, plus)
-        load_snapshot_weights(folder, te, dit)
-        log(f"{run}: DiT and text encoder start from {folder}")
+    init = None
+    if args.dit_init and spec["te"] != "frozen":
+        init = snapshot_folder(args.dit_init, plus)
+        load_snapshot_weights(init, te, dit)
+        log(f"{run}: DiT and text encoder start from {init}")
     train_te = spec["te"] == "trained"
     te.requires_grad_(train_te)
     te.train(train_te)
@@ -200,7 +201,7 @@ def dit_stage(args, device, run):
                         "ema_te": ema_te, "step": step, "steps": steps}, str(ckpt_path) + ".tmp")
             os.replace(str(ckpt_path) + ".tmp", ckpt_path)
     torch.save({"ema_dit": ema_dit, "ema_te": ema_te, "dit_config": dict(dit.config), "steps": step,
-                "train_s": time.time() - t_start, "te": spec["te"]}, final)
+                "train_s": time.time() - t_start, "te": spec["te"], "init": str(init) if init else None}, final)
     log(f"{run}: finished {step} steps in {time.time() - t_start:.0f}s")
     logf.close()
 
