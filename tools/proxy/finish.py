@@ -10,6 +10,8 @@ OUT is the folder the GPU run wrote (`gpu_run.sh`: `snapshots.tar.gz.part-*`, `t
 
 Steps (in this order; `--from NAME` / `--only NAME`):
   unpack     cat the parts | tar -xz; both snapshot folders complete, each <= 32 MB
+  commit     repository mode: commits the two snapshot folders at once (git commit -- those paths only): 24 MB files
+             left uncommitted do not survive a session that is cut off (the v2 snapshots were lost that way)
   evaluate   tools/proxy/evaluate.py (held-out set, diffusers arithmetic; `--fast` unless --pipeline)
   fixtures   tools/proxy/fixtures.py (parity fixtures from these snapshots)
   unignore   repository mode: drops the `#[ignore = ...]` lines of tests/proxy_parity.rs and tests/proxy_quality.rs
@@ -63,7 +65,7 @@ CI_SUBSET = 24
 SCHEDULE_TABLE = "none,cat,reuse:2,3,4,cat/recompute,cat@1-4"
 SWEEP = ("none,cat,reuse:2,3,4,region:0.02,region:0.05,region:0.1,region:0.2,region:0.3,region:0.1,0,"
          "adaptive:0.02,adaptive:0.05,adaptive:0.1,adaptive:0.2")
-STEPS = ("unpack", "evaluate", "fixtures", "unignore", "build", "floors", "parity", "quality", "schedules",
+STEPS = ("unpack", "commit", "evaluate", "fixtures", "unignore", "build", "floors", "parity", "quality", "schedules",
          "tradeoff", "demo", "readme")
 
 
@@ -154,6 +156,20 @@ class Finish:
             shutil.rmtree(self.snapshots / folder, ignore_errors=True)
             shutil.move(str(tmp / folder), str(self.snapshots / folder))
         shutil.rmtree(tmp)
+
+    def commit(self):
+        if self.scratch:
+            self.say("- scratch mode: nothing committed")
+            return
+        paths = [str(self.snapshots / folder) for folder in FOLDERS]
+        self.sh(["git", "add", "--", *paths], "commit.log")
+        if not self.sh(["git", "status", "--porcelain", "--", *paths], "commit.log").strip():
+            self.say("- the snapshots are committed already")
+            return
+        message = (f"Proxy snapshots from {self.out.name} (tools/proxy/finish.py unpack + commit; the numbers follow "
+                   f"in docs/quality.md)")
+        text = self.sh(["git", "commit", "-m", message, "--", *paths], "commit.log")
+        self.say(f"- {text.splitlines()[0] if text else 'committed'}")
 
     def snapshot(self, folder):
         return self.snapshots / folder
