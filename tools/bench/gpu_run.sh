@@ -3,7 +3,7 @@
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
 # PyTorch references, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [pipeline] [ncu] [vaeprof] [torch] [stages]
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [modes] [pipeline] [ncu] [vaeprof] [torch] [stages]
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
@@ -94,6 +94,18 @@ if has ncu; then
       .dev/dit_bench --skip-dit --attention-only --reps 1 --json /tmp/ncu_bench.json > "$OUT/ncu_$k.txt" 2>&1
     echo "ncu exit $?"; grep -E 'Duration|Throughput|Occupancy|Registers|Stall|Issue|Warp Cycles|Active Warps|Pipe|Bank' \
       "$OUT/ncu_$k.txt" | head -40
+  done
+fi
+if has modes; then
+  # The memory modes of issue 13 on the same demo edit (after `e2e`, whose process compiled burn's kernels): FP8 DiT
+  # weights and --low-memory (24 GB cards). Each report holds the memory plan and the measured pool / driver memory.
+  for mode in "fp8:--quantize fp8" "lowmem:--low-memory"; do
+    name=${mode%%:*}; flags=${mode#*:}
+    echo "== qwen-edit --demo --size full $flags"
+    start=$(date +%s)
+    timeout ${MODE_TIMEOUT:-240} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \
+      $flags --quiet -o "$OUT/e2e_$name" --report "$OUT/e2e_$name.json" > "$OUT/e2e_$name.log" 2>&1
+    echo "$name exit $? after $(( $(date +%s) - start )) s"; tail -30 "$OUT/e2e_$name.log"
   done
 fi
 if has vaeprof; then
