@@ -10,8 +10,10 @@ OUT is the folder the GPU run wrote (`gpu_run.sh`: `snapshots.tar.gz.part-*`, `t
 
 Steps (in this order; `--from NAME` / `--only NAME`):
   unpack     cat the parts | tar -xz; both snapshot folders complete, each <= 32 MB
-  commit     repository mode: commits the two snapshot folders at once (git commit -- those paths only): 24 MB files
-             left uncommitted do not survive a session that is cut off (the v2 snapshots were lost that way)
+  commit     repository mode: commits the two snapshot folders at once (git commit -- those paths only) when the
+             Edit snapshot's validation success in OUT/train.log is at least --commit-min-success (0.5; v1 had 0.12,
+             v2 0.76): 24 MB files left uncommitted do not survive a session that is cut off (the v2 snapshots were
+             lost that way), while a model that barely edits stays out of the history
   evaluate   tools/proxy/evaluate.py (held-out set, diffusers arithmetic; `--fast` unless --pipeline)
   fixtures   tools/proxy/fixtures.py (parity fixtures from these snapshots)
   unignore   repository mode: drops the `#[ignore = ...]` lines of tests/proxy_parity.rs and tests/proxy_quality.rs
@@ -49,6 +51,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +164,11 @@ class Finish:
         if self.scratch:
             self.say("- scratch mode: nothing committed")
             return
+        success = self.edit_val_success()
+        if success is None or success < self.a.commit_min_success:
+            self.say(f"- not committed: the Edit snapshot's validation success {success} (OUT/train.log) is under "
+                     f"--commit-min-success {self.a.commit_min_success}; commit by hand if it should stay")
+            return
         paths = [str(self.snapshots / folder) for folder in FOLDERS]
         self.sh(["git", "add", "--", *paths], "commit.log")
         if not self.sh(["git", "status", "--porcelain", "--", *paths], "commit.log").strip():
@@ -170,6 +178,14 @@ class Finish:
                    f"in docs/quality.md)")
         text = self.sh(["git", "commit", "-m", message, "--", *paths], "commit.log")
         self.say(f"- {text.splitlines()[0] if text else 'committed'}")
+
+    def edit_val_success(self):
+        """The last `snapshot qwen-image-edit-proxy: val success X` of OUT/train.log (train.py's check of the
+        exported bf16 weights), or None."""
+        log = self.out / "train.log"
+        found = re.findall(r"snapshot qwen-image-edit-proxy: val success ([0-9.]+)",
+                           log.read_text(errors="replace") if log.exists() else "")
+        return float(found[-1]) if found else None
 
     def snapshot(self, folder):
         return self.snapshots / folder
@@ -393,6 +409,8 @@ def main():
     ap.add_argument("--limit-python", type=int, default=0, help="evaluate.py: N edits per variant (0: all)")
     ap.add_argument("--limit-eval", type=int, default=0, help="schedule table: N edits (0: all 520)")
     ap.add_argument("--limit-sweep", type=int, default=90, help="trade-off sweep: N edits")
+    ap.add_argument("--commit-min-success", type=float, default=0.5,
+                    help="commit step: the Edit snapshot's validation success (train.log) needed to commit it")
     args = ap.parse_args()
     if not args.out.is_dir():
         sys.exit(f"{args.out}: not a folder (the GPU run's output folder)")
