@@ -40,6 +40,7 @@ use qwen_image::{
     tensor_io::{rel_l2, to_f32_vec},
     weights::WeightStore,
 };
+use qwen_image_eval::flops::executed_flops;
 use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditioning};
 use qwen_image_pruning::{
     from_fn, CacheBudget, Cat, EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode,
@@ -242,7 +243,9 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     out.push(("ordering".into(), Value::Array(ord)));
 }
 
-/// FLOP of one DiT step with `computed` image tokens and `text` text tokens attending to `keys` keys.
+/// FLOP of one DiT step with `computed` image tokens and `text` text tokens attending to `keys` keys: the cost model of
+/// `qwen_image_eval::flops::executed_flops` for a step without recomputed K/V (the single full and reuse steps, whose
+/// plain `forward` reports no step stats).
 fn step_flop(layers: usize, text: usize, computed: usize, keys: usize) -> f64 {
     let q = (text + computed) as f64;
     let lin = 2.0 * 12.0 * (D * D) as f64 * layers as f64 * q;
@@ -250,6 +253,7 @@ fn step_flop(layers: usize, text: usize, computed: usize, keys: usize) -> f64 {
     lin + attn
 }
 
+/// One DiT case: single full and reuse steps, then 4-step schedules through the denoising loop.
 fn dit_case(
     model: &QwenImageTransformer<G>,
     table: Option<&ModulationTable<G>>,
@@ -257,7 +261,6 @@ fn dit_case(
     text: usize,
     args: &Args,
 ) -> Value {
-    let layers = model.num_layers();
     let (target, cond) = (4096usize, 4096usize);
     let shapes = vec![ImageShape::new(64, 64), ImageShape::new(64, 64)];
     let input = DitInput {
@@ -268,13 +271,42 @@ fn dit_case(
         img_shapes: shapes.clone(),
         modulation: table.cloned(),
     };
+    let layers = model.num_layers();
     println!("\n== DiT {name}: {text} text + {target} target + {cond} condition tokens, {layers} blocks ==");
+    let mut out = single_steps(model, &input, text, (target, cond), args);
+    let sigmas = SIGMAS.to_vec();
+    let inputs = DenoiseInputs {
+        latents: randn([1, target, 64], 1.0),
+        image_latents: randn([1, cond, 64], 1.0),
+        prompt: TextConditioning { embeds: input.encoder_hidden_states.clone(), mask: None },
+        negative: None,
+        cfg_scale: 1.0,
+        img_shapes: shapes,
+        timesteps: sigmas[..4].to_vec(),
+        sigmas: sigmas.clone(),
+        modulation: table.cloned(),
+    };
+    drop(input);
+    out["schedules"] = schedule_runs(model, &inputs, args);
+    out
+}
+
+/// A full step, optionally with host-synchronized ordering, then a caching step and a reuse step (the condition
+/// image's K/V cached at every block): their times, achieved TFLOP/s and the reuse step's error against the full one.
+fn single_steps(
+    model: &QwenImageTransformer<G>,
+    input: &DitInput<G>,
+    text: usize,
+    (target, cond): (usize, usize),
+    args: &Args,
+) -> Value {
+    let layers = model.num_layers();
     let keys = text + target + cond;
     let full_flop = step_flop(layers, text, target + cond, keys);
     let reuse_flop = step_flop(layers, text, target, keys);
 
     cuda::reset_stats(&dev());
-    let full_ms = time_ms(args.reps, 1, || drop(model.forward(&input).expect("forward")));
+    let full_ms = time_ms(args.reps, 1, || drop(model.forward(input).expect("forward")));
     let (calls, fallbacks) = fast_path_counts();
     let ops_per_step: u64 = calls.iter().sum::<u64>() / (args.reps as u64 + 1);
     println!(
@@ -285,7 +317,7 @@ fn dit_case(
     );
     let mut host_sync_ms = None;
     if args.host_sync_step && configure(|c| c.ordering = OrderingMode::HostSync).is_ok() {
-        let ms = time_ms(args.reps.min(3), 1, || drop(model.forward(&input).expect("forward")));
+        let ms = time_ms(args.reps.min(3), 1, || drop(model.forward(input).expect("forward")));
         configure(|c| c.ordering = OrderingMode::ContextEvents).ok();
         println!("full step with host-synchronized ordering: {ms:8.1} ms");
         host_sync_ms = Some(ms);
@@ -302,15 +334,15 @@ fn dit_case(
         ]);
     let mut cache = TokenPruningCache::new();
     let cache_ms = time_ms(args.reps.min(3), 1, || {
-        drop(model.forward_planned(&input, &cache_plan, 0, &mut cache).expect("caching step"))
+        drop(model.forward_planned(input, &cache_plan, 0, &mut cache).expect("caching step"))
     });
     let cache_bytes = cache.size_bytes();
     let reuse_ms = time_ms(args.reps, 1, || {
-        drop(model.forward_planned(&input, &reuse_plan, 1, &mut cache).expect("reuse step"))
+        drop(model.forward_planned(input, &reuse_plan, 1, &mut cache).expect("reuse step"))
     });
     // With K/V cached from the same inputs, the reuse step's target prediction equals the full step's.
-    let (want, _) = model.forward_planned(&input, &cache_plan, 0, &mut cache).expect("caching step");
-    let (got, _) = model.forward_planned(&input, &reuse_plan, 1, &mut cache).expect("reuse step");
+    let (want, _) = model.forward_planned(input, &cache_plan, 0, &mut cache).expect("caching step");
+    let (got, _) = model.forward_planned(input, &reuse_plan, 1, &mut cache).expect("reuse step");
     let reuse_err = rel_l2(&to_f32_vec(got), &to_f32_vec(want));
     println!(
         "caching step: {cache_ms:8.1} ms; cache {:.2} GiB; reuse vs full rel L2 {reuse_err:.1e}",
@@ -321,25 +353,19 @@ fn dit_case(
         reuse_flop / (reuse_ms * 1e-3) / 1e12,
         reuse_flop / 1e12
     );
-    drop(cache);
+    json!({
+        "text_tokens": text, "target_tokens": target, "condition_tokens": cond, "layers": layers,
+        "full_step_ms": full_ms, "full_step_tflop": full_flop / 1e12, "full_step_tflops": full_flop / (full_ms * 1e-3) / 1e12,
+        "full_step_host_sync_ms": host_sync_ms,
+        "caching_step_ms": cache_ms,
+        "reuse_step_ms": reuse_ms, "reuse_step_tflop": reuse_flop / 1e12, "reuse_step_tflops": reuse_flop / (reuse_ms * 1e-3) / 1e12,
+        "cache_bytes": cache_bytes, "fast_ops_per_step": ops_per_step, "reuse_vs_full_rel_l2": reuse_err,
+    })
+}
 
-    // 4 Lightning steps through the denoising loop, per schedule.
-    let mut schedules = serde_json::Map::new();
-    let sigmas = SIGMAS.to_vec();
-    let inputs = DenoiseInputs {
-        latents: randn([1, target, 64], 1.0),
-        image_latents: randn([1, cond, 64], 1.0),
-        prompt: TextConditioning { embeds: input.encoder_hidden_states.clone(), mask: None },
-        negative: None,
-        cfg_scale: 1.0,
-        img_shapes: shapes,
-        timesteps: sigmas[..4].to_vec(),
-        sigmas: sigmas.clone(),
-        modulation: table.cloned(),
-    };
-    let mut none_total = None;
-    let mut none_flop = None;
-    let mut runs_to_time: Vec<(String, Box<dyn ScheduleFactory>)> = ["none", "cat", "reuse:2,3,4"]
+/// The schedules to time over 4 steps: `none`, `cat`, `reuse:2,3,4`, the forced regions and the cache budget.
+fn schedules_to_time(args: &Args) -> Vec<(String, Box<dyn ScheduleFactory>)> {
+    let mut runs: Vec<(String, Box<dyn ScheduleFactory>)> = ["none", "cat", "reuse:2,3,4"]
         .into_iter()
         .map(|s| {
             (
@@ -349,15 +375,24 @@ fn dit_case(
         })
         .collect();
     for &f in &args.forced_region {
-        runs_to_time.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64))));
+        runs.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64))));
     }
     if let Some(bytes) = args.cache_budget {
         // K, V and block input per cached token, bf16.
         let per_token = 3 * D as u64 * 2;
         let fitted = from_fn(move || CacheBudget::new(Cat::default(), bytes, per_token).expect("budget"));
-        runs_to_time.push((format!("cat budget {:.1}GiB", gib(bytes)), Box::new(fitted)));
+        runs.push((format!("cat budget {:.1}GiB", gib(bytes)), Box::new(fitted)));
     }
-    for (spec, parsed) in &runs_to_time {
+    runs
+}
+
+/// Each schedule of [`schedules_to_time`] through the denoising loop twice (the second run is reported): total and
+/// per-step times, speed-up against `none`, the FLOPs of the plans that ran and their ceiling against `none`'s
+/// (`qwen_image_eval::flops::executed_flops`, the cost model of `qwen-edit eval`), the cache's peak size.
+fn schedule_runs(model: &QwenImageTransformer<G>, inputs: &DenoiseInputs<G>, args: &Args) -> Value {
+    let mut schedules = serde_json::Map::new();
+    let (mut none_total, mut none_flop) = (None, None);
+    for (spec, parsed) in &schedules_to_time(args) {
         let spec = spec.as_str();
         let mut runs = Vec::new();
         let mut last_reports = Vec::new();
@@ -367,7 +402,7 @@ fn dit_case(
             sync();
             let t = Instant::now();
             let (x, reports) =
-                denoise(model, &inputs, schedule.as_mut(), &mut caches, &mut |_| {}).expect("denoise");
+                denoise(model, inputs, schedule.as_mut(), &mut caches, &mut |_| {}).expect("denoise");
             drop(x);
             sync();
             runs.push(t.elapsed().as_secs_f64() * 1e3);
@@ -376,11 +411,7 @@ fn dit_case(
         let total = runs[1];
         let steps: Vec<f64> = last_reports.iter().map(|r| r.time.as_secs_f64() * 1e3).collect();
         let cache = last_reports.iter().map(|r| r.cache_bytes).max().unwrap_or(0);
-        // The plans' FLOP: each step's image tokens computed (per block) against all keys.
-        let flop: f64 = last_reports
-            .iter()
-            .map(|r| step_flop(layers, text, r.stats.computed_tokens / layers, keys))
-            .sum();
+        let flop: f64 = last_reports.iter().map(|r| executed_flops(&model.config, &r.stats)).sum();
         let speedup = none_total.map(|n: f64| n / total);
         if spec == "none" {
             (none_total, none_flop) = (Some(total), Some(flop));
@@ -399,15 +430,7 @@ fn dit_case(
                    "speedup_vs_none": speedup, "tflop": flop / 1e12, "flop_ceiling_vs_none": ceiling}),
         );
     }
-    json!({
-        "text_tokens": text, "target_tokens": target, "condition_tokens": cond, "layers": layers,
-        "full_step_ms": full_ms, "full_step_tflop": full_flop / 1e12, "full_step_tflops": full_flop / (full_ms * 1e-3) / 1e12,
-        "full_step_host_sync_ms": host_sync_ms,
-        "caching_step_ms": cache_ms,
-        "reuse_step_ms": reuse_ms, "reuse_step_tflop": reuse_flop / 1e12, "reuse_step_tflops": reuse_flop / (reuse_ms * 1e-3) / 1e12,
-        "cache_bytes": cache_bytes, "fast_ops_per_step": ops_per_step, "reuse_vs_full_rel_l2": reuse_err,
-        "schedules": Value::Object(schedules),
-    })
+    Value::Object(schedules)
 }
 
 fn main() {
