@@ -51,10 +51,7 @@ def vae_stage(args, device, tokenizer):
                          for p in pools])
     obj, bg = torch.from_numpy(obj).to(device), torch.from_numpy(bg).to(device)
     val = val_set("edit", 32 if args.smoke else args.vae_val_size, device)
-    val_img = render_u8(torch.from_numpy(val["src_obj"][:, 0]).to(device), torch.from_numpy(val["src_bg"][:, 0])
-                        .to(device))
-    val_obj = object_pixels(torch.from_numpy(val["src_obj"][:, 0]).to(device),
-                            torch.from_numpy(val["src_bg"][:, 0]).to(device))
+    val_img, val_obj = val_sources(val, device)
     log(f"vae: {len(obj)} scenes in {time.time() - t0:.1f}s")
     logf = open(Path(args.out) / "logs" / "vae.csv", "a", newline="")
     writer = csv.writer(logf)
@@ -144,9 +141,12 @@ def vae_stage(args, device, tokenizer):
     logf.close()
 
 
-def object_pixels(obj, bg):
-    """[B, 1, H, W] bool: the pixels an object covers at least half of."""
-    return scenes.render(obj, bg, weights=True)[1][:, -1:] < 0.5
+def val_sources(val, device):
+    """The validation edits' first source images (uint8 [B, 3, H, W]) and their object pixels ([B, 1, H, W] bool:
+    the pixels an object covers at least half of)."""
+    obj, bg = torch.from_numpy(val["src_obj"][:, 0]).to(device), torch.from_numpy(val["src_bg"][:, 0]).to(device)
+    img, shares = scenes.render(obj, bg, weights=True)
+    return img.to(torch.uint8), shares[:, -1:] < 0.5
 
 
 def vae_from_snapshot(args, device, final):
@@ -160,8 +160,7 @@ def vae_from_snapshot(args, device, final):
     pm.patch_causal_conv()
     vae = AutoencoderKLQwenImage.from_pretrained(folder / "vae").float().to(device)
     val = val_set("edit", 32 if args.smoke else args.vae_val_size, device)
-    obj, bg = torch.from_numpy(val["src_obj"][:, 0]).to(device), torch.from_numpy(val["src_bg"][:, 0]).to(device)
-    psnr, psnr_obj = vae_psnr(vae, render_u8(obj, bg), object_pixels(obj, bg))
+    psnr, psnr_obj = vae_psnr(vae, *val_sources(val, device))
     ceiling = vae_ceiling(vae, val)
     log(f"vae: from {folder / 'vae'}: val PSNR {psnr:.2f} dB (objects {psnr_obj:.2f} dB); ceiling "
         + ", ".join(f"{t} {100 * r:.1f} %" for t, r in ceiling.items()))
