@@ -31,7 +31,7 @@ use std::time::Instant;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::Parser;
 use qwen_image::{
-    cuda::{self, FastError, FastOps, FastPathConfig, FlashKernel, OrderingMode},
+    cuda::{self, CudaDevice, FastError, FastOps, FastPathConfig, FlashKernel, OrderingMode},
     dit::{
         DitConfig, DitInput, DitLoadOptions, ImageShape, ModulationMode, ModulationTable,
         QwenImageTransformer,
@@ -147,6 +147,16 @@ fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
 
 fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     println!("\n== kernels (bf16) ==");
+    out.push(("gemm".into(), gemm_kernels(reps, attention_only)));
+    out.push(("attention".into(), attention_kernels(reps)));
+    if !attention_only {
+        out.push(("ordering".into(), ordering_costs()));
+    }
+}
+
+/// The DiT's GEMM shapes (with and without the GELU epilogue) and burn's own matmul on one of them, for reference;
+/// none with `attention_only`.
+fn gemm_kernels(reps: usize, attention_only: bool) -> Value {
     let mut gemms = Vec::new();
     let gemm_rows: &[usize] = if attention_only { &[] } else { &[9591, 5495, 8428] };
     for &m in gemm_rows {
@@ -181,8 +191,12 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
         println!("burn matmul 9591 x 3072 -> 12288: {ms:7.3} ms  {tf:6.1} TFLOP/s");
         gemms.push(json!({"m": 9591, "k": D, "n": 4 * D, "burn": true, "ms": ms, "tflops": tf}));
     }
-    out.push(("gemm".into(), Value::Array(gemms)));
+    Value::Array(gemms)
+}
 
+/// The attention cases (DiT joint and reuse, Edit-Plus, the language model's causal GQA prefill, the vision tower)
+/// under every flash kernel that takes their head dimension.
+fn attention_kernels(reps: usize) -> Value {
     let mut attn = Vec::new();
     // (what, queries, key segments, heads, kv heads, head dim, causal)
     let cases: &[AttnCase] = &[
@@ -216,12 +230,11 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
         }
         configure(|c| c.flash_kernel = FlashKernel::Auto).expect("configuration");
     }
-    out.push(("attention".into(), Value::Array(attn)));
-    if attention_only {
-        return;
-    }
+    Value::Array(attn)
+}
 
-    // Per-operation cost of the ordering: a tiny GEMM, 2000 times, in each ordering mode.
+/// Per-operation cost of the ordering: a tiny GEMM, 2000 times, in each ordering mode, and one burn elementwise op.
+fn ordering_costs() -> Value {
     let mut ord = Vec::new();
     let x = randn([1, 16, 128], 1.0);
     let w = randn([128, 128], 0.1);
@@ -240,7 +253,7 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     };
     println!("burn elementwise op wall time per call: {burn_us:6.1} µs");
     ord.push(json!({"mode": "burn elementwise", "us_per_op": burn_us}));
-    out.push(("ordering".into(), Value::Array(ord)));
+    Value::Array(ord)
 }
 
 /// FLOP of one DiT step with `computed` image tokens and `text` text tokens attending to `keys` keys: the cost model of
@@ -433,6 +446,89 @@ fn schedule_runs(model: &QwenImageTransformer<G>, inputs: &DenoiseInputs<G>, arg
     Value::Object(schedules)
 }
 
+/// The DiT cases of `args` on a random full-size DiT: its creation, the modulation table, each case
+/// ([`dit_case`]) and the GPU memory.
+fn dit_cases(args: &Args, device: &CudaDevice, mem0: u64, results: &mut Vec<(String, Value)>) {
+    let config = DitConfig { num_layers: args.layers, zero_cond_t: false, ..DitConfig::default() };
+    let t = Instant::now();
+    let options = DitLoadOptions { modulation: args.modulation.mode(), ..Default::default() };
+    let mut store = WeightStore::random(DType::BF16, 42);
+    let model =
+        QwenImageTransformer::<G>::from_store_with(config, &mut store, &options, device).expect("model");
+    sync();
+    let params: usize = model.blocks.len() * (2 * 6 * D * D + 8 * D * D + 4 * 4 * D * D);
+    println!(
+        "\nrandom DiT: {:.2} B block parameters, created in {:.1} s",
+        params as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    let mem_model = cuda::device_memory_used(0).unwrap_or(0);
+    let memory_with_model = gpu_memory(&format!("with the model ({:?} modulation)", args.modulation));
+    // The table of every timestep the cases use, built once before them (as in a process's first edit).
+    let (table, table_json) = modulation_table(&model, options.modulation);
+    let mut cases = serde_json::Map::new();
+    for case in args.cases.split(',') {
+        let text = match case {
+            "v1" => 1399,
+            "plus" => 236,
+            other => panic!("unknown case {other}"),
+        };
+        cases.insert(case.into(), dit_case(&model, table.as_ref(), case, text, args));
+    }
+    let mem_peak = cuda::device_memory_used(0).unwrap_or(0);
+    let pool = cuda::pool_usage(device);
+    println!(
+        "\nGPU memory ({:?} modulation): {:.1} GiB before, {:.1} GiB with the model, {:.1} GiB peak (burn pool in \
+         use / reserved: {:?})",
+        args.modulation,
+        gib(mem0),
+        gib(mem_model),
+        gib(mem_peak),
+        pool.map(|(a, b)| (gib(a), gib(b)))
+    );
+    results.push(("dit".into(), Value::Object(cases)));
+    results
+        .push(("modulation".into(), json!({"mode": format!("{:?}", args.modulation), "table": table_json})));
+    results.push((
+        "memory".into(),
+        json!({"before_bytes": mem0, "model_bytes": mem_model, "peak_bytes": mem_peak, "pool": pool,
+               "with_model": memory_with_model}),
+    ));
+}
+
+/// In table mode, the modulation table of every timestep the cases use (the 4 Lightning steps and the single-step
+/// timestep), built once, and its build time and size.
+fn modulation_table(
+    model: &QwenImageTransformer<G>,
+    modulation: ModulationMode,
+) -> (Option<ModulationTable<G>>, Value) {
+    match modulation {
+        ModulationMode::Resident => (None, Value::Null),
+        ModulationMode::Table => {
+            let mut timesteps = SIGMAS[..4].to_vec();
+            timesteps.push(STEP_TIMESTEP);
+            let calls: Vec<&[f32]> = timesteps.iter().map(std::slice::from_ref).collect();
+            sync();
+            let t = Instant::now();
+            let mut table = ModulationTable::new();
+            let update = model.extend_modulation_table(&mut table, &calls).expect("modulation table");
+            sync();
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            println!(
+                "modulation table: {} timesteps in {ms:.1} ms ({:.2} GB of modulation weights made on the GPU one \
+                 layer at a time), {:.1} MB",
+                update.added,
+                update.uploaded_bytes as f64 / 1e9,
+                table.size_bytes() as f64 / 1e6
+            );
+            let memory = gpu_memory("with the model and the table");
+            let json = json!({"build_ms": ms, "timesteps": update.added, "uploaded_bytes": update.uploaded_bytes,
+                              "table_bytes": table.size_bytes(), "memory_after": memory});
+            (Some(table), json)
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
     log_to_stderr();
@@ -451,77 +547,7 @@ fn main() {
         kernels(args.reps, args.attention_only, &mut results);
     }
     if !args.skip_dit {
-        let config = DitConfig { num_layers: args.layers, zero_cond_t: false, ..DitConfig::default() };
-        let t = Instant::now();
-        let options = DitLoadOptions { modulation: args.modulation.mode(), ..Default::default() };
-        let mut store = WeightStore::random(DType::BF16, 42);
-        let model =
-            QwenImageTransformer::<G>::from_store_with(config, &mut store, &options, &device).expect("model");
-        sync();
-        let params: usize = model.blocks.len() * (2 * 6 * D * D + 8 * D * D + 4 * 4 * D * D);
-        println!(
-            "\nrandom DiT: {:.2} B block parameters, created in {:.1} s",
-            params as f64 / 1e9,
-            t.elapsed().as_secs_f64()
-        );
-        let mem_model = cuda::device_memory_used(0).unwrap_or(0);
-        let memory_with_model = gpu_memory(&format!("with the model ({:?} modulation)", args.modulation));
-        // The table of every timestep the cases use, built once before them (as in a process's first edit).
-        let (table, table_json) = match options.modulation {
-            ModulationMode::Resident => (None, Value::Null),
-            ModulationMode::Table => {
-                let mut timesteps = SIGMAS[..4].to_vec();
-                timesteps.push(STEP_TIMESTEP);
-                let calls: Vec<&[f32]> = timesteps.iter().map(std::slice::from_ref).collect();
-                sync();
-                let t = Instant::now();
-                let mut table = ModulationTable::new();
-                let update = model.extend_modulation_table(&mut table, &calls).expect("modulation table");
-                sync();
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                println!(
-                    "modulation table: {} timesteps in {ms:.1} ms ({:.2} GB of modulation weights made on the GPU one \
-                     layer at a time), {:.1} MB",
-                    update.added,
-                    update.uploaded_bytes as f64 / 1e9,
-                    table.size_bytes() as f64 / 1e6
-                );
-                let memory = gpu_memory("with the model and the table");
-                let json = json!({"build_ms": ms, "timesteps": update.added, "uploaded_bytes": update.uploaded_bytes,
-                                  "table_bytes": table.size_bytes(), "memory_after": memory});
-                (Some(table), json)
-            }
-        };
-        let mut cases = serde_json::Map::new();
-        for case in args.cases.split(',') {
-            let text = match case {
-                "v1" => 1399,
-                "plus" => 236,
-                other => panic!("unknown case {other}"),
-            };
-            cases.insert(case.into(), dit_case(&model, table.as_ref(), case, text, &args));
-        }
-        let mem_peak = cuda::device_memory_used(0).unwrap_or(0);
-        let pool = cuda::pool_usage(&device);
-        println!(
-            "\nGPU memory ({:?} modulation): {:.1} GiB before, {:.1} GiB with the model, {:.1} GiB peak (burn pool in \
-             use / reserved: {:?})",
-            args.modulation,
-            gib(mem0),
-            gib(mem_model),
-            gib(mem_peak),
-            pool.map(|(a, b)| (gib(a), gib(b)))
-        );
-        results.push(("dit".into(), Value::Object(cases)));
-        results.push((
-            "modulation".into(),
-            json!({"mode": format!("{:?}", args.modulation), "table": table_json}),
-        ));
-        results.push((
-            "memory".into(),
-            json!({"before_bytes": mem0, "model_bytes": mem_model, "peak_bytes": mem_peak, "pool": pool,
-                   "with_model": memory_with_model}),
-        ));
+        dit_cases(&args, &device, mem0, &mut results);
     }
     results.push(("fast_path".into(), fast_path_json()));
     let doc = Value::Object(results.into_iter().collect());

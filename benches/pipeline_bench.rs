@@ -281,59 +281,7 @@ fn load(args: &Args, root: &Path) -> Value {
             other => panic!("unknown load mode `{other}` (cold, warm)"),
         };
         let evicted = cold && written.shards.iter().all(|s| evict_page_cache(s));
-        reset_peak();
-        let before = HostMemory::read().unwrap_or_default();
-        let gpu_before = cuda::device_memory_used(0).unwrap_or(0);
-        let sampler = PeakSampler::start(Duration::from_millis(10));
-        let t = Instant::now();
-        let model = QwenImageTransformer::<G>::load_with(&dir, DType::BF16, &options, &dev()).expect("load");
-        sync();
-        let secs = t.elapsed().as_secs_f64();
-        let peak = sampler.finish();
-        let after = HostMemory::read().unwrap_or_default();
-        let gpu_after = cuda::device_memory_used(0).unwrap_or(0);
-        println!(
-            "{label} load{}: {secs:6.2} s, {:.2} GB/s; host peak RSS {:.2} GiB (VmHWM), peaks anon {:.2} GiB / \
-             mapped files {:.2} GiB; RSS {:.2} → {:.2} GiB; GPU +{:.2} GiB",
-            if cold && !evicted { " (page cache NOT evicted)" } else { "" },
-            loaded_gb / secs,
-            gib(after.peak_rss),
-            gib(peak.anon),
-            gib(peak.file),
-            gib(before.rss),
-            gib(after.rss),
-            gib(gpu_after.saturating_sub(gpu_before)),
-        );
-        // The first edit's modulation table: each modulation layer read from the mapped files and uploaded once.
-        let table = (options.modulation == ModulationMode::Table).then(|| {
-            let t = Instant::now();
-            let calls: Vec<&[f32]> = LIGHTNING_TIMESTEPS.iter().map(std::slice::from_ref).collect();
-            let mut table = qwen_image::dit::ModulationTable::new();
-            let update = model.extend_modulation_table(&mut table, &calls).expect("modulation table");
-            sync();
-            let secs = t.elapsed().as_secs_f64();
-            println!(
-                "{label} modulation table ({} timesteps): {secs:6.2} s, {:.2} GB uploaded one layer at a time \
-                 ({:.2} GB/s), table {:.1} MB; GPU +{:.2} GiB over the loaded model",
-                update.added,
-                update.uploaded_bytes as f64 / 1e9,
-                update.uploaded_bytes as f64 / 1e9 / secs,
-                table.size_bytes() as f64 / 1e6,
-                gib(cuda::device_memory_used(0).unwrap_or(0).saturating_sub(gpu_after)),
-            );
-            json!({"seconds": secs, "timesteps": update.added, "uploaded_bytes": update.uploaded_bytes,
-                   "table_bytes": table.size_bytes(), "gpu_used_bytes": cuda::device_memory_used(0)})
-        });
-        loads.push(json!({
-            "mode": label, "page_cache_evicted": evicted, "seconds": secs, "gb_per_s": loaded_gb / secs,
-            "loaded_bytes": loaded_gb * 1e9,
-            "host_peak_rss_bytes": after.peak_rss, "host_peak_anon_bytes": peak.anon, "host_peak_file_bytes": peak.file,
-            "host_rss_before_bytes": before.rss, "host_rss_after_bytes": after.rss,
-            "gpu_used_before_bytes": gpu_before, "gpu_used_after_bytes": gpu_after,
-            "modulation": format!("{:?}", args.modulation), "modulation_table": table,
-        }));
-        drop(model);
-        sync();
+        loads.push(timed_load(args, &dir, &options, label, (cold, evicted), loaded_gb));
     }
     if !args.keep {
         std::fs::remove_dir_all(&dir).expect("delete the checkpoint");
@@ -343,6 +291,74 @@ fn load(args: &Args, root: &Path) -> Value {
         "layers": args.layers, "bytes": written.bytes, "shards": written.shards.len(), "write_seconds": write_s,
         "host_rss_after_write_bytes": after_write.rss, "loads": loads, "kept": args.keep,
     })
+}
+
+/// One load of the written checkpoint (`label`: cold or warm; `cold_evicted`: whether it is cold and the page cache
+/// was evicted): time, throughput, host and GPU memory, then the first edit's modulation table in table mode.
+fn timed_load(
+    args: &Args,
+    dir: &Path,
+    options: &DitLoadOptions,
+    label: &str,
+    (cold, evicted): (bool, bool),
+    loaded_gb: f64,
+) -> Value {
+    reset_peak();
+    let before = HostMemory::read().unwrap_or_default();
+    let gpu_before = cuda::device_memory_used(0).unwrap_or(0);
+    let sampler = PeakSampler::start(Duration::from_millis(10));
+    let t = Instant::now();
+    let model = QwenImageTransformer::<G>::load_with(dir, DType::BF16, options, &dev()).expect("load");
+    sync();
+    let secs = t.elapsed().as_secs_f64();
+    let peak = sampler.finish();
+    let after = HostMemory::read().unwrap_or_default();
+    let gpu_after = cuda::device_memory_used(0).unwrap_or(0);
+    println!(
+        "{label} load{}: {secs:6.2} s, {:.2} GB/s; host peak RSS {:.2} GiB (VmHWM), peaks anon {:.2} GiB / \
+         mapped files {:.2} GiB; RSS {:.2} → {:.2} GiB; GPU +{:.2} GiB",
+        if cold && !evicted { " (page cache NOT evicted)" } else { "" },
+        loaded_gb / secs,
+        gib(after.peak_rss),
+        gib(peak.anon),
+        gib(peak.file),
+        gib(before.rss),
+        gib(after.rss),
+        gib(gpu_after.saturating_sub(gpu_before)),
+    );
+    let table = (options.modulation == ModulationMode::Table).then(|| first_table(&model, label, gpu_after));
+    let out = json!({
+        "mode": label, "page_cache_evicted": evicted, "seconds": secs, "gb_per_s": loaded_gb / secs,
+        "loaded_bytes": loaded_gb * 1e9,
+        "host_peak_rss_bytes": after.peak_rss, "host_peak_anon_bytes": peak.anon, "host_peak_file_bytes": peak.file,
+        "host_rss_before_bytes": before.rss, "host_rss_after_bytes": after.rss,
+        "gpu_used_before_bytes": gpu_before, "gpu_used_after_bytes": gpu_after,
+        "modulation": format!("{:?}", args.modulation), "modulation_table": table,
+    });
+    drop(model);
+    sync();
+    out
+}
+
+/// The first edit's modulation table: each modulation layer read from the mapped files and uploaded once.
+fn first_table(model: &QwenImageTransformer<G>, label: &str, gpu_after_load: u64) -> Value {
+    let t = Instant::now();
+    let calls: Vec<&[f32]> = LIGHTNING_TIMESTEPS.iter().map(std::slice::from_ref).collect();
+    let mut table = qwen_image::dit::ModulationTable::new();
+    let update = model.extend_modulation_table(&mut table, &calls).expect("modulation table");
+    sync();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{label} modulation table ({} timesteps): {secs:6.2} s, {:.2} GB uploaded one layer at a time \
+         ({:.2} GB/s), table {:.1} MB; GPU +{:.2} GiB over the loaded model",
+        update.added,
+        update.uploaded_bytes as f64 / 1e9,
+        update.uploaded_bytes as f64 / 1e9 / secs,
+        table.size_bytes() as f64 / 1e6,
+        gib(cuda::device_memory_used(0).unwrap_or(0).saturating_sub(gpu_after_load)),
+    );
+    json!({"seconds": secs, "timesteps": update.added, "uploaded_bytes": update.uploaded_bytes,
+           "table_bytes": table.size_bytes(), "gpu_used_bytes": cuda::device_memory_used(0)})
 }
 
 /// The full-size pipeline (random bf16 weights, the full demo's configs) and the demo's 1024² request with `steps`
