@@ -238,6 +238,8 @@ def main():
                     help="VAE loss weight 1 + W on the pixels of objects (0: the v1/v2 VAE's plain loss)")
     ap.add_argument("--vae-init", default="", help="take the VAE of the snapshot in this folder (a train.py --out, "
                     "e.g. the previous call's) instead of training one")
+    ap.add_argument("--stop-by", type=float, default=0, help="a Unix time: the VAE and DiT loops stop there (their "
+                    "results are written and exported as usual), so a device call with a hard limit keeps its output")
     ap.add_argument("--dit-steps", type=int, default=12000)
     ap.add_argument("--dit-time", type=float, default=0, help="seconds; fewer steps if they would not fit")
     ap.add_argument("--dit-batch", type=int, default=512)

@@ -176,6 +176,9 @@ def dit_stage(args, device, run):
         if budget and not args.smoke and time.time() - t_start > 1.15 * budget and step < steps:
             log(f"{run}: over 115 % of its time budget at step {step}: stopping here")
             steps = step
+        if args.stop_by and time.time() > args.stop_by and step < steps:
+            log(f"{run}: --stop-by reached at step {step}: stopping here (the export still runs)")
+            steps = step
         if step % args.log_every == 0 or step == steps:
             row = [step, f"{time.time() - t_start:.1f}", f"{opt.param_groups[0]['lr']:.2e}", f"{loss.item():.5f}"]
             v = None

@@ -90,6 +90,9 @@ def vae_stage(args, device, tokenizer):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
+        if args.stop_by and time.time() > args.stop_by and step < steps:
+            log(f"vae: --stop-by reached at step {step}: stopping here")
+            steps = step
         if step == 50:
             t_50 = time.time()
         if step == 150 and args.vae_time and not args.smoke:
