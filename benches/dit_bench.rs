@@ -44,7 +44,7 @@ use qwen_image_eval::flops::executed_flops;
 use qwen_image_pipeline::{denoise, DenoiseCaches, DenoiseInputs, TextConditioning};
 use qwen_image_pruning::{
     from_fn, CacheBudget, Cat, EditRegion, GroupAction, LayerPlan, PixelMask, RegionSource, ReuseMode,
-    ScheduleFactory, ScheduleSpec, StepPlan, TokenPruningCache,
+    ScheduleFactory, ScheduleSpec, StepPlan, StepStats, TokenPruningCache,
 };
 use serde_json::{json, Value};
 
@@ -256,14 +256,18 @@ fn ordering_costs() -> Value {
     Value::Array(ord)
 }
 
-/// FLOP of one DiT step with `computed` image tokens and `text` text tokens attending to `keys` keys: the cost model of
-/// `qwen_image_eval::flops::executed_flops` for a step without recomputed K/V (the single full and reuse steps, whose
-/// plain `forward` reports no step stats).
-fn step_flop(layers: usize, text: usize, computed: usize, keys: usize) -> f64 {
-    let q = (text + computed) as f64;
-    let lin = 2.0 * 12.0 * (D * D) as f64 * layers as f64 * q;
-    let attn = 4.0 * D as f64 * layers as f64 * q * keys as f64;
-    lin + attn
+/// FLOPs of one DiT step in which `text` text tokens and `computed` image tokens are computed at every block and
+/// attend to `keys` keys, by the eval's cost model (`executed_flops`) on the stats such a step reports (a plain
+/// `forward` reports none).
+fn step_flop(config: &DitConfig, text: usize, computed: usize, keys: usize) -> f64 {
+    let layers = config.num_layers;
+    let stats = StepStats {
+        text_tokens: text * layers,
+        computed_tokens: computed * layers,
+        attention_pairs: (text + computed) * keys * layers,
+        ..StepStats::default()
+    };
+    executed_flops(config, &stats)
 }
 
 /// One DiT case: single full and reuse steps, then 4-step schedules through the denoising loop.
@@ -315,8 +319,8 @@ fn single_steps(
 ) -> Value {
     let layers = model.num_layers();
     let keys = text + target + cond;
-    let full_flop = step_flop(layers, text, target + cond, keys);
-    let reuse_flop = step_flop(layers, text, target, keys);
+    let full_flop = step_flop(&model.config, text, target + cond, keys);
+    let reuse_flop = step_flop(&model.config, text, target, keys);
 
     cuda::reset_stats(&dev());
     let full_ms = time_ms(args.reps, 1, || drop(model.forward(input).expect("forward")));
