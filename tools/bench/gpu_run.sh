@@ -113,19 +113,19 @@ if has vaeprof; then
   # (pipeline_bench: a first call and one timed call each, then one more decode) and PyTorch's (torch_stage_bench.py:
   # a warm-up and one timed call each, cudnn.benchmark off). Compare the shares, not the totals (the call counts
   # differ). QWEN_GEMM_AUTOTUNE=0: cuDNN's heuristic picks our algorithms, so cudnnFind's trials stay out.
-  echo "== ncu: kernels of our VAE"
-  QWEN_GEMM_AUTOTUNE=0 timeout ${NCU_TIMEOUT:-420} ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    --print-units base --log-file "$OUT/vaeprof_ours.csv" .dev/pipeline_bench --skip-text-encoder --reps 1 \
-    --json /tmp/vaeprof_bench.json > "$OUT/vaeprof_ours.log" 2>&1
-  echo "ncu exit $?"; python3 tools/bench/kernel_summary.py "$OUT/vaeprof_ours.csv" --json "$OUT/vaeprof_ours.json" \
-    | head -40
-  echo "== ncu: kernels of PyTorch's VAE"
-  timeout ${NCU_TIMEOUT:-420} ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-    --log-file "$OUT/vaeprof_torch.csv" python3 tools/bench/torch_stage_bench.py --sections vae --reps 1 \
-    --cudnn-benchmark off --skip-vae-stages \
-    --json /tmp/vaeprof_torch.json > "$OUT/vaeprof_torch.log" 2>&1
-  echo "ncu exit $?"; python3 tools/bench/kernel_summary.py "$OUT/vaeprof_torch.csv" --json "$OUT/vaeprof_torch.json" \
-    | head -40
+  # kernel_durations NAME COMMAND...: every kernel's duration under ncu into $OUT/vaeprof_NAME.*, and its summary.
+  kernel_durations() {
+    local name=$1; shift
+    echo "== ncu: kernels of $name"
+    timeout ${NCU_TIMEOUT:-420} ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      --log-file "$OUT/vaeprof_$name.csv" "$@" > "$OUT/vaeprof_$name.log" 2>&1
+    echo "ncu exit $?"
+    python3 tools/bench/kernel_summary.py "$OUT/vaeprof_$name.csv" --json "$OUT/vaeprof_$name.json" | head -40
+  }
+  QWEN_GEMM_AUTOTUNE=0 kernel_durations ours .dev/pipeline_bench --skip-text-encoder --reps 1 \
+    --json /tmp/vaeprof_bench.json
+  kernel_durations torch python3 tools/bench/torch_stage_bench.py --sections vae --reps 1 --cudnn-benchmark off \
+    --skip-vae-stages --json /tmp/vaeprof_torch.json
 fi
 if has torch; then
   echo "== PyTorch reference"
