@@ -144,7 +144,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         };
         let fitted = RequestSchedule::new(schedule, req, per_token);
         let schedule: &dyn ScheduleFactory = &fitted;
-        let mut clock = StageClock::<B>::new(&self.device, progress);
+        let mut clock = StageClock::<B>::new(&self.device, progress)
+            .releasing_memory(self.options.memory == crate::MemoryMode::Low);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
         let text =
             clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;
