@@ -25,6 +25,19 @@ CUDNN_LIB=$(python3 -c 'import os, nvidia.cudnn as m; print(os.path.join(list(m.
 [ -n "$CUDNN_LIB" ] && [ -d "$CUDNN_LIB" ] && export LD_LIBRARY_PATH=$CUDNN_LIB:$LD_LIBRARY_PATH && echo "cuDNN: $CUDNN_LIB"
 export PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# with_peak NAME COMMAND...: runs COMMAND while nvidia-smi samples the GPU's used memory every 50 ms; prints and
+# writes ($OUT/NAME.peak) the peak in MiB as the driver saw it (what users see, the pool's reservations included,
+# transients inside a stage too, which the reports' after-edit figures miss).
+with_peak() {
+  local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/$name.mem" 2>/dev/null &
+  local sampler=$!
+  "$@"; local rc=$?
+  kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
+  sort -n "$OUT/$name.mem" | tail -1 | tee "$OUT/$name.peak" | sed "s/^/$name: peak GPU memory used (MiB, driver): /"
+  rm -f "$OUT/$name.mem"
+  return $rc
+}
 # Binaries travel xz-compressed (the carried tree is limited to 64 MiB).
 for f in .dev/bin/*.xz; do
   [ -e "$f" ] || continue
@@ -66,7 +79,7 @@ if has e2e; then
   # The first edit of a fresh machine compiles and autotunes burn's own kernels (kept in ~/.cache/qwen-image).
   echo "== qwen-edit --demo --size full (first process on this machine)"
   start=$(date +%s)
-  timeout ${E2E_TIMEOUT:-400} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${REPEAT:-10} \
+  with_peak e2e timeout ${E2E_TIMEOUT:-400} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${REPEAT:-10} \
     --quiet -o "$OUT/e2e" --report "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
   echo "e2e exit $? after $(( $(date +%s) - start )) s"; tail -60 "$OUT/e2e.log"
 fi
@@ -103,7 +116,7 @@ if has modes; then
     name=${mode%%:*}; flags=${mode#*:}
     echo "== qwen-edit --demo --size full $flags"
     start=$(date +%s)
-    timeout ${MODE_TIMEOUT:-240} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \
+    with_peak "e2e_$name" timeout ${MODE_TIMEOUT:-240} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \
       $flags --quiet -o "$OUT/e2e_$name" --report "$OUT/e2e_$name.json" > "$OUT/e2e_$name.log" 2>&1
     echo "$name exit $? after $(( $(date +%s) - start )) s"; tail -30 "$OUT/e2e_$name.log"
   done
