@@ -25,6 +25,21 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# What a loop keeps for its last validation (and the VAE's ceiling) between its last step and --stop-by.
+STOP_BY_RESERVE_S = 20.0
+
+
+def time_left(budget, t_start, stop_by):
+    """Seconds a training loop has left: its own budget (0: none) since t_start, and at most until stop_by (a Unix
+    time; 0: none) less STOP_BY_RESERVE_S, so that a call's step count is fitted to whichever ends first and the
+    learning-rate decay completes instead of being cut off by --stop-by."""
+    now = time.time()
+    left = [budget - (now - t_start)] if budget else []
+    if stop_by:
+        left.append(stop_by - now - STOP_BY_RESERVE_S)
+    return max(0.0, min(left)) if left else float("inf")
+
+
 def _gen_chunk(job):
     split, variant, start, n, task = job
     k = scenes.MAX_OBJECTS

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_model as pm  # noqa: E402
 from train_data import (  # noqa: E402
     NOOP_FRACTION, TASK_ID, Batcher, check_batch_cache, generate_pool, log, score_t, to_device, tokenize_pool,
-    val_set,
+    time_left, val_set,
 )
 from train_vae import load_vae  # noqa: E402
 
@@ -166,12 +166,13 @@ def dit_stage(args, device, run):
             torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1 - d)
         if step == 20:
             t_20 = time.time()  # the speed is measured on steps 21-100: the first ones include cuDNN's tuning
-        if step == 100 and budget and not args.smoke:
+        if step == 100 and (budget or args.stop_by) and not args.smoke:
             per = (time.time() - t_20) / 80
-            fit = int((budget - (time.time() - t_start)) / per + 100) // 100 * 100
+            left = time_left(budget, t_start, args.stop_by)
+            fit = int(left / per + 100) // 100 * 100
             if fit < steps:
-                log(f"{run}: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > {budget:.0f}s; "
-                    f"training {fit} steps")
+                log(f"{run}: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > {left:.0f}s "
+                    f"left; training {max(fit, 300)} steps")
                 steps = max(fit, 300)
         if budget and not args.smoke and time.time() - t_start > 1.15 * budget and step < steps:
             log(f"{run}: over 115 % of its time budget at step {step}: stopping here")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_model as pm  # noqa: E402
 import scenes  # noqa: E402
-from train_data import TASK_ID, generate_pool, log, render_u8, score_t, val_set  # noqa: E402
+from train_data import TASK_ID, generate_pool, log, render_u8, score_t, time_left, val_set  # noqa: E402
 
 
 def vae_stage(args, device, tokenizer):
@@ -95,14 +95,15 @@ def vae_stage(args, device, tokenizer):
             steps = step
         if step == 50:
             t_50 = time.time()
-        if step == 150 and args.vae_time and not args.smoke:
+        if step == 150 and (args.vae_time or args.stop_by) and not args.smoke:
             # the speed of steps 50-150: the first steps also pay for cuDNN's algorithm search (run 2 fitted 1600
             # steps from a 265 ms/step start, then ran at ~100 ms/step and used 163 of its 430 s)
             per = (time.time() - t_50) / 100
-            fit = int(150 + (args.vae_time - (time.time() - t_start)) / per) // 100 * 100
+            left = time_left(args.vae_time, t_start, args.stop_by)
+            fit = int(150 + left / per) // 100 * 100
             if fit < steps:
-                log(f"vae: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > "
-                    f"{args.vae_time}s; training {fit} steps")
+                log(f"vae: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > {left:.0f}s "
+                    f"left; training {max(fit, 200)} steps")
                 steps = max(fit, 200)
         if step % args.log_every == 0 or step == steps:
             vp = vo = ""
