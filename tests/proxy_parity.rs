@@ -3,10 +3,10 @@
 //! `tools/proxy/fixtures.py`: `tests/fixtures/proxy/{edits.json, <case>.safetensors}`, the noise injected). Final
 //! latents within relative L2 1e-4 in f32 on the CPU, decoded images at PSNR ≥ 60 dB; bf16 within 2e-2.
 //!
-//! The snapshots are the ones embedded in `qwen-image-proxy` (the fixtures must come from the same ones); they are
-//! not committed yet (crates/qwen-image-proxy/snapshots/README.md), so these tests are `#[ignore]`d until they
-//! are: `python3 tools/proxy/fixtures.py --edit-snapshot … --plus-snapshot …`, then
-//! `QWEN_IMAGE_PROXY_SNAPSHOTS=/path/to/trained cargo test --test proxy_parity -- --ignored`.
+//! The snapshots are the ones embedded in `qwen-image-proxy` (the fixtures must come from the same ones:
+//! `python3 tools/proxy/fixtures.py`). The Edit proxy is committed; the Edit-Plus proxy is not trained yet
+//! (crates/qwen-image-proxy/snapshots/README.md), so its tests are `#[ignore]`d until it is: then
+//! `python3 tools/proxy/fixtures.py` (both variants) and `cargo test --test proxy_parity -- --include-ignored`.
 //!
 //! Unlike the random tiny snapshot's parity test, these weights make real edits: an error in the conditioning
 //! (template, vision tower, text positions, condition tokens, `zero_cond_t`) changes the picture, not only noise.
@@ -99,49 +99,54 @@ fn check(name: &str) {
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_without_cfg_matches_diffusers() {
     check("edit_nocfg");
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
 fn proxy_edit_with_true_cfg_matches_diffusers() {
     check("edit_cfg");
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
+#[ignore = "needs the trained Edit-Plus proxy snapshot and its fixtures, not trained yet"]
 fn proxy_edit_plus_two_images_matches_diffusers() {
     check("plus_nocfg");
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
+#[ignore = "needs the trained Edit-Plus proxy snapshot and its fixtures, not trained yet"]
 fn proxy_edit_plus_with_true_cfg_matches_diffusers() {
     check("plus_cfg");
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
+#[ignore = "needs the trained Edit-Plus proxy snapshot and its fixtures, not trained yet"]
 fn proxy_edit_plus_one_image_matches_diffusers() {
     check("plus_single_nocfg");
 }
 
-#[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
-fn proxy_bf16_matches_diffusers_bf16() {
-    for name in ["edit_nocfg", "plus_cfg"] {
-        let (out, want) = run(name, "none", DType::BF16);
-        let latents = rel_l2(&out.latents, &want.f32("latents_bf16").unwrap().0);
-        let p = psnr(out.image.as_raw(), &image_of(&want, "image_bf16")).unwrap();
-        println!("{name} bf16: latents rel L2 {latents:.2e}, image PSNR {p:.1} dB");
-        assert!(latents <= LATENT_TOL_BF16, "{name}: bf16 final latents differ by {latents:.3e}");
-    }
+/// `name` in bf16 against diffusers in bf16.
+fn check_bf16(name: &str) {
+    let (out, want) = run(name, "none", DType::BF16);
+    let latents = rel_l2(&out.latents, &want.f32("latents_bf16").unwrap().0);
+    let p = psnr(out.image.as_raw(), &image_of(&want, "image_bf16")).unwrap();
+    println!("{name} bf16: latents rel L2 {latents:.2e}, image PSNR {p:.1} dB");
+    assert!(latents <= LATENT_TOL_BF16, "{name}: bf16 final latents differ by {latents:.3e}");
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots and their fixtures, not committed yet"]
+fn proxy_edit_bf16_matches_diffusers_bf16() {
+    check_bf16("edit_nocfg");
+}
+
+#[test]
+#[ignore = "needs the trained Edit-Plus proxy snapshot and its fixtures, not trained yet"]
+fn proxy_edit_plus_bf16_matches_diffusers_bf16() {
+    check_bf16("plus_cfg");
+}
+
+#[test]
 fn the_proxy_fixture_is_sensitive_to_pruning() {
     // A pruned schedule moves the latents far beyond the tolerance: the comparisons above are not vacuous.
     let (pruned, want) = run("edit_nocfg", "reuse:2,3,4", DType::F32);

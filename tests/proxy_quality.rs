@@ -5,8 +5,9 @@
 //!
 //! Also: the Rust success rule gives `scenes.score`'s numbers (tools/proxy/scenes.py) on held-out images.
 //!
-//! The subset test needs the trained snapshots embedded in `qwen-image-proxy`, which are not committed yet
-//! (crates/qwen-image-proxy/snapshots/README.md): it is `#[ignore]`d until they are; run it with
+//! The subset tests need the trained snapshots embedded in `qwen-image-proxy`: the Edit proxy is committed (its
+//! subset runs in CI), the Edit-Plus proxy is not trained yet (crates/qwen-image-proxy/snapshots/README.md), so the
+//! two-variant subset is `#[ignore]`d until it is; run it with
 //! `QWEN_IMAGE_PROXY_SNAPSHOTS=/path/to/trained cargo test --test proxy_quality -- --ignored --nocapture`.
 
 use std::path::{Path, PathBuf};
@@ -17,24 +18,36 @@ use qwen_image::{
     CpuBackend,
 };
 use qwen_image_eval::{
-    report::GroupStats, score::score_against_truth, EvalOptions, EvalReport, Evaluator, HeldOutSet, Selection,
+    report::GroupStats, score::score_against_truth, EvalOptions, EvalReport, Evaluator, HeldOutSet,
+    Selection, SetVariant,
 };
 use qwen_image_pipeline::{NoProgress, QwenImageEditPipeline, Snapshot, Variant};
 
 /// Held-out edits in the subset (`Selection::limit`: spread evenly over the 9 variant/task groups).
 const SUBSET_EDITS: usize = 24;
 
-// Floors and margins. PROVISIONAL: set before the trained snapshots were measured (the targets are 90 %
-// success and 28 dB outside the mask over the whole held-out set); the lead sets them from the trained model's
-// measured values on this subset (`cargo test --release --test proxy_quality -- --nocapture` prints them), a few
-// points below, so that run-to-run noise does not fail CI but a broken edit does.
+/// The floors of `none` on a subset.
+#[derive(Clone, Copy, Debug)]
+struct Floors {
+    /// The lowest edit-success rate.
+    none_min_success: f64,
+    /// The lowest mean PSNR against the ground truth over the whole image, dB.
+    none_min_psnr_db: f64,
+    /// The lowest mean PSNR against the ground truth outside the object mask, dB.
+    none_min_psnr_outside_db: f64,
+}
 
-/// The lowest edit-success rate of `none` on the subset.
-const NONE_MIN_SUCCESS: f64 = 0.75;
-/// The lowest mean PSNR of `none` against the ground truth over the whole image, dB.
-const NONE_MIN_PSNR_DB: f64 = 24.0;
-/// The lowest mean PSNR of `none` against the ground truth outside the object mask, dB.
-const NONE_MIN_PSNR_OUTSIDE_DB: f64 = 26.0;
+// Floors: a few points under what the committed snapshot measures on the subset (`cargo test --release --test
+// proxy_quality -- --nocapture` prints it), so that run-to-run noise does not fail CI but a broken edit does.
+
+/// The Edit proxy's subset (the v3 snapshot measures success 79.2 % = 19 of 24, PSNR 30.49 dB, 29.68 dB outside
+/// the mask; `cat` 75.0 %, 29.92 dB): two edits may flip before this fails.
+const EDIT_FLOORS: Floors =
+    Floors { none_min_success: 0.70, none_min_psnr_db: 29.0, none_min_psnr_outside_db: 28.0 };
+/// Both variants' subset. PROVISIONAL: set before an Edit-Plus proxy was trained (the targets are 90 %
+/// success and 28 dB outside the mask over the whole held-out set).
+const BOTH_FLOORS: Floors =
+    Floors { none_min_success: 0.75, none_min_psnr_db: 24.0, none_min_psnr_outside_db: 26.0 };
 /// How far `cat`'s success rate may fall below `none`'s (fraction of the edits: 0.125 = 3 of 24).
 const CAT_MAX_SUCCESS_DROP: f64 = 0.125;
 /// How far `cat`'s mean PSNR against the ground truth may fall below `none`'s, dB.
@@ -72,12 +85,16 @@ fn describe(name: &str, g: &GroupStats) -> String {
     )
 }
 
-fn run_subset() -> EvalReport {
+/// `none` and `cat` on the subset of `variants` (`SUBSET_EDITS` edits spread over their tasks).
+fn run_subset(variants: &[SetVariant]) -> EvalReport {
     let set = HeldOutSet::open(&heldout_dir()).unwrap();
-    let edits = set.select(&Selection { limit: Some(SUBSET_EDITS), ..Selection::default() }).unwrap();
+    let selection =
+        Selection { limit: Some(SUBSET_EDITS), variants: variants.to_vec(), ..Selection::default() };
+    let edits = set.select(&selection).unwrap();
     assert_eq!(edits.len(), SUBSET_EDITS);
-    let dir = std::env::temp_dir().join(format!("qwen-proxy-quality-{}", std::process::id()));
-    let pipes = vec![pipeline(Variant::Edit, &dir), pipeline(Variant::EditPlus, &dir)];
+    let dir =
+        std::env::temp_dir().join(format!("qwen-proxy-quality-{}-{}", std::process::id(), variants.len()));
+    let pipes = variants.iter().map(|v| pipeline(v.pipeline_variant(), &dir)).collect();
     let _ = std::fs::remove_dir_all(&dir);
     let options = EvalOptions::new(vec!["none".parse().unwrap(), "cat".parse().unwrap()]);
     let run = Evaluator::new(pipes).run(&set, &edits, &options, &mut |_| {}).unwrap();
@@ -85,9 +102,20 @@ fn run_subset() -> EvalReport {
 }
 
 #[test]
-#[ignore = "needs the trained proxy snapshots, not committed yet (crates/qwen-image-proxy/snapshots/README.md)"]
-fn the_baseline_edits_correctly_and_cat_stays_close() {
-    let report = run_subset();
+fn the_edit_baseline_edits_correctly_and_cat_stays_close() {
+    check_subset(&[SetVariant::Edit], EDIT_FLOORS);
+}
+
+#[test]
+#[ignore = "needs the trained Edit-Plus proxy snapshot, not trained yet (crates/qwen-image-proxy/snapshots/README.md)"]
+fn the_baseline_of_both_variants_edits_correctly_and_cat_stays_close() {
+    check_subset(&[SetVariant::Edit, SetVariant::Plus], BOTH_FLOORS);
+}
+
+/// Runs the subset of `variants` and checks `floors` (printing every group first, so that a failure shows them).
+fn check_subset(variants: &[SetVariant], floors: Floors) {
+    let Floors { none_min_success, none_min_psnr_db, none_min_psnr_outside_db } = floors;
+    let report = run_subset(variants);
     for s in &report.schedules {
         for g in std::iter::once(&s.all).chain(&s.groups) {
             println!("{}", describe(&s.schedule, g));
@@ -99,13 +127,14 @@ fn the_baseline_edits_correctly_and_cat_stays_close() {
     }
     let (none, cat) = (&report.schedules[0], &report.schedules[1]);
     assert_eq!((none.schedule.as_str(), cat.schedule.as_str()), ("none", "cat"));
-    assert_eq!(none.groups.len(), 9, "every task of both variants is in the subset");
+    let tasks = if variants.len() == 2 { 9 } else { 4 };
+    assert_eq!(none.groups.len(), tasks, "every task of {variants:?} is in the subset");
     let n = &none.all;
-    assert!(n.success_rate >= NONE_MIN_SUCCESS, "none: success {:.3} < {NONE_MIN_SUCCESS}", n.success_rate);
-    assert!(n.psnr_db >= NONE_MIN_PSNR_DB, "none: PSNR {:.2} dB < {NONE_MIN_PSNR_DB}", n.psnr_db);
+    assert!(n.success_rate >= none_min_success, "none: success {:.3} < {none_min_success}", n.success_rate);
+    assert!(n.psnr_db >= none_min_psnr_db, "none: PSNR {:.2} dB < {none_min_psnr_db}", n.psnr_db);
     assert!(
-        n.psnr_outside_db >= NONE_MIN_PSNR_OUTSIDE_DB,
-        "none: PSNR outside the mask {:.2} dB < {NONE_MIN_PSNR_OUTSIDE_DB}",
+        n.psnr_outside_db >= none_min_psnr_outside_db,
+        "none: PSNR outside the mask {:.2} dB < {none_min_psnr_outside_db}",
         n.psnr_outside_db
     );
     let c = &cat.all;

@@ -48,8 +48,11 @@ def main():
     ap.add_argument("--edit-snapshot", default=SNAPSHOTS["edit"], help="relative to the repository root, or absolute")
     ap.add_argument("--plus-snapshot", default=SNAPSHOTS["plus"])
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--variants", default="edit,plus",
+                    help="the variants whose cases are written (edit: while no Edit-Plus proxy is trained)")
     args = ap.parse_args()
-    snapshots = {"edit": args.edit_snapshot, "plus": args.plus_snapshot}
+    variants = args.variants.split(",")
+    snapshots = {v: p for v, p in {"edit": args.edit_snapshot, "plus": args.plus_snapshot}.items() if v in variants}
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     pm.patch_areas()
@@ -58,6 +61,8 @@ def main():
     pipes = {v: pm.load_pipeline(ROOT / p) for v, p in snapshots.items()}
     cases = {}
     for case, (variant, eid, negative, cfg, seed, bf16) in CASES.items():
+        if variant not in snapshots:
+            continue
         e = manifest[eid]
         pipe = pipes[variant]
         images = [Image.open(OUT / "heldout" / p).convert("RGB") for p in e["sources"]]

@@ -40,9 +40,14 @@ fn tiny_models() -> [String; 4] {
     ]
 }
 
-fn bundled() -> bool {
+/// Whether this build bundles the trained Edit proxy (the one-image demo's model).
+fn edit_bundled() -> bool {
     qwen_image_proxy::is_bundled(qwen_image_pipeline::Variant::Edit)
-        && qwen_image_proxy::is_bundled(qwen_image_pipeline::Variant::EditPlus)
+}
+
+/// Whether this build bundles the trained Edit-Plus proxy (the demo's model for two or more images).
+fn plus_bundled() -> bool {
+    qwen_image_proxy::is_bundled(qwen_image_pipeline::Variant::EditPlus)
 }
 
 fn heldout() -> String {
@@ -59,7 +64,7 @@ fn files(dir: &Path) -> Vec<String> {
 
 #[test]
 fn without_the_proxy_the_demo_falls_back_to_the_tiny_model() {
-    if bundled() {
+    if edit_bundled() {
         return; // the proxy tests below run instead
     }
     let dir = workdir("demo-fallback");
@@ -77,7 +82,7 @@ fn without_the_proxy_the_demo_falls_back_to_the_tiny_model() {
 
 #[test]
 fn the_demo_edits_a_held_out_scene_and_writes_a_grid() {
-    if !bundled() {
+    if !edit_bundled() {
         return; // without_the_proxy_the_demo_falls_back_to_the_tiny_model runs instead
     }
     let dir = workdir("demo");
@@ -100,7 +105,7 @@ fn the_demo_edits_a_held_out_scene_and_writes_a_grid() {
 
 #[test]
 fn the_demo_takes_the_users_scene_and_instruction() {
-    if !bundled() {
+    if !edit_bundled() {
         return; // without_the_proxy_the_demo_falls_back_to_the_tiny_model runs instead
     }
     let dir = workdir("demo-user");
@@ -123,10 +128,17 @@ fn the_demo_takes_the_users_scene_and_instruction() {
         "2",
     ];
     let (o, out, err) = qwen_edit(&dir, &two);
-    assert!(
-        o.status.success() && out.contains("proxy (Edit-Plus"),
-        "two images run the Edit-Plus proxy:\n{out}\n{err}"
-    );
+    if plus_bundled() {
+        assert!(
+            o.status.success() && out.contains("proxy (Edit-Plus"),
+            "two images run the Edit-Plus proxy:\n{out}\n{err}"
+        );
+    } else {
+        assert!(
+            !o.status.success() && err.contains("Edit-Plus proxy, which is not bundled"),
+            "two images without the Edit-Plus proxy: a clear error\n{out}\n{err}"
+        );
+    }
     let (o, _, err) = qwen_edit(&dir, &["--demo", "-i", "scene.png"]);
     assert!(!o.status.success() && err.contains("needs the instruction"), "{err}");
     let (o, _, err) = qwen_edit(&dir, &["--demo", "--batch", "x.jsonl"]);
