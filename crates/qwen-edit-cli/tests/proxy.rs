@@ -173,7 +173,7 @@ fn eval_runs_schedules_and_writes_table_json_and_grids() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("ev/eval_report.json")).unwrap()).unwrap();
     let schedules: Vec<&str> =
         report["schedules"].as_array().unwrap().iter().map(|s| s["schedule"].as_str().unwrap()).collect();
-    assert_eq!(schedules, ["none", "cat", "reuse:2,3,4", "region:0.05,1"]);
+    assert_eq!(schedules, ["none", "cat", "reuse:2,3,4", "region:0.2,1"]);
     assert_eq!(report["edits"], 2);
     let records = report["records"].as_array().unwrap();
     assert_eq!(records.len(), 8);
@@ -184,7 +184,7 @@ fn eval_runs_schedules_and_writes_table_json_and_grids() {
     assert!(region["flops_ratio"].as_f64().unwrap() < 1.0, "{region}");
     let region_flops: Vec<f64> = records
         .iter()
-        .filter(|r| r["schedule"] == "region:0.05,1")
+        .filter(|r| r["schedule"] == "region:0.2,1")
         .map(|r| r["dit_flops_per_step"].as_f64().unwrap())
         .collect();
     let mean = region_flops.iter().sum::<f64>() / region_flops.len() as f64;
