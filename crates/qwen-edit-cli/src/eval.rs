@@ -61,6 +61,10 @@ pub struct EvalArgs {
     /// True-CFG scale (CFG runs above 1, with the negative prompt " ").
     #[arg(short = 'c', long, default_value_t = 1.0)]
     pub cfg: f32,
+    /// Guard reuse by the drift signal in every edit: a reuse step whose velocity changed by more than this runs
+    /// again with everything computed (docs/schedules.md, "Guardrail"; its cost shows in the FLOPs column).
+    #[arg(long, value_name = "DRIFT")]
+    pub guardrail: Option<f32>,
     /// Untimed runs of the first edit per variant and schedule [default: 0 on the CPU, 1 on CUDA].
     #[arg(long)]
     pub warmup: Option<usize>,
@@ -155,6 +159,7 @@ fn options(args: &EvalArgs) -> EvalOptions {
     options.warmup = args.warmup.unwrap_or(usize::from(args.device == Device::Cuda));
     options.worst_cases = args.worst;
     options.areas = qwen_image_proxy::areas();
+    options.guardrail = args.guardrail;
     options
 }
 

@@ -198,6 +198,35 @@ fn eval_runs_schedules_and_writes_table_json_and_grids() {
 }
 
 #[test]
+fn eval_guardrail_reaches_the_edits() {
+    // A 0 drift threshold rejects every reuse step (any change exceeds it): each runs again with everything
+    // computed, and both passes count, so `cat` costs more FLOPs than `none` instead of fewer.
+    let dir = workdir("eval-guardrail");
+    let h = heldout();
+    let args =
+        ["eval", "--heldout", &h, "--variant", "edit", "--limit", "1", "--schedules", "cat", "-o", "ev"];
+    let models = tiny_models();
+    let ratio = |extra: &[&str]| {
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(models.iter().map(String::as_str))
+            .chain(extra.iter().copied())
+            .collect();
+        let (o, out, err) = qwen_edit(&dir, &args);
+        assert!(o.status.success(), "{out}\n{err}");
+        let report: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("ev/eval_report.json")).unwrap()).unwrap();
+        report["schedules"][1]["flops_ratio"].as_f64().unwrap()
+    };
+    let (plain, guarded) = (ratio(&[]), ratio(&["--guardrail", "0"]));
+    assert!(
+        plain < 1.0 && guarded > 1.0,
+        "cat's FLOPs ratio: {plain} without the guardrail, {guarded} with it"
+    );
+}
+
+#[test]
 fn eval_refuses_bad_input_clearly() {
     let dir = workdir("eval-errors");
     let h = heldout();

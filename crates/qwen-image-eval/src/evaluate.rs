@@ -49,6 +49,9 @@ pub struct EvalOptions {
     pub worst_cases: usize,
     /// Image areas of the requests.
     pub areas: qwen_image_pipeline::ImageAreas,
+    /// The drift guardrail of every request ([`EditRequest::guardrail`]; `None`: off). A step it runs again counts
+    /// in the record's FLOPs (both passes).
+    pub guardrail: Option<f32>,
 }
 
 impl EvalOptions {
@@ -63,6 +66,7 @@ impl EvalOptions {
             warmup: 0,
             worst_cases: 6,
             areas: qwen_image_pipeline::ImageAreas { vae: 128 * 128, condition: 128 * 128 },
+            guardrail: None,
         }
     }
 
@@ -297,6 +301,7 @@ fn request(edit: &HeldOutEdit, images: EditImages, options: &EvalOptions) -> Edi
     request.true_cfg_scale = options.cfg;
     request.negative_prompt = (options.cfg > 1.0).then(|| " ".to_string());
     request.areas = options.areas;
+    request.guardrail = options.guardrail;
     request
 }
 
