@@ -46,6 +46,9 @@ impl EditRequest {
         if !self.true_cfg_scale.is_finite() || self.true_cfg_scale < 0.0 {
             return invalid(format!("the CFG scale {} must be ≥ 0", self.true_cfg_scale));
         }
+        if let Some(drift) = self.guardrail.filter(|d| !d.is_finite() || *d < 0.0) {
+            return invalid(format!("the guardrail's drift threshold {drift} must be a number ≥ 0"));
+        }
         if self.negative_prompt.as_deref() == Some("") {
             return invalid("the negative prompt is empty (use \" \" for a blank one)".into());
         }
@@ -123,6 +126,8 @@ mod tests {
         check(&|r| r.prompt = " ".into(), "prompt is empty");
         check(&|r| r.num_steps = 0, "at least 1");
         check(&|r| r.true_cfg_scale = -1.0, "CFG scale");
+        check(&|r| r.guardrail = Some(-0.1), "drift threshold");
+        check(&|r| r.guardrail = Some(f32::NAN), "drift threshold");
         check(&|r| r.images.push(RgbImage::new(8, 8)), "exactly 1 input image");
         check(&|r| r.width = Some(8), "width 8");
         check(&|r| r.images = vec![RgbImage::new(20_000, 1)], "too extreme");
