@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=target/cuda
+# Without the proxy snapshots (24 MB of bf16 weights in every binary that links qwen-image-proxy): the GPU runs use
+# random full-size weights, and a device call carries at most 64 MiB, of which the checkout itself takes ~43 MB.
+export QWEN_IMAGE_PROXY_SNAPSHOTS=/nonexistent-no-proxy-snapshots
 cargo build --release --features cuda --test gpu_fast_ops --test gpu_models --test gpu_region --bench dit_bench --bench pipeline_bench
 cargo build --release --features cuda -p qwen-edit-cli --bin qwen-edit
 mkdir -p .dev/bin
