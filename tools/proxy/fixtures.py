@@ -52,6 +52,8 @@ def main():
                     help="the variants whose cases are written (edit: while no Edit-Plus proxy is trained)")
     args = ap.parse_args()
     variants = args.variants.split(",")
+    if not variants or set(variants) - {"edit", "plus"}:
+        ap.error(f"--variants: a comma-separated list of edit and plus, not {args.variants!r}")
     snapshots = {v: p for v, p in {"edit": args.edit_snapshot, "plus": args.plus_snapshot}.items() if v in variants}
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

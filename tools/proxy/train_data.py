@@ -40,6 +40,17 @@ def time_left(budget, t_start, stop_by):
     return max(0.0, min(left)) if left else float("inf")
 
 
+def fitted_steps(name, steps, done, per, left, floor):
+    """The step count of a loop that has run `done` steps at `per` seconds per step and has `left` seconds: `steps`
+    if they fit, else what fits (in hundreds, at least `floor`), logged."""
+    fit = int(done + left / per) // 100 * 100
+    if fit >= steps:
+        return steps
+    log(f"{name}: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > {left:.0f}s left; "
+        f"training {max(fit, floor)} steps")
+    return max(fit, floor)
+
+
 def _gen_chunk(job):
     split, variant, start, n, task = job
     k = scenes.MAX_OBJECTS

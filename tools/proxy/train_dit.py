@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_model as pm  # noqa: E402
 from train_data import (  # noqa: E402
-    NOOP_FRACTION, TASK_ID, Batcher, check_batch_cache, generate_pool, log, score_t, to_device, tokenize_pool,
-    time_left, val_set,
+    NOOP_FRACTION, TASK_ID, Batcher, check_batch_cache, fitted_steps, generate_pool, log, score_t, time_left,
+    to_device, tokenize_pool, val_set,
 )
 from train_vae import load_vae  # noqa: E402
 
@@ -168,12 +168,7 @@ def dit_stage(args, device, run):
             t_20 = time.time()  # the speed is measured on steps 21-100: the first ones include cuDNN's tuning
         if step == 100 and (budget or args.stop_by) and not args.smoke:
             per = (time.time() - t_20) / 80
-            left = time_left(budget, t_start, args.stop_by)
-            fit = int(left / per + 100) // 100 * 100
-            if fit < steps:
-                log(f"{run}: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > {left:.0f}s "
-                    f"left; training {max(fit, 300)} steps")
-                steps = max(fit, 300)
+            steps = fitted_steps(run, steps, step, per, time_left(budget, t_start, args.stop_by), floor=300)
         if budget and not args.smoke and time.time() - t_start > 1.15 * budget and step < steps:
             log(f"{run}: over 115 % of its time budget at step {step}: stopping here")
             steps = step

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_model as pm  # noqa: E402
 import scenes  # noqa: E402
-from train_data import TASK_ID, generate_pool, log, render_u8, score_t, time_left, val_set  # noqa: E402
+from train_data import (  # noqa: E402
+    TASK_ID, fitted_steps, generate_pool, log, render_u8, score_t, time_left, val_set,
+)
 
 
 def vae_stage(args, device, tokenizer):
@@ -99,12 +101,7 @@ def vae_stage(args, device, tokenizer):
             # the speed of steps 50-150: the first steps also pay for cuDNN's algorithm search (run 2 fitted 1600
             # steps from a 265 ms/step start, then ran at ~100 ms/step and used 163 of its 430 s)
             per = (time.time() - t_50) / 100
-            left = time_left(args.vae_time, t_start, args.stop_by)
-            fit = int(150 + left / per) // 100 * 100
-            if fit < steps:
-                log(f"vae: {per * 1000:.0f} ms/step: {steps} steps would take {per * steps:.0f}s > {left:.0f}s "
-                    f"left; training {max(fit, 200)} steps")
-                steps = max(fit, 200)
+            steps = fitted_steps("vae", steps, step, per, time_left(args.vae_time, t_start, args.stop_by), floor=200)
         if step % args.log_every == 0 or step == steps:
             vp = vo = ""
             if step % (args.log_every * 5) == 0 or step == steps:

@@ -35,10 +35,19 @@ struct DemoInput {
 /// Edit) when this build bundles it, else the tiny random-weight model; with `--size proxy`, the proxy whether
 /// bundled or not (its snapshot then says that it is not).
 pub(crate) fn demo_model(args: &Args) -> DemoModel {
-    let variant = if args.input.len() > 1 { Variant::EditPlus } else { Variant::Edit };
+    let variant = demo_variant(args);
     match args.size {
         Some(DemoSizeArg::Proxy) => DemoModel::Proxy(variant),
         _ => DemoModel::for_variant(variant),
+    }
+}
+
+/// The variant the demo's inputs ask for: Edit-Plus for two or more `-i` images, else Edit.
+pub(crate) fn demo_variant(args: &Args) -> Variant {
+    if args.input.len() > 1 {
+        Variant::EditPlus
+    } else {
+        Variant::Edit
     }
 }
 

@@ -69,7 +69,7 @@ impl BackendTask for EditTask<'_> {
             if let qwen_image_proxy::DemoModel::Proxy(_) = model {
                 return demo::run_proxy::<B>(self.args, model, device, self.out);
             }
-            if self.args.input.len() > 1 {
+            if demo::demo_variant(self.args) != model.variant() {
                 // The tiny random model is an Edit (one-image) model: nothing to fall back to.
                 return Err("the demo with two or more images runs the Edit-Plus proxy, which is not bundled in this \
                             build (crates/qwen-image-proxy/snapshots/README.md); give one image"
