@@ -32,13 +32,20 @@ from pipeline import run_edit  # noqa: E402
 OUT = ROOT / "tests/fixtures/proxy"
 SNAPSHOTS = {"edit": "crates/qwen-image-proxy/snapshots/qwen-image-edit-proxy", "plus": "crates/qwen-image-proxy/snapshots/qwen-image-edit-plus-proxy"}
 # case: (variant, held-out edit id, negative prompt, true-CFG scale, noise seed, also in bf16)
+# A bf16 case must be well conditioned: on the v4 Edit proxy, edit_0000 (seed 1) lands 1.1e-1 from its own f32 result
+# in diffusers' bf16 (68 % of the difference in one token: a small rounding difference flips how that token comes
+# out), where eight other edits land 0.6e-2 to 1.9e-2 away. Two correct bf16 implementations then differ by as much,
+# so such a case says nothing about our bf16 arithmetic: `main` refuses it (BF16_OWN_MAX).
 CASES = {
-    "edit_nocfg": ("edit", "edit_0000", None, 1.0, 1, True),
+    "edit_nocfg": ("edit", "edit_0002", None, 1.0, 1, True),
     "edit_cfg": ("edit", "edit_0160", " ", 3.0, 2, False),
     "plus_nocfg": ("plus", "plus_0100", None, 1.0, 3, False),
     "plus_cfg": ("plus", "plus_0101", " ", 3.0, 4, True),
     "plus_single_nocfg": ("plus", "plus_0025", None, 1.0, 5, False),
 }
+
+
+BF16_OWN_MAX = 5e-2  # the largest distance of diffusers' bf16 latents from its own f32 ones for a bf16 case
 
 
 def main():
@@ -74,10 +81,17 @@ def main():
             bf, _ = run_edit(copy.deepcopy(pipe).to(torch.bfloat16), arg, e["instruction"], negative, cfg, 4, seed)
             tensors["latents_bf16"] = bf["latents"].float()
             tensors["image_bf16"] = bf["image"]
+            own = float((tensors["latents_bf16"] - tensors["latents"]).norm() / tensors["latents"].norm())
+            print(f"{case}: diffusers bf16 vs its f32 latents rel L2 {own:.2e}")
+            if own > BF16_OWN_MAX:
+                sys.exit(f"{case}: diffusers' own bf16 latents are {own:.2e} from its f32 ones (> {BF16_OWN_MAX}): an "
+                         "ill-conditioned edit says nothing about bf16 parity; pick another held-out edit or seed")
         save(out / f"{case}.safetensors", tensors)
         cases[case] = {"snapshot": snapshots[variant], "images": [f"heldout/{p}" for p in e["sources"]],
                        "heldout_id": eid, "task": e["task"], "prompt": e["instruction"], "negative_prompt": negative,
                        "true_cfg_scale": cfg, "steps": 4, "width": w, "height": h}
+        if bf16:
+            cases[case]["diffusers_bf16_vs_f32"] = own
         print(f"  {case}: {e['instruction']!r} {w}x{h}, prompt_embeds {tuple(tensors['prompt_embeds'].shape)}")
     (out / "edits.json").write_text(json.dumps({
         "vae_area": pm.VAE_AREA, "condition_area": pm.COND_AREA, "text_positions": "sequential",
