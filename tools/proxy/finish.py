@@ -67,7 +67,8 @@ TESTS = ("tests/proxy_parity.rs", "tests/proxy_quality.rs")
 CI_SUBSET = 24
 SCHEDULE_TABLE = "none,cat,reuse:2,3,4,cat/recompute,cat@1-4"
 SWEEP = ("none,cat,reuse:2,3,4,region:0.02,region:0.05,region:0.1,region:0.2,region:0.3,region:0.1,0,"
-         "adaptive:0.02,adaptive:0.05,adaptive:0.1,adaptive:0.2")
+         "region:0.1,1,3,region:0.2,1,3,region:0.3,1,3,region:0.2,0,3,region:0.2,2,3,"
+         "adaptive:0.01,adaptive:0.02,adaptive:0.03,adaptive:0.05,adaptive:0.1,adaptive:0.2")
 STEPS = ("unpack", "commit", "evaluate", "fixtures", "unignore", "build", "floors", "parity", "quality", "schedules",
          "tradeoff", "demo", "readme")
 

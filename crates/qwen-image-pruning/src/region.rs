@@ -16,17 +16,21 @@ use crate::{
 };
 
 /// Default relative change (per-token RMS of x̂₀ − condition over the condition's RMS) above which `region` marks a
-/// token. From the quality benchmark on the trained Edit proxy (docs/quality.md, "Edit regions and adaptive
-/// refresh"): 0.1–0.3 give the same success; 0.2 is 0.13 dB closer to the ground truth than 0.1 (with a refresh at
-/// step 3) and runs 0.58 of `none`'s DiT FLOPs against 0.68 at 0.05 (without).
+/// token. From the quality benchmark on the trained proxies (docs/quality.md, "Edit regions and adaptive refresh"):
+/// thresholds 0.02–0.3 give the same success; with a refresh at step 3, 0.1–0.3 are within 0.01 dB of each other;
+/// 0.2 runs 0.56 of `none`'s DiT FLOPs (0.69 at 0.02), without a refresh.
 pub const DEFAULT_REGION_THRESHOLD: f32 = 0.2;
-/// Default dilation margin of the marked region, in tokens (one token = 16×16 output pixels). Provisional.
+/// Default dilation margin of the marked region, in tokens (one token = 16×16 output pixels). From the same
+/// benchmark: margins 0, 1 and 2 lose the same edits and move the PSNR against the ground truth by 0.05 dB (0.52,
+/// 0.56 and 0.61 of `none`'s FLOPs without a refresh); 1 is the middle.
 pub const DEFAULT_REGION_MARGIN: usize = 1;
-/// Default dilation margin of a user mask, in tokens. Provisional.
+/// Default dilation margin of a user mask, in tokens: the same as [`DEFAULT_REGION_MARGIN`] (a mask's region is
+/// the user's, so the margin only covers the edit's own spill over the mask's edge; not benchmarked separately).
 pub const DEFAULT_MASK_MARGIN: usize = 1;
 /// Default drift budget of `adaptive`: the relative L2 change of the velocity between steps above which the next
-/// step re-caches. From the quality benchmark on the trained Edit proxy (docs/quality.md): 0.02 keeps `none`'s
-/// success and PSNR (59.6 dB against `none`) at 0.87 of its FLOPs; 0.03 already loses 12.5 points, 0.05 15.
+/// step re-caches. From the quality benchmark on the trained proxies (docs/quality.md): 0.02 meets issue 12's
+/// quality targets at 0.74 of `none`'s DiT FLOPs (v4: −1.7 points, −0.40 dB, 49.7 dB against `none`); 0.03 sits at
+/// the PSNR limit on v4 and lost 12.5 points on the undertrained v3, where 0.02 lost none.
 pub const DEFAULT_ADAPTIVE_BUDGET: f32 = 0.02;
 
 /// Where an [`EditRegion`] takes its region from.
