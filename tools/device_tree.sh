@@ -15,6 +15,16 @@ SNAPSHOTS=crates/qwen-image-proxy/snapshots
 PARKED=.dev/parked
 NAMES=(qwen-image-edit-proxy qwen-image-edit-plus-proxy)
 
+# move_all FROM TO VERB: each snapshot folder found in FROM into TO, refusing to overwrite one there
+move_all() {
+  for n in "${NAMES[@]}"; do
+    [ -d "$1/$n" ] || continue
+    [ -e "$2/$n" ] && { echo "$2/$n exists: $1/$n left as it is" >&2; exit 1; }
+    mv "$1/$n" "$2/$n"
+    echo "$3 $n"
+  done
+}
+
 case "${1:-}" in
   size)
     shift
@@ -26,20 +36,10 @@ case "${1:-}" in
     ;;
   park)
     mkdir -p "$PARKED"
-    for n in "${NAMES[@]}"; do
-      [ -d "$SNAPSHOTS/$n" ] || continue
-      [ -e "$PARKED/$n" ] && { echo "$PARKED/$n exists: unpark first or remove it" >&2; exit 1; }
-      mv "$SNAPSHOTS/$n" "$PARKED/$n"
-      echo "parked $n"
-    done
+    move_all "$SNAPSHOTS" "$PARKED" parked
     ;;
   unpark)
-    for n in "${NAMES[@]}"; do
-      [ -d "$PARKED/$n" ] || continue
-      [ -e "$SNAPSHOTS/$n" ] && { echo "$SNAPSHOTS/$n exists: $PARKED/$n left as it is" >&2; exit 1; }
-      mv "$PARKED/$n" "$SNAPSHOTS/$n"
-      echo "unparked $n"
-    done
+    move_all "$PARKED" "$SNAPSHOTS" unparked
     git status --short -- "$SNAPSHOTS"
     ;;
   *)

@@ -162,14 +162,21 @@ fn load_and_edit<B: QwenBackend>(
     for p in &paths {
         writeln!(out, "Saved {}", p.display())?;
     }
-    let columns = [
-        Some("before"),
-        baseline.as_ref().map(|_| "unpruned"),
-        Some("after"),
-        input.scene.map(|_| "ground truth"),
-    ];
-    writeln!(out, "Grid: {}", columns.into_iter().flatten().collect::<Vec<_>>().join(" | "))?;
+    let mut columns = before_labels(input.request.images.len());
+    columns.extend(baseline.as_ref().map(|_| "unpruned".to_string()));
+    columns.push("after".to_string());
+    columns.extend(input.scene.map(|_| "ground truth".to_string()));
+    writeln!(out, "Grid: {}", columns.join(" | "))?;
     Ok(())
+}
+
+/// The grid's labels of the `n` input images: `before` for one, `picture 1`, `picture 2`, … for several.
+fn before_labels(n: usize) -> Vec<String> {
+    if n == 1 {
+        vec!["before".to_string()]
+    } else {
+        (1..=n).map(|k| format!("picture {k}")).collect()
+    }
 }
 
 /// The output against the scene's ground truth.
@@ -189,7 +196,8 @@ fn print_score(out: &mut dyn Write, s: &TruthScore) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Writes the output(s) and the grid `before | [baseline |] after [| ground truth]`; returns the paths written.
+/// Writes the output(s) and the grid `before(s) | [baseline |] after [| ground truth]` (every input image, resized to
+/// the output's size); returns the paths written.
 fn save(
     args: &Args,
     input: &DemoInput,
@@ -202,10 +210,14 @@ fn save(
     let label = if input.schedule.prunes() { "pruning" } else { "baseline" };
     let mut paths = vec![names.save(&edited.image, label, None)?];
     let (w, h) = edited.image.dimensions();
-    let last = &input.request.images[input.request.images.len() - 1];
-    let before = qwen_image::processor::resize(last, w, h, qwen_image::processor::Filter::Lanczos)?;
+    let befores = input
+        .request
+        .images
+        .iter()
+        .map(|im| qwen_image::processor::resize(im, w, h, qwen_image::processor::Filter::Lanczos))
+        .collect::<Result<Vec<_>, _>>()?;
     let target = input.scene.map(|s| s.target()).transpose()?;
-    let mut cells = vec![&before];
+    let mut cells: Vec<&RgbImage> = befores.iter().collect();
     if let Some(b) = baseline {
         paths.push(names.save(&b.image, "baseline", None)?);
         cells.push(&b.image);

@@ -130,9 +130,13 @@ fn the_demo_takes_the_users_scene_and_instruction() {
     let (o, out, err) = qwen_edit(&dir, &two);
     if plus_bundled() {
         assert!(
-            o.status.success() && out.contains("proxy (Edit-Plus"),
-            "two images run the Edit-Plus proxy:\n{out}\n{err}"
+            o.status.success()
+                && out.contains("proxy (Edit-Plus")
+                && out.contains("picture 1 | picture 2 | after"),
+            "two images run the Edit-Plus proxy, and the grid shows both:\n{out}\n{err}"
         );
+        let grid = image::open(dir.join("outputs_pruning/latest_demo.png")).unwrap();
+        assert_eq!((grid.width(), grid.height()), (3 * 128 + 2 * 4, 128));
     } else {
         assert!(
             !o.status.success() && err.contains("Edit-Plus proxy, which is not bundled"),
