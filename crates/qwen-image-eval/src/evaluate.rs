@@ -178,7 +178,7 @@ impl<B: QwenBackend> Evaluator<B> {
         progress: &mut dyn FnMut(EvalProgress<'_>),
     ) -> Result<EvalRun> {
         let order = options.run_order();
-        self.check(edits, options, &order)?;
+        self.check(set, edits, options, &order)?;
         self.warm_up(set, edits, options, &order)?;
         let mut run = EvalRun {
             schedules: order.iter().map(|s| s.to_string()).collect(),
@@ -189,7 +189,7 @@ impl<B: QwenBackend> Evaluator<B> {
             let images = set.load(edit)?;
             let mut baseline: Option<RgbImage> = None;
             for (k, spec) in order.iter().enumerate() {
-                let (record, output) = self.run_one(edit, &images, spec, options, baseline.as_ref())?;
+                let (record, output) = self.run_one(set, edit, &images, spec, options, baseline.as_ref())?;
                 progress(EvalProgress { edit: i, edits: edits.len(), record: &record });
                 keep_worst(&mut run.worst[k], &record, &images, &output, options.worst_cases);
                 run.records.push(record);
@@ -200,7 +200,13 @@ impl<B: QwenBackend> Evaluator<B> {
     }
 
     /// Refuses a selection without a pipeline for one of its variants, and schedules that do not fit a pipeline.
-    fn check(&mut self, edits: &[&HeldOutEdit], options: &EvalOptions, order: &[ScheduleSpec]) -> Result<()> {
+    fn check(
+        &mut self,
+        set: &HeldOutSet,
+        edits: &[&HeldOutEdit],
+        options: &EvalOptions,
+        order: &[ScheduleSpec],
+    ) -> Result<()> {
         let mut variants: Vec<SetVariant> = edits.iter().map(|e| e.variant).collect();
         variants.sort();
         variants.dedup();
@@ -208,8 +214,10 @@ impl<B: QwenBackend> Evaluator<B> {
             let max_images =
                 edits.iter().filter(|e| e.variant == v).map(|e| e.sources.len()).max().unwrap_or(1);
             let layers = self.pipe(v.pipeline_variant())?.transformer().config.num_layers;
+            let first = edits.iter().find(|e| e.variant == v).expect("a variant of the selection");
             for spec in order {
-                qwen_image_pipeline::check_schedule(spec, options.steps, layers, max_images)
+                let concrete = set.schedule_for(spec, first)?;
+                qwen_image_pipeline::check_schedule(&concrete, options.steps, layers, max_images)
                     .map_err(|e| EvalError::Invalid(format!("schedule `{spec}`: {e}")))?;
             }
         }
@@ -233,7 +241,7 @@ impl<B: QwenBackend> Evaluator<B> {
             let pipe = self.pipe(v.pipeline_variant())?;
             for _ in 0..options.warmup {
                 for spec in order {
-                    pipe.edit(&request, spec, &mut NoProgress)?;
+                    pipe.edit(&request, &set.schedule_for(spec, edit)?, &mut NoProgress)?;
                 }
             }
         }
@@ -243,6 +251,7 @@ impl<B: QwenBackend> Evaluator<B> {
     /// One edit under one schedule, scored; returns the record and the output image.
     fn run_one(
         &mut self,
+        set: &HeldOutSet,
         edit: &HeldOutEdit,
         images: &EditImages,
         spec: &ScheduleSpec,
@@ -251,7 +260,7 @@ impl<B: QwenBackend> Evaluator<B> {
     ) -> Result<(EditRecord, RgbImage)> {
         let request = request(edit, images.clone(), options);
         let pipe = self.pipe(edit.variant.pipeline_variant())?;
-        let out = pipe.edit(&request, spec, &mut NoProgress)?;
+        let out = pipe.edit(&request, &set.schedule_for(spec, edit)?, &mut NoProgress)?;
         let flops = executed_flops_per_step(&pipe.transformer().config, &out.report);
         let truth = score_against_truth(&out.image, &images.target, &images.mask, edit.core_rgb)?;
         let drift = baseline.map(|b| drift_from_baseline(&out.image, b)).transpose()?;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use qwen_image::processor::{load_image, RgbImage};
 use qwen_image_pipeline::Variant;
+use qwen_image_pruning::{ScheduleSpec, DEFAULT_MASK_MARGIN};
 use serde::{Deserialize, Serialize};
 
 use crate::{EvalError, Result};
@@ -234,7 +235,36 @@ impl HeldOutSet {
         let mask = mask_image.pixels().map(|p| p.0[0]).collect();
         Ok(EditImages { sources, target, mask })
     }
+
+    /// The schedule `spec` for `edit`: `mask:heldout[,MARGIN[,REFRESH]]` becomes `mask:` the edit's own mask file
+    /// (its core and edge, the pixels the edit may change: an oracle region to compare `region` with) with that
+    /// margin (default [`DEFAULT_MASK_MARGIN`]) and refresh step; any other spec is returned as it is.
+    pub fn schedule_for(&self, spec: &ScheduleSpec, edit: &HeldOutEdit) -> Result<ScheduleSpec> {
+        let ScheduleSpec::Mask { path, mode, layers, .. } = spec else { return Ok(spec.clone()) };
+        let text = path.to_string_lossy();
+        let mut parts = text.split(',');
+        if parts.next() != Some(HELDOUT_MASK) {
+            return Ok(spec.clone());
+        }
+        let bad =
+            || EvalError::Invalid(format!("`mask:{text}`: expected mask:{HELDOUT_MASK}[,MARGIN[,REFRESH]]"));
+        let numbers =
+            parts.map(|p| p.trim().parse::<usize>().map_err(|_| bad())).collect::<Result<Vec<_>>>()?;
+        if numbers.len() > 2 || numbers.get(1).is_some_and(|&r| r < 2) {
+            return Err(bad());
+        }
+        Ok(ScheduleSpec::Mask {
+            path: self.dir.join(&edit.mask),
+            margin: numbers.first().copied().unwrap_or(DEFAULT_MASK_MARGIN),
+            refresh: numbers.get(1).copied(),
+            mode: *mode,
+            layers: *layers,
+        })
+    }
 }
+
+/// The mask file name that [`HeldOutSet::schedule_for`] replaces by each edit's own mask (`mask:heldout`).
+pub const HELDOUT_MASK: &str = "heldout";
 
 #[cfg(test)]
 mod tests {
@@ -263,6 +293,31 @@ mod tests {
             edits.push(edit(edits.len(), SetVariant::Plus, "paste"));
         }
         HeldOutSet { dir: PathBuf::new(), edits }
+    }
+
+    #[test]
+    fn mask_heldout_becomes_each_edits_own_mask() {
+        let mut s = set();
+        s.dir = PathBuf::from("/set");
+        s.edits[1].mask = "images/e1_mask.png".into();
+        let concrete = |spec: &str| s.schedule_for(&spec.parse().unwrap(), &s.edits[1]);
+        let ScheduleSpec::Mask { path, margin, refresh, .. } = concrete("mask:heldout").unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (path, margin, refresh),
+            (PathBuf::from("/set/images/e1_mask.png"), DEFAULT_MASK_MARGIN, None)
+        );
+        let ScheduleSpec::Mask { margin, refresh, .. } = concrete("mask:heldout,2,3").unwrap() else {
+            panic!()
+        };
+        assert_eq!((margin, refresh), (2, Some(3)));
+        for bad in ["mask:heldout,x", "mask:heldout,1,1", "mask:heldout,1,3,4"] {
+            assert!(concrete(bad).is_err(), "{bad}");
+        }
+        let user: ScheduleSpec = "mask:edit.png".parse().unwrap();
+        assert_eq!(s.schedule_for(&user, &s.edits[1]).unwrap(), user, "a user's mask stays as it is");
+        assert_eq!(concrete("cat").unwrap(), "cat".parse().unwrap());
     }
 
     #[test]
