@@ -13,12 +13,13 @@
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench dit_bench --no-run
 //! <binary> --json out.json [--cases v1,plus] [--layers 60] [--reps 5] [--skip-kernels] [--skip-dit]
-//!          [--modulation table|resident] [--forced-region 0.1,0.25,0.5]
+//!          [--modulation table|resident] [--forced-region 0.1,0.25,0.5] [--region-refresh 3]
 //! ```
 //!
 //! `--forced-region F,…` adds, per fraction F, a `region` run whose edit region is forced to a centred rectangle of
 //! F of the target tokens (a `mask` schedule with margin 0: step 1 computes and caches everything, steps 2–4 compute
-//! only those target tokens and the text, the rest of the target and the condition image attend as cached K/V).
+//! only those target tokens and the text, the rest of the target and the condition image attend as cached K/V);
+//! `--region-refresh R` times each again with a full step R (what `region:T,M,R` costs).
 //! Every 4-step run reports its FLOP ceiling: the FLOP of `none` over the FLOP of its plans. `--cache-budget 2GiB`
 //! adds a `cat` run fitted to that cache budget (its peak cache and time show what the budget costs).
 //! `tools/bench/torch_dit_bench.py` measures the PyTorch reference on the same shapes and
@@ -83,13 +84,17 @@ struct Args {
     /// Fractions of the target tokens to force as the edit region of extra `region` runs (e.g. `0.1,0.25,0.5`).
     #[arg(long, value_delimiter = ',')]
     forced_region: Vec<f64>,
+    /// Also time each forced region with a full refresh at this step (e.g. `3`: what `region:0.2,1,3` costs).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=4))]
+    region_refresh: Option<usize>,
     /// Also run `cat` fitted to this cache budget (e.g. `2GiB`), to measure what the budget costs.
     #[arg(long, value_parser = |s: &str| qwen_image_pruning::parse_bytes(s).map_err(|e| e.to_string()))]
     cache_budget: Option<u64>,
 }
 
-/// A region schedule computing a centred rectangle of `fraction` of a `rows × cols` target grid after step 1.
-fn forced_region(fraction: f64, rows: usize, cols: usize) -> EditRegion {
+/// A region schedule computing a centred rectangle of `fraction` of a `rows × cols` target grid after step 1 (and
+/// everything again at step `refresh`).
+fn forced_region(fraction: f64, rows: usize, cols: usize, refresh: Option<usize>) -> EditRegion {
     let side = fraction.clamp(0.0, 1.0).sqrt();
     let (h, w) =
         (((rows as f64 * side).round() as usize).max(1), ((cols as f64 * side).round() as usize).max(1));
@@ -97,7 +102,7 @@ fn forced_region(fraction: f64, rows: usize, cols: usize) -> EditRegion {
     let edit = (0..rows * cols)
         .map(|i| (top..top + h).contains(&(i / cols)) && (left..left + w).contains(&(i % cols)));
     let mask = PixelMask::new(cols, rows, edit.collect()).expect("mask");
-    EditRegion::new(RegionSource::Mask(mask), 0, None, ReuseMode::KeyValue).expect("region")
+    EditRegion::new(RegionSource::Mask(mask), 0, refresh, ReuseMode::KeyValue).expect("region")
 }
 
 /// The timestep of the single-step measurements.
@@ -392,7 +397,11 @@ fn schedules_to_time(args: &Args) -> Vec<(String, Box<dyn ScheduleFactory>)> {
         })
         .collect();
     for &f in &args.forced_region {
-        runs.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64))));
+        runs.push((format!("region {:.0}%", f * 100.0), Box::new(forced_region(f, 64, 64, None))));
+        if let Some(r) = args.region_refresh {
+            let label = format!("region {:.0}% refresh {r}", f * 100.0);
+            runs.push((label, Box::new(forced_region(f, 64, 64, Some(r)))));
+        }
     }
     if let Some(bytes) = args.cache_budget {
         // K, V and block input per cached token, bf16.
