@@ -17,7 +17,7 @@
 //!
 //! The pipeline runs the same checks when it edits, the schedule then against the real σ values and token counts.
 
-use qwen_image_pruning::{dry_run, ScheduleFactory, TokenLayout};
+use qwen_image_pruning::{check_drift_threshold, dry_run, ScheduleFactory, TokenLayout};
 
 use crate::{request::EditRequest, sizes::EditSizes, snapshot::Variant, PipelineError, Result};
 
@@ -46,8 +46,8 @@ impl EditRequest {
         if !self.true_cfg_scale.is_finite() || self.true_cfg_scale < 0.0 {
             return invalid(format!("the CFG scale {} must be ≥ 0", self.true_cfg_scale));
         }
-        if let Some(drift) = self.guardrail.filter(|d| !d.is_finite() || *d < 0.0) {
-            return invalid(format!("the guardrail's drift threshold {drift} must be a number ≥ 0"));
+        if let Err(msg) = self.guardrail.map_or(Ok(()), check_drift_threshold) {
+            return invalid(msg);
         }
         if self.negative_prompt.as_deref() == Some("") {
             return invalid("the negative prompt is empty (use \" \" for a blank one)".into());

@@ -28,11 +28,18 @@ pub struct Guardrail<S> {
 impl<S: PruningSchedule> Guardrail<S> {
     /// Guards `inner` with the drift threshold `max_drift` (≥ 0).
     pub fn new(inner: S, max_drift: f32) -> Result<Self, PruneError> {
-        if !max_drift.is_finite() || max_drift < 0.0 {
-            return Err(PruneError::InvalidPlan(format!("guardrail threshold {max_drift} must be ≥ 0")));
-        }
+        check_drift_threshold(max_drift).map_err(PruneError::InvalidPlan)?;
         Ok(Guardrail { inner, max_drift, shape: (0, 0) })
     }
+}
+
+/// The rule for a guardrail's drift threshold, a finite number ≥ 0 (checked by [`Guardrail::new`], and by a
+/// request's validation before anything runs); the error is the message.
+pub fn check_drift_threshold(max_drift: f32) -> Result<(), String> {
+    if !max_drift.is_finite() || max_drift < 0.0 {
+        return Err(format!("the guardrail's drift threshold {max_drift} must be a number ≥ 0"));
+    }
+    Ok(())
 }
 
 /// Every group of every block computed and cached (the target whole).

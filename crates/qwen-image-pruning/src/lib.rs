@@ -71,7 +71,7 @@ pub use budget::{parse_bytes, BudgetFit, CacheBudget};
 pub use cache::{CacheStats, CachedCondition, TokenPruningCache};
 pub use error::PruneError;
 pub use factory::{from_fn, FromFn, ScheduleFactory};
-pub use guard::{full_cache_plan, Guardrail, DEFAULT_GUARDRAIL_DRIFT};
+pub use guard::{check_drift_threshold, full_cache_plan, Guardrail, DEFAULT_GUARDRAIL_DRIFT};
 pub use mask::PixelMask;
 pub use plan::{
     GroupAction, GroupPlan, LayerPlan, ReuseMode, StepPlan, TokenGroup, TokenLayout, TokenSubset,
