@@ -405,6 +405,16 @@ fn fused_glue_matches_portable() {
     let fast = G::silu_mul(g.clone(), u.clone());
     let want = portable_run(|| portable::silu_mul(g.clone(), u.clone()));
     check("silu_mul 1469x18944", fast, want, 2e-2);
+    // The VAE's channel RMS norm (+ SiLU) at the decoder's shapes: it rounds as the portable composition does, so
+    // only a rare last-bit difference (the order of the sum of squares) is allowed.
+    for (shape, silu) in [([1, 384, 128, 128], true), ([1, 96, 1024, 1024], true), ([2, 384, 16, 16], false)]
+    {
+        let x = randn(shape, 3.0);
+        let gamma = randn([shape[1]], 0.3) + 1.0;
+        let fast = G::channel_rms_norm(x.clone(), &gamma, silu);
+        let want = portable_run(|| portable::channel_rms_norm(x.clone(), &gamma, silu));
+        check(&format!("channel_rms_norm {shape:?}, silu {silu}"), fast, want, 2e-3);
+    }
     assert_fast(GLUE, "glue");
 }
 

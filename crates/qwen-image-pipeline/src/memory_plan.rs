@@ -58,7 +58,7 @@ pub const RUNTIME_OVERHEAD: u64 = 3 * GIB;
 
 /// The most workspace a VAE convolution takes on the CUDA fast path: cuDNN algorithms that need more are not
 /// considered (`qwen_image::cuda::conv`'s `WORKSPACE_MAX`).
-pub const CONV_WORKSPACE: u64 = 256 << 20;
+pub const CONV_WORKSPACE: u64 = 1 << 30;
 
 /// Weight bytes of the three networks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

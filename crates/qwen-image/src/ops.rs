@@ -238,6 +238,12 @@ pub trait QwenBackend: Backend {
         portable::conv2d(x, weight, bias, stride, pad)
     }
 
+    /// The VAE's channel RMS norm, `x / max(‖x‖₂ over channels, 1e-12) · √C · γ` at every pixel of
+    /// `x [batch, C, h, w]` (`gamma [C]`), then SiLU when `silu`: what feeds every VAE convolution but the first.
+    fn channel_rms_norm(x: Tensor<Self, 4>, gamma: &Tensor<Self, 1>, silu: bool) -> Tensor<Self, 4> {
+        portable::channel_rms_norm(x, gamma, silu)
+    }
+
     /// The fast path's statistics on `device` (calls, fallbacks and errors per kind of operation), or `None` for a
     /// backend without one (the portable default).
     fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {
@@ -360,6 +366,7 @@ pub mod portable {
     };
 
     pub use crate::quant::portable::{dense_fp8, dense_fp8_gelu_tanh, quantize_fp8};
+    pub use crate::vae::norm::portable_channel_rms_norm as channel_rms_norm;
 
     use super::{AttentionOptions, KvSegment, NormRope, QwenBackend};
     use crate::{

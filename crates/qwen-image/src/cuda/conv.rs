@@ -11,8 +11,12 @@
 //! `torch.backends.cudnn.benchmark = True`); with [`GemmAutotune::Off`] it takes the heuristic's first algorithm
 //! that fits the workspace (`cudnnGetConvolutionForwardAlgorithm_v7`, PyTorch's default).
 //!
-//! **Workspace.** One buffer per device, grown on demand to the largest chosen algorithm's need and never beyond
-//! [`WORKSPACE_MAX`] (algorithms that need more are not considered).
+//! **Workspace.** Taken from burn's memory pool for each call (the chosen algorithm's bytes, or for the first call of
+//! a shape the most any candidate needs) and handed back after it, as PyTorch takes it from its caching allocator;
+//! never more than [`WORKSPACE_MAX`] (algorithms that need more are not considered). On NCHW bf16 tensors cuDNN's
+//! tensor-core algorithms convert the input and output to NHWC in their workspace: at the VAE's 1024² stage the
+//! input and output alone are 0.2–0.4 GB each (96 and 192 channels), and under the former 256 MiB cap the heuristic fell back to a CUDA-core kernel
+//! 20× slower (`implicit_convolve_sgemm`, 7.6 ms per 96→96 convolution on an H200).
 //!
 //! **Run time.** cuDNN 9 (`libcudnn.so.9` and its sub-libraries, e.g. from the `nvidia-cudnn-cu12` wheel PyTorch
 //! installs, or the `libcudnn9-cuda-12`/`-13` package) must be on the loader path. Without it the first call fails
@@ -26,21 +30,18 @@ use std::{
 };
 
 use burn::tensor::DType;
-use cudarc::{
-    cudnn::{result as dnn, sys as dnn_sys},
-    driver::result,
-};
+use cudarc::cudnn::{result as dnn, sys as dnn_sys};
 
 use super::{
     config::GemmAutotune,
     error::{require, FastError},
-    gpu::{drv, Gpu},
+    gpu::Gpu,
     registry::with_gpu,
     tensor::{dense, dims, empty_like_device, is_bf16, ptr, Prim},
 };
 
 /// The largest workspace a convolution algorithm may use.
-pub(crate) const WORKSPACE_MAX: usize = 256 << 20;
+pub(crate) const WORKSPACE_MAX: usize = 1 << 30;
 
 /// Algorithms asked of cuDNN per shape (heuristic or timed).
 const CANDIDATES: usize = 8;
@@ -87,14 +88,19 @@ struct Buffers {
     y: u64,
 }
 
-/// A device's cuDNN state: the handle (bound to our stream), the workspace and the prepared shapes. Like the
-/// cuBLASLt state it lives as long as the device state, i.e. until the process exits (descriptors are never
-/// destroyed: one set per shape).
+/// A device's cuDNN state: the handle (bound to our stream) and the prepared shapes. Like the cuBLASLt state it
+/// lives as long as the device state, i.e. until the process exits (descriptors are never destroyed: one set per
+/// shape).
 pub(crate) struct Dnn {
     handle: dnn_sys::cudnnHandle_t,
-    workspace: u64,
-    workspace_bytes: usize,
     plans: HashMap<ConvKey, ConvPlan>,
+}
+
+/// A workspace for one call: device address and bytes (0 and 0 for none).
+#[derive(Clone, Copy)]
+struct Workspace {
+    ptr: u64,
+    bytes: usize,
 }
 
 fn dnn_err(what: &str, e: dnn::CudnnError) -> FastError {
@@ -118,7 +124,7 @@ impl Dnn {
         // SAFETY: `handle` was just created; `stream` is the device state's stream, which outlives the handle (both
         // live until the process exits). The two stream types are the same driver object (`CUstream_st`).
         unsafe { dnn::set_stream(handle, stream.cast()) }.map_err(|e| dnn_err("set stream", e))?;
-        Ok(Dnn { handle, workspace: 0, workspace_bytes: 0, plans: HashMap::new() })
+        Ok(Dnn { handle, plans: HashMap::new() })
     }
 
     /// The descriptors of `key`, made on first use.
@@ -129,24 +135,19 @@ impl Dnn {
         })
     }
 
-    /// Grows the workspace to at least `bytes` (after the work queued on `stream` that may still use it).
-    fn reserve(&mut self, bytes: usize, stream: cudarc::driver::sys::CUstream) -> Result<(), FastError> {
-        if bytes <= self.workspace_bytes {
-            return Ok(());
+    /// The workspace bytes the next call of `key` needs: its algorithm's once chosen; before the first call the
+    /// most any of the heuristic's candidates needs when `mode` times them, else the heuristic's first choice's.
+    fn workspace_for(&mut self, key: ConvKey, mode: GemmAutotune) -> Result<usize, FastError> {
+        let handle = self.handle;
+        let plan = self.plan_for(key)?;
+        if let Some((_, bytes)) = plan.algo {
+            return Ok(bytes);
         }
-        if self.workspace != 0 {
-            // SAFETY: our stream is synchronized first, so no queued convolution still reads the old buffer, which
-            // was allocated by `malloc_sync` below and is not referenced anywhere else.
-            unsafe {
-                drv("stream synchronize", result::stream::synchronize(stream))?;
-                drv("workspace free", result::free_sync(self.workspace))?;
-            }
-            (self.workspace, self.workspace_bytes) = (0, 0);
-        }
-        // SAFETY: a plain device allocation in the current context, only handed to cuDNN as a workspace of `bytes`.
-        self.workspace = unsafe { drv("workspace allocation", result::malloc_sync(bytes))? };
-        self.workspace_bytes = bytes;
-        Ok(())
+        let heuristic = heuristic_candidates(handle, plan)?;
+        Ok(match mode {
+            GemmAutotune::Off => heuristic.first().map_or(0, |c| c.1),
+            _ => heuristic.iter().map(|c| c.1).max().unwrap_or(0),
+        })
     }
 
     /// Chooses the algorithm of `key` (timing the candidates on `buf` when `mode` autotunes).
@@ -154,8 +155,8 @@ impl Dnn {
         &mut self,
         key: ConvKey,
         buf: Buffers,
+        ws: Workspace,
         mode: GemmAutotune,
-        stream: cudarc::driver::sys::CUstream,
     ) -> Result<(dnn_sys::cudnnConvolutionFwdAlgo_t, usize), FastError> {
         let handle = self.handle;
         let heuristic = {
@@ -170,14 +171,13 @@ impl Dnn {
         if mode == GemmAutotune::Off {
             return Ok(first);
         }
-        // The workspace the heuristic's candidates need, so that the timing sees them all.
-        self.reserve(heuristic.iter().map(|c| c.1).max().unwrap_or(0), stream)?;
-        let (ws, ws_bytes) = (self.workspace, self.workspace_bytes);
+        // `ws` holds what the heuristic's candidates need ([`Dnn::workspace_for`]), so the timing sees them all.
+        let (ws_ptr, ws_bytes) = (ws.ptr, ws.bytes);
         let plan = self.plan_for(key)?;
         let mut perf = [blank_perf(); CANDIDATES];
         let mut found = 0;
         // SAFETY: the descriptors are live and describe the buffers: `buf.x`/`buf.w` hold the input and the filters,
-        // `buf.y` the output (overwritten by each timed run; the real run follows), `ws` `ws_bytes` of workspace;
+        // `buf.y` the output (overwritten by each timed run; the real run follows), `ws_ptr` `ws_bytes` of workspace;
         // `perf` has room for `CANDIDATES` results. The call blocks until the timings are done.
         unsafe {
             dnn_sys::cudnnFindConvolutionForwardAlgorithmEx(
@@ -192,7 +192,7 @@ impl Dnn {
                 CANDIDATES as i32,
                 &mut found,
                 perf.as_mut_ptr(),
-                ws as *mut c_void,
+                ws_ptr as *mut c_void,
                 ws_bytes,
             )
             .result()
@@ -206,31 +206,32 @@ impl Dnn {
             let runs: Vec<String> = timed.iter().map(|p| format!("{:?} {:.3} ms", p.algo, p.time)).collect();
             log::info!("qwen-image: convolution {key:?}: [{}]", runs.join(", "));
         }
-        Ok(timed.first().map(|p| (p.algo, p.memory)).unwrap_or(first))
+        Ok(timed.first().map(|p| (p.algo, p.memory)).filter(|p| p.1 <= ws_bytes).unwrap_or(first))
     }
 
-    /// Runs the convolution of `key` on `buf` (choosing its algorithm at the first call).
+    /// Runs the convolution of `key` on `buf` with the workspace `ws` (at least [`Dnn::workspace_for`]'s bytes),
+    /// choosing its algorithm at the first call.
     fn run(
         &mut self,
         key: ConvKey,
         buf: Buffers,
+        ws: Workspace,
         mode: GemmAutotune,
-        stream: cudarc::driver::sys::CUstream,
     ) -> Result<(), FastError> {
         let algo = match self.plan_for(key)?.algo {
             Some(algo) => algo,
             None => {
-                let algo = self.choose(key, buf, mode, stream)?;
+                let algo = self.choose(key, buf, ws, mode)?;
                 self.plan_for(key)?.algo = Some(algo);
                 algo
             }
         };
-        self.reserve(algo.1, stream)?;
-        let (handle, ws, ws_bytes) = (self.handle, self.workspace, self.workspace_bytes);
+        require(algo.1 <= ws.bytes, || format!("workspace of {} bytes for {} ({key:?})", ws.bytes, algo.1))?;
+        let handle = self.handle;
         let plan = self.plan_for(key)?;
         let (one, zero) = (1f32, 0f32);
         // SAFETY: as in `choose`; alpha and beta are f32 (the compute type) read during the call; the workspace
-        // holds at least the algorithm's `algo.1` bytes (reserved above).
+        // holds at least the algorithm's `algo.1` bytes (checked above).
         unsafe {
             dnn::convolution_forward(
                 handle,
@@ -241,8 +242,8 @@ impl Dnn {
                 buf.w as *const c_void,
                 plan.conv,
                 algo.0,
-                ws as *mut c_void,
-                ws_bytes,
+                ws.ptr as *mut c_void,
+                ws.bytes,
                 (&zero as *const f32).cast(),
                 plan.y,
                 buf.y as *mut c_void,
@@ -378,15 +379,23 @@ pub(crate) fn conv2d_prim(x: Prim, weight: Prim, stride: usize, pad: usize) -> R
     let (ho, wo) = key.out_hw();
     let out = empty_like_device(&x, vec![key.n, key.o, ho, wo], DType::BF16);
     let buf = Buffers { x: ptr(&x)?, w: ptr(&weight)?, y: ptr(&out)? };
+    let bytes = with_gpu(x.device.index, |dev| {
+        let mode = dev.config().gemm_autotune;
+        dev.dnn()?.workspace_for(key, mode)
+    })?;
+    // From burn's pool, like `out` (bf16 elements: 2 bytes each).
+    let workspace = (bytes > 0).then(|| empty_like_device(&x, vec![bytes.div_ceil(2)], DType::BF16));
+    let ws = Workspace { ptr: workspace.as_ref().map(ptr).transpose()?.unwrap_or(0), bytes };
     with_gpu(x.device.index, |dev| {
         dev.begin(&x)?;
         // SAFETY: `out` holds `n·o·h'·w'` bf16 values and lives until this function returns.
         unsafe { dev.poison(buf.y, key.n * key.o * ho * wo) }?;
-        let (mode, stream) = (dev.config().gemm_autotune, dev.stream());
-        dev.dnn()?.run(key, buf, mode, stream)?;
+        let mode = dev.config().gemm_autotune;
+        dev.dnn()?.run(key, buf, ws, mode)?;
         dev.end()
     })?;
-    // The inputs stay alive until the convolution is queued (burn's allocator then reuses them only after it).
-    drop((x, weight));
+    // The inputs and the workspace stay alive until the convolution is queued (burn's allocator then reuses them
+    // only after it).
+    drop((x, weight, workspace));
     Ok(out)
 }

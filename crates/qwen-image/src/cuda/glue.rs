@@ -405,3 +405,46 @@ pub(crate) fn silu_mul_prim(gate: Prim, up: Prim) -> Result<Prim, FastError> {
     drop((g, u));
     Ok(out)
 }
+
+/// See [`crate::ops::QwenBackend::channel_rms_norm`]: `x [batch, C, h, w]` bf16, `gamma [C]` bf16.
+pub(crate) fn channel_rms_norm_prim(x: Prim, gamma: &Prim, silu: bool) -> Result<Prim, FastError> {
+    require(is_bf16(&x) && is_bf16(gamma), || format!("dtypes {:?} / {:?}", x.dtype, gamma.dtype))?;
+    let d = dims(&x);
+    require(d.len() == 4, || format!("input shape {d:?}"))?;
+    let (batch, c, hw) = (d[0], d[1], d[2] * d[3]);
+    require(dims(gamma) == [c], || format!("gamma shape {:?} for {c} channels", dims(gamma)))?;
+    require(batch > 0 && c > 0 && hw > 0 && hw % 8 == 0, || format!("shape {d:?} (h·w a multiple of 8)"))?;
+    require(batch <= 65_535 && c <= i32::MAX as usize, || format!("shape {d:?}"))?;
+    let (x, gamma) = (dense(x), dense(gamma.clone()));
+    require(is_dense(&x) && is_dense(&gamma), || "inputs not dense".into())?;
+    let out = empty_like_device(&x, d.clone(), DType::BF16);
+    let (mut px, mut pg, mut py) = (ptr(&x)?, ptr(&gamma)?, ptr(&out)?);
+    require(px % 16 == 0 && py % 16 == 0, || "misaligned".into())?;
+    let (mut nc, mut nhw, mut scale, mut act) = (c as i32, hw as i64, (c as f32).sqrt(), silu as i32);
+    let n = batch * c * hw;
+    // 32 lanes × 8 pixels per block.
+    let grid = ((hw / 8).div_ceil(32) as u32, batch as u32, 1);
+    with_gpu(x.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "channel_rms_norm", 0)?;
+        dev.begin(&x)?;
+        // SAFETY: `out` holds `n` bf16 values and lives until this function returns.
+        unsafe { dev.poison(py, n) }?;
+        let mut args = [
+            &mut px as *mut u64 as *mut c_void,
+            &mut pg as *mut u64 as *mut c_void,
+            &mut py as *mut u64 as *mut c_void,
+            &mut nc as *mut i32 as *mut c_void,
+            &mut nhw as *mut i64 as *mut c_void,
+            &mut scale as *mut f32 as *mut c_void,
+            &mut act as *mut i32 as *mut c_void,
+        ];
+        // SAFETY: the arguments match `channel_rms_norm(const bf16*, const bf16*, bf16*, int, i64, float, int)` in
+        // type and order; `x` and `out` are dense `[batch, C, hw]` bf16 buffers, 16-byte aligned with `hw` a
+        // multiple of 8 (the kernel moves 8 pixels at a time), `gamma` holds `C` bf16 values; all are held until
+        // this function returns.
+        unsafe { dev.launch(f, grid, (256, 1, 1), 0, &mut args) }?;
+        dev.end()
+    })?;
+    drop((x, gamma));
+    Ok(out)
+}

@@ -318,6 +318,13 @@ impl QwenBackend for CudaBackend {
         fast_or(&gate.device(), Kind::Glue, (gate, up), fast, |(gate, up)| portable::silu_mul(gate, up))
     }
 
+    fn channel_rms_norm(x: Tensor<Self, 4>, gamma: &Tensor<Self, 1>, silu: bool) -> Tensor<Self, 4> {
+        let fast = |x: &Tensor<Self, 4>| {
+            glue::channel_rms_norm_prim(prim(x.clone()), &prim(gamma.clone()), silu).map(wrap)
+        };
+        fast_or(&x.device(), Kind::Glue, x, fast, |x| portable::channel_rms_norm(x, gamma, silu))
+    }
+
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
         let fast = |data: &TensorData| tensor::upload_prim(data, device).map(wrap);
         fast_or(device, Kind::Glue, data, fast, |data| portable::upload(data, device))

@@ -1,7 +1,7 @@
 //! The VAE's building blocks on single frames: residual block, single-head attention block, down/upsamplers and
 //! the middle block.
 
-use burn::tensor::{activation, backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use super::{conv::Conv2d, norm::ChannelRmsNorm};
 use crate::{
@@ -10,12 +10,6 @@ use crate::{
     weights::WeightPath,
     Result,
 };
-
-/// SiLU computed in f32 and rounded once to the input's dtype, as PyTorch computes it for bf16 tensors.
-pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let dtype = x.dtype();
-    activation::silu(x.cast(DType::F32)).cast(dtype)
-}
 
 /// `QwenImageResidualBlock(in, out)`: `conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)`.
 // https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl_qwenimage.py#L220
@@ -60,8 +54,8 @@ impl<B: QwenBackend> ResidualBlock<B> {
             Some(conv) => conv.forward(x.clone()),
             None => x.clone(),
         };
-        let h = self.conv1.forward(silu(self.norm1.forward(x)));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_silu(x));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         h + residual
     }
 }

@@ -3,7 +3,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{
-    blocks::{silu, MidBlock, ResidualBlock, Upsample},
+    blocks::{MidBlock, ResidualBlock, Upsample},
     config::VaeConfig,
     conv::Conv2d,
     norm::ChannelRmsNorm,
@@ -98,6 +98,6 @@ impl<B: QwenBackend> Decoder<B> {
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = self.mid_block.forward(self.conv_in.forward(z));
         let x = self.up_blocks.iter().fold(x, |x, block| block.forward(x));
-        self.conv_out.forward(silu(self.norm_out.forward(x)))
+        self.conv_out.forward(self.norm_out.forward_silu(x))
     }
 }

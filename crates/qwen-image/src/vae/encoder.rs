@@ -3,7 +3,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{
-    blocks::{silu, Downsample, MidBlock, ResidualBlock},
+    blocks::{Downsample, MidBlock, ResidualBlock},
     config::VaeConfig,
     conv::Conv2d,
     norm::ChannelRmsNorm,
@@ -83,6 +83,6 @@ impl<B: QwenBackend> Encoder<B> {
             x = layer.forward(x);
         }
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.norm_out.forward(x)))
+        self.conv_out.forward(self.norm_out.forward_silu(x))
     }
 }

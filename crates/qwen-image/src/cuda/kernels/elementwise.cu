@@ -305,3 +305,53 @@ extern "C" __global__ void silu_mul(const bf16_t* g, const bf16_t* u, bf16_t* ou
         reinterpret_cast<uint4*>(out)[idx] = pack8(o);
     }
 }
+
+// The VAE's channel RMS norm (`ChannelRmsNorm`, NCHW), optionally followed by SiLU, rounded as the portable
+// composition rounds it: y = bf16(bf16(bf16(x / max(‖x‖₂ over C, 1e-12)) · scale) · γ_c), then bf16(silu(y)) when
+// `silu`. Each lane owns 8 adjacent pixels (one 16-byte vector per channel); the block's 8 warps split the channels
+// (warp w takes c ≡ w mod 8) and add their partial sums of squares in shared memory. Grid (⌈hw / 256⌉, batch).
+#define CNORM_WARPS 8
+extern "C" __global__ void __launch_bounds__(CNORM_WARPS * 32)
+    channel_rms_norm(const bf16_t* __restrict__ x, const bf16_t* __restrict__ gamma, bf16_t* __restrict__ y, int C,
+                     i64 hw, float scale, int silu) {
+    __shared__ float part[CNORM_WARPS][8][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 groups = hw / 8;
+    const i64 g = (i64)blockIdx.x * 32 + lane;
+    const bool live = g < groups;
+    const i64 base = (i64)blockIdx.y * C * hw;
+    const uint4* px = reinterpret_cast<const uint4*>(x + base) + g;
+    uint4* py = reinterpret_cast<uint4*>(y + base) + g;
+    float ss[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (live) {
+        for (int c = warp; c < C; c += CNORM_WARPS) {
+            float v[8];
+            unpack8(px[(i64)c * groups], v);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss[e] = fmaf(v[e], v[e], ss[e]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part[warp][e][lane] = ss[e];
+    __syncthreads();
+    if (!live) return;
+    float norm[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < CNORM_WARPS; ++w) s += part[w][e][lane];
+        norm[e] = fmaxf(sqrtf(s), 1e-12f);
+    }
+    for (int c = warp; c < C; c += CNORM_WARPS) {
+        float v[8], o[8];
+        unpack8(px[(i64)c * groups], v);
+        const float gm = bf16_to_f32(gamma[c]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            o[e] = round_bf16(round_bf16(round_bf16(v[e] / norm[e]) * scale) * gm);
+            if (silu) o[e] = o[e] / (1.f + __expf(-o[e]));
+        }
+        py[(i64)c * groups] = pack8(o);
+    }
+}
