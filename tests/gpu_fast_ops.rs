@@ -405,6 +405,14 @@ fn fused_glue_matches_portable() {
     let fast = G::silu_mul(g.clone(), u.clone());
     let want = portable_run(|| portable::silu_mul(g.clone(), u.clone()));
     check("silu_mul 1469x18944", fast, want, 2e-2);
+    // Qwen2.5-VL's RMSNorm at the language model's and the vision tower's widths.
+    for (tokens, dim) in [(1469, 3584), (5476, 1280), (3, 8)] {
+        let x = randn([1, tokens, dim], 3.0);
+        let w = randn([dim], 0.3) + 1.0;
+        let fast = G::rms_norm(x.clone(), &w, 1e-6);
+        let want = portable_run(|| qwen_image::nn::rms_norm(x.clone(), &w, 1e-6));
+        check(&format!("rms_norm {tokens}x{dim}"), fast, want, 2e-3);
+    }
     // The VAE's channel RMS norm (+ SiLU) at the decoder's shapes: it rounds as the portable composition does, so
     // only a rare last-bit difference (the order of the sum of squares) is allowed.
     for (shape, silu) in [([1, 384, 128, 128], true), ([1, 96, 1024, 1024], true), ([2, 384, 16, 16], false)]

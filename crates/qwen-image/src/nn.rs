@@ -479,7 +479,11 @@ impl<B: QwenBackend> RmsNorm<B> {
 
     /// Normalizes over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        rms_norm(x, &self.weight, self.eps)
+        // As `[1, rows, dim]` for [`QwenBackend::rms_norm`] (a free reshape of a contiguous tensor).
+        let shape = x.dims();
+        let dim = shape[D - 1];
+        let rows = shape.iter().product::<usize>() / dim.max(1);
+        B::rms_norm(x.reshape([1, rows, dim]), &self.weight, self.eps).reshape(shape)
     }
 }
 

@@ -406,6 +406,45 @@ pub(crate) fn silu_mul_prim(gate: Prim, up: Prim) -> Result<Prim, FastError> {
     Ok(out)
 }
 
+/// See [`crate::ops::QwenBackend::rms_norm`]: `x [batch, tokens, dim]` bf16, `weight [dim]` bf16.
+pub(crate) fn rms_norm_prim(x: Prim, weight: &Prim, eps: f64) -> Result<Prim, FastError> {
+    require(is_bf16(&x) && is_bf16(weight), || format!("dtypes {:?} / {:?}", x.dtype, weight.dtype))?;
+    let d = dims(&x);
+    require(d.len() == 3, || format!("input shape {d:?}"))?;
+    let (rows, dim) = (d[0] * d[1], d[2]);
+    require(dims(weight) == [dim], || format!("weight shape {:?} for rows of {dim}", dims(weight)))?;
+    require(dim % 8 == 0 && dim <= MAX_DIM && rows > 0 && rows <= i32::MAX as usize, || {
+        format!("shape {d:?}")
+    })?;
+    let (x, weight) = (dense(x), dense(weight.clone()));
+    require(is_dense(&x) && is_dense(&weight), || "inputs not dense".into())?;
+    let out = empty_like_device(&x, d, DType::BF16);
+    let (mut px, mut pw, mut py) = (ptr(&x)?, ptr(&weight)?, ptr(&out)?);
+    require(px % 16 == 0 && pw % 16 == 0 && py % 16 == 0, || "misaligned".into())?;
+    let (mut nd, mut e) = (dim as i32, eps as f32);
+    with_gpu(x.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::ELEMENTWISE, "rms_norm_rows", 0)?;
+        dev.begin(&x)?;
+        // SAFETY: `out` holds `rows·dim` bf16 values and lives until this function returns.
+        unsafe { dev.poison(py, rows * dim) }?;
+        let mut args = [
+            &mut px as *mut u64 as *mut c_void,
+            &mut pw as *mut u64 as *mut c_void,
+            &mut py as *mut u64 as *mut c_void,
+            &mut nd as *mut i32 as *mut c_void,
+            &mut e as *mut f32 as *mut c_void,
+        ];
+        // SAFETY: the arguments match `rms_norm_rows(const bf16*, const bf16*, bf16*, int, float)` in type and
+        // order; `x` and `out` are dense `[rows, dim]` bf16 buffers and `weight` holds `dim` bf16 values, all 16-byte
+        // aligned with `dim` a multiple of 8 and at most `MAX_DIM` (the row fits the block's registers); one block
+        // per row; all are held until this function returns.
+        unsafe { dev.launch(f, (rows as u32, 1, 1), (ROW_THREADS, 1, 1), 0, &mut args) }?;
+        dev.end()
+    })?;
+    drop((x, weight));
+    Ok(out)
+}
+
 /// See [`crate::ops::QwenBackend::channel_rms_norm`]: `x [batch, C, h, w]` bf16, `gamma [C]` bf16.
 pub(crate) fn channel_rms_norm_prim(x: Prim, gamma: &Prim, silu: bool) -> Result<Prim, FastError> {
     require(is_bf16(&x) && is_bf16(gamma), || format!("dtypes {:?} / {:?}", x.dtype, gamma.dtype))?;

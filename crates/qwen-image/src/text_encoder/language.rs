@@ -1,7 +1,7 @@
 //! The language model (`Qwen2_5_VLTextModel`): token embedding, pre-norm decoder layers with causal grouped-query
 //! attention under M-RoPE and a SiLU-gated MLP, and the final RMSNorm.
 
-use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::{config::TextConfig, rotary::apply_rotary};
 use crate::{
@@ -61,8 +61,8 @@ impl<B: QwenBackend> GatedMlp<B> {
 
     /// `[batch, tokens, dim] → [batch, tokens, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj.forward(B::silu_mul(gate, self.up_proj.forward(x)))
     }
 }
 

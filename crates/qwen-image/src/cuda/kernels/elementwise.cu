@@ -306,6 +306,41 @@ extern "C" __global__ void silu_mul(const bf16_t* g, const bf16_t* u, bf16_t* ou
     }
 }
 
+// y = bf16(x · 1/√(mean(x²) + eps)) · w over rows of D values (Qwen2.5-VL's RMSNorm, `nn::rms_norm`), statistics
+// in f32. One block of ROW_THREADS per row; rows up to ROW_THREADS · MAX_VEC · 8 wide (the row stays in registers).
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+    rms_norm_rows(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w, bf16_t* __restrict__ y, int D,
+                  float eps) {
+    __shared__ float red[ROW_THREADS / 32];
+    const int tid = threadIdx.x, nv = D / 8;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (i64)blockIdx.x * D);
+    uint4* yr = reinterpret_cast<uint4*>(y + (i64)blockIdx.x * D);
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    float v[MAX_VEC][8];
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAX_VEC; ++i) {
+        const int idx = tid + i * ROW_THREADS;
+        if (idx < nv) {
+            unpack8(xr[idx], v[i]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sq = fmaf(v[i][e], v[i][e], sq);
+        }
+    }
+    const float inv = 1.f / sqrtf(block_sum<ROW_THREADS>(sq, red) / D + eps);
+#pragma unroll
+    for (int i = 0; i < MAX_VEC; ++i) {
+        const int idx = tid + i * ROW_THREADS;
+        if (idx < nv) {
+            float g[8], out[8];
+            unpack8(wr[idx], g);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) out[e] = round_bf16(v[i][e] * inv) * g[e];
+            yr[idx] = pack8(out);
+        }
+    }
+}
+
 // The VAE's channel RMS norm (`ChannelRmsNorm`, NCHW), optionally followed by SiLU, rounded as the portable
 // composition rounds it: y = bf16(bf16(bf16(x / max(‖x‖₂ over C, 1e-12)) · scale) · γ_c), then bf16(silu(y)) when
 // `silu`. Each lane owns 8 adjacent pixels (one 16-byte vector per channel); the block's 8 warps split the channels
