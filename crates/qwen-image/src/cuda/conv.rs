@@ -35,7 +35,9 @@ use cudarc::cudnn::{result as dnn, sys as dnn_sys};
 use super::{
     config::GemmAutotune,
     error::{require, FastError},
+    glue,
     gpu::Gpu,
+    kernels,
     registry::with_gpu,
     tensor::{dense, dims, empty_like_device, is_bf16, ptr, Prim},
 };
@@ -358,10 +360,20 @@ impl Gpu<'_> {
     }
 }
 
-/// `x [n, c, h, w] ⋆ weight [o, c, k, k]` (stride `stride`, zero padding `pad` on every side, no bias) through
-/// cuDNN; returns `[n, o, h', w']` in bf16.
-pub(crate) fn conv2d_prim(x: Prim, weight: Prim, stride: usize, pad: usize) -> Result<Prim, FastError> {
+/// `x [n, c, h, w] ⋆ weight [o, c, k, k]` (stride `stride`, zero padding `pad` on every side) through cuDNN,
+/// `[n, o, h', w']` in bf16, and `+ bias [o]` when `h'·w'` is a multiple of 8 (then the second value is `true`): the
+/// bias is added to the bf16 convolution by one kernel in place, as PyTorch adds it after cuDNN's convolution.
+pub(crate) fn conv2d_prim(
+    x: Prim,
+    weight: Prim,
+    bias: Prim,
+    stride: usize,
+    pad: usize,
+) -> Result<(Prim, bool), FastError> {
     require(is_bf16(&x) && is_bf16(&weight), || format!("dtypes {:?} / {:?}", x.dtype, weight.dtype))?;
+    require(is_bf16(&bias) && dims(&bias) == [dims(&weight)[0]], || {
+        format!("bias {:?} {:?} for filters {:?}", bias.dtype, dims(&bias), dims(&weight))
+    })?;
     let (xd, wd) = (dims(&x), dims(&weight));
     require(xd.len() == 4 && wd.len() == 4 && xd[1] == wd[1] && wd[2] == wd[3], || {
         format!("shapes {xd:?} ⋆ {wd:?}")
@@ -375,10 +387,12 @@ pub(crate) fn conv2d_prim(x: Prim, weight: Prim, stride: usize, pad: usize) -> R
             && xd.iter().all(|&d| d > 0),
         || format!("convolution {key:?} has an empty output"),
     )?;
-    let (x, weight) = (dense(x), dense(weight));
     let (ho, wo) = key.out_hw();
+    let with_bias = (ho * wo) % 8 == 0;
+    let (x, weight, bias) = (dense(x), dense(weight), dense(bias));
     let out = empty_like_device(&x, vec![key.n, key.o, ho, wo], DType::BF16);
     let buf = Buffers { x: ptr(&x)?, w: ptr(&weight)?, y: ptr(&out)? };
+    let pb = ptr(&bias)?;
     let bytes = with_gpu(x.device.index, |dev| {
         let mode = dev.config().gemm_autotune;
         dev.dnn()?.workspace_for(key, mode)
@@ -392,10 +406,40 @@ pub(crate) fn conv2d_prim(x: Prim, weight: Prim, stride: usize, pad: usize) -> R
         unsafe { dev.poison(buf.y, key.n * key.o * ho * wo) }?;
         let mode = dev.config().gemm_autotune;
         dev.dnn()?.run(key, buf, ws, mode)?;
+        if with_bias {
+            add_bias(dev, buf.y, pb, key.o, ho * wo, key.n * key.o * ho * wo)?;
+        }
         dev.end()
     })?;
-    // The inputs and the workspace stay alive until the convolution is queued (burn's allocator then reuses them
-    // only after it).
-    drop((x, weight, workspace));
-    Ok(out)
+    // The inputs, the bias and the workspace stay alive until the convolution is queued (burn's allocator then
+    // reuses them only after it).
+    drop((x, weight, bias, workspace));
+    Ok((out, with_bias))
+}
+
+/// Queues `bias_add_nchw`: `y [.., c, hw] += bias [c]` in place, rounded to bf16.
+fn add_bias(
+    dev: &mut Gpu<'_>,
+    y: u64,
+    bias: u64,
+    c: usize,
+    hw: usize,
+    total: usize,
+) -> Result<(), FastError> {
+    require(y % 16 == 0, || "convolution output not 16-byte aligned".into())?;
+    let f = dev.function(glue::MODULE, kernels::ELEMENTWISE, "bias_add_nchw", 0)?;
+    let (mut py, mut pb, mut nc, mut nhw, mut n) = (y, bias, c as i32, hw as i64, total as i64);
+    let blocks = (total / 8).div_ceil(256).min(132 * 16) as u32;
+    let mut args = [
+        &mut py as *mut u64 as *mut c_void,
+        &mut pb as *mut u64 as *mut c_void,
+        &mut nc as *mut i32 as *mut c_void,
+        &mut nhw as *mut i64 as *mut c_void,
+        &mut n as *mut i64 as *mut c_void,
+    ];
+    // SAFETY: the arguments match `bias_add_nchw(bf16*, const bf16*, int, i64, i64)` in type and order; `y` is the
+    // dense, 16-byte aligned `[n, c, hw]` bf16 output of the convolution queued just before on the same stream
+    // (`total` values, `hw` a multiple of 8, checked by the caller), `bias` holds `c` bf16 values; the caller holds
+    // both until the launch is queued.
+    unsafe { dev.launch(f, (blocks, 1, 1), (256, 1, 1), 0, &mut args) }
 }

@@ -12,7 +12,8 @@ use super::{
     tensor::{dense, dims, empty_like_device, inner_contiguous, is_bf16, is_dense, ptr, strides, Prim},
 };
 
-const MODULE: &str = "elementwise";
+/// The module name of `kernels/elementwise.cu` (its kernels are compiled once per device under it).
+pub(crate) const MODULE: &str = "elementwise";
 const MAX_RUNS: usize = 8;
 const ROW_THREADS: u32 = 128;
 /// Widest row of the row kernels (`ROW_THREADS` threads × 8 vectors × 8 elements).

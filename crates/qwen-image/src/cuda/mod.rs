@@ -267,14 +267,15 @@ impl QwenBackend for CudaBackend {
         stride: usize,
         pad: usize,
     ) -> Tensor<Self, 4> {
-        // cuDNN, with the bias added by burn afterwards (as PyTorch does); else one cuBLASLt GEMM over an im2col
-        // copy instead of burn's convolution kernels, which compile and autotune per shape on first use (minutes for
-        // the VAE at 1024²).
+        // cuDNN, with the bias added afterwards (as PyTorch does); else one cuBLASLt GEMM over an im2col copy instead
+        // of burn's convolution kernels, which compile and autotune per shape on first use (minutes for the VAE at
+        // 1024²).
         let device = x.device();
         let fast = |x: &Tensor<Self, 4>| {
-            let y: Tensor<Self, 4> =
-                wrap(conv::conv2d_prim(prim(x.clone()), prim(weight.clone()), stride, pad)?);
-            Ok(y + bias.clone().reshape([1, bias.dims()[0], 1, 1]))
+            let (xp, wp, bp) = (prim(x.clone()), prim(weight.clone()), prim(bias.clone()));
+            let (y, biased) = conv::conv2d_prim(xp, wp, bp, stride, pad)?;
+            let y: Tensor<Self, 4> = wrap(y);
+            Ok(if biased { y } else { y + bias.clone().reshape([1, bias.dims()[0], 1, 1]) })
         };
         fast_or(&device, Kind::Conv, x, fast, |x| {
             if enabled(device.index, Kind::Gemm) {

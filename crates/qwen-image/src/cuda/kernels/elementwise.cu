@@ -390,3 +390,18 @@ extern "C" __global__ void __launch_bounds__(CNORM_WARPS * 32)
         py[(i64)c * groups] = pack8(o);
     }
 }
+
+// y[n, c, p] = bf16(y[n, c, p] + b[c]) in place over an NCHW tensor of `total` values with `hw` (a multiple of 8)
+// pixels per channel: the bias of a convolution, added after its output was rounded to bf16 (as PyTorch adds it
+// after cuDNN). 8 values per thread, all of one channel.
+extern "C" __global__ void bias_add_nchw(bf16_t* y, const bf16_t* __restrict__ b, int C, i64 hw, i64 total) {
+    const i64 nv = total / 8;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < nv; idx += (i64)gridDim.x * blockDim.x) {
+        const float bias = bf16_to_f32(b[(idx * 8 / hw) % C]);
+        float v[8];
+        unpack8(reinterpret_cast<const uint4*>(y)[idx], v);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] += bias;
+        reinterpret_cast<uint4*>(y)[idx] = pack8(v);
+    }
+}
