@@ -476,7 +476,8 @@ fn vae_convolutions_and_wide_attention_use_gemms() {
             (1, 32, 32, 33, 33, 3, 2, 0),
             (1, 3, 96, 40, 40, 3, 1, 1),
         ] {
-            let (x, weight, bias) = (randn([n, c, h, w], 1.0), randn([o, c, k, k], 0.1), randn([o], 0.1));
+            // A bias as large as the convolution's output: a missing or misplaced one fails the check.
+            let (x, weight, bias) = (randn([n, c, h, w], 1.0), randn([o, c, k, k], 0.1), randn([o], 1.0));
             reset_stats();
             let fast = G::conv2d_nchw(x.clone(), &weight, &bias, s, p);
             assert_fast(
