@@ -8,6 +8,7 @@
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
 #   PACK=1 OUT=$OUT tools/bench/gpu_run.sh …              # on a device call: logs and JSON in $OUT/all.tar.gz
+#   TEST_BINS=gpu_fast_ops TEST_FILTER="fused_glue vae_convolutions" tools/bench/gpu_run.sh tests pipeline  # a short check
 #
 # `pipeline` runs pipeline_bench with --stages (each stage around the networks part by part; PIPE_ARGS adds more);
 # `stages` runs tools/bench/torch_stage_bench.py (PyTorch VAE, text encoder, encode_prompt, the PyTorch edit summed
@@ -55,8 +56,9 @@ if has tests; then
   root=$(cat .dev/bin/BUILD_ROOT 2>/dev/null || true)
   if [ -n "$root" ] && [ ! -e "$root/tests/fixtures" ]; then mkdir -p "$(dirname "$root")" && ln -sfn "$PWD" "$root"; fi
   echo "== GPU tests"; : > "$OUT/tests.log"
-  for t in gpu_fast_ops gpu_models gpu_region; do
-    timeout ${TEST_TIMEOUT:-300} .dev/$t --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
+  # TEST_BINS picks the binaries, TEST_FILTER the tests (libtest name filters, e.g. "fused_glue vae_convolutions").
+  for t in ${TEST_BINS:-gpu_fast_ops gpu_models gpu_region}; do
+    timeout ${TEST_TIMEOUT:-300} .dev/$t ${TEST_FILTER:-} --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
     echo "$t exit $?"
   done
   grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
