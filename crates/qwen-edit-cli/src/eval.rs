@@ -111,7 +111,7 @@ impl BackendTask for EvalTask<'_> {
         let pipes = variants.iter().map(|&v| load::<B>(args, v, &tmp, device)).collect::<Result<Vec<_>, _>>();
         let _ = std::fs::remove_dir_all(&tmp);
         let pipes = pipes?;
-        if args.quantize.quantize != crate::args::QuantizeArg::None {
+        if args.quantize.quantize != crate::args::QuantizeArg::None || args.quantize.low_memory {
             for pipe in &pipes {
                 let weights = pipe.transformer().linear_weights().describe();
                 writeln!(out, "{:?} DiT weights: {weights}", pipe.variant())?;
