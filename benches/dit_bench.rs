@@ -178,26 +178,33 @@ fn gemm_kernels(reps: usize, attention_only: bool) -> Value {
                 drop(y);
             });
             let tf = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
-            // The same layer with an FP8 weight (`--quantize fp8`): activation quantization + FP8 GEMM.
+            // The same layer with an FP8 weight (`--quantize fp8`): activation quantization + FP8 GEMM, without and
+            // with cuBLASLt's fast accumulation (`QWEN_FP8_FAST_ACCUM`), and how far the fast one's output moves.
             let w8 = G::quantize_fp8(w.clone());
-            let ms8 = time_ms(reps, 20, || {
-                let y = if gelu {
+            let fp8 = || {
+                if gelu {
                     G::dense_fp8_gelu_tanh(x.clone(), &w8, Some(&b))
                 } else {
                     G::dense_fp8(x.clone(), &w8, Some(&b))
-                };
-                drop(y);
-            });
+                }
+            };
+            let ms8 = time_ms(reps, 20, || drop(fp8()));
+            let exact = to_f32_vec(fp8());
+            configure(|c| c.fp8_fast_accum = true).expect("configuration");
+            let ms8_fast = time_ms(reps, 20, || drop(fp8()));
+            let fast_err = rel_l2(&to_f32_vec(fp8()), &exact);
+            configure(|c| c.fp8_fast_accum = false).expect("configuration");
             let tf8 = 2.0 * (m * n * k) as f64 / (ms8 * 1e-3) / 1e12;
             // Of which the activations' quantization (the same row kernel as for weights).
             let quant = time_ms(reps, 20, || drop(G::quantize_fp8(x.clone().reshape([m, k]))));
             println!(
                 "gemm {m:5} x {k:5} -> {n:5}{}: {ms:7.3} ms  {tf:6.1} TFLOP/s; fp8 {ms8:7.3} ms  {tf8:6.1} TFLOP/s \
-                 (quantizing x: {quant:.3} ms)",
+                 (quantizing x: {quant:.3} ms; fast accumulation {ms8_fast:.3} ms, rel L2 {fast_err:.1e})",
                 if gelu { " +gelu" } else { "" }
             );
             gemms.push(json!({"m": m, "k": k, "n": n, "gelu": gelu, "ms": ms, "tflops": tf, "fp8_ms": ms8,
-                "fp8_tflops": tf8, "fp8_quantize_x_ms": quant}));
+                "fp8_tflops": tf8, "fp8_quantize_x_ms": quant, "fp8_fast_accum_ms": ms8_fast,
+                "fp8_fast_accum_rel_l2": fast_err}));
         }
     }
     // burn's own matmul on one block shape, for reference.

@@ -37,6 +37,10 @@ pub struct FastPathConfig {
     /// Kernel development (`QWEN_CUDA_KERNEL_DIR`): `<dir>/<module>.cu`, when present, replaces the built-in source
     /// of that module. Read when a module is compiled (its first use on the device).
     pub kernel_dir: Option<PathBuf>,
+    /// FP8 GEMMs with cuBLASLt's fast accumulation (`QWEN_FP8_FAST_ACCUM`; default off): the tensor cores'
+    /// accumulators are not promoted to full f32 every few K-steps, which is faster and less exact (XLA and many
+    /// inference engines use it for forward passes). Off until its speed and error are measured (docs/fp8.md).
+    pub fp8_fast_accum: bool,
     /// Test support (no variable): every fast-path output is filled with NaN before the kernel that computes it
     /// runs, so a kernel that leaves elements unwritten is caught.
     pub poison_outputs: bool,
@@ -51,6 +55,7 @@ impl Default for FastPathConfig {
             ordering: OrderingMode::ContextEvents,
             gemm_autotune: GemmAutotune::On,
             kernel_dir: None,
+            fp8_fast_accum: false,
             poison_outputs: false,
         }
     }
@@ -94,6 +99,7 @@ impl Environment {
             ordering: parsed(&var, "QWEN_CUDA_ORDERING", OrderingMode::parse).unwrap_or(d.ordering),
             gemm_autotune: parsed(&var, "QWEN_GEMM_AUTOTUNE", GemmAutotune::parse).unwrap_or(d.gemm_autotune),
             kernel_dir: dir("QWEN_CUDA_KERNEL_DIR"),
+            fp8_fast_accum: parsed(&var, "QWEN_FP8_FAST_ACCUM", parse_switch).unwrap_or(d.fp8_fast_accum),
             poison_outputs: d.poison_outputs,
         };
         Environment { fast_path, cache_dir: dir("QWEN_CUDA_CACHE_DIR") }
@@ -108,6 +114,15 @@ fn parsed<T>(var: &impl Fn(&str) -> Option<OsString>, name: &str, parse: fn(&str
         log::warn!("qwen-image: ignoring {name}={raw:?} (the qwen_image::cuda docs list its values)");
     }
     value
+}
+
+/// Parses an on/off variable: `1`/`on`, `0`/`off`.
+fn parse_switch(s: &str) -> Option<bool> {
+    match s {
+        "1" | "on" => Some(true),
+        "0" | "off" => Some(false),
+        _ => None,
+    }
 }
 
 /// Which operation kinds use the CUDA fast path (the rest use [`crate::ops::portable`]).
@@ -259,6 +274,7 @@ mod tests {
             ("QWEN_GEMM_AUTOTUNE", "verbose"),
             ("QWEN_CUDA_KERNEL_DIR", "/k"),
             ("QWEN_CUDA_CACHE_DIR", "/c"),
+            ("QWEN_FP8_FAST_ACCUM", "on"),
         ]);
         let want = FastPathConfig {
             ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
@@ -266,6 +282,7 @@ mod tests {
             ordering: OrderingMode::HostSync,
             gemm_autotune: GemmAutotune::Verbose,
             kernel_dir: Some("/k".into()),
+            fp8_fast_accum: true,
             poison_outputs: false,
         };
         assert_eq!(e.fast_path, want);
@@ -281,12 +298,17 @@ mod tests {
         assert_eq!(env(&[("QWEN_CUDA_ORDERING", "host")]).fast_path.ordering, OrderingMode::HostSync);
         assert_eq!(env(&[("QWEN_FLASH", "tma")]).fast_path.flash_kernel, FlashKernel::Auto);
         assert_eq!(env(&[("QWEN_CUDA_KERNEL_DIR", "")]).fast_path.kernel_dir, None);
+        assert!(!env(&[("QWEN_FP8_FAST_ACCUM", "0")]).fast_path.fp8_fast_accum);
     }
 
     #[test]
     fn unparsable_values_keep_the_default() {
-        let e =
-            env(&[("QWEN_CUDA_FAST", "gemm,bogus"), ("QWEN_FLASH", "fast"), ("QWEN_GEMM_AUTOTUNE", "yes")]);
+        let e = env(&[
+            ("QWEN_CUDA_FAST", "gemm,bogus"),
+            ("QWEN_FLASH", "fast"),
+            ("QWEN_GEMM_AUTOTUNE", "yes"),
+            ("QWEN_FP8_FAST_ACCUM", "yes"),
+        ]);
         assert_eq!(e.fast_path, FastPathConfig::default());
     }
 }

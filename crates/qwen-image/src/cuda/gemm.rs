@@ -86,8 +86,9 @@ impl Epilogue {
     }
 }
 
-/// A GEMM shape: `Y[M, N] = X[M, K] · W[N, K]ᵀ` with leading dimensions, the epilogue, and whether the inputs are
-/// e4m3 with outer-vector scales (`cuda/fp8.rs`) instead of bf16.
+/// A GEMM shape: `Y[M, N] = X[M, K] · W[N, K]ᵀ` with leading dimensions, the epilogue, whether the inputs are
+/// e4m3 with outer-vector scales (`cuda/fp8.rs`) instead of bf16, and for those whether cuBLASLt's fast
+/// accumulation is on ([`FastPathConfig::fp8_fast_accum`](super::FastPathConfig::fp8_fast_accum)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct ShapeKey {
     pub m: u64,
@@ -97,6 +98,7 @@ pub(super) struct ShapeKey {
     pub ldb: i64,
     pub epilogue: Epilogue,
     pub fp8: bool,
+    pub fast_accum: bool,
 }
 
 impl ShapeKey {
@@ -326,6 +328,9 @@ impl Blas {
             set(CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode as *const _ as *const c_void, size)?;
             set_pointer(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, self.workspace)?;
             set_pointer(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, self.workspace)?;
+            // An `int8_t` flag.
+            let fast: i8 = key.fast_accum.into();
+            set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const i8 as *const c_void, size_of::<i8>())?;
         }
         let pref = lt::create_matmul_pref().map_err(e("preference"))?;
         let ws = WORKSPACE_BYTES;
@@ -414,7 +419,16 @@ pub(crate) fn dense_prim(x: Prim, weight: Prim, bias: Option<Prim>, gelu: bool) 
     let out = empty_like_device(&x, vec![xd[0], xd[1], n], DType::BF16);
     let (px, pw, py) = (ptr(&x)?, ptr(&weight)?, ptr(&out)?);
     let pb = bias.as_ref().map(ptr).transpose()?;
-    let key = ShapeKey { m: m as u64, n: n as u64, k: k as u64, lda, ldb: k as i64, epilogue, fp8: false };
+    let key = ShapeKey {
+        m: m as u64,
+        n: n as u64,
+        k: k as u64,
+        lda,
+        ldb: k as i64,
+        epilogue,
+        fp8: false,
+        fast_accum: false,
+    };
     with_gpu(x.device.index, |dev| {
         dev.begin(&x)?;
         // SAFETY: `out` holds `m·n` bf16 values and lives until this function returns.
