@@ -15,8 +15,9 @@
 //! a shape the most any candidate needs) and handed back after it, as PyTorch takes it from its caching allocator;
 //! never more than [`WORKSPACE_MAX`] (algorithms that need more are not considered). On NCHW bf16 tensors cuDNN's
 //! tensor-core algorithms convert the input and output to NHWC in their workspace: at the VAE's 1024² stage the
-//! input and output alone are 0.2–0.4 GB each (96 and 192 channels), and under the former 256 MiB cap the heuristic fell back to a CUDA-core kernel
-//! 20× slower (`implicit_convolve_sgemm`, 7.6 ms per 96→96 convolution on an H200).
+//! input and output alone are 0.2–0.4 GB each (96 and 192 channels), and under the former 256 MiB cap the
+//! heuristic fell back to a CUDA-core kernel 20× slower (`implicit_convolve_sgemm`, 7.6 ms per 96→96 convolution on
+//! an H200).
 //!
 //! **Run time.** cuDNN 9 (`libcudnn.so.9` and its sub-libraries, e.g. from the `nvidia-cudnn-cu12` wheel PyTorch
 //! installs, or the `libcudnn9-cuda-12`/`-13` package) must be on the loader path. Without it the first call fails
