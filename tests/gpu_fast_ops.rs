@@ -410,7 +410,7 @@ fn fused_glue_matches_portable() {
         let x = randn([1, tokens, dim], 3.0);
         let w = randn([dim], 0.3) + 1.0;
         let fast = G::rms_norm(x.clone(), &w, 1e-6);
-        let want = portable_run(|| qwen_image::nn::rms_norm(x.clone(), &w, 1e-6));
+        let want = portable_run(|| portable::rms_norm(x.clone(), &w, 1e-6));
         check(&format!("rms_norm {tokens}x{dim}"), fast, want, 2e-3);
     }
     // The VAE's channel RMS norm (+ SiLU) at the decoder's shapes: it rounds as the portable composition does, so

@@ -38,7 +38,6 @@ use super::{
     error::{require, FastError},
     glue,
     gpu::Gpu,
-    kernels,
     registry::with_gpu,
     tensor::{dense, dims, empty_like_device, is_bf16, ptr, Prim},
 };
@@ -408,7 +407,7 @@ pub(crate) fn conv2d_prim(
         let mode = dev.config().gemm_autotune;
         dev.dnn()?.run(key, buf, ws, mode)?;
         if with_bias {
-            add_bias(dev, buf.y, pb, key.o, ho * wo, key.n * key.o * ho * wo)?;
+            glue::queue_bias_add_nchw(dev, buf.y, pb, key.o, ho * wo, key.n * key.o * ho * wo)?;
         }
         dev.end()
     })?;
@@ -416,31 +415,4 @@ pub(crate) fn conv2d_prim(
     // reuses them only after it).
     drop((x, weight, bias, workspace));
     Ok((out, with_bias))
-}
-
-/// Queues `bias_add_nchw`: `y [.., c, hw] += bias [c]` in place, rounded to bf16.
-fn add_bias(
-    dev: &mut Gpu<'_>,
-    y: u64,
-    bias: u64,
-    c: usize,
-    hw: usize,
-    total: usize,
-) -> Result<(), FastError> {
-    require(y % 16 == 0, || "convolution output not 16-byte aligned".into())?;
-    let f = dev.function(glue::MODULE, kernels::ELEMENTWISE, "bias_add_nchw", 0)?;
-    let (mut py, mut pb, mut nc, mut nhw, mut n) = (y, bias, c as i32, hw as i64, total as i64);
-    let blocks = (total / 8).div_ceil(256).min(132 * 16) as u32;
-    let mut args = [
-        &mut py as *mut u64 as *mut c_void,
-        &mut pb as *mut u64 as *mut c_void,
-        &mut nc as *mut i32 as *mut c_void,
-        &mut nhw as *mut i64 as *mut c_void,
-        &mut n as *mut i64 as *mut c_void,
-    ];
-    // SAFETY: the arguments match `bias_add_nchw(bf16*, const bf16*, int, i64, i64)` in type and order; `y` is the
-    // dense, 16-byte aligned `[n, c, hw]` bf16 output of the convolution queued just before on the same stream
-    // (`total` values, `hw` a multiple of 8, checked by the caller), `bias` holds `c` bf16 values; the caller holds
-    // both until the launch is queued.
-    unsafe { dev.launch(f, (blocks, 1, 1), (256, 1, 1), 0, &mut args) }
 }

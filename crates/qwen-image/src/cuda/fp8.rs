@@ -110,19 +110,17 @@ pub(crate) fn dense_fp8_prim(
     let (pw, psw, pq, psx, py) = (ptr(&bits)?, ptr(&scales)?, ptr(&qx)?, ptr(&sx)?, ptr(&out)?);
     let pb = bias.as_ref().map(ptr).transpose()?;
     let epilogue = Epilogue::of(pb.is_some(), gelu);
-    let (m64, n64, k64) = (m as u64, n as u64, k as u64);
-    let key = ShapeKey {
-        m: m64,
-        n: n64,
-        k: k64,
-        lda: k as i64,
-        ldb: k as i64,
-        epilogue,
-        fp8: true,
-        fast_accum: false,
-    };
     with_gpu(qx.device.index, |dev| {
-        let key = ShapeKey { fast_accum: dev.config().fp8_fast_accum, ..key };
+        let key = ShapeKey {
+            m: m as u64,
+            n: n as u64,
+            k: k as u64,
+            lda: k as i64,
+            ldb: k as i64,
+            epilogue,
+            fp8: true,
+            fast_accum: dev.config().fp8_fast_accum,
+        };
         dev.begin(&qx)?;
         // SAFETY: `out` holds `m·n` bf16 values and lives until this function returns.
         unsafe { dev.poison(py, m * n) }?;

@@ -7,13 +7,13 @@ use burn::tensor::DType;
 
 use super::{
     error::{require, FastError},
+    gpu::Gpu,
     kernels,
     registry::with_gpu,
     tensor::{dense, dims, empty_like_device, inner_contiguous, is_bf16, is_dense, ptr, strides, Prim},
 };
 
-/// The module name of `kernels/elementwise.cu` (its kernels are compiled once per device under it).
-pub(crate) const MODULE: &str = "elementwise";
+const MODULE: &str = "elementwise";
 const MAX_RUNS: usize = 8;
 const ROW_THREADS: u32 = 128;
 /// Widest row of the row kernels (`ROW_THREADS` threads × 8 vectors × 8 elements).
@@ -385,7 +385,7 @@ pub(crate) fn silu_mul_prim(gate: Prim, up: Prim) -> Result<Prim, FastError> {
     let out = empty_like_device(&g, d, DType::BF16);
     let (mut pg, mut pu, mut po, mut nn) = (ptr(&g)?, ptr(&u)?, ptr(&out)?, n as i64);
     require(pg % 16 == 0 && pu % 16 == 0 && po % 16 == 0, || "misaligned".into())?;
-    let blocks = (n / 8).div_ceil(256).min(132 * 16) as u32;
+    let blocks = grid_stride_blocks(n / 8);
     with_gpu(g.device.index, |dev| {
         let f = dev.function(MODULE, kernels::ELEMENTWISE, "silu_mul", 0)?;
         dev.begin(&g)?;
@@ -487,4 +487,37 @@ pub(crate) fn channel_rms_norm_prim(x: Prim, gamma: &Prim, silu: bool) -> Result
     })?;
     drop((x, gamma));
     Ok(out)
+}
+
+/// Blocks of 256 threads for a grid-stride kernel over `vectors` 16-byte vectors (`silu_mul`, `bias_add_nchw`): one
+/// per 256 vectors, at most 16 per SM of an H100/H200 (132 SMs).
+fn grid_stride_blocks(vectors: usize) -> u32 {
+    vectors.div_ceil(256).min(132 * 16) as u32
+}
+
+/// Queues `bias_add_nchw` on `dev`'s stream: `y [.., c, hw] += bias [c]` in place, rounded to bf16 (the bias of a
+/// convolution whose output `y` was queued just before, see `cuda/conv.rs`).
+pub(crate) fn queue_bias_add_nchw(
+    dev: &mut Gpu<'_>,
+    y: u64,
+    bias: u64,
+    c: usize,
+    hw: usize,
+    total: usize,
+) -> Result<(), FastError> {
+    require(y % 16 == 0 && hw % 8 == 0, || format!("bias add over {hw} pixels at {y:#x}"))?;
+    let f = dev.function(MODULE, kernels::ELEMENTWISE, "bias_add_nchw", 0)?;
+    let (mut py, mut pb, mut nc, mut nhw, mut n) = (y, bias, c as i32, hw as i64, total as i64);
+    let mut args = [
+        &mut py as *mut u64 as *mut c_void,
+        &mut pb as *mut u64 as *mut c_void,
+        &mut nc as *mut i32 as *mut c_void,
+        &mut nhw as *mut i64 as *mut c_void,
+        &mut n as *mut i64 as *mut c_void,
+    ];
+    // SAFETY: the arguments match `bias_add_nchw(bf16*, const bf16*, int, i64, i64)` in type and order; `y` is a
+    // dense, 16-byte aligned `[n, c, hw]` bf16 buffer of `total` values with `hw` a multiple of 8 (checked above; the
+    // kernel moves 8 values of one channel at a time), `bias` holds `c` bf16 values; the caller holds both until the
+    // launch is queued.
+    unsafe { dev.launch(f, (grid_stride_blocks(total / 8), 1, 1), (256, 1, 1), 0, &mut args) }
 }

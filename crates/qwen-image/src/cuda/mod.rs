@@ -323,7 +323,7 @@ impl QwenBackend for CudaBackend {
     fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
         let fast =
             |x: &Tensor<Self, 3>| glue::rms_norm_prim(prim(x.clone()), &prim(weight.clone()), eps).map(wrap);
-        fast_or(&x.device(), Kind::Glue, x, fast, |x| crate::nn::rms_norm(x, weight, eps))
+        fast_or(&x.device(), Kind::Glue, x, fast, |x| portable::rms_norm(x, weight, eps))
     }
 
     fn channel_rms_norm(x: Tensor<Self, 4>, gamma: &Tensor<Self, 1>, silu: bool) -> Tensor<Self, 4> {

@@ -241,7 +241,7 @@ pub trait QwenBackend: Backend {
     /// RMSNorm over the last axis of `x [batch, tokens, dim]`: `x · 1/√(mean(x²) + eps)` in f32, rounded to the
     /// input dtype, times `weight [dim]` (Qwen2.5-VL's layers, [`crate::nn::RmsNorm`]).
     fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        crate::nn::rms_norm(x, weight, eps)
+        portable::rms_norm(x, weight, eps)
     }
 
     /// The VAE's channel RMS norm, `x / max(‖x‖₂ over channels, 1e-12) · √C · γ` at every pixel of
@@ -269,7 +269,7 @@ pub mod portable {
     };
 
     pub use crate::quant::portable::{dense_fp8, dense_fp8_gelu_tanh, quantize_fp8};
-    pub use crate::vae::norm::portable_channel_rms_norm as channel_rms_norm;
+    pub use crate::{nn::rms_norm, vae::norm::portable_channel_rms_norm as channel_rms_norm};
 
     use super::{AttentionOptions, KvSegment, NormRope, QwenBackend};
     use crate::{
@@ -277,7 +277,7 @@ pub mod portable {
             modulation::{per_token, ModRuns},
             rope::RopeTensors,
         },
-        nn::{layer_norm, rms_norm},
+        nn::layer_norm,
     };
 
     /// `x · weightᵀ + bias` (see [`QwenBackend::dense`]).
