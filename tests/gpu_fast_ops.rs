@@ -423,6 +423,23 @@ fn fused_glue_matches_portable() {
         let want = portable_run(|| portable::channel_rms_norm(x.clone(), &gamma, silu));
         check(&format!("channel_rms_norm {shape:?}, silu {silu}"), fast, want, 2e-3);
     }
+    // Qwen2.5-VL's rotate-half rotary: the language model's (bf16 tables, dense queries and keys) and the vision
+    // tower's (f32 tables, a third of the fused QKV).
+    let uniform = |shape: [usize; 2]| Tensor::<G, 2>::random(shape, Distribution::Uniform(-1.0, 1.0), &dev());
+    for (tokens, heads, dh) in [(1469, 28, 128), (1469, 4, 128), (3, 2, 16)] {
+        let x = randn([1, tokens, heads * dh], 3.0).reshape([1, tokens, heads, dh]);
+        let (cos, sin) = (uniform([tokens, dh]), uniform([tokens, dh]));
+        let fast = G::rotary_half(x.clone(), &cos, &sin);
+        let want = portable_run(|| portable::rotary_half(x.clone(), &cos, &sin));
+        check(&format!("rotary_half {tokens}x{heads}x{dh}, bf16 tables"), fast, want, 2e-3);
+    }
+    let (tokens, heads, dh) = (5476, 16, 80);
+    let qkv = randn([1, tokens, 3 * heads * dh], 3.0).reshape([1, tokens, 3, heads, dh]);
+    let k = qkv.narrow(2, 1, 1).reshape([1, tokens, heads, dh]);
+    let (cos, sin) = (uniform([tokens, dh]).cast(DType::F32), uniform([tokens, dh]).cast(DType::F32));
+    let fast = G::rotary_half(k.clone(), &cos, &sin);
+    let want = portable_run(|| portable::rotary_half(k.clone(), &cos, &sin));
+    check(&format!("rotary_half {tokens}x{heads}x{dh} of a fused QKV, f32 tables"), fast, want, 2e-3);
     assert_fast(GLUE, "glue");
 }
 

@@ -89,6 +89,20 @@ fn the_full_size_weights_match_the_published_parameter_counts() {
     let table = bf16(MemoryMode::Resident, ModulationMode::Table);
     assert_eq!(table.transformer.device + table.transformer.host, 40_860_802_176);
     let low = bf16(MemoryMode::Low, ModulationMode::Table);
+    // `--quantize fp8` (resident): the DiT and the text encoder as under Low; `--quantize fp8-dit`: the DiT only.
+    let fp8 = |fp8_text_encoder| {
+        let options = LoadOptions {
+            dtype: DType::BF16,
+            fp8: Some(Default::default()),
+            fp8_text_encoder,
+            ..LoadOptions::default()
+        };
+        ComponentWeights::plan(&snapshot, &options.resolved().unwrap()).unwrap()
+    };
+    let (fp8_all, fp8_dit) = (fp8(true), fp8(false));
+    assert_eq!((fp8_all.transformer, fp8_all.text_encoder), (low.transformer, low.text_encoder));
+    assert_eq!((fp8_dit.transformer, fp8_dit.text_encoder), (low.transformer, table.text_encoder));
+    assert!(fp8_all.text_encoder.device < table.text_encoder.device * 6 / 10);
     println!(
         "full size, bf16: resident {:.2} GiB, table {:.2} GiB, low {:.2} GiB (VAE {} bytes)",
         resident.device() as f64 / GIB as f64,

@@ -112,10 +112,16 @@ if has ncu; then
   done
 fi
 if has modes; then
-  # The memory modes of issue 13 on the same demo edit (after `e2e`, whose process compiled burn's kernels): FP8 DiT
-  # weights and --low-memory (24 GB cards). Each report holds the memory plan and the measured pool / driver memory.
-  for mode in "fp8:--quantize fp8" "lowmem:--low-memory"; do
-    name=${mode%%:*}; flags=${mode#*:}
+  # The memory modes of issue 13 on the same demo edit (after `e2e`, whose process compiled burn's kernels): FP8
+  # weights (DiT and text encoder; the DiT only) and --low-memory (24 GB cards). Each report holds the memory plan and
+  # the measured pool / driver memory. MODES picks some (default: fp8 fp8dit lowmem).
+  for name in ${MODES:-fp8 fp8dit lowmem}; do
+    case $name in
+      fp8) flags="--quantize fp8" ;;
+      fp8dit) flags="--quantize fp8-dit" ;;
+      lowmem) flags="--low-memory" ;;
+      *) echo "unknown mode $name"; continue ;;
+    esac
     echo "== qwen-edit --demo --size full $flags"
     start=$(date +%s)
     with_peak "e2e_$name" timeout ${MODE_TIMEOUT:-240} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \

@@ -66,24 +66,27 @@ pub enum ModulationArg {
     Resident,
 }
 
-/// Quantization of the DiT's weights.
+/// Quantization of the DiT's and the text encoder's weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum QuantizeArg {
     /// Weights in the model's dtype (--dtype).
     #[default]
     None,
-    /// e4m3 weights with one scale per output channel, quantized at load time (LoRAs merged first), and per-token
-    /// dynamic e4m3 activations: about half the DiT's weight memory (docs/fp8.md).
+    /// The DiT's and the text encoder's linear layers as e4m3 weights with one scale per output channel, quantized at
+    /// load time (LoRAs merged first), and per-token dynamic e4m3 activations: about half the weight memory of both
+    /// (docs/fp8.md).
     Fp8,
+    /// As fp8, the DiT only: the text encoder stays in the model's dtype (7.3 GiB more at full size).
+    Fp8Dit,
 }
 
 /// `--quantize` and its keep list (the edit command, `serve` and `eval` take the same options).
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 pub struct QuantizeArgs {
-    /// Quantize the DiT's linear weights at load time.
+    /// Quantize the linear weights at load time.
     #[arg(long, value_enum, default_value = "none")]
     pub quantize: QuantizeArg,
-    /// With --quantize fp8: the DiT layers kept in the model's dtype, comma-separated checkpoint names or whole
+    /// With --quantize fp8 or fp8-dit: the DiT layers kept in the model's dtype, comma-separated checkpoint names or whole
     /// dot-separated parts of them (`default`: img_in, txt_in, time_text_embed.timestep_embedder, norm_out.linear,
     /// proj_out, img_mod, txt_mod, img_mlp.net.2; `default,transformer_blocks.0` adds block 0; `none` quantizes
     /// every layer) [default: default].
@@ -106,9 +109,9 @@ impl QuantizeArgs {
                 Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep)?))
             }
             (QuantizeArg::None, Some(_)) => {
-                Err("--quantize-keep applies to --quantize fp8 or --low-memory".into())
+                Err("--quantize-keep applies to --quantize fp8, --quantize fp8-dit or --low-memory".into())
             }
-            (QuantizeArg::Fp8, keep) => {
+            (QuantizeArg::Fp8 | QuantizeArg::Fp8Dit, keep) => {
                 Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep.as_deref().unwrap_or("default"))?))
             }
         }
@@ -122,6 +125,7 @@ impl QuantizeArgs {
     ) -> Result<qwen_image_pipeline::LoadOptions, crate::CliError> {
         Ok(qwen_image_pipeline::LoadOptions {
             fp8: self.fp8_options()?,
+            fp8_text_encoder: self.quantize == QuantizeArg::Fp8,
             memory: self.memory_mode(),
             ..options
         })

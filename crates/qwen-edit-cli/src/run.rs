@@ -156,6 +156,14 @@ pub(crate) fn dry_run(
         snapshot.root.display()
     )?;
     writeln!(out, "DiT weights: {}", plan.describe())?;
+    match options.text_encoder_fp8() {
+        Some(_) => writeln!(
+            out,
+            "Text encoder weights: linear layers in FP8 (e4m3, per-channel scales), but for the patch merger and those \
+             whose shape the FP8 GEMM cannot take (docs/fp8.md)"
+        )?,
+        None => writeln!(out, "Text encoder weights: in {:?}", options.dtype)?,
+    }
     if let Some((request, schedule)) = first {
         let memory = plan_request(snapshot, request, schedule, options)?;
         writeln!(out, "First edit's {}", memory.describe())?;

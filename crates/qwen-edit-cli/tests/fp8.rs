@@ -32,10 +32,19 @@ fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
     assert!(out.contains("Dry run: 1 edit(s) checked"), "{out}");
     assert!(out.contains("DiT weights: FP8 (e4m3, per-channel scales):") && out.contains("saved"), "{out}");
     assert!(out.contains("kept in F32: img_in, txt_in"), "{out}");
+    assert!(out.contains("Text encoder weights: linear layers in FP8"), "{out}");
+    // fp8-dit: the same DiT, the text encoder unquantized.
+    let (ok, dit_only, err) = qwen_edit(&dir, &["--quantize", "fp8-dit", "--dry-run"]);
+    assert!(ok, "{dit_only}\n{err}");
+    assert!(
+        dit_only.contains("DiT weights: FP8") && dit_only.contains("Text encoder weights: in F32"),
+        "{dit_only}"
+    );
     assert!(!out.contains("Loaded") && !dir.join("outputs_pruning").exists(), "{out}");
     // Without --quantize the dry run says so too.
     let (ok, out, _) = qwen_edit(&dir, &["--dry-run", "--dtype", "bf16"]);
     assert!(ok && out.contains("DiT weights: no FP8 layers") && out.contains("in BF16"), "{out}");
+    assert!(out.contains("Text encoder weights: in BF16"), "{out}");
 }
 
 #[test]

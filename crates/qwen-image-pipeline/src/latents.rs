@@ -7,6 +7,7 @@
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::{PipelineError, Result};
 
@@ -22,11 +23,18 @@ pub fn image_values(image: &RgbImage) -> Vec<f32> {
     let level: Vec<f32> = (0..=255u8).map(|v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
     let plane = image.width() as usize * image.height() as usize;
     let mut v = vec![0f32; 3 * plane];
+    if plane == 0 {
+        return v;
+    }
+    let w = image.width() as usize;
     let (r, rest) = v.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    for (i, p) in image.pixels().enumerate() {
-        (r[i], g[i], b[i]) = (level[p[0] as usize], level[p[1] as usize], level[p[2] as usize]);
-    }
+    let rows = r.par_chunks_mut(w).zip(g.par_chunks_mut(w)).zip(b.par_chunks_mut(w));
+    rows.zip(image.as_raw().par_chunks(3 * w)).for_each(|(((r, g), b), row)| {
+        for (i, p) in row.chunks_exact(3).enumerate() {
+            (r[i], g[i], b[i]) = (level[p[0] as usize], level[p[1] as usize], level[p[2] as usize]);
+        }
+    });
     v
 }
 
@@ -38,14 +46,19 @@ pub fn tensor_to_image<B: Backend>(x: Tensor<B, 4>) -> Result<RgbImage> {
     }
     let v = qwen_image::transfer::read_f32(x.narrow(0, 0, 1))
         .map_err(|e| PipelineError::Device(format!("cannot read the image back: {e}")))?;
-    let mut out = RgbImage::new(w as u32, h as u32);
-    for (i, p) in out.pixels_mut().enumerate() {
-        for ch in 0..3 {
-            let x = (v[ch * h * w + i] * 0.5 + 0.5).clamp(0.0, 1.0);
-            p[ch] = (x * 255.0).round_ties_even() as u8;
-        }
+    let mut raw = vec![0u8; 3 * h * w];
+    if w > 0 {
+        raw.par_chunks_mut(3 * w).enumerate().for_each(|(y, row)| {
+            for (x, p) in row.chunks_exact_mut(3).enumerate() {
+                for (ch, out) in p.iter_mut().enumerate() {
+                    let x = (v[ch * h * w + y * w + x] * 0.5 + 0.5).clamp(0.0, 1.0);
+                    *out = (x * 255.0).round_ties_even() as u8;
+                }
+            }
+        });
     }
-    Ok(out)
+    RgbImage::from_raw(w as u32, h as u32, raw)
+        .ok_or_else(|| PipelineError::invalid(format!("a {w}×{h} image does not fit in 32-bit sides")))
 }
 
 /// `[1, C, h, w]` → `[1, (h/2)(w/2), 4C]` (diffusers' `_pack_latents`); `h` and `w` must be even.

@@ -14,6 +14,7 @@
 
 use burn::tensor::{backend::Backend, bf16, f16, DType, Tensor, TensorData};
 use half::vec::HalfBitsVecExt;
+use rayon::prelude::*;
 
 use crate::{ops::QwenBackend, ModelError, Result};
 
@@ -48,38 +49,36 @@ pub fn upload_as<B: QwenBackend, const D: usize>(
     B::upload(data, device)
 }
 
-/// Buffers of at least this many values are converted on several threads.
-const PARALLEL_VALUES: usize = 1 << 20;
+/// Values per parallel task of the host conversions: large buffers (the 6.4 M values of a 1024² vision-language
+/// image, ~10 ms on one core, most of it first touches of the new buffer) convert on rayon's threads.
+const VALUES_PER_TASK: usize = 1 << 18;
 
-/// `to_bits(v)` of every value (a 16-bit float's bits), on up to 8 threads for large buffers: the pixels of a
-/// 1024² vision-language image are 6.4 M values, ~10 ms on one core, most of it first touches of the new buffer.
+/// `to_bits(v)` of every value (a 16-bit float's bits).
 fn half_bits(values: &[f32], to_bits: fn(f32) -> u16) -> Vec<u16> {
     let mut out = vec![0u16; values.len()];
-    let threads = match values.len() {
-        n if n < PARALLEL_VALUES => 1,
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
-    };
-    let convert =
-        |out: &mut [u16], values: &[f32]| out.iter_mut().zip(values).for_each(|(o, &v)| *o = to_bits(v));
-    if threads == 1 {
-        convert(&mut out, values);
-        return out;
-    }
-    let chunk = values.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (o, v) in out.chunks_mut(chunk).zip(values.chunks(chunk)) {
-            s.spawn(move || convert(o, v));
-        }
-    });
+    out.par_chunks_mut(VALUES_PER_TASK)
+        .zip(values.par_chunks(VALUES_PER_TASK))
+        .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = to_bits(v)));
     out
 }
 
-/// The values of `t` as f32, read back in the tensor's own dtype and converted on the host.
+/// The values of `t` as f32, read back in the tensor's own dtype and converted on the host (16-bit floats on
+/// rayon's threads).
 pub fn read_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| ModelError::invalid(format!("cannot read a tensor back: {e:?}")))
+    let data = t.into_data();
+    let err = |e| ModelError::invalid(format!("cannot read a tensor back: {e:?}"));
+    fn widen<T: Copy + Send + Sync>(values: &[T], to_f32: fn(T) -> f32) -> Vec<f32> {
+        let mut out = vec![0f32; values.len()];
+        out.par_chunks_mut(VALUES_PER_TASK)
+            .zip(values.par_chunks(VALUES_PER_TASK))
+            .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = to_f32(v)));
+        out
+    }
+    match data.dtype {
+        DType::BF16 => Ok(widen(data.as_slice::<bf16>().map_err(err)?, bf16::to_f32)),
+        DType::F16 => Ok(widen(data.as_slice::<f16>().map_err(err)?, f16::to_f32)),
+        _ => data.convert::<f32>().into_vec::<f32>().map_err(err),
+    }
 }
 
 #[cfg(test)]
@@ -134,14 +133,16 @@ mod tests {
     }
 
     #[test]
-    fn large_buffers_convert_on_threads_to_the_same_values() {
+    fn large_buffers_convert_in_parallel_to_the_same_values() {
         let v: Vec<f32> =
-            (0..PARALLEL_VALUES + 12345).map(|i| ((i as f32) * 0.123_457).cos() * 7.0).collect();
+            (0..4 * VALUES_PER_TASK + 12345).map(|i| ((i as f32) * 0.123_457).cos() * 7.0).collect();
         let shape = [1, v.len()];
         for dtype in [DType::BF16, DType::F16] {
-            let got = upload_as::<B, 2>(&v, shape, dtype, &Default::default()).into_data();
+            let t = upload_as::<B, 2>(&v, shape, dtype, &Default::default());
             let want = TensorData::new(v.clone(), shape).convert_dtype(dtype);
-            assert_eq!(got.as_bytes(), want.as_bytes(), "{dtype:?}");
+            assert_eq!(t.clone().into_data().as_bytes(), want.as_bytes(), "{dtype:?}");
+            let back: Vec<f32> = want.convert::<f32>().to_vec().unwrap();
+            assert_eq!(read_f32(t).unwrap(), back, "{dtype:?} read back");
         }
     }
 

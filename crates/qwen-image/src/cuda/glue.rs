@@ -13,7 +13,7 @@ use super::{
     tensor::{dense, dims, empty_like_device, inner_contiguous, is_bf16, is_dense, ptr, strides, Prim},
 };
 
-const MODULE: &str = "elementwise";
+pub(super) const MODULE: &str = "elementwise";
 const MAX_RUNS: usize = 8;
 const ROW_THREADS: u32 = 128;
 /// Widest row of the row kernels (`ROW_THREADS` threads × 8 vectors × 8 elements).
@@ -491,7 +491,7 @@ pub(crate) fn channel_rms_norm_prim(x: Prim, gamma: &Prim, silu: bool) -> Result
 
 /// Blocks of 256 threads for a grid-stride kernel over `vectors` 16-byte vectors (`silu_mul`, `bias_add_nchw`): one
 /// per 256 vectors, at most 16 per SM of an H100/H200 (132 SMs).
-fn grid_stride_blocks(vectors: usize) -> u32 {
+pub(super) fn grid_stride_blocks(vectors: usize) -> u32 {
     vectors.div_ceil(256).min(132 * 16) as u32
 }
 

@@ -97,6 +97,7 @@ mod gpu;
 mod kernels;
 mod nvrtc;
 mod registry;
+mod rotary;
 mod runtime_cache;
 mod tensor;
 
@@ -324,6 +325,13 @@ impl QwenBackend for CudaBackend {
         let fast =
             |x: &Tensor<Self, 3>| glue::rms_norm_prim(prim(x.clone()), &prim(weight.clone()), eps).map(wrap);
         fast_or(&x.device(), Kind::Glue, x, fast, |x| portable::rms_norm(x, weight, eps))
+    }
+
+    fn rotary_half(x: Tensor<Self, 4>, cos: &Tensor<Self, 2>, sin: &Tensor<Self, 2>) -> Tensor<Self, 4> {
+        let fast = |x: &Tensor<Self, 4>| {
+            rotary::rotary_half_prim(prim(x.clone()), &prim(cos.clone()), &prim(sin.clone())).map(wrap)
+        };
+        fast_or(&x.device(), Kind::Glue, x, fast, |x| portable::rotary_half(x, cos, sin))
     }
 
     fn channel_rms_norm(x: Tensor<Self, 4>, gamma: &Tensor<Self, 1>, silu: bool) -> Tensor<Self, 4> {

@@ -244,6 +244,13 @@ pub trait QwenBackend: Backend {
         portable::rms_norm(x, weight, eps)
     }
 
+    /// Qwen2.5-VL's rotate-half rotary of `x [batch, tokens, heads, head_dim]` by `cos`/`sin` `[tokens, head_dim]`:
+    /// `x·cos + rotate_half(x)·sin`, computed in the tables' dtype and returned in `x`'s (the vision tower rotates in
+    /// f32, the language model in the activation dtype, as transformers does).
+    fn rotary_half(x: Tensor<Self, 4>, cos: &Tensor<Self, 2>, sin: &Tensor<Self, 2>) -> Tensor<Self, 4> {
+        portable::rotary_half(x, cos, sin)
+    }
+
     /// The VAE's channel RMS norm, `x / max(‖x‖₂ over channels, 1e-12) · √C · γ` at every pixel of
     /// `x [batch, C, h, w]` (`gamma [C]`), then SiLU when `silu`: what feeds every VAE convolution but the first.
     fn channel_rms_norm(x: Tensor<Self, 4>, gamma: &Tensor<Self, 1>, silu: bool) -> Tensor<Self, 4> {
@@ -269,7 +276,10 @@ pub mod portable {
     };
 
     pub use crate::quant::portable::{dense_fp8, dense_fp8_gelu_tanh, quantize_fp8};
-    pub use crate::{nn::rms_norm, vae::norm::portable_channel_rms_norm as channel_rms_norm};
+    pub use crate::{
+        nn::rms_norm, text_encoder::rotary::portable_rotary_half as rotary_half,
+        vae::norm::portable_channel_rms_norm as channel_rms_norm,
+    };
 
     use super::{AttentionOptions, KvSegment, NormRope, QwenBackend};
     use crate::{

@@ -15,6 +15,7 @@
 use std::path::Path;
 
 use image::RgbImage;
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::resize::{resize_with, Filter, Resampler};
@@ -421,23 +422,32 @@ impl ImageProcessor {
         let (w, h) = (image.width() as usize, image.height() as usize);
         let (gh, gw) = (h / p, w / p);
         let raw = image.as_raw();
-        out.reserve(gh * gw * c.patch_dim());
-        for bh in 0..gh / m {
-            for bw in 0..gw / m {
-                for mh in 0..m {
-                    for mw in 0..m {
-                        let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                        for (ch, lut) in self.lut.iter().enumerate() {
-                            for _ in 0..tp {
-                                for y in y0..y0 + p {
-                                    let row = &raw[(y * w + x0) * 3..(y * w + x0 + p) * 3];
-                                    out.extend(row.chunks_exact(3).map(|px| lut[px[ch] as usize]));
+        let start = out.len();
+        out.resize(start + gh * gw * c.patch_dim(), 0.0);
+        // One band of merged cells (`m` patch rows) per task, each filling its own contiguous run of patches.
+        let band = (gw / m) * m * m * c.patch_dim();
+        if band > 0 {
+            out[start..].par_chunks_mut(band).enumerate().for_each(|(bh, band_out)| {
+                let mut dst = band_out.iter_mut();
+                for bw in 0..gw / m {
+                    for mh in 0..m {
+                        for mw in 0..m {
+                            let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                            for (ch, lut) in self.lut.iter().enumerate() {
+                                for _ in 0..tp {
+                                    for y in y0..y0 + p {
+                                        let row = &raw[(y * w + x0) * 3..(y * w + x0 + p) * 3];
+                                        // The row first: `zip` then stops without taking a value past it.
+                                        for (px, d) in row.chunks_exact(3).zip(&mut dst) {
+                                            *d = lut[px[ch] as usize];
+                                        }
+                                    }
                                 }
                             }
                         }
                     }
                 }
-            }
+            });
         }
         GridThw { t: 1, h: gh, w: gw }
     }

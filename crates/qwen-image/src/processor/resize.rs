@@ -28,6 +28,7 @@
 //!   weights, no 8-bit intermediate) max 25, mean 0.16. Hence this hand-written port rather than either crate.
 
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::{ModelError, Result};
 
@@ -255,12 +256,13 @@ fn sinc(x: f64) -> f64 {
     }
 }
 
-/// Resamples every row of a `w × h` RGB buffer to `taps.first.len()` columns.
+/// Resamples every row of a `w × h` RGB buffer to `taps.first.len()` columns (rows in parallel).
 fn horizontal(src: &[u8], w: usize, h: usize, taps: &Taps) -> Vec<u8> {
     let out_w = taps.first.len();
     let mut out = vec![0u8; out_w * h * 3];
     let bias = taps.bias();
-    for (src_row, out_row) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(out_w * 3)) {
+    let rows = src.par_chunks_exact(w * 3).zip(out.par_chunks_exact_mut(out_w * 3));
+    rows.for_each(|(src_row, out_row)| {
         for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
             let weights = taps.weights(x);
             let base = taps.first[x] * 3;
@@ -275,29 +277,32 @@ fn horizontal(src: &[u8], w: usize, h: usize, taps: &Taps) -> Vec<u8> {
             px[1] = taps.round(acc[1]);
             px[2] = taps.round(acc[2]);
         }
-    }
+    });
     out
 }
 
-/// Resamples every column of an RGB buffer `w` pixels wide to `taps.first.len()` rows.
+/// Resamples every column of an RGB buffer `w` pixels wide to `taps.first.len()` rows (output rows in parallel).
 fn vertical(src: &[u8], w: usize, taps: &Taps) -> Vec<u8> {
     let out_h = taps.first.len();
     let row_len = w * 3;
     let mut out = vec![0u8; row_len * out_h];
     let bias = taps.bias();
-    let mut acc = vec![0i64; row_len];
-    for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
-        acc.fill(bias);
-        for (k, &wk) in taps.weights(y).iter().enumerate() {
-            let src_row = &src[(taps.first[y] + k) * row_len..(taps.first[y] + k + 1) * row_len];
-            for (a, &s) in acc.iter_mut().zip(src_row) {
-                *a += s as i64 * wk;
+    let rows = out.par_chunks_exact_mut(row_len).enumerate();
+    rows.for_each_init(
+        || vec![0i64; row_len],
+        |acc, (y, out_row)| {
+            acc.fill(bias);
+            for (k, &wk) in taps.weights(y).iter().enumerate() {
+                let src_row = &src[(taps.first[y] + k) * row_len..(taps.first[y] + k + 1) * row_len];
+                for (a, &s) in acc.iter_mut().zip(src_row) {
+                    *a += s as i64 * wk;
+                }
             }
-        }
-        for (o, &a) in out_row.iter_mut().zip(&acc) {
-            *o = taps.round(a);
-        }
-    }
+            for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
+                *o = taps.round(a);
+            }
+        },
+    );
     out
 }
 

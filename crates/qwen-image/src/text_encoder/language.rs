@@ -3,7 +3,7 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use super::{config::TextConfig, rotary::apply_rotary};
+use super::config::TextConfig;
 use crate::{
     nn::{Linear, RmsNorm},
     ops::{AttentionOptions, KvSegment, QwenBackend},
@@ -134,8 +134,8 @@ impl<B: QwenBackend> TextAttention<B> {
         let q = self.q_proj.forward(x.clone()).reshape([b, s, self.heads, self.head_dim]);
         let k = self.k_proj.forward(x.clone()).reshape([b, s, self.kv_heads, self.head_dim]);
         let v = self.v_proj.forward(x).reshape([b, s, self.kv_heads, self.head_dim]);
-        let q = apply_rotary(q, &rope.cos, &rope.sin);
-        let key = apply_rotary(k, &rope.cos, &rope.sin);
+        let q = B::rotary_half(q, &rope.cos, &rope.sin);
+        let key = B::rotary_half(k, &rope.cos, &rope.sin);
         let options = AttentionOptions { causal: true, key_mask: None };
         let out = B::attend(q, &[KvSegment { key, value: v }], &options);
         self.o_proj.forward(out.reshape([b, s, self.heads * self.head_dim]))

@@ -26,6 +26,21 @@ pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tenso
     x.clone() * cos + rotate_half(x) * sin
 }
 
+/// [`apply_rotary`] in the dtype of `cos`/`sin`, the result cast back to `x`'s: the portable
+/// [`QwenBackend::rotary_half`](crate::ops::QwenBackend::rotary_half).
+pub fn portable_rotary_half<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let (dtype, table) = (x.dtype(), cos.dtype());
+    if dtype == table {
+        apply_rotary(x, cos, sin)
+    } else {
+        apply_rotary(x.cast(table), cos, sin).cast(dtype)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

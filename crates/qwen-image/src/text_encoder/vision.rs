@@ -8,8 +8,8 @@
 use burn::tensor::{activation, backend::Backend, DType, Tensor, TensorData};
 
 use super::{
-    config::VisionConfig, index_tensor, language::GatedMlp, rotary::apply_rotary,
-    vision_rope::VisionRopeTable, window::WindowLayout,
+    config::VisionConfig, index_tensor, language::GatedMlp, vision_rope::VisionRopeTable,
+    window::WindowLayout,
 };
 use crate::{
     nn::{Linear, RmsNorm},
@@ -91,11 +91,8 @@ impl<B: QwenBackend> VisionAttention<B> {
         let qkv = self.qkv.forward(x).reshape([b, s, 3, self.heads, self.head_dim]);
         let part = |i: usize| qkv.clone().narrow(2, i, 1).reshape([b, s, self.heads, self.head_dim]);
         let (q, k, v) = (part(0), part(1), part(2));
-        // Rotary in f32, cast back (apply_rotary_pos_emb_vision).
-        let rotate = |t: Tensor<B, 4>| {
-            let dtype = t.dtype();
-            apply_rotary(t.cast(DType::F32), &rope.cos, &rope.sin).cast(dtype)
-        };
+        // Rotary in f32 (the tables' dtype), cast back (apply_rotary_pos_emb_vision).
+        let rotate = |t: Tensor<B, 4>| B::rotary_half(t, &rope.cos, &rope.sin);
         let out = B::attend_blocks(rotate(q), rotate(k), v, cu_seqlens);
         self.proj.forward(out.reshape([b, s, dim]))
     }

@@ -405,3 +405,63 @@ extern "C" __global__ void bias_add_nchw(bf16_t* y, const bf16_t* __restrict__ b
         reinterpret_cast<uint4*>(y)[idx] = pack8(v);
     }
 }
+
+// Qwen2.5-VL's rotate-half rotary (`text_encoder::rotary::apply_rotary`): y = x·cos + rotate_half(x)·sin over
+// `rows` = batch·tokens·heads rows of D values. x's rows: token stride x_st, head stride D, inner axis contiguous;
+// y dense. cos/sin are [tokens, D]. With `f32_tables` they are f32 and the arithmetic is f32, rounded once at the end
+// (the vision tower casts x to f32, rotates, casts back); otherwise they are bf16 and each product and the sum are
+// rounded to bf16 (the language model's bf16 composition). Each thread owns 8 elements of the first half and their
+// 8 partners in the second half (D / 2 a multiple of 8).
+extern "C" __global__ void rotary_half(const bf16_t* __restrict__ x, const void* __restrict__ cos_t,
+                                       const void* __restrict__ sin_t, bf16_t* __restrict__ y, i64 rows, int heads,
+                                       int tokens, int D, i64 x_st, int f32_tables) {
+    const int half = D / 2, groups = half / 8;
+    const i64 n = rows * groups;
+    for (i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (i64)gridDim.x * blockDim.x) {
+        const i64 row = idx / groups;
+        const int e0 = (int)(idx - row * groups) * 8;
+        const i64 bt = row / heads;
+        const int h = (int)(row - bt * heads);
+        const i64 t = bt % tokens;
+        const bf16_t* xr = x + bt * x_st + (i64)h * D;
+        float a[8], b[8], c1[8], s1[8], c2[8], s2[8], o1[8], o2[8];
+        unpack8(*reinterpret_cast<const uint4*>(xr + e0), a);
+        unpack8(*reinterpret_cast<const uint4*>(xr + half + e0), b);
+        if (f32_tables) {
+            const float* cr = reinterpret_cast<const float*>(cos_t) + t * D;
+            const float* sr = reinterpret_cast<const float*>(sin_t) + t * D;
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const float4 cv = reinterpret_cast<const float4*>(cr + e0)[q];
+                const float4 sv = reinterpret_cast<const float4*>(sr + e0)[q];
+                const float4 cw = reinterpret_cast<const float4*>(cr + half + e0)[q];
+                const float4 sw = reinterpret_cast<const float4*>(sr + half + e0)[q];
+                c1[4 * q] = cv.x, c1[4 * q + 1] = cv.y, c1[4 * q + 2] = cv.z, c1[4 * q + 3] = cv.w;
+                s1[4 * q] = sv.x, s1[4 * q + 1] = sv.y, s1[4 * q + 2] = sv.z, s1[4 * q + 3] = sv.w;
+                c2[4 * q] = cw.x, c2[4 * q + 1] = cw.y, c2[4 * q + 2] = cw.z, c2[4 * q + 3] = cw.w;
+                s2[4 * q] = sw.x, s2[4 * q + 1] = sw.y, s2[4 * q + 2] = sw.z, s2[4 * q + 3] = sw.w;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                // No contraction into FMAs: the f32 composition rounds each product, then the sum.
+                o1[e] = __fadd_rn(__fmul_rn(a[e], c1[e]), __fmul_rn(-b[e], s1[e]));
+                o2[e] = __fadd_rn(__fmul_rn(b[e], c2[e]), __fmul_rn(a[e], s2[e]));
+            }
+        } else {
+            const bf16_t* cr = reinterpret_cast<const bf16_t*>(cos_t) + t * D;
+            const bf16_t* sr = reinterpret_cast<const bf16_t*>(sin_t) + t * D;
+            unpack8(*reinterpret_cast<const uint4*>(cr + e0), c1);
+            unpack8(*reinterpret_cast<const uint4*>(sr + e0), s1);
+            unpack8(*reinterpret_cast<const uint4*>(cr + half + e0), c2);
+            unpack8(*reinterpret_cast<const uint4*>(sr + half + e0), s2);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                o1[e] = round_bf16(a[e] * c1[e]) + round_bf16(-b[e] * s1[e]);
+                o2[e] = round_bf16(b[e] * c2[e]) + round_bf16(a[e] * s2[e]);
+            }
+        }
+        bf16_t* yr = y + row * D;
+        *reinterpret_cast<uint4*>(yr + e0) = pack8(o1);
+        *reinterpret_cast<uint4*>(yr + half + e0) = pack8(o2);
+    }
+}
