@@ -123,9 +123,9 @@ impl<'a, B: Backend> StageClock<'a, B> {
     }
 
     /// After each stage, give the device memory the backend's pool holds but no tensor uses back to the driver
-    /// (`Backend::memory_cleanup`; a no-op on the CPU). An edit does this so that the pages one stage reserved (the
-    /// VAE's activations, say) do not stay reserved beside the next stage's; it costs the next stage fresh
-    /// allocations. Counted in the stage's time.
+    /// (`Backend::memory_cleanup`; a no-op on the CPU). [`MemoryMode::Low`](crate::MemoryMode::Low) does this so that
+    /// the pages one stage reserved (the VAE's activations, say) do not stay reserved beside the next stage's; it
+    /// costs the next stage fresh allocations. Counted in the stage's time.
     pub(crate) fn releasing_memory(mut self, release: bool) -> Self {
         self.release_memory = release;
         self
