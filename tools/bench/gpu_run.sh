@@ -7,6 +7,7 @@
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
+#   MODES="fp8 fp8fast lowmem plus2 v1_512" tools/bench/gpu_run.sh e2e modes   # FP8, memory modes, the issue's other cases
 #   PACK=1 OUT=$OUT tools/bench/gpu_run.sh …              # on a device call: logs and JSON in $OUT/all.tar.gz
 #   TEST_BINS=gpu_fast_ops TEST_FILTER="fused_glue vae_convolutions" tools/bench/gpu_run.sh tests pipeline  # a short check
 #
@@ -113,19 +114,25 @@ if has ncu; then
 fi
 if has modes; then
   # The memory modes of issue 13 on the same demo edit (after `e2e`, whose process compiled burn's kernels): FP8
-  # weights (DiT and text encoder; the DiT only) and --low-memory (24 GB cards). Each report holds the memory plan and
-  # the measured pool / driver memory. MODES picks some (default: fp8 fp8dit lowmem).
+  # weights (DiT and text encoder; the DiT only), FP8 with cuBLASLt's fast accumulation, --low-memory (24 GB cards);
+  # and the issue's other cases in bf16: Edit-Plus with two input images, Edit v1 at 512². Each report holds the
+  # memory plan and the measured pool / driver memory. MODES picks some (default: fp8 fp8dit lowmem).
+  img=tests/fixtures/processor/images
   for name in ${MODES:-fp8 fp8dit lowmem}; do
+    export -n QWEN_FP8_FAST_ACCUM
     case $name in
-      fp8) flags="--quantize fp8" ;;
-      fp8dit) flags="--quantize fp8-dit" ;;
-      lowmem) flags="--low-memory" ;;
+      fp8) flags=(--quantize fp8) ;;
+      fp8dit) flags=(--quantize fp8-dit) ;;
+      fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;
+      lowmem) flags=(--low-memory) ;;
+      plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
+      v1_512) flags=(--vae-area 262144) ;;
       *) echo "unknown mode $name"; continue ;;
     esac
-    echo "== qwen-edit --demo --size full $flags"
+    echo "== qwen-edit --demo --size full ${flags[*]}"
     start=$(date +%s)
     with_peak "e2e_$name" timeout ${MODE_TIMEOUT:-240} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \
-      $flags --quiet -o "$OUT/e2e_$name" --report "$OUT/e2e_$name.json" > "$OUT/e2e_$name.log" 2>&1
+      "${flags[@]}" --quiet -o "$OUT/e2e_$name" --report "$OUT/e2e_$name.json" > "$OUT/e2e_$name.log" 2>&1
     echo "$name exit $? after $(( $(date +%s) - start )) s"; tail -30 "$OUT/e2e_$name.log"
   done
 fi

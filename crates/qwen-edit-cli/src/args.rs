@@ -253,6 +253,7 @@ pub struct Args {
     pub keep_going: bool,
     /// Run a built-in model (no download): the trained proxy on a held-out scene and its instruction (or on `-i`
     /// with `-p`), writing a before/after grid; with `--size tiny|full`, a random-weight model on the bundled sample.
+    /// Two or more `-i` images run the Edit-Plus variant of either.
     #[arg(long)]
     pub demo: bool,
     /// With --demo: the trained proxy, the tiny random-weight model, or the full-size architecture with random

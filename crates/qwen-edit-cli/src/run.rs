@@ -34,7 +34,8 @@ pub(crate) fn run_on<B: QwenBackend>(
     let (model, areas, demo_dir) = if args.demo {
         let dir = std::env::temp_dir().join(format!("qwen-edit-demo-{}", std::process::id()));
         let size = demo_size(args);
-        let root = size.write_snapshot(&dir)?;
+        // Edit-Plus for two or more `-i` images, as the proxy demo chooses.
+        let root = size.write_variant_snapshot(&dir, crate::demo::demo_variant(args))?;
         (root.to_string_lossy().into_owned(), size.areas(), Some(dir))
     } else {
         (args.model.clone(), ImageAreas::default(), None)

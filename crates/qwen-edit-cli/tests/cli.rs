@@ -60,6 +60,19 @@ fn demo_runs_and_says_the_weights_are_random() {
 }
 
 #[test]
+fn the_random_demo_with_two_images_runs_edit_plus() {
+    let dir = workdir("demo-plus");
+    let input = sample(&dir);
+    let input = input.to_str().unwrap();
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "-i", input, "-i", input, "-p", "Swap them"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let r = report(&dir.join("outputs_pruning"));
+    assert_eq!(r["variant"], "EditPlus", "{r}");
+    assert_eq!(r["random_weights"], true);
+}
+
+#[test]
 fn seed_flags_work() {
     let dir = workdir("seed-flags");
     let input = sample(&dir);
@@ -334,10 +347,12 @@ fn errors_are_clear_and_leave_no_output() {
     );
     assert_fails("bad-range", &["--demo", "--size", "tiny", "--schedule", "cat@0-9"], &["layer range"]);
     assert_fails("missing-image", &["--demo", "--size", "tiny", "-i", "nope.png"], &["nope.png"]);
+    // Two or more images make the demo Edit-Plus (`the_random_demo_with_two_images_runs_edit_plus`), which takes 3.
+    let four = ["-i", "input.png", "-i", "input.png", "-i", "input.png", "-i", "input.png"];
     assert_fails(
-        "two-images-v1",
-        &["--demo", "--size", "tiny", "-i", "input.png", "-i", "input.png"],
-        &["exactly 1 input image"],
+        "four-images-plus",
+        &[&["--demo", "--size", "tiny"][..], &four].concat(),
+        &["1 to 3 input images"],
     );
     assert_fails("negative-cfg", &["--demo", "--size", "tiny", "--cfg=-1"], &["CFG scale -1"]);
     assert_fails("no-cuda", &["--demo", "--size", "tiny", "--device", "cuda"], &["--features cuda"]);

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use qwen_image::processor::RgbImage;
 
-use crate::{request::ImageAreas, PipelineError, Result};
+use crate::{request::ImageAreas, PipelineError, Result, Variant};
 
 macro_rules! snapshot_files {
     ($($path:literal),* $(,)?) => {
@@ -101,6 +101,20 @@ impl DemoSize {
             DemoSize::Tiny => write_demo_snapshot(dir),
             DemoSize::Full => write_full_demo_snapshot(dir),
         }
+    }
+
+    /// [`write_snapshot`](Self::write_snapshot) for `variant`: the same networks, with `model_index.json` naming
+    /// `QwenImageEditPlusPipeline` for [`Variant::EditPlus`] (1–3 input images, each at the condition area for the
+    /// vision-language encoder), so that the random-weight demos time Edit-Plus too.
+    pub fn write_variant_snapshot(self, dir: &Path, variant: Variant) -> Result<PathBuf> {
+        let root = self.write_snapshot(dir)?;
+        if variant == Variant::EditPlus {
+            let (_, index) = SNAPSHOT_FILES.iter().find(|(p, _)| *p == "model_index.json").expect("bundled");
+            let plus = String::from_utf8_lossy(index)
+                .replace("\"QwenImageEditPipeline\"", "\"QwenImageEditPlusPipeline\"");
+            write_files(&root, &[("model_index.json", plus.as_bytes())])?;
+        }
+        Ok(root)
     }
 
     /// Whether the weights are created at load time (no weight files).
