@@ -76,7 +76,7 @@ pub enum QuantizeArg {
     /// load time (LoRAs merged first), and per-token dynamic e4m3 activations: about half the weight memory of both
     /// (docs/fp8.md).
     Fp8,
-    /// As fp8, the DiT only: the text encoder stays in the model's dtype (7.3 GiB more at full size).
+    /// As fp8, the DiT only: the text encoder stays in the model's dtype (6.3 GiB more at full size).
     Fp8Dit,
 }
 

@@ -88,7 +88,7 @@ pub struct LoadOptions {
     /// FP8 weights for the DiT's linear layers on the device, all but a keep list (default: none). LoRAs to merge are
     /// merged into the unquantized weights before each layer is quantized (see docs/fp8.md).
     pub fp8: Option<Fp8Options>,
-    /// FP8 weights for the text encoder's linear layers too (all but [`TEXT_ENCODER_FP8_KEEP`]): 7.3 GiB less device
+    /// FP8 weights for the text encoder's linear layers too (all but [`TEXT_ENCODER_FP8_KEEP`]): 6.3 GiB less device
     /// memory at full size. Implied by [`MemoryMode::Low`].
     pub fp8_text_encoder: bool,
     /// How much stays on the device ([`MemoryMode::Low`] implies FP8 and table mode: see [`LoadOptions::resolved`]).
