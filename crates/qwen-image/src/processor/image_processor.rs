@@ -403,31 +403,36 @@ impl ImageProcessor {
         if images.is_empty() {
             return Err(ModelError::invalid("no image to preprocess"));
         }
-        let mut values = Vec::new();
-        let mut grids = Vec::with_capacity(images.len());
-        for image in images {
-            let resized = self.resize(image)?;
-            grids.push(self.patchify(&resized, &mut values));
+        let grids = images.iter().map(|i| self.grid(i.width(), i.height())).collect::<Result<Vec<_>>>()?;
+        let patch_dim = self.config.patch_dim();
+        // One zeroed allocation for all images (fresh pages, first touched by the parallel writers).
+        let mut values = vec![0f32; grids.iter().map(|g| g.num_patches() * patch_dim).sum()];
+        let mut rest = values.as_mut_slice();
+        for (image, grid) in images.iter().zip(&grids) {
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(grid.num_patches() * patch_dim);
+            let patched = self.patchify(&self.resize(image)?, out);
+            debug_assert_eq!(&patched, grid);
+            rest = tail;
         }
-        Ok(PixelValues { values, patch_dim: self.config.patch_dim(), grids })
+        Ok(PixelValues { values, patch_dim, grids })
     }
 
-    /// Normalizes `image` (sides multiples of `patch_size · merge_size`) and appends its flattened patches.
+    /// Normalizes `image` (sides multiples of `patch_size · merge_size`) and writes its flattened patches to `out`
+    /// (exactly their length).
     ///
     /// Patch order: merged 2×2 cells row-major, and inside a cell (0,0), (0,1), (1,0), (1,1); inside a patch:
     /// channel, then frame (the image repeated `temporal_patch_size` times), then row, then column.
-    fn patchify(&self, image: &RgbImage, out: &mut Vec<f32>) -> GridThw {
+    fn patchify(&self, image: &RgbImage, out: &mut [f32]) -> GridThw {
         let c = &self.config;
         let (p, m, tp) = (c.patch_size, c.merge_size, c.temporal_patch_size);
         let (w, h) = (image.width() as usize, image.height() as usize);
         let (gh, gw) = (h / p, w / p);
         let raw = image.as_raw();
-        let start = out.len();
-        out.resize(start + gh * gw * c.patch_dim(), 0.0);
+        debug_assert_eq!(out.len(), gh * gw * c.patch_dim());
         // One band of merged cells (`m` patch rows) per task, each filling its own contiguous run of patches.
         let band = (gw / m) * m * m * c.patch_dim();
         if band > 0 {
-            out[start..].par_chunks_mut(band).enumerate().for_each(|(bh, band_out)| {
+            out.par_chunks_mut(band).enumerate().for_each(|(bh, band_out)| {
                 let mut dst = band_out.iter_mut();
                 for bw in 0..gw / m {
                     for mh in 0..m {
@@ -554,7 +559,7 @@ mod tests {
         let img = RgbImage::from_fn(56, 28, |x, y| image::Rgb([(x / 14) as u8, (y / 14) as u8, 0]));
         let cfg = ImageProcessorConfig { do_rescale: false, do_normalize: false, ..Default::default() };
         let proc = ImageProcessor::new(cfg).unwrap();
-        let mut out = Vec::new();
+        let mut out = vec![f32::NAN; 8 * 1176];
         let grid = proc.patchify(&img, &mut out);
         assert_eq!(grid, GridThw { t: 1, h: 2, w: 4 });
         assert_eq!(out.len(), 8 * 1176);
