@@ -86,15 +86,16 @@ pub struct QuantizeArgs {
     /// Quantize the linear weights at load time.
     #[arg(long, value_enum, default_value = "none")]
     pub quantize: QuantizeArg,
-    /// With --quantize fp8 or fp8-dit: the DiT layers kept in the model's dtype, comma-separated checkpoint names or whole
-    /// dot-separated parts of them (`default`: img_in, txt_in, time_text_embed.timestep_embedder, norm_out.linear,
-    /// proj_out, img_mod, txt_mod, img_mlp.net.2; `default,transformer_blocks.0` adds block 0; `none` quantizes
-    /// every layer) [default: default].
+    /// With --quantize fp8 or fp8-dit: the DiT layers kept in the model's dtype, comma-separated checkpoint names or
+    /// whole dot-separated parts of them (`default`: img_in, txt_in, time_text_embed.timestep_embedder,
+    /// norm_out.linear, proj_out, img_mod, txt_mod, img_mlp.net.2; `default,transformer_blocks.0` adds block 0;
+    /// `none` quantizes every layer) [default: default].
     #[arg(long, value_name = "LAYERS")]
     pub quantize_keep: Option<String>,
-    /// For 24 GB cards: FP8 DiT (the keep list above) with the modulation table, the text encoder's linear layers in
-    /// FP8, a 2 GiB default --cache-budget and VAE tiling when the memory plan says the decode would not fit
-    /// (docs/memory.md). Not with --modulation resident.
+    /// The smallest footprint (aimed at 24 GB cards; a full-size 1024² edit still peaks at 31.8 GiB on an H100):
+    /// FP8 DiT (the keep list above) with the modulation table, the text encoder's linear layers in FP8, a 2 GiB
+    /// default --cache-budget and VAE tiling when the memory plan says the decode would not fit (docs/memory.md).
+    /// Not with --modulation resident.
     #[arg(long)]
     pub low_memory: bool,
 }

@@ -60,7 +60,8 @@ pub enum MemoryMode {
     /// Every network resident as [`LoadOptions`] says (the default).
     #[default]
     Resident,
-    /// For 24 GB cards: the DiT in FP8 (the default keep list unless [`LoadOptions::fp8`] gives one) with its
+    /// The smallest footprint (aimed at 24 GB cards; a full-size 1024² edit still peaks at 31.8 GiB on an H100,
+    /// docs/memory.md): the DiT in FP8 (the default keep list unless [`LoadOptions::fp8`] gives one) with its
     /// modulation weights on the host (table mode), the text encoder's linear layers in FP8 (all but
     /// [`TEXT_ENCODER_FP8_KEEP`]), a default cache budget ([`LOW_MEMORY_CACHE_BUDGET`]) for requests without one,
     /// and VAE tiling for images whose untiled decode the [memory plan](crate::memory_plan) says would not fit.
