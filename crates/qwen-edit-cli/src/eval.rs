@@ -116,12 +116,9 @@ impl BackendTask for EvalTask<'_> {
                 let weights = pipe.transformer().linear_weights().describe();
                 writeln!(out, "{:?} DiT weights: {weights}", pipe.variant())?;
             }
-            let te = if pipes.first().is_some_and(|p| p.options().text_encoder_fp8().is_some()) {
-                "linear layers in FP8 (e4m3, per-channel scales)"
-            } else {
-                "unquantized"
-            };
-            writeln!(out, "Text encoder weights: {te}")?;
+            if let Some(pipe) = pipes.first() {
+                writeln!(out, "Text encoder weights: {}", crate::run::text_encoder_weights(pipe.options()))?;
+            }
         }
         let names: Vec<String> = options.run_order().iter().map(|s| s.to_string()).collect();
         writeln!(

@@ -157,19 +157,24 @@ pub(crate) fn dry_run(
         snapshot.root.display()
     )?;
     writeln!(out, "DiT weights: {}", plan.describe())?;
-    match options.text_encoder_fp8() {
-        Some(_) => writeln!(
-            out,
-            "Text encoder weights: linear layers in FP8 (e4m3, per-channel scales), but for the patch merger and those \
-             whose shape the FP8 GEMM cannot take (docs/fp8.md)"
-        )?,
-        None => writeln!(out, "Text encoder weights: in {:?}", options.dtype)?,
-    }
+    writeln!(out, "Text encoder weights: {}", text_encoder_weights(options))?;
     if let Some((request, schedule)) = first {
         let memory = plan_request(snapshot, request, schedule, options)?;
         writeln!(out, "First edit's {}", memory.describe())?;
     }
     Ok(())
+}
+
+/// How the text encoder's weights are held under `options` (printed by `--dry-run` and `eval`).
+pub(crate) fn text_encoder_weights(options: &LoadOptions) -> String {
+    match options.text_encoder_fp8() {
+        Some(_) => {
+            "linear layers in FP8 (e4m3, per-channel scales), but for the patch merger and those whose shape \
+                    the FP8 GEMM cannot take (docs/fp8.md)"
+                .into()
+        }
+        None => format!("in {:?}", options.dtype),
+    }
 }
 
 /// The pipeline's load options from the arguments.

@@ -36,11 +36,11 @@ pub fn upload_as<B: QwenBackend, const D: usize>(
     );
     let data = match dtype {
         DType::BF16 => {
-            let bits = half_bits(values, |v| bf16::from_f32(v).to_bits());
+            let bits = convert_all(values, |v| bf16::from_f32(v).to_bits());
             TensorData::new(bits.reinterpret_into::<bf16>(), shape)
         }
         DType::F16 => {
-            let bits = half_bits(values, |v| f16::from_f32(v).to_bits());
+            let bits = convert_all(values, |v| f16::from_f32(v).to_bits());
             TensorData::new(bits.reinterpret_into::<f16>(), shape)
         }
         DType::F32 => TensorData::new(values.to_vec(), shape),
@@ -53,12 +53,13 @@ pub fn upload_as<B: QwenBackend, const D: usize>(
 /// image, ~10 ms on one core, most of it first touches of the new buffer) convert on rayon's threads.
 const VALUES_PER_TASK: usize = 1 << 18;
 
-/// `to_bits(v)` of every value (a 16-bit float's bits).
-fn half_bits(values: &[f32], to_bits: fn(f32) -> u16) -> Vec<u16> {
-    let mut out = vec![0u16; values.len()];
+/// `convert(v)` of every value, in runs of [`VALUES_PER_TASK`] on rayon's threads: f32 to a 16-bit float's bits on
+/// upload, 16-bit floats to f32 on read-back.
+fn convert_all<S: Copy + Sync, T: Copy + Default + Send>(values: &[S], convert: fn(S) -> T) -> Vec<T> {
+    let mut out = vec![T::default(); values.len()];
     out.par_chunks_mut(VALUES_PER_TASK)
         .zip(values.par_chunks(VALUES_PER_TASK))
-        .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = to_bits(v)));
+        .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = convert(v)));
     out
 }
 
@@ -67,16 +68,9 @@ fn half_bits(values: &[f32], to_bits: fn(f32) -> u16) -> Vec<u16> {
 pub fn read_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
     let data = t.into_data();
     let err = |e| ModelError::invalid(format!("cannot read a tensor back: {e:?}"));
-    fn widen<T: Copy + Send + Sync>(values: &[T], to_f32: fn(T) -> f32) -> Vec<f32> {
-        let mut out = vec![0f32; values.len()];
-        out.par_chunks_mut(VALUES_PER_TASK)
-            .zip(values.par_chunks(VALUES_PER_TASK))
-            .for_each(|(o, v)| o.iter_mut().zip(v).for_each(|(o, &v)| *o = to_f32(v)));
-        out
-    }
     match data.dtype {
-        DType::BF16 => Ok(widen(data.as_slice::<bf16>().map_err(err)?, bf16::to_f32)),
-        DType::F16 => Ok(widen(data.as_slice::<f16>().map_err(err)?, f16::to_f32)),
+        DType::BF16 => Ok(convert_all(data.as_slice::<bf16>().map_err(err)?, bf16::to_f32)),
+        DType::F16 => Ok(convert_all(data.as_slice::<f16>().map_err(err)?, f16::to_f32)),
         _ => data.convert::<f32>().into_vec::<f32>().map_err(err),
     }
 }

@@ -13,6 +13,8 @@ use super::{
     tensor::{dense, dims, empty_like_device, inner_contiguous, is_bf16, is_dense, ptr, strides, Prim},
 };
 
+/// The module name of `kernels/elementwise.cu` (its kernels are compiled once per device under it; `rotary.rs`
+/// launches from it too).
 pub(super) const MODULE: &str = "elementwise";
 const MAX_RUNS: usize = 8;
 const ROW_THREADS: u32 = 128;

@@ -424,37 +424,40 @@ impl ImageProcessor {
     /// channel, then frame (the image repeated `temporal_patch_size` times), then row, then column.
     fn patchify(&self, image: &RgbImage, out: &mut [f32]) -> GridThw {
         let c = &self.config;
-        let (p, m, tp) = (c.patch_size, c.merge_size, c.temporal_patch_size);
+        let (p, m, patch_dim) = (c.patch_size, c.merge_size, c.patch_dim());
         let (w, h) = (image.width() as usize, image.height() as usize);
         let (gh, gw) = (h / p, w / p);
         let raw = image.as_raw();
-        debug_assert_eq!(out.len(), gh * gw * c.patch_dim());
+        debug_assert_eq!(out.len(), gh * gw * patch_dim);
         // One band of merged cells (`m` patch rows) per task, each filling its own contiguous run of patches.
-        let band = (gw / m) * m * m * c.patch_dim();
+        let band = (gw / m) * m * m * patch_dim;
         if band > 0 {
             out.par_chunks_mut(band).enumerate().for_each(|(bh, band_out)| {
-                let mut dst = band_out.iter_mut();
-                for bw in 0..gw / m {
-                    for mh in 0..m {
-                        for mw in 0..m {
-                            let (y0, x0) = ((bh * m + mh) * p, (bw * m + mw) * p);
-                            for (ch, lut) in self.lut.iter().enumerate() {
-                                for _ in 0..tp {
-                                    for y in y0..y0 + p {
-                                        let row = &raw[(y * w + x0) * 3..(y * w + x0 + p) * 3];
-                                        // The row first: `zip` then stops without taking a value past it.
-                                        for (px, d) in row.chunks_exact(3).zip(&mut dst) {
-                                            *d = lut[px[ch] as usize];
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
+                let cells = (0..gw / m).flat_map(|bw| (0..m * m).map(move |i| (bw, i / m, i % m)));
+                for ((bw, mh, mw), patch) in cells.zip(band_out.chunks_exact_mut(patch_dim)) {
+                    self.write_patch(raw, w, ((bh * m + mh) * p, (bw * m + mw) * p), patch);
                 }
             });
         }
         GridThw { t: 1, h: gh, w: gw }
+    }
+
+    /// Writes the normalized patch whose top-left pixel is `(y0, x0)` of an RGB image `w` pixels wide: channel, then
+    /// frame, then row, then column.
+    fn write_patch(&self, raw: &[u8], w: usize, (y0, x0): (usize, usize), patch: &mut [f32]) {
+        let (p, tp) = (self.config.patch_size, self.config.temporal_patch_size);
+        let mut dst = patch.iter_mut();
+        for (ch, lut) in self.lut.iter().enumerate() {
+            for _ in 0..tp {
+                for y in y0..y0 + p {
+                    let row = &raw[(y * w + x0) * 3..(y * w + x0 + p) * 3];
+                    // The row first: `zip` then stops without taking a value past it.
+                    for (px, d) in row.chunks_exact(3).zip(&mut dst) {
+                        *d = lut[px[ch] as usize];
+                    }
+                }
+            }
+        }
     }
 }
 
