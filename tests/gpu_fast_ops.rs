@@ -523,3 +523,33 @@ fn vae_convolutions_and_wide_attention_use_gemms() {
         2e-2,
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8-bit images across the bus: converted on the GPU, the same bits as the host conversion
+
+#[test]
+fn rgb8_upload_and_read_back_match_the_host_conversions() {
+    let _g = setup();
+    // An odd size (no vector alignment to lean on), every 8-bit level in each channel.
+    let (h, w) = (37, 53);
+    let rgb: Vec<u8> = (0..h * w * 3).map(|i| ((i * 7919) % 256) as u8).collect();
+    let fast = G::upload_rgb8(&rgb, h, w, DType::BF16, &dev()).expect("upload");
+    assert_fast(GLUE, "upload_rgb8");
+    let want = portable_run(|| portable::upload_rgb8::<G>(&rgb, h, w, DType::BF16, &dev()).expect("upload"));
+    let bits = |t: Tensor<G, 4>| t.into_data().as_slice::<burn::tensor::bf16>().unwrap().to_vec();
+    assert_eq!(bits(fast.clone()), bits(want), "upload_rgb8: values differ from the host conversion");
+    assert_eq!(G::read_rgb8(fast).expect("read"), rgb, "an uploaded image reads back unchanged");
+    // Decoder-like outputs: beyond [-1, 1] on both sides, NaN, values near each level's rounding boundary; a batch
+    // of two (the first image is read).
+    reset_stats();
+    let mut v: Vec<f32> = (0..2 * 3 * h * w).map(|i| ((i as f32) * 0.618_034).sin() * 1.3).collect();
+    v[5] = f32::NAN;
+    v[6] = 2.0 * (127.5 / 255.0) - 1.0;
+    let x = Tensor::<G, 4>::from_data(TensorData::new(v, [2, 3, h, w]), (&dev(), DType::BF16));
+    let got = G::read_rgb8(x.clone()).expect("read");
+    assert_fast(GLUE, "read_rgb8");
+    let want = portable_run(|| portable::read_rgb8(x).expect("read"));
+    let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "read_rgb8: {differ} of {} bytes differ from the host conversion", want.len());
+    println!("rgb8 upload and read-back: bit-identical to the host ({h}×{w})");
+}

@@ -58,7 +58,7 @@ use qwen_image_pruning::{ScheduleFactory, TokenLayout};
 use crate::{
     compose::RequestSchedule,
     denoise::{denoise_with, DenoiseInputs, TextConditioning},
-    latents::{image_values, pack, tensor_to_image, unpack},
+    latents::{pack, tensor_to_image, unpack, upload_image},
     noise::gaussian_noise,
     progress::{check_cancelled, Progress, Stage, StageClock},
     region::keep_unmasked,
@@ -334,16 +334,15 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     pub(crate) fn encode_images(&self, images: &[RgbImage]) -> Result<Tensor<B, 3>> {
         let mut parts = Vec::new();
         for img in images {
-            let z = self.vae_encode(self.upload_image(img))?;
+            let z = self.vae_encode(self.upload_image(img)?)?;
             parts.push(self.pack_latents(z)?);
         }
         Ok(Tensor::cat(parts, 1))
     }
 
-    /// `image` as the VAE's `[1, 3, H, W]` input in `[-1, 1]`, in the VAE's dtype (converted on the host).
-    pub(crate) fn upload_image(&self, image: &RgbImage) -> Tensor<B, 4> {
-        let shape = [1, 3, image.height() as usize, image.width() as usize];
-        upload_as::<B, 4>(&image_values(image), shape, self.vae.dtype(), &self.device)
+    /// `image` as the VAE's `[1, 3, H, W]` input in `[-1, 1]`, in the VAE's dtype.
+    pub(crate) fn upload_image(&self, image: &RgbImage) -> Result<Tensor<B, 4>> {
+        upload_image(image, self.vae.dtype(), &self.device)
     }
 
     /// The VAE's posterior mode of `x` (tiled when the options ask for it).

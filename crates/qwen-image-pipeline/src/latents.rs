@@ -7,7 +7,7 @@
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use image::RgbImage;
-use rayon::prelude::*;
+use qwen_image::ops::QwenBackend;
 
 use crate::{PipelineError, Result};
 
@@ -17,46 +17,32 @@ pub fn image_to_tensor<B: Backend>(image: &RgbImage, device: &B::Device) -> Tens
     Tensor::from_data(TensorData::new(image_values(image), [1, 3, h, w]), (device, DType::F32))
 }
 
-/// The values of [`image_to_tensor`] on the host: `[3, H, W]` row-major, `x / 255 · 2 − 1` per 8-bit level (each
-/// of the 256 levels computed once).
+/// The values of [`image_to_tensor`] on the host: `[3, H, W]` row-major, `x / 255 · 2 − 1` per 8-bit level
+/// ([`qwen_image::pixels::plane_values`]).
 pub fn image_values(image: &RgbImage) -> Vec<f32> {
-    let level: Vec<f32> = (0..=255u8).map(|v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
-    let plane = image.width() as usize * image.height() as usize;
-    let mut v = vec![0f32; 3 * plane];
-    if plane == 0 {
-        return v;
-    }
-    let w = image.width() as usize;
-    let (r, rest) = v.split_at_mut(plane);
-    let (g, b) = rest.split_at_mut(plane);
-    let rows = r.par_chunks_mut(w).zip(g.par_chunks_mut(w)).zip(b.par_chunks_mut(w));
-    rows.zip(image.as_raw().par_chunks(3 * w)).for_each(|(((r, g), b), row)| {
-        for (i, p) in row.chunks_exact(3).enumerate() {
-            (r[i], g[i], b[i]) = (level[p[0] as usize], level[p[1] as usize], level[p[2] as usize]);
-        }
-    });
-    v
+    qwen_image::pixels::plane_values(image.as_raw(), image.height() as usize, image.width() as usize)
 }
 
-/// The first image of a `[batch, 3, H, W]` tensor in `[-1, 1]` as 8-bit RGB (read back in the tensor's dtype).
-pub fn tensor_to_image<B: Backend>(x: Tensor<B, 4>) -> Result<RgbImage> {
+/// `image` as the VAE's `[1, 3, H, W]` input in `[-1, 1]` in `dtype` on `device` ([`QwenBackend::upload_rgb8`]:
+/// on the CUDA fast path the 8-bit values cross the bus and the GPU converts them).
+pub fn upload_image<B: QwenBackend>(
+    image: &RgbImage,
+    dtype: DType,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    Ok(B::upload_rgb8(image.as_raw(), h, w, dtype, device)?)
+}
+
+/// The first image of a `[batch, 3, H, W]` tensor in `[-1, 1]` as 8-bit RGB ([`QwenBackend::read_rgb8`]: on the CUDA
+/// fast path the GPU converts and only the 8-bit values are read back).
+pub fn tensor_to_image<B: QwenBackend>(x: Tensor<B, 4>) -> Result<RgbImage> {
     let [_, c, h, w] = x.dims();
     if c != 3 {
         return Err(PipelineError::invalid(format!("expected 3 channels, the decoder gave {c}")));
     }
-    let v = qwen_image::transfer::read_f32(x.narrow(0, 0, 1))
-        .map_err(|e| PipelineError::Device(format!("cannot read the image back: {e}")))?;
-    let mut raw = vec![0u8; 3 * h * w];
-    if w > 0 {
-        raw.par_chunks_mut(3 * w).enumerate().for_each(|(y, row)| {
-            for (x, p) in row.chunks_exact_mut(3).enumerate() {
-                for (ch, out) in p.iter_mut().enumerate() {
-                    let x = (v[ch * h * w + y * w + x] * 0.5 + 0.5).clamp(0.0, 1.0);
-                    *out = (x * 255.0).round_ties_even() as u8;
-                }
-            }
-        });
-    }
+    let raw =
+        B::read_rgb8(x).map_err(|e| PipelineError::Device(format!("cannot read the image back: {e}")))?;
     RgbImage::from_raw(w as u32, h as u32, raw)
         .ok_or_else(|| PipelineError::invalid(format!("a {w}×{h} image does not fit in 32-bit sides")))
 }

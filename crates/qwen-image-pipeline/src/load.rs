@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::DType;
+use burn::tensor::{backend::Backend, DType};
 use qwen_image::{
     dit::{
         dit_linear_names, DitConfig, DitLoadOptions, ModulationMode, ModulationTable, QwenImageTransformer,
@@ -209,6 +209,14 @@ impl WeightSource<'_> {
     }
 }
 
+/// Runs `load` with the backend's allocator in persistent mode (`Backend::memory_persistent_allocations`): on
+/// burn's CUDA backend every tensor it makes gets an allocation of its own size, instead of a slice of a shared page
+/// whose rest would stay reserved beside the weights for as long as they live. Only the weights are made this way;
+/// activations keep the pooled pages, which a weight left in them could never give back.
+fn persistent<B: Backend, I: Send, T: Send>(device: &B::Device, input: I, load: impl Fn(I) -> T + Send) -> T {
+    B::memory_persistent_allocations(device, input, load)
+}
+
 /// The weight bytes a load from `store` put on the device (counted from the tensors made) and left on the host.
 fn loaded_bytes(store: &WeightStore) -> WeightBytes {
     WeightBytes { device: store.device_bytes() as u64, host: store.planned_bytes().host }
@@ -273,16 +281,24 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let weights = WeightSource { snapshot: &snapshot, dtype: options.dtype, random_seed, dit, text_fp8 };
         let mut clock = StageClock::<B>::new(device, progress);
         let (tokenizer, image_processor) = clock.run(Stage::LoadProcessor, |_| load_processor(&snapshot))?;
-        let (text_encoder, text_bytes) =
-            clock.run(Stage::LoadTextEncoder, |_| weights.text_encoder(device))?;
-        let (vae, vae_bytes) = clock.run(Stage::LoadVae, |_| weights.vae(device))?;
-        let (mut transformer, dit_bytes) =
-            clock.run(Stage::LoadTransformer, |_| weights.transformer(dit_config, device))?;
+        let (text_encoder, text_bytes) = clock.run(Stage::LoadTextEncoder, |_| {
+            persistent::<B, _, _>(device, (), |()| weights.text_encoder(device))
+        })?;
+        let (vae, vae_bytes) =
+            clock.run(Stage::LoadVae, |_| persistent::<B, _, _>(device, (), |()| weights.vae(device)))?;
+        let (mut transformer, dit_bytes) = clock.run(Stage::LoadTransformer, |_| {
+            persistent::<B, _, _>(device, dit_config.clone(), |config| weights.transformer(config, device))
+        })?;
         let weight_bytes =
             ComponentWeights { text_encoder: text_bytes, vae: vae_bytes, transformer: dit_bytes };
         if !loras.is_empty() {
-            clock.run(Stage::LoadLora, |_| apply_loras(&loras, &options.loras, &mut transformer))?;
+            clock.run(Stage::LoadLora, |_| {
+                persistent::<B, _, _>(device, &mut transformer, |t| apply_loras(&loras, &options.loras, t))
+            })?;
         }
+        // What the loads allocated and dropped (bf16 weights before their FP8 quantization, upload staging) goes
+        // back: the persistent allocations of those sizes would otherwise stay reserved.
+        B::memory_cleanup(device);
         let pipe = QwenImageEditPipeline {
             snapshot,
             transformer,

@@ -203,7 +203,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let (_, t) = self.timed(|| self.encode_images(images))?;
         run.push((S, Sample::Whole(t)));
         for image in images {
-            let (x, t) = self.timed(|| Ok(self.upload_image(image)))?;
+            let (x, t) = self.timed(|| self.upload_image(image))?;
             run.push((S, Sample::Part("upload image", false, t)));
             let (z, t) = self.timed(|| self.vae_encode(x))?;
             run.push((S, Sample::Part("VAE encode", true, t)));

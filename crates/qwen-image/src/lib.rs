@@ -24,6 +24,7 @@ pub mod dit;
 pub mod error;
 pub mod nn;
 pub mod ops;
+pub mod pixels;
 pub mod processor;
 pub mod published;
 pub mod quant;

@@ -96,12 +96,13 @@ mod glue;
 mod gpu;
 mod kernels;
 mod nvrtc;
+mod pixels;
 mod registry;
 mod rotary;
 mod runtime_cache;
 mod tensor;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use cubecl::cuda::CudaRuntime;
 
@@ -344,6 +345,33 @@ impl QwenBackend for CudaBackend {
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
         let fast = |data: &TensorData| tensor::upload_prim(data, device).map(wrap);
         fast_or(device, Kind::Glue, data, fast, |data| portable::upload(data, device))
+    }
+
+    fn upload_rgb8(
+        rgb: &[u8],
+        height: usize,
+        width: usize,
+        dtype: DType,
+        device: &Self::Device,
+    ) -> crate::Result<Tensor<Self, 4>> {
+        crate::pixels::check_rgb8(rgb, height, width)?;
+        if dtype != DType::BF16 || height * width == 0 {
+            return crate::pixels::upload_rgb8(rgb, height, width, dtype, device);
+        }
+        let fast = |rgb: &&[u8]| pixels::upload_rgb8_prim(rgb, height, width, device).map(wrap);
+        Ok(fast_or(device, Kind::Glue, rgb, fast, |rgb| {
+            crate::pixels::upload_rgb8(rgb, height, width, dtype, device).expect("checked above")
+        }))
+    }
+
+    fn read_rgb8(x: Tensor<Self, 4>) -> crate::Result<Vec<u8>> {
+        let [batch, c, h, w] = x.dims();
+        if batch == 0 || c != 3 || h * w == 0 || x.dtype() != DType::BF16 {
+            return crate::pixels::read_rgb8(x);
+        }
+        let first = x.narrow(0, 0, 1);
+        let fast = |x: &Tensor<Self, 4>| pixels::read_rgb8_prim(prim(x.clone())).map(Ok);
+        fast_or(&first.device(), Kind::Glue, first, fast, crate::pixels::read_rgb8)
     }
 
     fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {

@@ -102,13 +102,22 @@ pub(crate) fn empty_like_device(like: &Prim, shape: Vec<usize>, dtype: DType) ->
 /// the source has been read, so `data` may be dropped right after; the copy is ordered before everything submitted
 /// later, like any fast-path operation.
 pub(crate) fn upload_prim(data: &TensorData, device: &CudaDevice) -> Result<Prim, FastError> {
-    let bytes = data.as_bytes();
-    let elems: usize = data.shape.iter().product();
-    require(bytes.len() == elems * data.dtype.size(), || {
-        format!("{} bytes for {:?} {:?}", bytes.len(), data.shape, data.dtype)
+    upload_bytes_prim(data.as_bytes(), data.shape.to_vec(), data.dtype, device)
+}
+
+/// [`upload_prim`] of `bytes`, the dense row-major values of a `dtype` tensor of `shape`.
+pub(crate) fn upload_bytes_prim(
+    bytes: &[u8],
+    shape: Vec<usize>,
+    dtype: DType,
+    device: &CudaDevice,
+) -> Result<Prim, FastError> {
+    let elems: usize = shape.iter().product();
+    require(bytes.len() == elems * dtype.size(), || {
+        format!("{} bytes for {shape:?} {dtype:?}", bytes.len())
     })?;
     let client = CudaRuntime::client(device);
-    let out = empty_device_contiguous_dtype(client, device.clone(), data.shape.clone(), data.dtype);
+    let out = empty_device_contiguous_dtype(client, device.clone(), Shape::from(shape), dtype);
     if bytes.is_empty() {
         return Ok(out);
     }

@@ -6,7 +6,7 @@
 //! [`portable`] for what it does not support; the portable functions stay the reference the fast path is tested
 //! against.
 
-use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::quant::Fp8Weight;
@@ -226,6 +226,26 @@ pub trait QwenBackend: Backend {
         portable::upload(data, device)
     }
 
+    /// An interleaved 8-bit RGB image (`rgb`: `height·width·3` bytes) as the VAE's `[1, 3, H, W]` input in `dtype`,
+    /// each level `v` as `2·(v / 255) − 1` in f32 rounded once to `dtype` ([`crate::pixels`]). An override must give
+    /// the same values; the CUDA fast path uploads the 8-bit values and converts them on the GPU.
+    fn upload_rgb8(
+        rgb: &[u8],
+        height: usize,
+        width: usize,
+        dtype: DType,
+        device: &Self::Device,
+    ) -> crate::Result<Tensor<Self, 4>> {
+        portable::upload_rgb8(rgb, height, width, dtype, device)
+    }
+
+    /// The first image of the VAE's `[batch, 3, H, W]` output as interleaved 8-bit RGB (`H·W·3` bytes), each value
+    /// `x` as `round((x·0.5 + 0.5).clamp(0, 1)·255)` in f32, half to even ([`crate::pixels`]). An override must give
+    /// the same bytes; the CUDA fast path converts on the GPU and reads back the 8-bit values.
+    fn read_rgb8(x: Tensor<Self, 4>) -> crate::Result<Vec<u8>> {
+        portable::read_rgb8(x)
+    }
+
     /// 2-D convolution with bias (the VAE's): `x [batch, in, h, w]`, `weight [out, in, k, k]` (PyTorch layout),
     /// stride `stride`, zero padding `pad` on every side → `[batch, out, (h + 2·pad − k) / stride + 1, …]`.
     fn conv2d_nchw(
@@ -277,7 +297,9 @@ pub mod portable {
 
     pub use crate::quant::portable::{dense_fp8, dense_fp8_gelu_tanh, quantize_fp8};
     pub use crate::{
-        nn::rms_norm, text_encoder::rotary::portable_rotary_half as rotary_half,
+        nn::rms_norm,
+        pixels::{read_rgb8, upload_rgb8},
+        text_encoder::rotary::portable_rotary_half as rotary_half,
         vae::norm::portable_channel_rms_norm as channel_rms_norm,
     };
 

@@ -465,3 +465,29 @@ extern "C" __global__ void rotary_half(const bf16_t* __restrict__ x, const void*
         *reinterpret_cast<uint4*>(yr + half + e0) = pack8(o2);
     }
 }
+
+// The VAE's input from an interleaved 8-bit RGB image (`plane` = H·W pixels): out[c, p] = bf16(2·(v / 255) − 1) with
+// v = rgb[3p + c], each f32 operation rounded once, as `crate::pixels::level_value` on the host.
+extern "C" __global__ void rgb8_to_planes(const unsigned char* __restrict__ rgb, bf16_t* __restrict__ out,
+                                          i64 plane) {
+    for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < plane; p += (i64)gridDim.x * blockDim.x) {
+#pragma unroll
+        for (int c = 0; c < 3; ++c) {
+            const float q = __fdiv_rn((float)rgb[3 * p + c], 255.f);
+            out[c * plane + p] = f32_to_bf16(__fsub_rn(__fmul_rn(2.f, q), 1.f));
+        }
+    }
+}
+
+// Interleaved 8-bit RGB from the VAE's output planes x [3, H, W] (bf16, `plane` = H·W pixels):
+// rgb[3p + c] = round_half_even(clamp(x·0.5 + 0.5, 0, 1) · 255), as `crate::pixels::value_level` (NaN gives 0).
+extern "C" __global__ void planes_to_rgb8(const bf16_t* __restrict__ x, unsigned char* __restrict__ rgb, i64 plane) {
+    for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < plane; p += (i64)gridDim.x * blockDim.x) {
+#pragma unroll
+        for (int c = 0; c < 3; ++c) {
+            float y = __fadd_rn(__fmul_rn(bf16_to_f32(x[c * plane + p]), 0.5f), 0.5f);
+            y = fminf(fmaxf(y, 0.f), 1.f);
+            rgb[3 * p + c] = (unsigned char)__float2int_rn(__fmul_rn(y, 255.f));
+        }
+    }
+}
