@@ -3,7 +3,7 @@
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
 # PyTorch references, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [modes] [pipeline] [ncu] [vaeprof] [torch] [stages]
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [modes] [memlog] [pipeline] [ncu] [vaeprof] [torch] [stages]
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
@@ -136,6 +136,19 @@ if has modes; then
       "${flags[@]}" --quiet -o "$OUT/e2e_$name" --report "$OUT/e2e_$name.json" > "$OUT/e2e_$name.log" 2>&1
     echo "$name exit $? after $(( $(date +%s) - start )) s"; tail -30 "$OUT/e2e_$name.log"
   done
+fi
+if has memlog; then
+  # burn's allocator log (cubecl `[memory.logger] level = "full"`, in a cubecl.toml of a scratch working directory)
+  # of one demo edit (MEMLOG_FLAGS, default FP8), summarized by tools/bench/memlog_summary.py: which requests made
+  # new pool pages and how much the pools reserved beyond what was in use.
+  d=$(mktemp -d); here=$PWD
+  printf '[memory.logger]\nfile = "%s/mem.log"\nlevel = "full"\n' "$d" > "$d/cubecl.toml"
+  echo "== memory log: qwen-edit --demo --size full ${MEMLOG_FLAGS:---quantize fp8}"
+  (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/.dev/qwen-edit" --demo --size full --device cuda --compare \
+    --repeat 1 ${MEMLOG_FLAGS:---quantize fp8} --quiet -o "$d/out" > "$OUT/memlog.log" 2>&1)
+  echo "memlog exit $? ($(du -h "$d/mem.log" 2>/dev/null | cut -f1) of log)"
+  python3 tools/bench/memlog_summary.py "$d/mem.log" > "$OUT/memlog_summary.txt" 2>&1; head -60 "$OUT/memlog_summary.txt"
+  rm -rf "$d"
 fi
 if has vaeprof; then
   # Every kernel's duration (ncu serializes them: GPU time without launch gaps) for our VAE encode + decode at 1024²

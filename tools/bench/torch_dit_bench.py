@@ -3,7 +3,7 @@ weights created on the GPU, batch 1, the same shapes: full step, full step that 
 post-norm post-RoPE K/V at every block, and the reuse step where the condition tokens compute nothing and the
 other tokens attend to the cached K/V (written here as an attention processor).
 
-    python tools/bench/torch_dit_bench.py --json torch.json [--cases v1,plus] [--layers 60] [--reps 5]
+    python tools/bench/torch_dit_bench.py --json torch.json [--cases v1,plus] [--layers 60] [--reps 5] [--compile]
 
 Needs torch with CUDA and diffusers 0.42.1 (pure Python; carry the wheel to a host that lacks it).
 """
@@ -116,6 +116,37 @@ def kernels(reps):
     return out
 
 
+def compiled_full_step(model, state, args, dev):
+    """torch.compile (default mode) of the full step of the first case: the first call's time (tracing and
+    compilation) apart from the steady state's, and its output against eager's."""
+    case = args.cases.split(",")[0]
+    side, text = args.side, CASES[case]
+    x = torch.randn(1, 2 * side * side, 64, device=dev, dtype=torch.bfloat16)
+    txt = torch.randn(1, text, 3584, device=dev, dtype=torch.bfloat16)
+    t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
+    both = [[(1, side, side), (1, side, side)]]
+    state["mode"] = "plain"
+    compiled = torch.compile(model)
+
+    def run(m):
+        with torch.no_grad():
+            return m(hidden_states=x, encoder_hidden_states=txt, timestep=t, img_shapes=both, return_dict=False)[0]
+
+    start = time.time()
+    got = run(compiled)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    compile_s = time.time() - start
+    want = run(model).float()
+    err = ((got.float() - want).norm() / want.norm()).item()
+    full = time_ms(lambda: run(compiled), args.reps)
+    eager = time_ms(lambda: run(model), args.reps)
+    print(f"torch.compile DiT {case}: full {full:.1f} ms (eager {eager:.1f} ms in the same section), first call "
+          f"(compilation) {compile_s:.0f} s, rel L2 vs eager {err:.1e}")
+    return {"case": case, "full_step_ms": full, "eager_full_step_ms": eager, "compile_s": compile_s,
+            "rel_l2_vs_eager": err}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="torch_dit_bench.json")
@@ -124,6 +155,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--side", type=int, default=64, help="token grid side of the target and condition images")
+    ap.add_argument("--compile", action="store_true",
+                    help="also torch.compile (default mode) the full step of the first case; compile time reported "
+                         "separately (minutes)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -194,6 +228,8 @@ def main():
               + ", ".join(f"{k} {v:.0f} ms" for k, v in totals.items()))
         state["kv"].clear()
     result["dit"] = cases
+    if args.compile:
+        result["compiled"] = compiled_full_step(model, state, args, dev)
     result["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
     result["weights_bytes"] = weights_bytes
     print(f"torch peak GPU memory {result['peak_bytes'] / 2**30:.1f} GiB")
