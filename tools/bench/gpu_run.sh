@@ -7,7 +7,7 @@
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
-#   MODES="fp8 fp8fast lowmem plus2 v1_512" tools/bench/gpu_run.sh e2e modes   # FP8, memory modes, the other cases
+#   MODES="fp8 fp8fast fp8release lowmem plus2 v1_512" tools/bench/gpu_run.sh e2e modes   # FP8, memory modes, other cases
 #   PACK=1 OUT=$OUT tools/bench/gpu_run.sh …              # on a device call: logs and JSON in $OUT/all.tar.gz
 #   TEST_BINS=gpu_fast_ops TEST_FILTER="fused_glue vae_convolutions" tools/bench/gpu_run.sh tests pipeline  # a short check
 #
@@ -125,6 +125,8 @@ if has modes; then
       fp8) flags=(--quantize fp8) ;;
       fp8dit) flags=(--quantize fp8-dit) ;;
       fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;
+      fp8release) flags=(--quantize fp8 --release-memory) ;;
+      release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;
       plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
       v1_512) flags=(--vae-area 262144) ;;

@@ -504,6 +504,21 @@ fn the_full_size_demo_is_refused_on_the_cpu_and_size_needs_demo() {
 }
 
 #[test]
+fn release_memory_changes_no_pixel() {
+    // Giving unused device memory back after every stage only frees what no tensor holds: the same image.
+    let image = |name: &str, extra: &[&str]| {
+        let dir = workdir(name);
+        let o = qwen_edit(&dir, &[&["--demo", "--size", "tiny", "-s", "2"], extra].concat());
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}\n{err}");
+        let outs = dir.join("outputs_pruning");
+        let png = files(&outs).into_iter().find(|f| f.ends_with(".png")).expect("an output image");
+        std::fs::read(outs.join(png)).unwrap()
+    };
+    assert_eq!(image("release-off", &[]), image("release-on", &["--release-memory"]));
+}
+
+#[test]
 fn repeat_runs_the_edit_n_times_and_reports_memory_after_each() {
     let dir = workdir("repeat");
     let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--repeat", "3", "-s", "2", "--compare"]);

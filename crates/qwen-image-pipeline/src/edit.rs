@@ -147,7 +147,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         // Only low-memory mode gives the pool's unused pages back after each stage: in the resident modes it cost
         // ~10 ms per VAE stage on an H100 and did not lower the driver's used memory (docs/memory.md).
         let mut clock = StageClock::<B>::new(&self.device, progress)
-            .releasing_memory(self.options.memory == crate::MemoryMode::Low);
+            .releasing_memory(self.options.release_memory || self.options.memory == crate::MemoryMode::Low);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
         let text =
             clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;

@@ -94,6 +94,10 @@ pub struct LoadOptions {
     pub fp8_text_encoder: bool,
     /// How much stays on the device ([`MemoryMode::Low`] implies FP8 and table mode: see [`LoadOptions::resolved`]).
     pub memory: MemoryMode,
+    /// After every stage of an edit, give the device memory the allocator holds but no tensor uses back to the driver
+    /// ([`QwenBackend::release_unused_memory`]): a lower peak (each stage's activations no longer stay reserved
+    /// beside the next stage's), at the cost of fresh allocations in every stage. Implied by [`MemoryMode::Low`].
+    pub release_memory: bool,
 }
 
 impl Default for LoadOptions {
@@ -108,6 +112,7 @@ impl Default for LoadOptions {
             fp8: None,
             fp8_text_encoder: false,
             memory: MemoryMode::Resident,
+            release_memory: false,
         }
     }
 }
@@ -298,7 +303,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
         // What the loads allocated and dropped (bf16 weights before their FP8 quantization, upload staging) goes
         // back: the persistent allocations of those sizes would otherwise stay reserved.
-        B::memory_cleanup(device);
+        B::release_unused_memory(device);
         let pipe = QwenImageEditPipeline {
             snapshot,
             transformer,

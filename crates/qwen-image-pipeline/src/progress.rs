@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
+use qwen_image::ops::QwenBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::{report::StageTiming, PipelineError, Result, StepReport};
@@ -116,14 +117,14 @@ pub(crate) struct StageClock<'a, B: Backend> {
     release_memory: bool,
 }
 
-impl<'a, B: Backend> StageClock<'a, B> {
+impl<'a, B: QwenBackend> StageClock<'a, B> {
     /// A clock for stages on `device`, reporting to `progress`.
     pub(crate) fn new(device: &B::Device, progress: &'a mut dyn Progress) -> Self {
         StageClock { device: device.clone(), progress, timings: Vec::new(), release_memory: false }
     }
 
     /// After each stage, give the device memory the backend's pool holds but no tensor uses back to the driver
-    /// (`Backend::memory_cleanup`; a no-op on the CPU). [`MemoryMode::Low`](crate::MemoryMode::Low) does this so that
+    /// ([`QwenBackend::release_unused_memory`]; a no-op on the CPU). [`MemoryMode::Low`](crate::MemoryMode::Low) does this so that
     /// the pages one stage reserved (the VAE's activations, say) do not stay reserved beside the next stage's; it
     /// costs the next stage fresh allocations. Counted in the stage's time.
     pub(crate) fn releasing_memory(mut self, release: bool) -> Self {
@@ -143,7 +144,7 @@ impl<'a, B: Backend> StageClock<'a, B> {
         let out = f(&mut *self.progress)?;
         sync::<B>(&self.device)?;
         if self.release_memory {
-            B::memory_cleanup(&self.device);
+            B::release_unused_memory(&self.device);
         }
         let time = start.elapsed();
         self.timings.push(StageTiming { stage, seconds: time.as_secs_f64() });

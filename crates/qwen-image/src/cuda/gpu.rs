@@ -131,6 +131,18 @@ impl GpuState {
         Ok(())
     }
 
+    /// Gives the device's stream-ordered memory pool (the one `cuMemAllocAsync` draws from: burn's allocations)
+    /// back to the driver down to what is allocated (`cuMemPoolTrimTo(pool, 0)`): the pages burn freed stay in that
+    /// pool otherwise. Call after the frees have completed (a device sync).
+    pub(crate) fn trim_memory_pool(&self) -> Result<(), FastError> {
+        let device = self.ctx.cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `device` is the device of the bound context; `pool` receives a handle owned by the driver.
+        drv("cuDeviceGetMemPool", unsafe { sys::cuDeviceGetMemPool(&mut pool, device).result() })?;
+        // SAFETY: `pool` is the device's current pool (just queried); trimming only releases unallocated memory.
+        drv("cuMemPoolTrimTo", unsafe { sys::cuMemPoolTrimTo(pool, 0).result() })
+    }
+
     /// Waits until everything submitted to our stream has finished.
     pub(crate) fn synchronize(&self) -> Result<(), FastError> {
         // SAFETY: `stream` is a live stream of the bound context (never destroyed).

@@ -108,7 +108,7 @@ use cubecl::cuda::CudaRuntime;
 
 pub use config::{FastOps, FastPathConfig, FlashKernel, GemmAutotune, OrderingMode};
 pub use error::FastError;
-pub use registry::{config, configure, ordering_mode, reset_stats, synchronize};
+pub use registry::{config, configure, ordering_mode, release_unused_memory, reset_stats, synchronize};
 pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
 use crate::ops::{lowered, portable, AttentionOptions, FastPathReport, KvSegment, NormRope, QwenBackend};
@@ -372,6 +372,12 @@ impl QwenBackend for CudaBackend {
         let first = x.narrow(0, 0, 1);
         let fast = |x: &Tensor<Self, 4>| pixels::read_rgb8_prim(prim(x.clone())).map(Ok);
         fast_or(&first.device(), Kind::Glue, first, fast, crate::pixels::read_rgb8)
+    }
+
+    fn release_unused_memory(device: &Self::Device) {
+        if let Err(e) = registry::release_unused_memory(device) {
+            log::warn!("qwen-image: could not give unused device memory back: {e}");
+        }
     }
 
     fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {

@@ -234,6 +234,20 @@ pub fn synchronize(device: &CudaDevice) -> Result<(), FastError> {
     with_gpu(device.index, |g| g.synchronize())
 }
 
+/// Gives the memory burn's allocator holds on `device` but no tensor uses back to the driver: burn's cleanup of its
+/// pool's free pages, a device sync so that their stream-ordered frees complete, then the trim of CUDA's pool
+/// ([`GpuState::trim_memory_pool`](super::gpu::GpuState::trim_memory_pool)), which otherwise keeps them.
+pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
+    use cubecl::Runtime;
+    let client = cubecl::cuda::CudaRuntime::client(device);
+    client.memory_cleanup();
+    cubecl::future::block_on(client.sync()).map_err(|e| FastError::cuda(format!("burn sync: {e:?}")))?;
+    with_gpu(device.index, |g| {
+        g.synchronize()?;
+        g.state().trim_memory_pool()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     //! The bookkeeping needs no GPU: these devices are never initialized (each test has its own index).

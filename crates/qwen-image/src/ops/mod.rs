@@ -277,6 +277,13 @@ pub trait QwenBackend: Backend {
         portable::channel_rms_norm(x, gamma, silu)
     }
 
+    /// Gives the device memory that the backend's allocator holds but no tensor uses back to the driver:
+    /// `Backend::memory_cleanup` by default; on CUDA also the trim of the stream-ordered pool that burn allocates
+    /// from (without it the driver still counts the freed pages as used).
+    fn release_unused_memory(device: &Self::Device) {
+        Self::memory_cleanup(device);
+    }
+
     /// The fast path's statistics on `device` (calls, fallbacks and errors per kind of operation), or `None` for a
     /// backend without one (the portable default).
     fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {
