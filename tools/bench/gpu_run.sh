@@ -128,6 +128,7 @@ if has modes; then
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;
+      plus1) flags=(--variant edit-plus) ;;
       plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
       v1_512) flags=(--vae-area 262144) ;;
       *) echo "unknown mode $name"; continue ;;

@@ -47,6 +47,15 @@ pub enum DemoSizeArg {
     Full,
 }
 
+/// Which pipeline variant `--demo` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VariantArg {
+    /// Qwen-Image-Edit (`QwenImageEditPipeline`): one input image.
+    Edit,
+    /// Qwen-Image-Edit-2509 / 2511 (`QwenImageEditPlusPipeline`): 1 to 3 input images.
+    EditPlus,
+}
+
 /// Rotary positions of the text encoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TextPositions {
@@ -266,6 +275,10 @@ pub struct Args {
     /// weights (GPU) [default: proxy].
     #[arg(long, value_enum)]
     pub size: Option<DemoSizeArg>,
+    /// With --demo: the pipeline variant, e.g. `edit-plus` to time Edit-Plus on one image [default: edit-plus for
+    /// two or more `-i` images, else edit].
+    #[arg(long, value_enum)]
+    pub variant: Option<VariantArg>,
     /// Allow `--demo --size full` on the CPU (a 20 B-parameter model: ~80 GB of memory, hours per edit).
     #[arg(long)]
     pub allow_full_on_cpu: bool,

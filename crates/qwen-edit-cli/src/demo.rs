@@ -18,7 +18,7 @@ use qwen_image_pipeline::{
 use qwen_image_proxy::{DemoModel, Scene};
 use qwen_image_pruning::ScheduleSpec;
 
-use crate::args::{Args, DemoSizeArg};
+use crate::args::{Args, DemoSizeArg, VariantArg};
 use crate::output::{self, timestamp, OutputNames};
 use crate::progress::Bars;
 use crate::CliError;
@@ -42,12 +42,13 @@ pub(crate) fn demo_model(args: &Args) -> DemoModel {
     }
 }
 
-/// The variant the demo's inputs ask for: Edit-Plus for two or more `-i` images, else Edit.
+/// The variant the demo runs: `--variant`, else Edit-Plus for two or more `-i` images, else Edit.
 pub(crate) fn demo_variant(args: &Args) -> Variant {
-    if args.input.len() > 1 {
-        Variant::EditPlus
-    } else {
-        Variant::Edit
+    match args.variant {
+        Some(VariantArg::Edit) => Variant::Edit,
+        Some(VariantArg::EditPlus) => Variant::EditPlus,
+        None if args.input.len() > 1 => Variant::EditPlus,
+        None => Variant::Edit,
     }
 }
 

@@ -71,8 +71,9 @@ impl BackendTask for EditTask<'_> {
             }
             if demo::demo_variant(self.args) != model.variant() {
                 // The tiny random model is an Edit (one-image) model: nothing to fall back to.
-                return Err("the demo with two or more images runs the Edit-Plus proxy, which is not bundled in this \
-                            build (crates/qwen-image-proxy/snapshots/README.md); give one image"
+                return Err("the Edit-Plus demo (two or more images, or --variant edit-plus) runs the Edit-Plus \
+                            proxy, which is not bundled in this build (crates/qwen-image-proxy/snapshots/README.md); \
+                            give one image, or use --size tiny"
                     .into());
             }
             writeln!(
@@ -162,6 +163,12 @@ pub(crate) fn demo_size(args: &Args) -> qwen_image_pipeline::demo::DemoSize {
 fn check_demo_args(args: &Args) -> Result<(), CliError> {
     if args.size.is_some() && !args.demo {
         return Err("--size chooses the demo model and needs --demo".into());
+    }
+    if args.variant.is_some() && !args.demo {
+        return Err(
+            "--variant chooses the demo's pipeline and needs --demo (a model's own files say its variant)"
+                .into(),
+        );
     }
     if args.repeat == 0 {
         return Err("--repeat must be at least 1".into());

@@ -73,6 +73,23 @@ fn the_random_demo_with_two_images_runs_edit_plus() {
 }
 
 #[test]
+fn variant_chooses_the_demo_pipeline() {
+    // Edit-Plus on one image (issue 13's third benchmark case), on the bundled sample.
+    let dir = workdir("demo-variant");
+    let o = qwen_edit(&dir, &["--demo", "--size", "tiny", "--variant", "edit-plus"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let r = report(&dir.join("outputs_pruning"));
+    assert_eq!(r["variant"], "EditPlus", "{r}");
+    // Edit takes one image; --variant belongs to the demos.
+    let input = sample(&dir);
+    let input = input.to_str().unwrap();
+    let two = ["--demo", "--size", "tiny", "--variant", "edit", "-i", input, "-i", input, "-p", "Swap them"];
+    assert_fails("variant-edit-two-images", &two, &["1 input image"]);
+    assert_fails("variant-without-demo", &["--variant", "edit-plus", "-i", input], &["--variant", "--demo"]);
+}
+
+#[test]
 fn seed_flags_work() {
     let dir = workdir("seed-flags");
     let input = sample(&dir);
