@@ -43,7 +43,9 @@ pub(crate) fn read_rgb8_prim(x: Prim) -> Result<Vec<u8>, FastError> {
     let rgb = empty_like_device(&x, vec![3 * plane], DType::U8);
     queue_pixels("planes_to_rgb8", &x, &rgb, plane)?;
     drop(x);
-    let data = Tensor::<CudaBackend, 1, Int>::from_primitive(rgb).into_data();
+    let data = Tensor::<CudaBackend, 1, Int>::from_primitive(rgb)
+        .try_into_data()
+        .map_err(|e| FastError::cuda(format!("read-back: {e:?}")))?;
     require(data.dtype == DType::U8, || format!("read back as {:?}", data.dtype))?;
     data.into_vec::<u8>().map_err(|e| FastError::cuda(format!("read-back: {e:?}")))
 }
