@@ -115,9 +115,10 @@ if has ncu; then
 fi
 if has modes; then
   # The memory modes of issue 13 on the same demo edit (after `e2e`, whose process compiled burn's kernels): FP8
-  # weights (DiT and text encoder; the DiT only), FP8 with cuBLASLt's fast accumulation, --low-memory (24 GB cards);
-  # and the issue's other cases in bf16: Edit-Plus with two input images, Edit v1 at 512². Each report holds the
-  # memory plan and the measured pool / driver memory. MODES picks some (default: fp8 fp8dit lowmem).
+  # weights (DiT and text encoder; the DiT only), FP8 with cuBLASLt's fast accumulation, FP8 and bf16 with
+  # --release-memory, --low-memory (24 GB cards); and the issue's other cases in bf16: Edit-Plus with one and two
+  # input images, Edit v1 at 512². Each report holds the memory plan and the measured pool / driver memory. MODES
+  # picks some (default: fp8 fp8dit lowmem).
   img=tests/fixtures/processor/images
   for name in ${MODES:-fp8 fp8dit lowmem}; do
     export -n QWEN_FP8_FAST_ACCUM

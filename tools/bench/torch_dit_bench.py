@@ -116,31 +116,39 @@ def kernels(reps):
     return out
 
 
+def case_inputs(case, side, dev):
+    """A case's random inputs (target and condition tokens, text, timestep) and a forward pass of a model on them:
+    run(m, hidden, shapes)."""
+    x = torch.randn(1, 2 * side * side, 64, device=dev, dtype=torch.bfloat16)
+    txt = torch.randn(1, CASES[case], 3584, device=dev, dtype=torch.bfloat16)
+    t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
+
+    def run(m, hidden, shapes):
+        with torch.no_grad():
+            return m(hidden_states=hidden, encoder_hidden_states=txt, timestep=t, img_shapes=shapes,
+                     return_dict=False)[0]
+
+    return x, run
+
+
 def compiled_full_step(model, state, args, dev):
     """torch.compile (default mode) of the full step of the first case: the first call's time (tracing and
     compilation) apart from the steady state's, and its output against eager's."""
     case = args.cases.split(",")[0]
-    side, text = args.side, CASES[case]
-    x = torch.randn(1, 2 * side * side, 64, device=dev, dtype=torch.bfloat16)
-    txt = torch.randn(1, text, 3584, device=dev, dtype=torch.bfloat16)
-    t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
+    side = args.side
+    x, run = case_inputs(case, side, dev)
     both = [[(1, side, side), (1, side, side)]]
     state["mode"] = "plain"
     compiled = torch.compile(model)
-
-    def run(m):
-        with torch.no_grad():
-            return m(hidden_states=x, encoder_hidden_states=txt, timestep=t, img_shapes=both, return_dict=False)[0]
-
     start = time.time()
-    got = run(compiled)
+    got = run(compiled, x, both)
     if dev == "cuda":
         torch.cuda.synchronize()
     compile_s = time.time() - start
-    want = run(model).float()
+    want = run(model, x, both).float()
     err = ((got.float() - want).norm() / want.norm()).item()
-    full = time_ms(lambda: run(compiled), args.reps)
-    eager = time_ms(lambda: run(model), args.reps)
+    full = time_ms(lambda: run(compiled, x, both), args.reps)
+    eager = time_ms(lambda: run(model, x, both), args.reps)
     print(f"torch.compile DiT {case}: full {full:.1f} ms (eager {eager:.1f} ms in the same section), first call "
           f"(compilation) {compile_s:.0f} s, rel L2 vs eager {err:.1e}")
     return {"case": case, "full_step_ms": full, "eager_full_step_ms": eager, "compile_s": compile_s,
@@ -189,16 +197,12 @@ def main():
     for case in args.cases.split(","):
         text = CASES[case]
         target = cond = side * side
-        x = torch.randn(1, target + cond, 64, device=dev, dtype=torch.bfloat16)
-        txt = torch.randn(1, text, 3584, device=dev, dtype=torch.bfloat16)
-        t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
+        x, forward = case_inputs(case, side, dev)
         both = [[(1, side, side), (1, side, side)]]
         only_target = [[(1, side, side)]]
 
         def run(hidden, shapes):
-            with torch.no_grad():
-                return model(hidden_states=hidden, encoder_hidden_states=txt, timestep=t, img_shapes=shapes,
-                             return_dict=False)[0]
+            return forward(model, hidden, shapes)
 
         state["mode"] = "plain"
         full = time_ms(lambda: run(x, both), args.reps)

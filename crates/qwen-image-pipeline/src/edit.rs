@@ -144,10 +144,10 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         };
         let fitted = RequestSchedule::new(schedule, req, per_token);
         let schedule: &dyn ScheduleFactory = &fitted;
-        // Only low-memory mode gives the pool's unused pages back after each stage: in the resident modes it cost
-        // ~10 ms per VAE stage on an H100 and did not lower the driver's used memory (docs/memory.md).
-        let mut clock = StageClock::<B>::new(&self.device, progress)
-            .releasing_memory(self.options.release_memory || self.options.memory == crate::MemoryMode::Low);
+        // Off by default: without the pool trim, giving the pages back cost ~10 ms per VAE stage on an H100 and did
+        // not lower the driver's used memory; with it, not measured yet (docs/memory.md).
+        let mut clock =
+            StageClock::<B>::new(&self.device, progress).releasing_memory(self.options.release_memory);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
         let text =
             clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;

@@ -119,8 +119,8 @@ impl Default for LoadOptions {
 
 impl LoadOptions {
     /// The options a load uses: under [`MemoryMode::Low`], FP8 for the DiT (the default keep list unless
-    /// [`fp8`](Self::fp8) names one). Errors for a combination low-memory mode cannot honour (resident modulation
-    /// weights).
+    /// [`fp8`](Self::fp8) names one) and memory released after every stage. Errors for a combination low-memory mode
+    /// cannot honour (resident modulation weights).
     pub fn resolved(&self) -> Result<LoadOptions> {
         let mut options = self.clone();
         if self.memory == MemoryMode::Low {
@@ -131,6 +131,7 @@ impl LoadOptions {
                 ));
             }
             options.fp8 = Some(self.fp8.clone().unwrap_or_default());
+            options.release_memory = true;
         }
         Ok(options)
     }

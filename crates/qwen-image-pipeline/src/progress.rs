@@ -124,7 +124,8 @@ impl<'a, B: QwenBackend> StageClock<'a, B> {
     }
 
     /// After each stage, give the device memory the backend's pool holds but no tensor uses back to the driver
-    /// ([`QwenBackend::release_unused_memory`]; a no-op on the CPU). [`MemoryMode::Low`](crate::MemoryMode::Low) does this so that
+    /// ([`QwenBackend::release_unused_memory`]; a no-op on the CPU), as
+    /// [`LoadOptions::release_memory`](crate::LoadOptions::release_memory) asks (implied by low-memory mode), so that
     /// the pages one stage reserved (the VAE's activations, say) do not stay reserved beside the next stage's; it
     /// costs the next stage fresh allocations. Counted in the stage's time.
     pub(crate) fn releasing_memory(mut self, release: bool) -> Self {

@@ -358,10 +358,10 @@ impl QwenBackend for CudaBackend {
         if dtype != DType::BF16 || height * width == 0 {
             return crate::pixels::upload_rgb8(rgb, height, width, dtype, device);
         }
-        let fast = |rgb: &&[u8]| pixels::upload_rgb8_prim(rgb, height, width, device).map(wrap);
-        Ok(fast_or(device, Kind::Glue, rgb, fast, |rgb| {
-            crate::pixels::upload_rgb8(rgb, height, width, dtype, device).expect("checked above")
-        }))
+        let fast = |rgb: &&[u8]| pixels::upload_rgb8_prim(rgb, height, width, device).map(|t| Ok(wrap(t)));
+        fast_or(device, Kind::Glue, rgb, fast, |rgb| {
+            crate::pixels::upload_rgb8(rgb, height, width, dtype, device)
+        })
     }
 
     fn read_rgb8(x: Tensor<Self, 4>) -> crate::Result<Vec<u8>> {
