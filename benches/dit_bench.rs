@@ -156,7 +156,41 @@ fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
     out.push(("attention".into(), attention_kernels(reps)));
     if !attention_only {
         out.push(("ordering".into(), ordering_costs()));
+        out.push(("adaln_fp8".into(), adaln_fp8_costs(reps)));
     }
+}
+
+/// The image stream's adaLN + Q/K/V projections in FP8 at the full and reuse lengths: as before issue 13's fusion
+/// (the bf16 adaLN output quantized again by each of the three GEMMs) and as the DiT now runs them (the adaLN kernel
+/// quantizes its output once, the GEMMs read it).
+fn adaln_fp8_costs(reps: usize) -> Value {
+    let mut rows = Vec::new();
+    for m in [9591, 5495] {
+        let x = randn([1, m, D], 1.0);
+        let (shift, scale) = (randn([1, 1, D], 0.5), randn([1, 1, D], 0.5));
+        let ws: Vec<_> = (0..3).map(|_| G::quantize_fp8(randn([D, D], 1.0 / (D as f64).sqrt()))).collect();
+        let b = randn([D], 0.1);
+        let ln = || G::layer_norm_modulate(x.clone(), &shift, &scale, &[], 1e-6);
+        let ln_ms = time_ms(reps, 20, || drop(ln()));
+        let fused_ms = time_ms(reps, 20, || {
+            drop(G::layer_norm_modulate_fp8(x.clone(), &shift, &scale, &[], 1e-6, false))
+        });
+        let before = time_ms(reps, 20, || {
+            let y = ln();
+            ws.iter().for_each(|w| drop(G::dense_fp8(y.clone(), w, Some(&b))));
+        });
+        let after = time_ms(reps, 20, || {
+            let (_, q) = G::layer_norm_modulate_fp8(x.clone(), &shift, &scale, &[], 1e-6, false);
+            ws.iter().for_each(|w| drop(G::dense_fp8_quantized(&q, w, Some(&b), false)));
+        });
+        println!(
+            "adaLN + fp8 q/k/v {m:5} rows: adaLN {ln_ms:.3} ms, adaLN+e4m3 {fused_ms:.3} ms; \
+             adaLN + 3 GEMMs quantizing each {before:.3} ms -> quantized once by the adaLN {after:.3} ms"
+        );
+        rows.push(json!({"m": m, "adaln_ms": ln_ms, "adaln_fp8_ms": fused_ms, "qkv_separate_ms": before,
+            "qkv_fused_ms": after}));
+    }
+    Value::Array(rows)
 }
 
 /// The DiT's GEMM shapes (with and without the GELU epilogue) and burn's own matmul on one of them, for reference;

@@ -21,7 +21,7 @@ use gpu_support::{
 use qwen_image::{
     cuda::{self, FastOps, FastPathConfig, FlashKernel},
     ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
-    quant::Fp8Weight,
+    quant::{Fp8Activation, Fp8Weight},
     tensor_io::{rel_l2, to_f32_vec},
     CpuBackend,
 };
@@ -113,6 +113,67 @@ fn fp8_quantization_and_gemm_match_the_portable_emulation() {
     let before = stats()[FP8].fallbacks;
     drop(G::dense_fp8(x, &w, None));
     assert_eq!(stats()[FP8].fallbacks, before + 1);
+}
+
+/// The bits and scales of a quantized activation on the host.
+fn activation_parts(q: &Fp8Activation<G>) -> (Vec<u8>, Vec<f32>) {
+    (q.bits.clone().into_data().iter::<u8>().collect(), to_f32_vec(q.scales.clone()))
+}
+
+#[test]
+fn fp8_activations_quantized_once_or_by_the_adaln_kernel_are_bit_identical() {
+    let _g = setup();
+    reset_stats();
+    // The DiT's width (the `_3072` kernels) and a wider one, an odd token count, two modulation rows.
+    for (dim, tokens) in [(3072, 777), (4096, 131)] {
+        let x = randn([2, tokens, dim], 1.0).slice_assign(
+            [1..2, 7..8, 9..10],
+            Tensor::<G, 3>::full([1, 1, 1], 500.0, &dev()).cast(DType::BF16),
+        );
+        let (shift, scale) = (randn([2, 2, dim], 0.5), randn([2, 2, dim], 0.5));
+        let runs = [(tokens - 100, 0), (100, 1)];
+        let ln = G::layer_norm_modulate(x.clone(), &shift, &scale, &runs, 1e-6);
+        // The quantization kernel against the host's rounding.
+        let once = G::quantize_activation_fp8(ln.clone());
+        let host = portable_run(|| portable::quantize_activation(ln.clone()));
+        assert_eq!(
+            activation_parts(&once),
+            activation_parts(&host),
+            "dim {dim}: kernel vs host quantization"
+        );
+        // The fused adaLN + quantization: the same bf16 rows and the same e4m3 rows.
+        let (dense, fused) = G::layer_norm_modulate_fp8(x.clone(), &shift, &scale, &runs, 1e-6, true);
+        assert_eq!(
+            to_f32_vec(dense.expect("dense output")),
+            to_f32_vec(ln.clone()),
+            "dim {dim}: fused bf16 rows"
+        );
+        assert_eq!(activation_parts(&fused), activation_parts(&once), "dim {dim}: fused e4m3 rows");
+        let (none, alone) = G::layer_norm_modulate_fp8(x, &shift, &scale, &runs, 1e-6, false);
+        assert!(none.is_none());
+        assert_eq!(
+            activation_parts(&alone),
+            activation_parts(&once),
+            "dim {dim}: e4m3 rows without bf16 ones"
+        );
+        // A GEMM from the quantized rows is the one-call FP8 GEMM, and within the emulation's bound.
+        let w = G::quantize_fp8(randn([1024, dim], 1.0 / (dim as f64).sqrt()));
+        let b = randn([1024], 0.5);
+        for gelu in [false, true] {
+            let from_rows = G::dense_fp8_quantized(&fused, &w, Some(&b), gelu);
+            let one_call = if gelu {
+                G::dense_fp8_gelu_tanh(ln.clone(), &w, Some(&b))
+            } else {
+                G::dense_fp8(ln.clone(), &w, Some(&b))
+            };
+            let what = format!("fp8 GEMM from fused rows, dim {dim}, gelu {gelu}");
+            assert_eq!(to_f32_vec(from_rows.clone()), to_f32_vec(one_call), "{what}: vs the one-call GEMM");
+            let emulated = portable_run(|| portable::dense_fp8_quantized(&fused, &w, Some(&b), gelu));
+            check(&what, from_rows, emulated, 1e-2);
+        }
+    }
+    assert_fast(FP8, "fused FP8 adaLN, activation quantization and GEMMs");
+    assert_fast(GLUE, "adaLN");
 }
 
 #[test]

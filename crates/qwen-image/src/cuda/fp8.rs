@@ -3,9 +3,9 @@
 //! token (the activation's) — `CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F`, cuBLASLt ≥ 12.9 on Hopper — bf16 out,
 //! bias and GELU in the epilogue. The layouts are `cuda/gemm.rs`'s (`transa = T`, `transb = N`), with e4m3 inputs.
 //!
-//! A first version, compiled and linted without a GPU: `tests/gpu_fast_ops.rs` (`fp8_*`) checks it against the
-//! portable emulation. Not yet done: fusing the activation quantization into the kernels that produce the
-//! activations (issue 13 asks for it: FBGEMM measured a separate pass at 17 %).
+//! `tests/gpu_fast_ops.rs` (`fp8_*`) checks it against the portable emulation. An activation read by several FP8
+//! layers is quantized once ([`crate::nn::LinearInput`]), by the adaLN kernel where it produces it
+//! (`glue::layer_norm_modulate_fp8_prim`); [`dense_fp8_quantized_prim`] takes it quantized.
 
 use std::ffi::c_void;
 
@@ -63,15 +63,19 @@ pub(crate) fn quantize_rows_prim(x: Prim) -> Result<(Prim, Prim), FastError> {
         k: k as i32,
     };
     require(p.q % 2 == 0, || "bits not 2-byte aligned".into())?;
+    // 16-byte loads and 8-byte stores where the rows allow them (every DiT and text-encoder width).
+    let vectors = k % 8 == 0 && p.x % 16 == 0 && p.q % 8 == 0;
+    let name = if vectors { "fp8_quantize_rows_v8" } else { "fp8_quantize_rows" };
     with_gpu(x.device.index, |dev| {
         require(dev.cc() >= (8, 9), || format!("compute capability {:?} has no e4m3 conversion", dev.cc()))?;
-        let f = dev.function(MODULE, kernels::FP8, "fp8_quantize_rows", 0)?;
+        let f = dev.function(MODULE, kernels::FP8, name, 0)?;
         dev.begin(&x)?;
         let mut args = [&mut p as *mut Fp8RowsParams as *mut c_void];
         // SAFETY: an `Fp8RowsParams` by value is the kernel's signature (layout checked on both sides at compile
         // time). `x` is dense bf16 `[rows, k]` (row stride `k`), `q` a new dense u8 buffer of the same shape (2-byte
-        // aligned, `k` even: the kernel writes byte pairs), `scale` a new f32 buffer of `rows` values; all are held
-        // until this function returns. One block per row.
+        // aligned, `k` even: the kernel writes byte pairs; for the `_v8` kernel `k` is a multiple of 8, `x` 16-byte
+        // and `q` 8-byte aligned), `scale` a new f32 buffer of `rows` values; all are held until this function
+        // returns. One block per row.
         unsafe { dev.launch(f, (rows as u32, 1, 1), (THREADS, 1, 1), 0, &mut args) }?;
         dev.end()
     })?;
@@ -88,9 +92,19 @@ pub(crate) fn dense_fp8_prim(
     bias: Option<Prim>,
     gelu: bool,
 ) -> Result<Prim, FastError> {
-    let (xd, wd, sd) = (dims(&x), dims(&bits), dims(&scales));
-    require(is_bf16(&x) && bits.dtype == DType::U8 && scales.dtype == DType::F32, || {
-        format!("dtypes {:?} / {:?} / {:?}", x.dtype, bits.dtype, scales.dtype)
+    require(is_bf16(&x), || format!("dtype {:?}", x.dtype))?;
+    // Checked before the quantization, so that an unfit GEMM falls back without a wasted kernel.
+    check_gemm(&dims(&x), &bits, &scales)?;
+    let (qx, sx) = quantize_rows_prim(x)?;
+    dense_fp8_quantized_prim(qx, sx, bits, scales, bias, gelu)
+}
+
+/// The e4m3 GEMM shapes and dtypes: `x [batch, tokens, K]` against `bits` (u8 `[N, K]`) and f32 `scales` (`[N]`),
+/// with cuBLASLt's FP8 alignment; returns `(m, k, n)`.
+fn check_gemm(xd: &[usize], bits: &Prim, scales: &Prim) -> Result<(usize, usize, usize), FastError> {
+    let (wd, sd) = (dims(bits), dims(scales));
+    require(bits.dtype == DType::U8 && scales.dtype == DType::F32, || {
+        format!("dtypes {:?} / {:?}", bits.dtype, scales.dtype)
     })?;
     require(xd.len() == 3 && wd.len() == 2 && xd[2] == wd[1] && sd == [wd[0]], || {
         format!("shapes {xd:?} · {wd:?}ᵀ, scales {sd:?}")
@@ -98,14 +112,31 @@ pub(crate) fn dense_fp8_prim(
     let (m, k, n) = (xd[0] * xd[1], xd[2], wd[0]);
     // cuBLASLt's FP8 GEMMs need 16-byte aligned leading dimensions: K bytes of e4m3, N bf16 outputs.
     require(m > 0 && crate::quant::fits_fp8_gemm([n, k]), || format!("GEMM {m}×{n}×{k}"))?;
+    Ok((m, k, n))
+}
+
+/// [`dense_fp8_prim`] from an activation quantized already: `qx` (u8 `[batch, tokens, K]`) and its f32 per-token
+/// scales `sx` (`[batch, tokens]`); returns bf16 `[batch, tokens, N]`.
+pub(crate) fn dense_fp8_quantized_prim(
+    qx: Prim,
+    sx: Prim,
+    bits: Prim,
+    scales: Prim,
+    bias: Option<Prim>,
+    gelu: bool,
+) -> Result<Prim, FastError> {
+    let xd = dims(&qx);
+    let (m, k, n) = check_gemm(&xd, &bits, &scales)?;
+    require(qx.dtype == DType::U8 && sx.dtype == DType::F32 && dims(&sx) == xd[..2], || {
+        format!("activation {:?} {xd:?}, scales {:?} {:?}", qx.dtype, sx.dtype, dims(&sx))
+    })?;
     let bias = bias.map(|b| dense_bias(b, n)).transpose()?;
     // SAFETY: only reads the version of the loaded cuBLASLt library.
     let version = unsafe { lt_sys::cublasLtGetVersion() };
     require(version >= MIN_CUBLASLT, || {
         format!("cuBLASLt {version} has no outer-vector FP8 scales (12.9+)")
     })?;
-    let (bits, scales) = (dense(bits), dense(scales));
-    let (qx, sx) = quantize_rows_prim(x)?;
+    let (bits, scales, qx, sx) = (dense(bits), dense(scales), dense(qx), dense(sx));
     let out = empty_like_device(&qx, vec![xd[0], xd[1], n], DType::BF16);
     let (pw, psw, pq, psx, py) = (ptr(&bits)?, ptr(&scales)?, ptr(&qx)?, ptr(&sx)?, ptr(&out)?);
     let pb = bias.as_ref().map(ptr).transpose()?;

@@ -115,6 +115,16 @@ assert_layout!(LnModParams: size 168, align 8 {
     s @ 80, d @ 84, eps @ 88, pad @ 92, runs @ 96,
 });
 
+/// `Fp8Rows` of `elementwise.cu`: where the FP8 adaLN kernels write the e4m3 rows and their scales.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Fp8Rows {
+    q: u64,
+    scale: u64,
+}
+
+assert_layout!(Fp8Rows: size 16, align 8 { q @ 0, scale @ 8 });
+
 /// See [`crate::ops::QwenBackend::layer_norm_modulate`].
 pub(crate) fn layer_norm_modulate_prim(
     x: Prim,
@@ -123,6 +133,36 @@ pub(crate) fn layer_norm_modulate_prim(
     runs: &[(usize, usize)],
     eps: f64,
 ) -> Result<Prim, FastError> {
+    let (out, _) = ln_modulate(x, shift, scale, runs, eps, true, false)?;
+    out.ok_or_else(|| FastError::unsupported("no output"))
+}
+
+/// See [`crate::ops::QwenBackend::layer_norm_modulate_fp8`]: the bf16 output when `dense`, the e4m3 rows (u8
+/// `[batch, tokens, dim]`) and their f32 scales (`[batch, tokens]`), from one kernel (sm_89+).
+pub(crate) fn layer_norm_modulate_fp8_prim(
+    x: Prim,
+    shift: &Prim,
+    scale: &Prim,
+    runs: &[(usize, usize)],
+    eps: f64,
+    dense: bool,
+) -> Result<(Option<Prim>, Prim, Prim), FastError> {
+    let (out, q) = ln_modulate(x, shift, scale, runs, eps, dense, true)?;
+    let (bits, scales) = q.ok_or_else(|| FastError::unsupported("no FP8 output"))?;
+    Ok((out, bits, scales))
+}
+
+/// The adaLN kernels: the bf16 output when `dense`, the e4m3 rows and their scales when `fp8`.
+#[allow(clippy::type_complexity)]
+fn ln_modulate(
+    x: Prim,
+    shift: &Prim,
+    scale: &Prim,
+    runs: &[(usize, usize)],
+    eps: f64,
+    dense: bool,
+    fp8: bool,
+) -> Result<(Option<Prim>, Option<(Prim, Prim)>), FastError> {
     let xd = dims(&x);
     require(xd.len() == 3, || format!("shape {xd:?}"))?;
     let (batch, tokens, dim) = (xd[0], xd[1], xd[2]);
@@ -132,10 +172,14 @@ pub(crate) fn layer_norm_modulate_prim(
     let (sh, psh, sh_sr, sh_sb) = modulation(shift, batch, dim)?;
     let (sc, psc, sc_sr, sc_sb) = modulation(scale, batch, dim)?;
     let runs = runs_of(runs, tokens, dims(&sh)[0].min(dims(&sc)[0]))?;
-    let out = empty_like_device(&x.t, vec![batch, tokens, dim], DType::BF16);
+    let out = dense.then(|| empty_like_device(&x.t, vec![batch, tokens, dim], DType::BF16));
+    let q = fp8.then(|| {
+        let bits = empty_like_device(&x.t, vec![batch, tokens, dim], DType::U8);
+        (bits, empty_like_device(&x.t, vec![batch, tokens], DType::F32))
+    });
     let mut p = LnModParams {
         x: x.ptr,
-        y: ptr(&out)?,
+        y: out.as_ref().map(ptr).transpose()?.unwrap_or(0),
         shift: psh,
         scale: psc,
         x_sb: x.sb,
@@ -150,23 +194,43 @@ pub(crate) fn layer_norm_modulate_prim(
         pad: 0,
         runs,
     };
+    let mut o = match &q {
+        Some((bits, scales)) => Fp8Rows { q: ptr(bits)?, scale: ptr(scales)? },
+        None => Fp8Rows { q: 0, scale: 0 },
+    };
+    require(o.q % 8 == 0, || "e4m3 rows not 8-byte aligned".into())?;
     with_gpu(x.t.device.index, |dev| {
+        if fp8 {
+            require(dev.cc() >= (8, 9), || {
+                format!("compute capability {:?} has no e4m3 conversion", dev.cc())
+            })?;
+        }
         // Rows of the DiT's width fit a kernel with a third of the registers (more blocks in flight).
-        let name = if dim <= 3072 { "ln_modulate_3072" } else { "ln_modulate" };
+        let name = match (fp8, dim <= 3072) {
+            (false, true) => "ln_modulate_3072",
+            (false, false) => "ln_modulate",
+            (true, true) => "ln_modulate_fp8_3072",
+            (true, false) => "ln_modulate_fp8",
+        };
         let f = dev.function(MODULE, kernels::ELEMENTWISE, name, 0)?;
         dev.begin(&x.t)?;
-        // SAFETY: `out` holds `batch·tokens·dim` bf16 values and lives until this function returns.
-        unsafe { dev.poison(p.y, batch * tokens * dim) }?;
-        let mut args = [&mut p as *mut LnModParams as *mut c_void];
-        // SAFETY: an `LnModParams` by value is the kernel's signature (layout checked on both sides at compile
-        // time). It points at `x` and the modulation tensors, whose shapes, 16-byte alignment and strides `rows`
-        // and `modulation` checked, whose runs `runs_of` checked against their rows, and at the dense output; all
-        // are held until this function returns. One block per (token, batch item) row, `dim` ≤ `MAX_DIM`.
-        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, &mut args) }?;
+        if dense {
+            // SAFETY: `out` holds `batch·tokens·dim` bf16 values and lives until this function returns.
+            unsafe { dev.poison(p.y, batch * tokens * dim) }?;
+        }
+        let mut args = [&mut p as *mut LnModParams as *mut c_void, &mut o as *mut Fp8Rows as *mut c_void];
+        let args = if fp8 { &mut args[..] } else { &mut args[..1] };
+        // SAFETY: an `LnModParams` by value (and for the FP8 kernels an `Fp8Rows` by value) is the kernel's
+        // signature (layouts checked on both sides at compile time). It points at `x` and the modulation tensors,
+        // whose shapes, 16-byte alignment and strides `rows` and `modulation` checked, whose runs `runs_of` checked
+        // against their rows, at the dense output (null only for an FP8 kernel, which then writes no bf16 row) and
+        // at the new e4m3 rows (`batch·tokens·dim` bytes, 8-byte aligned) and scales (`batch·tokens` f32); all are
+        // held until this function returns. One block per (token, batch item) row, `dim` ≤ `MAX_DIM`.
+        unsafe { dev.launch(f, (tokens as u32, batch as u32, 1), (ROW_THREADS, 1, 1), 0, args) }?;
         dev.end()
     })?;
     drop((x, sh, sc));
-    Ok(out)
+    Ok((out, q))
 }
 
 /// `GatedParams` of `elementwise.cu` (`gated_residual`).

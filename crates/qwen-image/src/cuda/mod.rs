@@ -112,7 +112,8 @@ pub use registry::{config, configure, ordering_mode, release_unused_memory, rese
 pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup};
 
 use crate::ops::{lowered, portable, AttentionOptions, FastPathReport, KvSegment, NormRope, QwenBackend};
-use crate::quant::Fp8Weight;
+use crate::quant::{Fp8Activation, Fp8Weight};
+use error::require;
 use registry::{attempt, enabled, Kind};
 use tensor::{prim, wrap};
 
@@ -193,6 +194,64 @@ impl QwenBackend for CudaBackend {
     ) -> Tensor<Self, 3> {
         let fast = |x: &Tensor<Self, 3>| fp8_gemm(x, weight, bias, true);
         fast_or(&x.device(), Kind::Fp8, x, fast, |x| portable::dense_fp8_gelu_tanh(x, weight, bias))
+    }
+
+    fn quantize_activation_fp8(x: Tensor<Self, 3>) -> Fp8Activation<Self> {
+        let dtype = x.dtype();
+        let fast = |x: &Tensor<Self, 3>| {
+            fp8::quantize_rows_prim(prim(x.clone())).map(|(bits, scales)| Fp8Activation {
+                bits: Tensor::<Self, 3, Int>::from_primitive(bits),
+                scales: wrap(scales),
+                dtype,
+            })
+        };
+        fast_or(&x.device(), Kind::Fp8, x, fast, portable::quantize_activation)
+    }
+
+    fn dense_fp8_quantized(
+        x: &Fp8Activation<Self>,
+        weight: &Fp8Weight<Self>,
+        bias: Option<&Tensor<Self, 1>>,
+        gelu_tanh: bool,
+    ) -> Tensor<Self, 3> {
+        let fast = |x: &&Fp8Activation<Self>| {
+            require(x.dtype == DType::BF16, || format!("output dtype {:?}", x.dtype))?;
+            let (bits, scales) = (weight.bits.clone().into_primitive(), prim(weight.scales.clone()));
+            let (qx, sx) = (x.bits.clone().into_primitive(), prim(x.scales.clone()));
+            fp8::dense_fp8_quantized_prim(qx, sx, bits, scales, bias.map(|b| prim(b.clone())), gelu_tanh)
+                .map(wrap)
+        };
+        fast_or(&x.bits.device(), Kind::Fp8, x, fast, |x| {
+            portable::dense_fp8_quantized(x, weight, bias, gelu_tanh)
+        })
+    }
+
+    fn layer_norm_modulate_fp8(
+        x: Tensor<Self, 3>,
+        shift: &Tensor<Self, 3>,
+        scale: &Tensor<Self, 3>,
+        runs: &[(usize, usize)],
+        eps: f64,
+        dense: bool,
+    ) -> (Option<Tensor<Self, 3>>, Fp8Activation<Self>) {
+        let dtype = x.dtype();
+        let fast = |x: &Tensor<Self, 3>| {
+            let (shift, scale) = (prim(shift.clone()), prim(scale.clone()));
+            glue::layer_norm_modulate_fp8_prim(prim(x.clone()), &shift, &scale, runs, eps, dense).map(
+                |(out, bits, scales)| {
+                    let q = Fp8Activation {
+                        bits: Tensor::<Self, 3, Int>::from_primitive(bits),
+                        scales: wrap(scales),
+                        dtype,
+                    };
+                    (out.map(wrap), q)
+                },
+            )
+        };
+        // Booked under `fp8` (it needs the e4m3 conversion); its fallback runs the two calls, each on its own path.
+        fast_or(&x.device(), Kind::Fp8, x, fast, |x| {
+            portable::layer_norm_modulate_fp8(x, shift, scale, runs, eps, dense)
+        })
     }
 
     fn attend(

@@ -4,7 +4,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::{linears::linear_layers, rope::RopeTensors};
 use crate::{
-    nn::{Linear, RmsNorm},
+    nn::{InputNeeds, Linear, LinearInput, RmsNorm},
     ops::{NormRope, QwenBackend},
     weights::WeightPath,
     Result,
@@ -109,45 +109,63 @@ impl<B: QwenBackend> JointAttention<B> {
         B::rms_norm_rope(self.heads(x), &norm.weight, norm.eps, &rope.cos, &rope.sin)
     }
 
+    /// What the image stream's Q/K/V projections need of their input (one [`LinearInput`] for the three).
+    pub fn image_needs(&self) -> InputNeeds {
+        InputNeeds::of(&[&self.to_q, &self.to_k, &self.to_v])
+    }
+
+    /// What the image stream's K/V projections alone need of their input.
+    pub fn image_kv_needs(&self) -> InputNeeds {
+        InputNeeds::of(&[&self.to_k, &self.to_v])
+    }
+
+    /// What the text stream's Q/K/V projections need of their input.
+    pub fn text_needs(&self) -> InputNeeds {
+        InputNeeds::of(&[&self.add_q_proj, &self.add_k_proj, &self.add_v_proj])
+    }
+
     /// Q, K, V of modulated image tokens `[batch, tokens, dim]`.
     pub fn image_qkv(&self, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> Qkv<B> {
-        let q = self.norm_rope(&self.norm_q, self.to_q.forward(x.clone()), rope);
-        let (k, v) = self.image_kv(x, rope);
+        let x = LinearInput::new(x, self.image_needs());
+        let q = self.norm_rope(&self.norm_q, self.to_q.forward_input(&x), rope);
+        let (k, v) = self.image_kv(&x, rope);
         Qkv { q, k, v }
     }
 
-    /// K, V only of modulated image tokens (for condition tokens whose queries are not needed).
-    pub fn image_kv(&self, x: Tensor<B, 3>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let k = self.norm_rope(&self.norm_k, self.to_k.forward(x.clone()), rope);
-        let v = self.heads(self.to_v.forward(x));
+    /// K, V only of modulated image tokens (for condition tokens whose queries are not needed); `x` made for at
+    /// least [`image_kv_needs`](Self::image_kv_needs).
+    pub fn image_kv(&self, x: &LinearInput<B>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = self.norm_rope(&self.norm_k, self.to_k.forward_input(x), rope);
+        let v = self.heads(self.to_v.forward_input(x));
         (k, v)
     }
 
-    /// K, V only of modulated text tokens.
-    pub fn text_kv(&self, c: Tensor<B, 3>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let k = self.norm_rope(&self.norm_added_k, self.add_k_proj.forward(c.clone()), rope);
-        let v = self.heads(self.add_v_proj.forward(c));
+    /// K, V only of modulated text tokens; `c` made for at least the text K/V projections.
+    pub fn text_kv(&self, c: &LinearInput<B>, rope: &RopeTensors<B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = self.norm_rope(&self.norm_added_k, self.add_k_proj.forward_input(c), rope);
+        let v = self.heads(self.add_v_proj.forward_input(c));
         (k, v)
     }
 
-    /// The joint queries `[text ; image]` of modulated text tokens `c` and image tokens `x`: both streams' query
-    /// projections, QK-normalized and rotated into one tensor ([`QwenBackend::rms_norm_rope_cat`]).
+    /// The joint queries `[text ; image]` of modulated text tokens `c` and image tokens `x` (made for
+    /// [`text_needs`](Self::text_needs) and [`image_needs`](Self::image_needs)): both streams' query projections,
+    /// QK-normalized and rotated into one tensor ([`QwenBackend::rms_norm_rope_cat`]).
     pub fn joint_query(
         &self,
-        c: Tensor<B, 3>,
-        x: Tensor<B, 3>,
+        c: &LinearInput<B>,
+        x: &LinearInput<B>,
         txt_rope: &RopeTensors<B>,
         img_rope: &RopeTensors<B>,
     ) -> Tensor<B, 4> {
         let text = NormRope {
-            x: self.heads(self.add_q_proj.forward(c)),
+            x: self.heads(self.add_q_proj.forward_input(c)),
             weight: &self.norm_added_q.weight,
             eps: self.norm_added_q.eps,
             cos: &txt_rope.cos,
             sin: &txt_rope.sin,
         };
         let image = NormRope {
-            x: self.heads(self.to_q.forward(x)),
+            x: self.heads(self.to_q.forward_input(x)),
             weight: &self.norm_q.weight,
             eps: self.norm_q.eps,
             cos: &img_rope.cos,
@@ -158,9 +176,9 @@ impl<B: QwenBackend> JointAttention<B> {
 
     /// Q, K, V of modulated text tokens.
     pub fn text_qkv(&self, c: Tensor<B, 3>, rope: &RopeTensors<B>) -> Qkv<B> {
-        let q = self.norm_rope(&self.norm_added_q, self.add_q_proj.forward(c.clone()), rope);
-        let k = self.norm_rope(&self.norm_added_k, self.add_k_proj.forward(c.clone()), rope);
-        let v = self.heads(self.add_v_proj.forward(c));
+        let c = LinearInput::new(c, self.text_needs());
+        let q = self.norm_rope(&self.norm_added_q, self.add_q_proj.forward_input(&c), rope);
+        let (k, v) = self.text_kv(&c, rope);
         Qkv { q, k, v }
     }
 }

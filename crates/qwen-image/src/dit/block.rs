@@ -10,7 +10,7 @@ use super::{
     rope::RopeTensors,
 };
 use crate::{
-    nn::{Linear, PlacedLinear},
+    nn::{InputNeeds, Linear, LinearInput, PlacedLinear},
     ops::{AttentionOptions, KvSegment, QwenBackend},
     weights::WeightPath,
     Result,
@@ -41,7 +41,36 @@ impl<B: QwenBackend> FeedForward<B> {
 
     /// `[batch, tokens, dim] → [batch, tokens, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.proj_out.forward(self.proj_in.forward_gelu_tanh(x))
+        self.forward_input(&LinearInput::new(x, self.input_needs()))
+    }
+
+    /// What `net.0.proj` needs of the input.
+    pub fn input_needs(&self) -> InputNeeds {
+        InputNeeds::of(&[&self.proj_in])
+    }
+
+    /// [`forward`](Self::forward) of an input made for [`input_needs`](Self::input_needs).
+    pub fn forward_input(&self, x: &LinearInput<B>) -> Tensor<B, 3> {
+        self.proj_out.forward(self.proj_in.forward_input_gelu_tanh(x))
+    }
+
+    /// The MLP sub-layer of a stream: `x + gate · forward(LayerNorm(x) · (1 + scale) + shift)`, the modulation row
+    /// of each token chosen by `runs`.
+    pub fn modulated_residual(
+        &self,
+        x: Tensor<B, 3>,
+        m: &Modulation<B>,
+        runs: &[(usize, usize)],
+    ) -> Tensor<B, 3> {
+        let input = LinearInput::layer_norm_modulated(
+            x.clone(),
+            &m.shift,
+            &m.scale,
+            runs,
+            LN_EPS,
+            self.input_needs(),
+        );
+        B::gated_residual(x, self.forward_input(&input), &m.gate, runs)
     }
 }
 
@@ -189,16 +218,29 @@ impl<B: QwenBackend> TransformerBlock<B> {
         let n_img = img.dims()[1];
         let txt_runs = ModRuns::single(n_txt);
 
-        // 1. adaLN + projections.
-        let img_mod =
-            B::layer_norm_modulate(img.clone(), &m.img1.shift, &m.img1.scale, ctx.runs.runs(), LN_EPS);
-        let txt_mod =
-            B::layer_norm_modulate(txt.clone(), &m.txt1.shift, &m.txt1.scale, txt_runs.runs(), LN_EPS);
-        let (img_k, img_v) = self.attn.image_kv(img_mod.clone(), ctx.img_rope);
-        let (txt_k, txt_v) = self.attn.text_kv(txt_mod.clone(), ctx.txt_rope);
+        // 1. adaLN + projections (the modulated tokens quantized by the adaLN kernel for FP8 projections).
+        let img_in = LinearInput::layer_norm_modulated(
+            img.clone(),
+            &m.img1.shift,
+            &m.img1.scale,
+            ctx.runs.runs(),
+            LN_EPS,
+            self.attn.image_needs(),
+        );
+        let txt_in = LinearInput::layer_norm_modulated(
+            txt.clone(),
+            &m.txt1.shift,
+            &m.txt1.scale,
+            txt_runs.runs(),
+            LN_EPS,
+            self.attn.text_needs(),
+        );
+        let (img_k, img_v) = self.attn.image_kv(&img_in, ctx.img_rope);
+        let (txt_k, txt_v) = self.attn.text_kv(&txt_in, ctx.txt_rope);
 
         // 2. Joint attention, text first.
-        let query = self.attn.joint_query(txt_mod, img_mod, ctx.txt_rope, ctx.img_rope);
+        let query = self.attn.joint_query(&txt_in, &img_in, ctx.txt_rope, ctx.img_rope);
+        drop((img_in, txt_in));
         let mut segments = vec![
             KvSegment { key: txt_k, value: txt_v },
             KvSegment { key: img_k.clone(), value: img_v.clone() },
@@ -212,12 +254,8 @@ impl<B: QwenBackend> TransformerBlock<B> {
         // 3. Gated residuals, then the MLPs.
         let img = B::gated_residual(img, img_attn, &m.img1.gate, ctx.runs.runs());
         let txt = B::gated_residual(txt, txt_attn, &m.txt1.gate, txt_runs.runs());
-        let img_in =
-            B::layer_norm_modulate(img.clone(), &m.img2.shift, &m.img2.scale, ctx.runs.runs(), LN_EPS);
-        let img = B::gated_residual(img, self.img_mlp.forward(img_in), &m.img2.gate, ctx.runs.runs());
-        let txt_in =
-            B::layer_norm_modulate(txt.clone(), &m.txt2.shift, &m.txt2.scale, txt_runs.runs(), LN_EPS);
-        let txt = B::gated_residual(txt, self.txt_mlp.forward(txt_in), &m.txt2.gate, txt_runs.runs());
+        let img = self.img_mlp.modulated_residual(img, &m.img2, ctx.runs.runs());
+        let txt = self.txt_mlp.modulated_residual(txt, &m.txt2, txt_runs.runs());
         BlockOutput { img, txt, img_key: img_k, img_value: img_v }
     }
 
@@ -230,8 +268,16 @@ impl<B: QwenBackend> TransformerBlock<B> {
         rope: &RopeTensors<B>,
         runs: &ModRuns,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let x = B::layer_norm_modulate(hidden, &m.img1.shift, &m.img1.scale, runs.runs(), LN_EPS);
-        self.attn.image_kv(x, rope)
+        let needs = self.attn.image_kv_needs();
+        let x = LinearInput::layer_norm_modulated(
+            hidden,
+            &m.img1.shift,
+            &m.img1.scale,
+            runs.runs(),
+            LN_EPS,
+            needs,
+        );
+        self.attn.image_kv(&x, rope)
     }
 }
 

@@ -9,7 +9,7 @@
 use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::quant::Fp8Weight;
+use crate::quant::{Fp8Activation, Fp8Weight};
 
 /// What an accelerated backend's fast path did for one kind of operation (GEMM, attention, glue, …) since the
 /// process (or the backend's statistics) started.
@@ -136,6 +136,41 @@ pub trait QwenBackend: Backend {
         bias: Option<&Tensor<Self, 1>>,
     ) -> Tensor<Self, 3> {
         portable::dense_fp8_gelu_tanh(x, weight, bias)
+    }
+
+    /// Step 1 of [`dense_fp8`](Self::dense_fp8) alone: `x [batch, tokens, K]` quantized per token, for several FP8
+    /// layers that read the same activation ([`LinearInput`](crate::nn::LinearInput)). An override must give the
+    /// portable default's bits and scales ([`portable::quantize_activation`], the host's rounding).
+    fn quantize_activation_fp8(x: Tensor<Self, 3>) -> Fp8Activation<Self> {
+        portable::quantize_activation(x)
+    }
+
+    /// Steps 2–3 of [`dense_fp8`](Self::dense_fp8) from an activation quantized already, GELU-tanh before the
+    /// rounding when `gelu_tanh` ([`dense_fp8_gelu_tanh`](Self::dense_fp8_gelu_tanh)); the result is in the
+    /// activation's original dtype. `dense_fp8(x, …)` equals `dense_fp8_quantized(&quantize_activation_fp8(x), …)`
+    /// up to the order of the sums.
+    fn dense_fp8_quantized(
+        x: &Fp8Activation<Self>,
+        weight: &Fp8Weight<Self>,
+        bias: Option<&Tensor<Self, 1>>,
+        gelu_tanh: bool,
+    ) -> Tensor<Self, 3> {
+        portable::dense_fp8_quantized(x, weight, bias, gelu_tanh)
+    }
+
+    /// [`layer_norm_modulate`](Self::layer_norm_modulate)'s output quantized per token
+    /// ([`quantize_activation_fp8`](Self::quantize_activation_fp8)), in one kernel where the backend can: the input of
+    /// FP8 projections. With `dense`, also the output itself (for layers that read it in the model's dtype). Both must
+    /// be bit-identical to the two calls' results. The default makes the two calls.
+    fn layer_norm_modulate_fp8(
+        x: Tensor<Self, 3>,
+        shift: &Tensor<Self, 3>,
+        scale: &Tensor<Self, 3>,
+        runs: &[(usize, usize)],
+        eps: f64,
+        dense: bool,
+    ) -> (Option<Tensor<Self, 3>>, Fp8Activation<Self>) {
+        portable::layer_norm_modulate_fp8(x, shift, scale, runs, eps, dense)
     }
 
     /// Scaled dot-product attention of `query` over the concatenation of `segments` along the key axis.
@@ -302,7 +337,10 @@ pub mod portable {
         Tensor, TensorData,
     };
 
-    pub use crate::quant::portable::{dense_fp8, dense_fp8_gelu_tanh, quantize_fp8};
+    pub use crate::quant::portable::{
+        dense_fp8, dense_fp8_gelu_tanh, dense_fp8_quantized, layer_norm_modulate_fp8, quantize_activation,
+        quantize_fp8,
+    };
     pub use crate::{
         nn::rms_norm,
         pixels::{read_rgb8, upload_rgb8},

@@ -5,6 +5,8 @@
 //!   against PyTorch's `float8_e4m3fn`).
 //! - [`Fp8Weight`] (`weight`): a layer's e4m3 bits and scales on the device, quantized again from the unquantized
 //!   weight when a LoRA is merged.
+//! - [`Fp8Activation`] (`activation`): an activation quantized per token once for every FP8 layer reading it, or by
+//!   the kernel that produces it; the portable defaults of the seam's quantized-activation methods.
 //! - [`Fp8Options`] (`options`): which layers are quantized (every one but a keep list).
 //! - [`portable`]: the portable defaults of [`QwenBackend::quantize_fp8`](crate::ops::QwenBackend::quantize_fp8)
 //!   and [`QwenBackend::dense_fp8`](crate::ops::QwenBackend::dense_fp8), an exact f32 emulation of the FP8 GEMM.
@@ -15,12 +17,14 @@
 //! loader quantizes the layers a [`WeightStore`](crate::weights::WeightStore)'s FP8 options name
 //! ([`WeightStore::quantize_linears`](crate::weights::WeightStore::quantize_linears)).
 
+mod activation;
 pub mod e4m3;
 mod options;
 pub mod portable;
 mod summary;
 mod weight;
 
+pub use activation::Fp8Activation;
 pub use options::{Fp8Options, DEFAULT_KEEP};
 pub use summary::LinearWeightSummary;
 pub use weight::Fp8Weight;

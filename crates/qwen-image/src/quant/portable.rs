@@ -15,6 +15,7 @@
 
 use burn::tensor::{activation, DType, Int, Tensor, TensorData};
 
+pub use super::activation::{dense_fp8_quantized, layer_norm_modulate_fp8, quantize_activation};
 use super::{e4m3, Fp8Weight};
 use crate::ops::QwenBackend;
 
@@ -71,7 +72,7 @@ fn dense_fp8_f32<B: QwenBackend>(
 }
 
 /// The values of `t` in f32 on the host, row-major.
-fn host_f32<B: QwenBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(super) fn host_f32<B: QwenBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.cast(DType::F32).into_data().iter::<f32>().collect()
 }
 

@@ -73,17 +73,29 @@ QI_ASSERT_OFFSET(LnModParams, eps, 88);
 QI_ASSERT_OFFSET(LnModParams, pad_, 92);
 QI_ASSERT_OFFSET(LnModParams, runs, 96);
 
+// Where the FP8 variants put the output quantized per row (the `y` rows as bf16, then e4m3 as `fp8_quantize_rows`
+// would make them from the bf16 output: bit-identical).
+struct Fp8Rows {
+    unsigned char* q;  // [B, S, D] e4m3, dense
+    float* scale;      // [B, S]
+};
+QI_ASSERT_LAYOUT(Fp8Rows, 16, 8);
+QI_ASSERT_OFFSET(Fp8Rows, q, 0);
+QI_ASSERT_OFFSET(Fp8Rows, scale, 8);
+
 // y = bf16(LayerNorm(x)) · (1 + scale[row]) + shift[row]; LayerNorm without affine, statistics in f32.
 // Grid (S, B), ROW_THREADS threads; rows up to ROW_THREADS · VEC · 8 wide (the row stays in registers).
-template <int VEC>
-__device__ __forceinline__ void ln_modulate_row(const LnModParams& p) {
+// With FP8, the bf16 row is also quantized to `o` (and `y` may be null: the bf16 row is then not written).
+template <int VEC, bool FP8>
+__device__ __forceinline__ void ln_modulate_row(const LnModParams& p, const Fp8Rows& o) {
     __shared__ float red[ROW_THREADS / 32];
     const int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int row = run_row(p.runs, s);
     const uint4* xr = reinterpret_cast<const uint4*>(p.x + b * p.x_sb + (i64)s * p.x_st);
     const uint4* sh = reinterpret_cast<const uint4*>(p.shift + row * p.sh_sr + b * p.sh_sb);
     const uint4* sc = reinterpret_cast<const uint4*>(p.scale + row * p.sc_sr + b * p.sc_sb);
-    uint4* yr = reinterpret_cast<uint4*>(p.y + ((i64)b * p.S + s) * p.D);
+    const i64 out_row = (i64)b * p.S + s;
+    uint4* yr = reinterpret_cast<uint4*>(p.y + out_row * p.D);
     const int nv = p.D / 8;
     float v[VEC][8];
     float sum = 0.f;
@@ -111,6 +123,7 @@ __device__ __forceinline__ void ln_modulate_row(const LnModParams& p) {
     }
     const float var = block_sum<ROW_THREADS>(sq, red) / p.D;
     const float rstd = 1.f / sqrtf(var + p.eps);
+    float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
         const int idx = tid + i * ROW_THREADS;
@@ -124,19 +137,45 @@ __device__ __forceinline__ void ln_modulate_row(const LnModParams& p) {
                 const float t = round_bf16(c[e] + 1.f);
                 out[e] = round_bf16(xn * t) + a[e];
             }
-            yr[idx] = pack8(out);
+            if (!FP8 || p.y) yr[idx] = pack8(out);
+            if (FP8) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    v[i][e] = round_bf16(out[e]);  // what the bf16 output holds
+                    amax = fmaxf(amax, fabsf(v[i][e]));
+                }
+            }
+        }
+    }
+    if (FP8) {
+        const float qs = e4m3_row_scale(block_max<ROW_THREADS>(amax, red));
+        if (tid == 0) o.scale[out_row] = qs;
+        uint2* q = reinterpret_cast<uint2*>(o.q + out_row * p.D);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const int idx = tid + i * ROW_THREADS;
+            if (idx < nv) q[idx] = e4m3x8(v[i], qs);
         }
     }
 }
 
 // Rows up to 8192 wide.
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate(const LnModParams p) {
-    ln_modulate_row<MAX_VEC>(p);
+    ln_modulate_row<MAX_VEC, false>(p, Fp8Rows{});
 }
 
 // Rows up to 3072 wide (the DiT): a third of the registers, so three times the blocks in flight per SM.
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate_3072(const LnModParams p) {
-    ln_modulate_row<3>(p);
+    ln_modulate_row<3, false>(p, Fp8Rows{});
+}
+
+// The same, the output also quantized to e4m3 per row (the input of the FP8 projections after it); sm_89+.
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate_fp8(const LnModParams p, const Fp8Rows o) {
+    ln_modulate_row<MAX_VEC, true>(p, o);
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) ln_modulate_fp8_3072(const LnModParams p, const Fp8Rows o) {
+    ln_modulate_row<3, true>(p, o);
 }
 
 struct GatedParams {

@@ -94,3 +94,50 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     float t = lane < NT / 32 ? red[lane] : 0.f;
     return warp_sum(t);
 }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Maximum over a block of `NT` threads, as `block_sum`.
+template <int NT>
+__device__ __forceinline__ float block_max(float v, float* red) {
+    v = warp_max(v);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < NT / 32 ? red[lane] : 0.f;
+    return warp_max(t);
+}
+
+// e4m3 quantization of a row (qwen_image::quant::e4m3): scale = max|x| / 448 (1 when that is below the smallest
+// normal f32), q = e4m3(x / scale) with the division in IEEE f32 and the conversion rounding to nearest even and
+// saturating.
+__device__ __forceinline__ float e4m3_row_scale(float amax) {
+    const float s = __fdiv_rn(amax, 448.f);
+    return s >= 1.17549435e-38f ? s : 1.f;
+}
+
+// Two f32 as e4m3 bytes, `lo` in the low byte (cvt.rn.satfinite.e4m3x2.f32). The instruction exists from sm_89 on;
+// the host launches no e4m3 kernel on older GPUs, where this traps (so that every module still compiles there).
+__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+// Eight f32 divided by `s` (IEEE) as eight e4m3 bytes, the first in the lowest byte.
+__device__ __forceinline__ uint2 e4m3x8(const float (&v)[8], float s) {
+    uint2 r;
+    r.x = (u32)e4m3x2(__fdiv_rn(v[0], s), __fdiv_rn(v[1], s)) | ((u32)e4m3x2(__fdiv_rn(v[2], s), __fdiv_rn(v[3], s)) << 16);
+    r.y = (u32)e4m3x2(__fdiv_rn(v[4], s), __fdiv_rn(v[5], s)) | ((u32)e4m3x2(__fdiv_rn(v[6], s), __fdiv_rn(v[7], s)) << 16);
+    return r;
+}

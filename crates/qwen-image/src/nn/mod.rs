@@ -4,7 +4,10 @@
 //! The structs are plain parameter holders (tensors loaded by [`WeightPath`]); there is no burn `Module`
 //! machinery and no lazily initialized parameter that could silently stay random.
 
+mod input;
+
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+pub use input::{InputNeeds, LinearInput};
 
 use crate::{
     ops::QwenBackend,
