@@ -5,7 +5,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use super::config::TextConfig;
 use crate::{
-    nn::{Linear, RmsNorm},
+    nn::{Linear, LinearInput, RmsNorm},
     ops::{AttentionOptions, KvSegment, QwenBackend},
     weights::WeightPath,
     ModelError, Result,
@@ -61,8 +61,10 @@ impl<B: QwenBackend> GatedMlp<B> {
 
     /// `[batch, tokens, dim] → [batch, tokens, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone());
-        self.down_proj.forward(B::silu_mul(gate, self.up_proj.forward(x)))
+        // One input for both projections: quantized once when they are FP8.
+        let x = LinearInput::for_layers(x, &[&self.gate_proj, &self.up_proj]);
+        let gate = self.gate_proj.forward_input(&x);
+        self.down_proj.forward(B::silu_mul(gate, self.up_proj.forward_input(&x)))
     }
 }
 
@@ -131,9 +133,11 @@ impl<B: QwenBackend> TextAttention<B> {
     /// Causal attention of `[batch, tokens, hidden]` under the rotary angles `rope`.
     pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, self.heads, self.head_dim]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, self.kv_heads, self.head_dim]);
-        let v = self.v_proj.forward(x).reshape([b, s, self.kv_heads, self.head_dim]);
+        let x = LinearInput::for_layers(x, &[&self.q_proj, &self.k_proj, &self.v_proj]);
+        let q = self.q_proj.forward_input(&x).reshape([b, s, self.heads, self.head_dim]);
+        let k = self.k_proj.forward_input(&x).reshape([b, s, self.kv_heads, self.head_dim]);
+        let v = self.v_proj.forward_input(&x).reshape([b, s, self.kv_heads, self.head_dim]);
+        drop(x);
         let q = B::rotary_half(q, &rope.cos, &rope.sin);
         let key = B::rotary_half(k, &rope.cos, &rope.sin);
         let options = AttentionOptions { causal: true, key_mask: None };
