@@ -83,16 +83,17 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Sum over a block of `NT` threads (NT a multiple of 32, at most 1024); `red` holds NT/32 floats.
-template <int NT>
-__device__ __forceinline__ float block_sum(float v, float* red) {
-    v = warp_sum(v);
+// Reduction over a block of `NT` threads (NT a multiple of 32, at most 1024) with the warp reduction `WARP`, 0 for
+// the missing lanes (the identity of a sum, and of a maximum of magnitudes); `red` holds NT/32 floats.
+template <int NT, float (*WARP)(float)>
+__device__ __forceinline__ float block_reduce(float v, float* red) {
+    v = WARP(v);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __syncthreads();
     if (lane == 0) red[warp] = v;
     __syncthreads();
     float t = lane < NT / 32 ? red[lane] : 0.f;
-    return warp_sum(t);
+    return WARP(t);
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -101,16 +102,15 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Maximum over a block of `NT` threads, as `block_sum`.
+template <int NT>
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    return block_reduce<NT, warp_sum>(v, red);
+}
+
+// Of magnitudes (non-negative values).
 template <int NT>
 __device__ __forceinline__ float block_max(float v, float* red) {
-    v = warp_max(v);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < NT / 32 ? red[lane] : 0.f;
-    return warp_max(t);
+    return block_reduce<NT, warp_max>(v, red);
 }
 
 // e4m3 quantization of a row (qwen_image::quant::e4m3): scale = max|x| / 448 (1 when that is below the smallest
