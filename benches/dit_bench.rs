@@ -222,12 +222,16 @@ fn gemm_kernels(reps: usize, attention_only: bool) -> Value {
                     G::dense_fp8(x.clone(), &w8, Some(&b))
                 }
             };
+            // Promoted sums (`QWEN_FP8_FAST_ACCUM=0`) first, then fast accumulation (the default); the
+            // configuration is left as the process started.
+            let default_fast = cuda::config(&dev()).fp8_fast_accum;
+            configure(|c| c.fp8_fast_accum = false).expect("configuration");
             let ms8 = time_ms(reps, 20, || drop(fp8()));
             let exact = to_f32_vec(fp8());
             configure(|c| c.fp8_fast_accum = true).expect("configuration");
             let ms8_fast = time_ms(reps, 20, || drop(fp8()));
             let fast_err = rel_l2(&to_f32_vec(fp8()), &exact);
-            configure(|c| c.fp8_fast_accum = false).expect("configuration");
+            configure(|c| c.fp8_fast_accum = default_fast).expect("configuration");
             let tf8 = 2.0 * (m * n * k) as f64 / (ms8 * 1e-3) / 1e12;
             // Of which the activations' quantization (the same row kernel as for weights).
             let quant = time_ms(reps, 20, || drop(G::quantize_fp8(x.clone().reshape([m, k]))));

@@ -125,7 +125,8 @@ if has modes; then
     case $name in
       fp8) flags=(--quantize fp8) ;;
       fp8dit) flags=(--quantize fp8-dit) ;;
-      fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;
+      fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;  # the default since 2026-12-07
+      fp8exact) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=0 ;;  # promoted FP8 sums
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;

@@ -37,9 +37,11 @@ pub struct FastPathConfig {
     /// Kernel development (`QWEN_CUDA_KERNEL_DIR`): `<dir>/<module>.cu`, when present, replaces the built-in source
     /// of that module. Read when a module is compiled (its first use on the device).
     pub kernel_dir: Option<PathBuf>,
-    /// FP8 GEMMs with cuBLASLt's fast accumulation (`QWEN_FP8_FAST_ACCUM`; default off): the tensor cores'
+    /// FP8 GEMMs with cuBLASLt's fast accumulation (`QWEN_FP8_FAST_ACCUM`; default on): the tensor cores'
     /// accumulators are not promoted to full f32 every few K-steps, which is faster and less exact (XLA and many
-    /// inference engines use it for forward passes). Off until its speed and error are measured (docs/fp8.md).
+    /// inference engines use it for forward passes). Measured (docs/fp8.md): 1.12–1.29× per DiT GEMM, rel. L2
+    /// 2–3.4e-3 against the promoted sums, and on the proxy benchmark in bf16 on an H100 no edit of 120 changed
+    /// against bf16 (plain FP8: one). `QWEN_FP8_FAST_ACCUM=0` promotes.
     pub fp8_fast_accum: bool,
     /// Test support (no variable): every fast-path output is filled with NaN before the kernel that computes it
     /// runs, so a kernel that leaves elements unwritten is caught.
@@ -55,7 +57,7 @@ impl Default for FastPathConfig {
             ordering: OrderingMode::ContextEvents,
             gemm_autotune: GemmAutotune::On,
             kernel_dir: None,
-            fp8_fast_accum: false,
+            fp8_fast_accum: true,
             poison_outputs: false,
         }
     }
@@ -274,7 +276,7 @@ mod tests {
             ("QWEN_GEMM_AUTOTUNE", "verbose"),
             ("QWEN_CUDA_KERNEL_DIR", "/k"),
             ("QWEN_CUDA_CACHE_DIR", "/c"),
-            ("QWEN_FP8_FAST_ACCUM", "on"),
+            ("QWEN_FP8_FAST_ACCUM", "off"),
         ]);
         let want = FastPathConfig {
             ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
@@ -282,7 +284,7 @@ mod tests {
             ordering: OrderingMode::HostSync,
             gemm_autotune: GemmAutotune::Verbose,
             kernel_dir: Some("/k".into()),
-            fp8_fast_accum: true,
+            fp8_fast_accum: false,
             poison_outputs: false,
         };
         assert_eq!(e.fast_path, want);
@@ -299,6 +301,7 @@ mod tests {
         assert_eq!(env(&[("QWEN_FLASH", "tma")]).fast_path.flash_kernel, FlashKernel::Auto);
         assert_eq!(env(&[("QWEN_CUDA_KERNEL_DIR", "")]).fast_path.kernel_dir, None);
         assert!(!env(&[("QWEN_FP8_FAST_ACCUM", "0")]).fast_path.fp8_fast_accum);
+        assert!(env(&[("QWEN_FP8_FAST_ACCUM", "1")]).fast_path.fp8_fast_accum);
     }
 
     #[test]
