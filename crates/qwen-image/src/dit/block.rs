@@ -70,7 +70,9 @@ impl<B: QwenBackend> FeedForward<B> {
             LN_EPS,
             self.input_needs(),
         );
-        B::gated_residual(x, self.forward_input(&input), &m.gate, runs)
+        let hidden = self.proj_in.forward_input_gelu_tanh(&input);
+        drop(input); // before the second GEMM, as when the first one took the activation by value
+        B::gated_residual(x, self.proj_out.forward(hidden), &m.gate, runs)
     }
 }
 

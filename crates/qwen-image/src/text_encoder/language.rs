@@ -63,8 +63,9 @@ impl<B: QwenBackend> GatedMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // One input for both projections: quantized once when they are FP8.
         let x = LinearInput::for_layers(x, &[&self.gate_proj, &self.up_proj]);
-        let gate = self.gate_proj.forward_input(&x);
-        self.down_proj.forward(B::silu_mul(gate, self.up_proj.forward_input(&x)))
+        let (gate, up) = (self.gate_proj.forward_input(&x), self.up_proj.forward_input(&x));
+        drop(x);
+        self.down_proj.forward(B::silu_mul(gate, up))
     }
 }
 
