@@ -2,8 +2,8 @@
 //! does: `preprocess` maps a level `v` to `2·(v / 255) − 1`, `postprocess` maps `x` back to
 //! `round((x·0.5 + 0.5).clamp(0, 1) · 255)` (half to even), all in f32.
 //!
-//! How to use: [`QwenBackend::upload_rgb8`](crate::ops::QwenBackend::upload_rgb8) and
-//! [`QwenBackend::read_rgb8`](crate::ops::QwenBackend::read_rgb8) move an image between host and device (on the CUDA
+//! How to use: [`QwenBackend::upload_rgb8`] and
+//! [`QwenBackend::read_rgb8`] move an image between host and device (on the CUDA
 //! fast path as 8-bit values, converted on the GPU with the same f32 arithmetic); the functions here are their
 //! portable defaults and the host-side formulas ([`plane_values`], [`rgb8_of_planes`]).
 //!

@@ -15,6 +15,7 @@ use cudarc::cublaslt::sys as lt_sys;
 use super::{
     error::{require, FastError},
     gemm::{dense_bias, set_pointer, Call, Epilogue, ShapeKey},
+    gpu::Gpu,
     kernels,
     registry::with_gpu,
     tensor::{dense, dims, empty_like_device, is_bf16, ptr, Prim},
@@ -38,6 +39,12 @@ struct Fp8RowsParams {
 }
 
 assert_layout!(Fp8RowsParams: size 40, align 8 { x @ 0, q @ 8, scale @ 16, x_sr @ 24, rows @ 32, k @ 36 });
+
+/// The e4m3 conversion instruction of every e4m3 kernel (`fp8.cu`, and the FP8 adaLN of `elementwise.cu`) exists
+/// from sm_89 on.
+pub(super) fn require_e4m3(dev: &Gpu) -> Result<(), FastError> {
+    require(dev.cc() >= (8, 9), || format!("compute capability {:?} has no e4m3 conversion", dev.cc()))
+}
 
 /// Quantizes the rows of a bf16 `[…, K]` tensor: its e4m3 bits (u8, same shape) and one f32 scale per row (shape
 /// without the last axis). Needs an even `K` and an sm_89+ GPU (the conversion instruction).
@@ -67,7 +74,7 @@ pub(crate) fn quantize_rows_prim(x: Prim) -> Result<(Prim, Prim), FastError> {
     let vectors = k % 8 == 0 && p.x % 16 == 0 && p.q % 8 == 0;
     let name = if vectors { "fp8_quantize_rows_v8" } else { "fp8_quantize_rows" };
     with_gpu(x.device.index, |dev| {
-        require(dev.cc() >= (8, 9), || format!("compute capability {:?} has no e4m3 conversion", dev.cc()))?;
+        require_e4m3(dev)?;
         let f = dev.function(MODULE, kernels::FP8, name, 0)?;
         dev.begin(&x)?;
         let mut args = [&mut p as *mut Fp8RowsParams as *mut c_void];

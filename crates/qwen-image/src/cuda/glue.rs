@@ -201,9 +201,7 @@ fn ln_modulate(
     require(o.q % 8 == 0, || "e4m3 rows not 8-byte aligned".into())?;
     with_gpu(x.t.device.index, |dev| {
         if fp8 {
-            require(dev.cc() >= (8, 9), || {
-                format!("compute capability {:?} has no e4m3 conversion", dev.cc())
-            })?;
+            super::fp8::require_e4m3(dev)?;
         }
         // Rows of the DiT's width fit a kernel with a third of the registers (more blocks in flight).
         let name = match (fp8, dim <= 3072) {

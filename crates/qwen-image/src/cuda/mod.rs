@@ -199,11 +199,7 @@ impl QwenBackend for CudaBackend {
     fn quantize_activation_fp8(x: Tensor<Self, 3>) -> Fp8Activation<Self> {
         let dtype = x.dtype();
         let fast = |x: &Tensor<Self, 3>| {
-            fp8::quantize_rows_prim(prim(x.clone())).map(|(bits, scales)| Fp8Activation {
-                bits: Tensor::<Self, 3, Int>::from_primitive(bits),
-                scales: wrap(scales),
-                dtype,
-            })
+            fp8::quantize_rows_prim(prim(x.clone())).map(|(bits, scales)| fp8_activation(bits, scales, dtype))
         };
         fast_or(&x.device(), Kind::Fp8, x, fast, portable::quantize_activation)
     }
@@ -237,16 +233,8 @@ impl QwenBackend for CudaBackend {
         let dtype = x.dtype();
         let fast = |x: &Tensor<Self, 3>| {
             let (shift, scale) = (prim(shift.clone()), prim(scale.clone()));
-            glue::layer_norm_modulate_fp8_prim(prim(x.clone()), &shift, &scale, runs, eps, dense).map(
-                |(out, bits, scales)| {
-                    let q = Fp8Activation {
-                        bits: Tensor::<Self, 3, Int>::from_primitive(bits),
-                        scales: wrap(scales),
-                        dtype,
-                    };
-                    (out.map(wrap), q)
-                },
-            )
+            glue::layer_norm_modulate_fp8_prim(prim(x.clone()), &shift, &scale, runs, eps, dense)
+                .map(|(out, bits, scales)| (out.map(wrap), fp8_activation(bits, scales, dtype)))
         };
         // Booked under `fp8` (it needs the e4m3 conversion); its fallback runs the two calls, each on its own path.
         fast_or(&x.device(), Kind::Fp8, x, fast, |x| {
@@ -442,6 +430,12 @@ impl QwenBackend for CudaBackend {
     fn fast_path_report(device: &Self::Device) -> Option<FastPathReport> {
         Some(registry::report(device.index))
     }
+}
+
+/// An [`Fp8Activation`] from a kernel's e4m3 rows (u8 `[batch, tokens, K]`) and their f32 scales, quantized from
+/// an activation of `dtype`.
+fn fp8_activation(bits: tensor::Prim, scales: tensor::Prim, dtype: DType) -> Fp8Activation<CudaBackend> {
+    Fp8Activation { bits: Tensor::from_primitive(bits), scales: wrap(scales), dtype }
 }
 
 /// The FP8 GEMM of `x` and `weight` on cuBLASLt (see `fp8.rs`).

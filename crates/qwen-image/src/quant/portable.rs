@@ -13,7 +13,7 @@
 //! 3. `y[m, n] = acc[m, n] · sx[m] · sw[n] + bias[n]` in f32 (the bias cast from its dtype), then the GELU-tanh for
 //!    the fused variant, rounded once to `x`'s dtype.
 
-use burn::tensor::{activation, DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 pub use super::activation::{dense_fp8_quantized, layer_norm_modulate_fp8, quantize_activation};
 use super::{e4m3, Fp8Weight};
@@ -29,14 +29,14 @@ pub fn quantize_fp8<B: QwenBackend>(weight: Tensor<B, 2>) -> Fp8Weight<B> {
     Fp8Weight::from_fitting_parts(bits, scales, dtype)
 }
 
-/// [`QwenBackend::dense_fp8`]'s default (see the module docs).
+/// [`QwenBackend::dense_fp8`]'s default (see the module docs): step 1 by [`quantize_activation`], steps 2–3 by
+/// [`dense_fp8_quantized`].
 pub fn dense_fp8<B: QwenBackend>(
     x: Tensor<B, 3>,
     weight: &Fp8Weight<B>,
     bias: Option<&Tensor<B, 1>>,
 ) -> Tensor<B, 3> {
-    let dtype = x.dtype();
-    dense_fp8_f32(x, weight, bias).cast(dtype)
+    dense_fp8_quantized(&quantize_activation(x), weight, bias, false)
 }
 
 /// [`QwenBackend::dense_fp8_gelu_tanh`]'s default: the GELU-tanh of [`dense_fp8`]'s f32 result, rounded once.
@@ -45,30 +45,7 @@ pub fn dense_fp8_gelu_tanh<B: QwenBackend>(
     weight: &Fp8Weight<B>,
     bias: Option<&Tensor<B, 1>>,
 ) -> Tensor<B, 3> {
-    let dtype = x.dtype();
-    activation::gelu_approximate(dense_fp8_f32(x, weight, bias)).cast(dtype)
-}
-
-/// Steps 1–3 of the module docs, before the final rounding: `[batch, tokens, in] → [batch, tokens, out]` in f32.
-fn dense_fp8_f32<B: QwenBackend>(
-    x: Tensor<B, 3>,
-    weight: &Fp8Weight<B>,
-    bias: Option<&Tensor<B, 1>>,
-) -> Tensor<B, 3> {
-    let ([batch, tokens, k], device) = (x.dims(), x.device());
-    let [n, _] = weight.shape();
-    let m = batch * tokens;
-    let q = e4m3::quantize_rows(&host_f32(x), k);
-    let table = e4m3::decode_table();
-    let qx: Vec<f32> = q.bits.iter().map(|&b| table[usize::from(b)]).collect();
-    let qx = Tensor::<B, 2>::from_data(TensorData::new(qx, [m, k]), (&device, DType::F32));
-    let sx = Tensor::<B, 2>::from_data(TensorData::new(q.scales, [m, 1]), (&device, DType::F32));
-    let acc = qx.matmul(weight.values_f32().transpose());
-    let mut y = acc * sx * weight.scales.clone().unsqueeze_dim(0);
-    if let Some(b) = bias {
-        y = y + b.clone().cast(DType::F32).unsqueeze_dim(0);
-    }
-    y.reshape([batch, tokens, n])
+    dense_fp8_quantized(&quantize_activation(x), weight, bias, true)
 }
 
 /// The values of `t` in f32 on the host, row-major.
@@ -77,7 +54,7 @@ pub(super) fn host_f32<B: QwenBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use burn::{
         backend::Flex,
         tensor::{Distribution, Tensor},
@@ -96,7 +73,7 @@ mod tests {
 
     /// The FP8 linear written out with loops over host values: per-row scales and e4m3 rounding of both operands
     /// element by element, f64 sums.
-    fn reference(x: &[f32], w: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
+    pub(crate) fn reference(x: &[f32], w: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
         let quantize = |row: &[f32]| {
             let s = e4m3::row_scale(row.iter().fold(0f32, |m, v| m.max(v.abs())));
             (

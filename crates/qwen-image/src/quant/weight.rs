@@ -1,8 +1,7 @@
 //! [`Fp8Weight`]: a linear layer's weight in e4m3 with one f32 scale per output channel, on the device.
 
-use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
 
-use super::e4m3;
 use crate::{
     nn::{merge_update, LowRankUpdate},
     ops::QwenBackend,
@@ -11,7 +10,7 @@ use crate::{
 };
 
 /// A linear weight `W [out, in]` as e4m3 bits and per-output-channel scales: `W[n, k] ≈ e4m3(bits[n, k]) · scales[n]`
-/// (see [`e4m3`] for the rounding). Made by [`QwenBackend::quantize_fp8`]; multiplied by
+/// (see [`e4m3`](super::e4m3) for the rounding). Made by [`QwenBackend::quantize_fp8`]; multiplied by
 /// [`QwenBackend::dense_fp8`].
 #[derive(Clone, Debug)]
 pub struct Fp8Weight<B: Backend> {
@@ -92,13 +91,7 @@ impl<B: QwenBackend> Fp8Weight<B> {
     /// The e4m3 values `[out, in]` in f32 without the scales (exact), decoded on the device with a 256-entry table.
     pub fn values_f32(&self) -> Tensor<B, 2> {
         let [out, inp] = self.shape();
-        let device = self.bits.device();
-        let table = Tensor::<B, 1>::from_data(
-            TensorData::new(e4m3::decode_table().to_vec(), [256]),
-            (&device, DType::F32),
-        );
-        let index = self.bits.clone().reshape([out * inp]).cast(DType::I32);
-        table.select(0, index).reshape([out, inp])
+        super::activation::e4m3_values(self.bits.clone().reshape([out * inp])).reshape([out, inp])
     }
 
     /// `e4m3(bits) · scales` in f32, cast to the weight's original dtype.
