@@ -144,8 +144,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         };
         let fitted = RequestSchedule::new(schedule, req, per_token);
         let schedule: &dyn ScheduleFactory = &fitted;
-        // Off by default: without the pool trim, giving the pages back cost ~10 ms per VAE stage on an H100 and did
-        // not lower the driver's used memory; with it, not measured yet (docs/memory.md).
+        // Off by default: with the pool trim it lowers what is held between stages but not the peak, and costs each
+        // VAE stage 20–60 ms on an H100 (docs/memory.md).
         let mut clock =
             StageClock::<B>::new(&self.device, progress).releasing_memory(self.options.release_memory);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
