@@ -277,7 +277,7 @@ fn attention_kernels(reps: usize) -> Value {
             .iter()
             .map(|&n| KvSegment { key: randn([1, n, hk, d], 1.0), value: randn([1, n, hk, d], 1.0) })
             .collect();
-        let opts = AttentionOptions { causal, key_mask: None };
+        let opts = AttentionOptions { causal, ..Default::default() };
         let nk: usize = lens.iter().sum();
         let flop = 4.0 * (nq * nk * h * d) as f64 * if causal { 0.5 } else { 1.0 };
         let kernels: &[FlashKernel] = if d == 128 {
@@ -294,6 +294,20 @@ fn attention_kernels(reps: usize) -> Value {
             attn.push(json!({"case": what, "kernel": name, "queries": nq, "keys": nk, "heads": h, "head_dim": d, "causal": causal, "ms": ms, "tflops": tf}));
         }
         configure(|c| c.flash_kernel = FlashKernel::Auto).expect("configuration");
+        if d == 128 && !causal {
+            // FP8 attention (its four quantization passes included), and its distance to the bf16 kernel's output.
+            let fp8 = AttentionOptions { fp8: true, ..opts.clone() };
+            let ms = time_ms(reps, 10, || drop(G::attend(q.clone(), &segs, &fp8)));
+            let tf = flop / (ms * 1e-3) / 1e12;
+            let err = rel_l2(
+                &to_f32_vec(G::attend(q.clone(), &segs, &fp8)),
+                &to_f32_vec(G::attend(q.clone(), &segs, &opts)),
+            );
+            println!(
+                "attention {what:36} [fp8     ]: {ms:7.3} ms  {tf:6.1} TFLOP/s  (rel. L2 to bf16 {err:.2e})"
+            );
+            attn.push(json!({"case": what, "kernel": "fp8", "queries": nq, "keys": nk, "heads": h, "head_dim": d, "causal": causal, "ms": ms, "tflops": tf, "rel_l2_to_bf16": err}));
+        }
     }
     Value::Array(attn)
 }

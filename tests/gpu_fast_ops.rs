@@ -1,5 +1,5 @@
 //! GPU correctness of the CUDA fast path's operations (feature `cuda`; needs an NVIDIA GPU, so CI only compiles
-//! it). Whole networks and weight loading on the GPU: `gpu_models.rs`.
+//! it). Whole networks and weight loading on the GPU: `gpu_models.rs`; the FP8 operations: `gpu_fp8.rs`.
 //!
 //! Every fast operation is compared with an independent reference on random inputs of the real shapes (relative
 //! L2 ≤ 2e-2 in bf16, no NaN), with outputs poisoned with NaN before each kernel runs.
@@ -15,13 +15,12 @@ mod gpu_support;
 
 use burn::tensor::{Bool, DType, Distribution, Tensor, TensorData};
 use gpu_support::{
-    assert_fast, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, stats, ATTENTION, CONV, FP8,
-    G, GEMM, GLUE,
+    assert_fast, check, dev, portable_run, randn, reset_stats, set_flash_kernel, setup, try_check, ATTENTION,
+    CONV, G, GEMM, GLUE,
 };
 use qwen_image::{
     cuda::{self, FastOps, FastPathConfig, FlashKernel},
     ops::{portable, AttentionOptions, KvSegment, NormRope, QwenBackend},
-    quant::{Fp8Activation, Fp8Weight},
     tensor_io::{rel_l2, to_f32_vec},
     CpuBackend,
 };
@@ -29,152 +28,8 @@ use qwen_image::{
 /// (what, batch, queries, key segment lengths, heads, kv heads, head dim, causal)
 type AttnCase = (&'static str, usize, usize, &'static [usize], usize, usize, usize, bool);
 
-/// Relative L2 error of `got` against `want` on the host; fails on NaN/∞ in `got`.
-fn check<const D: usize>(what: &str, got: Tensor<G, D>, want: Tensor<G, D>, tol: f64) -> f64 {
-    match try_check(what, got, want, tol) {
-        Ok(err) => err,
-        Err(msg) => panic!("{msg}"),
-    }
-}
-
-/// [`check`] that reports a failure instead of panicking (so that every kernel of a case gets checked).
-fn try_check<const D: usize>(
-    what: &str,
-    got: Tensor<G, D>,
-    want: Tensor<G, D>,
-    tol: f64,
-) -> Result<f64, String> {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
-    let (g, w) = (to_f32_vec(got), to_f32_vec(want));
-    let bad = g.iter().filter(|v| !v.is_finite()).count();
-    if bad > 0 {
-        let msg = format!("{what}: {bad} non-finite outputs (unwritten elements stay NaN-poisoned)");
-        println!("{msg}");
-        return Err(msg);
-    }
-    let err = rel_l2(&g, &w);
-    println!("{what:60} rel L2 {err:.2e}");
-    if err > tol {
-        return Err(format!("{what}: relative L2 error {err:.3e} > {tol:.1e}"));
-    }
-    Ok(err)
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // GEMMs
-
-/// The bits and scales of an FP8 weight on the host.
-fn fp8_parts(w: &Fp8Weight<G>) -> (Vec<u8>, Vec<f32>) {
-    (w.bits.clone().into_data().iter::<u8>().collect(), to_f32_vec(w.scales.clone()))
-}
-
-#[test]
-fn fp8_quantization_and_gemm_match_the_portable_emulation() {
-    let _g = setup();
-    // (tokens, in, out, gelu): the DiT's MLP and attention shapes at full size, a text-length GEMM.
-    for (m, k, n, gelu) in [(1024, 3072, 12288, true), (1024, 12288, 3072, false), (77, 3072, 3072, false)] {
-        let w = randn([n, k], 1.0 / (k as f64).sqrt());
-        // Rows of different magnitudes and a token with an outlier: the per-row scales matter.
-        let rows = Tensor::<G, 1>::from_data(
-            TensorData::new((0..n).map(|i| 2f32.powi(i as i32 % 7 - 3)).collect::<Vec<_>>(), [n]),
-            &dev(),
-        );
-        let w = (w * rows.cast(DType::BF16).unsqueeze_dim(1)).cast(DType::BF16);
-        let x = randn([1, m, k], 1.0).slice_assign(
-            [0..1, 3..4, 5..6],
-            Tensor::<G, 3>::full([1, 1, 1], 300.0, &dev()).cast(DType::BF16),
-        );
-        let b = randn([n], 0.5);
-        let fast = G::quantize_fp8(w.clone());
-        let want = portable_run(|| G::quantize_fp8(w.clone()));
-        assert_eq!(
-            fp8_parts(&fast),
-            fp8_parts(&want),
-            "{m}x{k}x{n}: the quantization kernel differs from the host"
-        );
-        let got = if gelu {
-            G::dense_fp8_gelu_tanh(x.clone(), &fast, Some(&b))
-        } else {
-            G::dense_fp8(x.clone(), &fast, Some(&b))
-        };
-        let reference = portable_run(|| {
-            if gelu {
-                G::dense_fp8_gelu_tanh(x.clone(), &want, Some(&b))
-            } else {
-                G::dense_fp8(x.clone(), &want, Some(&b))
-            }
-        });
-        // The same e4m3 products in another summation order, each side rounded once to bf16.
-        check(&format!("fp8 GEMM {m}x{k}x{n} gelu {gelu} vs the emulation"), got, reference, 1e-2);
-    }
-    assert_fast(FP8, "FP8 quantization and GEMMs");
-    // A width cuBLASLt's FP8 GEMM does not take (K not a multiple of 16) falls back to the emulation.
-    let (x, w) = (randn([1, 5, 40], 1.0), G::quantize_fp8(randn([24, 40], 0.2)));
-    let before = stats()[FP8].fallbacks;
-    drop(G::dense_fp8(x, &w, None));
-    assert_eq!(stats()[FP8].fallbacks, before + 1);
-}
-
-/// The bits and scales of a quantized activation on the host.
-fn activation_parts(q: &Fp8Activation<G>) -> (Vec<u8>, Vec<f32>) {
-    (q.bits.clone().into_data().iter::<u8>().collect(), to_f32_vec(q.scales.clone()))
-}
-
-#[test]
-fn fp8_activations_quantized_once_or_by_the_adaln_kernel_are_bit_identical() {
-    let _g = setup();
-    reset_stats();
-    // The DiT's width (the `_3072` kernels) and a wider one, an odd token count, two modulation rows.
-    for (dim, tokens) in [(3072, 777), (4096, 131)] {
-        let x = randn([2, tokens, dim], 1.0).slice_assign(
-            [1..2, 7..8, 9..10],
-            Tensor::<G, 3>::full([1, 1, 1], 500.0, &dev()).cast(DType::BF16),
-        );
-        let (shift, scale) = (randn([2, 2, dim], 0.5), randn([2, 2, dim], 0.5));
-        let runs = [(tokens - 100, 0), (100, 1)];
-        let ln = G::layer_norm_modulate(x.clone(), &shift, &scale, &runs, 1e-6);
-        // The quantization kernel against the host's rounding.
-        let once = G::quantize_activation_fp8(ln.clone());
-        let host = portable_run(|| portable::quantize_activation(ln.clone()));
-        assert_eq!(
-            activation_parts(&once),
-            activation_parts(&host),
-            "dim {dim}: kernel vs host quantization"
-        );
-        // The fused adaLN + quantization: the same bf16 rows and the same e4m3 rows.
-        let (dense, fused) = G::layer_norm_modulate_fp8(x.clone(), &shift, &scale, &runs, 1e-6, true);
-        assert_eq!(
-            to_f32_vec(dense.expect("dense output")),
-            to_f32_vec(ln.clone()),
-            "dim {dim}: fused bf16 rows"
-        );
-        assert_eq!(activation_parts(&fused), activation_parts(&once), "dim {dim}: fused e4m3 rows");
-        let (none, alone) = G::layer_norm_modulate_fp8(x, &shift, &scale, &runs, 1e-6, false);
-        assert!(none.is_none());
-        assert_eq!(
-            activation_parts(&alone),
-            activation_parts(&once),
-            "dim {dim}: e4m3 rows without bf16 ones"
-        );
-        // A GEMM from the quantized rows is the one-call FP8 GEMM, and within the emulation's bound.
-        let w = G::quantize_fp8(randn([1024, dim], 1.0 / (dim as f64).sqrt()));
-        let b = randn([1024], 0.5);
-        for gelu in [false, true] {
-            let from_rows = G::dense_fp8_quantized(&fused, &w, Some(&b), gelu);
-            let one_call = if gelu {
-                G::dense_fp8_gelu_tanh(ln.clone(), &w, Some(&b))
-            } else {
-                G::dense_fp8(ln.clone(), &w, Some(&b))
-            };
-            let what = format!("fp8 GEMM from fused rows, dim {dim}, gelu {gelu}");
-            assert_eq!(to_f32_vec(from_rows.clone()), to_f32_vec(one_call), "{what}: vs the one-call GEMM");
-            let emulated = portable_run(|| portable::dense_fp8_quantized(&fused, &w, Some(&b), gelu));
-            check(&what, from_rows, emulated, 1e-2);
-        }
-    }
-    assert_fast(FP8, "fused FP8 adaLN, activation quantization and GEMMs");
-    assert_fast(GLUE, "adaLN");
-}
 
 #[test]
 fn gemm_matches_burn_matmul() {
@@ -328,7 +183,7 @@ fn flash_attention_matches_reference() {
     for &(what, b, nq, lens, h, hk, d, causal) in cases {
         let q = randn([b, nq, h, d], 1.0);
         let segs = segments(b, lens, hk, d);
-        let opts = AttentionOptions { causal, key_mask: None };
+        let opts = AttentionOptions { causal, ..Default::default() };
         let nk: usize = lens.iter().sum();
         // Head dim 128 on Hopper: the TMA kernel (Auto) and its serial variant, the cp.async wgmma kernel and the
         // mma.sync one; other head dims: the mma.sync kernel only.
@@ -374,7 +229,7 @@ fn flash_attention_key_mask_and_portable_agree() {
         m[(txt + img) + j] = false;
     }
     let mask = Tensor::<G, 2, Bool>::from_data(TensorData::new(m.clone(), [b, txt + img]), &dev());
-    let opts = AttentionOptions { causal: false, key_mask: Some(mask) };
+    let opts = AttentionOptions { key_mask: Some(mask), ..Default::default() };
     let fast = G::attend(q.clone(), &segs, &opts);
     check("attend: key mask", fast.clone(), reference_attention(&q, &segs, Some(&m), false), 2e-2);
     // The masked keys matter: ignoring the mask must be far off.

@@ -149,6 +149,14 @@ fn fp8_dit_at_full_size_against_bf16() {
     let err = rel_l2(&fp8, &bf16);
     println!("full-size DiT, random weights, Edit v1 1024²: FP8 (default keep list) vs bf16 velocity rel L2 {err:.3e}");
     assert!(err < 0.15, "{err:.3e}");
+    // The joint attention in FP8 too (`--fp8-attention`): its own kernel, every call on the fast path.
+    reset_stats();
+    let attention = velocity(Some(Fp8Options { attention: true, ..Default::default() }));
+    assert_fast(ATTENTION, "FP8 attention in the DiT");
+    assert!(attention.iter().all(|v| v.is_finite()), "non-finite outputs with FP8 attention");
+    let (err_a, err_fp8) = (rel_l2(&attention, &bf16), rel_l2(&attention, &fp8));
+    println!("  with FP8 attention: vs bf16 {err_a:.3e}, vs FP8 GEMMs alone {err_fp8:.3e}");
+    assert!(err_a < 0.2 && err_fp8 > 1e-4, "{err_a:.3e} / {err_fp8:.3e}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

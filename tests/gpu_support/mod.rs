@@ -1,5 +1,5 @@
-//! Helpers shared by the GPU test files (`gpu_fast_ops.rs`: the fast operations; `gpu_models.rs`: whole networks
-//! and weight loading): the device, the per-test setup, the fast path's counters and portable references.
+//! Helpers shared by the GPU test files (`gpu_fast_ops.rs`: the fast operations; `gpu_fp8.rs`: the FP8 ones;
+//! `gpu_models.rs`: whole networks and weight loading): the device, the per-test setup, the fast path's counters and portable references.
 //!
 //! Each test file uses a part of them.
 #![allow(dead_code)]
@@ -10,6 +10,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use qwen_image::{
     cuda::{self, CudaBackend, CudaDevice, FastOps, FastPathConfig, FlashKernel},
     ops::{FastKindStats, QwenBackend},
+    tensor_io::{rel_l2, to_f32_vec},
 };
 
 /// The backend under test.
@@ -90,4 +91,35 @@ pub fn assert_fast(kind: usize, what: &str) {
     assert!(s.calls > 0, "{what}: the fast path did not run ({s:?})");
     assert_eq!(s.errors, 0, "{what}: CUDA errors ({s:?})");
     assert_eq!(s.fallbacks, reference, "{what}: fell back ({s:?}; {reference} were the references')");
+}
+
+/// Relative L2 error of `got` against `want` on the host; fails on NaN/∞ in `got`.
+pub fn check<const D: usize>(what: &str, got: Tensor<G, D>, want: Tensor<G, D>, tol: f64) -> f64 {
+    match try_check(what, got, want, tol) {
+        Ok(err) => err,
+        Err(msg) => panic!("{msg}"),
+    }
+}
+
+/// [`check`] that reports a failure instead of panicking (so that every kernel of a case gets checked).
+pub fn try_check<const D: usize>(
+    what: &str,
+    got: Tensor<G, D>,
+    want: Tensor<G, D>,
+    tol: f64,
+) -> Result<f64, String> {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    let (g, w) = (to_f32_vec(got), to_f32_vec(want));
+    let bad = g.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let msg = format!("{what}: {bad} non-finite outputs (unwritten elements stay NaN-poisoned)");
+        println!("{msg}");
+        return Err(msg);
+    }
+    let err = rel_l2(&g, &w);
+    println!("{what:60} rel L2 {err:.2e}");
+    if err > tol {
+        return Err(format!("{what}: relative L2 error {err:.3e} > {tol:.1e}"));
+    }
+    Ok(err)
 }

@@ -58,7 +58,7 @@ if has tests; then
   if [ -n "$root" ] && [ ! -e "$root/tests/fixtures" ]; then mkdir -p "$(dirname "$root")" && ln -sfn "$PWD" "$root"; fi
   echo "== GPU tests"; : > "$OUT/tests.log"
   # TEST_BINS picks the binaries, TEST_FILTER the tests (libtest name filters, e.g. "fused_glue vae_convolutions").
-  for t in ${TEST_BINS:-gpu_fast_ops gpu_models gpu_region}; do
+  for t in ${TEST_BINS:-gpu_fast_ops gpu_fp8 gpu_models gpu_region}; do
     timeout ${TEST_TIMEOUT:-300} .dev/$t ${TEST_FILTER:-} --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
     echo "$t exit $?"
   done
@@ -127,6 +127,7 @@ if has modes; then
       fp8dit) flags=(--quantize fp8-dit) ;;
       fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;  # the default since 2026-12-07
       fp8exact) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=0 ;;  # promoted FP8 sums
+      fp8attn) flags=(--quantize fp8 --fp8-attention) ;;  # the joint attention in FP8 too
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;

@@ -12,11 +12,13 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KDIR = ROOT / "crates/qwen-image/src/cuda/kernels"
-SOURCES = ["flash_attention.cu", "flash_attention_wgmma.cu", "flash_attention_tma.cu", "elementwise.cu"]
+SOURCES = ["flash_attention.cu", "flash_attention_wgmma.cu", "flash_attention_tma.cu", "flash_attention_fp8.cu",
+           "elementwise.cu", "fp8.cu"]
 # Prepended to the flash-attention sources, as `kernels/mod.rs` does.
 FLASH_PARAMS = "flash_params.cuh"
 # Prepended (after the parameters) to the Hopper kernels, as `kernels/mod.rs` does.
-WGMMA_USERS = {"flash_attention_wgmma.cu", "flash_attention_tma.cu"}
+WGMMA_USERS = {"flash_attention_wgmma.cu", "flash_attention_tma.cu", "flash_attention_fp8.cu"}
+TMA_USERS = {"flash_attention_tma.cu", "flash_attention_fp8.cu"}
 
 
 def main() -> int:
@@ -33,6 +35,8 @@ def main() -> int:
         params = (KDIR / FLASH_PARAMS).read_text() if name.startswith("flash_") else ""
         if name in WGMMA_USERS:
             params += (KDIR / "wgmma.cuh").read_text()
+        if name in TMA_USERS:
+            params += (KDIR / "tma.cuh").read_text()
         src = (prelude + "\n" + params + (KDIR / name).read_text()).encode()
         prog = ctypes.c_void_p()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None) == 0

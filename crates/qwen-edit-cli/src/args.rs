@@ -101,6 +101,10 @@ pub struct QuantizeArgs {
     /// `none` quantizes every layer) [default: default].
     #[arg(long, value_name = "LAYERS")]
     pub quantize_keep: Option<String>,
+    /// With --quantize fp8 or fp8-dit (or --low-memory): the DiT's joint attention in FP8 too (Q, K, V and the
+    /// softmax probabilities in e4m3; on Hopper our FP8 flash-attention kernel, elsewhere a host emulation; docs/fp8.md).
+    #[arg(long)]
+    pub fp8_attention: bool,
     /// The smallest footprint (aimed at 24 GB cards; a full-size 1024² edit still peaks at 31.8 GiB on an H100):
     /// FP8 DiT (the keep list above) with the modulation table, the text encoder's linear layers in FP8, a 2 GiB
     /// default --cache-budget and VAE tiling when the memory plan says the decode would not fit (docs/memory.md).
@@ -118,6 +122,23 @@ impl QuantizeArgs {
     /// The FP8 options these arguments ask for (`None` without `--quantize fp8`); the keep list's syntax is checked
     /// here, its names against the model when it is loaded (or dry-run).
     pub fn fp8_options(&self) -> Result<Option<qwen_image::quant::Fp8Options>, crate::CliError> {
+        let options = self.fp8_layers()?;
+        match options {
+            Some(options) => {
+                Ok(Some(qwen_image::quant::Fp8Options { attention: self.fp8_attention, ..options }))
+            }
+            None if self.fp8_attention && self.low_memory => {
+                Ok(Some(qwen_image::quant::Fp8Options { attention: true, ..Default::default() }))
+            }
+            None if self.fp8_attention => {
+                Err("--fp8-attention applies to --quantize fp8, --quantize fp8-dit or --low-memory".into())
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The FP8 layer options (`--quantize` and `--quantize-keep`).
+    fn fp8_layers(&self) -> Result<Option<qwen_image::quant::Fp8Options>, crate::CliError> {
         match (self.quantize, &self.quantize_keep) {
             (QuantizeArg::None, None) => Ok(None),
             (QuantizeArg::None, Some(keep)) if self.low_memory => {

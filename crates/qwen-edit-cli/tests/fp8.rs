@@ -50,8 +50,9 @@ fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
 #[test]
 fn an_fp8_edit_reports_its_weights() {
     let dir = workdir("edit");
-    let (ok, out, err) =
-        qwen_edit(&dir, &["--quantize", "fp8", "--quantize-keep", "default,transformer_blocks.0"]);
+    // With the joint attention in FP8 too (its host emulation on the CPU).
+    let args = ["--quantize", "fp8", "--quantize-keep", "default,transformer_blocks.0", "--fp8-attention"];
+    let (ok, out, err) = qwen_edit(&dir, &args);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("DiT weights: FP8"), "{out}");
     let reports = dir.join("outputs_pruning");
@@ -72,6 +73,7 @@ fn bad_quantize_options_are_clear_errors() {
     let dir = workdir("errors");
     for (args, expect) in [
         (&["--quantize-keep", "img_in"][..], "--quantize-keep applies to --quantize fp8"),
+        (&["--fp8-attention"][..], "--fp8-attention applies to --quantize fp8"),
         (
             &["--quantize", "fp8", "--quantize-keep", "img_in,img_out,to_z"],
             "names no layer of the model: img_out, to_z",

@@ -259,6 +259,17 @@ impl<'a> Gpu<'a> {
         Ok(())
     }
 
+    /// Zeroes the `words` 4-byte words at `ptr` on our stream.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + 4·words` must be device memory of this device that the caller holds until the operation's
+    /// kernels are queued.
+    pub(crate) unsafe fn zero_words(&self, ptr: u64, words: usize) -> Result<(), FastError> {
+        // SAFETY: forwarded from this function's contract; the memset is queued on our stream before the kernels
+        // that read the words.
+        drv("cuMemsetD32Async", unsafe { sys::cuMemsetD32Async(ptr, 0, words, self.state.stream).result() })
+    }
+
     /// Launches `f` on our stream with the given argument pointers.
     ///
     /// # Safety

@@ -124,6 +124,8 @@ pub struct BlockContext<'a, B: Backend> {
     pub extra_kv: &'a [KvSegment<B>],
     /// Text key mask `[batch, text + all image keys]`, `true` = attend.
     pub key_mask: Option<&'a Tensor<B, 2, Bool>>,
+    /// The joint attention in FP8 ([`AttentionOptions::fp8`], [`Fp8Options::attention`](crate::quant::Fp8Options)).
+    pub fp8_attention: bool,
 }
 
 /// What a block returns.
@@ -248,7 +250,8 @@ impl<B: QwenBackend> TransformerBlock<B> {
             KvSegment { key: img_k.clone(), value: img_v.clone() },
         ];
         segments.extend(ctx.extra_kv.iter().cloned());
-        let options = AttentionOptions { causal: false, key_mask: ctx.key_mask.cloned() };
+        let options =
+            AttentionOptions { causal: false, key_mask: ctx.key_mask.cloned(), fp8: ctx.fp8_attention };
         let joint = B::attend(query, &segments, &options).reshape([batch, n_txt + n_img, dim]);
         let txt_attn = self.attn.to_add_out.forward(joint.clone().narrow(1, 0, n_txt));
         let img_attn = self.attn.to_out.forward(joint.narrow(1, n_txt, n_img));

@@ -163,6 +163,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             runs: &runs,
             extra_kv: &extra_kv,
             key_mask: pass.p.key_mask.as_ref(),
+            fp8_attention: self.fp8_attention(),
         };
         let text = txt.dims()[1];
         let out = block.forward(state.hidden.clone(), txt, &m, &ctx);

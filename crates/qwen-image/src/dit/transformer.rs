@@ -238,6 +238,11 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         self.fp8.as_ref()
     }
 
+    /// Whether the joint attention runs in FP8 ([`Fp8Options::attention`]).
+    pub fn fp8_attention(&self) -> bool {
+        self.fp8.as_ref().is_some_and(|o| o.attention)
+    }
+
     /// Number of transformer blocks.
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
@@ -387,6 +392,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             runs: &runs,
             extra_kv: &[],
             key_mask: p.key_mask.as_ref(),
+            fp8_attention: self.fp8_attention(),
         };
         let (mut img, mut txt) = (p.img.clone(), p.txt.clone());
         for (layer, block) in self.blocks.iter().enumerate() {

@@ -73,6 +73,10 @@ pub struct AttentionOptions<B: Backend> {
     pub causal: bool,
     /// Which keys may be attended to, `[batch, total_keys]`, `true` = attend. `None` = all.
     pub key_mask: Option<Tensor<B, 2, Bool>>,
+    /// FP8 attention: Q, K, V and the probabilities rounded to e4m3 with the scales
+    /// [`quant::attention`](crate::quant::attention) defines, products summed in f32. A backend without an FP8 kernel
+    /// for the call computes it with the host emulation ([`quant::attention::attention_fp8`]).
+    pub fp8: bool,
 }
 
 /// Backend operations used by the Qwen-Image networks, with portable defaults.
@@ -379,12 +383,16 @@ pub mod portable {
         activation::gelu_approximate(dense(x, weight, bias))
     }
 
-    /// The reference attention: concatenates the segments, repeats K/V heads for GQA and calls burn's attention.
+    /// The reference attention: concatenates the segments, repeats K/V heads for GQA and calls burn's attention;
+    /// with [`AttentionOptions::fp8`], the FP8 attention's host emulation.
     pub fn attention<B: Backend>(
         query: Tensor<B, 4>,
         segments: &[KvSegment<B>],
         options: &AttentionOptions<B>,
     ) -> Tensor<B, 4> {
+        if options.fp8 {
+            return crate::quant::attention::attention_fp8(query, segments, options);
+        }
         let [batch, queries, heads, _] = query.dims();
         let cat = |parts: Vec<Tensor<B, 4>>| {
             if parts.len() == 1 {

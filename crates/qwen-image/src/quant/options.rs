@@ -26,18 +26,22 @@ pub struct Fp8Options {
     /// `img_mod.1`, `attn.to_out` every `attn.to_out.0`, `transformer_blocks.0` all of block 0. An entry that names
     /// no layer of the model is an error. Default: [`DEFAULT_KEEP`].
     pub keep: Vec<String>,
+    /// The DiT's joint attention in FP8 too: Q, K, V and the softmax probabilities in e4m3
+    /// ([`quant::attention`](crate::quant::attention)). Off by default.
+    #[serde(default)]
+    pub attention: bool,
 }
 
 impl Default for Fp8Options {
     fn default() -> Self {
-        Fp8Options { keep: DEFAULT_KEEP.iter().map(|s| s.to_string()).collect() }
+        Fp8Options { keep: DEFAULT_KEEP.iter().map(|s| s.to_string()).collect(), attention: false }
     }
 }
 
 impl Fp8Options {
     /// Options keeping exactly `keep` (no default entries).
     pub fn keeping<S: Into<String>>(keep: impl IntoIterator<Item = S>) -> Self {
-        Fp8Options { keep: keep.into_iter().map(Into::into).collect() }
+        Fp8Options { keep: keep.into_iter().map(Into::into).collect(), attention: false }
     }
 
     /// Options from a comma-separated keep list as the command line takes it: `default` stands for
@@ -60,7 +64,7 @@ impl Fp8Options {
                 name => keep.push(name.to_string()),
             }
         }
-        Ok(Fp8Options { keep })
+        Ok(Fp8Options { keep, attention: false })
     }
 
     /// Whether the layer `name` (a checkpoint name such as `transformer_blocks.3.img_mlp.net.2`) stays in the

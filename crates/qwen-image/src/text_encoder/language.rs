@@ -141,7 +141,7 @@ impl<B: QwenBackend> TextAttention<B> {
         drop(x);
         let q = B::rotary_half(q, &rope.cos, &rope.sin);
         let key = B::rotary_half(k, &rope.cos, &rope.sin);
-        let options = AttentionOptions { causal: true, key_mask: None };
+        let options = AttentionOptions { causal: true, ..Default::default() };
         let out = B::attend(q, &[KvSegment { key, value: v }], &options);
         self.o_proj.forward(out.reshape([b, s, self.heads * self.head_dim]))
     }

@@ -1,6 +1,7 @@
 //! `attend` / `attend_blocks` through our flash-attention kernels (`kernels/flash_attention*.cu`); [`attend`] is
 //! the single entry point and documents the dispatch.
 
+mod fp8;
 mod params;
 
 use std::ffi::c_void;
@@ -61,6 +62,9 @@ type B = CudaBackend;
 ///
 ///    With a key mask, the last two first run `flash_mask_tiles`, a per-tile summary with which they skip the
 ///    masking of fully attended tiles.
+///
+///    With [`AttentionOptions::fp8`]: the FP8 kernel (`flash_fwd_fp8_d128`, [`fp8`]) for head dim 128 on sm_90
+///    without causality; anything else computes the host emulation ([`portable::attention`]).
 pub(crate) fn attend(
     query: Tensor<B, 4>,
     segments: &[KvSegment<B>],
@@ -69,6 +73,7 @@ pub(crate) fn attend(
     let device = query.device();
     let head_dim = query.dims()[3];
     if mma_kernel(head_dim).is_none()
+        && !options.fp8
         && options.key_mask.is_none()
         && !options.causal
         && enabled(device.index, Kind::Gemm)
@@ -76,20 +81,28 @@ pub(crate) fn attend(
         return lowered::attention(query, segments);
     }
     let flash = |query: &Tensor<B, 4>| {
-        let mut segs: Vec<(Prim, Prim)> =
-            segments.iter().map(|s| (prim(s.key.clone()), prim(s.value.clone()))).collect();
-        if segs.len() > MAX_SEGS {
-            // Merge the tail so the kernel sees at most MAX_SEGS segments.
-            let cut = MAX_SEGS - 1;
-            let k = Tensor::cat(segments[cut..].iter().map(|s| s.key.clone()).collect(), 1);
-            let v = Tensor::cat(segments[cut..].iter().map(|s| s.value.clone()).collect(), 1);
-            segs.truncate(cut);
-            segs.push((prim(k), prim(v)));
+        let (segs, mask) = (kernel_segments(segments), options.key_mask.clone().map(prim_bool));
+        match options.fp8 {
+            true => fp8::flash_attention_fp8(prim(query.clone()), segs, mask, options.causal),
+            false => flash_attention(prim(query.clone()), segs, mask, options.causal),
         }
-        let mask = options.key_mask.clone().map(prim_bool);
-        flash_attention(prim(query.clone()), segs, mask, options.causal).map(wrap)
+        .map(wrap)
     };
     fast_or(&device, Kind::Attention, query, flash, |query| portable::attention(query, segments, options))
+}
+
+/// The segments as the kernels take them: at most [`MAX_SEGS`], the tail concatenated into the last one.
+fn kernel_segments(segments: &[KvSegment<B>]) -> Vec<(Prim, Prim)> {
+    let mut segs: Vec<(Prim, Prim)> =
+        segments.iter().map(|s| (prim(s.key.clone()), prim(s.value.clone()))).collect();
+    if segs.len() > MAX_SEGS {
+        let cut = MAX_SEGS - 1;
+        let k = Tensor::cat(segments[cut..].iter().map(|s| s.key.clone()).collect(), 1);
+        let v = Tensor::cat(segments[cut..].iter().map(|s| s.value.clone()).collect(), 1);
+        segs.truncate(cut);
+        segs.push((prim(k), prim(v)));
+    }
+    segs
 }
 
 /// The mma.sync kernel for `head_dim`, if one is compiled.
@@ -219,12 +232,13 @@ struct MaskBuffers {
     tiles: Option<(Prim, usize)>,
 }
 
-/// Points `params` at the `[batch, total]` byte mask `m` and, unless the TMA kernel runs, at a new per-tile
-/// summary of `n_tiles` tiles per row (filled by `flash_mask_tiles`).
+/// Points `params` at the `[batch, total]` byte mask `m` and, for kernels that skip fully attended tiles
+/// (`summary_tile`: their keys per tile), at a new per-tile summary (filled by `flash_mask_tiles`). The TMA kernels
+/// read the mask per element on the tiles they mask.
 fn key_mask(
     m: Prim,
     p: &Problem,
-    kernel: &Flash,
+    summary_tile: Option<usize>,
     params: &mut FlashParams,
 ) -> Result<MaskBuffers, FastError> {
     let md = dims(&m);
@@ -234,16 +248,15 @@ fn key_mask(
     let m = inner_contiguous(m);
     params.mask = ptr(&m)?;
     params.mask_sb = strides(&m)[0] as i64;
-    // The TMA kernel reads the mask per element on the tiles it masks; the others skip fully attended tiles with
-    // a per-tile summary.
-    let tiles = if matches!(kernel, Flash::Tma { .. }) {
-        None
-    } else {
-        let n_tiles = p.total.div_ceil(kernel.tile());
-        let tiles = empty_like_device(&m, vec![p.batch, n_tiles], DType::U8);
-        params.mask_tile_full = ptr(&tiles)?;
-        params.n_mask_tiles = n_tiles as i32;
-        Some((tiles, n_tiles))
+    let tiles = match summary_tile {
+        None => None,
+        Some(tile) => {
+            let n_tiles = p.total.div_ceil(tile);
+            let tiles = empty_like_device(&m, vec![p.batch, n_tiles], DType::U8);
+            params.mask_tile_full = ptr(&tiles)?;
+            params.n_mask_tiles = n_tiles as i32;
+            Some((tiles, n_tiles))
+        }
     };
     Ok(MaskBuffers { _mask: m, tiles })
 }
@@ -256,29 +269,8 @@ fn flash_attention(
     mask: Option<Prim>,
     causal: bool,
 ) -> Result<Prim, FastError> {
-    let p = Problem::check(&q, &segments, causal)?;
-    let qo = Operand::new(q)?;
-    let out = empty_like_device(&qo.t, vec![p.batch, p.q_len, p.heads, p.head_dim], DType::BF16);
-    let po = ptr(&out)?;
-    let mut params = FlashParams {
-        total_keys: p.total as i32,
-        kv_group: (p.heads / p.kv_heads) as i32,
-        causal: i32::from(causal),
-        n_blocks: p.batch as i32,
-        ..FlashParams::new(&qo, po, p.q_len, p.heads, p.head_dim)
-    };
-    // Empty segments hold no keys (and cannot have a tensor map).
-    let segments: Vec<(Prim, Prim)> = segments.into_iter().filter(|(k, _)| dims(k)[1] > 0).collect();
-    params.n_segs = segments.len() as i32;
-    let mut keep = Vec::with_capacity(segments.len());
-    let mut start = 0usize;
-    for (i, (k, v)) in segments.into_iter().enumerate() {
-        let (ko, vo) = (Operand::new(k)?, Operand::new(v)?);
-        let len = dims(&ko.t)[1];
-        params.seg[i] = KvSeg::new(&ko, &vo, start, len);
-        start += len;
-        keep.push((ko, vo));
-    }
+    let Call { p, qo, out, mut params, keep } = Call::new(q, segments, causal)?;
+    let po = params.o;
     let index = qo.t.device.index;
     let mut kernel = Flash::choose(index, &p, || {
         let mut maps = TmaMaps { q: tensor_map(&qo, &dims(&qo.t))?, ..Default::default() };
@@ -288,7 +280,8 @@ fn flash_attention(
         }
         Ok(maps)
     })?;
-    let mask = mask.map(|m| key_mask(m, &p, &kernel, &mut params)).transpose()?;
+    let summary_tile = (!matches!(kernel, Flash::Tma { .. })).then(|| kernel.tile());
+    let mask = mask.map(|m| key_mask(m, &p, summary_tile, &mut params)).transpose()?;
     // The cp.async wgmma kernel reads V transposed: Vt[b, kv_head, d, key], keys padded with zeros to whole tiles.
     let mut vt = None;
     if matches!(kernel, Flash::Wgmma) {
@@ -331,6 +324,55 @@ fn flash_attention(
     // reuses them only for work ordered after ours).
     drop((qo, keep, mask, vt));
     Ok(out)
+}
+
+/// One call's checked shape, operands, output and kernel parameters (keys, segments, launch shape filled; the
+/// mask is the kernel's to add).
+struct Call {
+    p: Problem,
+    qo: Operand,
+    /// The bf16 output `[batch, q_len, heads, head_dim]` (`params.o`).
+    out: Prim,
+    params: FlashParams,
+    /// The key/value operands `params.seg` points into.
+    keep: Vec<(Operand, Operand)>,
+}
+
+impl Call {
+    fn new(q: Prim, segments: Vec<(Prim, Prim)>, causal: bool) -> Result<Call, FastError> {
+        let p = Problem::check(&q, &segments, causal)?;
+        let qo = Operand::new(q)?;
+        let out = empty_like_device(&qo.t, vec![p.batch, p.q_len, p.heads, p.head_dim], DType::BF16);
+        let mut params = FlashParams {
+            total_keys: p.total as i32,
+            kv_group: (p.heads / p.kv_heads) as i32,
+            causal: i32::from(causal),
+            n_blocks: p.batch as i32,
+            ..FlashParams::new(&qo, ptr(&out)?, p.q_len, p.heads, p.head_dim)
+        };
+        let keep = fill_segments(&mut params, segments)?;
+        Ok(Call { p, qo, out, params, keep })
+    }
+}
+
+/// Points `params.seg` at the non-empty `segments` (empty ones hold no keys and cannot have a tensor map), each
+/// with its first logical key; returns their operands, which the caller holds until its launches are queued.
+fn fill_segments(
+    params: &mut FlashParams,
+    segments: Vec<(Prim, Prim)>,
+) -> Result<Vec<(Operand, Operand)>, FastError> {
+    let segments: Vec<(Prim, Prim)> = segments.into_iter().filter(|(k, _)| dims(k)[1] > 0).collect();
+    params.n_segs = segments.len() as i32;
+    let mut keep = Vec::with_capacity(segments.len());
+    let mut start = 0usize;
+    for (i, (k, v)) in segments.into_iter().enumerate() {
+        let (ko, vo) = (Operand::new(k)?, Operand::new(v)?);
+        let len = dims(&ko.t)[1];
+        params.seg[i] = KvSeg::new(&ko, &vo, start, len);
+        start += len;
+        keep.push((ko, vo));
+    }
+    Ok(keep)
 }
 
 /// `flash_mask_tiles`: the per-tile summary of the key mask `params.mask` into `params.mask_tile_full`.

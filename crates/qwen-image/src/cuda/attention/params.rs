@@ -168,8 +168,33 @@ pub(super) fn tensor_map(o: &Operand, dims: &[usize]) -> Result<TensorMap, FastE
     require(dims.len() == 4, || format!("tensor map for dims {dims:?}"))?;
     let gdim: [u64; 4] = [dims[3] as u64, dims[2] as u64, dims[1] as u64, dims[0] as u64];
     let gstride: [u64; 3] = [2 * o.sh as u64, 2 * o.st as u64, 2 * o.sb as u64];
-    let bx: [u32; 4] = [64, 1, 128, 1];
+    encode_map(o.ptr, MapElement::Bf16, gdim, gstride, [64, 1, 128, 1])
+}
+
+/// The element type of a tensor map.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum MapElement {
+    /// bf16 values.
+    Bf16,
+    /// Bytes (e4m3 bits).
+    U8,
+}
+
+/// A 4-dimensional tensor map at `ptr`: dimensions innermost first (`gdim`), byte strides of the outer three
+/// (`gstride`), box sizes `bx` (the inner one 128 bytes at most: 128-byte swizzle), elements past the end read as
+/// zeros. A layout the copy engine cannot describe is [`FastError::Unsupported`].
+pub(super) fn encode_map(
+    ptr: u64,
+    element: MapElement,
+    gdim: [u64; 4],
+    gstride: [u64; 3],
+    bx: [u32; 4],
+) -> Result<TensorMap, FastError> {
     let es: [u32; 4] = [1; 4];
+    let dtype = match element {
+        MapElement::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        MapElement::U8 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+    };
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every array pointer refers to a local of the length the 4-dimensional encoding reads (4 dims, 3
     // strides, 4 box sizes, 4 element strides); `map` is writable storage for one `CUtensorMap`. The global address
@@ -177,9 +202,9 @@ pub(super) fn tensor_map(o: &Operand, dims: &[usize]) -> Result<TensorMap, FastE
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dtype,
             4,
-            o.ptr as *mut c_void,
+            ptr as *mut c_void,
             gdim.as_ptr(),
             gstride.as_ptr(),
             bx.as_ptr(),
@@ -192,7 +217,7 @@ pub(super) fn tensor_map(o: &Operand, dims: &[usize]) -> Result<TensorMap, FastE
     };
     if r != sys::CUresult::CUDA_SUCCESS {
         return Err(FastError::unsupported(format!(
-            "tensor map for dims {dims:?} strides {gstride:?}: {r:?}"
+            "tensor map for dims {gdim:?} strides {gstride:?} box {bx:?}: {r:?}"
         )));
     }
     // SAFETY: the map was zero-initialized (a valid bit pattern for the plain `[u64; 16]` it holds) and then

@@ -14,7 +14,8 @@
 // softmax of S(t) while the tensor cores finish P·V (FlashAttention-3's intra-warpgroup pipelining).
 //
 // `KvSeg`, `FlashParams` and `MAX_SEGS` come from `flash_params.cuh` (shared with the other kernels; the `k`/`v`
-// pointers and strides are not read here: the tensor maps carry them), the wgmma helpers from `wgmma.cuh`.
+// pointers and strides are not read here: the tensor maps carry them), the wgmma helpers from `wgmma.cuh`, the
+// tensor maps, barriers, copies, tile walk and masking from `tma.cuh`.
 
 // Tuning switches (the defaults are the measured best; `QWEN_CUDA_KERNEL_DIR` lets a benchmark try others).
 #ifndef TMA_STAGES
@@ -27,18 +28,11 @@
 #endif
 
 namespace tma {
-constexpr int BM = 128, BN = 128;
 constexpr int STAGES = TMA_STAGES;
 constexpr u32 HALF = 128 * 128;        // bytes of one [128 rows][64 columns] swizzled half tile
 constexpr u32 TILE = 2 * HALF;         // bytes of a [128][128] bf16 tile
 constexpr int CONSUMER_WARPS = 8;
 }  // namespace tma
-
-// The driver's opaque tensor map (`CUtensorMap`), encoded on the host by `cuTensorMapEncodeTiled`.
-struct __align__(64) TensorMap {
-    u64 opaque[16];
-};
-QI_ASSERT_LAYOUT(TensorMap, 128, 64);
 
 // Tensor maps of one call: Q and the key/value segments, each over a [batch, tokens, heads, 128] tensor (dims
 // innermost first: head dim, head, token, batch), box = 64 head-dim columns x 1 head x 128 tokens x 1 batch with
@@ -53,47 +47,11 @@ QI_ASSERT_OFFSET(TmaMaps, q, 0);
 QI_ASSERT_OFFSET(TmaMaps, k, 128);
 QI_ASSERT_OFFSET(TmaMaps, v, 640);
 
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
-    u32 ok;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(ok)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return ok != 0;
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    while (!mbar_try_wait(bar, parity)) {
-    }
-}
-
-// Copies box (c0 .. c0 + 63, head, row .. row + 127, batch) of `map` to `dst`, completing on `bar`.
-__device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, int head, int row, int batch,
-                                         u32 bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-        "[%6];\n" ::"r"(dst),
-        "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(head), "r"(row), "r"(batch), "r"(bar)
-        : "memory");
-}
-
 // Both 64-column halves of a 128 x 128 tile.
 __device__ __forceinline__ void tma_load_tile(u32 dst, const TensorMap* map, int head, int row, int batch, u32 bar) {
     tma_load(dst, map, 0, head, row, batch, bar);
     tma_load(dst + tma::HALF, map, 64, head, row, batch, bar);
 }
-
-__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
 // Ping-pong turn of consumer warpgroup `wgi` (0 or 1): wait for it before issuing products, pass it on after.
 __device__ __forceinline__ void turn_begin(int wgi) {
@@ -103,60 +61,11 @@ __device__ __forceinline__ void turn_end(int wgi) {
     if (TMA_PINGPONG) named_arrive(1 + (wgi ^ 1));
 }
 
-template <int N>
-__device__ __forceinline__ void keep_f32(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-__device__ __forceinline__ void keep_frag(u32 (&r)[8][4]) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
-}
-
 // MN-major shared-memory descriptor (V), 128-byte swizzle: 64-column halves `HALF` bytes apart (leading byte
 // offset), 8-key groups 1024 bytes apart (stride byte offset). K-major operands use `sw128_desc` (`wgmma.cuh`).
 __device__ __forceinline__ u64 desc_mnmajor(u32 saddr) {
     return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)(tma::HALF >> 4) << 16) | ((u64)(1024 >> 4) << 32) |
            ((u64)1 << 62);
-}
-
-// Walks the key tiles of a call in order: segment by segment, 128 keys at a time from each segment's start,
-// skipping empty segments.
-struct TileWalk {
-    int seg, row;  // segment and its first row of the current tile
-    __device__ __forceinline__ static TileWalk first(const FlashParams& p) {
-        TileWalk w{0, 0};
-        w.skip_empty(p);
-        return w;
-    }
-    __device__ __forceinline__ void next(const FlashParams& p) {
-        row += tma::BN;
-        if (row >= p.seg[seg].len) {
-            ++seg;
-            row = 0;
-            skip_empty(p);
-        }
-    }
-    __device__ __forceinline__ void skip_empty(const FlashParams& p) {
-        while (seg < p.n_segs && p.seg[seg].len == 0) ++seg;
-    }
-    __device__ __forceinline__ int j0(const FlashParams& p) const { return p.seg[seg].start + row; }
-    __device__ __forceinline__ int count(const FlashParams& p) const { return min(tma::BN, p.seg[seg].len - row); }
-};
-
-// Number of tiles holding keys below `kv_need` (every tile, without causality).
-__device__ __forceinline__ int tile_count(const FlashParams& p, int kv_need) {
-    int n = 0;
-#pragma unroll
-    for (int s = 0; s < MAX_SEGS; ++s) {
-        if (s < p.n_segs) {
-            const int len = min(p.seg[s].len, max(0, kv_need - p.seg[s].start));
-            n += (len + tma::BN - 1) / tma::BN;
-        }
-    }
-    return n;
 }
 
 // Shared memory: Q, then the K ring, the V ring, and the barriers.
@@ -170,23 +79,6 @@ struct Smem {
     __device__ __forceinline__ u32 v_full(int s) const { return bar + 8 * (1 + 2 * tma::STAGES + s); }
     __device__ __forceinline__ u32 v_empty(int s) const { return bar + 8 * (1 + 3 * tma::STAGES + s); }
 };
-
-// Masks S (one warp's 16 rows: `row` and `row` + 8) for the tile of keys j0 .. j0 + count - 1.
-__device__ __forceinline__ void tma_mask(float (&s)[64], const FlashParams& p, int b, int j0, int count, int row,
-                                         int c4) {
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int c = n * 8 + 2 * c4 + e, j = j0 + c;
-            const bool ok = c < count && (p.mask == nullptr || p.mask[b * p.mask_sb + j] != 0);
-            const bool ok0 = ok && !(p.causal && j > row);
-            const bool ok1 = ok && !(p.causal && j > row + 8);
-            s[4 * n + e] = ok0 ? s[4 * n + e] : -QI_INF;
-            s[4 * n + 2 + e] = ok1 ? s[4 * n + 2 + e] : -QI_INF;
-        }
-    }
-}
 
 // Issues S = Q·Kᵀ for one warpgroup (its 64 rows of Q at `qa`) over the K tile at `sk`.
 __device__ __forceinline__ void tma_issue_qk(float (&s)[64], u32 qa, u32 sk) {
@@ -202,12 +94,6 @@ __device__ __forceinline__ void tma_issue_qk(float (&s)[64], u32 qa, u32 sk) {
 __device__ __forceinline__ void tma_issue_pv(float (&o)[64], const u32 (&pa)[8][4], u32 sv) {
 #pragma unroll
     for (int t = 0; t < 8; ++t) wgmma_rs_m64n128k16<1>(o, pa[t], desc_mnmajor(sv + t * 2048));
-}
-
-// Releases a stage: one arrival per consumer warp, after the warp's reads of it have completed.
-__device__ __forceinline__ void tma_release(u32 bar, int lane) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar);
 }
 
 template <bool OVERLAP>

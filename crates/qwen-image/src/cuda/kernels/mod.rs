@@ -20,7 +20,15 @@ pub(crate) const ELEMENTWISE: &str = include_str!("elementwise.cu");
 pub(crate) const FLASH_TMA: &str = concat!(
     include_str!("flash_params.cuh"),
     include_str!("wgmma.cuh"),
+    include_str!("tma.cuh"),
     include_str!("flash_attention_tma.cu")
+);
+/// Hopper FP8 flash attention (`flash_fwd_fp8_d128`) and the passes that quantize its operands (`fp8_attn_*`).
+pub(crate) const FLASH_FP8: &str = concat!(
+    include_str!("flash_params.cuh"),
+    include_str!("wgmma.cuh"),
+    include_str!("tma.cuh"),
+    include_str!("flash_attention_fp8.cu")
 );
 /// Row-wise e4m3 quantization (`fp8_quantize_rows`) for the FP8 GEMMs.
 pub(crate) const FP8: &str = include_str!("fp8.cu");
