@@ -177,9 +177,9 @@ fn fp8_attention_matches_the_host_emulation() {
         let segs = fp8_segments(b, lens, hk, 128);
         let got = G::attend(q.clone(), &segs, &fp8);
         let want = portable::attention(q.clone(), &segs, &fp8);
-        // The same e4m3 operands and probabilities (rounded against the same running maxima); the f32 sums in
-        // another order and the tensor cores' FP8 accumulation.
-        check(&format!("fp8 attention: {what} vs the emulation"), got.clone(), want, 1e-2);
+        // The same operands and integer logits (exact on both sides), the probabilities rounded against the same
+        // running maxima; only `exp2`'s last bits, the P·V sums' order and the tensor cores' FP8 accumulation differ.
+        check(&format!("fp8 attention: {what} vs the emulation"), got.clone(), want, 5e-3);
         let exact = G::attend(q, &segs, &AttentionOptions::default());
         let err = rel_l2(&to_f32_vec(got), &to_f32_vec(exact));
         println!("{:60} rel L2 {err:.2e}", format!("fp8 attention: {what} vs bf16"));
@@ -199,7 +199,7 @@ fn fp8_attention_matches_the_host_emulation() {
         "fp8 attention: key mask vs the emulation",
         got.clone(),
         portable::attention(q.clone(), &segs, &masked),
-        1e-2,
+        5e-3,
     );
     let unmasked = to_f32_vec(G::attend(q, &segs, &fp8));
     let e = rel_l2(&to_f32_vec(got), &unmasked);

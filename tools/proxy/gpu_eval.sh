@@ -9,7 +9,7 @@
 #   tar -C crates/qwen-image-proxy/snapshots -cf - qwen-image-edit-proxy qwen-image-edit-plus-proxy | xz -T2 -6 \
 #     > .dev/proxy_snapshots.tar.xz                                       # 27 MB
 # then park, and carry .dev/bin/qwen-edit.xz, .dev/proxy_snapshots.tar.xz:
-#   OUT=$OUT LIMIT=120 RUNS="bf16 fp8 fp8exact" tools/proxy/gpu_eval.sh    # ≈ 30 s per run on an H100
+#   OUT=$OUT LIMIT=120 RUNS="bf16 fp8 fp8exact fp8attn" tools/proxy/gpu_eval.sh    # ≈ 30 s per run on an H100
 set -u
 OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT" /tmp/snap
@@ -24,6 +24,7 @@ for run in ${RUNS:-bf16 fp8 fp8exact}; do
     bf16) ;;
     fp8) flags=(--quantize fp8) ;;
     fp8exact) flags=(--quantize fp8) && export QWEN_FP8_FAST_ACCUM=0 ;;
+    fp8attn) flags=(--quantize fp8 --fp8-attention) ;;  # the proxy's head dim 64 computes the host emulation
     *) echo "unknown run $run" >&2 && exit 2 ;;
   esac
   start=$(date +%s)

@@ -1,6 +1,7 @@
-//! FP8 flash attention on Hopper (`kernels/flash_attention_fp8.cu`): the four passes that quantize the operands as
-//! [`quant::attention`](crate::quant::attention) defines (Q per row, K per head, V per column, V transposed into
-//! 32-key groups in the order the kernel's P fragments need), then the warp-specialized e4m3 kernel.
+//! FP8 flash attention on Hopper (`kernels/flash_attention_fp8.cu`): the five passes that quantize the operands as
+//! [`quant::attention`](crate::quant::attention) defines (Q per row in int8; the keys' mean; K minus it per row in
+//! int8; V per column in e4m3, transposed into 32-key groups in the order the kernel's P fragments need), then the
+//! warp-specialized kernel (int8 Q·Kᵀ, e4m3 P·V).
 
 use std::ffi::c_void;
 
@@ -23,6 +24,8 @@ const MODULE: &str = "flash_attention_fp8";
 const D: usize = 128;
 /// Keys per tile (and the padding of the transposed V).
 const TILE: usize = 128;
+/// Keys per partial sum of the keys' mean ([`MEAN_BLOCK`](crate::quant::attention::MEAN_BLOCK), the kernel's).
+const MEAN_BLOCK: usize = crate::quant::attention::MEAN_BLOCK;
 
 /// `Fp8AttnParams` of `flash_attention_fp8.cu`.
 #[repr(C)]
@@ -31,16 +34,21 @@ struct Fp8AttnParams {
     q8: u64,
     q_scale: u64,
     k8: u64,
-    k_amax: u64,
+    k_scale: u64,
+    k_mean: u64,
+    k_partial: u64,
     vt: u64,
     v_amax: u64,
     kpad: i64,
     heads: i32,
     kv_heads: i32,
+    mean_blocks: i32,
+    pad: i32,
 }
 
-assert_layout!(Fp8AttnParams: size 64, align 8 {
-    q8 @ 0, q_scale @ 8, k8 @ 16, k_amax @ 24, vt @ 32, v_amax @ 40, kpad @ 48, heads @ 56, kv_heads @ 60,
+assert_layout!(Fp8AttnParams: size 88, align 8 {
+    q8 @ 0, q_scale @ 8, k8 @ 16, k_scale @ 24, k_mean @ 32, k_partial @ 40, vt @ 48, v_amax @ 56, kpad @ 64,
+    heads @ 72, kv_heads @ 76, mean_blocks @ 80, pad @ 84,
 });
 
 /// `Fp8Maps` of `flash_attention_fp8.cu`.
@@ -54,12 +62,14 @@ struct Fp8Maps {
 
 assert_layout!(Fp8Maps: size 384, align 64 { q @ 0, k @ 128, vt @ 256 });
 
-/// The quantized operands of one call, held until its launches are queued.
+/// The quantized operands of one call and their scratch, held until its launches are queued.
 struct Buffers {
     q8: Prim,
     q_scale: Prim,
     k8: Prim,
-    k_amax: Prim,
+    k_scale: Prim,
+    k_mean: Prim,
+    k_partial: Prim,
     vt: Prim,
     v_amax: Prim,
 }
@@ -83,11 +93,14 @@ pub(super) fn flash_attention_fp8(
     let mask = mask.map(|m| super::key_mask(m, &p, None, &mut params)).transpose()?;
     let kpad = p.total.div_ceil(TILE) * TILE;
     let new = |shape: Vec<usize>, dtype| empty_like_device(&qo.t, shape, dtype);
+    let mean_blocks = p.total.div_ceil(MEAN_BLOCK);
     let buffers = Buffers {
-        q8: new(vec![p.batch, p.q_len, p.heads, D], DType::U8),
+        q8: new(vec![p.batch, p.q_len, p.heads, D], DType::I8),
         q_scale: new(vec![p.batch, p.q_len, p.heads], DType::F32),
-        k8: new(vec![p.batch, p.total, p.kv_heads, D], DType::U8),
-        k_amax: new(vec![p.batch, p.kv_heads], DType::F32),
+        k8: new(vec![p.batch, p.total, p.kv_heads, D], DType::I8),
+        k_scale: new(vec![p.batch, p.kv_heads, kpad], DType::F32),
+        k_mean: new(vec![p.batch, p.kv_heads, D], DType::F32),
+        k_partial: new(vec![p.batch, p.kv_heads, mean_blocks, D], DType::F32),
         vt: new(vec![p.batch, p.kv_heads, D, kpad], DType::U8),
         v_amax: new(vec![p.batch, p.kv_heads, D], DType::F32),
     };
@@ -95,12 +108,16 @@ pub(super) fn flash_attention_fp8(
         q8: ptr(&buffers.q8)?,
         q_scale: ptr(&buffers.q_scale)?,
         k8: ptr(&buffers.k8)?,
-        k_amax: ptr(&buffers.k_amax)?,
+        k_scale: ptr(&buffers.k_scale)?,
+        k_mean: ptr(&buffers.k_mean)?,
+        k_partial: ptr(&buffers.k_partial)?,
         vt: ptr(&buffers.vt)?,
         v_amax: ptr(&buffers.v_amax)?,
         kpad: kpad as i64,
         heads: p.heads as i32,
         kv_heads: p.kv_heads as i32,
+        mean_blocks: mean_blocks as i32,
+        pad: 0,
     };
     let (b, lq, h, hk, lk) =
         (p.batch as u64, p.q_len as u64, p.heads as u64, p.kv_heads as u64, p.total as u64);
@@ -126,27 +143,28 @@ pub(super) fn flash_attention_fp8(
     with_gpu(index, |dev| {
         require_e4m3(dev)?;
         let quant_q = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_quant_q", 0)?;
-        let amax = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_kv_amax", 0)?;
+        let stats = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_kv_stats", 0)?;
+        let mean = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_k_mean", 0)?;
         let quant_k = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_quant_k", 0)?;
         let quant_vt = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_quant_vt", 0)?;
         let main = dev.function(MODULE, kernels::FLASH_FP8, "flash_fwd_fp8_d128", TMA_SMEM)?;
         dev.begin(&qo.t)?;
-        // SAFETY: `out` holds `batch·q_len·heads·128` bf16 values and lives until this function returns; the two
-        // maxima buffers hold `batch·kv_heads` and `batch·kv_heads·128` f32 words (held in `buffers`).
+        // SAFETY: `out` holds `batch·q_len·heads·128` bf16 values and lives until this function returns; the V
+        // maxima buffer holds `batch·kv_heads·128` f32 words (held in `buffers`).
         unsafe {
             dev.poison(params.o, p.batch * p.q_len * p.heads * D)?;
-            dev.zero_words(f.k_amax, p.batch * p.kv_heads)?;
             dev.zero_words(f.v_amax, p.batch * p.kv_heads * D)?;
         }
         let two = |params: &mut FlashParams, f: &mut Fp8AttnParams| {
             [params as *mut FlashParams as *mut c_void, f as *mut Fp8AttnParams as *mut c_void]
         };
-        // SAFETY: for the four passes, `(FlashParams, Fp8AttnParams)` by value is each pass's signature, both layouts
+        // SAFETY: for the five passes, `(FlashParams, Fp8AttnParams)` by value is each pass's signature, both layouts
         // checked against the C++ structs at compile time. `params` points into the query and key/value operands
         // (`qo`, `keep`: bf16, head dim contiguous, 16-byte aligned rows, shapes checked by `Call::new`), `f` into
         // the new buffers of the shapes above (held in `buffers`); all live until the launches are queued. The
         // grids cover one warp per query row / key row (8 per block), (64 keys, key head, batch) blocks for the
-        // maxima and (128 keys, key head, batch) tiles of the padded transposed V, as the kernels index them.
+        // partial sums and maxima, one block per (key head, batch) for the mean and (128 keys, key head, batch)
+        // tiles of the padded transposed V, as the kernels index them.
         unsafe {
             dev.launch(
                 quant_q,
@@ -155,8 +173,10 @@ pub(super) fn flash_attention_fp8(
                 0,
                 &mut two(&mut params, &mut f),
             )?;
-            let kv_grid = (p.total.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32);
-            dev.launch(amax, kv_grid, (128, 1, 1), 0, &mut two(&mut params, &mut f))?;
+            let kv_grid = (mean_blocks as u32, p.kv_heads as u32, p.batch as u32);
+            dev.launch(stats, kv_grid, (128, 1, 1), 0, &mut two(&mut params, &mut f))?;
+            let head_grid = (p.kv_heads as u32, p.batch as u32, 1);
+            dev.launch(mean, head_grid, (128, 1, 1), 0, &mut two(&mut params, &mut f))?;
             dev.launch(
                 quant_k,
                 rows(p.batch * p.total * p.kv_heads),

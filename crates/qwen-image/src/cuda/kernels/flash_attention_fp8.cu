@@ -1,20 +1,21 @@
-// FP8 (e4m3) flash attention for Hopper (sm_90a), head dim 128: what qwen_image::quant::attention defines, on the
-// structure of `flash_attention_tma.cu` (one producer warp issuing TMA copies, two consumer warpgroups of 64 queries,
-// S(t) = Q·K(t)ᵀ issued together with O += P(t-1)·V(t-1)), with e4m3 operands on both warpgroup MMAs (k = 32 per
-// instruction, twice the bf16 rate).
+// FP8 flash attention for Hopper (sm_90a), head dim 128: what qwen_image::quant::attention defines (Q·Kᵀ on 8-bit
+// integers with smoothed keys, P·V in e4m3), on the structure of `flash_attention_tma.cu` (one producer thread
+// issuing TMA copies, two consumer warpgroups of 64 queries, S(t) = Q·K(t)ᵀ issued together with
+// O += P(t-1)·V(t-1)), with 8-bit operands on both warpgroup MMAs (k = 32 per instruction, twice the bf16 rate).
 //
-// The operands are made first by four passes over the call's bf16 tensors (`fp8_attn_*` below):
-//   - Q per (batch, query, head) row: e4m3 bits and a scale, as the row quantizer rounds (`e4m3_row_scale`);
-//   - the largest |K| per (batch, key head) and |V| per (batch, key head, column), by atomic maxima on f32 bits
-//     (non-negative floats order as their bits);
-//   - K in e4m3 with its head's scale, the segments concatenated: [batch, keys, kv_heads, 128];
+// The operands are made first by five passes over the call's bf16 tensors (`fp8_attn_*` below):
+//   - Q per (batch, query, head) row: int8 values and a scale (`quant_q`);
+//   - per (batch, key head, column): partial sums of K over blocks of 64 keys, and the largest |V| by atomic maxima
+//     on f32 bits (non-negative floats order as their bits) (`kv_stats`); the keys' mean from the partial sums in
+//     block order, deterministic (`k_mean`);
+//   - K minus its mean as int8 per key row, with the row's scale, the segments concatenated (`quant_k`);
 //   - V in e4m3 with its column's scale, transposed to [batch, kv_heads, 128, kpad] so that P·V reads it K-major
-//     (the only layout FP8 warpgroup MMAs take for B), keys padded with zeros to whole tiles of 128 and permuted
+//     (the only layout 8-bit warpgroup MMAs take for B), keys padded with zeros to whole tiles of 128 and permuted
 //     within each group of 32 so that P goes from S's accumulator registers to the A operand of P·V without
-//     shuffles: A-operand column a of a 32-key step holds key `fp8_key_of_slot(a)`.
-// The main kernel then scales each row's logits by sq·sk·log2(e)/√d, keeps probabilities in [0, 256] (2^(x − m + 8),
-// FlashAttention-3's Max_offset) so that small ones stay normal in e4m3, and multiplies the output by 1/l and the
-// column's V scale at the end.
+//     shuffles: A-operand column a of a 32-key step holds key `fp8_key_of_slot(a)` (`quant_vt`).
+// The main kernel converts the exact integer logits to f32 times the key's scale, scales each row by sq·log2(e)/√d,
+// keeps probabilities in [0, 256] (2^(x − m + 8), FlashAttention-3's Max_offset) so that small ones stay normal in
+// e4m3, and multiplies the output by 1/l and the column's V scale at the end.
 
 #ifndef FP8_STAGES
 #define FP8_STAGES 2
@@ -29,25 +30,33 @@ constexpr int D = 128;
 
 // The buffers of one call (`cuda/attention/fp8.rs` fills the Rust mirror).
 struct Fp8AttnParams {
-    unsigned char* q8;  // [batch, q_len, heads, 128]
-    float* q_scale;     // [batch, q_len, heads]
-    unsigned char* k8;  // [batch, total_keys, kv_heads, 128]
-    u32* k_amax;        // [batch, kv_heads]: f32 bits of max |K|, zeroed before the passes
-    unsigned char* vt;  // [batch, kv_heads, 128, kpad]
-    u32* v_amax;        // [batch, kv_heads, 128]: f32 bits of max |V| per column, zeroed
-    i64 kpad;           // keys rounded up to a multiple of 128
+    signed char* q8;     // [batch, q_len, heads, 128]
+    float* q_scale;      // [batch, q_len, heads]
+    signed char* k8;     // [batch, total_keys, kv_heads, 128]: K minus its mean
+    float* k_scale;      // [batch, kv_heads, kpad]: per key row (past total_keys: unwritten, masked)
+    float* k_mean;       // [batch, kv_heads, 128]
+    float* k_partial;    // [batch, kv_heads, mean_blocks, 128]: sums of K over blocks of 64 keys
+    unsigned char* vt;   // [batch, kv_heads, 128, kpad]
+    u32* v_amax;         // [batch, kv_heads, 128]: f32 bits of max |V| per column, zeroed before the passes
+    i64 kpad;            // keys rounded up to a multiple of 128
     int heads, kv_heads;
+    int mean_blocks;     // ceil(total_keys / 64)
+    int pad;
 };
-QI_ASSERT_LAYOUT(Fp8AttnParams, 64, 8);
+QI_ASSERT_LAYOUT(Fp8AttnParams, 88, 8);
 QI_ASSERT_OFFSET(Fp8AttnParams, q8, 0);
 QI_ASSERT_OFFSET(Fp8AttnParams, q_scale, 8);
 QI_ASSERT_OFFSET(Fp8AttnParams, k8, 16);
-QI_ASSERT_OFFSET(Fp8AttnParams, k_amax, 24);
-QI_ASSERT_OFFSET(Fp8AttnParams, vt, 32);
-QI_ASSERT_OFFSET(Fp8AttnParams, v_amax, 40);
-QI_ASSERT_OFFSET(Fp8AttnParams, kpad, 48);
-QI_ASSERT_OFFSET(Fp8AttnParams, heads, 56);
-QI_ASSERT_OFFSET(Fp8AttnParams, kv_heads, 60);
+QI_ASSERT_OFFSET(Fp8AttnParams, k_scale, 24);
+QI_ASSERT_OFFSET(Fp8AttnParams, k_mean, 32);
+QI_ASSERT_OFFSET(Fp8AttnParams, k_partial, 40);
+QI_ASSERT_OFFSET(Fp8AttnParams, vt, 48);
+QI_ASSERT_OFFSET(Fp8AttnParams, v_amax, 56);
+QI_ASSERT_OFFSET(Fp8AttnParams, kpad, 64);
+QI_ASSERT_OFFSET(Fp8AttnParams, heads, 72);
+QI_ASSERT_OFFSET(Fp8AttnParams, kv_heads, 76);
+QI_ASSERT_OFFSET(Fp8AttnParams, mean_blocks, 80);
+QI_ASSERT_OFFSET(Fp8AttnParams, pad, 84);
 
 // Tensor maps of the quantized operands, 128-byte swizzle, boxes of 128 x 128 bytes: Q8 and K8 as
 // (128 columns, head, token, batch), Vt as (key, column, key head, batch).
@@ -94,6 +103,23 @@ __device__ __forceinline__ u32 e4m3x4(const float (&v)[4], float s) {
            ((u32)e4m3x2(__fdiv_rn(v[2], s), __fdiv_rn(v[3], s)) << 16);
 }
 
+// The scale of an int8 row whose largest magnitude is `amax` (qwen_image::quant::attention::int8_row_scale).
+__device__ __forceinline__ float int8_row_scale(float amax) {
+    const float s = __fdiv_rn(amax, 127.f);
+    return s >= 1.17549435e-38f ? s : 1.f;
+}
+
+// Four f32 divided by `s` (IEEE), rounded to nearest even and clamped to ±127, as int8 bytes (the first lowest).
+__device__ __forceinline__ u32 int8x4(const float (&v)[4], float s) {
+    u32 r = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int q = max(-127, min(127, __float2int_rn(__fdiv_rn(v[e], s))));
+        r |= ((u32)q & 0xffu) << (8 * e);
+    }
+    return r;
+}
+
 // Q: one warp per (batch, query, head) row of 128; 8 warps per block.
 extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_q(const FlashParams p, const Fp8AttnParams f) {
     const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
@@ -102,30 +128,37 @@ extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_q(const FlashPa
     const int h = (int)(row % f.heads), i = (int)((row / f.heads) % p.q_len), b = (int)(row / ((i64)f.heads * p.q_len));
     float v[4];
     load4(p.q + b * p.q_sb + (i64)i * p.q_st + h * p.q_sh + 4 * lane, v);
-    const float s = e4m3_row_scale(warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))));
-    reinterpret_cast<u32*>(f.q8 + row * fp8a::D)[lane] = e4m3x4(v, s);
+    const float s = int8_row_scale(warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))));
+    reinterpret_cast<u32*>(f.q8 + row * fp8a::D)[lane] = int8x4(v, s);
     if (lane == 0) f.q_scale[row] = s;
 }
 
-// Largest |K| per (batch, key head) and |V| per (batch, key head, column): grid (keys / 64, kv_heads, batch),
-// 128 threads, thread = column.
-extern "C" __global__ void __launch_bounds__(128) fp8_attn_kv_amax(const FlashParams p, const Fp8AttnParams f) {
-    __shared__ float red[4];
+// Partial sums of K per (batch, key head, column) over each block of 64 keys (in key order), and the largest |V| per
+// column: grid (mean_blocks, kv_heads, batch), 128 threads, thread = column.
+extern "C" __global__ void __launch_bounds__(128) fp8_attn_kv_stats(const FlashParams p, const Fp8AttnParams f) {
     const int d = threadIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int j0 = blockIdx.x * 64, j1 = min(j0 + 64, p.total_keys);
-    float mk = 0.f, mv = 0.f;
+    float sum = 0.f, mv = 0.f;
     for (int j = j0; j < j1; ++j) {
         int r;
         const KvSeg& sg = p.seg[fp8_seg_of(p, j, r)];
-        mk = fmaxf(mk, fabsf(bf16_to_f32(sg.k[b * sg.k_sb + (i64)r * sg.k_st + hk * sg.k_sh + d])));
+        sum += bf16_to_f32(sg.k[b * sg.k_sb + (i64)r * sg.k_st + hk * sg.k_sh + d]);
         mv = fmaxf(mv, fabsf(bf16_to_f32(sg.v[b * sg.v_sb + (i64)r * sg.v_st + hk * sg.v_sh + d])));
     }
+    f.k_partial[(((i64)b * f.kv_heads + hk) * f.mean_blocks + blockIdx.x) * fp8a::D + d] = sum;
     atomicMax(f.v_amax + (b * f.kv_heads + hk) * fp8a::D + d, __float_as_uint(mv));
-    mk = block_max<128>(mk, red);
-    if (d == 0) atomicMax(f.k_amax + b * f.kv_heads + hk, __float_as_uint(mk));
 }
 
-// K in e4m3 with its head's scale, segments concatenated: one warp per (batch, key, key head) row.
+// The keys' mean per (batch, key head, column): the partial sums added in block order. Grid (kv_heads, batch).
+extern "C" __global__ void __launch_bounds__(128) fp8_attn_k_mean(const FlashParams p, const Fp8AttnParams f) {
+    const int d = threadIdx.x, hk = blockIdx.x, b = blockIdx.y;
+    const float* part = f.k_partial + ((i64)b * f.kv_heads + hk) * f.mean_blocks * fp8a::D + d;
+    float total = 0.f;
+    for (int i = 0; i < f.mean_blocks; ++i) total += part[(i64)i * fp8a::D];
+    f.k_mean[(b * f.kv_heads + hk) * fp8a::D + d] = __fdiv_rn(total, (float)p.total_keys);
+}
+
+// K minus its mean as int8 with the row's scale, segments concatenated: one warp per (batch, key, key head) row.
 extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_k(const FlashParams p, const Fp8AttnParams f) {
     const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -136,8 +169,14 @@ extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_k(const FlashPa
     const KvSeg& sg = p.seg[fp8_seg_of(p, j, r)];
     float v[4];
     load4(sg.k + b * sg.k_sb + (i64)r * sg.k_st + hk * sg.k_sh + 4 * lane, v);
-    const float s = e4m3_row_scale(__uint_as_float(f.k_amax[b * f.kv_heads + hk]));
-    reinterpret_cast<u32*>(f.k8 + row * fp8a::D)[lane] = e4m3x4(v, s);
+    const float4 mean = reinterpret_cast<const float4*>(f.k_mean + (b * f.kv_heads + hk) * fp8a::D)[lane];
+    v[0] -= mean.x;
+    v[1] -= mean.y;
+    v[2] -= mean.z;
+    v[3] -= mean.w;
+    const float s = int8_row_scale(warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])))));
+    reinterpret_cast<u32*>(f.k8 + row * fp8a::D)[lane] = int8x4(v, s);
+    if (lane == 0) f.k_scale[((i64)b * f.kv_heads + hk) * f.kpad + j] = s;
 }
 
 // V transposed and quantized with its columns' scales: grid (kpad / 128, kv_heads, batch), 256 threads. The tile of
@@ -177,12 +216,13 @@ extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_vt(const FlashP
     }
 }
 
-// D(64 x 128) (+)= A(64 x 32, shared, K-major) · B(128 x 32, shared, K-major)ᵀ, e4m3; `acc` = 0 overwrites D.
-__device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3(float (&d)[64], u64 desc_a, u64 desc_b, int acc) {
+// D(64 x 128) (+)= A(64 x 32, shared, K-major) · B(128 x 32, shared, K-major)ᵀ, int8 with int32 sums (exact);
+// `acc` = 0 overwrites D.
+__device__ __forceinline__ void wgmma_ss_m64n128k32_s8(int (&d)[64], u64 desc_a, u64 desc_b, int acc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
         : "l"(desc_a), "l"(desc_b), "r"(acc));
 }
 
@@ -195,7 +235,7 @@ __device__ __forceinline__ void wgmma_rs_m64n128k32_e4m3(float (&d)[64], const u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 
-// Online softmax of one tile with a logit factor per row (`f[r]` = sq·sk·log2(e)/√d): probabilities
+// Online softmax of one tile with a logit factor per row (`f[r]` = sq·log2(e)/√d): probabilities
 // 2^(t − m + 8) in [0, 256]; returns the factor the previous O must be scaled by (`wg_softmax` of `wgmma.cuh`
 // otherwise).
 __device__ __forceinline__ void fp8_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
@@ -237,9 +277,33 @@ __device__ __forceinline__ void fp8_pack_p(u32 (&pa)[4][4], const float (&s)[64]
     }
 }
 
-__device__ __forceinline__ void fp8_issue_qk(float (&s)[64], u32 qa, u32 sk) {
+__device__ __forceinline__ void fp8_issue_qk(int (&s)[64], u32 qa, u32 sk) {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_ss_m64n128k32_e4m3(s, sw128_desc(qa + 32 * kk), sw128_desc(sk + 32 * kk), kk > 0);
+    for (int kk = 0; kk < 4; ++kk) wgmma_ss_m64n128k32_s8(s, sw128_desc(qa + 32 * kk), sw128_desc(sk + 32 * kk), kk > 0);
+}
+
+template <int N>
+__device__ __forceinline__ void keep_s32(int (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// The key scales of the thread's columns of tile `t` (8n + 2c4 and + 1), loaded while the tensor cores work.
+__device__ __forceinline__ void fp8_key_scales(float2 (&ks)[16], const Fp8AttnParams& f, int b, int hk, int t, int c4) {
+    const float2* src = reinterpret_cast<const float2*>(f.k_scale + ((i64)b * f.kv_heads + hk) * f.kpad + t * tma::BN + 2 * c4);
+#pragma unroll
+    for (int n = 0; n < 16; ++n) ks[n] = __ldg(src + 4 * n);
+}
+
+// S = f32(integer logits) · the key's scale.
+__device__ __forceinline__ void fp8_logits(float (&s)[64], const int (&si)[64], const float2 (&ks)[16]) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+        s[4 * n] = __int2float_rn(si[4 * n]) * ks[n].x;
+        s[4 * n + 1] = __int2float_rn(si[4 * n + 1]) * ks[n].y;
+        s[4 * n + 2] = __int2float_rn(si[4 * n + 2]) * ks[n].x;
+        s[4 * n + 3] = __int2float_rn(si[4 * n + 3]) * ks[n].y;
+    }
 }
 
 __device__ __forceinline__ void fp8_issue_pv(float (&o)[64], const u32 (&pa)[4][4], u32 sv) {
@@ -330,19 +394,20 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     const int g = lane >> 2, c4 = lane & 3;
     const int row0 = q0 + wgi * 64 + wq * 16 + g;  // this thread's rows: row0 and row0 + 8
     const u32 qa = sq + wgi * 64 * fp8a::D;
-    const float sk_head = e4m3_row_scale(__uint_as_float(f.k_amax[b * f.kv_heads + hk]));
     float frow[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int qi = row0 + 8 * r;
         // Rows past the end read zeros (the copy engine's fill); any positive factor keeps them finite.
-        frow[r] = qi < p.q_len ? (f.q_scale[((i64)b * p.q_len + qi) * f.heads + h] * sk_head) * p.scale_log2 : 1.f;
+        frow[r] = qi < p.q_len ? f.q_scale[((i64)b * p.q_len + qi) * f.heads + h] * p.scale_log2 : 1.f;
     }
     float o[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.f;
     float m_run[2] = {-QI_INF, -QI_INF}, l_run[2] = {0.f, 0.f}, alpha[2];
     float s[64];
+    int si[64];
+    float2 ks[16];
     u32 pa[4][4];
     mbar_wait(q_full(), 0);
     auto mask_tile = [&](int t) {
@@ -353,11 +418,13 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     // Tile 0: S only.
     mbar_wait(k_full(0), 0);
     wgmma_fence();
-    fp8_issue_qk(s, qa, sk);
+    fp8_issue_qk(si, qa, sk);
     wgmma_commit();
+    fp8_key_scales(ks, f, b, hk, 0, c4);
     wgmma_wait<0>();
-    keep_f32(s);
+    keep_s32(si);
     tma_release(k_empty(0), lane);
+    fp8_logits(s, si, ks);
     mask_tile(0);
     fp8_softmax(s, m_run, l_run, alpha, frow);
     fp8_pack_p(pa, s);
@@ -367,13 +434,15 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         mbar_wait(v_full(sp), ((t - 1) / fp8a::STAGES) & 1);
         keep_f32(o);
         wgmma_fence();
-        fp8_issue_qk(s, qa, sk + st * fp8a::TILE);
+        fp8_issue_qk(si, qa, sk + st * fp8a::TILE);
         wgmma_commit();
         fp8_issue_pv(o, pa, sv + sp * fp8a::TILE);
         wgmma_commit();
+        fp8_key_scales(ks, f, b, hk, t, c4);
         wgmma_wait<1>();
-        keep_f32(s);
+        keep_s32(si);
         tma_release(k_empty(st), lane);
+        fp8_logits(s, si, ks);
         mask_tile(t);
         fp8_softmax(s, m_run, l_run, alpha, frow);
         wgmma_wait<0>();
