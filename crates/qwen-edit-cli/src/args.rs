@@ -101,8 +101,9 @@ pub struct QuantizeArgs {
     /// `none` quantizes every layer) [default: default].
     #[arg(long, value_name = "LAYERS")]
     pub quantize_keep: Option<String>,
-    /// With --quantize fp8 or fp8-dit (or --low-memory): the DiT's joint attention in FP8 too (Q, K, V and the
-    /// softmax probabilities in e4m3; on Hopper our FP8 flash-attention kernel, elsewhere a host emulation; docs/fp8.md).
+    /// With --quantize fp8 or fp8-dit (or --low-memory): the DiT's joint attention in 8 bits too (Q·Kᵀ on int8 with
+    /// the keys' mean subtracted, P·V in e4m3; on Hopper our FP8 flash-attention kernel, elsewhere a host emulation;
+    /// docs/fp8.md).
     #[arg(long)]
     pub fp8_attention: bool,
     /// The smallest footprint (aimed at 24 GB cards; a full-size 1024² edit still peaks at 31.8 GiB on an H100):

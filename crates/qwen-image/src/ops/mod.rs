@@ -73,8 +73,8 @@ pub struct AttentionOptions<B: Backend> {
     pub causal: bool,
     /// Which keys may be attended to, `[batch, total_keys]`, `true` = attend. `None` = all.
     pub key_mask: Option<Tensor<B, 2, Bool>>,
-    /// FP8 attention: Q, K, V and the probabilities rounded to e4m3 with the scales
-    /// [`quant::attention`](crate::quant::attention) defines, products summed in f32. A backend without an FP8 kernel
+    /// FP8 attention: Q·Kᵀ on int8 with the keys' mean subtracted, the probabilities and V in e4m3, with the scales
+    /// [`quant::attention`](crate::quant::attention) defines. A backend without an FP8 kernel
     /// for the call computes it with the host emulation ([`quant::attention::attention_fp8`]).
     pub fp8: bool,
 }

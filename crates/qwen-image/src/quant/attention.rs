@@ -1,8 +1,8 @@
 //! FP8 attention ([`AttentionOptions::fp8`](crate::ops::AttentionOptions::fp8)): what it computes, and its portable
 //! emulation on the host, the reference the CUDA kernel (`kernels/flash_attention_fp8.cu`) is tested against.
 //!
-//! Q·Kᵀ runs on 8-bit integers and P·V on e4m3 (SageAttention's split on Hopper: INT8 logits are 3–4× more accurate
-//! than e4m3 ones at the same speed, docs/fp8.md). For `query [batch, queries, heads, D]` over keys and values
+//! Q·Kᵀ runs on 8-bit integers and P·V on e4m3 (SageAttention's split on Hopper: INT8 logits are 3–4× more
+//! accurate than e4m3 ones at the same speed, docs/fp8.md). For `query [batch, queries, heads, D]` over keys and values
 //! `[batch, keys, kv_heads, D]` (the segments concatenated), with `g = heads / kv_heads` and `hk = h / g`:
 //!
 //! 1. **Quantization.** `int8(x / s)` rounds to nearest even and clamps to ±127, `e4m3(x / s)` as
@@ -271,7 +271,8 @@ mod tests {
             println!("FP8 attention against exact attention, mask {}: rel. L2 {err:.3e}", key_mask.is_some());
             // e4m3 keeps 3 mantissa bits: 3.6 % r.m.s. per rounded probability, which on random (diffuse,
             // zero-mean) attention stays in the output (PyTorch's float8_e4m3fn gives 3.6 % on 512 x 2048 random
-            // heads the same way); the int8 logits add less (3.3 % here). A wrong scale or key order is far beyond 5 %.
+            // heads the same way); the int8 logits add less (3.3 % here). A wrong scale or key order is far beyond
+            // 5 %.
             assert!(err > 1e-3 && err < 5e-2, "rel. L2 {err}");
         }
     }
@@ -279,8 +280,8 @@ mod tests {
     #[test]
     fn the_emulation_follows_the_written_out_definition() {
         // One head, two keys, D = 2. The keys' mean (0.125, 0) leaves ±(0.125, 0): int8 ±127 with scales 0.125/127.
-        // Logits ±127 · 0.125 = ±15.875 times log2(e)/√2: key 1's probability 2^(8 − 32.4) rounds to 0 in e4m3, and
-        // the fused multiply-add keeps key 0's within 2^±1e-6 of 256, so o = v[key 0].
+        // Logits ±127 · 0.125 = ±15.875 times log2(e)/√2: key 1's probability 2^(8 − 32.4) rounds to 0 in e4m3,
+        // and the fused multiply-add keeps key 0's within 2^±1e-6 of 256, so o = v[key 0].
         let s = AttentionShape { batch: 1, queries: 1, heads: 1, keys: 2, kv_heads: 1, head_dim: 2 };
         let (q, k, v) = ([127.0f32, 0.0], [0.25f32, 0.0, 0.0, 0.0], [1.0f32, -2.0, 0.5, 4.0]);
         let ops = quantize_operands(&q, &k, &v, s);

@@ -26,7 +26,7 @@ pub struct Fp8Options {
     /// `img_mod.1`, `attn.to_out` every `attn.to_out.0`, `transformer_blocks.0` all of block 0. An entry that names
     /// no layer of the model is an error. Default: [`DEFAULT_KEEP`].
     pub keep: Vec<String>,
-    /// The DiT's joint attention in FP8 too: Q, K, V and the softmax probabilities in e4m3
+    /// The DiT's joint attention in 8 bits too: Q·Kᵀ on int8 with the keys' mean subtracted, P·V in e4m3
     /// ([`quant::attention`](crate::quant::attention)). Off by default.
     #[serde(default)]
     pub attention: bool,
