@@ -182,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_k(const FlashPa
 // V transposed and quantized with its columns' scales: grid (kpad / 128, kv_heads, batch), 256 threads. The tile of
 // 128 keys x 128 columns goes through shared memory; thread (column d, half) writes 64 bytes of Vt's row d.
 extern "C" __global__ void __launch_bounds__(256) fp8_attn_quant_vt(const FlashParams p, const Fp8AttnParams f) {
-    __shared__ bf16_t tile[128][fp8a::D];
+    __shared__ __align__(16) bf16_t tile[128][fp8a::D];  // written and read as 16-byte vectors
     const int hk = blockIdx.y, b = blockIdx.z, j0 = blockIdx.x * 128;
     for (int e = threadIdx.x; e < 128 * 16; e += 256) {
         const int jr = e >> 4, c8 = (e & 15) * 8, j = j0 + jr;
