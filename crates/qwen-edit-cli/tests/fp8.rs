@@ -66,6 +66,8 @@ fn an_fp8_edit_reports_its_weights() {
     assert!(weights["fp8_layers"].as_u64().unwrap() > 0, "{weights}");
     assert!(weights["fp8_bytes"].as_u64() < weights["fp8_unquantized_bytes"].as_u64(), "{weights}");
     assert_eq!(weights["keep"].as_array().unwrap().last().unwrap(), "transformer_blocks.0");
+    assert_eq!(weights["fp8_attention"], true, "{weights}");
+    assert!(out.contains("joint attention in 8 bits"), "{out}");
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub struct LinearWeightSummary {
     /// The layers kept in the model's dtype (the FP8 keep list), when the model was quantized at load time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<Vec<String>>,
+    /// Whether the joint attention runs in 8 bits too ([`Fp8Options::attention`](super::Fp8Options)).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fp8_attention: bool,
 }
 
 impl LinearWeightSummary {
@@ -84,6 +87,9 @@ impl LinearWeightSummary {
         }
         if let Some(keep) = self.keep.as_ref().filter(|k| !k.is_empty()) {
             line.push_str(&format!("; kept in {}: {}", self.dtype, keep.join(", ")));
+        }
+        if self.fp8_attention {
+            line.push_str("; joint attention in 8 bits (int8 Q·Kᵀ, e4m3 P·V)");
         }
         line
     }
