@@ -221,9 +221,7 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
     // Normalize and store.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float l = quad_sum(l_run[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
         const int qi = row0 + 8 * r;
         if (qi < q_len) {

@@ -235,36 +235,6 @@ __device__ __forceinline__ void wgmma_rs_m64n128k32_e4m3(float (&d)[64], const u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 
-// Online softmax of one tile with a logit factor per row (`f[r]` = sq·log2(e)/√d): probabilities
-// 2^(t − m + 8) in [0, 256]; returns the factor the previous O must be scaled by (`wg_softmax` of `wgmma.cuh`
-// otherwise).
-__device__ __forceinline__ void fp8_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
-                                            const float (&f)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float mx = -QI_INF;
-#pragma unroll
-        for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[r], mx * f[r]);
-        const float m_use = m_new == -QI_INF ? 0.f : m_new;
-        alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
-        m_run[r] = m_new;
-        const float bias = 8.f - m_use;
-        float sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], f[r], bias));
-            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], f[r], bias));
-            s[4 * n + 2 * r] = p0;
-            s[4 * n + 2 * r + 1] = p1;
-            sum += p0 + p1;
-        }
-        l_run[r] = l_run[r] * alpha[r] + sum;
-    }
-}
-
 // P (accumulator layout) -> the 8-bit A fragments of the 4 k-steps of P·V, in the key order `fp8_key_of_slot`.
 __device__ __forceinline__ void fp8_pack_p(u32 (&pa)[4][4], const float (&s)[64]) {
 #pragma unroll
@@ -323,9 +293,7 @@ __device__ __forceinline__ void fp8_store_o(const FlashParams& p, const Fp8AttnP
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float l = quad_sum(l_run[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
         const int qi = row0 + 8 * r;
         if (qi < p.q_len) {
@@ -426,7 +394,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     tma_release(k_empty(0), lane);
     fp8_logits(s, si, ks);
     mask_tile(0);
-    fp8_softmax(s, m_run, l_run, alpha, frow);
+    wg_softmax_rows(s, m_run, l_run, alpha, frow, 8.f);
     fp8_pack_p(pa, s);
     for (int t = 1; t < n_tiles; ++t) {
         const int st = t % fp8a::STAGES, sp = (t - 1) % fp8a::STAGES;
@@ -444,7 +412,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         tma_release(k_empty(st), lane);
         fp8_logits(s, si, ks);
         mask_tile(t);
-        fp8_softmax(s, m_run, l_run, alpha, frow);
+        wg_softmax_rows(s, m_run, l_run, alpha, frow, 8.f);
         wgmma_wait<0>();
         keep_f32(o);
         keep_frag(pa);

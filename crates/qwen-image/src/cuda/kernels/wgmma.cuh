@@ -38,9 +38,11 @@ __device__ __forceinline__ u64 sw128_desc(u32 saddr) {
 // (+8 for e >= 2), column 8n + 2c + (e & 1)).
 
 // Online softmax of one tile: updates the running max and sum of the thread's two rows, turns S into
-// probabilities and returns the factor the previous O must be scaled by.
-__device__ __forceinline__ void wg_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
-                                            float scale_log2) {
+// probabilities 2^(f[r]·s − m + offset) and returns the factor the previous O must be scaled by. `f[r]` is row r's
+// logit factor (the softmax scale · log2(e); the FP8 kernel's also holds the query's scale), `offset` 0 keeps the
+// probabilities in [0, 1] (the FP8 kernel's 8: [0, 256]).
+__device__ __forceinline__ void wg_softmax_rows(float (&s)[64], float (&m_run)[2], float (&l_run)[2],
+                                                float (&alpha)[2], const float (&f)[2], float offset) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = -QI_INF;
@@ -48,21 +50,29 @@ __device__ __forceinline__ void wg_softmax(float (&s)[64], float (&m_run)[2], fl
         for (int n = 0; n < 16; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[r], mx * scale_log2);
+        const float m_new = fmaxf(m_run[r], mx * f[r]);
         const float m_use = m_new == -QI_INF ? 0.f : m_new;
         alpha[r] = m_run[r] == -QI_INF ? 0.f : fast_exp2(m_run[r] - m_use);
         m_run[r] = m_new;
+        const float bias = offset - m_use;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < 16; ++n) {
-            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], scale_log2, -m_use));
-            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], scale_log2, -m_use));
+            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], f[r], bias));
+            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], f[r], bias));
             s[4 * n + 2 * r] = p0;
             s[4 * n + 2 * r + 1] = p1;
             sum += p0 + p1;
         }
         l_run[r] = l_run[r] * alpha[r] + sum;
     }
+}
+
+// `wg_softmax_rows` with one factor for both rows and probabilities in [0, 1].
+__device__ __forceinline__ void wg_softmax(float (&s)[64], float (&m_run)[2], float (&l_run)[2], float (&alpha)[2],
+                                            float scale_log2) {
+    const float f[2] = {scale_log2, scale_log2};
+    wg_softmax_rows(s, m_run, l_run, alpha, f, 0.f);
 }
 
 // P (accumulator layout) -> A fragments of the 8 k-steps of P·V.
@@ -91,9 +101,7 @@ __device__ __forceinline__ void wg_store_o(const FlashParams& p, const float (&o
                                            int row0, int b, int h, int c4) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float l = quad_sum(l_run[r]);
         const float inv = l > 0.f ? 1.f / l : 0.f;
         const int qi = row0 + 8 * r;
         if (qi < p.q_len) {
