@@ -94,17 +94,17 @@ if has pipeline; then
   echo "pipeline_bench exit $?"; tail -50 "$OUT/pipeline.log"
 fi
 if has variants; then
-  # Attention kernel variants (tuning switches of flash_attention_tma.cu), each a full module source in
-  # .dev/kvar/<name>/ loaded through QWEN_CUDA_KERNEL_DIR.
+  # Attention kernel variants (tuning switches of flash_attention_tma.cu and flash_attention_fp8.cu), each a full
+  # module source in .dev/kvar/<name>/ (tools/bench/kernel_variants.py writes them) loaded through QWEN_CUDA_KERNEL_DIR.
   for d in .dev/kvar/*/; do
     echo "== variant $(basename $d)"
     QWEN_CUDA_KERNEL_DIR=$d timeout 120 .dev/dit_bench --skip-dit --attention-only --reps ${VARIANT_REPS:-10} \
-      --json "$OUT/variant_$(basename $d).json" 2>&1 | grep -E 'attention .*\[tma' 
+      --json "$OUT/variant_$(basename $d).json" 2>&1 | grep -E 'attention .*\[(tma|fp8)' 
   done
 fi
 if has ncu; then
   # Hardware counters of one launch of each attention kernel at the Edit v1 joint shape (clocks left alone).
-  for k in flash_fwd_tma_d128 flash_fwd_wgmma_d128; do
+  for k in flash_fwd_tma_d128 flash_fwd_fp8_d128 flash_fwd_wgmma_d128; do
     echo "== ncu $k"
     timeout ${NCU_TIMEOUT:-120} ncu --clock-control none -k regex:$k -c 1 --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
