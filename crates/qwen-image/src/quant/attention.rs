@@ -143,22 +143,28 @@ pub fn quantize_operands(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> 
 }
 
 /// Steps 2–4 of the module docs on the host (before the final rounding): `[batch, queries, heads, D]` in f32.
-/// `mask` is `[batch, keys]`, `true` = attend.
-pub fn attention_host(ops: &Fp8AttentionOperands, mask: Option<&[bool]>, s: AttentionShape) -> Vec<f32> {
+/// `mask` is `[batch, keys]`, `true` = attend; `causal` masks key `j > i` for query `i` too (the CUDA kernel does not
+/// take causal calls: they run here).
+pub fn attention_host(
+    ops: &Fp8AttentionOperands,
+    mask: Option<&[bool]>,
+    causal: bool,
+    s: AttentionShape,
+) -> Vec<f32> {
     let (hk, d, g) = (s.kv_heads, s.head_dim, s.heads / s.kv_heads.max(1));
     let table = e4m3::decode_table();
     let v8: Vec<f32> = ops.v_bits.iter().map(|&b| table[b as usize]).collect();
     let softmax_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
     let mut out = vec![0f32; s.batch * s.queries * s.heads * d];
     out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
-        let (h, b) = (row % s.heads, row / (s.heads * s.queries));
+        let (h, i, b) = (row % s.heads, (row / s.heads) % s.queries, row / (s.heads * s.queries));
         let kh = h / g;
         let f = ops.q_scales[row] * softmax_log2;
         let q = &ops.q[row * d..(row + 1) * d];
         let key = |j: usize| (b * s.keys + j) * hk + kh;
         // Logits before the row's factor, masked keys at -∞.
         let logits: Vec<f32> = (0..s.keys)
-            .map(|j| match mask.is_some_and(|m| !m[b * s.keys + j]) {
+            .map(|j| match mask.is_some_and(|m| !m[b * s.keys + j]) || (causal && j > i) {
                 true => f32::NEG_INFINITY,
                 false => {
                     let k = &ops.k[key(j) * d..(key(j) + 1) * d];
@@ -222,7 +228,7 @@ pub fn attention_fp8<B: Backend>(
         .key_mask
         .clone()
         .map(|m| m.int().into_data().iter::<i64>().map(|x| x != 0).collect::<Vec<_>>());
-    let out = attention_host(&ops, mask.as_deref(), shape);
+    let out = attention_host(&ops, mask.as_deref(), options.causal, shape);
     Tensor::<B, 4>::from_data(TensorData::new(out, [batch, queries, heads, head_dim]), (&device, DType::F32))
         .cast(dtype)
 }
@@ -278,6 +284,20 @@ mod tests {
     }
 
     #[test]
+    fn causal_fp8_attention_masks_the_later_keys() {
+        // Queries aligned with the keys: close to exact causal attention, far from the non-causal result.
+        let q = random([1, 40, 2, 32], 6);
+        let seg = vec![KvSegment { key: random([1, 40, 2, 32], 7), value: random([1, 40, 2, 32], 8) }];
+        let causal = AttentionOptions { causal: true, fp8: true, ..Default::default() };
+        let got = portable::attention(q.clone(), &seg, &causal);
+        let exact = portable::attention(q.clone(), &seg, &AttentionOptions { fp8: false, ..causal.clone() });
+        let err = rel_l2(&got, &exact);
+        assert!(err > 1e-3 && err < 5e-2, "rel. L2 {err}");
+        let open = portable::attention(q, &seg, &AttentionOptions { causal: false, ..causal });
+        assert!(rel_l2(&got, &open) > 0.1);
+    }
+
+    #[test]
     fn the_emulation_follows_the_written_out_definition() {
         // One head, two keys, D = 2. The keys' mean (0.125, 0) leaves ±(0.125, 0): int8 ±127 with scales 0.125/127.
         // Logits ±127 · 0.125 = ±15.875 times log2(e)/√2: key 1's probability 2^(8 − 32.4) rounds to 0 in e4m3,
@@ -290,15 +310,15 @@ mod tests {
         assert_eq!(ops.k, vec![127, 0, -127, 0]);
         assert_eq!(ops.k_scales, vec![0.125 / 127.0; 2]);
         assert_eq!(ops.v_scales, vec![1.0 / 448.0, 4.0 / 448.0]);
-        let out = attention_host(&ops, None, s);
+        let out = attention_host(&ops, None, false, s);
         for (o, w) in out.iter().zip([1.0f32, -2.0]) {
             assert!((o - w).abs() <= 1e-5 * w.abs(), "{out:?}");
         }
         // Both keys masked: zeros.
-        assert_eq!(attention_host(&ops, Some(&[false, false]), s), vec![0.0, 0.0]);
+        assert_eq!(attention_host(&ops, Some(&[false, false]), false, s), vec![0.0, 0.0]);
         // Equal logits: o is the mean of the values (p = 256 each, exact in e4m3).
         let ops = quantize_operands(&[0.0, 0.0], &k, &v, s);
-        let out = attention_host(&ops, None, s);
+        let out = attention_host(&ops, None, false, s);
         assert!((out[0] - 0.75).abs() < 1e-6 && (out[1] - 1.0).abs() < 1e-6, "{out:?}");
         // Rounding to int8 is to nearest even, clamped.
         assert_eq!(int8_row([2.5f32, -127.0, 0.5].into_iter()).0, vec![2, -127, 0]);
