@@ -222,7 +222,7 @@ pub fn attention_fp8<B: Backend>(
     let value = cat(segments.iter().map(|s| s.value.clone()).collect());
     let [_, keys, kv_heads, _] = key.dims();
     let shape = AttentionShape { batch, queries, heads, keys, kv_heads, head_dim };
-    let host = super::portable::host_f32::<B, 4>;
+    let host = crate::tensor_io::to_f32_vec::<B, 4>;
     let ops = quantize_operands(&host(query), &host(key), &host(value), shape);
     let mask = options
         .key_mask
@@ -238,14 +238,12 @@ mod tests {
     use burn::{backend::Flex, tensor::Distribution};
 
     use super::*;
-    use crate::ops::portable;
+    use crate::{ops::portable, tensor_io};
 
     type B = Flex;
 
-    fn rel_l2(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> f32 {
-        let d = (a.clone() - b.clone()).powi_scalar(2).sum().into_scalar();
-        let n = b.clone().powi_scalar(2).sum().into_scalar();
-        (d / n).sqrt()
+    fn rel_l2(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> f64 {
+        tensor_io::rel_l2(&tensor_io::to_f32_vec(a.clone()), &tensor_io::to_f32_vec(b.clone()))
     }
 
     fn random(dims: [usize; 4], seed: u64) -> Tensor<B, 4> {

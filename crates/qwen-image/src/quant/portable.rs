@@ -13,7 +13,7 @@
 //! 3. `y[m, n] = acc[m, n] · sx[m] · sw[n] + bias[n]` in f32 (the bias cast from its dtype), then the GELU-tanh for
 //!    the fused variant, rounded once to `x`'s dtype.
 
-use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 pub use super::activation::{dense_fp8_quantized, layer_norm_modulate_fp8, quantize_activation};
 use super::{e4m3, Fp8Weight};
@@ -49,7 +49,7 @@ pub fn dense_fp8_gelu_tanh<B: QwenBackend>(
 }
 
 /// The values of `t` in f32 on the host, row-major.
-pub(super) fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(super) fn host_f32<B: QwenBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.cast(DType::F32).into_data().iter::<f32>().collect()
 }
 
