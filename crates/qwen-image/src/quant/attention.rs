@@ -282,6 +282,16 @@ mod tests {
     }
 
     #[test]
+    fn the_kernels_integer_to_float_trick_is_exact_for_every_logit() {
+        // `small_int_to_f32` in kernels/flash_attention_fp8.cu: the bits of 1.5·2^23 plus i, minus 1.5·2^23.
+        let convert = |i: i32| f32::from_bits((0x4B40_0000 + i) as u32) - 12_582_912.0;
+        let most = 127 * 127 * 128;
+        for i in [-most, -most + 1, -4097, -1, 0, 1, 2, 4097, most - 1, most, (1 << 22) - 1, -(1 << 22) + 1] {
+            assert_eq!(convert(i), i as f32, "{i}");
+        }
+    }
+
+    #[test]
     fn causal_fp8_attention_masks_the_later_keys() {
         // Queries aligned with the keys: close to exact causal attention, far from the non-causal result.
         let q = random([1, 40, 2, 32], 6);
