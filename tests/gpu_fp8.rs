@@ -142,7 +142,8 @@ fn spread<const D: usize>(t: Tensor<G, D>, axis: usize, period: usize, shift: i3
     let mut shape = [1; D];
     shape[axis] = n;
     let f: Vec<f32> = (0..n).map(|i| 2f32.powi((i % period) as i32 - shift)).collect();
-    let f = Tensor::<G, 1>::from_data(TensorData::new(f, [n]), &dev()).reshape(shape);
+    // Powers of two: exact in bf16, so the product is the bf16 tensor scaled.
+    let f = Tensor::<G, 1>::from_data(TensorData::new(f, [n]), &dev()).cast(DType::BF16).reshape(shape);
     (t * f).cast(DType::BF16)
 }
 
