@@ -20,7 +20,7 @@
 //!    `p[i, j] = 2^fma(s[i, j], f[i], 8 − m_T)`: at most 256, so that the small ones stay normal in e4m3
 //!    (FlashAttention-3's `Max_offset`); `α_T = 2^(m_{T−1} − m_T)`, `l ← l · α_T + Σⱼ∈T p[i, j]` and
 //!    `acc ← acc · α_T + Σⱼ∈T e4m3(p[i, j]) · v8[j, ·]`, in f32.
-//! 4. **Output** `o[i, d] = (acc[i, d] · (1 / l[i])) · sv[d]`, rounded once to the query's dtype; a row with every
+//! 4. **Output** `o[i, d] = (acc[i, d] · sv[d]) · (1 / l[i])`, rounded once to the query's dtype; a row with every
 //!    key masked gives zeros.
 //!
 //! Steps 1 and 2 are deterministic and exact on both sides, and the probabilities are rounded against the running
@@ -203,7 +203,7 @@ pub fn attention_host(
         let inv = 1.0 / l;
         let sv = &ops.v_scales[(b * hk + kh) * d..(b * hk + kh + 1) * d];
         for ((o, a), s) in o.iter_mut().zip(acc).zip(sv) {
-            *o = (a * inv) * s;
+            *o = (a * s) * inv;
         }
     });
     out

@@ -288,30 +288,21 @@ __device__ __forceinline__ void fp8_issue_pv(float (&o)[64], const u32 (&pa)[4][
     for (int kk = 0; kk < 4; ++kk) wgmma_rs_m64n128k32_e4m3(o, pa[kk], sw128_desc(sv + 32 * kk));
 }
 
-// Normalizes O by the row sums, applies V's column scales and stores the thread's rows `row0` and `row0` + 8.
-__device__ __forceinline__ void fp8_store_o(const FlashParams& p, const Fp8AttnParams& f, const float (&o)[64],
+// Applies V's column scales to O, then normalizes it by the row sums and stores the thread's rows `row0` and
+// `row0` + 8 (`wg_store_o`).
+__device__ __forceinline__ void fp8_store_o(const FlashParams& p, const Fp8AttnParams& f, float (&o)[64],
                                             const float (&l_run)[2], int row0, int b, int h, int hk, int c4) {
-    float sv[32];
     const u32* amax = f.v_amax + (b * f.kv_heads + hk) * fp8a::D;
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
-        sv[2 * n] = e4m3_row_scale(__uint_as_float(amax[8 * n + 2 * c4]));
-        sv[2 * n + 1] = e4m3_row_scale(__uint_as_float(amax[8 * n + 2 * c4 + 1]));
-    }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float l = quad_sum(l_run[r]);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int qi = row0 + 8 * r;
-        if (qi < p.q_len) {
-            bf16_t* dst = p.o + b * p.o_sb + (i64)qi * p.o_st + h * p.o_sh + 2 * c4;
-#pragma unroll
-            for (int n = 0; n < 16; ++n) {
-                *reinterpret_cast<u32*>(dst + n * 8) = pack_bf16x2((o[4 * n + 2 * r] * inv) * sv[2 * n],
-                                                                   (o[4 * n + 2 * r + 1] * inv) * sv[2 * n + 1]);
-            }
+        for (int e = 0; e < 2; ++e) {
+            const float sv = e4m3_row_scale(__uint_as_float(amax[8 * n + 2 * c4 + e]));
+            o[4 * n + e] *= sv;
+            o[4 * n + 2 + e] *= sv;
         }
     }
+    wg_store_o(p, o, l_run, row0, b, h, c4);
 }
 
 // Dynamic shared memory: 1024 (alignment) + Q + STAGES x (K + Vt) + barriers. Not causal (the host checks).
