@@ -139,6 +139,8 @@ extern "C" __global__ void __launch_bounds__(128) fp8_attn_kv_stats(const FlashP
     const int d = threadIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const int j0 = blockIdx.x * 64, j1 = min(j0 + 64, p.total_keys);
     float sum = 0.f, mv = 0.f;
+    // Unrolled so that several keys' loads are in flight at once (the sum's order stays the keys').
+#pragma unroll 8
     for (int j = j0; j < j1; ++j) {
         int r;
         const KvSeg& sg = p.seg[fp8_seg_of(p, j, r)];
