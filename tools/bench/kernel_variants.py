@@ -2,7 +2,8 @@
 `crates/qwen-image/src/cuda/kernels/mod.rs` concatenates it, after the prelude) with tuning switches defined first,
 in `.dev/kvar/<name>/<module>.cu`, which `QWEN_CUDA_KERNEL_DIR=.dev/kvar/<name>` loads instead of the built-in source.
 
-    python3 tools/bench/kernel_variants.py                  # FP8 attention with 3 and 4 stages, bf16 TMA ping-pong
+    python3 tools/bench/kernel_variants.py                  # FP8 attention: 3 and 4 stages, exp2 on the FMA units for
+                                                            # 1/2 or 1/4 of the columns; bf16 TMA ping-pong
     python3 tools/bench/kernel_variants.py --out .dev/kvar --only fp8_stages3
 
 The built-in defaults are the measured best (docs/performance.md); a variant is worth keeping only when `dit_bench`
@@ -22,6 +23,8 @@ MODULES = {
 VARIANTS = {
     "fp8_stages3": ("flash_attention_fp8", {"FP8_STAGES": 3}),
     "fp8_stages4": ("flash_attention_fp8", {"FP8_STAGES": 4}),
+    "fp8_polyexp2": ("flash_attention_fp8", {"FP8_POLY_EXP": 2}),
+    "fp8_polyexp4": ("flash_attention_fp8", {"FP8_POLY_EXP": 4}),
     "tma_pingpong": ("flash_attention_tma", {"TMA_PINGPONG": 1}),
 }
 

@@ -292,6 +292,25 @@ mod tests {
     }
 
     #[test]
+    fn the_kernels_fma_exp2_is_within_its_stated_error() {
+        // `exp2_fma` in kernels/wgmma.cuh (a tuning switch of the FP8 kernel), step for step.
+        let exp2_fma = |x: f32| {
+            let x = x.max(-125.0);
+            let t = x + 12_582_912.0;
+            let f = x - (t - 12_582_912.0);
+            let p = 0.054_592_83f32.mul_add(f, 0.242_217_84).mul_add(f, 0.693_368_6).mul_add(f, 1.0);
+            let shift = ((t.to_bits() as i32 - 0x4B40_0000) as u32) << 23;
+            f32::from_bits(p.to_bits().wrapping_add(shift))
+        };
+        let worst = (-124_000..8_000)
+            .map(|i| i as f32 / 1000.0)
+            .map(|x| (exp2_fma(x) / x.exp2() - 1.0).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1.2e-4, "{worst:e}");
+        assert!(exp2_fma(f32::NEG_INFINITY) <= 2f32.powi(-125));
+    }
+
+    #[test]
     fn causal_fp8_attention_masks_the_later_keys() {
         // Queries aligned with the keys: close to exact causal attention, far from the non-causal result.
         let q = random([1, 40, 2, 32], 6);

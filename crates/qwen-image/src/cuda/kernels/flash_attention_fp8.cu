@@ -20,6 +20,11 @@
 #ifndef FP8_STAGES
 #define FP8_STAGES 2
 #endif
+// Every FP8_POLY_EXP-th group of 8 columns computes its exp2 on the FMA units (`exp2_fma`, `wgmma.cuh`); 0 = none.
+// Not measured yet: `tools/bench/kernel_variants.py` writes the variants that try it.
+#ifndef FP8_POLY_EXP
+#define FP8_POLY_EXP 0
+#endif
 
 namespace fp8a {
 constexpr int STAGES = FP8_STAGES;
@@ -394,7 +399,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     tma_release(k_empty(0), lane);
     fp8_logits(s, si, ks);
     mask_tile(0);
-    wg_softmax_rows(s, m_run, l_run, alpha, frow, 8.f);
+    wg_softmax_rows<FP8_POLY_EXP>(s, m_run, l_run, alpha, frow, 8.f);
     fp8_pack_p(pa, s);
     for (int t = 1; t < n_tiles; ++t) {
         const int st = t % fp8a::STAGES, sp = (t - 1) % fp8a::STAGES;
@@ -412,7 +417,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         tma_release(k_empty(st), lane);
         fp8_logits(s, si, ks);
         mask_tile(t);
-        wg_softmax_rows(s, m_run, l_run, alpha, frow, 8.f);
+        wg_softmax_rows<FP8_POLY_EXP>(s, m_run, l_run, alpha, frow, 8.f);
         wgmma_wait<0>();
         keep_f32(o);
         keep_frag(pa);

@@ -37,10 +37,23 @@ __device__ __forceinline__ u64 sw128_desc(u32 saddr) {
 // The softmax and output of a warpgroup owning 64 query rows: S/O accumulators of m64n128 (element 4n + e: row g
 // (+8 for e >= 2), column 8n + 2c + (e & 1)).
 
+// 2^x on the FMA units instead of the 16-per-clock unit `ex2` shares with the conversions (FlashAttention-4's trick),
+// relative error 1.1e-4 (a degree-3 fit of 2^f on [-0.5, 0.5]; qwen_image::quant::attention's tests check the
+// constants), for x ≤ 8; below 2^-125 it returns 2^-125.
+__device__ __forceinline__ float exp2_fma(float x) {
+    x = fmaxf(x, -125.f);
+    const float t = x + 12582912.f;  // x rounded to an integer in t's low mantissa bits (|x| < 2^22)
+    const float f = x - (t - 12582912.f);
+    const float p = fmaf(fmaf(fmaf(0.05459283f, f, 0.24221784f), f, 0.6933686f), f, 1.f);
+    return __int_as_float(__float_as_int(p) + (int)((u32)(__float_as_int(t) - 0x4B400000) << 23));
+}
+
 // Online softmax of one tile: updates the running max and sum of the thread's two rows, turns S into
 // probabilities 2^(f[r]·s − m + offset) and returns the factor the previous O must be scaled by. `f[r]` is row r's
 // logit factor (the softmax scale · log2(e); the FP8 kernel's also holds the query's scale), `offset` 0 keeps the
-// probabilities in [0, 1] (the FP8 kernel's 8: [0, 256]).
+// probabilities in [0, 1] (the FP8 kernel's 8: [0, 256]). With `POLY` > 0, every POLY-th group of 8 columns takes
+// `exp2_fma` instead of `ex2` (a tuning switch of the FP8 kernel; off everywhere by default).
+template <int POLY = 0>
 __device__ __forceinline__ void wg_softmax_rows(float (&s)[64], float (&m_run)[2], float (&l_run)[2],
                                                 float (&alpha)[2], const float (&f)[2], float offset) {
 #pragma unroll
@@ -58,8 +71,10 @@ __device__ __forceinline__ void wg_softmax_rows(float (&s)[64], float (&m_run)[2
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < 16; ++n) {
-            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * r], f[r], bias));
-            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * r + 1], f[r], bias));
+            const float x0 = fmaf(s[4 * n + 2 * r], f[r], bias), x1 = fmaf(s[4 * n + 2 * r + 1], f[r], bias);
+            const bool poly = POLY > 0 && n % (POLY > 0 ? POLY : 1) == 0;
+            const float p0 = poly ? exp2_fma(x0) : fast_exp2(x0);
+            const float p1 = poly ? exp2_fma(x1) : fast_exp2(x1);
             s[4 * n + 2 * r] = p0;
             s[4 * n + 2 * r + 1] = p1;
             sum += p0 + p1;
