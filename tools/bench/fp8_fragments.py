@@ -5,7 +5,6 @@ layout itself, which only the GPU test (`tests/gpu_fp8.rs`) can.
 
     python3 tools/bench/fp8_fragments.py      # prints the largest difference to P·V (float rounding only)
 """
-# and checks that fp8_pack_p's packing with quant_vt's key order gives P·V.
 import numpy as np
 rng = np.random.default_rng(0)
 M, N, D = 64, 128, 128   # rows of the warpgroup, keys of the tile, head dim
@@ -59,5 +58,7 @@ for kk in range(4):
     B = Vt[:, 32 * kk:32 * kk + 32]          # N_mma (= d) x K (slots), K-major
     O += A[kk] @ B.T
 ref = P @ V
-print("max abs error", np.abs(O - ref).max(), "(permutation is a bijection:",
-      sorted(key_of_slot(a) for a in range(32)) == list(range(32)), ")")
+err = float(np.abs(O - ref).max())
+bijective = sorted(key_of_slot(a) for a in range(32)) == list(range(32))
+print(f"max abs difference to P·V: {err:.2e}; the key order is a permutation: {bijective}")
+assert err < 1e-4 and bijective
