@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qwen_image::{
     tensor_io::{rel_l2, to_f32_vec, write_f32, TensorFile},
-    text_encoder::{GridThw, PositionMode, Qwen25VlTextEncoder, TextEncoderInput, TokenTensor},
+    text_encoder::{
+        GridThw, PositionMode, Qwen25VlTextEncoder, TextEncoderInput, TextEncoderLoadOptions, TokenTensor,
+    },
     CpuBackend, ModelError,
 };
 use qwen_image_edit::reference::{read_text_encoder_input, text_encode};
@@ -450,4 +452,39 @@ fn the_fixtures_catch_porting_mistakes() {
         "sequential instead of M-RoPE positions",
         rel_l2(&out, &expected("legacy", "two_images", "expected", "last_hidden_state")),
     );
+}
+
+#[test]
+fn token_embeddings_left_on_the_host_give_the_same_outputs() {
+    // Both fixtures and dtype conversions: legacy (f32 file) in bf16, heldout (bf16 shards) in f32.
+    for (name, case, dtype) in [("legacy", "two_images", DType::BF16), ("heldout", "heldout", DType::F32)] {
+        let dir = root(name).join("text_encoder");
+        let config = qwen_image::text_encoder::Qwen25VlConfig::from_file(&dir.join("config.json")).unwrap();
+        let load_with = |host_embeddings: bool| {
+            let mut store = Model::open_store(&dir, dtype).unwrap();
+            let options = TextEncoderLoadOptions { host_embeddings };
+            let model =
+                Model::from_store_with(config.clone(), &mut store, &options, &Default::default()).unwrap();
+            (model, store.device_bytes(), store.planned_bytes())
+        };
+        let ((device, device_bytes, _), (host, host_bytes, planned)) = (load_with(false), load_with(true));
+        let table = config.text.vocab_size * config.text.hidden_size * dtype.size();
+        assert_eq!(device_bytes - host_bytes, table, "{name}: the table is off the device");
+        assert_eq!(planned.host, table as u64, "{name}: and planned on the host");
+        let input = input(name, case);
+        assert_eq!(run(&host, &input), run(&device, &input), "{name}: same last hidden state");
+        let err = host.language.embed(&[0, config.text.vocab_size as i64]).unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
+    }
+    // A store without files (the random full-size demo): the rows of the table it makes.
+    let dir = root("legacy").join("text_encoder");
+    let config = qwen_image::text_encoder::Qwen25VlConfig::from_file(&dir.join("config.json")).unwrap();
+    let make = |host_embeddings: bool| {
+        let mut store = qwen_image::weights::WeightStore::random(DType::F32, 5);
+        let options = TextEncoderLoadOptions { host_embeddings };
+        Model::from_store_with(config.clone(), &mut store, &options, &Default::default()).unwrap()
+    };
+    let ids = [3, 0, 7, 3];
+    let (a, b) = (make(false).language.embed(&ids).unwrap(), make(true).language.embed(&ids).unwrap());
+    assert_eq!(to_f32_vec(a), to_f32_vec(b));
 }

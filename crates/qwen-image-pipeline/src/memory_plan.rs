@@ -85,7 +85,12 @@ impl ComponentWeights {
         let mut te = WeightStore::shape_only(dtype);
         te.quantize_linears(options.text_encoder_fp8());
         let te_config = Qwen25VlConfig::from_file(&snapshot.root.join("text_encoder/config.json"))?;
-        Qwen25VlTextEncoder::<CpuBackend>::from_store(te_config, &mut te, &cpu)?;
+        Qwen25VlTextEncoder::<CpuBackend>::from_store_with(
+            te_config,
+            &mut te,
+            &options.text_encoder_load(),
+            &cpu,
+        )?;
         let mut vae = WeightStore::shape_only(dtype);
         let vae_config = VaeConfig::from_file(&snapshot.root.join("vae/config.json"))?;
         AutoencoderKLQwenImage::<CpuBackend>::from_store(vae_config, &mut vae, &cpu)?;
@@ -341,11 +346,13 @@ impl MemoryPlan {
         let mut lines = vec![
             format!("memory plan ({:?} mode):", self.mode),
             format!(
-                "  weights on the device: text encoder {}, VAE {}, DiT {} (DiT on the host: {}); total {}",
+                "  weights on the device: text encoder {}, VAE {}, DiT {} (on the host: DiT {}, text encoder {}); \
+                 total {}",
                 g(w.text_encoder.device),
                 g(w.vae.device),
                 g(w.transformer.device),
                 g(w.transformer.host),
+                g(w.text_encoder.host),
                 g(w.device())
             ),
             format!(

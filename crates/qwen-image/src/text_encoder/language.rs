@@ -7,7 +7,7 @@ use super::config::TextConfig;
 use crate::{
     nn::{Linear, LinearInput, RmsNorm},
     ops::{AttentionOptions, KvSegment, QwenBackend},
-    weights::WeightPath,
+    weights::{DeferredTensor, WeightPath},
     ModelError, Result,
 };
 
@@ -147,12 +147,28 @@ impl<B: QwenBackend> TextAttention<B> {
     }
 }
 
+/// Where the token embedding table (`embed_tokens.weight`, `[vocab, hidden]`) lives.
+#[derive(Clone, Debug)]
+pub enum TokenEmbeddings<B: Backend> {
+    /// On the device; a lookup selects rows there.
+    Device(Tensor<B, 2>),
+    /// Left on the host (the checkpoint's memory map): a lookup gathers the prompt's rows there and uploads them,
+    /// ≈ 10 MB for a full-size prompt instead of 1.02 GiB held on the device
+    /// ([`TextEncoderLoadOptions::host_embeddings`](super::TextEncoderLoadOptions)).
+    Host {
+        /// The table.
+        table: DeferredTensor,
+        /// The device the looked-up rows go to.
+        device: B::Device,
+    },
+}
+
 /// The language model's weights.
 // https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py#L750
 #[derive(Clone, Debug)]
 pub struct LanguageModel<B: Backend> {
     /// `embed_tokens.weight`, `[vocab, hidden]`.
-    pub embed_tokens: Tensor<B, 2>,
+    pub embed_tokens: TokenEmbeddings<B>,
     /// The decoder layers.
     pub layers: Vec<DecoderLayer<B>>,
     /// The final RMSNorm (`norm`).
@@ -160,10 +176,22 @@ pub struct LanguageModel<B: Backend> {
 }
 
 impl<B: QwenBackend> LanguageModel<B> {
-    /// Loads the language model under `path` (`model` in the legacy naming).
-    pub fn load(path: &mut WeightPath<'_>, cfg: &TextConfig, device: &B::Device) -> Result<Self> {
-        let embed_tokens =
-            path.pp("embed_tokens").tensor("weight", [cfg.vocab_size, cfg.hidden_size], device)?;
+    /// Loads the language model under `path` (`model` in the legacy naming), its token embeddings left on the host
+    /// when `host_embeddings`.
+    pub fn load(
+        path: &mut WeightPath<'_>,
+        cfg: &TextConfig,
+        host_embeddings: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        let mut table = path.pp("embed_tokens");
+        let embed_tokens = match host_embeddings {
+            true => {
+                TokenEmbeddings::Host { table: table.deferred("weight", &shape)?, device: device.clone() }
+            }
+            false => TokenEmbeddings::Device(table.tensor("weight", shape, device)?),
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&mut path.pp(format!("layers.{i}")), cfg, device))
             .collect::<Result<Vec<_>>>()?;
@@ -173,7 +201,10 @@ impl<B: QwenBackend> LanguageModel<B> {
 
     /// Rows of the embedding table.
     pub fn vocab_size(&self) -> usize {
-        self.embed_tokens.dims()[0]
+        match &self.embed_tokens {
+            TokenEmbeddings::Device(t) => t.dims()[0],
+            TokenEmbeddings::Host { table, .. } => table.shape()[0],
+        }
     }
 
     /// Embeddings of `ids` (each in `0..vocab_size`), `[ids.len(), hidden]`.
@@ -184,10 +215,18 @@ impl<B: QwenBackend> LanguageModel<B> {
                 "token id {id} at position {i} is outside the vocabulary of {vocab} tokens"
             )));
         }
-        let device = self.embed_tokens.device();
-        let index: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [ids.len()]), &device);
-        Ok(self.embed_tokens.clone().select(0, index))
+        match &self.embed_tokens {
+            TokenEmbeddings::Device(table) => {
+                let index: Vec<i32> = ids.iter().map(|&id| id as i32).collect();
+                let index =
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(index, [ids.len()]), &table.device());
+                Ok(table.clone().select(0, index))
+            }
+            TokenEmbeddings::Host { table, device } => {
+                let rows: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+                table.select_rows(&rows, device)
+            }
+        }
     }
 
     /// The decoder layers and the final norm on `[1, tokens, hidden]` input embeddings.

@@ -6,7 +6,7 @@
 //! `txt_mod.1`: a third of its parameters, needed only once per timestep, see
 //! [`ModulationTable`](crate::dit::ModulationTable)).
 
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::{
     generated::{self, Fill},
@@ -61,6 +61,30 @@ impl DeferredTensor {
     /// Bytes it takes on a device.
     pub fn size_bytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+
+    /// Rows `rows` of a 2-D tensor on `device` (an embedding lookup), with the values of the same rows of
+    /// [`to_device`](Self::to_device)'s tensor: gathered on the host from the memory map and uploaded, or, for a
+    /// store without files, selected from the whole tensor made on the device (and dropped).
+    pub fn select_rows<B: QwenBackend>(&self, rows: &[usize], device: &B::Device) -> Result<Tensor<B, 2>> {
+        let height = match self.shape.as_slice() {
+            [height, _] => *height,
+            shape => return Err(ModelError::invalid(format!("`{}` has shape {shape:?}, not 2-D", self.key))),
+        };
+        if let Some(&r) = rows.iter().find(|&&r| r >= height) {
+            return Err(ModelError::invalid(format!(
+                "row {r} of `{}` is outside its {height} rows",
+                self.key
+            )));
+        }
+        Ok(match &self.source {
+            Source::Mapped(t) => B::upload(t.rows(rows, self.dtype), device),
+            Source::Generated(_) => {
+                let index: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+                let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows.len()]), device);
+                self.to_device::<B, 2>(device)?.select(0, index)
+            }
+        })
     }
 
     /// The tensor on `device`, with the values a load onto the device would have given: uploaded from the memory

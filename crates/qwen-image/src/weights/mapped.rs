@@ -77,6 +77,26 @@ impl MappedTensor {
     }
 }
 
+impl MappedTensor {
+    /// Rows `rows` of a 2-D tensor, gathered from the memory map and converted to `dtype`: `[rows.len(), cols]`.
+    /// Each row must be in range (the caller checks).
+    pub fn rows(&self, rows: &[usize], dtype: DType) -> TensorData {
+        let cols = self.shape.get(1).copied().unwrap_or(0);
+        let row_bytes = cols * self.dtype.size();
+        let mut bytes = Vec::with_capacity(rows.len() * row_bytes);
+        for &r in rows {
+            let start = self.range.start + r * row_bytes;
+            bytes.extend_from_slice(&self.map[start..start + row_bytes]);
+        }
+        let data = TensorData::from_bytes_vec(bytes, vec![rows.len(), cols], self.dtype);
+        if self.dtype == dtype {
+            data
+        } else {
+            data.convert_dtype(dtype)
+        }
+    }
+}
+
 /// The mapped files of a checkpoint and the index of their tensors.
 #[derive(Debug, Default)]
 pub(super) struct MappedFiles {
