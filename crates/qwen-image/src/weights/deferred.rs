@@ -6,7 +6,9 @@
 //! `txt_mod.1`: a third of its parameters, needed only once per timestep, see
 //! [`ModulationTable`](crate::dit::ModulationTable)).
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use std::sync::{Arc, OnceLock};
+
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::{
     generated::{self, Fill},
@@ -19,8 +21,20 @@ use crate::{ops::QwenBackend, ModelError, Result};
 enum Source {
     /// A tensor of a memory-mapped checkpoint: the file stays mapped, the host never holds a copy.
     Mapped(MappedTensor),
-    /// A store without files: the tensor is made again exactly as the store makes it.
-    Generated(Fill),
+    /// A store without files: the tensor is made again exactly as the store makes it; for row lookups it is made
+    /// once and kept on the host (`select_rows`).
+    Generated(Fill, HostCopy),
+}
+
+/// The host copy of a generated tensor, made at its first row lookup (shared by clones).
+#[derive(Clone, Default)]
+struct HostCopy(Arc<OnceLock<TensorData>>);
+
+impl std::fmt::Debug for HostCopy {
+    // Not the values: a table can hold a gigabyte.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "HostCopy(made)" } else { "HostCopy(not made)" })
+    }
 }
 
 /// A tensor of a store left off the device: its key, shape and dtype, and the means to make it on a device.
@@ -40,7 +54,8 @@ impl DeferredTensor {
 
     /// A tensor of a store without files.
     pub(super) fn generated(key: &str, shape: &[usize], dtype: DType, fill: Fill) -> Self {
-        DeferredTensor { key: key.to_string(), shape: shape.to_vec(), dtype, source: Source::Generated(fill) }
+        let source = Source::Generated(fill, HostCopy::default());
+        DeferredTensor { key: key.to_string(), shape: shape.to_vec(), dtype, source }
     }
 
     /// The checkpoint key.
@@ -64,8 +79,9 @@ impl DeferredTensor {
     }
 
     /// Rows `rows` of a 2-D tensor on `device` (an embedding lookup), with the values of the same rows of
-    /// [`to_device`](Self::to_device)'s tensor: gathered on the host from the memory map and uploaded, or, for a
-    /// store without files, selected from the whole tensor made on the device (and dropped).
+    /// [`to_device`](Self::to_device)'s tensor, gathered on the host and uploaded: from the memory map, or, for a
+    /// store without files, from the whole tensor made on `device` at the first lookup and read back once (so
+    /// that every later lookup costs what a checkpoint's does).
     pub fn select_rows<B: QwenBackend>(&self, rows: &[usize], device: &B::Device) -> Result<Tensor<B, 2>> {
         let height = match self.shape.as_slice() {
             [height, _] => *height,
@@ -77,14 +93,20 @@ impl DeferredTensor {
                 self.key
             )));
         }
-        Ok(match &self.source {
-            Source::Mapped(t) => B::upload(t.rows(rows, self.dtype), device),
-            Source::Generated(_) => {
-                let index: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-                let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows.len()]), device);
-                self.to_device::<B, 2>(device)?.select(0, index)
+        let data = match &self.source {
+            Source::Mapped(t) => t.rows(rows, self.dtype),
+            Source::Generated(_, host) => {
+                let table = match host.0.get() {
+                    Some(table) => table,
+                    None => {
+                        let made = self.to_device::<B, 2>(device)?.into_data();
+                        host.0.get_or_init(|| made)
+                    }
+                };
+                gather_rows(table, rows)
             }
-        })
+        };
+        Ok(B::upload(data, device))
     }
 
     /// The tensor on `device`, with the values a load onto the device would have given: uploaded from the memory
@@ -95,7 +117,19 @@ impl DeferredTensor {
         })?;
         Ok(match &self.source {
             Source::Mapped(t) => B::upload(t.data(self.dtype), device),
-            Source::Generated(fill) => generated::make(*fill, &self.key, shape, self.dtype, device),
+            Source::Generated(fill, _) => generated::make(*fill, &self.key, shape, self.dtype, device),
         })
     }
+}
+
+/// Rows `rows` of the 2-D `table`, `[rows.len(), cols]` in its dtype.
+fn gather_rows(table: &TensorData, rows: &[usize]) -> TensorData {
+    let cols = table.shape.get(1).copied().unwrap_or(0);
+    let row_bytes = cols * table.dtype.size();
+    let bytes = table.as_bytes();
+    let mut out = Vec::with_capacity(rows.len() * row_bytes);
+    for &r in rows {
+        out.extend_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    TensorData::from_bytes_vec(out, vec![rows.len(), cols], table.dtype)
 }
