@@ -292,8 +292,8 @@ fn schedules_to_time(args: &Args) -> Vec<(String, Box<dyn ScheduleFactory>)> {
         }
     }
     if let Some(bytes) = args.cache_budget {
-        // K, V and block input per cached token, bf16.
-        let per_token = 3 * D as u64 * 2;
+        // K and V per cached token, bf16 (cat never reads the block inputs: they are not kept).
+        let per_token = 2 * D as u64 * 2;
         let fitted = from_fn(move || CacheBudget::new(Cat::default(), bytes, per_token).expect("budget"));
         runs.push((format!("cat budget {:.1}GiB", gib(bytes)), Box::new(fitted)));
     }

@@ -56,6 +56,8 @@ fn the_planned_weights_are_the_loaded_weights_and_low_memory_edits_like_resident
         assert_eq!(plan.weights, planned);
         assert!(plan.cache_bytes > 0, "cat caches the condition image");
         let out = pipe.edit(&request(), &spec, &mut NoProgress).unwrap();
+        // cat keeps K and V only (it never reads block inputs): the plan's bytes are the cache's.
+        assert_eq!(plan.cache_bytes, out.report.cache_peak_bytes as u64, "{memory:?} {dtype:?}");
         if dtype == DType::F32 {
             latents.push(out.latents);
         }

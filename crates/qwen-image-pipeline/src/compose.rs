@@ -3,7 +3,15 @@
 
 use qwen_image_pruning::{CacheBudget, Guardrail, PixelMask, PruneError, PruningSchedule, ScheduleFactory};
 
-use crate::EditRequest;
+use crate::{EditRequest, Result};
+
+/// Bytes one cached token takes under `schedule` on a DiT whose tokens take `token_bytes` (`inner_dim · dtype
+/// size`): K and V, and its block-input hidden state when the schedule reads it
+/// ([`PruningSchedule::needs_cached_hidden_states`]).
+pub fn cached_token_bytes(schedule: &dyn ScheduleFactory, token_bytes: u64) -> Result<u64> {
+    let parts = if schedule.build()?.needs_cached_hidden_states() { 3 } else { 2 };
+    Ok(parts * token_bytes)
+}
 
 /// A factory wrapping the caller's: each schedule it builds is fitted to the request's
 /// [`cache_budget`](EditRequest::cache_budget) (per CFG branch: the budget divided by the branches) and guarded by

@@ -151,6 +151,10 @@ pub fn denoise_with<B: QwenBackend>(
     on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
 ) -> Result<(Tensor<B, 3>, Vec<StepReport>)> {
     let run = DenoiseRun::new(model, inputs)?;
+    // K and V only when the schedule never reads the hidden states (a third less cache).
+    let hidden = schedule.needs_cached_hidden_states();
+    caches.prompt.keep_hidden_states(hidden);
+    caches.negative.keep_hidden_states(hidden);
     let mut x = inputs.latents.clone().cast(model.dtype());
     let mut last_v: Option<Tensor<B, 3>> = None;
     let mut reports = Vec::with_capacity(run.num_steps);

@@ -132,8 +132,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let start = Instant::now();
         req.validate(self.variant())?;
         let mut counts = ReuseCounts::default();
-        let per_token =
-            3 * self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
+        let token_bytes = self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
+        let per_token = crate::compose::cached_token_bytes(schedule, token_bytes)?;
         let budgeted;
         let req = match (req.cache_budget, self.options.default_cache_budget()) {
             (None, Some(budget)) => {

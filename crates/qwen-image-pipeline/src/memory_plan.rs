@@ -9,8 +9,8 @@
 //!   layers on the host in table mode. A real load counts the tensors it makes
 //!   ([`QwenImageEditPipeline::weight_bytes`](crate::QwenImageEditPipeline::weight_bytes)); tests check both agree.
 //! - **Pruning cache**: the request's schedule (fitted to its cache budget) is dry-run on the request's token layout;
-//!   every (block, image) entry it ever caches holds K, V and the block input: `3 · tokens · inner_dim` values per
-//!   CFG branch, in the model's dtype.
+//!   every (block, image) entry it ever caches holds K and V, and the block input when the schedule reads it
+//!   (`compose::cached_token_bytes`): `2` or `3 · tokens · inner_dim` values per CFG branch, in the model's dtype.
 //! - **Activations** are estimates of the live tensors at each stage's largest point, in the model's dtype, with the
 //!   CUDA fast path's kernels (flash attention: no score matrix, except the VAE's one-head attention, which runs as
 //!   two GEMMs and holds its `L × L` scores twice):
@@ -157,7 +157,8 @@ impl PlanShape {
         let target = sizes.target().tokens();
         let mut budgeted = req.clone();
         budgeted.cache_budget = req.cache_budget.or(options.default_cache_budget());
-        let per_token = 3 * dit.inner_dim() as u64 * options.dtype.size() as u64;
+        let token_bytes = dit.inner_dim() as u64 * options.dtype.size() as u64;
+        let per_token = crate::compose::cached_token_bytes(schedule, token_bytes)?;
         let fitted = RequestSchedule::new(schedule, &budgeted, per_token);
         let n = req.num_steps.max(1);
         let sigmas: Vec<f32> = (0..=n).map(|i| 1.0 - i as f32 / n as f32).collect();

@@ -1,7 +1,8 @@
 //! [`CacheBudget`]: fits a schedule's plans to a byte budget for the pruning cache.
 //!
-//! Each cached (block, token group) entry holds `tokens × bytes_per_token` bytes (K, V and the block input:
-//! `3 · dim · dtype size` per token; 72 MiB per block for a 4096-token condition image at bf16). Entries stay until
+//! Each cached (block, token group) entry holds `tokens × bytes_per_token` bytes (K and V: `2 · dim · dtype size` per
+//! token, 48 MiB per block for a 4096-token condition image at bf16; with the block input, for schedules that read it,
+//! `3 · …`, 72 MiB). Entries stay until
 //! they are replaced, so the cache's peak is the sum over every (block, group) a run ever caches. The fit, the same
 //! at every step because it depends on the token layout only:
 //!
@@ -44,8 +45,8 @@ pub struct CacheBudget<S> {
 }
 
 impl<S: PruningSchedule> CacheBudget<S> {
-    /// Fits `inner`'s plans to `budget_bytes`; `bytes_per_token` is what one cached token holds (`3 · dim · dtype
-    /// size`).
+    /// Fits `inner`'s plans to `budget_bytes`; `bytes_per_token` is what one cached token holds (`2 · dim · dtype
+    /// size` for K and V, `3 · …` when the schedule keeps block-input hidden states too).
     pub fn new(inner: S, budget_bytes: u64, bytes_per_token: u64) -> Result<Self, PruneError> {
         if bytes_per_token == 0 {
             return Err(PruneError::InvalidPlan("a cache budget needs the bytes per cached token".into()));
@@ -135,6 +136,12 @@ impl<S: PruningSchedule> PruningSchedule for CacheBudget<S> {
 
     fn needs_target_signals(&self, step: usize) -> bool {
         self.inner.needs_target_signals(step)
+    }
+
+    /// The fit computes the condition at the first blocks and reuses it from there to the last: no block computes
+    /// it after reusing it, so the inner schedule decides.
+    fn needs_cached_hidden_states(&self) -> bool {
+        self.inner.needs_cached_hidden_states()
     }
 
     fn name(&self) -> String {

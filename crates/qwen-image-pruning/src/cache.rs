@@ -57,6 +57,9 @@ pub struct TokenPruningCache<B: Backend> {
     targets: Vec<Option<CachedCondition<B>>>,
     target_output: Option<Tensor<B, 3>>,
     stats: CacheStats,
+    /// Whether new entries keep their block-input hidden states
+    /// ([`PruningSchedule::needs_cached_hidden_states`](crate::PruningSchedule::needs_cached_hidden_states)).
+    hidden_states: bool,
 }
 
 impl<B: Backend> Default for TokenPruningCache<B> {
@@ -73,7 +76,20 @@ impl<B: Backend> TokenPruningCache<B> {
             targets: Vec::new(),
             target_output: None,
             stats: CacheStats::default(),
+            hidden_states: true,
         }
+    }
+
+    /// Whether entries stored from now on keep their block-input hidden states (the default) or hold K and V only,
+    /// as the running schedule needs
+    /// ([`PruningSchedule::needs_cached_hidden_states`](crate::PruningSchedule::needs_cached_hidden_states)).
+    pub fn keep_hidden_states(&mut self, keep: bool) {
+        self.hidden_states = keep;
+    }
+
+    /// Whether entries stored from now on keep their block-input hidden states.
+    pub fn keeps_hidden_states(&self) -> bool {
+        self.hidden_states
     }
 
     /// Stores the entry of `group` (a condition image or the target) at block `layer`, replacing any older one.

@@ -73,6 +73,11 @@ impl<S: PruningSchedule> PruningSchedule for Guardrail<S> {
         self.inner.needs_target_signals(step)
     }
 
+    /// Its fallback computes everything: the inner schedule decides.
+    fn needs_cached_hidden_states(&self) -> bool {
+        self.inner.needs_cached_hidden_states()
+    }
+
     fn name(&self) -> String {
         format!("{}+guardrail:{}", self.inner.name(), self.max_drift)
     }

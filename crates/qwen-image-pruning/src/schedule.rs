@@ -91,6 +91,15 @@ pub trait PruningSchedule: Debug + Send {
         false
     }
 
+    /// Whether the entries this schedule caches must hold their block-input hidden states: they are read by a
+    /// [`ReuseMode::RecomputeKeyValue`] reuse and when a group is computed at a block after it was reused at an
+    /// earlier block of the same step (it is gathered from the cache there). A schedule that does neither may
+    /// return `false`: the cache then holds K and V only, a third less. The default is `true`; a wrong `false`
+    /// fails the step with [`PruneError::HiddenNotCached`], never a wrong result.
+    fn needs_cached_hidden_states(&self) -> bool {
+        true
+    }
+
     /// A short human-readable name (used in reports).
     fn name(&self) -> String;
 }
@@ -107,6 +116,9 @@ impl<S: PruningSchedule + ?Sized> PruningSchedule for Box<S> {
     }
     fn review(&mut self, outcome: &StepOutcome) -> Option<StepPlan> {
         (**self).review(outcome)
+    }
+    fn needs_cached_hidden_states(&self) -> bool {
+        (**self).needs_cached_hidden_states()
     }
     fn name(&self) -> String {
         (**self).name()
@@ -219,6 +231,10 @@ impl PruningSchedule for Cat {
             if ctx.step % 2 == 1 { GroupAction::Reuse(self.mode) } else { GroupAction::ComputeAndCache };
         let n = ctx.layout.condition_tokens.len();
         Ok(StepPlan::new(vec![LayerPlan::with_conditions(n, action); ctx.num_layers]))
+    }
+    /// A reuse step reuses the condition at every block: only the recomputing mode reads hidden states.
+    fn needs_cached_hidden_states(&self) -> bool {
+        self.mode == ReuseMode::RecomputeKeyValue
     }
     fn name(&self) -> String {
         format!("cat{}", mode_suffix(self.mode))
@@ -356,6 +372,20 @@ mod tests {
         let plans = dry_run(&mut NoPruning, &SIGMAS, 3, &layout()).unwrap();
         assert_eq!(plans.len(), 4);
         assert!(plans.iter().all(|p| *p == StepPlan::compute_all(3, 2)));
+    }
+
+    #[test]
+    fn only_schedules_that_read_block_inputs_keep_them_cached() {
+        assert!(!Cat::default().needs_cached_hidden_states(), "cat reuses K/V at every block");
+        assert!(Cat::new(ReuseMode::RecomputeKeyValue).needs_cached_hidden_states());
+        // Wrappers forward; a layer range computes after reused blocks, the default (true) stays.
+        let boxed: Box<dyn PruningSchedule> = Box::new(Cat::default());
+        assert!(!boxed.needs_cached_hidden_states());
+        let budget = crate::CacheBudget::new(Cat::default(), 100, 1).unwrap();
+        assert!(!budget.needs_cached_hidden_states());
+        let guarded = crate::Guardrail::new(Cat::new(ReuseMode::RecomputeKeyValue), 0.1).unwrap();
+        assert!(guarded.needs_cached_hidden_states());
+        assert!(LayerRange::new(Cat::default(), 1, 2).unwrap().needs_cached_hidden_states());
     }
 
     #[test]

@@ -273,7 +273,9 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                 let entry = CachedCondition {
                     key: flat(out.img_key.clone()),
                     value: flat(out.img_value.clone()),
-                    hidden: Some(owned(input.hidden.clone().narrow(1, start, len))),
+                    hidden: cache
+                        .keeps_hidden_states()
+                        .then(|| owned(input.hidden.clone().narrow(1, start, len))),
                     step: pass.step,
                 };
                 let group = if i == 0 { TokenGroup::Target } else { TokenGroup::Condition(i - 1) };
