@@ -12,7 +12,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::{
     generated::{self, Fill},
-    mapped::MappedTensor,
+    mapped::{gather_rows, MappedTensor},
 };
 use crate::{ops::QwenBackend, ModelError, Result};
 
@@ -103,7 +103,7 @@ impl DeferredTensor {
                         host.0.get_or_init(|| made)
                     }
                 };
-                gather_rows(table, rows)
+                gather_rows(table.as_bytes(), &table.shape, table.dtype, rows)
             }
         };
         Ok(B::upload(data, device))
@@ -120,16 +120,4 @@ impl DeferredTensor {
             Source::Generated(fill, _) => generated::make(*fill, &self.key, shape, self.dtype, device),
         })
     }
-}
-
-/// Rows `rows` of the 2-D `table`, `[rows.len(), cols]` in its dtype.
-fn gather_rows(table: &TensorData, rows: &[usize]) -> TensorData {
-    let cols = table.shape.get(1).copied().unwrap_or(0);
-    let row_bytes = cols * table.dtype.size();
-    let bytes = table.as_bytes();
-    let mut out = Vec::with_capacity(rows.len() * row_bytes);
-    for &r in rows {
-        out.extend_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
-    }
-    TensorData::from_bytes_vec(out, vec![rows.len(), cols], table.dtype)
 }

@@ -75,26 +75,28 @@ impl MappedTensor {
             data.convert_dtype(dtype)
         }
     }
-}
 
-impl MappedTensor {
     /// Rows `rows` of a 2-D tensor, gathered from the memory map and converted to `dtype`: `[rows.len(), cols]`.
     /// Each row must be in range (the caller checks).
     pub fn rows(&self, rows: &[usize], dtype: DType) -> TensorData {
-        let cols = self.shape.get(1).copied().unwrap_or(0);
-        let row_bytes = cols * self.dtype.size();
-        let mut bytes = Vec::with_capacity(rows.len() * row_bytes);
-        for &r in rows {
-            let start = self.range.start + r * row_bytes;
-            bytes.extend_from_slice(&self.map[start..start + row_bytes]);
-        }
-        let data = TensorData::from_bytes_vec(bytes, vec![rows.len(), cols], self.dtype);
+        let data = gather_rows(&self.map[self.range.clone()], &self.shape, self.dtype, rows);
         if self.dtype == dtype {
             data
         } else {
             data.convert_dtype(dtype)
         }
     }
+}
+
+/// Rows `rows` of the row-major 2-D tensor of `shape` and `dtype` held in `bytes`: `[rows.len(), cols]`.
+pub(super) fn gather_rows(bytes: &[u8], shape: &[usize], dtype: DType, rows: &[usize]) -> TensorData {
+    let cols = shape.get(1).copied().unwrap_or(0);
+    let row_bytes = cols * dtype.size();
+    let mut out = Vec::with_capacity(rows.len() * row_bytes);
+    for &r in rows {
+        out.extend_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    TensorData::from_bytes_vec(out, vec![rows.len(), cols], dtype)
 }
 
 /// The mapped files of a checkpoint and the index of their tensors.
