@@ -96,6 +96,7 @@ fi
 if has variants; then
   # Attention kernel variants (tuning switches of flash_attention_tma.cu and flash_attention_fp8.cu), each a full
   # module source in .dev/kvar/<name>/ (tools/bench/kernel_variants.py writes them) loaded through QWEN_CUDA_KERNEL_DIR.
+  [ -d .dev/kvar ] || python3 tools/bench/kernel_variants.py --out .dev/kvar
   for d in .dev/kvar/*/; do
     echo "== variant $(basename $d)"
     QWEN_CUDA_KERNEL_DIR=$d timeout 120 .dev/dit_bench --skip-dit --attention-only --reps ${VARIANT_REPS:-10} \
