@@ -161,7 +161,7 @@ fn attention_kernels(reps: usize) -> Value {
         }
         configure(|c| c.flash_kernel = FlashKernel::Auto).expect("configuration");
         if d == 128 && !causal {
-            // FP8 attention (its four quantization passes included), and its distance to the bf16 kernel's output.
+            // FP8 attention (its five quantization passes included), and its distance to the bf16 kernel's output.
             let fp8 = AttentionOptions { fp8: true, ..opts.clone() };
             let ms = time_ms(reps, 10, || drop(G::attend(q.clone(), &segs, &fp8)));
             let tf = flop / (ms * 1e-3) / 1e12;

@@ -7,7 +7,7 @@
 //!   weight when a LoRA is merged.
 //! - [`Fp8Activation`] (`activation`): an activation quantized per token once for every FP8 layer reading it, or by
 //!   the kernel that produces it; the portable defaults of the seam's quantized-activation methods.
-//! - [`attention`]: FP8 attention (Q, K, V and the probabilities in e4m3), its definition and host emulation.
+//! - [`attention`]: FP8 attention (int8 Q·Kᵀ with smoothed keys, e4m3 P·V), its definition and host emulation.
 //! - [`Fp8Options`] (`options`): which layers are quantized (every one but a keep list).
 //! - [`portable`]: the portable defaults of [`QwenBackend::quantize_fp8`](crate::ops::QwenBackend::quantize_fp8)
 //!   and [`QwenBackend::dense_fp8`](crate::ops::QwenBackend::dense_fp8), an exact f32 emulation of the FP8 GEMM.
