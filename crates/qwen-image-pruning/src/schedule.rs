@@ -193,6 +193,10 @@ impl PruningSchedule for ReuseSteps {
         let n = ctx.layout.condition_tokens.len();
         Ok(StepPlan::new(vec![LayerPlan::with_conditions(n, action); ctx.num_layers]))
     }
+    /// A reuse step reuses the condition at every block: only the recomputing mode reads hidden states.
+    fn needs_cached_hidden_states(&self) -> bool {
+        self.mode == ReuseMode::RecomputeKeyValue
+    }
     fn name(&self) -> String {
         let steps: Vec<String> = self.steps.iter().map(|s| s.to_string()).collect();
         format!("reuse:{}{}", steps.join(","), mode_suffix(self.mode))
@@ -378,6 +382,8 @@ mod tests {
     fn only_schedules_that_read_block_inputs_keep_them_cached() {
         assert!(!Cat::default().needs_cached_hidden_states(), "cat reuses K/V at every block");
         assert!(Cat::new(ReuseMode::RecomputeKeyValue).needs_cached_hidden_states());
+        assert!(!ReuseSteps::new([2, 3, 4], ReuseMode::KeyValue).unwrap().needs_cached_hidden_states());
+        assert!(ReuseSteps::new([2, 4], ReuseMode::RecomputeKeyValue).unwrap().needs_cached_hidden_states());
         // Wrappers forward; a layer range computes after reused blocks, the default (true) stays.
         let boxed: Box<dyn PruningSchedule> = Box::new(Cat::default());
         assert!(!boxed.needs_cached_hidden_states());
