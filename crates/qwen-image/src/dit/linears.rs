@@ -140,8 +140,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         self.visit_linears(|_, layer| {
             summary.add(layer.shape(), layer.weight_format(), layer.is_resident(), dtype);
         });
-        summary.keep = self.fp8_options().map(|o| o.keep.clone());
-        summary.fp8_attention = self.fp8_attention();
+        summary.set_fp8_options(self.fp8_options());
         summary
     }
 }
@@ -171,8 +170,7 @@ pub fn dit_linear_plan(
         };
         summary.add(shape, layer.weight_format(), layer.is_resident(), dtype);
     });
-    summary.keep = options.fp8.as_ref().map(|o| o.keep.clone());
-    summary.fp8_attention = options.fp8.as_ref().is_some_and(|o| o.attention);
+    summary.set_fp8_options(options.fp8.as_ref());
     Ok(summary)
 }
 

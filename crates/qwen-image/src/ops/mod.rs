@@ -390,9 +390,6 @@ pub mod portable {
         segments: &[KvSegment<B>],
         options: &AttentionOptions<B>,
     ) -> Tensor<B, 4> {
-        if options.fp8 {
-            return crate::quant::attention::attention_fp8(query, segments, options);
-        }
         let [batch, queries, heads, _] = query.dims();
         let cat = |parts: Vec<Tensor<B, 4>>| {
             if parts.len() == 1 {
@@ -403,6 +400,9 @@ pub mod portable {
         };
         let key = cat(segments.iter().map(|s| s.key.clone()).collect());
         let value = cat(segments.iter().map(|s| s.value.clone()).collect());
+        if options.fp8 {
+            return crate::quant::attention::attention_fp8(query, key, value, options);
+        }
         let kv_heads = key.dims()[2];
         let keys = key.dims()[1];
         let (key, value) = (repeat_kv(key, heads / kv_heads), repeat_kv(value, heads / kv_heads));

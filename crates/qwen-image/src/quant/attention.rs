@@ -31,7 +31,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::e4m3;
-use crate::ops::{AttentionOptions, KvSegment};
+use crate::ops::AttentionOptions;
 
 /// `log2` of the factor the probabilities are scaled by before their e4m3 rounding (step 3 of the module docs).
 pub const P_LOG2_OFFSET: f32 = 8.0;
@@ -113,12 +113,13 @@ pub fn quantize_operands(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> 
     for b in 0..s.batch {
         for h in 0..hk {
             for c in 0..d {
-                let (mut total, mut v_amax) = (0f32, 0f32);
-                for block in (0..s.keys).collect::<Vec<_>>().chunks(MEAN_BLOCK) {
-                    total += block.iter().fold(0f32, |acc, &j| acc + k[at(b, j, h) + c]);
-                    v_amax = block.iter().fold(v_amax, |m, &j| m.max(v[at(b, j, h) + c].abs()));
-                }
+                // The keys' sum as the kernel adds it: per block of MEAN_BLOCK keys, then the blocks in order.
+                let block_sum = |j0: usize| {
+                    (j0..(j0 + MEAN_BLOCK).min(s.keys)).fold(0f32, |acc, j| acc + k[at(b, j, h) + c])
+                };
+                let total = (0..s.keys).step_by(MEAN_BLOCK).fold(0f32, |acc, j0| acc + block_sum(j0));
                 k_mean[(b * hk + h) * d + c] = total / s.keys as f32;
+                let v_amax = (0..s.keys).fold(0f32, |m, j| m.max(v[at(b, j, h) + c].abs()));
                 v_scales.push(e4m3::row_scale(v_amax));
             }
         }
@@ -209,17 +210,17 @@ pub fn attention_host(
     out
 }
 
-/// The portable FP8 attention ([`AttentionOptions::fp8`]): the operands and the key mask read to the host,
-/// [`quantize_operands`] and [`attention_host`], the result uploaded in the query's dtype.
+/// The portable FP8 attention ([`AttentionOptions::fp8`]) of `query` over the concatenated `key` and `value`
+/// (`[batch, keys, kv_heads, D]`, as [`portable::attention`](crate::ops::portable::attention) joins the segments):
+/// the operands and the key mask read to the host, [`quantize_operands`] and [`attention_host`], the result uploaded
+/// in the query's dtype.
 pub fn attention_fp8<B: Backend>(
     query: Tensor<B, 4>,
-    segments: &[KvSegment<B>],
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
     options: &AttentionOptions<B>,
 ) -> Tensor<B, 4> {
     let ([batch, queries, heads, head_dim], dtype, device) = (query.dims(), query.dtype(), query.device());
-    let cat = |parts: Vec<Tensor<B, 4>>| Tensor::cat(parts, 1);
-    let key = cat(segments.iter().map(|s| s.key.clone()).collect());
-    let value = cat(segments.iter().map(|s| s.value.clone()).collect());
     let [_, keys, kv_heads, _] = key.dims();
     let shape = AttentionShape { batch, queries, heads, keys, kv_heads, head_dim };
     let host = crate::tensor_io::to_f32_vec::<B, 4>;
@@ -238,7 +239,10 @@ mod tests {
     use burn::{backend::Flex, tensor::Distribution};
 
     use super::*;
-    use crate::{ops::portable, tensor_io};
+    use crate::{
+        ops::{portable, KvSegment},
+        tensor_io,
+    };
 
     type B = Flex;
 

@@ -55,6 +55,12 @@ impl LinearWeightSummary {
         }
     }
 
+    /// Records the FP8 options the model was loaded with (its keep list, and whether its attention is 8-bit).
+    pub fn set_fp8_options(&mut self, options: Option<&super::Fp8Options>) {
+        self.keep = options.map(|o| o.keep.clone());
+        self.fp8_attention = options.is_some_and(|o| o.attention);
+    }
+
     /// Device bytes FP8 saves: [`fp8_unquantized_bytes`](Self::fp8_unquantized_bytes) − [`fp8_bytes`](Self::fp8_bytes).
     pub fn saved_bytes(&self) -> u64 {
         self.fp8_unquantized_bytes.saturating_sub(self.fp8_bytes)
