@@ -73,6 +73,74 @@ struct Buffers {
     v_amax: Prim,
 }
 
+impl Buffers {
+    /// New buffers for problem `p` (keys padded to `kpad`, `mean_blocks` partial sums per column) on `like`'s device,
+    /// and the kernels' parameters pointing at them.
+    fn new(
+        like: &Prim,
+        p: &super::Problem,
+        kpad: usize,
+        mean_blocks: usize,
+    ) -> Result<(Self, Fp8AttnParams), FastError> {
+        let new = |shape: Vec<usize>, dtype| empty_like_device(like, shape, dtype);
+        let buffers = Buffers {
+            q8: new(vec![p.batch, p.q_len, p.heads, D], DType::I8),
+            q_scale: new(vec![p.batch, p.q_len, p.heads], DType::F32),
+            k8: new(vec![p.batch, p.total, p.kv_heads, D], DType::I8),
+            k_scale: new(vec![p.batch, p.kv_heads, kpad], DType::F32),
+            k_mean: new(vec![p.batch, p.kv_heads, D], DType::F32),
+            k_partial: new(vec![p.batch, p.kv_heads, mean_blocks, D], DType::F32),
+            vt: new(vec![p.batch, p.kv_heads, D, kpad], DType::U8),
+            v_amax: new(vec![p.batch, p.kv_heads, D], DType::F32),
+        };
+        let f = Fp8AttnParams {
+            q8: ptr(&buffers.q8)?,
+            q_scale: ptr(&buffers.q_scale)?,
+            k8: ptr(&buffers.k8)?,
+            k_scale: ptr(&buffers.k_scale)?,
+            k_mean: ptr(&buffers.k_mean)?,
+            k_partial: ptr(&buffers.k_partial)?,
+            vt: ptr(&buffers.vt)?,
+            v_amax: ptr(&buffers.v_amax)?,
+            kpad: kpad as i64,
+            heads: p.heads as i32,
+            kv_heads: p.kv_heads as i32,
+            mean_blocks: mean_blocks as i32,
+            pad: 0,
+        };
+        Ok((buffers, f))
+    }
+}
+
+impl Fp8Maps {
+    /// The tensor maps of the quantized Q, K and transposed V that `f` points at, for problem `p`.
+    fn new(f: &Fp8AttnParams, p: &super::Problem, kpad: usize) -> Result<Self, FastError> {
+        let (b, lq, h, hk, lk) =
+            (p.batch as u64, p.q_len as u64, p.heads as u64, p.kv_heads as u64, p.total as u64);
+        let (row, kpad) = (D as u64, kpad as u64);
+        let rows = |ptr, heads, tokens| {
+            encode_map(
+                ptr,
+                MapElement::U8,
+                [row, heads, tokens, b],
+                [row, heads * row, tokens * heads * row],
+                [128, 1, 128, 1],
+            )
+        };
+        Ok(Fp8Maps {
+            q: rows(f.q8, h, lq)?,
+            k: rows(f.k8, hk, lk)?,
+            vt: encode_map(
+                f.vt,
+                MapElement::U8,
+                [kpad, row, hk, b],
+                [kpad, row * kpad, hk * row * kpad],
+                [128, 128, 1, 1],
+            )?,
+        })
+    }
+}
+
 /// FP8 attention of bf16 `q` over at most [`MAX_SEGS`](super::MAX_SEGS) key segments (see
 /// [`attend`](super::attend)); `mask` is a `[batch, total_keys]` bool primitive. Head dim 128, sm_90, not causal:
 /// anything else is [`FastError::Unsupported`] (the caller falls back to the host emulation).
@@ -92,53 +160,9 @@ pub(super) fn flash_attention_fp8(
     })?;
     let mask = mask.map(|m| super::key_mask(m, &p, None, &mut params)).transpose()?;
     let kpad = p.total.div_ceil(TILE) * TILE;
-    let new = |shape: Vec<usize>, dtype| empty_like_device(&qo.t, shape, dtype);
     let mean_blocks = p.total.div_ceil(MEAN_BLOCK);
-    let buffers = Buffers {
-        q8: new(vec![p.batch, p.q_len, p.heads, D], DType::I8),
-        q_scale: new(vec![p.batch, p.q_len, p.heads], DType::F32),
-        k8: new(vec![p.batch, p.total, p.kv_heads, D], DType::I8),
-        k_scale: new(vec![p.batch, p.kv_heads, kpad], DType::F32),
-        k_mean: new(vec![p.batch, p.kv_heads, D], DType::F32),
-        k_partial: new(vec![p.batch, p.kv_heads, mean_blocks, D], DType::F32),
-        vt: new(vec![p.batch, p.kv_heads, D, kpad], DType::U8),
-        v_amax: new(vec![p.batch, p.kv_heads, D], DType::F32),
-    };
-    let mut f = Fp8AttnParams {
-        q8: ptr(&buffers.q8)?,
-        q_scale: ptr(&buffers.q_scale)?,
-        k8: ptr(&buffers.k8)?,
-        k_scale: ptr(&buffers.k_scale)?,
-        k_mean: ptr(&buffers.k_mean)?,
-        k_partial: ptr(&buffers.k_partial)?,
-        vt: ptr(&buffers.vt)?,
-        v_amax: ptr(&buffers.v_amax)?,
-        kpad: kpad as i64,
-        heads: p.heads as i32,
-        kv_heads: p.kv_heads as i32,
-        mean_blocks: mean_blocks as i32,
-        pad: 0,
-    };
-    let (b, lq, h, hk, lk) =
-        (p.batch as u64, p.q_len as u64, p.heads as u64, p.kv_heads as u64, p.total as u64);
-    let row = D as u64;
-    let mut maps = Fp8Maps {
-        q: encode_map(f.q8, MapElement::U8, [row, h, lq, b], [row, h * row, lq * h * row], [128, 1, 128, 1])?,
-        k: encode_map(
-            f.k8,
-            MapElement::U8,
-            [row, hk, lk, b],
-            [row, hk * row, lk * hk * row],
-            [128, 1, 128, 1],
-        )?,
-        vt: encode_map(
-            f.vt,
-            MapElement::U8,
-            [kpad as u64, row, hk, b],
-            [kpad as u64, row * kpad as u64, hk * row * kpad as u64],
-            [128, 128, 1, 1],
-        )?,
-    };
+    let (buffers, mut f) = Buffers::new(&qo.t, &p, kpad, mean_blocks)?;
+    let mut maps = Fp8Maps::new(&f, &p, kpad)?;
     let rows = |n: usize| (n.div_ceil(8) as u32, 1, 1);
     with_gpu(index, |dev| {
         let quant_q = dev.function(MODULE, kernels::FLASH_FP8, "fp8_attn_quant_q", 0)?;
