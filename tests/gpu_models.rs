@@ -18,10 +18,11 @@ use qwen_image::{
     quant::Fp8Options,
     synthetic,
     tensor_io::{rel_l2, to_f32_vec, TensorFile},
+    text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder, TextEncoderLoadOptions, TEXT_ENCODER_FP8_KEEP},
     weights::WeightStore,
     CpuBackend,
 };
-use qwen_image_edit::reference::{dit_forward, read_dit_input};
+use qwen_image_edit::reference::{dit_forward, read_dit_input, read_text_encoder_input};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The DiT
@@ -199,6 +200,38 @@ fn weights_upload_straight_from_the_memory_map() {
     assert_fast(GLUE, "f32 upload");
     println!("weight upload: 3 tensors from 2 mapped shards and one f32 tensor, bit-exact");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn streamed_text_encoder_layers_are_bit_identical() {
+    // Low-memory mode's text encoder on the fixture checkpoint, bf16 with FP8 linear layers: decoder layers parked in
+    // page-locked host memory and uploaded for each use give the resident model's outputs bit for bit.
+    let _g = setup();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text_encoder/legacy");
+    let dir = root.join("text_encoder");
+    let config = Qwen25VlConfig::from_file(&dir.join("config.json")).expect("config");
+    let load = |stream_layers: bool| {
+        let mut store = Qwen25VlTextEncoder::<G>::open_store(&dir, DType::BF16).expect("store");
+        store.quantize_linears(Some(Fp8Options::keeping(TEXT_ENCODER_FP8_KEEP)));
+        let options = TextEncoderLoadOptions { host_embeddings: stream_layers, stream_layers };
+        Qwen25VlTextEncoder::<G>::from_store_with(config.clone(), &mut store, &options, &dev()).expect("load")
+    };
+    let file = TensorFile::open(&root.join("two_images_inputs.safetensors")).expect("inputs");
+    let input = read_text_encoder_input::<G>(&file, &dev()).expect("input");
+    let (resident, streamed) = (load(false), load(true));
+    reset_stats();
+    let got = to_f32_vec(streamed.forward(&input).expect("streamed"));
+    let glue = &stats()[GLUE];
+    assert!(glue.calls > 0 && glue.errors == 0, "streamed layer uploads: {glue:?}");
+    let want = to_f32_vec(resident.forward(&input).expect("resident"));
+    assert_eq!(got, want, "streamed layers change the last hidden state");
+    assert!(got.iter().any(|&v| v != 0.0));
+    // Twice more: the parked layers are read, never consumed; then the streamed model is dropped (its page-locked
+    // memory freed after the stream has finished reading it) while the resident one keeps working.
+    assert_eq!(to_f32_vec(streamed.forward(&input).expect("again")), want);
+    drop(streamed);
+    assert_eq!(to_f32_vec(resident.forward(&input).expect("after drop")), want);
+    println!("streamed text-encoder layers: {} values bit-identical to the resident model", want.len());
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::DType;
-use qwen_image::{dit::ModulationMode, CpuBackend};
+use qwen_image::{dit::ModulationMode, quant::Fp8Options, CpuBackend};
 use qwen_image_pipeline::{
     demo, memory_plan::GIB, plan_request, ComponentWeights, EditRequest, LoadOptions, MemoryMode, NoProgress,
     QwenImageEditPipeline, Snapshot,
@@ -91,20 +91,28 @@ fn the_full_size_weights_match_the_published_parameter_counts() {
     let table = bf16(MemoryMode::Resident, ModulationMode::Table);
     assert_eq!(table.transformer.device + table.transformer.host, 40_860_802_176);
     let low = bf16(MemoryMode::Low, ModulationMode::Table);
-    // `--quantize fp8` (resident): the DiT and the text encoder as under Low; `--quantize fp8-dit`: the DiT only.
-    let fp8 = |fp8_text_encoder| {
-        let options = LoadOptions {
-            dtype: DType::BF16,
-            fp8: Some(Default::default()),
-            fp8_text_encoder,
-            ..LoadOptions::default()
-        };
+    // `--quantize fp8` (resident): the DiT and the text encoder in FP8 as under Low, but the published keep list
+    // (Low also quantizes img_mlp.net.2) and the text encoder's layers on the device; `--quantize fp8-dit`: the DiT
+    // only.
+    let fp8 = |keep: Fp8Options, fp8_text_encoder| {
+        let options =
+            LoadOptions { dtype: DType::BF16, fp8: Some(keep), fp8_text_encoder, ..LoadOptions::default() };
         ComponentWeights::plan(&snapshot, &options.resolved().unwrap()).unwrap()
     };
-    let (fp8_all, fp8_dit) = (fp8(true), fp8(false));
-    assert_eq!((fp8_all.transformer, fp8_all.text_encoder), (low.transformer, low.text_encoder));
-    assert_eq!((fp8_dit.transformer, fp8_dit.text_encoder), (low.transformer, table.text_encoder));
+    let (fp8_all, fp8_dit) = (fp8(Fp8Options::default(), true), fp8(Fp8Options::default(), false));
+    assert_eq!(fp8(Fp8Options::low_memory(), true).transformer, low.transformer);
+    assert_eq!(fp8_dit.text_encoder, table.text_encoder);
+    assert_eq!(fp8_dit.transformer, fp8_all.transformer);
+    // img_mlp.net.2 of 60 blocks: 3072 × 12288 weights at one byte instead of two, plus 3072 f32 scales.
+    let net2 = 60 * (3072 * 12288 - 4 * 3072);
+    assert_eq!(fp8_all.transformer.device - low.transformer.device, net2);
     assert!(fp8_all.text_encoder.device < table.text_encoder.device * 6 / 10);
+    // Low streams the 28 decoder layers: the same bytes, all but the vision tower, norms and final norm on the host.
+    let te = |w: &ComponentWeights| w.text_encoder.device + w.text_encoder.host;
+    assert_eq!(te(&low), te(&fp8_all));
+    assert!(low.text_encoder.device < 2 * GIB, "{}", low.text_encoder.device);
+    assert!(low.text_encoder_streamed_layer > 0 && low.text_encoder_streamed_layer < GIB / 4);
+    assert_eq!(fp8_all.text_encoder_streamed_layer, 0);
     println!(
         "full size, bf16: resident {:.2} GiB, table {:.2} GiB, low {:.2} GiB (VAE {} bytes)",
         resident.device() as f64 / GIB as f64,

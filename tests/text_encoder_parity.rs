@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qwen_image::{
+    quant::Fp8Options,
     tensor_io::{rel_l2, to_f32_vec, write_f32, TensorFile},
     text_encoder::{
-        GridThw, PositionMode, Qwen25VlTextEncoder, TextEncoderInput, TextEncoderLoadOptions, TokenTensor,
+        language::DecoderLayers, GridThw, PositionMode, Qwen25VlTextEncoder, TextEncoderInput,
+        TextEncoderLoadOptions, TokenTensor, TEXT_ENCODER_FP8_KEEP,
     },
     CpuBackend, ModelError,
 };
@@ -398,7 +400,8 @@ fn the_fixtures_catch_porting_mistakes() {
     check(
         "interleaved instead of rotate-half M-RoPE",
         perturbed_error(|m| {
-            for layer in &mut m.language.layers {
+            let DecoderLayers::Device(layers) = &mut m.language.layers else { panic!("resident layers") };
+            for layer in layers {
                 let hd = layer.self_attn.head_dim;
                 for proj in [&mut layer.self_attn.q_proj, &mut layer.self_attn.k_proj] {
                     proj.weight = interleave_rows(proj.weight.to_dense(), hd).into();
@@ -455,24 +458,46 @@ fn the_fixtures_catch_porting_mistakes() {
 }
 
 #[test]
-fn token_embeddings_left_on_the_host_give_the_same_outputs() {
-    // Both fixtures and dtype conversions: legacy (f32 file) in bf16, heldout (bf16 shards) in f32.
-    for (name, case, dtype) in [("legacy", "two_images", DType::BF16), ("heldout", "heldout", DType::F32)] {
+fn weights_left_on_the_host_give_the_same_outputs() {
+    // Token embeddings on the host, decoder layers streamed, both: the same outputs bit for bit, and the device
+    // and planned bytes moved by exactly the table and the parked layers. Both fixtures and dtype conversions
+    // (legacy: f32 file in bf16; heldout: bf16 shards in f32), with dense and with FP8 linear layers.
+    let cases = [("legacy", "two_images", DType::BF16, false), ("heldout", "heldout", DType::F32, true)];
+    for (name, case, dtype, fp8) in cases {
         let dir = root(name).join("text_encoder");
         let config = qwen_image::text_encoder::Qwen25VlConfig::from_file(&dir.join("config.json")).unwrap();
-        let load_with = |host_embeddings: bool| {
+        let load_with = |host_embeddings: bool, stream_layers: bool| {
             let mut store = Model::open_store(&dir, dtype).unwrap();
-            let options = TextEncoderLoadOptions { host_embeddings };
+            if fp8 {
+                store.quantize_linears(Some(Fp8Options::keeping(TEXT_ENCODER_FP8_KEEP)));
+            }
+            let options = TextEncoderLoadOptions { host_embeddings, stream_layers };
             let model =
                 Model::from_store_with(config.clone(), &mut store, &options, &Default::default()).unwrap();
             (model, store.device_bytes(), store.planned_bytes())
         };
-        let ((device, device_bytes, _), (host, host_bytes, planned)) = (load_with(false), load_with(true));
-        let table = config.text.vocab_size * config.text.hidden_size * dtype.size();
-        assert_eq!(device_bytes - host_bytes, table, "{name}: the table is off the device");
-        assert_eq!(planned.host, table as u64, "{name}: and planned on the host");
+        let (device, device_bytes, device_plan) = load_with(false, false);
+        assert_eq!(device.language.streamed_layer_bytes(), 0);
         let input = input(name, case);
-        assert_eq!(run(&host, &input), run(&device, &input), "{name}: same last hidden state");
+        let want = run(&device, &input);
+        let table = config.text.vocab_size * config.text.hidden_size * dtype.size();
+        for (host_embeddings, stream_layers) in [(true, false), (false, true), (true, true)] {
+            let what = format!("{name}, host embeddings {host_embeddings}, streamed layers {stream_layers}");
+            let (model, bytes, plan) = load_with(host_embeddings, stream_layers);
+            let layers: Vec<usize> = match &model.language.layers {
+                DecoderLayers::Streamed { layers, .. } => layers.iter().map(|l| l.size_bytes()).collect(),
+                DecoderLayers::Device(_) => vec![],
+            };
+            assert_eq!(layers.len(), if stream_layers { config.text.num_hidden_layers } else { 0 }, "{what}");
+            let moved = if host_embeddings { table } else { 0 } + layers.iter().sum::<usize>();
+            assert_eq!(device_bytes - bytes, moved, "{what}: device bytes");
+            assert_eq!(plan.host, moved as u64, "{what}: planned on the host");
+            assert_eq!(plan.device + plan.host, device_plan.device, "{what}: planned in all");
+            let largest = layers.iter().max().copied().unwrap_or(0) as u64;
+            assert_eq!(model.language.streamed_layer_bytes(), largest, "{what}: the streamed layer");
+            assert_eq!(run(&model, &input), want, "{what}: same last hidden state");
+        }
+        let (host, ..) = load_with(true, true);
         let err = host.language.embed(&[0, config.text.vocab_size as i64]).unwrap_err().to_string();
         assert!(err.contains("outside the vocabulary"), "{err}");
     }
@@ -481,7 +506,7 @@ fn token_embeddings_left_on_the_host_give_the_same_outputs() {
     let config = qwen_image::text_encoder::Qwen25VlConfig::from_file(&dir.join("config.json")).unwrap();
     let make = |host_embeddings: bool| {
         let mut store = qwen_image::weights::WeightStore::random(DType::F32, 5);
-        let options = TextEncoderLoadOptions { host_embeddings };
+        let options = TextEncoderLoadOptions { host_embeddings, stream_layers: false };
         Model::from_store_with(config.clone(), &mut store, &options, &Default::default()).unwrap()
     };
     let ids = [3, 0, 7, 3];

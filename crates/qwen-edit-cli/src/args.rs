@@ -95,10 +95,11 @@ pub struct QuantizeArgs {
     /// Quantize the linear weights at load time.
     #[arg(long, value_enum, default_value = "none")]
     pub quantize: QuantizeArg,
-    /// With --quantize fp8 or fp8-dit: the DiT layers kept in the model's dtype, comma-separated checkpoint names or
-    /// whole dot-separated parts of them (`default`: img_in, txt_in, time_text_embed.timestep_embedder,
-    /// norm_out.linear, proj_out, img_mod, txt_mod, img_mlp.net.2; `default,transformer_blocks.0` adds block 0;
-    /// `none` quantizes every layer) [default: default].
+    /// With --quantize fp8 or fp8-dit (or --low-memory): the DiT layers kept in the model's dtype, comma-separated
+    /// checkpoint names or whole dot-separated parts of them (`default`: img_in, txt_in,
+    /// time_text_embed.timestep_embedder, norm_out.linear, proj_out, img_mod, txt_mod, img_mlp.net.2;
+    /// `default,transformer_blocks.0` adds block 0; `none` quantizes every layer) [default: default; with
+    /// --low-memory: default without img_mlp.net.2].
     #[arg(long, value_name = "LAYERS")]
     pub quantize_keep: Option<String>,
     /// With --quantize fp8 or fp8-dit (or --low-memory): the DiT's joint attention in 8 bits too (Q·Kᵀ on int8 with
@@ -106,10 +107,10 @@ pub struct QuantizeArgs {
     /// docs/fp8.md).
     #[arg(long)]
     pub fp8_attention: bool,
-    /// The smallest footprint (aimed at 24 GB cards; a full-size 1024² edit still peaks at 31.8 GiB on an H100):
-    /// FP8 DiT (the keep list above) with the modulation table, the text encoder's linear layers in FP8, a 2 GiB
-    /// default --cache-budget and VAE tiling when the memory plan says the decode would not fit (docs/memory.md).
-    /// Not with --modulation resident.
+    /// The smallest footprint (aimed at 24 GB cards): FP8 DiT (the keep list above, without img_mlp.net.2) with the
+    /// modulation table, the text encoder's linear layers in FP8 with its decoder layers streamed from host memory
+    /// for each prompt, a 2 GiB default --cache-budget and VAE tiling when the memory plan says the decode would not
+    /// fit (docs/memory.md). Not with --modulation resident.
     #[arg(long)]
     pub low_memory: bool,
     /// Give the device memory the allocator holds but no tensor uses back to the driver after every stage of an
@@ -128,9 +129,6 @@ impl QuantizeArgs {
             Some(options) => {
                 Ok(Some(qwen_image::quant::Fp8Options { attention: self.fp8_attention, ..options }))
             }
-            None if self.fp8_attention && self.low_memory => {
-                Ok(Some(qwen_image::quant::Fp8Options { attention: true, ..Default::default() }))
-            }
             None if self.fp8_attention => {
                 Err("--fp8-attention applies to --quantize fp8, --quantize fp8-dit or --low-memory".into())
             }
@@ -140,17 +138,16 @@ impl QuantizeArgs {
 
     /// The FP8 layer options (`--quantize` and `--quantize-keep`).
     fn fp8_layers(&self) -> Result<Option<qwen_image::quant::Fp8Options>, crate::CliError> {
-        match (self.quantize, &self.quantize_keep) {
-            (QuantizeArg::None, None) => Ok(None),
-            (QuantizeArg::None, Some(keep)) if self.low_memory => {
-                Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep)?))
-            }
-            (QuantizeArg::None, Some(_)) => {
+        use qwen_image::quant::Fp8Options;
+        let quantized = self.quantize != QuantizeArg::None || self.low_memory;
+        match &self.quantize_keep {
+            Some(_) if !quantized => {
                 Err("--quantize-keep applies to --quantize fp8, --quantize fp8-dit or --low-memory".into())
             }
-            (QuantizeArg::Fp8 | QuantizeArg::Fp8Dit, keep) => {
-                Ok(Some(qwen_image::quant::Fp8Options::parse_keep(keep.as_deref().unwrap_or("default"))?))
-            }
+            Some(keep) => Ok(Some(Fp8Options::parse_keep(keep)?)),
+            None if self.low_memory => Ok(Some(Fp8Options::low_memory())),
+            None if quantized => Ok(Some(Fp8Options::default())),
+            None => Ok(None),
         }
     }
 

@@ -62,11 +62,11 @@ pub enum MemoryMode {
     /// Every network resident as [`LoadOptions`] says (the default).
     #[default]
     Resident,
-    /// The smallest footprint (aimed at 24 GB cards; a full-size 1024² edit still peaks at 31.8 GiB on an H100,
-    /// docs/memory.md): the DiT in FP8 (the default keep list unless [`LoadOptions::fp8`] gives one) with its
-    /// modulation weights on the host (table mode), the text encoder's linear layers in FP8 (all but
-    /// [`TEXT_ENCODER_FP8_KEEP`]), a default cache budget ([`LOW_MEMORY_CACHE_BUDGET`]) for requests without one,
-    /// and VAE tiling for images whose untiled decode the [memory plan](crate::memory_plan) says would not fit.
+    /// The smallest footprint (aimed at 24 GB cards, docs/memory.md): the DiT in FP8 ([`Fp8Options::low_memory`]'s
+    /// keep list unless [`LoadOptions::fp8`] gives one) with its modulation weights on the host (table mode), the
+    /// text encoder's linear layers in FP8 (all but [`TEXT_ENCODER_FP8_KEEP`]) with its decoder layers streamed from
+    /// host memory, a default cache budget ([`LOW_MEMORY_CACHE_BUDGET`]) for requests without one, and VAE tiling
+    /// for images whose untiled decode the [memory plan](crate::memory_plan) says would not fit.
     Low,
 }
 
@@ -122,8 +122,8 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// The options a load uses: under [`MemoryMode::Low`], FP8 for the DiT (the default keep list unless
-    /// [`fp8`](Self::fp8) names one) and memory released after every stage. Errors for a combination low-memory mode
+    /// The options a load uses: under [`MemoryMode::Low`], FP8 for the DiT ([`Fp8Options::low_memory`]'s keep list
+    /// unless [`fp8`](Self::fp8) names one) and memory released after every stage. Errors for a combination low-memory mode
     /// cannot honour (resident modulation weights).
     pub fn resolved(&self) -> Result<LoadOptions> {
         let mut options = self.clone();
@@ -134,7 +134,7 @@ impl LoadOptions {
                      be combined with resident modulation weights (--modulation resident)",
                 ));
             }
-            options.fp8 = Some(self.fp8.clone().unwrap_or_default());
+            options.fp8 = Some(self.fp8.clone().unwrap_or_else(Fp8Options::low_memory));
             options.release_memory = true;
         }
         Ok(options)
@@ -149,9 +149,14 @@ impl LoadOptions {
 
     /// How the text encoder places its weights: its token embeddings stay on the host whenever its linear layers
     /// are FP8 ([`text_encoder_fp8`](Self::text_encoder_fp8)), the modes that trade a little time for memory
-    /// (1.02 GiB less on the device at full size, ≈ 10 MB gathered and uploaded per prompt).
+    /// (1.02 GiB less on the device at full size, ≈ 10 MB gathered and uploaded per prompt); under
+    /// [`MemoryMode::Low`] its decoder layers are streamed from host memory too (5.9 GiB less, ≈ 6.5 GB uploaded
+    /// per prompt).
     pub fn text_encoder_load(&self) -> TextEncoderLoadOptions {
-        TextEncoderLoadOptions { host_embeddings: self.text_encoder_fp8().is_some() }
+        TextEncoderLoadOptions {
+            host_embeddings: self.text_encoder_fp8().is_some(),
+            stream_layers: self.memory == MemoryMode::Low,
+        }
     }
 
     /// The cache budget of requests that set none: [`LOW_MEMORY_CACHE_BUDGET`] under [`MemoryMode::Low`].
@@ -308,8 +313,12 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let (mut transformer, dit_bytes) = clock.run(Stage::LoadTransformer, |_| {
             persistent::<B, _, _>(device, dit_config.clone(), |config| weights.transformer(config, device))
         })?;
-        let weight_bytes =
-            ComponentWeights { text_encoder: text_bytes, vae: vae_bytes, transformer: dit_bytes };
+        let weight_bytes = ComponentWeights {
+            text_encoder: text_bytes,
+            vae: vae_bytes,
+            transformer: dit_bytes,
+            text_encoder_streamed_layer: text_encoder.language.streamed_layer_bytes(),
+        };
         if !loras.is_empty() {
             clock.run(Stage::LoadLora, |_| {
                 persistent::<B, _, _>(device, &mut transformer, |t| apply_loras(&loras, &options.loras, t))

@@ -18,7 +18,8 @@
 //!     streams, their normalized copies, Q, K, V, the joint query copy, the attention output and its projection
 //!     (9 · N · D); the image MLP holds the residual, its normalized input, the 4·D hidden and the output;
 //!   - text encoder at `T` tokens: the hidden state, its norm, Q/K/V and the MLP's gate, up and product (width
-//!     `I`): `T · (4·H + 3·I)`; the vision tower the same at its patches, widths of the tower;
+//!     `I`): `T · (4·H + 3·I)`, plus the decoder layer uploaded for its turn when the layers are streamed
+//!     (under [`MemoryMode::Low`]); the vision tower the same at its patches, widths of the tower;
 //!   - VAE decode at `H × W` pixels (per tile when tiled): the largest level is the last upsampler's input at full
 //!     resolution, `2·base_dim` channels, with its output and the last block's residual and normalized copies
 //!     (`H·W·(2 + 1 + 2)·base_dim`), or the mid-block attention's scores (`2 · L²` for `L = H·W/64` latent pixels),
@@ -27,10 +28,10 @@
 //!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages.
 //! - **Runtime**: the CUDA context, cuBLASLt's workspace and the allocator's slack, a constant
 //!   ([`RUNTIME_OVERHEAD`], from the H100 measurement of the DiT alone: 28.7 GiB used with 25.4 GiB of weights).
-//! - The stages run one after the other and every network stays resident (also under [`MemoryMode::Low`], where the
-//!   text encoder is FP8 instead of parked: see docs/memory.md for why). Burn's pool keeps what it reserved, so
-//!   the device's *used* memory after an edit is closer to the sum of the stages' reservations than to their
-//!   maximum; the plan predicts the peak *in use*, and docs/memory.md compares both.
+//! - The stages run one after the other and every network stays resident (under [`MemoryMode::Low`] but the text
+//!   encoder's decoder layers, which stay in host memory and pass through the device one at a time). Burn's pool
+//!   keeps what it reserved, so the device's *used* memory after an edit is closer to the sum of the stages'
+//!   reservations than to their maximum; the plan predicts the peak *in use*, and docs/memory.md compares both.
 
 use qwen_image::{
     dit::{DitConfig, DitLoadOptions, QwenImageTransformer},
@@ -69,6 +70,10 @@ pub struct ComponentWeights {
     pub vae: WeightBytes,
     /// The DiT (its modulation layers on the host in table mode).
     pub transformer: WeightBytes,
+    /// The text encoder's decoder layer on the device while it runs when the layers are streamed from the host
+    /// (the largest; counted in the prompt stage), 0 when they are resident.
+    #[serde(default)]
+    pub text_encoder_streamed_layer: u64,
 }
 
 impl ComponentWeights {
@@ -85,7 +90,7 @@ impl ComponentWeights {
         let mut te = WeightStore::shape_only(dtype);
         te.quantize_linears(options.text_encoder_fp8());
         let te_config = Qwen25VlConfig::from_file(&snapshot.root.join("text_encoder/config.json"))?;
-        Qwen25VlTextEncoder::<CpuBackend>::from_store_with(
+        let text_encoder = Qwen25VlTextEncoder::<CpuBackend>::from_store_with(
             te_config,
             &mut te,
             &options.text_encoder_load(),
@@ -106,6 +111,7 @@ impl ComponentWeights {
             text_encoder: te.planned_bytes(),
             vae: vae.planned_bytes(),
             transformer: dit.planned_bytes(),
+            text_encoder_streamed_layer: text_encoder.language.streamed_layer_bytes(),
         })
     }
 }
@@ -321,7 +327,7 @@ impl MemoryPlan {
             total_bytes: base + cache + act,
         };
         let stages = vec![
-            stage("encode prompt", te, 0),
+            stage("encode prompt", te + weights.text_encoder_streamed_layer, 0),
             stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
             stage("denoise", dit, shape.cache_bytes),
             stage("decode", per_tile(shape.output) + CONV_WORKSPACE, shape.cache_bytes),

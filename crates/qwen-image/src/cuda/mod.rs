@@ -96,6 +96,7 @@ mod glue;
 mod gpu;
 mod kernels;
 mod nvrtc;
+mod pinned;
 mod pixels;
 mod registry;
 mod rotary;
@@ -113,6 +114,7 @@ pub use runtime_cache::{configure_runtime_caches, default_cache_dir, CacheSetup}
 
 use crate::ops::{lowered, portable, AttentionOptions, FastPathReport, KvSegment, NormRope, QwenBackend};
 use crate::quant::{Fp8Activation, Fp8Weight};
+use crate::weights::HostMemory;
 use error::require;
 use registry::{attempt, enabled, Kind};
 use tensor::{prim, wrap};
@@ -392,6 +394,49 @@ impl QwenBackend for CudaBackend {
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
         let fast = |data: &TensorData| tensor::upload_prim(data, device).map(wrap);
         fast_or(device, Kind::Glue, data, fast, |data| portable::upload(data, device))
+    }
+
+    fn host_memory(bytes: &[u8], device: &Self::Device) -> HostMemory {
+        if !enabled(device.index, Kind::Glue) {
+            return HostMemory::ordinary(bytes);
+        }
+        match pinned::PinnedBytes::copy_of(bytes, device.index) {
+            Ok(pinned) => HostMemory::from_backend(pinned),
+            Err(e) => {
+                log::warn!(
+                    "qwen-image: page-locked host memory unavailable ({e}); streamed weights stay pageable"
+                );
+                HostMemory::ordinary(bytes)
+            }
+        }
+    }
+
+    fn upload_bytes<const D: usize>(
+        bytes: &[u8],
+        shape: [usize; D],
+        dtype: DType,
+        device: &Self::Device,
+    ) -> Tensor<Self, D> {
+        let fast = |_: &()| tensor::upload_bytes_prim(bytes, shape.to_vec(), dtype, device).map(wrap);
+        let portable = |_| portable::upload(TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype), device);
+        fast_or(device, Kind::Glue, (), fast, portable)
+    }
+
+    fn upload_u8<const D: usize>(
+        bytes: &[u8],
+        shape: [usize; D],
+        device: &Self::Device,
+    ) -> Tensor<Self, D, Int> {
+        let fast = |_: &()| {
+            tensor::upload_bytes_prim(bytes, shape.to_vec(), DType::U8, device).map(Tensor::from_primitive)
+        };
+        let portable = |_| {
+            Tensor::from_data(
+                TensorData::from_bytes_vec(bytes.to_vec(), shape, DType::U8),
+                (device, DType::U8),
+            )
+        };
+        fast_or(device, Kind::Glue, (), fast, portable)
     }
 
     fn upload_rgb8(

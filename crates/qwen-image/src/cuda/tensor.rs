@@ -126,7 +126,9 @@ pub(crate) fn upload_bytes_prim(
         dev.begin(&out)?;
         // SAFETY: `dst` is the start of `out`, a new dense allocation of exactly `bytes.len()` bytes (checked
         // above) held until this function returns; `bytes` is host memory borrowed for the call, and a copy from
-        // pageable memory returns only once the source has been read (staged by the driver).
+        // pageable memory returns only once the source has been read (staged by the driver). A copy from
+        // page-locked memory returns at once: the only page-locked memory that reaches here is `PinnedBytes`
+        // (`pinned.rs`), which waits for this stream before it is freed.
         drv("cuMemcpyHtoDAsync", unsafe {
             sys::cuMemcpyHtoDAsync_v2(dst, bytes.as_ptr().cast(), bytes.len(), dev.stream()).result()
         })?;

@@ -1,13 +1,16 @@
-//! Small layers shared by the networks: linear (on the device with a dense or [FP8](Fp8Weight) weight, or
-//! [deferred](DeferredLinear) on the host until needed), RMSNorm, LayerNorm without affine parameters.
+//! Small layers shared by the networks: linear (on the device with a dense or [FP8](Fp8Weight) weight,
+//! [deferred](DeferredLinear) on the host until needed, or [parked](ParkedLinear) there after loading), RMSNorm,
+//! LayerNorm without affine parameters.
 //!
 //! The structs are plain parameter holders (tensors loaded by [`WeightPath`]); there is no burn `Module`
 //! machinery and no lazily initialized parameter that could silently stay random.
 
 mod input;
+mod parked;
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 pub use input::{InputNeeds, LinearInput};
+pub use parked::ParkedLinear;
 
 use crate::{
     ops::QwenBackend,

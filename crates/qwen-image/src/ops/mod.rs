@@ -6,10 +6,13 @@
 //! [`portable`] for what it does not support; the portable functions stay the reference the fast path is tested
 //! against.
 
-use burn::tensor::{backend::Backend, Bool, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::quant::{Fp8Activation, Fp8Weight};
+use crate::{
+    quant::{Fp8Activation, Fp8Weight},
+    weights::HostMemory,
+};
 
 /// What an accelerated backend's fast path did for one kind of operation (GEMM, attention, glue, …) since the
 /// process (or the backend's statistics) started.
@@ -263,6 +266,34 @@ pub trait QwenBackend: Backend {
     /// the process (38 GiB of host memory after loading the DiT on an H200).
     fn upload<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
         portable::upload(data, device)
+    }
+
+    /// Host memory holding a copy of `bytes`, for weights uploaded to `device` for every use (streamed layers,
+    /// [`HostTensor`](crate::weights::HostTensor)): page-locked on the CUDA fast path, where copies from it run at
+    /// the host link's full speed; an ordinary allocation by default.
+    fn host_memory(bytes: &[u8], device: &Self::Device) -> HostMemory {
+        let _ = device;
+        HostMemory::ordinary(bytes)
+    }
+
+    /// A float device tensor of `dtype` and `shape` holding `bytes` (dense row-major): [`upload`](Self::upload)
+    /// without an owned [`TensorData`] (the CUDA fast path copies from the borrowed bytes).
+    fn upload_bytes<const D: usize>(
+        bytes: &[u8],
+        shape: [usize; D],
+        dtype: DType,
+        device: &Self::Device,
+    ) -> Tensor<Self, D> {
+        Self::upload(TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype), device)
+    }
+
+    /// A `U8` integer device tensor of `shape` holding `bytes` (the bits of an FP8 weight).
+    fn upload_u8<const D: usize>(
+        bytes: &[u8],
+        shape: [usize; D],
+        device: &Self::Device,
+    ) -> Tensor<Self, D, Int> {
+        Tensor::from_data(TensorData::from_bytes_vec(bytes.to_vec(), shape, DType::U8), (device, DType::U8))
     }
 
     /// An interleaved 8-bit RGB image (`rgb`: `height·width·3` bytes) as the VAE's `[1, 3, H, W]` input in `dtype`,

@@ -3,9 +3,9 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use super::config::TextConfig;
+use super::{config::TextConfig, TextEncoderLoadOptions};
 use crate::{
-    nn::{Linear, LinearInput, RmsNorm},
+    nn::{Linear, LinearInput, ParkedLinear, RmsNorm},
     ops::{AttentionOptions, KvSegment, QwenBackend},
     weights::{DeferredTensor, WeightPath},
     ModelError, Result,
@@ -130,6 +130,86 @@ impl<B: QwenBackend> DecoderLayer<B> {
     }
 }
 
+/// A decoder layer kept in host memory between uses ([`DecoderLayers::Streamed`]): its seven linear layers parked
+/// ([`ParkedLinear`]: FP8 weights stay quantized), its two norms on the device (7 KB each at full size).
+#[derive(Clone, Debug)]
+pub struct ParkedDecoderLayer<B: Backend> {
+    input_layernorm: RmsNorm<B>,
+    post_attention_layernorm: RmsNorm<B>,
+    /// `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
+    linears: [ParkedLinear; 7],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: QwenBackend> ParkedDecoderLayer<B> {
+    /// Moves `layer`'s linear layers to host memory.
+    pub fn park(layer: DecoderLayer<B>) -> Result<Self> {
+        let DecoderLayer { input_layernorm, self_attn: a, post_attention_layernorm, mlp } = layer;
+        let (heads, kv_heads, head_dim) = (a.heads, a.kv_heads, a.head_dim);
+        let linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            .map(ParkedLinear::park);
+        let [q, k, v, o, gate, up, down] = linears;
+        Ok(ParkedDecoderLayer {
+            input_layernorm,
+            post_attention_layernorm,
+            linears: [q?, k?, v?, o?, gate?, up?, down?],
+            heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    /// The layer on `device`, bit-identical to the one parked.
+    pub fn to_device(&self, device: &B::Device) -> Result<DecoderLayer<B>> {
+        let [q, k, v, o, gate, up, down] = &self.linears;
+        let self_attn = TextAttention {
+            q_proj: q.to_device(device)?,
+            k_proj: k.to_device(device)?,
+            v_proj: v.to_device(device)?,
+            o_proj: o.to_device(device)?,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        let mlp = GatedMlp {
+            gate_proj: gate.to_device(device)?,
+            up_proj: up.to_device(device)?,
+            down_proj: down.to_device(device)?,
+        };
+        Ok(DecoderLayer {
+            input_layernorm: self.input_layernorm.clone(),
+            self_attn,
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            mlp,
+        })
+    }
+
+    /// Bytes of the parked linear layers (uploaded for each use).
+    pub fn size_bytes(&self) -> usize {
+        self.linears.iter().map(ParkedLinear::size_bytes).sum()
+    }
+}
+
+/// Where the decoder layers live.
+#[derive(Clone, Debug)]
+pub enum DecoderLayers<B: Backend> {
+    /// On the device.
+    Device(Vec<DecoderLayer<B>>),
+    /// In host memory ([`TextEncoderLoadOptions::stream_layers`]): each layer is uploaded for its turn and dropped
+    /// after it, so the device holds one layer at a time (≈ 0.22 GiB in FP8 at full size instead of 6.1 GiB).
+    Streamed {
+        /// The parked layers.
+        layers: Vec<ParkedDecoderLayer<B>>,
+        /// The device they are uploaded to.
+        device: B::Device,
+        /// Device bytes of the largest layer while it runs, at the shapes the loader asked for (what the memory
+        /// plan counts; also right for a shape-only load, whose tensors are empty).
+        largest_bytes: u64,
+    },
+}
+
 impl<B: QwenBackend> TextAttention<B> {
     /// Causal attention of `[batch, tokens, hidden]` under the rotary angles `rope`.
     pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Tensor<B, 3> {
@@ -170,33 +250,63 @@ pub struct LanguageModel<B: Backend> {
     /// `embed_tokens.weight`, `[vocab, hidden]`.
     pub embed_tokens: TokenEmbeddings<B>,
     /// The decoder layers.
-    pub layers: Vec<DecoderLayer<B>>,
+    pub layers: DecoderLayers<B>,
     /// The final RMSNorm (`norm`).
     pub norm: RmsNorm<B>,
 }
 
 impl<B: QwenBackend> LanguageModel<B> {
     /// Loads the language model under `path` (`model` in the legacy naming), its token embeddings left on the host
-    /// when `host_embeddings`.
+    /// and its decoder layers parked there as `options` say.
     pub fn load(
         path: &mut WeightPath<'_>,
         cfg: &TextConfig,
-        host_embeddings: bool,
+        options: &TextEncoderLoadOptions,
         device: &B::Device,
     ) -> Result<Self> {
         let shape = [cfg.vocab_size, cfg.hidden_size];
         let mut table = path.pp("embed_tokens");
-        let embed_tokens = match host_embeddings {
+        let embed_tokens = match options.host_embeddings {
             true => {
                 TokenEmbeddings::Host { table: table.deferred("weight", &shape)?, device: device.clone() }
             }
             false => TokenEmbeddings::Device(table.tensor("weight", shape, device)?),
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&mut path.pp(format!("layers.{i}")), cfg, device))
-            .collect::<Result<Vec<_>>>()?;
+        let load_layer = |path: &mut WeightPath<'_>, i: usize| {
+            DecoderLayer::load(&mut path.pp(format!("layers.{i}")), cfg, device)
+        };
+        let layers = if options.stream_layers {
+            let (mut layers, mut largest_bytes) = (Vec::with_capacity(cfg.num_hidden_layers), 0);
+            for i in 0..cfg.num_hidden_layers {
+                // Each layer is loaded (and quantized) on the device as usual, read back and dropped there: the
+                // device never holds more than one.
+                let before = (path.store().planned_bytes().device, path.store().device_bytes());
+                let layer = ParkedDecoderLayer::park(load_layer(path, i)?)?;
+                // What moved to the host: the layer's bytes but its two norms' (which stay).
+                let norms = 2 * cfg.hidden_size * path.store().dtype().size();
+                let planned = (path.store().planned_bytes().device - before.0).saturating_sub(norms as u64);
+                let actual = (path.store().device_bytes() - before.1).saturating_sub(norms);
+                path.store().count_parked(planned, actual);
+                largest_bytes = largest_bytes.max(planned);
+                layers.push(layer);
+            }
+            DecoderLayers::Streamed { layers, device: device.clone(), largest_bytes }
+        } else {
+            DecoderLayers::Device(
+                (0..cfg.num_hidden_layers).map(|i| load_layer(path, i)).collect::<Result<_>>()?,
+            )
+        };
         let norm = RmsNorm::load(&mut path.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps, device)?;
         Ok(LanguageModel { embed_tokens, layers, norm })
+    }
+
+    /// Device bytes of the decoder layer that is uploaded while it runs when the layers are streamed (the largest
+    /// one), 0 when they are resident.
+    pub fn streamed_layer_bytes(&self) -> u64 {
+        match &self.layers {
+            DecoderLayers::Device(_) => 0,
+            DecoderLayers::Streamed { largest_bytes, .. } => *largest_bytes,
+        }
     }
 
     /// Rows of the embedding table.
@@ -229,9 +339,19 @@ impl<B: QwenBackend> LanguageModel<B> {
         }
     }
 
-    /// The decoder layers and the final norm on `[1, tokens, hidden]` input embeddings.
-    pub fn forward(&self, embeds: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Tensor<B, 3> {
-        let x = self.layers.iter().fold(embeds, |x, layer| layer.forward(x, rope));
-        self.norm.forward(x)
+    /// The decoder layers and the final norm on `[1, tokens, hidden]` input embeddings (streamed layers uploaded
+    /// one at a time).
+    pub fn forward(&self, embeds: Tensor<B, 3>, rope: &RopeCosSin<B>) -> Result<Tensor<B, 3>> {
+        let x = match &self.layers {
+            DecoderLayers::Device(layers) => layers.iter().fold(embeds, |x, layer| layer.forward(x, rope)),
+            DecoderLayers::Streamed { layers, device, .. } => {
+                let mut x = embeds;
+                for parked in layers {
+                    x = parked.to_device(device)?.forward(x, rope);
+                }
+                x
+            }
+        };
+        Ok(self.norm.forward(x))
     }
 }

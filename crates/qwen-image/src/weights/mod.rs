@@ -16,6 +16,7 @@
 mod deferred;
 mod fp8;
 mod generated;
+mod host;
 mod mapped;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::{ops::QwenBackend, quant::Fp8Options, ModelError, Result};
 pub use deferred::DeferredTensor;
 use generated::{Fill, Generated};
+pub use host::{HostMemory, HostTensor};
 use mapped::MappedFiles;
 
 /// Weight bytes of a load by where they live.
@@ -34,8 +36,8 @@ use mapped::MappedFiles;
 pub struct WeightBytes {
     /// On the device.
     pub device: u64,
-    /// Left on the host until used (memory-mapped from the checkpoint, or made again from a seed): the DiT's
-    /// modulation layers in table mode.
+    /// Left on the host until used (memory-mapped from the checkpoint, or made again from a seed: the DiT's
+    /// modulation layers in table mode), or parked there after loading (the text encoder's streamed layers).
     pub host: u64,
 }
 
@@ -250,6 +252,15 @@ impl WeightStore {
         self.planned.host -= from_host.min(self.planned.host);
         self.planned.device += planned;
         self.device_bytes += actual;
+    }
+
+    /// Counts weights a loader put on the device and then parked in host memory (streamed layers,
+    /// [`HostTensor`]): `planned` bytes at the asked shapes and `actual` bytes of the tensors made move from the
+    /// device's count to the host's.
+    pub(crate) fn count_parked(&mut self, planned: u64, actual: usize) {
+        self.planned.device -= planned.min(self.planned.device);
+        self.planned.host += planned;
+        self.device_bytes -= actual.min(self.device_bytes);
     }
 
     /// The value of the scalar `key`: a 0-d or one-element tensor of a float or integer dtype (e.g. a LoRA's
