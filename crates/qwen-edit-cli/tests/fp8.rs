@@ -41,6 +41,12 @@ fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
         "{dit_only}"
     );
     assert!(!out.contains("Loaded") && !dir.join("outputs_pruning").exists(), "{out}");
+    // --low-memory quantizes img_mlp.net.2 too, unless the keep list is given.
+    assert!(out.contains("img_mod, txt_mod, img_mlp.net.2"), "{out}");
+    let (ok, low, err) = qwen_edit(&dir, &["--low-memory", "--dry-run"]);
+    assert!(ok && low.contains("kept in F32: img_in") && !low.contains("img_mlp.net.2"), "{low}\n{err}");
+    let (ok, low, err) = qwen_edit(&dir, &["--low-memory", "--quantize-keep", "default", "--dry-run"]);
+    assert!(ok && low.contains("img_mod, txt_mod, img_mlp.net.2"), "{low}\n{err}");
     // Without --quantize the dry run says so too.
     let (ok, out, _) = qwen_edit(&dir, &["--dry-run", "--dtype", "bf16"]);
     assert!(ok && out.contains("DiT weights: no FP8 layers") && out.contains("in BF16"), "{out}");

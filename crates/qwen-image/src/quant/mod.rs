@@ -27,7 +27,7 @@ mod summary;
 mod weight;
 
 pub use activation::Fp8Activation;
-pub use options::{Fp8Options, DEFAULT_KEEP, LOW_MEMORY_KEEP};
+pub use options::{Fp8Options, DEFAULT_KEEP, LOW_MEMORY_QUANTIZES};
 pub use summary::LinearWeightSummary;
 pub use weight::Fp8Weight;
 

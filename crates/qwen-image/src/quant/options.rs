@@ -17,18 +17,10 @@ pub const DEFAULT_KEEP: [&str; 8] = [
     "img_mlp.net.2",
 ];
 
-/// The keep list of low-memory mode ([`Fp8Options::low_memory`]): [`DEFAULT_KEEP`] without `img_mlp.net.2`, whose
-/// FP8 weights take 2.1 GiB less at full size and changed no edit of the proxy benchmark (docs/fp8.md: 0 of 120,
-/// −0.01 dB mean against the default list).
-pub const LOW_MEMORY_KEEP: [&str; 7] = [
-    "img_in",
-    "txt_in",
-    "time_text_embed.timestep_embedder",
-    "norm_out.linear",
-    "proj_out",
-    "img_mod",
-    "txt_mod",
-];
+/// The entry of [`DEFAULT_KEEP`] that low-memory mode quantizes too ([`Fp8Options::low_memory`]): its FP8 weights
+/// take 2.1 GiB less at full size and changed no edit of the proxy benchmark (docs/fp8.md: 0 of 120, −0.01 dB mean
+/// against the default list).
+pub const LOW_MEMORY_QUANTIZES: &str = "img_mlp.net.2";
 
 /// FP8 weights for the DiT's linear layers: e4m3 with one f32 scale per output channel, quantized at load time from
 /// the checkpoint (after merging LoRAs), every layer but those [`keep`](Self::keep) names.
@@ -57,9 +49,10 @@ impl Fp8Options {
         Fp8Options { keep: keep.into_iter().map(Into::into).collect(), attention: false }
     }
 
-    /// The options of low-memory mode: [`LOW_MEMORY_KEEP`], attention in the model's dtype.
+    /// The options of low-memory mode: [`DEFAULT_KEEP`] but [`LOW_MEMORY_QUANTIZES`], attention in the model's
+    /// dtype.
     pub fn low_memory() -> Self {
-        Fp8Options::keeping(LOW_MEMORY_KEEP)
+        Fp8Options::keeping(DEFAULT_KEEP.into_iter().filter(|&name| name != LOW_MEMORY_QUANTIZES))
     }
 
     /// Options from a comma-separated keep list as the command line takes it: `default` stands for

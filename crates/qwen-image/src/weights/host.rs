@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::{ops::QwenBackend, ModelError, Result};
 
@@ -54,20 +54,18 @@ impl HostTensor {
     /// Reads `tensor` back into host memory ([`QwenBackend::host_memory`] on `tensor`'s device).
     pub fn park<B: QwenBackend, const D: usize>(tensor: Tensor<B, D>) -> Self {
         let device = tensor.device();
-        let data = tensor.into_data();
-        HostTensor {
-            memory: B::host_memory(data.as_bytes(), &device),
-            shape: data.shape.to_vec(),
-            dtype: data.dtype,
-        }
+        Self::from_data::<B>(tensor.into_data(), &device)
     }
 
     /// [`park`](Self::park) of an integer tensor (the `U8` bits of an FP8 weight).
     pub fn park_int<B: QwenBackend, const D: usize>(tensor: Tensor<B, D, Int>) -> Self {
         let device = tensor.device();
-        let data = tensor.into_data();
+        Self::from_data::<B>(tensor.into_data(), &device)
+    }
+
+    fn from_data<B: QwenBackend>(data: TensorData, device: &B::Device) -> Self {
         HostTensor {
-            memory: B::host_memory(data.as_bytes(), &device),
+            memory: B::host_memory(data.as_bytes(), device),
             shape: data.shape.to_vec(),
             dtype: data.dtype,
         }
