@@ -104,7 +104,7 @@ pub struct QuantizeArgs {
     pub quantize_keep: Option<String>,
     /// With --quantize fp8 or fp8-dit (or --low-memory): the DiT's joint attention in 8 bits too (Q·Kᵀ on int8 with
     /// the keys' mean subtracted, P·V in e4m3; on Hopper our FP8 flash-attention kernel, elsewhere a host emulation;
-    /// docs/fp8.md).
+    /// docs/fp8.md). Slower than the bf16 kernel on an H200 (2.32 against 2.02 ms per joint attention).
     #[arg(long)]
     pub fp8_attention: bool,
     /// The smallest footprint (aimed at 24 GB cards): FP8 DiT (the keep list above, without img_mlp.net.2) with the
