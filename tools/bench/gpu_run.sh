@@ -60,7 +60,7 @@ if has tests; then
   # TEST_BINS picks the binaries, TEST_FILTER the tests (libtest name filters, e.g. "fused_glue vae_convolutions").
   for t in ${TEST_BINS:-gpu_fast_ops gpu_fp8 gpu_models gpu_region}; do
     timeout ${TEST_TIMEOUT:-300} .dev/$t ${TEST_FILTER:-} --test-threads=1 --nocapture >> "$OUT/tests.log" 2>&1
-    echo "$t exit $?"
+    echo "$t exit $? (124: stopped at TEST_TIMEOUT)" | tee -a "$OUT/tests_exit.log"
   done
   grep -E 'rel L2|test result|panicked|FAILED|failed|ordering' "$OUT/tests.log" | head -70
   # If the default (TMA) attention kernel failed a check, benchmark the DiT with the mma.sync kernel instead (only
@@ -193,8 +193,15 @@ if ls "$OUT"/*.json >/dev/null 2>&1; then
   python3 tools/bench/compare.py "$OUT/rust.json" "$OUT/torch.json" --pipeline "$OUT/pipeline.json" \
     --e2e "$OUT/e2e.json" --torch-stages "$OUT/torch_stages.json" --out "$OUT/combined.json" | tee "$OUT/table.md"
 fi
-# PACK=1: everything in one archive beside the table (a device call brings back at most 8 files from $OUT).
+# The tests' verdicts once more at the end: a long call's output tail would otherwise lose them behind the e2e logs.
+if has tests; then
+  echo "== GPU tests (again)"; grep -E '^test result|panicked|FAILED' "$OUT/tests.log" | head -20
+  cat "$OUT/tests_exit.log" 2>/dev/null
+fi
+# PACK=1: everything in one archive beside the table (a device call brings back at most 8 files from $OUT), without
+# the edits' images (PACK_IMAGES=1 keeps them; with them the archive outgrew what a call brings back).
 if [ "${PACK:-0}" = 1 ]; then
+  [ "${PACK_IMAGES:-0}" = 1 ] || find "$OUT" -name '*.png' -delete
   tar -czf /tmp/gpu_out.tar.gz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name table.md -delete \
     && mv /tmp/gpu_out.tar.gz "$OUT/all.tar.gz" && ls -la "$OUT"
 fi
