@@ -114,3 +114,38 @@ impl HostTensor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{DType, Int, Tensor, TensorData};
+
+    use super::HostTensor;
+    use crate::CpuBackend as B;
+
+    #[test]
+    fn parked_tensors_come_back_with_their_values_and_refuse_the_wrong_kind_or_rank() {
+        let dev = Default::default();
+        let values: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let float =
+            Tensor::<B, 2>::from_data(TensorData::new(values.clone(), [3, 4]), &dev).cast(DType::BF16);
+        let parked = HostTensor::park(float);
+        assert_eq!((parked.shape(), parked.dtype(), parked.size_bytes()), (&[3, 4][..], DType::BF16, 24));
+        let back: Tensor<B, 2> = parked.float(&dev).unwrap();
+        assert_eq!(back.dtype(), DType::BF16);
+        assert_eq!(back.cast(DType::F32).into_data().to_vec::<f32>().unwrap(), values);
+        let bits: Vec<u8> = (0..6).map(|i| 40 * i as u8 + 3).collect();
+        let int = Tensor::<B, 2, Int>::from_data(TensorData::new(bits.clone(), [2, 3]), (&dev, DType::U8));
+        let parked_bits = HostTensor::park_int(int);
+        let back = parked_bits.u8::<B, 2>(&dev).unwrap();
+        assert_eq!((back.dims(), back.dtype()), ([2, 3], DType::U8));
+        assert_eq!(back.into_data().to_vec::<u8>().unwrap(), bits);
+        let errors = [
+            parked.u8::<B, 2>(&dev).unwrap_err().to_string(),
+            parked_bits.float::<B, 2>(&dev).unwrap_err().to_string(),
+            parked.float::<B, 3>(&dev).unwrap_err().to_string(),
+        ];
+        assert!(errors[0].contains("not a U8 tensor"), "{}", errors[0]);
+        assert!(errors[1].contains("not a float tensor"), "{}", errors[1]);
+        assert!(errors[2].contains("not of rank 3"), "{}", errors[2]);
+    }
+}
