@@ -64,3 +64,44 @@ impl ParkedLinear {
         weight + self.bias.as_ref().map_or(0, HostTensor::size_bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::ParkedLinear;
+    use crate::{
+        nn::{Linear, LinearWeight, LowRankAdapter},
+        quant::Fp8Weight,
+        tensor_io::to_f32_vec,
+        CpuBackend as B,
+    };
+
+    fn tensor<const D: usize>(n: usize, shape: [usize; D]) -> Tensor<B, D> {
+        let v: Vec<f32> = (0..n).map(|i| ((i * 7) % 11) as f32 * 0.25 - 1.0).collect();
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    #[test]
+    fn parked_layers_compute_what_they_computed_and_adapters_are_refused() {
+        let dev = Default::default();
+        let x = tensor(2 * 3 * 8, [2, 3, 8]);
+        let dense = Linear::new(tensor(40, [5, 8]), Some(tensor(5, [5])));
+        let fp8 = Linear::new(LinearWeight::Fp8(Fp8Weight::quantize(tensor(40, [5, 8]))), None);
+        for layer in [dense, fp8] {
+            let want = to_f32_vec(layer.forward(x.clone()));
+            let parked = ParkedLinear::park(layer).unwrap();
+            assert!(parked.size_bytes() > 0);
+            assert_eq!(to_f32_vec(parked.to_device::<B>(&dev).unwrap().forward(x.clone())), want);
+        }
+        let mut adapted = Linear::new(tensor(40, [5, 8]), None);
+        adapted.adapters.push(LowRankAdapter {
+            id: 1,
+            down: tensor(16, [2, 8]),
+            up: tensor(10, [5, 2]),
+            scale: 0.5,
+        });
+        let err = ParkedLinear::park(adapted).unwrap_err().to_string();
+        assert!(err.contains("runtime adapters"), "{err}");
+    }
+}
