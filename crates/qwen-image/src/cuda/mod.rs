@@ -418,8 +418,7 @@ impl QwenBackend for CudaBackend {
         device: &Self::Device,
     ) -> Tensor<Self, D> {
         let fast = |_: &()| tensor::upload_bytes_prim(bytes, shape.to_vec(), dtype, device).map(wrap);
-        let portable = |_| portable::upload(TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype), device);
-        fast_or(device, Kind::Glue, (), fast, portable)
+        fast_or(device, Kind::Glue, (), fast, |_| portable::upload_bytes(bytes, shape, dtype, device))
     }
 
     fn upload_u8<const D: usize>(
@@ -430,13 +429,7 @@ impl QwenBackend for CudaBackend {
         let fast = |_: &()| {
             tensor::upload_bytes_prim(bytes, shape.to_vec(), DType::U8, device).map(Tensor::from_primitive)
         };
-        let portable = |_| {
-            Tensor::from_data(
-                TensorData::from_bytes_vec(bytes.to_vec(), shape, DType::U8),
-                (device, DType::U8),
-            )
-        };
-        fast_or(device, Kind::Glue, (), fast, portable)
+        fast_or(device, Kind::Glue, (), fast, |_| portable::upload_u8(bytes, shape, device))
     }
 
     fn upload_rgb8(

@@ -284,7 +284,7 @@ pub trait QwenBackend: Backend {
         dtype: DType,
         device: &Self::Device,
     ) -> Tensor<Self, D> {
-        Self::upload(TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype), device)
+        portable::upload_bytes(bytes, shape, dtype, device)
     }
 
     /// A `U8` integer device tensor of `shape` holding `bytes` (the bits of an FP8 weight).
@@ -293,7 +293,7 @@ pub trait QwenBackend: Backend {
         shape: [usize; D],
         device: &Self::Device,
     ) -> Tensor<Self, D, Int> {
-        Tensor::from_data(TensorData::from_bytes_vec(bytes.to_vec(), shape, DType::U8), (device, DType::U8))
+        portable::upload_u8(bytes, shape, device)
     }
 
     /// An interleaved 8-bit RGB image (`rgb`: `height·width·3` bytes) as the VAE's `[1, 3, H, W]` input in `dtype`,

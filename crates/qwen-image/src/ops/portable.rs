@@ -2,8 +2,8 @@
 //! fallbacks of the accelerated backends, and the references their tests compare with.
 
 use burn::tensor::{
-    activation, backend::Backend, module::attention as burn_attention, ops::AttentionModuleOptions, Tensor,
-    TensorData,
+    activation, backend::Backend, module::attention as burn_attention, ops::AttentionModuleOptions, DType,
+    Int, Tensor, TensorData,
 };
 
 pub use crate::quant::portable::{
@@ -149,6 +149,25 @@ pub fn rms_norm_rope_cat<B: QwenBackend>(parts: &[NormRope<'_, B>]) -> Tensor<B,
 pub fn upload<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Tensor<B, D> {
     let dtype = data.dtype;
     Tensor::from_data(data, (device, dtype))
+}
+
+/// [`upload`] of a copy of `bytes` (dense row-major values of a `dtype` tensor of `shape`).
+pub fn upload_bytes<B: Backend, const D: usize>(
+    bytes: &[u8],
+    shape: [usize; D],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    upload(TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype), device)
+}
+
+/// A `U8` integer tensor holding a copy of `bytes`.
+pub fn upload_u8<B: Backend, const D: usize>(
+    bytes: &[u8],
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::from_bytes_vec(bytes.to_vec(), shape, DType::U8), (device, DType::U8))
 }
 
 /// `silu(gate) · up`.
