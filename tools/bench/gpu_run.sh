@@ -8,6 +8,7 @@
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
 #   MODES="fp8 fp8fast fp8release lowmem plus2 v1_512" tools/bench/gpu_run.sh e2e modes   # FP8, memory modes, other cases
+#   MODES="fp8 fp8xvae fp8xall lowmem lowxall" tools/bench/gpu_run.sh modes   # exact allocations against pooled pages
 #   PACK=1 OUT=$OUT tools/bench/gpu_run.sh …              # on a device call: logs and JSON in $OUT/all.tar.gz
 #   TEST_BINS=gpu_fast_ops TEST_FILTER="fused_glue vae_convolutions" tools/bench/gpu_run.sh tests pipeline  # a short check
 #
@@ -132,6 +133,12 @@ if has modes; then
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;
+      # exact-size allocations (--exact-allocation: the VAE's stages, or every stage), each stage's given back after it
+      fp8xvae) flags=(--quantize fp8 --exact-allocation vae) ;;
+      fp8xall) flags=(--quantize fp8 --exact-allocation all) ;;
+      lowxvae) flags=(--low-memory --exact-allocation vae) ;;
+      lowxall) flags=(--low-memory --exact-allocation all) ;;
+      xvae) flags=(--exact-allocation vae) ;;
       plus1) flags=(--variant edit-plus) ;;
       plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
       v1_512) flags=(--vae-area 262144) ;;

@@ -89,6 +89,28 @@ pub enum QuantizeArg {
     Fp8Dit,
 }
 
+/// Which stages of an edit allocate device memory exactly (`--exact-allocation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ExactAllocationArg {
+    /// Every stage in the allocator's pooled pages.
+    #[default]
+    None,
+    /// The VAE's stages (encode the condition images, decode the result).
+    Vae,
+    /// Every stage.
+    All,
+}
+
+impl From<ExactAllocationArg> for qwen_image_pipeline::ExactAllocation {
+    fn from(arg: ExactAllocationArg) -> Self {
+        match arg {
+            ExactAllocationArg::None => Self::None,
+            ExactAllocationArg::Vae => Self::Vae,
+            ExactAllocationArg::All => Self::All,
+        }
+    }
+}
+
 /// `--quantize` and its keep list (the edit command, `serve` and `eval` take the same options).
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 pub struct QuantizeArgs {
@@ -118,6 +140,11 @@ pub struct QuantizeArgs {
     /// on an H100 (implied by --low-memory; docs/memory.md).
     #[arg(long)]
     pub release_memory: bool,
+    /// Which stages give each tensor a device allocation of its own size instead of a slice of the allocator's
+    /// shared pages (a page is a sixteenth to a quarter of the card's memory), each stage's allocations given back
+    /// after it: bounds what the stage reserves beyond what it uses (docs/memory.md).
+    #[arg(long, value_enum, default_value = "none")]
+    pub exact_allocation: ExactAllocationArg,
 }
 
 impl QuantizeArgs {
@@ -162,6 +189,7 @@ impl QuantizeArgs {
             fp8_text_encoder: self.quantize == QuantizeArg::Fp8,
             memory: self.memory_mode(),
             release_memory: self.release_memory,
+            exact_allocation: self.exact_allocation.into(),
             ..options
         })
     }

@@ -521,8 +521,9 @@ fn the_full_size_demo_is_refused_on_the_cpu_and_size_needs_demo() {
 }
 
 #[test]
-fn release_memory_changes_no_pixel() {
-    // Giving unused device memory back after every stage only frees what no tensor holds: the same image.
+fn release_memory_and_exact_allocation_change_no_pixel() {
+    // Giving unused device memory back after every stage only frees what no tensor holds, and exact allocations only
+    // place tensors differently: the same image.
     let image = |name: &str, extra: &[&str]| {
         let dir = workdir(name);
         let o = qwen_edit(&dir, &[&["--demo", "--size", "tiny", "-s", "2"], extra].concat());
@@ -532,7 +533,10 @@ fn release_memory_changes_no_pixel() {
         let png = files(&outs).into_iter().find(|f| f.ends_with(".png")).expect("an output image");
         std::fs::read(outs.join(png)).unwrap()
     };
-    assert_eq!(image("release-off", &[]), image("release-on", &["--release-memory"]));
+    let pooled = image("release-off", &[]);
+    assert_eq!(pooled, image("release-on", &["--release-memory"]));
+    assert_eq!(pooled, image("exact-vae", &["--exact-allocation", "vae"]));
+    assert_eq!(pooled, image("exact-all", &["--exact-allocation", "all", "--release-memory"]));
 }
 
 #[test]

@@ -146,8 +146,9 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let schedule: &dyn ScheduleFactory = &fitted;
         // Off by default: with the pool trim it lowers what is held between stages but not the peak, and costs each
         // VAE stage 20–60 ms on an H100 (docs/memory.md).
-        let mut clock =
-            StageClock::<B>::new(&self.device, progress).releasing_memory(self.options.release_memory);
+        let mut clock = StageClock::<B>::new(&self.device, progress)
+            .releasing_memory(self.options.release_memory)
+            .allocating_exactly(self.options.exact_allocation);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
         let text =
             clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;

@@ -49,7 +49,7 @@ pub mod validate;
 
 pub use denoise::{denoise, denoise_with, true_cfg, DenoiseCaches, DenoiseInputs, TextConditioning};
 pub use error::{PipelineError, Result};
-pub use load::{LoadOptions, LoraOption, MemoryMode, SchedulerChoice};
+pub use load::{ExactAllocation, LoadOptions, LoraOption, MemoryMode, SchedulerChoice};
 pub use memory::{MemoryProbe, MemoryReading};
 pub use memory_plan::{plan_request, ComponentWeights, MemoryPlan, PlanShape};
 pub use metrics::Comparison;

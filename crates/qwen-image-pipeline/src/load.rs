@@ -70,6 +70,34 @@ pub enum MemoryMode {
     Low,
 }
 
+/// Which stages of an edit give their tensors device allocations of their own size
+/// ([`QwenBackend::allocate_exactly`]) instead of slices of the allocator's shared pages, each stage's freed right
+/// after it. burn's CUDA pool opens a page of a sixteenth to a quarter of the card's memory for each large request
+/// it cannot place (the VAE's 0.5–1.1 GB activations and cuDNN workspaces at 1024²), which is most of what it
+/// reserves beyond what is in use (docs/memory.md, "How the allocator holds memory").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExactAllocation {
+    /// Every stage in pooled pages (burn's default).
+    #[default]
+    None,
+    /// The VAE's stages (encoding the condition images and decoding the result).
+    Vae,
+    /// Every stage of an edit.
+    All,
+}
+
+impl ExactAllocation {
+    /// Whether `stage` allocates exactly under this choice.
+    pub fn covers(self, stage: Stage) -> bool {
+        match self {
+            ExactAllocation::None => false,
+            ExactAllocation::Vae => matches!(stage, Stage::EncodeImage | Stage::Decode),
+            ExactAllocation::All => true,
+        }
+    }
+}
+
 /// How to load a snapshot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
@@ -102,6 +130,9 @@ pub struct LoadOptions {
     /// after an edit from 34.9 to 28.5 GiB but not the peak, which is inside the denoise stage (docs/memory.md).
     /// Implied by [`MemoryMode::Low`].
     pub release_memory: bool,
+    /// Which stages of an edit allocate their tensors exactly, each stage's allocations given back after it
+    /// (see [`ExactAllocation`]).
+    pub exact_allocation: ExactAllocation,
 }
 
 impl Default for LoadOptions {
@@ -117,6 +148,7 @@ impl Default for LoadOptions {
             fp8_text_encoder: false,
             memory: MemoryMode::Resident,
             release_memory: false,
+            exact_allocation: ExactAllocation::None,
         }
     }
 }
@@ -404,4 +436,20 @@ fn apply_loras<B: QwenBackend>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_allocation_covers_the_stages_it_names() {
+        for stage in Stage::EDIT {
+            assert!(!ExactAllocation::None.covers(stage), "{stage:?}");
+            assert!(ExactAllocation::All.covers(stage), "{stage:?}");
+            let vae = matches!(stage, Stage::EncodeImage | Stage::Decode);
+            assert_eq!(ExactAllocation::Vae.covers(stage), vae, "{stage:?}");
+        }
+        assert_eq!(LoadOptions::default().exact_allocation, ExactAllocation::None);
+    }
 }

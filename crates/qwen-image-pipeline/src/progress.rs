@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use qwen_image::ops::QwenBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::{report::StageTiming, PipelineError, Result, StepReport};
+use crate::{load::ExactAllocation, report::StageTiming, PipelineError, Result, StepReport};
 
 /// A named part of loading or of an edit, timed separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -115,12 +115,26 @@ pub(crate) struct StageClock<'a, B: Backend> {
     progress: &'a mut dyn Progress,
     timings: Vec<StageTiming>,
     release_memory: bool,
+    exact_allocation: ExactAllocation,
 }
 
 impl<'a, B: QwenBackend> StageClock<'a, B> {
     /// A clock for stages on `device`, reporting to `progress`.
     pub(crate) fn new(device: &B::Device, progress: &'a mut dyn Progress) -> Self {
-        StageClock { device: device.clone(), progress, timings: Vec::new(), release_memory: false }
+        StageClock {
+            device: device.clone(),
+            progress,
+            timings: Vec::new(),
+            release_memory: false,
+            exact_allocation: ExactAllocation::None,
+        }
+    }
+
+    /// Runs the stages `exact` covers with exact-size allocations ([`QwenBackend::allocate_exactly`]), each
+    /// followed by [`QwenBackend::release_unused_memory`] so that what they allocated does not outlive them.
+    pub(crate) fn allocating_exactly(mut self, exact: ExactAllocation) -> Self {
+        self.exact_allocation = exact;
+        self
     }
 
     /// After each stage, give the device memory the backend's pool holds but no tensor uses back to the driver
@@ -142,11 +156,20 @@ impl<'a, B: QwenBackend> StageClock<'a, B> {
         check_cancelled(&*self.progress)?;
         self.progress.stage_started(stage);
         let start = Instant::now();
-        let out = f(&mut *self.progress)?;
-        sync::<B>(&self.device)?;
-        if self.release_memory {
+        let exact = self.exact_allocation.covers(stage);
+        if exact {
+            B::allocate_exactly(&self.device, true);
+        }
+        let out = f(&mut *self.progress);
+        if exact {
+            B::allocate_exactly(&self.device, false);
+        }
+        // Released after a failed stage too: exact allocations stay reserved until an explicit cleanup.
+        let out = out.and_then(|out| sync::<B>(&self.device).map(|()| out));
+        if self.release_memory || exact {
             B::release_unused_memory(&self.device);
         }
+        let out = out?;
         let time = start.elapsed();
         self.timings.push(StageTiming { stage, seconds: time.as_secs_f64() });
         self.progress.stage_finished(stage, time);

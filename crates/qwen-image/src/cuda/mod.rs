@@ -459,6 +459,10 @@ impl QwenBackend for CudaBackend {
         fast_or(&first.device(), Kind::Glue, first, fast, crate::pixels::read_rgb8)
     }
 
+    fn allocate_exactly(device: &Self::Device, exact: bool) {
+        registry::allocate_exactly(device, exact);
+    }
+
     fn release_unused_memory(device: &Self::Device) {
         if let Err(e) = registry::release_unused_memory(device) {
             log::warn!("qwen-image: could not give unused device memory back: {e}");

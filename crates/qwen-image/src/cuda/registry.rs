@@ -248,6 +248,20 @@ pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
     })
 }
 
+/// Switches burn's allocator for `device` on this thread's stream between exact-size allocations (cubecl's persistent
+/// mode: each tensor an allocation of its own size, reused only for the same size, freed by an explicit cleanup such
+/// as [`release_unused_memory`]) and its pooled pages (the default mode).
+pub fn allocate_exactly(device: &CudaDevice, exact: bool) {
+    use cubecl::{MemoryAllocationMode, Runtime};
+    let client = cubecl::cuda::CudaRuntime::client(device);
+    let mode = if exact { MemoryAllocationMode::Persistent } else { MemoryAllocationMode::Auto };
+    // SAFETY: the mode is a setting of this thread's stream (the one its tensor operations use), queued in order
+    // with them; "not thread safe" refers to other threads' work on the stream, which the pipeline does not share.
+    // The "leak" it warns of is exact allocations that outlive their use: the caller frees them with an explicit
+    // cleanup (`release_unused_memory`) after the stage.
+    unsafe { client.allocation_mode(mode) };
+}
+
 #[cfg(test)]
 mod tests {
     //! The bookkeeping needs no GPU: these devices are never initialized (each test has its own index).

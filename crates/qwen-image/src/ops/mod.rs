@@ -347,6 +347,16 @@ pub trait QwenBackend: Backend {
         portable::channel_rms_norm(x, gamma, silu)
     }
 
+    /// How `device`'s allocator places the tensors this thread makes from now on: with `exact`, each in an
+    /// allocation of its own size (burn's persistent allocation mode), which a freed tensor leaves for the next
+    /// request of the same size and [`release_unused_memory`](Self::release_unused_memory) frees; otherwise as
+    /// slices of the allocator's shared pages (the default). Exact allocations bound what a stage with a few large
+    /// transients reserves (on CUDA the pages for them are up to a sixteenth of the card's memory each: docs/memory.md).
+    /// A no-op by default.
+    fn allocate_exactly(device: &Self::Device, exact: bool) {
+        let _ = (device, exact);
+    }
+
     /// Gives the device memory that the backend's allocator holds but no tensor uses back to the driver:
     /// `Backend::memory_cleanup` by default; on CUDA also the trim of the stream-ordered pool that burn allocates
     /// from (without it the driver still counts the freed pages as used).
