@@ -22,7 +22,9 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 
 D = 3072
-CASES = {"v1": 1399, "plus": 236}
+# text tokens and condition images per case (plus2: Edit-Plus with two condition images, the text tokens of our
+# `gpu_run.sh modes plus2` edit; --plus2-text overrides them)
+CASES = {"v1": (1399, 1), "plus": (236, 1), "plus2": (436, 2)}
 
 
 class CachingProcessor(QwenDoubleStreamAttnProcessor2_0):
@@ -119,8 +121,9 @@ def kernels(reps):
 def case_inputs(case, side, dev):
     """A case's random inputs (target and condition tokens, text, timestep) and a forward pass of a model on them:
     run(m, hidden, shapes)."""
-    x = torch.randn(1, 2 * side * side, 64, device=dev, dtype=torch.bfloat16)
-    txt = torch.randn(1, CASES[case], 3584, device=dev, dtype=torch.bfloat16)
+    text, conditions = CASES[case]
+    x = torch.randn(1, (1 + conditions) * side * side, 64, device=dev, dtype=torch.bfloat16)
+    txt = torch.randn(1, text, 3584, device=dev, dtype=torch.bfloat16)
     t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
 
     def run(m, hidden, shapes):
@@ -137,7 +140,7 @@ def compiled_full_step(model, state, args, dev):
     case = args.cases.split(",")[0]
     side = args.side
     x, run = case_inputs(case, side, dev)
-    both = [[(1, side, side), (1, side, side)]]
+    both = [[(1, side, side)] * (1 + CASES[case][1])]
     state["mode"] = "plain"
     compiled = torch.compile(model)
     start = time.time()
@@ -163,10 +166,13 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--side", type=int, default=64, help="token grid side of the target and condition images")
+    ap.add_argument("--plus2-text", type=int, default=CASES["plus2"][0],
+                    help="text tokens of the two-image Edit-Plus case (our report's text_tokens)")
     ap.add_argument("--compile", action="store_true",
                     help="also torch.compile (default mode) the full step of the first case; compile time reported "
                          "separately (minutes)")
     args = ap.parse_args()
+    CASES["plus2"] = (args.plus2_text, 2)
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
@@ -195,10 +201,11 @@ def main():
 
     cases = {}
     for case in args.cases.split(","):
-        text = CASES[case]
-        target = cond = side * side
+        text, conditions = CASES[case]
+        target = side * side
+        cond = conditions * target
         x, forward = case_inputs(case, side, dev)
-        both = [[(1, side, side), (1, side, side)]]
+        both = [[(1, side, side)] * (1 + conditions)]
         only_target = [[(1, side, side)]]
 
         def run(hidden, shapes):
