@@ -135,6 +135,23 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
     (median(times), first)
 }
 
+/// Median time in ms until `f` returns, the device idle before each call (synchronized after it): the host's
+/// share of the work (queueing kernels, burn's server round trips). Near the wall time, the network is bound by the
+/// host, not the GPU.
+fn enqueue_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    let times = (0..reps.max(1))
+        .map(|_| {
+            sync();
+            let t = Instant::now();
+            f();
+            let queued = t.elapsed().as_secs_f64() * 1e3;
+            sync();
+            queued
+        })
+        .collect();
+    median(times)
+}
+
 /// GPU memory now: driver's used memory and burn's pool (in use, reserved).
 fn randn<const N: usize>(shape: [usize; N], std: f64) -> Tensor<G, N> {
     Tensor::<G, N>::random(shape, Distribution::Normal(0.0, std), (&dev(), DType::BF16))
@@ -177,8 +194,13 @@ fn text_encoder(reps: usize) -> Value {
     let with_embeds = TextEncoderInput::new(ids.clone()).with_image_embeds(embeds, vec![GRID]);
     let (language_ms, language_first) =
         time_ms(reps, || drop(te.forward(&with_embeds).expect("language model")));
-    let with_pixels = TextEncoderInput::new(ids).with_images(pixels, vec![GRID]);
+    let with_pixels = TextEncoderInput::new(ids).with_images(pixels.clone(), vec![GRID]);
     let (full_ms, full_first) = time_ms(reps, || drop(te.forward(&with_pixels).expect("text encoder")));
+    let queued = [
+        enqueue_ms(reps, || drop(te.vision_forward(pixels.clone(), &[GRID]).expect("vision"))),
+        enqueue_ms(reps, || drop(te.forward(&with_embeds).expect("language model"))),
+        enqueue_ms(reps, || drop(te.forward(&with_pixels).expect("text encoder"))),
+    ];
     let out = te.forward(&with_pixels).expect("text encoder");
     let finite = qwen_image::tensor_io::to_f32_vec(out).iter().all(|v| v.is_finite());
     println!("vision tower ({patches} patches): {vision_ms:8.1} ms  (first call {vision_first:.0} ms)");
@@ -188,12 +210,17 @@ fn text_encoder(reps: usize) -> Value {
     println!(
         "whole text encoder: {full_ms:8.1} ms  (first call {full_first:.0} ms; output finite: {finite})"
     );
+    println!(
+        "host time until each call returns (queueing): vision {:.1} / language {:.1} / whole {:.1} ms",
+        queued[0], queued[1], queued[2]
+    );
     let mem_peak = gpu_memory("after the text encoder");
     drop(te);
     json!({
         "tokens": TE_TOKENS, "image_grid_thw": <[usize; 3]>::from(GRID), "image_tokens": image_tokens, "patches": patches,
         "weights_bytes": store.total_bytes(), "create_seconds": create_s,
         "vision_ms": vision_ms, "language_model_ms": language_ms, "forward_ms": full_ms, "output_finite": finite,
+        "enqueue_ms": {"vision": queued[0], "language_model": queued[1], "forward": queued[2]},
         "first_call_ms": {"vision": vision_first, "language_model": language_first, "forward": full_first},
         "memory_with_model": mem_model, "memory_after": mem_peak,
     })
