@@ -284,6 +284,7 @@ mod tests {
             ("QWEN_CUDA_KERNEL_DIR", "/k"),
             ("QWEN_CUDA_CACHE_DIR", "/c"),
             ("QWEN_FP8_FAST_ACCUM", "off"),
+            ("QWEN_CUDA_RUNNER", "on"),
         ]);
         let want = FastPathConfig {
             ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
@@ -292,6 +293,7 @@ mod tests {
             gemm_autotune: GemmAutotune::Verbose,
             kernel_dir: Some("/k".into()),
             fp8_fast_accum: false,
+            on_runner_thread: true,
             poison_outputs: false,
         };
         assert_eq!(e.fast_path, want);
