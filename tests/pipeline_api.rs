@@ -130,6 +130,28 @@ fn the_cache_is_cleared_between_edits_unless_kept() {
 }
 
 #[test]
+fn a_dropped_cache_changes_no_pixel_and_is_not_kept() {
+    // Dropping the cache after the loop frees it before the decode; the image is the kept-cache run's, and a next
+    // request's keep_cache finds nothing (a plan that reuses at step 0 is refused, as after a cleared cache).
+    let mut kept = pipe();
+    let want = kept.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    let options = LoadOptions { drop_cache_after_denoise: true, ..LoadOptions::default() };
+    let mut p: QwenImageEditPipeline<B> = QwenImageEditPipeline::load(
+        snapshot().to_str().unwrap(),
+        &options,
+        &Default::default(),
+        &mut NoProgress,
+    )
+    .unwrap();
+    let got = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    assert_eq!(got.image, want.image);
+    assert!(got.report.cache_peak_bytes > 0 && got.report.cache_bytes == 0 && p.cache_bytes() == 0);
+    let mut again = request("Add a hat");
+    again.keep_cache = true;
+    assert!(p.edit(&again, &AlwaysReuse, &mut NoProgress).is_err());
+}
+
+#[test]
 fn seeded_noise_is_reproducible_and_supplied_noise_is_used() {
     let mut p = pipe();
     let mut r = request("Make it purple");

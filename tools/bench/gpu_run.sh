@@ -140,6 +140,8 @@ if has modes; then
       lowxvae) flags=(--low-memory --exact-allocation vae) ;;
       lowxall) flags=(--low-memory --exact-allocation all) ;;
       xvae) flags=(--exact-allocation vae) ;;
+      fp8drop) flags=(--quantize fp8 --drop-cache) ;;  # the pruning cache dropped before the decode
+      fp8dropx) flags=(--quantize fp8 --drop-cache --exact-allocation all) ;;
       plus1) flags=(--variant edit-plus) ;;
       plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
       v1_512) flags=(--vae-area 262144) ;;

@@ -145,6 +145,10 @@ pub struct QuantizeArgs {
     /// after it: bounds what the stage reserves beyond what it uses (docs/memory.md).
     #[arg(long, value_enum, default_value = "none")]
     pub exact_allocation: ExactAllocationArg,
+    /// Drop the pruning cache when the denoising loop ends instead of keeping it for a next edit's keep_cache: the
+    /// VAE decode then runs without it (2–3 GB less at full size with `cat`; implied by --low-memory).
+    #[arg(long)]
+    pub drop_cache: bool,
 }
 
 impl QuantizeArgs {
@@ -190,6 +194,7 @@ impl QuantizeArgs {
             memory: self.memory_mode(),
             release_memory: self.release_memory,
             exact_allocation: self.exact_allocation.into(),
+            drop_cache_after_denoise: self.drop_cache,
             ..options
         })
     }

@@ -379,7 +379,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// [`Stage::Denoise`]: the Euler loop under a fresh schedule, on the pipeline's pruning caches (cleared first
-    /// unless the request keeps them).
+    /// unless the request keeps them; dropped at the end under
+    /// [`LoadOptions::drop_cache_after_denoise`](crate::LoadOptions::drop_cache_after_denoise)).
     fn denoise(
         &mut self,
         req: &EditRequest,
@@ -411,6 +412,9 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
                 progress.step_finished(r);
                 check_cancelled(&*progress)
             })?;
+        if self.options.drop_cache_after_denoise {
+            self.caches.clear();
+        }
         // Named after the run: a fitted schedule's name says what its budget dropped.
         Ok(Denoised { latents, steps, schedule: run.name() })
     }

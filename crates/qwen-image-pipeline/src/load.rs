@@ -133,6 +133,12 @@ pub struct LoadOptions {
     /// Which stages of an edit allocate their tensors exactly, each stage's allocations given back after it
     /// (see [`ExactAllocation`]).
     pub exact_allocation: ExactAllocation,
+    /// Drop the pruning cache when the denoising loop ends instead of keeping it for the next edit's
+    /// [`EditRequest::keep_cache`](crate::EditRequest::keep_cache): the VAE decode, the peak stage of an FP8 or
+    /// low-memory edit at 1024², then runs without it (2–3 GB less at full size with `cat`), and nothing is held
+    /// between edits; a next request's `keep_cache` finds no cache and computes afresh. Implied by
+    /// [`MemoryMode::Low`].
+    pub drop_cache_after_denoise: bool,
 }
 
 impl Default for LoadOptions {
@@ -149,6 +155,7 @@ impl Default for LoadOptions {
             memory: MemoryMode::Resident,
             release_memory: false,
             exact_allocation: ExactAllocation::None,
+            drop_cache_after_denoise: false,
         }
     }
 }
@@ -168,6 +175,7 @@ impl LoadOptions {
             }
             options.fp8 = Some(self.fp8.clone().unwrap_or_else(Fp8Options::low_memory));
             options.release_memory = true;
+            options.drop_cache_after_denoise = true;
         }
         Ok(options)
     }

@@ -309,8 +309,10 @@ impl MemoryPlan {
         let te = s * lm.max(tower);
         let untiled = vae_bytes(configs.vae, shape.output, s);
         let weights_device = weights.device();
-        let fits = weights_device + shape.cache_bytes + untiled + CONV_WORKSPACE + RUNTIME_OVERHEAD
-            <= LOW_MEMORY_TARGET;
+        // The cache the decode runs beside: none when it is dropped after the denoising loop.
+        let decode_cache = if options.drop_cache_after_denoise { 0 } else { shape.cache_bytes };
+        let fits =
+            weights_device + decode_cache + untiled + CONV_WORKSPACE + RUNTIME_OVERHEAD <= LOW_MEMORY_TARGET;
         let vae_tiled = options.vae_tiling.is_some() || (options.memory == MemoryMode::Low && !fits);
         let tile = options.vae_tiling.unwrap_or_default();
         let per_tile = |(w, h): (u32, u32)| {
@@ -330,7 +332,7 @@ impl MemoryPlan {
             stage("encode prompt", te + weights.text_encoder_streamed_layer, 0),
             stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
             stage("denoise", dit, shape.cache_bytes),
-            stage("decode", per_tile(shape.output) + CONV_WORKSPACE, shape.cache_bytes),
+            stage("decode", per_tile(shape.output) + CONV_WORKSPACE, decode_cache),
         ];
         let peak_bytes = stages.iter().map(|p| p.total_bytes).max().unwrap_or(base);
         MemoryPlan {
