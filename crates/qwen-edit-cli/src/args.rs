@@ -131,8 +131,9 @@ pub struct QuantizeArgs {
     pub fp8_attention: bool,
     /// The smallest footprint (aimed at 24 GB cards): FP8 DiT (the keep list above, without img_mlp.net.2) with the
     /// modulation table, the text encoder's linear layers in FP8 with its decoder layers streamed from host memory
-    /// for each prompt, a 2 GiB default --cache-budget and VAE tiling when the memory plan says the decode would not
-    /// fit (docs/memory.md). Not with --modulation resident.
+    /// for each prompt, a 2 GiB default --cache-budget, exact allocations in every stage (--exact-allocation all),
+    /// the pruning cache dropped before the decode (--drop-cache) and VAE tiling when the memory plan says the decode
+    /// would not fit (docs/memory.md). Not with --modulation resident.
     #[arg(long)]
     pub low_memory: bool,
     /// Give the device memory the allocator holds but no tensor uses back to the driver after every stage of an

@@ -66,7 +66,9 @@ pub enum MemoryMode {
     /// keep list unless [`LoadOptions::fp8`] gives one) with its modulation weights on the host (table mode), the
     /// text encoder's linear layers in FP8 (all but [`TEXT_ENCODER_FP8_KEEP`]) with its decoder layers streamed from
     /// host memory, a default cache budget ([`LOW_MEMORY_CACHE_BUDGET`]) for requests without one, and VAE tiling
-    /// for images whose untiled decode the [memory plan](crate::memory_plan) says would not fit.
+    /// for images whose untiled decode the [memory plan](crate::memory_plan) says would not fit. Every stage
+    /// allocates exactly ([`ExactAllocation::All`] unless set) and gives its memory back after it, and the pruning
+    /// cache is dropped when the denoising loop ends ([`LoadOptions::drop_cache_after_denoise`]).
     Low,
 }
 
@@ -176,6 +178,11 @@ impl LoadOptions {
             options.fp8 = Some(self.fp8.clone().unwrap_or_else(Fp8Options::low_memory));
             options.release_memory = true;
             options.drop_cache_after_denoise = true;
+            // Every stage exact: no cost on an H100 (docs/memory.md), and the pages a 24 GB card's pool would open
+            // for the VAE's 0.5–1.1 GB requests are 1.6–6.3 GB.
+            if options.exact_allocation == ExactAllocation::None {
+                options.exact_allocation = ExactAllocation::All;
+            }
         }
         Ok(options)
     }
@@ -459,5 +466,21 @@ mod tests {
             assert_eq!(ExactAllocation::Vae.covers(stage), vae, "{stage:?}");
         }
         assert_eq!(LoadOptions::default().exact_allocation, ExactAllocation::None);
+    }
+
+    #[test]
+    fn low_memory_mode_implies_releasing_exact_allocations_and_dropping_the_cache() {
+        let low = LoadOptions { memory: MemoryMode::Low, ..LoadOptions::default() }.resolved().unwrap();
+        assert!(low.release_memory && low.drop_cache_after_denoise);
+        assert_eq!(low.exact_allocation, ExactAllocation::All);
+        let vae = LoadOptions {
+            memory: MemoryMode::Low,
+            exact_allocation: ExactAllocation::Vae,
+            ..LoadOptions::default()
+        };
+        assert_eq!(vae.resolved().unwrap().exact_allocation, ExactAllocation::Vae);
+        let resident = LoadOptions::default().resolved().unwrap();
+        assert!(!resident.release_memory && !resident.drop_cache_after_denoise);
+        assert_eq!(resident.exact_allocation, ExactAllocation::None);
     }
 }
