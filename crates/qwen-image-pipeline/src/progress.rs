@@ -108,6 +108,25 @@ pub(crate) fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| PipelineError::Device(format!("{e:?}")))
 }
 
+/// Exact-size allocations on a device ([`QwenBackend::allocate_exactly`]) while it lives: switched back to pooled
+/// pages when dropped, also when the stage fails or panics.
+struct ExactAllocations<'d, B: QwenBackend> {
+    device: &'d B::Device,
+}
+
+impl<'d, B: QwenBackend> ExactAllocations<'d, B> {
+    fn start(device: &'d B::Device) -> Self {
+        B::allocate_exactly(device, true);
+        ExactAllocations { device }
+    }
+}
+
+impl<B: QwenBackend> Drop for ExactAllocations<'_, B> {
+    fn drop(&mut self) {
+        B::allocate_exactly(self.device, false);
+    }
+}
+
 /// Runs the stages of a load or an edit, each the same way: tells the [`Progress`] it starts, runs it, synchronizes
 /// the device before stopping the clock, records a [`StageTiming`] and tells the `Progress` it finished.
 pub(crate) struct StageClock<'a, B: Backend> {
@@ -157,13 +176,9 @@ impl<'a, B: QwenBackend> StageClock<'a, B> {
         self.progress.stage_started(stage);
         let start = Instant::now();
         let exact = self.exact_allocation.covers(stage);
-        if exact {
-            B::allocate_exactly(&self.device, true);
-        }
+        let guard = exact.then(|| ExactAllocations::<B>::start(&self.device));
         let out = f(&mut *self.progress);
-        if exact {
-            B::allocate_exactly(&self.device, false);
-        }
+        drop(guard);
         // Released after a failed stage too: exact allocations stay reserved until an explicit cleanup.
         let out = out.and_then(|out| sync::<B>(&self.device).map(|()| out));
         if self.release_memory || exact {
