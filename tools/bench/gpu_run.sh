@@ -123,14 +123,13 @@ if has modes; then
   # picks some (default: fp8 fp8dit lowmem).
   img=tests/fixtures/processor/images
   for name in ${MODES:-fp8 fp8dit lowmem}; do
-    export -n QWEN_FP8_FAST_ACCUM QWEN_CUDA_RUNNER
+    export -n QWEN_FP8_FAST_ACCUM
     case $name in
       fp8) flags=(--quantize fp8) ;;
       fp8dit) flags=(--quantize fp8-dit) ;;
       fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;  # the default since 2026-12-07
       fp8exact) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=0 ;;  # promoted FP8 sums
       fp8attn) flags=(--quantize fp8 --fp8-attention) ;;  # the joint attention in FP8 too
-      fp8runner) flags=(--quantize fp8); export QWEN_CUDA_RUNNER=1 ;;  # fast-path operations on burn's device thread
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;

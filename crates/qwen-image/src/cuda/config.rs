@@ -43,11 +43,6 @@ pub struct FastPathConfig {
     /// 2–3.4e-3 against the promoted sums, and on the proxy benchmark in bf16 on an H100 no edit of 120 changed
     /// against bf16 (plain FP8: one). `QWEN_FP8_FAST_ACCUM=0` promotes.
     pub fp8_fast_accum: bool,
-    /// Runs each fast-path operation whole on burn's device thread (`QWEN_CUDA_RUNNER`; default off): one blocking
-    /// round trip to that thread per operation instead of one per device pointer it takes (3–4 for a GEMM), for
-    /// networks of many small operations whose time the host bounds (the text encoder). Experimental: measured
-    /// with `pipeline_bench` before it becomes the default.
-    pub on_runner_thread: bool,
     /// Test support (no variable): every fast-path output is filled with NaN before the kernel that computes it
     /// runs, so a kernel that leaves elements unwritten is caught.
     pub poison_outputs: bool,
@@ -63,7 +58,6 @@ impl Default for FastPathConfig {
             gemm_autotune: GemmAutotune::On,
             kernel_dir: None,
             fp8_fast_accum: true,
-            on_runner_thread: false,
             poison_outputs: false,
         }
     }
@@ -108,7 +102,6 @@ impl Environment {
             gemm_autotune: parsed(&var, "QWEN_GEMM_AUTOTUNE", GemmAutotune::parse).unwrap_or(d.gemm_autotune),
             kernel_dir: dir("QWEN_CUDA_KERNEL_DIR"),
             fp8_fast_accum: parsed(&var, "QWEN_FP8_FAST_ACCUM", parse_switch).unwrap_or(d.fp8_fast_accum),
-            on_runner_thread: parsed(&var, "QWEN_CUDA_RUNNER", parse_switch).unwrap_or(d.on_runner_thread),
             poison_outputs: d.poison_outputs,
         };
         Environment { fast_path, cache_dir: dir("QWEN_CUDA_CACHE_DIR") }
@@ -284,7 +277,6 @@ mod tests {
             ("QWEN_CUDA_KERNEL_DIR", "/k"),
             ("QWEN_CUDA_CACHE_DIR", "/c"),
             ("QWEN_FP8_FAST_ACCUM", "off"),
-            ("QWEN_CUDA_RUNNER", "on"),
         ]);
         let want = FastPathConfig {
             ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
@@ -293,7 +285,6 @@ mod tests {
             gemm_autotune: GemmAutotune::Verbose,
             kernel_dir: Some("/k".into()),
             fp8_fast_accum: false,
-            on_runner_thread: true,
             poison_outputs: false,
         };
         assert_eq!(e.fast_path, want);
@@ -311,8 +302,6 @@ mod tests {
         assert_eq!(env(&[("QWEN_CUDA_KERNEL_DIR", "")]).fast_path.kernel_dir, None);
         assert!(!env(&[("QWEN_FP8_FAST_ACCUM", "0")]).fast_path.fp8_fast_accum);
         assert!(env(&[("QWEN_FP8_FAST_ACCUM", "1")]).fast_path.fp8_fast_accum);
-        assert!(!env(&[]).fast_path.on_runner_thread);
-        assert!(env(&[("QWEN_CUDA_RUNNER", "1")]).fast_path.on_runner_thread);
     }
 
     #[test]

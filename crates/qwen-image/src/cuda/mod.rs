@@ -41,7 +41,6 @@
 //! | `QWEN_FLASH` | `auto` (`tma`), `tma-serial`, `wgmma`, `mma` | [`flash_kernel`](FastPathConfig::flash_kernel): the head-dim-128 attention kernel on Hopper |
 //! | `QWEN_CUDA_ORDERING` | `events` (`context`), `sync` (`host`) | [`ordering`](FastPathConfig::ordering): ordering against burn's queue |
 //! | `QWEN_FP8_FAST_ACCUM` | `on` (`1`), `off` (`0`) | [`fp8_fast_accum`](FastPathConfig::fp8_fast_accum): cuBLASLt's fast accumulation in the FP8 GEMMs (on by default: faster, less exact; judged on the proxy benchmark, docs/fp8.md) |
-//! | `QWEN_CUDA_RUNNER` | `on` (`1`), `off` (`0`) | [`on_runner_thread`](FastPathConfig::on_runner_thread): each fast-path operation whole on burn's device thread (off by default; experimental) |
 //! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape, and cuDNN's convolution algorithms per shape (`verbose`: and log the timings at `info` level) |
 //! | `QWEN_CUDA_KERNEL_DIR` | unset, or a folder | [`kernel_dir`](FastPathConfig::kernel_dir): `<dir>/<module>.cu` replaces a built-in kernel source (tuning without a rebuild) |
 //! | `QWEN_CUDA_CACHE_DIR` | unset, or a folder | none (process-wide): where [`configure_runtime_caches`]`(None)` keeps burn's compiled kernels and autotune results ([`default_cache_dir`]) |
@@ -129,11 +128,11 @@ pub type CudaDevice = cubecl::cuda::CudaDevice;
 /// `fast(&inputs)` on the fast path of `device` when `kind` is on there and it succeeds, else `portable(inputs)`
 /// (the outcome is booked in the device's counters; see [`registry::attempt`]). The fast closure borrows the
 /// inputs, so it clones only what it hands to a kernel, and only when it runs.
-fn fast_or<I: Sync, O: Send + 'static>(
+fn fast_or<I, O>(
     device: &CudaDevice,
     kind: Kind,
     inputs: I,
-    fast: impl FnOnce(&I) -> Result<O, FastError> + Send,
+    fast: impl FnOnce(&I) -> Result<O, FastError>,
     portable: impl FnOnce(I) -> O,
 ) -> O {
     match attempt(device.index, kind, || fast(&inputs)) {

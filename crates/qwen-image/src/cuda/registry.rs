@@ -120,23 +120,19 @@ pub(crate) fn enabled(index: usize, kind: Kind) -> bool {
 /// happened: `Some(value)` when it ran, `None` when the caller falls back to the portable implementation (the kind
 /// is off, the inputs are unsupported, or a CUDA call failed: that switches the kind off on this device, with a
 /// `log` warning, until the next [`configure`]).
-pub(crate) fn attempt<T: Send + 'static>(
-    index: usize,
-    kind: Kind,
-    f: impl FnOnce() -> Result<T, FastError> + Send,
-) -> Option<T> {
-    let (on, on_runner) = with_state(index, |s| {
+pub(crate) fn attempt<T>(index: usize, kind: Kind, f: impl FnOnce() -> Result<T, FastError>) -> Option<T> {
+    let on = with_state(index, |s| {
         let on = s.enabled(kind);
         if !on {
             s.kinds[kind as usize].fallbacks += 1;
         }
-        (on, s.config.on_runner_thread)
+        on
     });
     if !on {
         return None;
     }
     // Not under the registry lock: `f` takes it itself (`with_gpu`), and burn work it triggers may take long.
-    let result = if on_runner { on_device_thread(index, f) } else { f() };
+    let result = f();
     with_state(index, |s| {
         let k = &mut s.kinds[kind as usize];
         match result {
@@ -163,18 +159,6 @@ pub(crate) fn attempt<T: Send + 'static>(
             }
         }
     })
-}
-
-/// Runs `f` on burn's device thread of device `index` ([`FastPathConfig::on_runner_thread`]): burn's calls made from
-/// that thread (the device pointers `f` takes, the outputs it allocates) run inline instead of each being a blocking
-/// round trip to it.
-fn on_device_thread<T: Send + 'static>(
-    index: usize,
-    f: impl FnOnce() -> Result<T, FastError> + Send,
-) -> Result<T, FastError> {
-    use cubecl::Runtime;
-    let client = cubecl::cuda::CudaRuntime::client(&CudaDevice::new(index));
-    client.exclusive(f).map_err(|e| FastError::cuda(format!("burn's device thread: {e:?}")))?
 }
 
 /// Sets the fast path's configuration of `device` (which starts from [`FastPathConfig::from_env`]). Kinds switched
