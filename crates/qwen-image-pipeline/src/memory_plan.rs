@@ -13,7 +13,7 @@
 //!   (`compose::cached_token_bytes`): `2` or `3 · tokens · inner_dim` values per CFG branch, in the model's dtype.
 //! - **Activations** are estimates of the live tensors at each stage's largest point, in the model's dtype, with the
 //!   CUDA fast path's kernels (flash attention: no score matrix, except the VAE's one-head attention, which runs as
-//!   two GEMMs and holds its `L × L` scores twice):
+//!   two GEMMs per chunk of query rows):
 //!   - DiT block at `N = text + computed image` tokens of width `D`: the attention phase holds the two residual
 //!     streams, their normalized copies, Q, K, V, the joint query copy, the attention output and its projection
 //!     (9 · N · D); the image MLP holds the residual, its normalized input, the 4·D hidden and the output;
@@ -22,8 +22,9 @@
 //!     (under [`MemoryMode::Low`]); the vision tower the same at its patches, widths of the tower;
 //!   - VAE decode at `H × W` pixels (per tile when tiled): the largest level is the last upsampler's input at full
 //!     resolution, `2·base_dim` channels, with its output and the last block's residual and normalized copies
-//!     (`H·W·(2 + 1 + 2)·base_dim`), or the mid-block attention's scores (`2 · L²` for `L = H·W/64` latent pixels),
-//!     whichever is larger; the encode likewise at its input size.
+//!     (`H·W·(2 + 1 + 2)·base_dim`), or the mid-block attention's scores (`L = H·W/64` latent pixels; computed in
+//!     chunks of query rows, each holding `rows · L` scores in the model's dtype and three f32 copies), whichever is
+//!     larger; the encode likewise at its input size.
 //! - **Convolution workspace**: cuDNN's scratch for the VAE's convolutions, at most [`CONV_WORKSPACE`] (the limit
 //!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages.
 //! - **Runtime**: the CUDA context, cuBLASLt's workspace and the allocator's slack, a constant
@@ -35,6 +36,7 @@
 
 use qwen_image::{
     dit::{DitConfig, DitLoadOptions, QwenImageTransformer},
+    ops::lowered,
     text_encoder::{Qwen25VlConfig, Qwen25VlTextEncoder},
     vae::{AutoencoderKLQwenImage, VaeConfig},
     weights::{WeightBytes, WeightStore},
@@ -394,7 +396,12 @@ impl MemoryPlan {
 pub(crate) fn vae_bytes(config: &VaeConfig, (w, h): (u32, u32), s: u64) -> u64 {
     let pixels = u64::from(w) * u64::from(h);
     let convs = pixels * 5 * config.base_dim as u64;
-    let latent = pixels / 64;
-    let attention = 2 * latent * latent;
-    s * convs.max(attention)
+    (s * convs).max(attention_bytes(pixels / 64, s))
+}
+
+/// The mid-block attention at `latent` pixels: one chunk of query rows ([`lowered::attention`]) holds its scores in
+/// the model's dtype (`s` bytes) and in f32, and the softmax's f32 temporaries: `rows · L · (2·s + 3·4)` bytes.
+fn attention_bytes(latent: u64, s: u64) -> u64 {
+    let rows = lowered::attention_rows_per_chunk(latent as usize, lowered::ATTENTION_SCORES_BYTES) as u64;
+    rows.min(latent) * latent * (2 * s + 12)
 }

@@ -71,10 +71,31 @@ pub fn conv2d_banded<B: QwenBackend>(
     y.permute([0, 3, 1, 2])
 }
 
-/// [`QwenBackend::attend`] without a key mask or causality as two GEMMs per (batch, head): the scores
-/// `q·kᵀ/√d` (rounded to the tensor dtype), a softmax in f32, then `p·v`. Memory grows with queries × keys, so
-/// this serves short or single-head cases the flash kernels do not cover (the VAE's 384-wide single head).
+/// Largest block of f32 attention scores [`attention`] holds at once (128 MiB); longer query sequences are computed
+/// in chunks of query rows. The softmax's temporaries are each this large too, so a chunk holds about four times it
+/// (about 0.5 GiB): without chunks the VAE's middle attention at 1024² (16 384 tokens) held 0.5 GiB of bf16 scores
+/// and three 1 GiB f32 tensors at once.
+pub const ATTENTION_SCORES_BYTES: usize = 128 << 20;
+
+/// [`QwenBackend::attend`] without a key mask or causality as two GEMMs per (batch, head, chunk of queries): the
+/// scores `q·kᵀ/√d` (rounded to the tensor dtype), a softmax in f32, then `p·v`. Serves short or single-head cases
+/// the flash kernels do not cover (the VAE's 384-wide single head); chunks of query rows keep the f32 scores under
+/// [`ATTENTION_SCORES_BYTES`].
 pub fn attention<B: QwenBackend>(query: Tensor<B, 4>, segments: &[KvSegment<B>]) -> Tensor<B, 4> {
+    attention_chunked(query, segments, ATTENTION_SCORES_BYTES)
+}
+
+/// The query rows per chunk that keep `keys` f32 scores per row within `budget` bytes (at least one row).
+pub fn attention_rows_per_chunk(keys: usize, budget: usize) -> usize {
+    (budget / (keys * DType::F32.size()).max(1)).max(1)
+}
+
+/// [`attention`] with an explicit budget in bytes for one chunk's f32 scores (at least one query row per chunk).
+pub fn attention_chunked<B: QwenBackend>(
+    query: Tensor<B, 4>,
+    segments: &[KvSegment<B>],
+    budget: usize,
+) -> Tensor<B, 4> {
     let [b, nq, h, d] = query.dims();
     let cat = |f: fn(&KvSegment<B>) -> Tensor<B, 4>| Tensor::cat(segments.iter().map(f).collect(), 1);
     let (key, value) = (cat(|s| s.key.clone()), cat(|s| s.value.clone()));
@@ -82,17 +103,30 @@ pub fn attention<B: QwenBackend>(query: Tensor<B, 4>, segments: &[KvSegment<B>])
     let (key, value) = (repeat_kv(key, h / hk), repeat_kv(value, h / hk));
     let dtype = query.dtype();
     let query = query * (1.0 / (d as f64).sqrt());
+    let rows = attention_rows_per_chunk(nk, budget).min(nq);
     let mut heads = Vec::with_capacity(b * h);
     for bi in 0..b {
         for hi in 0..h {
-            let pick = |t: &Tensor<B, 4>, len: usize| {
-                t.clone().slice([bi..bi + 1, 0..len, hi..hi + 1, 0..d]).reshape([1, len, d])
+            let pick = |t: &Tensor<B, 4>, span: std::ops::Range<usize>| {
+                let len = span.len();
+                t.clone().slice([bi..bi + 1, span, hi..hi + 1, 0..d]).reshape([1, len, d])
             };
-            let (q, k, v) = (pick(&query, nq), pick(&key, nk), pick(&value, nk));
-            let scores = B::dense(q, &k.reshape([nk, d]), None);
-            let p = softmax(scores.cast(DType::F32), 2).cast(dtype);
-            let vt = v.reshape([nk, d]).transpose();
-            heads.push(B::dense(p, &vt, None).reshape([1, nq, 1, d]));
+            let (k, v) = (pick(&key, 0..nk).reshape([nk, d]), pick(&value, 0..nk).reshape([nk, d]));
+            let vt = v.transpose();
+            let chunks: Vec<Tensor<B, 3>> = (0..nq)
+                .step_by(rows)
+                .map(|r0| {
+                    let scores = B::dense(pick(&query, r0..(r0 + rows).min(nq)), &k, None);
+                    let p = softmax(scores.cast(DType::F32), 2).cast(dtype);
+                    B::dense(p, &vt, None)
+                })
+                .collect();
+            let head = if chunks.len() == 1 {
+                chunks.into_iter().next().expect("one chunk")
+            } else {
+                Tensor::cat(chunks, 1)
+            };
+            heads.push(head.reshape([1, nq, 1, d]));
         }
     }
     let per_batch: Vec<Tensor<B, 4>> = heads.chunks(h).map(|hs| Tensor::cat(hs.to_vec(), 2)).collect();

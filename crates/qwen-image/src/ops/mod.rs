@@ -449,5 +449,21 @@ mod tests {
             let err = rel_l2(&host(got), &host(want));
             assert!(err < 1e-5, "{:?}: {err:.2e}", (b, nq, h, hk, d));
         }
+        // Chunks of query rows (one row, three rows with a short last chunk, all rows) give the same result.
+        let q = randn([2, 11, 4, 16]);
+        let segs = vec![
+            KvSegment { key: randn([2, 5, 2, 16]), value: randn([2, 5, 2, 16]) },
+            KvSegment { key: randn([2, 4, 2, 16]), value: randn([2, 4, 2, 16]) },
+        ];
+        let want = portable::attention(q.clone(), &segs, &AttentionOptions::default());
+        for rows in [1, 3, 11] {
+            let budget = rows * 9 * 4;
+            assert_eq!(lowered::attention_rows_per_chunk(9, budget), rows);
+            let got = lowered::attention_chunked(q.clone(), &segs, budget);
+            let err = rel_l2(&host(got), &host(want.clone()));
+            assert!(err < 1e-5, "{rows} rows per chunk: {err:.2e}");
+        }
+        // The VAE's middle attention at 1024² (16 384 tokens) computes 2048 rows at a time.
+        assert_eq!(lowered::attention_rows_per_chunk(16_384, lowered::ATTENTION_SCORES_BYTES), 2048);
     }
 }
