@@ -141,6 +141,7 @@ if has modes; then
       xvae) flags=(--exact-allocation vae) ;;
       fp8drop) flags=(--quantize fp8 --drop-cache) ;;  # the pruning cache dropped before the decode
       fp8dropx) flags=(--quantize fp8 --drop-cache --exact-allocation all) ;;
+      fp8dropxvae) flags=(--quantize fp8 --drop-cache --exact-allocation vae) ;;
       plus1) flags=(--variant edit-plus) ;;
       plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
       v1_512) flags=(--vae-area 262144) ;;
