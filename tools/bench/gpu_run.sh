@@ -142,6 +142,7 @@ if has modes; then
       fp8drop) flags=(--quantize fp8 --drop-cache) ;;  # the pruning cache dropped before the decode
       fp8dropx) flags=(--quantize fp8 --drop-cache --exact-allocation all) ;;
       fp8dropxvae) flags=(--quantize fp8 --drop-cache --exact-allocation vae) ;;
+      fp8droprel) flags=(--quantize fp8 --drop-cache --release-memory) ;;  # pooled, unused pages released per stage
       plus1) flags=(--variant edit-plus) ;;
       plus2) flags=(-i $img/astronaut.png -i $img/coffee.png -p "Put the cup in her hand") ;;
       v1_512) flags=(--vae-area 262144) ;;
