@@ -43,11 +43,6 @@ pub struct FastPathConfig {
     /// 2–3.4e-3 against the promoted sums, and on the proxy benchmark in bf16 on an H100 no edit of 120 changed
     /// against bf16 (plain FP8: one). `QWEN_FP8_FAST_ACCUM=0` promotes.
     pub fp8_fast_accum: bool,
-    /// Bytes of freed device memory CUDA's stream-ordered pool may keep for reuse (`QWEN_CUDA_POOL_KEEP_MIB`;
-    /// default 0): its release threshold, and what [`release_unused_memory`](super::release_unused_memory) trims it
-    /// to. With 0 every stage after a release maps its memory afresh; kept memory serves the next stage's
-    /// allocations of any size without the driver, and counts in the device's used memory.
-    pub pool_keep_bytes: u64,
     /// Test support (no variable): every fast-path output is filled with NaN before the kernel that computes it
     /// runs, so a kernel that leaves elements unwritten is caught.
     pub poison_outputs: bool,
@@ -63,7 +58,6 @@ impl Default for FastPathConfig {
             gemm_autotune: GemmAutotune::On,
             kernel_dir: None,
             fp8_fast_accum: true,
-            pool_keep_bytes: 0,
             poison_outputs: false,
         }
     }
@@ -108,8 +102,6 @@ impl Environment {
             gemm_autotune: parsed(&var, "QWEN_GEMM_AUTOTUNE", GemmAutotune::parse).unwrap_or(d.gemm_autotune),
             kernel_dir: dir("QWEN_CUDA_KERNEL_DIR"),
             fp8_fast_accum: parsed(&var, "QWEN_FP8_FAST_ACCUM", parse_switch).unwrap_or(d.fp8_fast_accum),
-            pool_keep_bytes: parsed(&var, "QWEN_CUDA_POOL_KEEP_MIB", |s| s.parse::<u64>().ok())
-                .map_or(d.pool_keep_bytes, |mib| mib << 20),
             poison_outputs: d.poison_outputs,
         };
         Environment { fast_path, cache_dir: dir("QWEN_CUDA_CACHE_DIR") }
@@ -285,7 +277,6 @@ mod tests {
             ("QWEN_CUDA_KERNEL_DIR", "/k"),
             ("QWEN_CUDA_CACHE_DIR", "/c"),
             ("QWEN_FP8_FAST_ACCUM", "off"),
-            ("QWEN_CUDA_POOL_KEEP_MIB", "4096"),
         ]);
         let want = FastPathConfig {
             ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
@@ -294,7 +285,6 @@ mod tests {
             gemm_autotune: GemmAutotune::Verbose,
             kernel_dir: Some("/k".into()),
             fp8_fast_accum: false,
-            pool_keep_bytes: 4 << 30,
             poison_outputs: false,
         };
         assert_eq!(e.fast_path, want);

@@ -132,27 +132,15 @@ impl GpuState {
     }
 
     /// Gives the device's stream-ordered memory pool (the one `cuMemAllocAsync` draws from: burn's allocations)
-    /// back to the driver down to `keep` bytes of unallocated memory (`cuMemPoolTrimTo`), and lets the pool keep
-    /// that much across synchronizations (its release threshold): the pages burn freed stay in that pool otherwise.
-    /// Call after the frees have completed (a device sync).
-    pub(crate) fn trim_memory_pool(&self, keep: u64) -> Result<(), FastError> {
+    /// back to the driver down to what is allocated (`cuMemPoolTrimTo(pool, 0)`): the pages burn freed stay in that
+    /// pool otherwise. Call after the frees have completed (a device sync).
+    pub(crate) fn trim_memory_pool(&self) -> Result<(), FastError> {
         let device = self.ctx.cu_device();
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: `device` is the device of the bound context; `pool` receives a handle owned by the driver.
         drv("cuDeviceGetMemPool", unsafe { sys::cuDeviceGetMemPool(&mut pool, device).result() })?;
-        let mut threshold = keep;
-        // SAFETY: `pool` is the device's current pool; the release threshold attribute is a `cuuint64_t` read from
-        // `threshold` during the call.
-        drv("cuMemPoolSetAttribute", unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )
-            .result()
-        })?;
         // SAFETY: `pool` is the device's current pool (just queried); trimming only releases unallocated memory.
-        drv("cuMemPoolTrimTo", unsafe { sys::cuMemPoolTrimTo(pool, keep as usize).result() })
+        drv("cuMemPoolTrimTo", unsafe { sys::cuMemPoolTrimTo(pool, 0).result() })
     }
 
     /// Waits until everything submitted to our stream has finished.

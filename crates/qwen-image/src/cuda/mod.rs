@@ -41,7 +41,6 @@
 //! | `QWEN_FLASH` | `auto` (`tma`), `tma-serial`, `wgmma`, `mma` | [`flash_kernel`](FastPathConfig::flash_kernel): the head-dim-128 attention kernel on Hopper |
 //! | `QWEN_CUDA_ORDERING` | `events` (`context`), `sync` (`host`) | [`ordering`](FastPathConfig::ordering): ordering against burn's queue |
 //! | `QWEN_FP8_FAST_ACCUM` | `on` (`1`), `off` (`0`) | [`fp8_fast_accum`](FastPathConfig::fp8_fast_accum): cuBLASLt's fast accumulation in the FP8 GEMMs (on by default: faster, less exact; judged on the proxy benchmark, docs/fp8.md) |
-//! | `QWEN_CUDA_POOL_KEEP_MIB` | a size in MiB (default `0`) | [`pool_keep_bytes`](FastPathConfig::pool_keep_bytes): freed memory CUDA's stream-ordered pool keeps for the next allocations after a release of unused memory (an experiment on the cost of exact allocations, docs/memory.md) |
 //! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape, and cuDNN's convolution algorithms per shape (`verbose`: and log the timings at `info` level) |
 //! | `QWEN_CUDA_KERNEL_DIR` | unset, or a folder | [`kernel_dir`](FastPathConfig::kernel_dir): `<dir>/<module>.cu` replaces a built-in kernel source (tuning without a rebuild) |
 //! | `QWEN_CUDA_CACHE_DIR` | unset, or a folder | none (process-wide): where [`configure_runtime_caches`]`(None)` keeps burn's compiled kernels and autotune results ([`default_cache_dir`]) |

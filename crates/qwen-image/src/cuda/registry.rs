@@ -242,10 +242,9 @@ pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
     let client = cubecl::cuda::CudaRuntime::client(device);
     client.memory_cleanup();
     cubecl::future::block_on(client.sync()).map_err(|e| FastError::cuda(format!("burn sync: {e:?}")))?;
-    let keep = config(device).pool_keep_bytes;
     with_gpu(device.index, |g| {
         g.synchronize()?;
-        g.state().trim_memory_pool(keep)
+        g.state().trim_memory_pool()
     })
 }
 
