@@ -17,6 +17,8 @@ Sections (each writes the JSON again when it ends, so a run cut short keeps what
   merged tokens: 66 text tokens, `<|vision_start|>`, the image, `<|vision_end|>`, 32 text tokens). The whole forward
   (`model.model`, no `lm_head`, no KV cache: what the Rust encoder computes), the vision tower alone and the
   language model alone (called with exactly the arguments the whole forward passes it, captured by a hook).
+- `plus2` (not in the default `--sections`): Edit-Plus with two input images as `QwenImageEditPlusPipeline` runs
+  its stages (`plus2_section`); summed with `--dit-json`'s `plus2` case as `edit.plus2_stages`.
 - `encode_prompt`: diffusers' `QwenImageEditPipeline.encode_prompt` on a 1024² image and "Make it purple", with
   Qwen's real tokenizer (tests/fixtures/processor/tokenizer) and `Qwen2VLProcessor`: processor + tokenizer + the
   text encoder as diffusers calls it (`output_hidden_states=True`, so `lm_head` and the KV cache too) + the masked
@@ -393,12 +395,10 @@ def tokenizer_dir():
     return d
 
 
-def encode_prompt_section(bench, model, side):
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+def qwen_processor():
+    """Qwen's real tokenizer (tests/fixtures/processor/tokenizer) and the Qwen2-VL processor of the snapshot."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    print(f"== encode_prompt (diffusers QwenImageEditPipeline, Qwen's tokenizer): {side}² image, {PROMPT!r}",
-          flush=True)
     tok_dir = tokenizer_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -409,6 +409,16 @@ def encode_prompt_section(bench, model, side):
         "image_processor_type", "processor_class")})
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=Qwen2VLVideoProcessor())
+    return tokenizer, processor
+
+
+def encode_prompt_section(bench, model, side):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+
+    print(f"== encode_prompt (diffusers QwenImageEditPipeline, Qwen's tokenizer): {side}² image, {PROMPT!r}",
+          flush=True)
+    tokenizer, processor = qwen_processor()
+    image_processor = processor.image_processor
     pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=model,
                                  tokenizer=tokenizer, processor=processor, transformer=None)
     image = sample_image(side)
@@ -431,6 +441,53 @@ def encode_prompt_section(bench, model, side):
     bench.save()
 
 
+PLUS2_PROMPT = "Put the cup in her hand"
+
+
+def plus2_section(bench, model, side):
+    """Edit-Plus with two input images (`gpu_run.sh` mode `plus2`: astronaut.png and coffee.png), the stages as
+    `QwenImageEditPlusPipeline.__call__` runs them: each image resized to the VL area (384², `CONDITION_IMAGE_SIZE`)
+    for `encode_prompt`, and to the VAE area (1024², `VAE_IMAGE_SIZE`) for `prepare_latents`' encode and packing.
+    The decode stage is Edit v1's (the same 1024² output)."""
+    from PIL import Image
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    cond_area, vae_area = (32 * 32, side * side) if bench.args.small else (plus.CONDITION_IMAGE_SIZE,
+                                                                          plus.VAE_IMAGE_SIZE)
+    print(f"== Edit-Plus, two images (QwenImageEditPlusPipeline): {PLUS2_PROMPT!r}", flush=True)
+    tokenizer, processor = qwen_processor()
+    vae, _ = create(bench, lambda: AutoencoderKLQwenImage(**vae_kwargs(bench.args.small)))
+    pipe = QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=model,
+                                     tokenizer=tokenizer, processor=processor, transformer=None)
+    images = [Image.open(FIXTURES / f"images/{n}.png").convert("RGB") for n in ("astronaut", "coffee")]
+    sizes = [(plus.calculate_dimensions(cond_area, im.width / im.height),
+              plus.calculate_dimensions(vae_area, im.width / im.height)) for im in images]
+    condition = [pipe.image_processor.resize(im, h, w) for im, ((w, h), _) in zip(images, sizes)]
+    z_dim = vae.config.z_dim
+
+    def encode_images():
+        packed = []
+        for im, (_, (w, h)) in zip(images, sizes):
+            pixels = pipe.image_processor.preprocess(im, h, w).unsqueeze(2).to(device=bench.dev, dtype=vae.dtype)
+            latents = pipe._encode_vae_image(image=pixels, generator=None)
+            packed.append(pipe._pack_latents(latents, 1, z_dim, latents.shape[3], latents.shape[4]))
+        return torch.cat(packed, dim=1)
+
+    embeds, _ = pipe.encode_prompt(prompt=PLUS2_PROMPT, image=condition, device=bench.dev)
+    out = {"condition_sizes": [list(c) for c, _ in sizes], "vae_sizes": [list(v) for _, v in sizes],
+           "prompt_embeds_tokens": int(embeds.shape[1]), "image_tokens": int(encode_images().shape[1])}
+    out["encode_prompt"] = bench.time(lambda: pipe.encode_prompt(prompt=PLUS2_PROMPT, image=condition,
+                                                                 device=bench.dev))
+    out["encode_images"] = bench.time(encode_images)
+    print(f"  {out['prompt_embeds_tokens']} prompt embeddings, {out['image_tokens']} image tokens", flush=True)
+    for name in ("encode_prompt", "encode_images"):
+        bench.report(f"plus2 {name}", out[name])
+    bench.result["sections"]["plus2"] = out
+    bench.save()
+    del pipe, vae
+
+
 def compile_text_encoder(bench, model, grid):
     cfg = model.config
     ids = torch.tensor([prompt_ids(cfg, grid)], device=bench.dev)
@@ -451,30 +508,33 @@ def compile_text_encoder(bench, model, grid):
 def edit_sum(bench):
     """The PyTorch edit's stages summed: text encoder + VAE encode + 4 DiT steps + VAE decode, for `none` and the
     seed's `cat` schedule (DiT totals from torch_dit_bench.py's JSON), networks alone and stages as diffusers runs
-    them; None where a part is missing."""
+    them, and the two-image Edit-Plus stages with the JSON's `plus2` case; None where a part is missing."""
     s = bench.result["sections"]
-    dit = {}
+    dit_all = {}
     if bench.args.dit_json and os.path.exists(bench.args.dit_json):
         with open(bench.args.dit_json) as f:
             dit_all = json.load(f)
-        dit = dit_all.get("dit", {}).get(bench.args.dit_case, {})
-    totals = dit.get("four_step_totals_ms", {})
-    te, ep, vae = s.get("text_encoder"), s.get("encode_prompt"), s.get("vae")
+    steps = lambda case: dit_all.get("dit", {}).get(case, {}).get("four_step_totals_ms", {})  # noqa: E731
+    totals = steps(bench.args.dit_case)
+    te, ep, vae, p2 = s.get("text_encoder"), s.get("encode_prompt"), s.get("vae"), s.get("plus2")
     ms = lambda d, *path: (lambda v: v if isinstance(v, (int, float)) else None)(  # noqa: E731
         _dig(d, *path))
     variants = {
         "networks": (ms(te, "forward", "ms"), ms(vae, "cudnn_benchmark_false", "encode", "ms"),
-                     ms(vae, "cudnn_benchmark_false", "decode", "ms")),
+                     ms(vae, "cudnn_benchmark_false", "decode", "ms"), totals),
         "networks_cudnn_benchmark": (ms(te, "forward", "ms"), ms(vae, "cudnn_benchmark_true", "encode", "ms"),
-                                     ms(vae, "cudnn_benchmark_true", "decode", "ms")),
-        "stages": (ms(ep, "encode_prompt", "ms"), ms(vae, "encode_stage", "ms"), ms(vae, "decode_stage", "ms")),
+                                     ms(vae, "cudnn_benchmark_true", "decode", "ms"), totals),
+        "stages": (ms(ep, "encode_prompt", "ms"), ms(vae, "encode_stage", "ms"), ms(vae, "decode_stage", "ms"),
+                   totals),
+        "plus2_stages": (ms(p2, "encode_prompt", "ms"), ms(p2, "encode_images", "ms"),
+                         ms(vae, "decode_stage", "ms"), steps("plus2")),
     }
     out = {"dit_json": bench.args.dit_json, "dit_case": bench.args.dit_case,
            "dit_four_step_totals_ms": totals or None}
-    for name, (text, encode, decode) in variants.items():
+    for name, (text, encode, decode, dit) in variants.items():
         parts = {"text": text, "encode_image": encode, "decode": decode}
         out[name] = {"parts_ms": parts, "total_ms": {
-            spec: (text + encode + totals[spec] + decode) if None not in (text, encode, decode) and spec in totals
+            spec: (text + encode + dit[spec] + decode) if None not in (text, encode, decode) and spec in dit
             else None for spec in ("none", "cat")}}
     return out
 
@@ -517,16 +577,18 @@ def main():
           f"{bench.result['diffusers']}, device {bench.result['device']}", flush=True)
     if "vae" in args.sections:
         vae_section(bench, side)
-    if "text_encoder" in args.sections or "encode_prompt" in args.sections:
+    if {"text_encoder", "encode_prompt", "plus2"} & set(args.sections):
         model, _ = text_encoder_section(bench, grid)
         if "encode_prompt" in args.sections:
             encode_prompt_section(bench, model, side)
+        if "plus2" in args.sections:
+            plus2_section(bench, model, side)
         if "text_encoder" in args.compile:
             compile_text_encoder(bench, model, grid)
         del model
     bench.save()
     e = bench.result["edit"]
-    for name in ("networks", "stages"):
+    for name in ("networks", "stages", "plus2_stages"):
         t = e[name]["total_ms"]
         if t["none"] is not None:
             print(f"PyTorch edit, {name} summed: none {t['none']:.0f} ms, cat {t['cat']:.0f} ms "
