@@ -103,7 +103,8 @@ pub fn attention_chunked<B: QwenBackend>(
     let (key, value) = (repeat_kv(key, h / hk), repeat_kv(value, h / hk));
     let dtype = query.dtype();
     let query = query * (1.0 / (d as f64).sqrt());
-    let rows = attention_rows_per_chunk(nk, budget).min(nq);
+    // At least one chunk, also for no queries (one empty chunk, as before chunking).
+    let rows = attention_rows_per_chunk(nk, budget).min(nq).max(1);
     let mut heads = Vec::with_capacity(b * h);
     for bi in 0..b {
         for hi in 0..h {
@@ -113,7 +114,7 @@ pub fn attention_chunked<B: QwenBackend>(
             };
             let (k, v) = (pick(&key, 0..nk).reshape([nk, d]), pick(&value, 0..nk).reshape([nk, d]));
             let vt = v.transpose();
-            let chunks: Vec<Tensor<B, 3>> = (0..nq)
+            let chunks: Vec<Tensor<B, 3>> = (0..nq.max(1))
                 .step_by(rows)
                 .map(|r0| {
                     let scores = B::dense(pick(&query, r0..(r0 + rows).min(nq)), &k, None);

@@ -463,6 +463,9 @@ mod tests {
             let err = rel_l2(&host(got), &host(want.clone()));
             assert!(err < 1e-5, "{rows} rows per chunk: {err:.2e}");
         }
+        // No queries: an empty result, not a panic.
+        let none = lowered::attention_chunked(randn([2, 0, 4, 16]), &segs, 36);
+        assert_eq!(none.dims(), [2, 0, 4, 16]);
         // The VAE's middle attention at 1024² (16 384 tokens) computes 2048 rows at a time.
         assert_eq!(lowered::attention_rows_per_chunk(16_384, lowered::ATTENTION_SCORES_BYTES), 2048);
     }
