@@ -17,12 +17,12 @@ Sections (each writes the JSON again when it ends, so a run cut short keeps what
   merged tokens: 66 text tokens, `<|vision_start|>`, the image, `<|vision_end|>`, 32 text tokens). The whole forward
   (`model.model`, no `lm_head`, no KV cache: what the Rust encoder computes), the vision tower alone and the
   language model alone (called with exactly the arguments the whole forward passes it, captured by a hook).
-- `plus2` (not in the default `--sections`): Edit-Plus with two input images as `QwenImageEditPlusPipeline` runs
-  its stages (`plus2_section`); summed with `--dit-json`'s `plus2` case as `edit.plus2_stages`.
 - `encode_prompt`: diffusers' `QwenImageEditPipeline.encode_prompt` on a 1024² image and "Make it purple", with
   Qwen's real tokenizer (tests/fixtures/processor/tokenizer) and `Qwen2VLProcessor`: processor + tokenizer + the
   text encoder as diffusers calls it (`output_hidden_states=True`, so `lm_head` and the KV cache too) + the masked
   extraction; also the processor alone and the text-encoder call alone.
+- `plus2` (not in the default `--sections`): Edit-Plus with two input images as `QwenImageEditPlusPipeline` runs
+  its stages (`plus2_section`); summed with `--dit-json`'s `plus2` case as `edit.plus2_stages`.
 - `--compile`: `torch.compile` (default mode) of the VAE's `encode`/`decode` and of the text encoder's `model.model`;
   the first call (compilation) is reported separately from the medians. Off by default (minutes per network).
 - `edit`: the whole PyTorch edit's stages summed with the DiT's 4 steps from `torch_dit_bench.py`'s JSON
@@ -241,6 +241,15 @@ def sample_image(side):
     return Image.open(FIXTURES / "images/chelsea.png").convert("RGB").resize((side, side), Image.LANCZOS)
 
 
+def encode_and_pack(bench, pipe, image, height, width):
+    """One image as the pipelines' image-encoding stage runs it: PIL → `VaeImageProcessor.preprocess` at
+    `height × width` → device → `_encode_vae_image` → `_pack_latents`."""
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+    latents = pipe._encode_vae_image(image=pixels.to(device=bench.dev, dtype=vae.dtype), generator=None)
+    return pipe._pack_latents(latents, 1, vae.config.z_dim, latents.shape[3], latents.shape[4])
+
+
 def vae_section(bench, side):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
@@ -272,10 +281,7 @@ def vae_section(bench, side):
     z_dim = vae.config.z_dim
 
     def encode_stage():
-        pixels = pipe.image_processor.preprocess(image, side, side).unsqueeze(2)
-        pixels = pixels.to(device=bench.dev, dtype=vae.dtype)
-        latents = pipe._encode_vae_image(image=pixels, generator=None)
-        return pipe._pack_latents(latents, 1, z_dim, latents.shape[3], latents.shape[4])
+        return encode_and_pack(bench, pipe, image, side, side)
 
     packed = encode_stage()
 
@@ -464,15 +470,9 @@ def plus2_section(bench, model, side):
     sizes = [(plus.calculate_dimensions(cond_area, im.width / im.height),
               plus.calculate_dimensions(vae_area, im.width / im.height)) for im in images]
     condition = [pipe.image_processor.resize(im, h, w) for im, ((w, h), _) in zip(images, sizes)]
-    z_dim = vae.config.z_dim
 
     def encode_images():
-        packed = []
-        for im, (_, (w, h)) in zip(images, sizes):
-            pixels = pipe.image_processor.preprocess(im, h, w).unsqueeze(2).to(device=bench.dev, dtype=vae.dtype)
-            latents = pipe._encode_vae_image(image=pixels, generator=None)
-            packed.append(pipe._pack_latents(latents, 1, z_dim, latents.shape[3], latents.shape[4]))
-        return torch.cat(packed, dim=1)
+        return torch.cat([encode_and_pack(bench, pipe, im, h, w) for im, (_, (w, h)) in zip(images, sizes)], dim=1)
 
     embeds, _ = pipe.encode_prompt(prompt=PLUS2_PROMPT, image=condition, device=bench.dev)
     out = {"condition_sizes": [list(c) for c, _ in sizes], "vae_sizes": [list(v) for _, v in sizes],
