@@ -3,7 +3,7 @@
 # under $OUT (default ./gpu_out). Expects the prebuilt binaries in .dev/ (see docs/performance.md) and, for the
 # PyTorch references, the diffusers 0.42.1 + importlib_metadata wheels in .whl/ when the host lacks diffusers.
 #
-#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [modes] [memlog] [pipeline] [ncu] [vaeprof] [torch] [stages]
+#   tools/bench/gpu_run.sh [tests] [kernels] [variants] [dit] [e2e] [modes] [memlog] [pipeline] [ncu] [textprof] [vaeprof] [torch] [stages]
 #   (default: tests kernels dit torch)
 #   BENCH_ARGS="--cases v1" TORCH_ARGS="--cases v1" tools/bench/gpu_run.sh
 #   tools/bench/gpu_run.sh dit e2e pipeline torch stages   # the whole edit side by side with PyTorch (docs/performance.md)
@@ -162,11 +162,30 @@ if has memlog; then
   d=$(mktemp -d); here=$PWD
   printf '[memory.logger]\nfile = "%s/mem.log"\nlevel = "full"\n' "$d" > "$d/cubecl.toml"
   echo "== memory log: qwen-edit --demo --size full ${MEMLOG_FLAGS:---quantize fp8}"
-  (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/.dev/qwen-edit" --demo --size full --device cuda --compare \
-    --repeat 1 ${MEMLOG_FLAGS:---quantize fp8} --quiet -o "$d/out" > "$OUT/memlog.log" 2>&1)
+  if [ "${MEMLOG_VAE:-0}" = 1 ]; then  # the VAE alone (pipeline_bench's encode and decode at 1024²)
+    (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/.dev/pipeline_bench" --skip-text-encoder --reps 1 \
+      --json "$d/vae.json" > "$OUT/memlog.log" 2>&1)
+  else
+    (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/.dev/qwen-edit" --demo --size full --device cuda --compare \
+      --repeat 1 ${MEMLOG_FLAGS:---quantize fp8} --quiet -o "$d/out" > "$OUT/memlog.log" 2>&1)
+  fi
   echo "memlog exit $? ($(du -h "$d/mem.log" 2>/dev/null | cut -f1) of log)"
   python3 tools/bench/memlog_summary.py "$d/mem.log" > "$OUT/memlog_summary.txt" 2>&1; head -60 "$OUT/memlog_summary.txt"
+  [ "${MEMLOG_KEEP:-0}" = 1 ] && gzip -c "$d/mem.log" > "$OUT/memlog_raw.gz"  # the whole log, for a closer look
   rm -rf "$d"
+fi
+if has textprof; then
+  # Every kernel's duration under ncu for the first TEXTPROF_LAUNCHES (default 1500) launches of pipeline_bench's
+  # text-encoder section: its first vision-tower calls (a first call, the timed call, the call whose embeddings the
+  # language model then reads). The per-launch CSV (gzipped) says which layer's kernel takes what: the vision tower's
+  # 45 ms against a ≈ 20 ms estimate from its FLOPs (docs/performance.md). QWEN_GEMM_AUTOTUNE=0: no timing trials.
+  echo "== ncu: the text encoder's first ${TEXTPROF_LAUNCHES:-1500} kernels"
+  QWEN_GEMM_AUTOTUNE=0 timeout ${NCU_TIMEOUT:-420} ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    --print-units base --launch-count ${TEXTPROF_LAUNCHES:-1500} --log-file "$OUT/textprof.csv" \
+    .dev/pipeline_bench --skip-vae --reps 1 --json /tmp/textprof_bench.json > "$OUT/textprof.log" 2>&1
+  echo "ncu exit $?"; tail -5 "$OUT/textprof.log"
+  python3 tools/bench/kernel_summary.py "$OUT/textprof.csv" --json "$OUT/textprof.json" | head -40
+  gzip -f "$OUT/textprof.csv"
 fi
 if has vaeprof; then
   # Every kernel's duration (ncu serializes them: GPU time without launch gaps) for our VAE encode + decode at 1024²
