@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! CARGO_TARGET_DIR=target/cuda cargo bench --features cuda --bench dit_bench --no-run
-//! <binary> --json out.json [--cases v1,plus] [--layers 60] [--reps 5] [--skip-kernels] [--skip-dit]
+//! <binary> --json out.json [--cases v1,plus] [--layers 60] [--reps 5] [--skip-kernels] [--skip-dit] [--vision-only]
 //!          [--modulation table|resident] [--forced-region 0.1,0.25,0.5] [--region-refresh 3]
 //! ```
 //!
@@ -77,6 +77,9 @@ struct Args {
     /// In the kernel section, only the attention kernels (for profiling).
     #[arg(long)]
     attention_only: bool,
+    /// Only the vision tower's kernels (`dit_kernels::vision`), nothing else.
+    #[arg(long)]
+    vision_only: bool,
     /// Also time a full step with host-synchronized ordering.
     #[arg(long)]
     host_sync_step: bool,
@@ -444,10 +447,12 @@ fn main() {
     results.push(("ordering_mode".into(), json!(ordering)));
     let mem0 = cuda::device_memory_used(0).unwrap_or(0);
 
-    if !args.skip_kernels {
+    if args.vision_only {
+        results.push(("vision".into(), dit_kernels::vision::vision_kernels(args.reps)));
+    } else if !args.skip_kernels {
         kernels(args.reps, args.attention_only, &mut results);
     }
-    if !args.skip_dit {
+    if !args.skip_dit && !args.vision_only {
         dit_cases(&args, &device, mem0, &mut results);
     }
     results.push(("fast_path".into(), fast_path_json()));

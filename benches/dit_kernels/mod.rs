@@ -1,6 +1,8 @@
 //! `dit_bench`'s kernel section: the block's GEMMs in bf16 and FP8, every flash-attention kernel (and FP8 attention)
 //! on the DiT's, the language model's and the vision tower's shapes, the cost of ordering our stream against burn's,
-//! and the fused FP8 adaLN.
+//! and the fused FP8 adaLN; the vision tower's kernels in [`vision`].
+
+pub mod vision;
 
 use qwen_image::{
     cuda::{self, FastOps, FlashKernel, OrderingMode},
@@ -17,6 +19,9 @@ type AttnCase = (&'static str, usize, &'static [usize], usize, usize, usize, boo
 
 /// Runs the kernel section, each part's results under its name in `out`.
 pub fn kernels(reps: usize, attention_only: bool, out: &mut Vec<(String, Value)>) {
+    if !attention_only {
+        out.push(("vision".into(), vision::vision_kernels(reps)));
+    }
     println!("\n== kernels (bf16) ==");
     out.push(("gemm".into(), gemm_kernels(reps, attention_only)));
     out.push(("attention".into(), attention_kernels(reps)));
