@@ -234,6 +234,37 @@ fn streamed_text_encoder_layers_are_bit_identical() {
     println!("streamed text-encoder layers: {} values bit-identical to the resident model", want.len());
 }
 
+#[test]
+fn padded_vision_mlps_on_the_gpu_match_transformers() {
+    // The vision MLPs' hidden width padded with zero features (on CUDA `dense_width_multiple` pads 3420 → 3424; the
+    // fixture's 48 is a multiple of 8 already, so 48 → 64 is forced here): bf16 on the GPU against transformers'
+    // bf16 image embeddings, with the padded GEMMs on cuBLASLt.
+    let _g = setup();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text_encoder/legacy");
+    let mut model =
+        Qwen25VlTextEncoder::<G>::load(&root.join("text_encoder"), DType::BF16, &dev()).expect("load");
+    assert_eq!(G::dense_width_multiple(), 8);
+    for block in &mut model.vision.blocks {
+        block.mlp = block.mlp.clone().pad_intermediate(32);
+        assert_eq!(block.mlp.down_proj.in_dim(), 64);
+    }
+    for case in ["two_images", "one_image"] {
+        let file = TensorFile::open(&root.join(format!("{case}_inputs.safetensors"))).expect("inputs");
+        let input = read_text_encoder_input::<G>(&file, &dev()).expect("input");
+        reset_stats();
+        let got = model.vision_forward(input.pixel_values.clone().expect("pixels"), &input.image_grid_thw);
+        let got = to_f32_vec(got.expect("vision"));
+        assert_fast(GEMM, "padded vision MLP");
+        let want = TensorFile::open(&root.join(format!("{case}_expected_bf16.safetensors")))
+            .and_then(|f| f.f32("image_embeds"))
+            .expect("expected")
+            .0;
+        let err = rel_l2(&got, &want);
+        println!("padded vision MLPs, {case}: rel L2 {err:.2e} against transformers bf16");
+        assert!(err <= 2e-2, "{case}: {err:.3e} > 2e-2");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The VAE
 

@@ -98,6 +98,28 @@ fn vision_tower_matches_transformers_f32() {
 }
 
 #[test]
+fn padded_vision_mlps_still_match_transformers() {
+    // On CUDA the vision MLPs' hidden width is padded with zero features (3420 → 3424, `dense_width_multiple`); the
+    // CPU does not pad, so the same padding is forced here (48 → 64) and the tower must still match transformers.
+    let mut legacy = load("legacy", DType::F32);
+    let width = legacy.vision.blocks[0].mlp.gate_proj.out_dim();
+    for block in &mut legacy.vision.blocks {
+        block.mlp = block.mlp.clone().pad_intermediate(32);
+        assert_eq!(block.mlp.gate_proj.out_dim(), width.next_multiple_of(32));
+        assert_eq!(block.mlp.down_proj.in_dim(), width.next_multiple_of(32));
+    }
+    assert!(width % 32 != 0, "the fixture's width {width} would not be padded");
+    for case in IMAGE_CASES {
+        let err = vision_error("legacy", &legacy, case, "expected");
+        println!(
+            "legacy {case}, MLPs padded {width} -> {}: vision rel L2 {err:.2e}",
+            width.next_multiple_of(32)
+        );
+        assert!(err <= 1e-4, "{case}: padded vision relative L2 error {err:.3e} > 1e-4");
+    }
+}
+
+#[test]
 fn last_hidden_state_matches_transformers_f32() {
     // legacy: legacy key names, flat config, one f32 file. heldout: transformers 5 names, nested config, bf16 shards.
     let legacy = load("legacy", DType::F32);

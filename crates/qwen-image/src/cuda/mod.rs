@@ -154,6 +154,11 @@ impl QwenBackend for CudaBackend {
         fast_or(&x.device(), Kind::Gemm, x, fast, |x| portable::dense(x, weight, bias))
     }
 
+    fn dense_width_multiple() -> usize {
+        // 16 bytes of bf16: below that cuBLASLt leaves its Hopper kernels (nn/pad.rs has the measurement).
+        8
+    }
+
     fn dense_gelu_tanh(
         x: Tensor<Self, 3>,
         weight: &Tensor<Self, 2>,

@@ -6,6 +6,7 @@
 //! machinery and no lazily initialized parameter that could silently stay random.
 
 mod input;
+mod pad;
 mod parked;
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};

@@ -105,6 +105,13 @@ pub trait QwenBackend: Backend {
         portable::dense_gelu_tanh(x, weight, bias)
     }
 
+    /// The multiple of features that a hidden width between two dense layers is padded to at load time
+    /// ([`GatedMlp::pad_intermediate`](crate::text_encoder::language::GatedMlp::pad_intermediate)): 1 (none) by
+    /// default; on CUDA 8, so that bf16 rows are 16-byte multiples, which cuBLASLt's Hopper GEMMs need.
+    fn dense_width_multiple() -> usize {
+        1
+    }
+
     /// Quantizes a linear weight `[out, in]` to e4m3 with one f32 scale per output channel: for each row `n`,
     /// `scale[n] = max_k |W[n, k]| / 448` (1 when that is below `f32::MIN_POSITIVE`) and
     /// `bits[n, k] = e4m3(W[n, k] / scale[n])`, the division in f32 and the rounding to nearest even, saturating at

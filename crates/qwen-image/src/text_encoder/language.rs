@@ -59,6 +59,26 @@ impl<B: QwenBackend> GatedMlp<B> {
         })
     }
 
+    /// The same MLP with its intermediate width padded with zero features to a multiple of `multiple`
+    /// ([`QwenBackend::dense_width_multiple`]): zero rows and biases in `gate_proj` and `up_proj` give
+    /// `silu(0) · 0 = 0` there, and zero columns in `down_proj` read them, so the output is the same sum (nn/pad.rs).
+    /// Unchanged when the width is a multiple already, when the layers disagree on it (a shape-only build) or when
+    /// one of them cannot be padded (an FP8 weight, runtime adapters).
+    pub fn pad_intermediate(self, multiple: usize) -> Self {
+        let width = self.gate_proj.out_dim();
+        let pad = width.next_multiple_of(multiple.max(1)) - width;
+        let agree = self.up_proj.out_dim() == width && self.down_proj.in_dim() == width;
+        let padded = [&self.gate_proj, &self.up_proj, &self.down_proj].map(Linear::paddable);
+        if pad == 0 || !agree || padded.contains(&false) {
+            return self;
+        }
+        GatedMlp {
+            gate_proj: self.gate_proj.pad_outputs(pad),
+            up_proj: self.up_proj.pad_outputs(pad),
+            down_proj: self.down_proj.pad_inputs(pad),
+        }
+    }
+
     /// `[batch, tokens, dim] → [batch, tokens, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         // One input for both projections: quantized once when they are FP8.

@@ -99,7 +99,11 @@ impl DeferredTensor {
                 let table = match host.0.get() {
                     Some(table) => table,
                     None => {
-                        let made = self.to_device::<B, 2>(device)?.into_data();
+                        let made = read_back_in_chunks(self.to_device::<B, 2>(device)?);
+                        // The table's device copy (1.09 GB for the full-size text encoder) opened a pool page of
+                        // its own (a sixteenth of the card's memory) that nothing else fills: given back now, or a
+                        // demo edit's peak would carry it (docs/memory.md).
+                        B::release_unused_memory(device);
                         host.0.get_or_init(|| made)
                     }
                 };
@@ -119,5 +123,46 @@ impl DeferredTensor {
             Source::Mapped(t) => B::upload(t.data(self.dtype), device),
             Source::Generated(fill, _) => generated::make(*fill, &self.key, shape, self.dtype, device),
         })
+    }
+}
+
+/// Rows read back per transfer by [`read_back_in_chunks`]: 64 MiB of a full-size token table (bf16, 3584 wide).
+const READ_BACK_ROWS: usize = 8192;
+
+/// The host copy of a 2-D device tensor, read back [`READ_BACK_ROWS`] rows at a time: a whole read-back would stage
+/// it through one pinned host buffer as large as the tensor, which burn's pool then keeps for the process.
+fn read_back_in_chunks<B: QwenBackend>(t: Tensor<B, 2>) -> TensorData {
+    let [rows, cols] = t.dims();
+    let dtype = t.dtype();
+    let mut bytes = Vec::with_capacity(rows * cols * dtype.size());
+    for start in (0..rows).step_by(READ_BACK_ROWS) {
+        let chunk = t.clone().narrow(0, start, READ_BACK_ROWS.min(rows - start)).into_data();
+        bytes.extend_from_slice(chunk.as_bytes());
+    }
+    TensorData::from_bytes_vec(bytes, [rows, cols], dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::DType;
+
+    use super::READ_BACK_ROWS;
+    use crate::{tensor_io::to_f32_vec, weights::WeightStore, CpuBackend as B};
+
+    #[test]
+    fn generated_rows_equal_the_tensor_made_on_the_device() {
+        // More rows than one read-back chunk, so the host copy is stitched from two.
+        let (rows, cols) = (READ_BACK_ROWS + 3, 4);
+        let mut store = WeightStore::random(DType::F32, 7);
+        let table = store.deferred("embed_tokens.weight", &[rows, cols]).expect("deferred");
+        let device = Default::default();
+        let whole = to_f32_vec(table.to_device::<B, 2>(&device).expect("whole"));
+        let picks = [0, 5, READ_BACK_ROWS - 1, READ_BACK_ROWS, rows - 1, 5];
+        let got = to_f32_vec(table.select_rows::<B>(&picks, &device).expect("rows"));
+        let want: Vec<f32> = picks.iter().flat_map(|&r| whole[r * cols..(r + 1) * cols].to_vec()).collect();
+        assert_eq!(got, want);
+        assert!(want.iter().any(|&v| v != 0.0));
+        // A row past the table is an error, not a panic.
+        assert!(table.select_rows::<B>(&[rows], &device).is_err());
     }
 }
