@@ -47,6 +47,9 @@ for f in .dev/bin/*.xz; do
   b=.dev/$(basename "$f" .xz); xz -dc "$f" > "$b" && chmod +x "$b"
 done
 export RUST_BACKTRACE=1
+# The qwen-edit binary of e2e, modes and memlog (QWEN_EDIT=.dev/qwen-edit-old: a previous build, for a before/after
+# in the same call; relative to the checkout).
+QWEN_EDIT=${QWEN_EDIT:-.dev/qwen-edit}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,memory.total \
   --format=csv > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
 if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c 'import diffusers' 2>/dev/null; then
@@ -84,7 +87,7 @@ if has e2e; then
   # The first edit of a fresh machine compiles and autotunes burn's own kernels (kept in ~/.cache/qwen-image).
   echo "== qwen-edit --demo --size full (first process on this machine)"
   start=$(date +%s)
-  with_peak e2e timeout ${E2E_TIMEOUT:-400} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${REPEAT:-10} \
+  with_peak e2e timeout ${E2E_TIMEOUT:-400} $QWEN_EDIT --demo --size full --device cuda --compare --repeat ${REPEAT:-10} \
     --quiet -o "$OUT/e2e" --report "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
   echo "e2e exit $? after $(( $(date +%s) - start )) s"; tail -60 "$OUT/e2e.log"
 fi
@@ -150,7 +153,7 @@ if has modes; then
     esac
     echo "== qwen-edit --demo --size full ${flags[*]}"
     start=$(date +%s)
-    with_peak "e2e_$name" timeout ${MODE_TIMEOUT:-240} .dev/qwen-edit --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \
+    with_peak "e2e_$name" timeout ${MODE_TIMEOUT:-240} $QWEN_EDIT --demo --size full --device cuda --compare --repeat ${MODE_REPEAT:-3} \
       "${flags[@]}" --quiet -o "$OUT/e2e_$name" --report "$OUT/e2e_$name.json" > "$OUT/e2e_$name.log" 2>&1
     echo "$name exit $? after $(( $(date +%s) - start )) s"; tail -30 "$OUT/e2e_$name.log"
   done
@@ -166,7 +169,7 @@ if has memlog; then
     (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/.dev/pipeline_bench" --skip-text-encoder --reps 1 \
       --json "$d/vae.json" > "$OUT/memlog.log" 2>&1)
   else
-    (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/.dev/qwen-edit" --demo --size full --device cuda --compare \
+    (cd "$d" && timeout ${MEMLOG_TIMEOUT:-240} "$here/$QWEN_EDIT" --demo --size full --device cuda --compare \
       --repeat 1 ${MEMLOG_FLAGS:---quantize fp8} --quiet -o "$d/out" > "$OUT/memlog.log" 2>&1)
   fi
   echo "memlog exit $? ($(du -h "$d/mem.log" 2>/dev/null | cut -f1) of log)"
