@@ -2,7 +2,7 @@
 working directory): which request made each new page of the pool, how large the pools' reservation grew, and the
 pools' pages at the end. Used by `gpu_run.sh memlog` to find where the reservation exceeds what is in use.
 
-    python tools/bench/memlog_summary.py mem.log [--min-mb 100]
+    python tools/bench/memlog_summary.py mem.log [--min-mb 100] [--memory "Pinned CPU Memory"]
 """
 import argparse
 import re
@@ -16,11 +16,19 @@ def parse_size(number, unit):
     return float(number) * UNITS[unit]
 
 
-def parse(path):
-    """The new-page events of the log: the request that made each, and the pools' state printed with it."""
+def parse(path, memory="Main GPU Memory"):
+    """The new-page events of `memory`'s allocator in the log (cubecl keeps one for device memory and one for the
+    pinned host memory it stages reads through, both printed to the same log, each line of theirs prefixed with the
+    name): the request that made each page, and the pools' state printed with it."""
     last_request, counts, events, event, section = None, Counter(), [], None, None
+    ours = True
     with open(path, errors="replace") as f:
         for line in f:
+            m = re.match(r"\[([^\]]+)\]", line)
+            if m:
+                ours = m.group(1) == memory
+            if not ours:
+                continue
             m = re.search(r"Reserved memory " + SIZE + r" using (dynamic pool|persistent memory)", line)
             if m:
                 last_request = parse_size(m.group(1), m.group(2))
@@ -58,8 +66,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("log")
     ap.add_argument("--min-mb", type=float, default=100.0, help="list new pages made by requests at least this large")
+    ap.add_argument("--memory", default="Main GPU Memory",
+                    help='the allocator to summarize ("Pinned CPU Memory": the host staging buffers)')
     args = ap.parse_args()
-    counts, events = parse(args.log)
+    counts, events = parse(args.log, args.memory)
     print(f"requests: {counts['dynamic pool']} dynamic, {counts['persistent memory']} persistent; "
           f"new pages: {len(events)}")
     sizes = Counter(round((e["request"] or 0) / 1e6, 1) for e in events)
