@@ -26,7 +26,9 @@
 //!     chunks of query rows, each holding `rows · L` scores in the model's dtype and three f32 copies), whichever is
 //!     larger; the encode likewise at its input size.
 //! - **Convolution workspace**: cuDNN's scratch for the VAE's convolutions, at most [`CONV_WORKSPACE`] (the limit
-//!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages.
+//!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages, and on the others too unless
+//!   the edit gives unused memory back after its stages (`release_memory`, exact allocations, low-memory mode): the
+//!   workspace is a buffer the fast path keeps for the next convolution.
 //! - **Runtime**: the CUDA context, cuBLASLt's workspace and the allocator's slack, a constant
 //!   ([`RUNTIME_OVERHEAD`], from the H100 measurement of the DiT alone: 28.7 GiB used with 25.4 GiB of weights).
 //! - The stages run one after the other and every network stays resident (under [`MemoryMode::Low`] but the text
@@ -46,8 +48,11 @@ use qwen_image_pruning::{dry_run, GroupAction, ScheduleFactory, TokenLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compose::RequestSchedule, load::MemoryMode, sizes::EditSizes, snapshot::Snapshot, EditRequest,
-    LoadOptions, Result,
+    compose::RequestSchedule,
+    load::{ExactAllocation, MemoryMode},
+    sizes::EditSizes,
+    snapshot::Snapshot,
+    EditRequest, LoadOptions, Result,
 };
 
 /// One GiB.
@@ -330,10 +335,15 @@ impl MemoryPlan {
             activation_bytes: act,
             total_bytes: base + cache + act,
         };
+        // cuDNN's workspace outlives the VAE stages unless the unused memory is given back after them: it is a
+        // buffer of its own, kept for the next convolution, so in the pooled default the other stages of every
+        // edit after the first run beside it.
+        let releases = options.release_memory || options.exact_allocation != ExactAllocation::None;
+        let held_workspace = if releases { 0 } else { CONV_WORKSPACE };
         let stages = vec![
-            stage("encode prompt", te + weights.text_encoder_streamed_layer, 0),
+            stage("encode prompt", te + weights.text_encoder_streamed_layer + held_workspace, 0),
             stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
-            stage("denoise", dit, shape.cache_bytes),
+            stage("denoise", dit + held_workspace, shape.cache_bytes),
             stage("decode", per_tile(shape.output) + CONV_WORKSPACE, decode_cache),
         ];
         let peak_bytes = stages.iter().map(|p| p.total_bytes).max().unwrap_or(base);
