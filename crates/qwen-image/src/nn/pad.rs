@@ -20,29 +20,32 @@ impl<B: QwenBackend> Linear<B> {
     /// The layer with `pad` output features of zero weight (and zero bias) appended; unchanged when it cannot be
     /// padded ([`Linear::paddable`]) or `pad` is 0.
     pub fn pad_outputs(self, pad: usize) -> Self {
-        let LinearWeight::Dense(w) = &self.weight else { return self };
-        if pad == 0 || !self.paddable() {
-            return self;
-        }
-        let (device, dtype, [_, k]) = (w.device(), w.dtype(), w.dims());
-        let weight = Tensor::cat(vec![w.clone(), Tensor::zeros([pad, k], (&device, dtype))], 0);
-        let bias = self.bias.map(|b| {
-            let dtype = b.dtype();
-            Tensor::cat(vec![b, Tensor::zeros([pad], (&device, dtype))], 0)
-        });
-        Linear::new(weight, bias)
+        self.padded(pad, 0)
     }
 
     /// The layer with `pad` input features of zero weight appended (they read padded inputs that are zero anyway);
     /// unchanged when it cannot be padded or `pad` is 0.
     pub fn pad_inputs(self, pad: usize) -> Self {
+        self.padded(pad, 1)
+    }
+
+    /// `pad` zero rows (`axis` 0: outputs, with zero biases) or columns (`axis` 1: inputs) appended to the weight.
+    fn padded(self, pad: usize, axis: usize) -> Self {
         let LinearWeight::Dense(w) = &self.weight else { return self };
         if pad == 0 || !self.paddable() {
             return self;
         }
-        let (device, dtype, [n, _]) = (w.device(), w.dtype(), w.dims());
-        let weight = Tensor::cat(vec![w.clone(), Tensor::zeros([n, pad], (&device, dtype))], 1);
-        Linear::new(weight, self.bias)
+        let (device, dtype, mut shape) = (w.device(), w.dtype(), w.dims());
+        shape[axis] = pad;
+        let weight = Tensor::cat(vec![w.clone(), Tensor::zeros(shape, (&device, dtype))], axis);
+        let bias = match axis {
+            0 => self.bias.map(|b| {
+                let dtype = b.dtype();
+                Tensor::cat(vec![b, Tensor::zeros([pad], (&device, dtype))], 0)
+            }),
+            _ => self.bias,
+        };
+        Linear::new(weight, bias)
     }
 }
 
