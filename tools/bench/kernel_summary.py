@@ -1,7 +1,7 @@
 """Where a program's GPU time goes, kernel by kernel, from Nsight Compute's CSV of kernel durations.
 
     ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base --log-file k.csv PROGRAM ...
-    python3 tools/bench/kernel_summary.py k.csv [--json k.json] [--top 25]
+    python3 tools/bench/kernel_summary.py k.csv [--json k.json] [--top 25] [--exclude REGEX] [--list FROM:TO]
 
 Prints the total GPU time per kernel name (launches, total and mean µs, share) and per category: convolutions
 (cuDNN / CUTLASS / implicit-GEMM kernels), GEMMs, normalizations and reductions, copies and layout changes,
@@ -97,9 +97,21 @@ def main() -> int:
     ap.add_argument("csv", type=Path, help="ncu's CSV output (--csv --metrics gpu__time_duration.sum)")
     ap.add_argument("--json", type=Path, help="also write the summary as JSON")
     ap.add_argument("--top", type=int, default=25, help="kernels listed")
+    ap.add_argument("--exclude", help="leave out the launches whose kernel name matches this regex (e.g. `prng`: "
+                    "the random weights' generator of a benchmark's load)")
+    ap.add_argument("--list", metavar="FROM:TO",
+                    help="also list the launches FROM..TO (after --exclude) one by one, in order: one layer's kernels")
     args = ap.parse_args()
-    summary = summarize(read_durations(args.csv.read_text(errors="replace")))
+    durations = read_durations(args.csv.read_text(errors="replace"))
+    if args.exclude:
+        durations = [(k, us) for k, us in durations if not re.search(args.exclude, k)]
+    summary = summarize(durations)
     print(table(summary, args.top))
+    if args.list:
+        first, last = (int(v) for v in args.list.split(":"))
+        print("\n| launch | kernel | µs |\n|---|---|---|")
+        for i, (k, us) in enumerate(durations[first:last], start=first):
+            print(f"| {i} | `{k[:90]}` | {us:.1f} |")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return 0
