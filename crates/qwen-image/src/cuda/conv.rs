@@ -436,12 +436,13 @@ pub(crate) fn conv2d_prim(
     let buf = Buffers { x: ptr(&x)?, w: ptr(&weight)?, y: ptr(&out)? };
     let pb = ptr(&bias)?;
     with_gpu(x.device.index, |dev| {
+        // cuDNN missing or the shape unsupported: an error before anything is queued (the caller falls back).
+        let (mode, stream) = (dev.config().gemm_autotune, dev.stream());
+        let bytes = dev.dnn()?.workspace_for(key, mode)?;
         dev.begin(&x)?;
         // SAFETY: `out` holds `n·o·h'·w'` bf16 values and lives until this function returns.
         unsafe { dev.poison(buf.y, key.n * key.o * ho * wo) }?;
-        let (mode, stream) = (dev.config().gemm_autotune, dev.stream());
         let dnn = dev.dnn()?;
-        let bytes = dnn.workspace_for(key, mode)?;
         let ws = dnn.workspace(bytes, stream)?;
         dnn.run(key, buf, ws, mode)?;
         if with_bias {
