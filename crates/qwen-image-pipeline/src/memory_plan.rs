@@ -48,10 +48,7 @@ use qwen_image_pruning::{dry_run, GroupAction, ScheduleFactory, TokenLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compose::RequestSchedule,
-    load::{ExactAllocation, MemoryMode},
-    sizes::EditSizes,
-    snapshot::Snapshot,
+    compose::RequestSchedule, load::MemoryMode, progress::Stage, sizes::EditSizes, snapshot::Snapshot,
     EditRequest, LoadOptions, Result,
 };
 
@@ -335,15 +332,21 @@ impl MemoryPlan {
             activation_bytes: act,
             total_bytes: base + cache + act,
         };
-        // cuDNN's workspace outlives the VAE stages unless the unused memory is given back after them: it is a
-        // buffer of its own, kept for the next convolution, so in the pooled default the other stages of every
-        // edit after the first run beside it.
-        let releases = options.release_memory || options.exact_allocation != ExactAllocation::None;
-        let held_workspace = if releases { 0 } else { CONV_WORKSPACE };
+        // cuDNN's workspace is a buffer of its own, kept for the next convolution: it outlives a VAE stage unless
+        // the stage clock gives unused memory back after that stage (`StageClock::run`'s rule), so in the pooled
+        // default the denoising runs beside the encode's and the next edit's prompt beside the decode's.
+        let held_after = |stage| {
+            let released = options.release_memory || options.exact_allocation.covers(stage);
+            if released {
+                0
+            } else {
+                CONV_WORKSPACE
+            }
+        };
         let stages = vec![
-            stage("encode prompt", te + weights.text_encoder_streamed_layer + held_workspace, 0),
+            stage("encode prompt", te + weights.text_encoder_streamed_layer + held_after(Stage::Decode), 0),
             stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
-            stage("denoise", dit + held_workspace, shape.cache_bytes),
+            stage("denoise", dit + held_after(Stage::EncodeImage), shape.cache_bytes),
             stage("decode", per_tile(shape.output) + CONV_WORKSPACE, decode_cache),
         ];
         let peak_bytes = stages.iter().map(|p| p.total_bytes).max().unwrap_or(base);
