@@ -262,6 +262,19 @@ fn flash_attention_blocks_match_per_block_attention() {
     let fast = G::attend_blocks(q.clone(), k.clone(), v.clone(), &cu);
     let want = portable::attention_blocks(q, k, v, &cu, |q, s, o| reference_attention(&q, s, None, o.causal));
     check("attend_blocks: vision windows, head dim 80", fast, want, 2e-2);
+    // Whole images (one block; two of different lengths): on Hopper the TMA kernel with Q, K and V zero-padded to
+    // head dim 128 and the softmax scale of 80. Q, K and V are narrowed views of one fused `[1, t, 3·h, d]` tensor,
+    // as the vision tower passes them (read in place).
+    for cu in [vec![0usize, 1369], vec![0, 1100, 2300]] {
+        let t = *cu.last().unwrap();
+        let qkv = randn([1, t, 3 * h, d], 1.0);
+        let part = |i: usize| qkv.clone().narrow(2, i * h, h);
+        let fast = G::attend_blocks(part(0), part(1), part(2), &cu);
+        let want = portable::attention_blocks(part(0), part(1), part(2), &cu, |q, s, o| {
+            reference_attention(&q, s, None, o.causal)
+        });
+        check(&format!("attend_blocks: whole images {cu:?}, head dim 80"), fast, want, 2e-2);
+    }
     assert_fast(ATTENTION, "attention");
 }
 

@@ -133,6 +133,8 @@ if has modes; then
       fp8fast) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=1 ;;  # the default since 2026-12-07
       fp8exact) flags=(--quantize fp8); export QWEN_FP8_FAST_ACCUM=0 ;;  # promoted FP8 sums
       fp8attn) flags=(--quantize fp8 --fp8-attention) ;;  # the joint attention in FP8 too
+      # img_mlp.net.2 in FP8 too (kept by default, as the published ablations do; no proxy edit changed, docs/fp8.md)
+      fp8net2) flags=(--quantize fp8 --quantize-keep img_in,txt_in,time_text_embed.timestep_embedder,norm_out.linear,proj_out,img_mod,txt_mod) ;;
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;

@@ -88,8 +88,11 @@ pub struct VisionTower<B: Backend> {
 impl<B: QwenBackend> VisionAttention<B> {
     fn forward(&self, x: Tensor<B, 3>, rope: &VisionRope<B>, cu_seqlens: &[usize]) -> Tensor<B, 3> {
         let [b, s, dim] = x.dims();
-        let qkv = self.qkv.forward(x).reshape([b, s, 3, self.heads, self.head_dim]);
-        let part = |i: usize| qkv.clone().narrow(2, i, 1).reshape([b, s, self.heads, self.head_dim]);
+        // `[b, s, 3·heads, head_dim]`, each part a narrowed view of it: the CUDA rotary and attention kernels read
+        // such views in place, where narrowing a `[b, s, 3, heads, head_dim]` layout and dropping its axis made
+        // burn copy each part (3 of the 5.5 copies per block in the H100 profile, docs/performance.md).
+        let qkv = self.qkv.forward(x).reshape([b, s, 3 * self.heads, self.head_dim]);
+        let part = |i: usize| qkv.clone().narrow(2, i * self.heads, self.heads);
         let (q, k, v) = (part(0), part(1), part(2));
         // Rotary in f32 (the tables' dtype), cast back (apply_rotary_pos_emb_vision).
         let rotate = |t: Tensor<B, 4>| B::rotary_half(t, &rope.cos, &rope.sin);

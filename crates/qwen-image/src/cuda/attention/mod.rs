@@ -1,14 +1,16 @@
 //! `attend` / `attend_blocks` through our flash-attention kernels (`kernels/flash_attention*.cu`); [`attend`] is
 //! the single entry point and documents the dispatch.
 
+mod blocks;
 mod fp8;
 mod params;
 
 use std::ffi::c_void;
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use cudarc::driver::sys;
 
+pub(crate) use blocks::attend_blocks_prim;
 use params::{tensor_map, FlashParams, KvSeg, Operand, TmaMaps, VtParams};
 
 use super::{
@@ -269,7 +271,22 @@ fn flash_attention(
     mask: Option<Prim>,
     causal: bool,
 ) -> Result<Prim, FastError> {
+    flash_attention_scaled(q, segments, mask, causal, None)
+}
+
+/// [`flash_attention`] with the softmax's scale (`log2(e)/√d` folded in) given instead of the head dim's: for
+/// operands zero-padded to a wider head ([`blocks`]).
+fn flash_attention_scaled(
+    q: Prim,
+    segments: Vec<(Prim, Prim)>,
+    mask: Option<Prim>,
+    causal: bool,
+    scale_log2: Option<f32>,
+) -> Result<Prim, FastError> {
     let Call { p, qo, out, mut params, keep } = Call::new(q, segments, causal)?;
+    if let Some(scale) = scale_log2 {
+        params.scale_log2 = scale;
+    }
     let po = params.o;
     let index = qo.t.device.index;
     let mut kernel = Flash::choose(index, &p, || {
@@ -461,55 +478,4 @@ fn launch_mma(
     // compile time; it points into the query, key/value segments, output (and mask summary), held by the caller
     // until the launch is queued, with the shapes `Problem::check` verified.
     unsafe { dev.launch(f, grid, (THREADS, 1, 1), smem, &mut args) }
-}
-
-/// Block-diagonal flash attention on the mma.sync kernel; see
-/// [`QwenBackend::attend_blocks`](crate::ops::QwenBackend::attend_blocks).
-pub(crate) fn attend_blocks_prim(q: Prim, k: Prim, v: Prim, cu_seqlens: &[usize]) -> Result<Prim, FastError> {
-    let qd = dims(&q);
-    require(qd.len() == 4 && qd[0] == 1 && dims(&k) == qd && dims(&v) == qd, || format!("shapes {qd:?}"))?;
-    let (tokens, heads, head_dim) = (qd[1], qd[2], qd[3]);
-    let name = mma_kernel(head_dim).ok_or_else(|| FastError::unsupported(format!("head_dim {head_dim}")))?;
-    require(
-        cu_seqlens.len() >= 2
-            && cu_seqlens[0] == 0
-            && *cu_seqlens.last().unwrap_or(&0) == tokens
-            && cu_seqlens.windows(2).all(|w| w[1] >= w[0]),
-        || format!("cu_seqlens {cu_seqlens:?} for {tokens} tokens"),
-    )?;
-    require(tokens < i32::MAX as usize, || "too long".into())?;
-    let n_blocks = cu_seqlens.len() - 1;
-    let max_len = cu_seqlens.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    require(max_len > 0, || "empty blocks".into())?;
-
-    let (qo, ko, vo) = (Operand::new(q)?, Operand::new(k)?, Operand::new(v)?);
-    let device = qo.t.device.clone();
-    let cu: Vec<i32> = cu_seqlens.iter().map(|&c| c as i32).collect();
-    let cu = Tensor::<B, 1, Int>::from_data(TensorData::new(cu, [n_blocks + 1]), &device);
-    let cu = cu.into_primitive();
-    require(cu.dtype == DType::I32, || format!("cu_seqlens dtype {:?}", cu.dtype))?;
-    let out = empty_like_device(&qo.t, vec![1, tokens, heads, head_dim], DType::BF16);
-    let po = ptr(&out)?;
-    let mut params = FlashParams {
-        cu_seqlens: ptr(&cu)?,
-        n_segs: 1,
-        total_keys: tokens as i32,
-        kv_group: 1,
-        causal: 0,
-        n_blocks: n_blocks as i32,
-        ..FlashParams::new(&qo, po, tokens, heads, head_dim)
-    };
-    params.seg[0] = KvSeg::new(&ko, &vo, 0, tokens);
-    let grid = (max_len.div_ceil(BM) as u32, heads as u32, n_blocks as u32);
-    let smem = mma_smem(head_dim);
-    with_gpu(device.index, |dev| {
-        let f = dev.function(MODULE, kernels::FLASH_ATTENTION, name, smem)?;
-        dev.begin(&qo.t)?;
-        // SAFETY: `out` holds `tokens·heads·head_dim` bf16 values and lives until this function returns.
-        unsafe { dev.poison(params.o, tokens * heads * head_dim) }?;
-        launch_mma(dev, f, &mut params, grid, smem)?;
-        dev.end()
-    })?;
-    drop((qo, ko, vo, cu));
-    Ok(out)
 }
