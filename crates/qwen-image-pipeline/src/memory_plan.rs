@@ -26,9 +26,7 @@
 //!     chunks of query rows, each holding `rows · L` scores in the model's dtype and three f32 copies), whichever is
 //!     larger; the encode likewise at its input size.
 //! - **Convolution workspace**: cuDNN's scratch for the VAE's convolutions, at most [`CONV_WORKSPACE`] (the limit
-//!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages, and on the others too unless
-//!   the edit gives unused memory back after its stages (`release_memory`, exact allocations, low-memory mode): the
-//!   workspace is a buffer the fast path keeps for the next convolution.
+//!   the CUDA fast path puts on the algorithms it picks), counted on both VAE stages.
 //! - **Runtime**: the CUDA context, cuBLASLt's workspace and the allocator's slack, a constant
 //!   ([`RUNTIME_OVERHEAD`], from the H100 measurement of the DiT alone: 28.7 GiB used with 25.4 GiB of weights).
 //! - The stages run one after the other and every network stays resident (under [`MemoryMode::Low`] but the text
@@ -48,8 +46,8 @@ use qwen_image_pruning::{dry_run, GroupAction, ScheduleFactory, TokenLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compose::RequestSchedule, load::MemoryMode, progress::Stage, sizes::EditSizes, snapshot::Snapshot,
-    EditRequest, LoadOptions, Result,
+    compose::RequestSchedule, load::MemoryMode, sizes::EditSizes, snapshot::Snapshot, EditRequest,
+    LoadOptions, Result,
 };
 
 /// One GiB.
@@ -332,21 +330,10 @@ impl MemoryPlan {
             activation_bytes: act,
             total_bytes: base + cache + act,
         };
-        // cuDNN's workspace is a buffer of its own, kept for the next convolution: it outlives a VAE stage unless
-        // the stage clock gives unused memory back after that stage (`StageClock::run`'s rule), so in the pooled
-        // default the denoising runs beside the encode's and the next edit's prompt beside the decode's.
-        let held_after = |stage| {
-            let released = options.release_memory || options.exact_allocation.covers(stage);
-            if released {
-                0
-            } else {
-                CONV_WORKSPACE
-            }
-        };
         let stages = vec![
-            stage("encode prompt", te + weights.text_encoder_streamed_layer + held_after(Stage::Decode), 0),
+            stage("encode prompt", te + weights.text_encoder_streamed_layer, 0),
             stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
-            stage("denoise", dit + held_after(Stage::EncodeImage), shape.cache_bytes),
+            stage("denoise", dit, shape.cache_bytes),
             stage("decode", per_tile(shape.output) + CONV_WORKSPACE, decode_cache),
         ];
         let peak_bytes = stages.iter().map(|p| p.total_bytes).max().unwrap_or(base);

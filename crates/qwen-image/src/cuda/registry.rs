@@ -235,8 +235,7 @@ pub fn synchronize(device: &CudaDevice) -> Result<(), FastError> {
 }
 
 /// Gives the memory burn's allocator holds on `device` but no tensor uses back to the driver: burn's cleanup of its
-/// pool's free pages, the cuDNN workspace's free (the next convolution allocates it again), a device sync so that
-/// their stream-ordered frees complete, then the trim of CUDA's pool
+/// pool's free pages, a device sync so that their stream-ordered frees complete, then the trim of CUDA's pool
 /// ([`GpuState::trim_memory_pool`](super::gpu::GpuState::trim_memory_pool)), which otherwise keeps them.
 pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
     use cubecl::Runtime;
@@ -244,10 +243,6 @@ pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
     client.memory_cleanup();
     cubecl::future::block_on(client.sync()).map_err(|e| FastError::cuda(format!("burn sync: {e:?}")))?;
     with_gpu(device.index, |g| {
-        let stream = g.stream();
-        if let Some(dnn) = g.state().dnn.as_mut() {
-            dnn.release_workspace(stream)?;
-        }
         g.synchronize()?;
         g.state().trim_memory_pool()
     })
