@@ -11,13 +11,20 @@
 //! `torch.backends.cudnn.benchmark = True`); with [`GemmAutotune::Off`] it takes the heuristic's first algorithm
 //! that fits the workspace (`cudnnGetConvolutionForwardAlgorithm_v7`, PyTorch's default).
 //!
-//! **Workspace.** Taken from burn's memory pool for each call (the chosen algorithm's bytes, or for the first call of
-//! a shape the most any candidate needs) and handed back after it, as PyTorch takes it from its caching allocator;
-//! never more than [`WORKSPACE_MAX`] (algorithms that need more are not considered). Session 28 kept it in a buffer
-//! of its own instead, grown to the largest need (1.07 GB, a first call's): on an H100 that raised the pooled FP8
-//! edit's driver peak by 0.97 GiB (34 403 against 33 411 MiB in one call, session 29), since the pool's pages that
-//! the workspace used between the VAE's convolutions serve the DiT's activations afterwards, and a buffer of its own
-//! adds to them. So it comes from the pool again (docs/memory.md). On NCHW bf16 tensors cuDNN's
+//! **Workspace.** The chosen algorithm's bytes, or for the first call of a shape the most any candidate needs; never
+//! more than [`WORKSPACE_MAX`] (algorithms that need more are not considered). Where it lives follows burn's
+//! allocation mode, by measurement (H100, session 29, docs/memory.md):
+//! - pooled (the default): taken from burn's pool for each call and handed back after it, as PyTorch takes it from
+//!   its caching allocator. Between the VAE's convolutions its pages hold the DiT's activations. A buffer of its own
+//!   (1.07 GB, a first call's size, kept for the process) raised the pooled FP8 edit's driver peak by 0.97 GiB
+//!   (34 403 against 33 411 MiB);
+//! - exact allocation (`--exact-allocation`, `--low-memory`; [`super::registry::allocate_exactly`]): a buffer of the
+//!   cuDNN state's own on our stream, grown to the largest need and freed by [`Dnn::release_workspace`] (from
+//!   `release_unused_memory`, after each such stage). Exact allocations from the pool keep each differently sized
+//!   request until the stage ends: the `--low-memory` edit peaked at 22 321 MiB that way against 18 609 MiB with the
+//!   buffer.
+//!
+//! On NCHW bf16 tensors cuDNN's
 //! tensor-core algorithms convert the input and output to NHWC in their workspace: at the VAE's 1024² stage the
 //! input and output alone are 0.2–0.4 GB each (96 and 192 channels), and under the former 256 MiB cap the
 //! heuristic fell back to a CUDA-core kernel 20× slower (`implicit_convolve_sgemm`, 7.6 ms per 96→96 convolution on
@@ -100,6 +107,8 @@ struct Buffers {
 pub(crate) struct Dnn {
     handle: dnn_sys::cudnnHandle_t,
     plans: HashMap<ConvKey, ConvPlan>,
+    /// The workspace buffer (stream-ordered on our stream), 0 bytes until a call needs one.
+    workspace: Workspace,
 }
 
 /// A workspace for one call: device address and bytes (0 and 0 for none).
@@ -130,7 +139,7 @@ impl Dnn {
         // SAFETY: `handle` was just created; `stream` is the device state's stream, which outlives the handle (both
         // live until the process exits). The two stream types are the same driver object (`CUstream_st`).
         unsafe { dnn::set_stream(handle, stream.cast()) }.map_err(|e| dnn_err("set stream", e))?;
-        Ok(Dnn { handle, plans: HashMap::new() })
+        Ok(Dnn { handle, plans: HashMap::new(), workspace: Workspace { ptr: 0, bytes: 0 } })
     }
 
     /// The descriptors of `key`, made on first use.
@@ -154,6 +163,42 @@ impl Dnn {
             GemmAutotune::Off => heuristic.first().map_or(0, |c| c.1),
             _ => heuristic.iter().map(|c| c.1).max().unwrap_or(0),
         })
+    }
+
+    /// A workspace of at least `bytes` on `stream` (our stream, the one every call runs on): the buffer as it is
+    /// when large enough, else a larger one in its place (the old one freed in stream order, after the calls
+    /// already queued that use it).
+    fn workspace(
+        &mut self,
+        bytes: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<Workspace, FastError> {
+        if bytes <= self.workspace.bytes {
+            return Ok(self.workspace);
+        }
+        self.release_workspace(stream)?;
+        // SAFETY: a plain stream-ordered allocation on our stream of the current context; only cuDNN calls queued
+        // on that stream use it, and it is freed in that stream's order ([`Dnn::release_workspace`]).
+        let ptr = unsafe { cudarc::driver::result::malloc_async(stream, bytes) }
+            .map_err(|e| FastError::cuda(format!("cuDNN workspace of {bytes} bytes: {e:?}")))?;
+        self.workspace = Workspace { ptr, bytes };
+        Ok(self.workspace)
+    }
+
+    /// Frees the workspace buffer in `stream`'s order (after the calls queued that use it); the next call that
+    /// needs one allocates it again.
+    pub(crate) fn release_workspace(
+        &mut self,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<(), FastError> {
+        if self.workspace.bytes == 0 {
+            return Ok(());
+        }
+        let ptr = std::mem::replace(&mut self.workspace, Workspace { ptr: 0, bytes: 0 }).ptr;
+        // SAFETY: `ptr` came from `malloc_async` on this stream and is freed once (the record is cleared first);
+        // every call that reads it was queued on this stream before the free.
+        unsafe { cudarc::driver::result::free_async(ptr, stream) }
+            .map_err(|e| FastError::cuda(format!("freeing the cuDNN workspace: {e:?}")))
     }
 
     /// Chooses the algorithm of `key` (timing the candidates on `buf` when `mode` autotunes).
@@ -397,26 +442,31 @@ pub(crate) fn conv2d_prim(
     let out = empty_like_device(&x, vec![key.n, key.o, ho, wo], DType::BF16);
     let buf = Buffers { x: ptr(&x)?, w: ptr(&weight)?, y: ptr(&out)? };
     let pb = ptr(&bias)?;
-    let bytes = with_gpu(x.device.index, |dev| {
+    // cuDNN missing or the shape unsupported: an error before anything is queued (the caller falls back).
+    let (bytes, own_buffer) = with_gpu(x.device.index, |dev| {
         let mode = dev.config().gemm_autotune;
-        dev.dnn()?.workspace_for(key, mode)
+        let bytes = dev.dnn()?.workspace_for(key, mode)?;
+        Ok((bytes, dev.state().exact_allocation))
     })?;
-    // From burn's pool, like `out` (bf16 elements: 2 bytes each).
-    let workspace = (bytes > 0).then(|| empty_like_device(&x, vec![bytes.div_ceil(2)], DType::BF16));
-    let ws = Workspace { ptr: workspace.as_ref().map(ptr).transpose()?.unwrap_or(0), bytes };
+    // Pooled: from burn's pool, like `out` (bf16 elements: 2 bytes each).
+    let pooled =
+        (bytes > 0 && !own_buffer).then(|| empty_like_device(&x, vec![bytes.div_ceil(2)], DType::BF16));
+    let pooled_ws = Workspace { ptr: pooled.as_ref().map(ptr).transpose()?.unwrap_or(0), bytes };
     with_gpu(x.device.index, |dev| {
+        let (mode, stream) = (dev.config().gemm_autotune, dev.stream());
         dev.begin(&x)?;
         // SAFETY: `out` holds `n·o·h'·w'` bf16 values and lives until this function returns.
         unsafe { dev.poison(buf.y, key.n * key.o * ho * wo) }?;
-        let mode = dev.config().gemm_autotune;
-        dev.dnn()?.run(key, buf, ws, mode)?;
+        let dnn = dev.dnn()?;
+        let ws = if own_buffer { dnn.workspace(bytes, stream)? } else { pooled_ws };
+        dnn.run(key, buf, ws, mode)?;
         if with_bias {
             glue::queue_bias_add_nchw(dev, buf.y, pb, key.o, ho * wo, key.n * key.o * ho * wo)?;
         }
         dev.end()
     })?;
-    // The inputs, the bias and the workspace stay alive until the convolution is queued (burn's allocator then
+    // The inputs, the bias and a pooled workspace stay alive until the convolution is queued (burn's allocator then
     // reuses them only after it).
-    drop((x, weight, bias, workspace));
+    drop((x, weight, bias, pooled));
     Ok((out, with_bias))
 }

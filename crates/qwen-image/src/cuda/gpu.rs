@@ -59,6 +59,9 @@ pub(crate) struct GpuState {
     pub(crate) blas: Option<Blas>,
     /// cuDNN (the VAE's convolutions), created on first use.
     pub(crate) dnn: Option<Dnn>,
+    /// Whether burn allocates exactly for the current stage ([`super::registry::allocate_exactly`]): cuDNN's
+    /// workspace is then a buffer of its own (`conv.rs`).
+    pub(crate) exact_allocation: bool,
 }
 
 // SAFETY: the raw CUDA handles (stream, events, modules, functions, cuBLASLt and cuDNN handles and descriptors) are plain
@@ -94,6 +97,7 @@ impl GpuState {
             kernels: KernelCache::default(),
             blas: None,
             dnn: None,
+            exact_allocation: false,
         };
         if let Err(e) = gpu.set_ordering(ordering) {
             log::warn!(

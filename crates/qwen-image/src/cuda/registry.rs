@@ -235,7 +235,8 @@ pub fn synchronize(device: &CudaDevice) -> Result<(), FastError> {
 }
 
 /// Gives the memory burn's allocator holds on `device` but no tensor uses back to the driver: burn's cleanup of its
-/// pool's free pages, a device sync so that their stream-ordered frees complete, then the trim of CUDA's pool
+/// pool's free pages, the cuDNN workspace's free (held between the convolutions of an exact-allocation stage), a
+/// device sync so that their stream-ordered frees complete, then the trim of CUDA's pool
 /// ([`GpuState::trim_memory_pool`](super::gpu::GpuState::trim_memory_pool)), which otherwise keeps them.
 pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
     use cubecl::Runtime;
@@ -243,6 +244,10 @@ pub fn release_unused_memory(device: &CudaDevice) -> Result<(), FastError> {
     client.memory_cleanup();
     cubecl::future::block_on(client.sync()).map_err(|e| FastError::cuda(format!("burn sync: {e:?}")))?;
     with_gpu(device.index, |g| {
+        let stream = g.stream();
+        if let Some(dnn) = g.state().dnn.as_mut() {
+            dnn.release_workspace(stream)?;
+        }
         g.synchronize()?;
         g.state().trim_memory_pool()
     })
@@ -260,6 +265,13 @@ pub fn allocate_exactly(device: &CudaDevice, exact: bool) {
     // The "leak" it warns of is exact allocations that outlive their use: the caller frees them with an explicit
     // cleanup (`release_unused_memory`) after the stage.
     unsafe { client.allocation_mode(mode) };
+    let recorded = with_gpu(device.index, |g| {
+        g.state().exact_allocation = exact;
+        Ok(())
+    });
+    if let Err(e) = recorded {
+        log::debug!("qwen-image: allocation mode not recorded for cuDNN's workspace ({e})");
+    }
 }
 
 #[cfg(test)]
