@@ -111,8 +111,8 @@ pub(crate) struct Dnn {
     workspace: Workspace,
 }
 
-/// A workspace for one call: device address and bytes (0 and 0 for none).
-#[derive(Clone, Copy)]
+/// A workspace for one call: device address and bytes (0 and 0 for none, the default).
+#[derive(Clone, Copy, Default)]
 struct Workspace {
     ptr: u64,
     bytes: usize,
@@ -139,7 +139,7 @@ impl Dnn {
         // SAFETY: `handle` was just created; `stream` is the device state's stream, which outlives the handle (both
         // live until the process exits). The two stream types are the same driver object (`CUstream_st`).
         unsafe { dnn::set_stream(handle, stream.cast()) }.map_err(|e| dnn_err("set stream", e))?;
-        Ok(Dnn { handle, plans: HashMap::new(), workspace: Workspace { ptr: 0, bytes: 0 } })
+        Ok(Dnn { handle, plans: HashMap::new(), workspace: Workspace::default() })
     }
 
     /// The descriptors of `key`, made on first use.
@@ -194,7 +194,7 @@ impl Dnn {
         if self.workspace.bytes == 0 {
             return Ok(());
         }
-        let ptr = std::mem::replace(&mut self.workspace, Workspace { ptr: 0, bytes: 0 }).ptr;
+        let ptr = std::mem::take(&mut self.workspace).ptr;
         // SAFETY: `ptr` came from `malloc_async` on this stream and is freed once (the record is cleared first);
         // every call that reads it was queued on this stream before the free.
         unsafe { cudarc::driver::result::free_async(ptr, stream) }

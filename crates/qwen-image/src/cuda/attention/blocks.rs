@@ -101,16 +101,16 @@ fn padded_tma_fits(q: &Prim, cu_seqlens: &[usize]) -> Result<bool, FastError> {
 fn padded_tma(q: Prim, k: Prim, v: Prim, cu_seqlens: &[usize]) -> Result<Prim, FastError> {
     let (q, k, v) = (wrap::<4>(q), wrap::<4>(k), wrap::<4>(v));
     let [_, _, heads, head_dim] = q.dims();
-    let pad = |t: &Tensor<B, 4>, start: usize, len: usize| {
-        let zeros = Tensor::<B, 4>::zeros([1, len, heads, TMA_HEAD_DIM - head_dim], (&t.device(), t.dtype()));
-        prim(Tensor::cat(vec![t.clone().narrow(1, start, len), zeros], 3))
-    };
     let scale = LOG2_E / (head_dim as f32).sqrt();
     let mut outs = Vec::with_capacity(cu_seqlens.len() - 1);
     for w in cu_seqlens.windows(2) {
         let (start, len) = (w[0], w[1] - w[0]);
-        let segments = vec![(pad(&k, start, len), pad(&v, start, len))];
-        let out = flash_attention_scaled(pad(&q, start, len), segments, None, false, Some(scale))?;
+        // One block of zero columns, appended to Q, K and V alike.
+        let zeros = Tensor::<B, 4>::zeros([1, len, heads, TMA_HEAD_DIM - head_dim], (&q.device(), q.dtype()));
+        let pad =
+            |t: &Tensor<B, 4>| prim(Tensor::cat(vec![t.clone().narrow(1, start, len), zeros.clone()], 3));
+        let segments = vec![(pad(&k), pad(&v))];
+        let out = flash_attention_scaled(pad(&q), segments, None, false, Some(scale))?;
         outs.push(wrap::<4>(out).narrow(3, 0, head_dim));
     }
     Ok(prim(match outs.len() {
