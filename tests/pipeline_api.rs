@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use qwen_image::{processor::RgbImage, tensor_io::rel_l2, CpuBackend};
 use qwen_image_pipeline::{
-    demo, lora::LoraWeights, EditReport, EditRequest, LoadOptions, NoProgress, PipelineError, Progress,
-    QwenImageEditPipeline, Stage, StepReport,
+    demo, lora::LoraWeights, EditReport, EditRequest, ExactAllocation, LoadOptions, NoProgress,
+    PipelineError, Progress, QwenImageEditPipeline, Stage, StepReport,
 };
 use qwen_image_pruning::{
     from_fn, GroupAction, GroupPlan, LayerPlan, PruneError, PruningSchedule, ReuseMode, ScheduleSpec,
@@ -152,6 +152,30 @@ fn a_dropped_cache_changes_no_pixel_and_is_not_kept() {
 }
 
 #[test]
+fn image_encoding_is_awaited_when_each_stage_gives_its_memory_back_and_no_pixel_changes() {
+    // Queued image encoding (the default) and awaited image encoding (after every stage memory is given back, so
+    // each stage is finished first) run the same networks on the same inputs: the same image, bit for bit.
+    let queued = pipe().edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+    assert!(queued.report.stages.iter().any(|s| s.queued));
+    for options in [
+        LoadOptions { release_memory: true, ..LoadOptions::default() },
+        LoadOptions { exact_allocation: ExactAllocation::Vae, ..LoadOptions::default() },
+    ] {
+        let mut p: QwenImageEditPipeline<B> = QwenImageEditPipeline::load(
+            snapshot().to_str().unwrap(),
+            &options,
+            &Default::default(),
+            &mut NoProgress,
+        )
+        .unwrap();
+        let awaited = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+        assert!(awaited.report.stages.iter().all(|s| !s.queued), "{:?}", awaited.report.stages);
+        assert_eq!(awaited.image, queued.image);
+        assert_eq!(awaited.latents, queued.latents);
+    }
+}
+
+#[test]
 fn seeded_noise_is_reproducible_and_supplied_noise_is_used() {
     let mut p = pipe();
     let mut r = request("Make it purple");
@@ -227,7 +251,16 @@ fn progress_and_report_describe_the_run() {
     if cfg!(target_os = "linux") {
         assert!(r.memory.unwrap().host_rss_bytes.unwrap() > 0, "the default probe reads the host's memory");
     }
+    // Image encoding is queued ahead of prompt encoding (the device computes it while the host prepares and queues
+    // the text encoder's inputs), and the report says so.
+    let queued: Vec<Stage> = r.stages.iter().filter(|s| s.queued).map(|s| s.stage).collect();
+    assert_eq!(queued, [Stage::EncodeImage]);
     let json = serde_json::to_value(r).unwrap();
+    assert_eq!(
+        (&json["stages"][1]["stage"], &json["stages"][1]["queued"]),
+        (&"encode_image".into(), &true.into())
+    );
+    assert!(json["stages"][2].get("queued").is_none(), "only a queued stage says so: {}", json["stages"]);
     assert_eq!(json["stages"][3]["stage"], "modulation_table");
     assert_eq!(json["stages"][4]["stage"], "denoise");
     assert_eq!(

@@ -53,10 +53,11 @@ fn stages_are_profiled_part_by_part_with_the_networks_marked() {
     assert_eq!(profile.reps, 2);
     assert_eq!(profile.prompt_tokens, before.report.text_tokens + DROP_IDX);
     let order: Vec<Stage> = profile.stages.iter().map(|s| s.stage).collect();
-    assert_eq!(order, [Stage::Preprocess, Stage::EncodePrompt, Stage::EncodeImage, Stage::Decode]);
+    assert_eq!(order, [Stage::Preprocess, Stage::EncodeImage, Stage::EncodePrompt, Stage::Decode]);
     assert_eq!(
         parts(&profile, Stage::EncodePrompt),
         named(&[
+            ("image processor", false),
             ("upload pixels", false),
             ("vision tower", true),
             ("language model", true),
@@ -100,6 +101,7 @@ fn true_cfg_profiles_the_negative_prompt_separately() {
     assert_eq!(
         names,
         [
+            "image processor",
             "upload pixels",
             "vision tower",
             "language model",

@@ -35,7 +35,9 @@ def summarize(path):
           f"failed {len(r.get('failed') or [])}")
     for edit in r.get("edits", []):
         for kind, rep in (edit.get("runs") or {}).items():
-            stages = " ".join(f"{SHORT.get(s['stage'], s['stage'])} {1e3 * s['seconds']:.1f}" for s in rep["stages"])
+            # `*`: only queued (its device time falls into the next stage)
+            stages = " ".join(f"{SHORT.get(s['stage'], s['stage'])}{'*' if s.get('queued') else ''} "
+                              f"{1e3 * s['seconds']:.1f}" for s in rep["stages"])
             steps = " ".join(f"{1e3 * s['seconds']:.0f}" for s in rep["steps"])
             print(f"  run {edit.get('run')} {rep['schedule']:<5} {rep['total_seconds']:.3f} s | {stages} | steps {steps}"
                   f" | mem {memory(rep.get('memory'))}")

@@ -7,14 +7,18 @@
 //! 1. **Preprocess** ([`Stage::Preprocess`]): the sizes ([`EditSizes`]: [`calculate_dimensions`][dims] rounding half
 //!    to even, the output floored to multiples of 16 [edit.py#L623-L630][out]), Pillow-exact Lanczos resizes (the
 //!    vision-language image per variant: Edit v1 the ~1 MP image [edit.py#L662][resize], Edit-Plus ~384² per image
-//!    [plus.py#L693-L706][plus-sizes]), the prompts' token ids, the σ schedule with μ from the noisy-token count
-//!    [edit.py#L720-L735][sigmas] (the pruning schedule is dry-run against it here, before anything heavy runs), and
-//!    the initial noise from a seed or supplied.
-//! 2. **Encode prompt**: the vision tower once for the condition images, then the Qwen2.5-VL text encoder for the
-//!    prompt and, under true CFG ([edit.py#L678][cfg]), the negative prompt; the first 64 template tokens are dropped
-//!    ([edit.py#L225-L270][embeds]).
-//! 3. **Encode image**: VAE encode (posterior mean), per-channel normalization and 2×2 packing
-//!    ([edit.py#L406-L427][vae], [edit.py#L382-L388][pack]).
+//!    [plus.py#L693-L706][plus-sizes]), the vision tower's patch grids, the prompts' token ids, the σ schedule with μ
+//!    from the noisy-token count [edit.py#L720-L735][sigmas] (the pruning schedule is dry-run against it here,
+//!    before anything heavy runs), and the initial noise from a seed or supplied.
+//! 2. **Encode image**: VAE encode (posterior mean), per-channel normalization and 2×2 packing
+//!    ([edit.py#L406-L427][vae], [edit.py#L382-L388][pack]). Diffusers runs it after the prompt; the two are
+//!    independent, and here it comes first and is only queued ([`StageClock::queue`]): the device computes it while
+//!    the host prepares the vision tower's patches and queues the text encoder, whose queueing is what bounds the
+//!    vision tower's time. Under a memory release or exact allocations after every stage it is awaited as the
+//!    other stages are.
+//! 3. **Encode prompt**: the image processor's patches and the vision tower once for the condition images, then the
+//!    Qwen2.5-VL text encoder for the prompt and, under true CFG ([edit.py#L678][cfg]), the negative prompt; the
+//!    first 64 template tokens are dropped ([edit.py#L225-L270][embeds]).
 //! 4. **Modulation table** (table mode only, [`ModulationMode::Table`]): the DiT's modulation rows of this edit's
 //!    timesteps that the pipeline's table does not hold yet (the first edit of a schedule; nothing afterwards).
 //! 5. **Denoise**: the flow-matching Euler loop under the pruning schedule, with true CFG and per-token norm
@@ -49,7 +53,9 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use qwen_image::{
     dit::{ImageShape, ModulationMode, ModulationTableUpdate},
     ops::QwenBackend,
-    processor::{encode_prompt, extract_prompt_embeds, PixelValues, PromptTemplate, RgbImage, DROP_IDX},
+    processor::{
+        encode_prompt, extract_prompt_embeds, GridThw, PixelValues, PromptTemplate, RgbImage, DROP_IDX,
+    },
     text_encoder::TextEncoderInput,
     transfer::{read_f32, upload_as},
 };
@@ -76,8 +82,9 @@ use crate::{
 pub(crate) struct EditInputs<B: Backend> {
     pub(crate) sizes: EditSizes,
     pub(crate) images: ResizedImages,
-    /// The vision-language images as the vision tower's patches.
-    pub(crate) pixels: PixelValues,
+    /// The vision tower's patch grid of each vision-language image (its patches are made in the prompt stage, only
+    /// when the tower runs).
+    pub(crate) grids: Vec<GridThw>,
     pub(crate) prompt_ids: Vec<u32>,
     /// Under true CFG only.
     pub(crate) negative_ids: Option<Vec<u32>>,
@@ -150,10 +157,11 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             .releasing_memory(self.options.release_memory)
             .allocating_exactly(self.options.exact_allocation);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
+        let image_latents = clock.queue(Stage::EncodeImage, |_| {
+            self.encode_images_reused(&inputs.images.vae, reuse, &mut counts)
+        })?;
         let text =
             clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;
-        let image_latents = clock
-            .run(Stage::EncodeImage, |_| self.encode_images_reused(&inputs.images.vae, reuse, &mut counts))?;
         if self.table_mode() {
             clock.run(Stage::ModulationTable, |_| self.extend_modulation_table(&inputs))?;
         }
@@ -176,8 +184,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         })
     }
 
-    /// [`Stage::Preprocess`]: sizes, resized images, pixel values, token ids, σ (with the pruning schedule checked
-    /// against them) and noise.
+    /// [`Stage::Preprocess`]: sizes, resized images, the vision tower's patch grids, token ids, σ (with the pruning
+    /// schedule checked against them) and noise.
     pub(crate) fn preprocess(
         &self,
         req: &EditRequest,
@@ -185,10 +193,10 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     ) -> Result<EditInputs<B>> {
         let sizes = EditSizes::new(req, self.variant())?;
         let images = sizes.resize(&req.images)?;
-        let pixels = self.image_processor.preprocess_all(&images.vision)?;
-        let prompt_ids = self.tokenize(&req.prompt, &pixels)?;
+        let grids = self.vision_grids(&images.vision)?;
+        let prompt_ids = self.tokenize(&req.prompt, &grids)?;
         let negative_ids = match &req.negative_prompt {
-            Some(negative) if req.true_cfg() => Some(self.tokenize(negative, &pixels)?),
+            Some(negative) if req.true_cfg() => Some(self.tokenize(negative, &grids)?),
             _ => None,
         };
         let sigmas = self.scheduler.set_timesteps_with_sigmas(
@@ -199,7 +207,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             noise: self.initial_noise(req, &sizes)?,
             sizes,
             images,
-            pixels,
+            grids,
             prompt_ids,
             negative_ids,
             schedule: sigmas,
@@ -208,14 +216,24 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         Ok(inputs)
     }
 
-    /// The token ids of `prompt` in the variant's template, with the condition images' placeholders.
-    pub(crate) fn tokenize(&self, prompt: &str, pixels: &PixelValues) -> Result<Vec<u32>> {
+    /// The image processor's patch grid of each vision-language image (what its patches will be, without making
+    /// them).
+    pub(crate) fn vision_grids(&self, images: &[RgbImage]) -> Result<Vec<GridThw>> {
+        Ok(images
+            .iter()
+            .map(|i| self.image_processor.grid(i.width(), i.height()))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The token ids of `prompt` in the variant's template, with the placeholders of the condition images, whose
+    /// patch grids are `grids`.
+    pub(crate) fn tokenize(&self, prompt: &str, grids: &[GridThw]) -> Result<Vec<u32>> {
         let template = match self.variant() {
             Variant::Edit => PromptTemplate::Edit,
             Variant::EditPlus => PromptTemplate::EditPlus,
         };
         let merge = self.image_processor.config().merge_size;
-        let ids = encode_prompt(&self.tokenizer, template, prompt, &pixels.grids, merge)?.input_ids;
+        let ids = encode_prompt(&self.tokenizer, template, prompt, grids, merge)?.input_ids;
         if ids.len() <= DROP_IDX {
             return Err(PipelineError::invalid(format!(
                 "the prompt template gave only {} tokens (more than {DROP_IDX} are needed)",
@@ -279,7 +297,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         reuse: &mut dyn ImageReuse<B>,
         counts: &mut ReuseCounts,
     ) -> Result<EncodedPrompts<B>> {
-        let image_embeds = self.vision_embeds_reused(&inputs.images.vision, &inputs.pixels, reuse, counts)?;
+        let image_embeds = self.vision_embeds_reused(&inputs.images.vision, &inputs.grids, reuse, counts)?;
         self.encode_prompts(inputs, &image_embeds)
     }
 
@@ -289,16 +307,31 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         inputs: &EditInputs<B>,
         image_embeds: &Tensor<B, 2>,
     ) -> Result<EncodedPrompts<B>> {
-        let encode = |ids: &Vec<u32>| self.encode_text(ids, image_embeds, &inputs.pixels);
+        let encode = |ids: &Vec<u32>| self.encode_text(ids, image_embeds, &inputs.grids);
         Ok(EncodedPrompts {
             prompt: encode(&inputs.prompt_ids)?,
             negative: inputs.negative_ids.as_ref().map(encode).transpose()?,
         })
     }
 
-    /// The vision tower's embeddings of the condition images (shared by the prompt and the negative prompt).
-    pub(crate) fn vision_embeds(&self, pixels: &PixelValues) -> Result<Tensor<B, 2>> {
-        Ok(self.text_encoder.vision_forward(self.upload_pixels(pixels), &pixels.grid_thw())?)
+    /// The vision tower's embeddings of the vision-language `images` (shared by the prompt and the negative
+    /// prompt): the image processor's patches, then the tower. `grids` are the patch grids preprocessing
+    /// computed for them.
+    pub(crate) fn vision_embeds(&self, images: &[RgbImage], grids: &[GridThw]) -> Result<Tensor<B, 2>> {
+        let pixels = self.pixel_values(images, grids)?;
+        Ok(self.text_encoder.vision_forward(self.upload_pixels(&pixels), &pixels.grid_thw())?)
+    }
+
+    /// The image processor's patches of the vision-language `images`, which must have the patch grids `grids`.
+    pub(crate) fn pixel_values(&self, images: &[RgbImage], grids: &[GridThw]) -> Result<PixelValues> {
+        let pixels = self.image_processor.preprocess_all(images)?;
+        if pixels.grids != grids {
+            return Err(PipelineError::invalid(format!(
+                "the image processor made patch grids {:?}, preprocessing expected {grids:?}",
+                pixels.grids
+            )));
+        }
+        Ok(pixels)
     }
 
     /// The vision-language images' patches on the device in the text encoder's dtype (converted on the host: no
@@ -312,9 +345,9 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         &self,
         ids: &[u32],
         image_embeds: &Tensor<B, 2>,
-        pixels: &PixelValues,
+        grids: &[GridThw],
     ) -> Result<TextConditioning<B>> {
-        prompt_conditioning(self.text_hidden(ids, image_embeds, pixels)?, ids.len())
+        prompt_conditioning(self.text_hidden(ids, image_embeds, grids)?, ids.len())
     }
 
     /// The text encoder's last hidden states `[1, ids.len(), hidden]` for the token ids `ids` with the condition
@@ -323,10 +356,10 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         &self,
         ids: &[u32],
         image_embeds: &Tensor<B, 2>,
-        pixels: &PixelValues,
+        grids: &[GridThw],
     ) -> Result<Tensor<B, 3>> {
         let input = TextEncoderInput::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>())
-            .with_image_embeds(image_embeds.clone(), pixels.grid_thw())
+            .with_image_embeds(image_embeds.clone(), grids.to_vec())
             .with_positions(self.options.text_positions);
         Ok(self.text_encoder.forward(&input)?)
     }

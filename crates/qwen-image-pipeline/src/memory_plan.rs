@@ -153,13 +153,17 @@ impl PlanShape {
         let sizes = EditSizes::new(req, variant)?;
         let images = sizes.resize(&req.images)?;
         let (tokenizer, processor) = crate::load::load_processor(snapshot)?;
-        let pixels = processor.preprocess_all(&images.vision)?;
+        let grids = images
+            .vision
+            .iter()
+            .map(|i| processor.grid(i.width(), i.height()))
+            .collect::<Result<Vec<_>, _>>()?;
         let template = match variant {
             crate::Variant::Edit => PromptTemplate::Edit,
             crate::Variant::EditPlus => PromptTemplate::EditPlus,
         };
         let merge = processor.config().merge_size;
-        let tokens = encode_prompt(&tokenizer, template, &req.prompt, &pixels.grids, merge)?.input_ids.len();
+        let tokens = encode_prompt(&tokenizer, template, &req.prompt, &grids, merge)?.input_ids.len();
         let dit = snapshot.dit_config()?;
         let conditions: Vec<usize> = sizes.conditions().iter().map(|c| c.tokens()).collect();
         let target = sizes.target().tokens();
@@ -182,7 +186,7 @@ impl PlanShape {
             .unwrap_or(sizes.output);
         Ok(PlanShape {
             text_encoder_tokens: tokens,
-            vision_patches: pixels.grids.iter().map(|g| g.num_patches()).sum(),
+            vision_patches: grids.iter().map(|g| g.num_patches()).sum(),
             dit_text_tokens: text,
             target_tokens: target,
             condition_tokens: conditions,
@@ -331,8 +335,8 @@ impl MemoryPlan {
             total_bytes: base + cache + act,
         };
         let stages = vec![
-            stage("encode prompt", te + weights.text_encoder_streamed_layer, 0),
             stage("encode image", per_tile(shape.vae_input) + CONV_WORKSPACE, 0),
+            stage("encode prompt", te + weights.text_encoder_streamed_layer, 0),
             stage("denoise", dit, shape.cache_bytes),
             stage("decode", per_tile(shape.output) + CONV_WORKSPACE, decode_cache),
         ];

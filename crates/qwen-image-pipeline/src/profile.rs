@@ -6,6 +6,9 @@
 //! preprocessing, prompt-encoding, image-encoding and decoding stages of a request `reps` times (the same code as
 //! [`edit`](QwenImageEditPipeline::edit), with a device synchronization at the end of each stage), then each part
 //! alone with a synchronization after it, and reports medians. `pipeline_bench --stages` prints and saves it.
+//! Each stage is measured on its own, in this order: the edit queues image encoding ahead of prompt encoding
+//! without waiting ([`StageClock::queue`](crate::progress::StageClock::queue)), so there the two overlap, which
+//! shows as an edit faster than the sum of its stages here.
 //! The denoising loop is left out (the DiT benchmark and the edit's own report cover it); decoding starts from the
 //! initial noise, which costs what final latents cost.
 
@@ -121,7 +124,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         req.validate(self.variant())?;
         let reps = reps.max(1);
         let mut stages: Vec<Samples> =
-            [Stage::Preprocess, Stage::EncodePrompt, Stage::EncodeImage, Stage::Decode]
+            [Stage::Preprocess, Stage::EncodeImage, Stage::EncodePrompt, Stage::Decode]
                 .map(Samples::new)
                 .into();
         let mut prompt_tokens = 0;
@@ -129,8 +132,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             let mut run = Vec::new();
             let inputs = self.profile_preprocess(req, &mut run)?;
             prompt_tokens = inputs.prompt_ids.len();
-            self.profile_encode_prompt(&inputs, &mut run)?;
             self.profile_encode_image(&inputs, &mut run)?;
+            self.profile_encode_prompt(&inputs, &mut run)?;
             self.profile_decode(&inputs, &mut run)?;
             if rep > 0 {
                 for (stage, sample) in run {
@@ -160,10 +163,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         run.push((S, Sample::Whole(t)));
         let (images, t) = self.timed(|| EditSizes::new(req, self.variant())?.resize(&req.images))?;
         run.push((S, Sample::Part("sizes and resizing", false, t)));
-        let (pixels, t) = self.timed(|| Ok(self.image_processor.preprocess_all(&images.vision)?))?;
-        run.push((S, Sample::Part("image processor", false, t)));
-        let (_, t) = self.timed(|| self.tokenize(&req.prompt, &pixels))?;
-        run.push((S, Sample::Part("tokenizer", false, t)));
+        let (_, t) = self.timed(|| self.tokenize(&req.prompt, &self.vision_grids(&images.vision)?))?;
+        run.push((S, Sample::Part("patch grids and tokenizer", false, t)));
         let (_, t) = self.timed(|| self.initial_noise(req, &inputs.sizes))?;
         run.push((S, Sample::Part("initial noise", false, t)));
         Ok(inputs)
@@ -174,10 +175,11 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let (_, t) =
             self.timed(|| self.encode_prompt_stage(inputs, &mut NoReuse, &mut ReuseCounts::default()))?;
         run.push((S, Sample::Whole(t)));
-        let (pixels, t) = self.timed(|| Ok(self.upload_pixels(&inputs.pixels)))?;
+        let (pixels, t) = self.timed(|| self.pixel_values(&inputs.images.vision, &inputs.grids))?;
+        run.push((S, Sample::Part("image processor", false, t)));
+        let (pixels, t) = self.timed(|| Ok(self.upload_pixels(&pixels)))?;
         run.push((S, Sample::Part("upload pixels", false, t)));
-        let grids = inputs.pixels.grid_thw();
-        let (embeds, t) = self.timed(|| Ok(self.text_encoder.vision_forward(pixels, &grids)?))?;
+        let (embeds, t) = self.timed(|| Ok(self.text_encoder.vision_forward(pixels, &inputs.grids)?))?;
         run.push((S, Sample::Part("vision tower", true, t)));
         let prompts = [
             ("language model", "prompt embeddings", Some(&inputs.prompt_ids)),
@@ -189,7 +191,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         ];
         for (network, extraction, ids) in prompts {
             let Some(ids) = ids else { continue };
-            let (hidden, t) = self.timed(|| self.text_hidden(ids, &embeds, &inputs.pixels))?;
+            let (hidden, t) = self.timed(|| self.text_hidden(ids, &embeds, &inputs.grids))?;
             run.push((S, Sample::Part(network, true, t)));
             let (_, t) = self.timed(|| prompt_conditioning(hidden, ids.len()))?;
             run.push((S, Sample::Part(extraction, false, t)));

@@ -26,10 +26,11 @@ pub enum Stage {
     LoadProcessor,
     /// Reading and applying LoRA files.
     LoadLora,
-    /// Everything cheap that comes before the networks run: the sizes, resizing the input images, tokenizing the
-    /// prompts, the σ schedule and the pruning schedule's check against it, and the initial noise.
+    /// Everything cheap that comes before the networks run: the sizes, resizing the input images, their patch grids,
+    /// tokenizing the prompts, the σ schedule and the pruning schedule's check against it, and the initial noise.
     Preprocess,
-    /// The Qwen2.5-VL text encoder (prompt and negative prompt).
+    /// The image processor's patches of the condition images and the Qwen2.5-VL text encoder (prompt and negative
+    /// prompt).
     EncodePrompt,
     /// VAE encoding of the condition images.
     EncodeImage,
@@ -43,11 +44,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    /// The stages of an edit, in the order they run ([`Stage::ModulationTable`] in table mode only).
+    /// The stages of an edit, in the order they run ([`Stage::ModulationTable`] in table mode only; image encoding
+    /// is queued ahead of prompt encoding, which runs while the device computes it).
     pub const EDIT: [Stage; 6] = [
         Stage::Preprocess,
-        Stage::EncodePrompt,
         Stage::EncodeImage,
+        Stage::EncodePrompt,
         Stage::ModulationTable,
         Stage::Denoise,
         Stage::Decode,
@@ -75,7 +77,8 @@ impl Stage {
 pub trait Progress {
     /// A stage starts.
     fn stage_started(&mut self, _stage: Stage) {}
-    /// A stage ended after `_time` (the device was synchronized before the clock stopped).
+    /// A stage ended after `_time` (the device was synchronized before the clock stopped, unless the stage was
+    /// only queued: see [`StageTiming::queued`]).
     fn stage_finished(&mut self, _stage: Stage, _time: Duration) {}
     /// The denoising loop starts `_num_steps` steps.
     fn denoise_started(&mut self, _num_steps: usize) {}
@@ -185,10 +188,37 @@ impl<'a, B: QwenBackend> StageClock<'a, B> {
             B::release_unused_memory(&self.device);
         }
         let out = out?;
-        let time = start.elapsed();
-        self.timings.push(StageTiming { stage, seconds: time.as_secs_f64() });
-        self.progress.stage_finished(stage, time);
+        self.finish(stage, start, false);
         Ok(out)
+    }
+
+    /// Runs `f` as `stage` without waiting for the device: its work stays queued while the next stage's host work
+    /// runs and queues more, so that the device computes both back to back instead of idling while the host
+    /// prepares the next stage. The stage's time is then the host's time to queue it ([`StageTiming::queued`]);
+    /// the device time it still needs falls into the next stage, which waits. Under a memory release after every
+    /// stage or exact allocations the stage is awaited as [`run`](Self::run) awaits it: those give back what a
+    /// stage held once it is done.
+    pub(crate) fn queue<T>(
+        &mut self,
+        stage: Stage,
+        f: impl FnOnce(&mut dyn Progress) -> Result<T>,
+    ) -> Result<T> {
+        if self.release_memory || self.exact_allocation != ExactAllocation::None {
+            return self.run(stage, f);
+        }
+        check_cancelled(&*self.progress)?;
+        self.progress.stage_started(stage);
+        let start = Instant::now();
+        let out = f(&mut *self.progress)?;
+        self.finish(stage, start, true);
+        Ok(out)
+    }
+
+    /// Records `stage`, started at `start`, and tells the `Progress` it finished.
+    fn finish(&mut self, stage: Stage, start: Instant, queued: bool) {
+        let time = start.elapsed();
+        self.timings.push(StageTiming { stage, seconds: time.as_secs_f64(), queued });
+        self.progress.stage_finished(stage, time);
     }
 
     /// The timings of the stages that ran, in order.

@@ -19,8 +19,14 @@ use crate::{
 pub struct StageTiming {
     /// The stage.
     pub stage: Stage,
-    /// Seconds (the device was synchronized before the clock stopped).
+    /// Seconds: the device was synchronized before the clock stopped, unless the stage was only
+    /// [`queued`](Self::queued).
     pub seconds: f64,
+    /// The stage's device work was queued, not awaited: [`seconds`](Self::seconds) is the host's time to queue it,
+    /// and the device finished it inside the next stage, whose time includes it (image encoding, queued ahead of
+    /// prompt encoding: see [`QwenImageEditPipeline::edit`](crate::QwenImageEditPipeline::edit)).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
 }
 
 /// What one denoising step did: the progress event of the step and its entry in the [`EditReport`].
