@@ -197,7 +197,8 @@ impl<'a> Gpu<'a> {
     }
 
     /// Orders our stream after everything submitted so far (call after taking every pointer the operation needs:
-    /// taking a pointer is a blocking round trip to burn's server thread, so its queue has been submitted).
+    /// taking a pointer goes through burn's device thread, which runs its queue in order, so everything burn was
+    /// asked before has been handed to the driver).
     pub(crate) fn begin(&mut self, any: &Prim) -> Result<(), FastError> {
         let s = &*self.state;
         match s.ordering {

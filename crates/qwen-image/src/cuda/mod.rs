@@ -127,12 +127,13 @@ pub type CudaDevice = cubecl::cuda::CudaDevice;
 
 /// `fast(&inputs)` on the fast path of `device` when `kind` is on there and it succeeds, else `portable(inputs)`
 /// (the outcome is booked in the device's counters; see [`registry::attempt`]). The fast closure borrows the
-/// inputs, so it clones only what it hands to a kernel, and only when it runs.
-fn fast_or<I, O>(
+/// inputs, so it clones only what it hands to a kernel, and only when it runs (on burn's device thread unless
+/// configured otherwise: [`FastPathConfig::device_thread`]).
+fn fast_or<I: Sync, O: Send + 'static>(
     device: &CudaDevice,
     kind: Kind,
     inputs: I,
-    fast: impl FnOnce(&I) -> Result<O, FastError>,
+    fast: impl FnOnce(&I) -> Result<O, FastError> + Send,
     portable: impl FnOnce(I) -> O,
 ) -> O {
     match attempt(device.index, kind, || fast(&inputs)) {

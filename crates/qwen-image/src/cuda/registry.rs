@@ -120,19 +120,23 @@ pub(crate) fn enabled(index: usize, kind: Kind) -> bool {
 /// happened: `Some(value)` when it ran, `None` when the caller falls back to the portable implementation (the kind
 /// is off, the inputs are unsupported, or a CUDA call failed: that switches the kind off on this device, with a
 /// `log` warning, until the next [`configure`]).
-pub(crate) fn attempt<T>(index: usize, kind: Kind, f: impl FnOnce() -> Result<T, FastError>) -> Option<T> {
-    let on = with_state(index, |s| {
+pub(crate) fn attempt<T: Send + 'static>(
+    index: usize,
+    kind: Kind,
+    f: impl FnOnce() -> Result<T, FastError> + Send,
+) -> Option<T> {
+    let (on, device_thread) = with_state(index, |s| {
         let on = s.enabled(kind);
         if !on {
             s.kinds[kind as usize].fallbacks += 1;
         }
-        on
+        (on, s.config.device_thread)
     });
     if !on {
         return None;
     }
     // Not under the registry lock: `f` takes it itself (`with_gpu`), and burn work it triggers may take long.
-    let result = f();
+    let result = if device_thread { on_device_thread(index, f) } else { f() };
     with_state(index, |s| {
         let k = &mut s.kinds[kind as usize];
         match result {
@@ -159,6 +163,23 @@ pub(crate) fn attempt<T>(index: usize, kind: Kind, f: impl FnOnce() -> Result<T,
             }
         }
     })
+}
+
+/// Runs `f` on burn's device thread of device `index` (`ComputeClient::exclusive`), blocking until it returns
+/// ([`FastPathConfig::device_thread`]). A fast operation takes the device address of every tensor it touches, and
+/// from any other thread each address is a blocking round trip to that thread (module docs of `cuda`, "Ordering");
+/// there, the lookups and whatever burn work the operation asks for (allocations, copies) run directly, so the
+/// operation costs one round trip instead of one per tensor. Ordering is unchanged: the thread runs what it is asked
+/// in order, so everything queued before `f` has been handed to the driver when `f` runs, and everything queued
+/// after runs after it. A panic in `f` comes back as an error (burn's thread catches it), which switches the kind
+/// off as a CUDA error does.
+fn on_device_thread<T: Send + 'static>(
+    index: usize,
+    f: impl FnOnce() -> Result<T, FastError> + Send,
+) -> Result<T, FastError> {
+    use cubecl::Runtime;
+    let client = cubecl::cuda::CudaRuntime::client(&CudaDevice::new(index));
+    client.exclusive(f).map_err(|e| FastError::cuda(format!("burn's device thread: {e:?}")))?
 }
 
 /// Sets the fast path's configuration of `device` (which starts from [`FastPathConfig::from_env`]). Kinds switched
@@ -281,7 +302,9 @@ mod tests {
 
     fn device(index: usize) -> CudaDevice {
         let device = CudaDevice::new(index);
-        configure(&device, FastPathConfig::default()).expect("no CUDA state yet: nothing to switch");
+        // On the calling thread: burn's device thread would need the (absent) device.
+        let config = FastPathConfig { device_thread: false, ..FastPathConfig::default() };
+        configure(&device, config).expect("no CUDA state yet: nothing to switch");
         device
     }
 

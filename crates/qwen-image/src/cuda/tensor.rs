@@ -33,8 +33,10 @@ pub(crate) fn wrap<const D: usize>(t: Prim) -> Tensor<CudaBackend, D> {
 
 /// The device address of the tensor's first element (the handle's offset included).
 ///
-/// This is a blocking round trip to burn's server thread, so every operation this thread submitted before has been
-/// handed to the CUDA driver when it returns (the ordering in [`super::gpu::Gpu::begin`] relies on it).
+/// It asks burn's device thread: from any other thread a blocking round trip, so every operation this thread
+/// submitted before has been handed to the CUDA driver when it returns (the ordering in [`super::gpu::Gpu::begin`]
+/// relies on it). The fast operations run on that thread (`on_device_thread` in `cuda/mod.rs`), where the lookup is
+/// a direct call and everything queued before the operation has already run.
 pub(crate) fn ptr(t: &Prim) -> Result<u64, FastError> {
     let res = t
         .client
