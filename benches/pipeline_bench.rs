@@ -432,6 +432,15 @@ fn stages(args: &Args, pipe: &mut QwenImageEditPipeline<G>, req: &EditRequest) -
             s.overhead_seconds() * 1e3
         );
     }
+    let overhead =
+        profile.encodings_overhead_fraction().map_or(String::new(), |f| format!(" ({:+.1} %)", f * 1e2));
+    println!(
+        "{:<16} {:<34} {:>10.2}   networks {:.2} ms{overhead}",
+        "encode both",
+        "= image queued, then prompt (as the edit)",
+        profile.encodings_seconds * 1e3,
+        profile.encodings_network_seconds() * 1e3
+    );
     let transfer = transfer_check(&demo::DemoSize::Full.sample_image().expect("image"));
     println!("bf16 upload / read-back converted on the host vs f32 transfer + cast: {transfer}");
     json!({

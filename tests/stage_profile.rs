@@ -73,6 +73,14 @@ fn stages_are_profiled_part_by_part_with_the_networks_marked() {
         named(&[("unpack and de-normalize", false), ("VAE decode", true), ("read back to RGB", false)])
     );
     assert!(parts(&profile, Stage::Preprocess).iter().all(|(_, net)| !net));
+    // Both encodings as the edit runs them, judged against both stages' networks.
+    let nets: f64 = [Stage::EncodeImage, Stage::EncodePrompt]
+        .map(|st| profile.stages.iter().find(|s| s.stage == st).unwrap().network_seconds())
+        .iter()
+        .sum();
+    assert!(profile.encodings_seconds > 0.0 && profile.encodings_network_seconds() == nets && nets > 0.0);
+    let fraction = profile.encodings_overhead_fraction().unwrap();
+    assert_eq!(fraction, (profile.encodings_seconds - nets) / nets);
     for s in &profile.stages {
         assert!(s.seconds > 0.0 && s.seconds.is_finite(), "{s:?}");
         assert!(s.parts.iter().all(|p| p.seconds >= 0.0 && p.seconds.is_finite()), "{s:?}");

@@ -327,12 +327,26 @@ def targets(rust, pipe, e2e, edit):
     mem = dig(e2e, "device_used_max_bytes")
     target(f"peak GPU memory, {'FP8' if fp8 else 'bf16'} resident ≤ {32 if fp8 else 58} GiB", mem, 32 if fp8 else 58,
            "GiB", 1 / GIB)
-    for stage in ("encode_prompt", "encode_image", "decode"):
+    for stage in ("encode_image", "decode"):
         s = profile_stage(pipe, stage)
         if s:
             net = network_ms(s)
             target(f"{stage}: overhead over its networks ≤ 10 % (`pipeline_bench --stages`)",
                    (s["seconds"] * 1e3 - net) / net * 100, 10, "%")
+    # The edit queues image encoding and runs prompt encoding (the image processor, the text encoder) behind it:
+    # the two are judged together, as the edit runs them, against their three networks. Prompt encoding measured
+    # alone carries the image processor the edit hides.
+    both = dig(pipe, "stages", "profile", "encodings_seconds")
+    nets = [network_ms(profile_stage(pipe, s)) for s in ("encode_image", "encode_prompt")]
+    if both is not None and None not in nets:
+        net = sum(nets)
+        target("encode image + encode prompt as the edit overlaps them: overhead over their networks ≤ 10 % "
+               "(`pipeline_bench --stages`)", (both * 1e3 - net) / net * 100, 10, "%")
+    s = profile_stage(pipe, "encode_prompt")
+    if s and both is None:
+        net = network_ms(s)
+        target("encode_prompt: overhead over its networks ≤ 10 % (`pipeline_bench --stages`)",
+               (s["seconds"] * 1e3 - net) / net * 100, 10, "%")
         stage_ms = dig(e2e, "roles", "none", "stages_ms", stage)
         net = {"encode_prompt": dig(pipe, "text_encoder", "forward_ms"), "encode_image": dig(pipe, "vae", "encode_ms"),
                "decode": dig(pipe, "vae", "decode_ms")}[stage]
