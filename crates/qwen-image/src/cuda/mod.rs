@@ -15,8 +15,9 @@
 //!
 //! cubecl-cuda 0.10 keeps its CUDA streams private (one per thread stream id, owned by its server thread, no
 //! accessor), so our kernels run on a stream of our own in the same primary context. Taking a tensor's device
-//! address (`tensor::ptr`) is a blocking round trip to burn's server thread, so once an operation holds its
-//! pointers every burn operation this thread issued before has been handed to the driver. Then
+//! address (`tensor::ptr`) goes through burn's server thread, which runs what it is asked in order, so once an
+//! operation holds its pointers every burn operation this thread issued before has been handed to the driver (by
+//! default the whole operation runs on that thread: [`FastPathConfig::device_thread`]). Then
 //! ([`OrderingMode::ContextEvents`], the default):
 //!
 //! - before the operation, `cuCtxRecordEvent` captures all work submitted to the context and our stream waits on
@@ -43,6 +44,7 @@
 //! | `QWEN_FP8_FAST_ACCUM` | `on` (`1`), `off` (`0`) | [`fp8_fast_accum`](FastPathConfig::fp8_fast_accum): cuBLASLt's fast accumulation in the FP8 GEMMs (on by default: faster, less exact; judged on the proxy benchmark, docs/fp8.md) |
 //! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape, and cuDNN's convolution algorithms per shape (`verbose`: and log the timings at `info` level) |
 //! | `QWEN_CUDA_KERNEL_DIR` | unset, or a folder | [`kernel_dir`](FastPathConfig::kernel_dir): `<dir>/<module>.cu` replaces a built-in kernel source (tuning without a rebuild) |
+//! | `QWEN_CUDA_DEVICE_THREAD` | `on` (`1`), `off` (`0`) | [`device_thread`](FastPathConfig::device_thread): each fast operation runs on burn's device thread (one blocking round trip per operation, not one per device pointer) |
 //! | `QWEN_CUDA_CACHE_DIR` | unset, or a folder | none (process-wide): where [`configure_runtime_caches`]`(None)` keeps burn's compiled kernels and autotune results ([`default_cache_dir`]) |
 //!
 //! Test support without a variable: [`FastPathConfig::poison_outputs`] fills every output with NaN before its
