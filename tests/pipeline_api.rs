@@ -28,13 +28,12 @@ fn snapshot() -> PathBuf {
 }
 
 fn pipe() -> QwenImageEditPipeline<B> {
-    QwenImageEditPipeline::load(
-        snapshot().to_str().unwrap(),
-        &LoadOptions::default(),
-        &Default::default(),
-        &mut NoProgress,
-    )
-    .unwrap()
+    pipe_with(&LoadOptions::default())
+}
+
+fn pipe_with(options: &LoadOptions) -> QwenImageEditPipeline<B> {
+    QwenImageEditPipeline::load(snapshot().to_str().unwrap(), options, &Default::default(), &mut NoProgress)
+        .unwrap()
 }
 
 fn request(prompt: &str) -> EditRequest {
@@ -135,14 +134,7 @@ fn a_dropped_cache_changes_no_pixel_and_is_not_kept() {
     // request's keep_cache finds nothing (a plan that reuses at step 0 is refused, as after a cleared cache).
     let mut kept = pipe();
     let want = kept.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
-    let options = LoadOptions { drop_cache_after_denoise: true, ..LoadOptions::default() };
-    let mut p: QwenImageEditPipeline<B> = QwenImageEditPipeline::load(
-        snapshot().to_str().unwrap(),
-        &options,
-        &Default::default(),
-        &mut NoProgress,
-    )
-    .unwrap();
+    let mut p = pipe_with(&LoadOptions { drop_cache_after_denoise: true, ..LoadOptions::default() });
     let got = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
     assert_eq!(got.image, want.image);
     assert!(got.report.cache_peak_bytes > 0 && got.report.cache_bytes == 0 && p.cache_bytes() == 0);
@@ -161,14 +153,8 @@ fn image_encoding_is_awaited_when_each_stage_gives_its_memory_back_and_no_pixel_
         LoadOptions { release_memory: true, ..LoadOptions::default() },
         LoadOptions { exact_allocation: ExactAllocation::Vae, ..LoadOptions::default() },
     ] {
-        let mut p: QwenImageEditPipeline<B> = QwenImageEditPipeline::load(
-            snapshot().to_str().unwrap(),
-            &options,
-            &Default::default(),
-            &mut NoProgress,
-        )
-        .unwrap();
-        let awaited = p.edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
+        let awaited =
+            pipe_with(&options).edit(&request("Make it purple"), &spec("cat"), &mut NoProgress).unwrap();
         assert!(awaited.report.stages.iter().all(|s| !s.queued), "{:?}", awaited.report.stages);
         assert_eq!(awaited.image, queued.image);
         assert_eq!(awaited.latents, queued.latents);
