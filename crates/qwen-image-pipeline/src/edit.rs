@@ -16,9 +16,10 @@
 //!    the host prepares the vision tower's patches and queues the text encoder, whose queueing is what bounds the
 //!    vision tower's time. Under a memory release or exact allocations after every stage it is awaited as the
 //!    other stages are.
-//! 3. **Encode prompt**: the image processor's patches and the vision tower once for the condition images, then the
-//!    Qwen2.5-VL text encoder for the prompt and, under true CFG ([edit.py#L678][cfg]), the negative prompt; the
-//!    first 64 template tokens are dropped ([edit.py#L225-L270][embeds]).
+//! 3. **Encode prompt**: the image processor's patches (made on another thread while image encoding is queued, or
+//!    here on a miss of per-image reuse) and the vision tower once for the condition images, then the Qwen2.5-VL
+//!    text encoder for the prompt and, under true CFG ([edit.py#L678][cfg]), the negative prompt; the first 64
+//!    template tokens are dropped ([edit.py#L225-L270][embeds]).
 //! 4. **Modulation table** (table mode only, [`ModulationMode::Table`]): the DiT's modulation rows of this edit's
 //!    timesteps that the pipeline's table does not hold yet (the first edit of a schedule; nothing afterwards).
 //! 5. **Denoise**: the flow-matching Euler loop under the pruning schedule, with true CFG and per-token norm
@@ -157,11 +158,19 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             .releasing_memory(self.options.release_memory)
             .allocating_exactly(self.options.exact_allocation);
         let inputs = clock.run(Stage::Preprocess, |_| self.preprocess(req, schedule))?;
-        let image_latents = clock.queue(Stage::EncodeImage, |_| {
-            self.encode_images_reused(&inputs.images.vae, reuse, &mut counts)
+        let (image_latents, text) = std::thread::scope(|scope| -> Result<_> {
+            // Without per-image reuse the vision tower runs: its patches are made on another thread while this one
+            // queues the image encoding (with reuse, only on a miss, in the prompt stage).
+            let (processor, vision) = (&self.image_processor, &inputs.images.vision);
+            let ahead = (!reuse.enabled()).then(|| scope.spawn(move || processor.preprocess_all(vision)));
+            let latents = clock.queue(Stage::EncodeImage, |_| {
+                self.encode_images_reused(&inputs.images.vae, reuse, &mut counts)
+            })?;
+            let text = clock.run(Stage::EncodePrompt, |_| {
+                self.encode_prompt_stage(&inputs, joined(ahead)?, reuse, &mut counts)
+            })?;
+            Ok((latents, text))
         })?;
-        let text =
-            clock.run(Stage::EncodePrompt, |_| self.encode_prompt_stage(&inputs, reuse, &mut counts))?;
         if self.table_mode() {
             clock.run(Stage::ModulationTable, |_| self.extend_modulation_table(&inputs))?;
         }
@@ -289,15 +298,17 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         }
     }
 
-    /// [`Stage::EncodePrompt`]: the vision tower's embeddings of the condition images (from `reuse` or computed),
-    /// then the text encoder per prompt.
+    /// [`Stage::EncodePrompt`]: the vision tower's embeddings of the condition images (from `reuse` or computed,
+    /// from their patches `pixels` when these were made ahead), then the text encoder per prompt.
     pub(crate) fn encode_prompt_stage(
         &self,
         inputs: &EditInputs<B>,
+        pixels: Option<PixelValues>,
         reuse: &mut dyn ImageReuse<B>,
         counts: &mut ReuseCounts,
     ) -> Result<EncodedPrompts<B>> {
-        let image_embeds = self.vision_embeds_reused(&inputs.images.vision, &inputs.grids, reuse, counts)?;
+        let vision = &inputs.images.vision;
+        let image_embeds = self.vision_embeds_reused(vision, &inputs.grids, pixels, reuse, counts)?;
         self.encode_prompts(inputs, &image_embeds)
     }
 
@@ -315,23 +326,24 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// The vision tower's embeddings of the vision-language `images` (shared by the prompt and the negative
-    /// prompt): the image processor's patches, then the tower. `grids` are the patch grids preprocessing
-    /// computed for them.
-    pub(crate) fn vision_embeds(&self, images: &[RgbImage], grids: &[GridThw]) -> Result<Tensor<B, 2>> {
-        let pixels = self.pixel_values(images, grids)?;
+    /// prompt): the image processor's patches (`ahead`, when made already), then the tower. `grids` are the patch
+    /// grids preprocessing computed for them.
+    pub(crate) fn vision_embeds(
+        &self,
+        images: &[RgbImage],
+        grids: &[GridThw],
+        ahead: Option<PixelValues>,
+    ) -> Result<Tensor<B, 2>> {
+        let pixels = match ahead {
+            Some(pixels) => checked_grids(pixels, grids)?,
+            None => self.pixel_values(images, grids)?,
+        };
         Ok(self.text_encoder.vision_forward(self.upload_pixels(&pixels), &pixels.grid_thw())?)
     }
 
     /// The image processor's patches of the vision-language `images`, which must have the patch grids `grids`.
     pub(crate) fn pixel_values(&self, images: &[RgbImage], grids: &[GridThw]) -> Result<PixelValues> {
-        let pixels = self.image_processor.preprocess_all(images)?;
-        if pixels.grids != grids {
-            return Err(PipelineError::invalid(format!(
-                "the image processor made patch grids {:?}, preprocessing expected {grids:?}",
-                pixels.grids
-            )));
-        }
-        Ok(pixels)
+        checked_grids(self.image_processor.preprocess_all(images)?, grids)
     }
 
     /// The vision-language images' patches on the device in the text encoder's dtype (converted on the host: no
@@ -540,4 +552,24 @@ pub(crate) fn prompt_conditioning<B: Backend>(
 /// A tensor's values as f32 (read back in its own dtype, converted on the host: the values of an f32 cast).
 fn to_f32<B: Backend>(t: Tensor<B, 3>) -> Result<Vec<f32>> {
     read_f32(t).map_err(|e| PipelineError::Device(e.to_string()))
+}
+
+/// `pixels` if the image processor made the patch grids `grids` that preprocessing expected (the tokens of the
+/// prompt hold one placeholder per merged patch of them).
+fn checked_grids(pixels: PixelValues, grids: &[GridThw]) -> Result<PixelValues> {
+    if pixels.grids != grids {
+        return Err(PipelineError::invalid(format!(
+            "the image processor made patch grids {:?}, preprocessing expected {grids:?}",
+            pixels.grids
+        )));
+    }
+    Ok(pixels)
+}
+
+/// The patches an image-processor thread made ahead, if one was started (its panic, if any, goes on here).
+pub(crate) fn joined(
+    thread: Option<std::thread::ScopedJoinHandle<'_, qwen_image::Result<PixelValues>>>,
+) -> Result<Option<PixelValues>> {
+    let pixels = thread.map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+    Ok(pixels.transpose()?)
 }

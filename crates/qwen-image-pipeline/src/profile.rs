@@ -19,7 +19,7 @@ use qwen_image_pruning::ScheduleSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    edit::{prompt_conditioning, EditInputs},
+    edit::{joined, prompt_conditioning, EditInputs},
     latents::tensor_to_image,
     progress::{sync, Stage},
     request::EditRequest,
@@ -183,14 +183,20 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         })
     }
 
-    /// Image and prompt encoding as the edit runs them (image encoding queued, prompt encoding right after it, one
-    /// synchronization): seconds.
+    /// Image and prompt encoding as the edit runs them (the patches made on another thread while image encoding is
+    /// queued, prompt encoding right after it, one synchronization): seconds.
     fn profile_encodings(&self, inputs: &EditInputs<B>) -> Result<f64> {
         sync::<B>(&self.device)?;
+        let (processor, vision) = (&self.image_processor, &inputs.images.vision);
         let (_, t) = self.timed(|| {
-            let latents = self.encode_images(&inputs.images.vae)?;
-            let prompts = self.encode_prompt_stage(inputs, &mut NoReuse, &mut ReuseCounts::default())?;
-            Ok((latents, prompts))
+            std::thread::scope(|scope| {
+                let ahead = scope.spawn(move || processor.preprocess_all(vision));
+                let latents = self.encode_images(&inputs.images.vae)?;
+                let pixels = joined(Some(ahead))?;
+                let prompts =
+                    self.encode_prompt_stage(inputs, pixels, &mut NoReuse, &mut ReuseCounts::default())?;
+                Ok((latents, prompts))
+            })
         })?;
         Ok(t)
     }
@@ -220,7 +226,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     fn profile_encode_prompt(&self, inputs: &EditInputs<B>, run: &mut Run) -> Result<()> {
         const S: Stage = Stage::EncodePrompt;
         let (_, t) =
-            self.timed(|| self.encode_prompt_stage(inputs, &mut NoReuse, &mut ReuseCounts::default()))?;
+            self.timed(|| self.encode_prompt_stage(inputs, None, &mut NoReuse, &mut ReuseCounts::default()))?;
         run.push((S, Sample::Whole(t)));
         let (pixels, t) = self.timed(|| self.pixel_values(&inputs.images.vision, &inputs.grids))?;
         run.push((S, Sample::Part("image processor", false, t)));
