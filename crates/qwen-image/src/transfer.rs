@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::{ops::QwenBackend, ModelError, Result};
 
 /// `values` (row-major, `shape`) as a `dtype` tensor on `device`, converted on the host and uploaded with
-/// [`QwenBackend::upload`] (a direct copy on the CUDA fast path).
+/// [`QwenBackend::upload_activation`] (a direct or staged copy on the CUDA fast path).
 ///
 /// Panics if `values` does not fill `shape` (a caller's bug).
 pub fn upload_as<B: QwenBackend, const D: usize>(
@@ -46,7 +46,7 @@ pub fn upload_as<B: QwenBackend, const D: usize>(
         DType::F32 => TensorData::new(values.to_vec(), shape),
         other => TensorData::new(values.to_vec(), shape).convert_dtype(other),
     };
-    B::upload(data, device)
+    B::upload_activation(data, device)
 }
 
 /// Values per parallel task of the host conversions: large buffers (the 6.4 M values of a 1024² vision-language

@@ -47,6 +47,11 @@ pub struct FastPathConfig {
     /// round trip to that thread per operation instead of one per tensor whose device address it takes (3–5 for a
     /// GEMM). Same work in the same order either way; `QWEN_CUDA_DEVICE_THREAD=0` runs them on the calling thread.
     pub device_thread: bool,
+    /// Upload the activations an edit makes on the host (the vision tower's patches, the prompt's token embeddings
+    /// under FP8) from page-locked staging buffers (`QWEN_CUDA_STAGED_UPLOADS`; default off until measured on a
+    /// GPU): a copy from pageable memory makes the host wait until the device reaches it, which stops the host
+    /// queueing ahead while earlier work (the queued VAE encode) runs. Weights are never staged.
+    pub staged_uploads: bool,
     /// Test support (no variable): every fast-path output is filled with NaN before the kernel that computes it
     /// runs, so a kernel that leaves elements unwritten is caught.
     pub poison_outputs: bool,
@@ -63,6 +68,7 @@ impl Default for FastPathConfig {
             kernel_dir: None,
             fp8_fast_accum: true,
             device_thread: true,
+            staged_uploads: false,
             poison_outputs: false,
         }
     }
@@ -108,6 +114,8 @@ impl Environment {
             kernel_dir: dir("QWEN_CUDA_KERNEL_DIR"),
             fp8_fast_accum: parsed(&var, "QWEN_FP8_FAST_ACCUM", parse_switch).unwrap_or(d.fp8_fast_accum),
             device_thread: parsed(&var, "QWEN_CUDA_DEVICE_THREAD", parse_switch).unwrap_or(d.device_thread),
+            staged_uploads: parsed(&var, "QWEN_CUDA_STAGED_UPLOADS", parse_switch)
+                .unwrap_or(d.staged_uploads),
             poison_outputs: d.poison_outputs,
         };
         Environment { fast_path, cache_dir: dir("QWEN_CUDA_CACHE_DIR") }
@@ -284,6 +292,7 @@ mod tests {
             ("QWEN_CUDA_CACHE_DIR", "/c"),
             ("QWEN_FP8_FAST_ACCUM", "off"),
             ("QWEN_CUDA_DEVICE_THREAD", "0"),
+            ("QWEN_CUDA_STAGED_UPLOADS", "1"),
         ]);
         let want = FastPathConfig {
             ops: FastOps { gemm: true, attention: true, glue: false, fp8: false, conv: false },
@@ -293,6 +302,7 @@ mod tests {
             kernel_dir: Some("/k".into()),
             fp8_fast_accum: false,
             device_thread: false,
+            staged_uploads: true,
             poison_outputs: false,
         };
         assert_eq!(e.fast_path, want);
@@ -320,6 +330,7 @@ mod tests {
             ("QWEN_GEMM_AUTOTUNE", "yes"),
             ("QWEN_FP8_FAST_ACCUM", "yes"),
             ("QWEN_CUDA_DEVICE_THREAD", "maybe"),
+            ("QWEN_CUDA_STAGED_UPLOADS", "later"),
         ]);
         assert_eq!(e.fast_path, FastPathConfig::default());
     }

@@ -15,6 +15,7 @@ use super::{
     error::FastError,
     gemm::Blas,
     nvrtc::KernelCache,
+    staging::StagingBuffers,
     tensor::Prim,
 };
 
@@ -62,10 +63,13 @@ pub(crate) struct GpuState {
     /// Whether burn allocates exactly for the current stage ([`super::registry::allocate_exactly`]): cuDNN's
     /// workspace is then a buffer of its own (`conv.rs`).
     pub(crate) exact_allocation: bool,
+    /// Page-locked buffers for staged uploads of activations (`staging.rs`).
+    pub(crate) staging: StagingBuffers,
 }
 
 // SAFETY: the raw CUDA handles (stream, events, modules, functions, cuBLASLt and cuDNN handles and descriptors) are plain
-// driver handles, valid in any thread once the context is bound there. The state is only reached through the
+// driver handles, valid in any thread once the context is bound there, and the staging buffers plain page-locked host
+// allocations owned by this state alone. The state is only reached through the
 // registry's mutex, and `with_gpu` binds the context to the calling thread before handing it out, so it is used by
 // one thread at a time with its context current.
 unsafe impl Send for GpuState {}
@@ -98,6 +102,7 @@ impl GpuState {
             blas: None,
             dnn: None,
             exact_allocation: false,
+            staging: StagingBuffers::default(),
         };
         if let Err(e) = gpu.set_ordering(ordering) {
             log::warn!(

@@ -44,6 +44,7 @@
 //! | `QWEN_FP8_FAST_ACCUM` | `on` (`1`), `off` (`0`) | [`fp8_fast_accum`](FastPathConfig::fp8_fast_accum): cuBLASLt's fast accumulation in the FP8 GEMMs (on by default: faster, less exact; judged on the proxy benchmark, docs/fp8.md) |
 //! | `QWEN_GEMM_AUTOTUNE` | `on` (`1`), `off` (`0`), `verbose` | [`gemm_autotune`](FastPathConfig::gemm_autotune): time the heuristic's top 8 cuBLASLt algorithms per large shape, and cuDNN's convolution algorithms per shape (`verbose`: and log the timings at `info` level) |
 //! | `QWEN_CUDA_KERNEL_DIR` | unset, or a folder | [`kernel_dir`](FastPathConfig::kernel_dir): `<dir>/<module>.cu` replaces a built-in kernel source (tuning without a rebuild) |
+//! | `QWEN_CUDA_STAGED_UPLOADS` | `off` (`0`), `on` (`1`) | [`staged_uploads`](FastPathConfig::staged_uploads): activations made during an edit are uploaded from page-locked staging buffers, so the host does not wait for the device to reach the copy |
 //! | `QWEN_CUDA_DEVICE_THREAD` | `on` (`1`), `off` (`0`) | [`device_thread`](FastPathConfig::device_thread): each fast operation runs on burn's device thread (one blocking round trip per operation, not one per device pointer) |
 //! | `QWEN_CUDA_CACHE_DIR` | unset, or a folder | none (process-wide): where [`configure_runtime_caches`]`(None)` keeps burn's compiled kernels and autotune results ([`default_cache_dir`]) |
 //!
@@ -103,6 +104,7 @@ mod pixels;
 mod registry;
 mod rotary;
 mod runtime_cache;
+mod staging;
 mod tensor;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -417,6 +419,13 @@ impl QwenBackend for CudaBackend {
                 HostMemory::ordinary(bytes)
             }
         }
+    }
+
+    fn upload_activation<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
+        let fast = |data: &TensorData| {
+            tensor::upload_activation_prim(data.as_bytes(), data.shape.to_vec(), data.dtype, device).map(wrap)
+        };
+        fast_or(device, Kind::Glue, data, fast, |data| portable::upload(data, device))
     }
 
     fn upload_bytes<const D: usize>(

@@ -114,6 +114,33 @@ pub(crate) fn upload_bytes_prim(
     dtype: DType,
     device: &CudaDevice,
 ) -> Result<Prim, FastError> {
+    upload_into_new(bytes, shape, dtype, device, false)
+}
+
+/// Largest activation staged through page-locked memory (larger ones are copied from where they are).
+const STAGED_MAX_BYTES: usize = 64 << 20;
+
+/// [`upload_bytes_prim`] for an activation made during an edit: staged through a page-locked buffer when
+/// [`FastPathConfig::staged_uploads`](super::FastPathConfig::staged_uploads) is on (at most [`STAGED_MAX_BYTES`]),
+/// so that the call returns before the device has reached the copy.
+pub(crate) fn upload_activation_prim(
+    bytes: &[u8],
+    shape: Vec<usize>,
+    dtype: DType,
+    device: &CudaDevice,
+) -> Result<Prim, FastError> {
+    upload_into_new(bytes, shape, dtype, device, bytes.len() <= STAGED_MAX_BYTES)
+}
+
+/// A new device tensor holding `bytes` (see [`upload_bytes_prim`]); `stageable`: through a staging buffer if the
+/// configuration asks for staged uploads.
+fn upload_into_new(
+    bytes: &[u8],
+    shape: Vec<usize>,
+    dtype: DType,
+    device: &CudaDevice,
+    stageable: bool,
+) -> Result<Prim, FastError> {
     let elems: usize = shape.iter().product();
     require(bytes.len() == elems * dtype.size(), || {
         format!("{} bytes for {shape:?} {dtype:?}", bytes.len())
@@ -126,14 +153,22 @@ pub(crate) fn upload_bytes_prim(
     let dst = ptr(&out)?;
     with_gpu(device.index, |dev| {
         dev.begin(&out)?;
-        // SAFETY: `dst` is the start of `out`, a new dense allocation of exactly `bytes.len()` bytes (checked
-        // above) held until this function returns; `bytes` is host memory borrowed for the call, and a copy from
-        // pageable memory returns only once the source has been read (staged by the driver). A copy from
-        // page-locked memory returns at once: the only page-locked memory that reaches here is `PinnedBytes`
-        // (`pinned.rs`), which waits for this stream before it is freed.
-        drv("cuMemcpyHtoDAsync", unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, bytes.as_ptr().cast(), bytes.len(), dev.stream()).result()
-        })?;
+        let stream = dev.stream();
+        if stageable && dev.config().staged_uploads {
+            // SAFETY: the context is bound (`with_gpu`); `dst` is the start of `out`, a new dense allocation of
+            // exactly `bytes.len()` bytes, and everything submitted later (which may reuse it once `out` is
+            // dropped) waits for the copy (`end`).
+            unsafe { dev.state().staging.upload(dst, bytes, stream) }?;
+        } else {
+            // SAFETY: `dst` is the start of `out`, a new dense allocation of exactly `bytes.len()` bytes (checked
+            // above) held until this function returns; `bytes` is host memory borrowed for the call, and a copy
+            // from pageable memory returns only once the source has been read (staged by the driver). A copy from
+            // page-locked memory returns at once: the only page-locked memory that reaches here is `PinnedBytes`
+            // (`pinned.rs`), which waits for this stream before it is freed.
+            drv("cuMemcpyHtoDAsync", unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dst, bytes.as_ptr().cast(), bytes.len(), stream).result()
+            })?;
+        }
         dev.end()
     })?;
     Ok(out)

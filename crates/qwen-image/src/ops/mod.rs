@@ -275,6 +275,14 @@ pub trait QwenBackend: Backend {
         portable::upload(data, device)
     }
 
+    /// A device tensor holding `data` (dense row-major, in the dtype the tensor gets), an activation made on the host
+    /// during an edit (the vision tower's patches, token embeddings gathered on the host): [`upload`](Self::upload)
+    /// by default; the CUDA fast path can stage it through page-locked memory so that the host need not wait for
+    /// the device to reach the copy (`FastPathConfig::staged_uploads`).
+    fn upload_activation<const D: usize>(data: TensorData, device: &Self::Device) -> Tensor<Self, D> {
+        Self::upload(data, device)
+    }
+
     /// Host memory holding a copy of `bytes`, for weights uploaded to `device` for every use (streamed layers,
     /// [`HostTensor`](crate::weights::HostTensor)): page-locked on the CUDA fast path, where copies from it run at
     /// the host link's full speed; an ordinary allocation by default.

@@ -110,7 +110,7 @@ impl DeferredTensor {
                 gather_rows(table.as_bytes(), &table.shape, table.dtype, rows)
             }
         };
-        Ok(B::upload(data, device))
+        Ok(B::upload_activation(data, device))
     }
 
     /// The tensor on `device`, with the values a load onto the device would have given: uploaded from the memory
