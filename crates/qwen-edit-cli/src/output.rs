@@ -99,7 +99,8 @@ pub fn grid(images: &[&RgbImage]) -> RgbImage {
 pub fn print_report(out: &mut dyn Write, r: &EditReport) -> Result<(), CliError> {
     writeln!(out, "  {:<16} {:>10}", "stage", "seconds")?;
     for s in &r.stages {
-        let queued = if s.queued { "  (queued; finished in the next stage)" } else { "" };
+        let queued =
+            if s.queued { "  (queued, not awaited: on a GPU it finishes during the next stage)" } else { "" };
         writeln!(out, "  {:<16} {:>10.4}{queued}", s.stage.label(), s.seconds)?;
     }
     writeln!(
