@@ -22,9 +22,10 @@ pub struct StageTiming {
     /// Seconds: the device was synchronized before the clock stopped, unless the stage was only
     /// [`queued`](Self::queued).
     pub seconds: f64,
-    /// The stage's device work was queued, not awaited: [`seconds`](Self::seconds) is the host's time to queue it,
-    /// and the device finished it inside the next stage, whose time includes it (image encoding, queued ahead of
-    /// prompt encoding: see [`QwenImageEditPipeline::edit`](crate::QwenImageEditPipeline::edit)).
+    /// The stage's device work was queued, not awaited (image encoding, queued ahead of prompt encoding: see
+    /// [`QwenImageEditPipeline::edit`](crate::QwenImageEditPipeline::edit)). On a GPU [`seconds`](Self::seconds) is
+    /// the host's time to queue it, and the device finishes it during the next stage, whose time includes it; on
+    /// the CPU, which computes as it queues, it is the stage's whole time.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub queued: bool,
 }
