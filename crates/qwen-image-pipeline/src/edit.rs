@@ -12,7 +12,7 @@
 //!    before anything heavy runs), and the initial noise from a seed or supplied.
 //! 2. **Encode image**: VAE encode (posterior mean), per-channel normalization and 2×2 packing
 //!    ([edit.py#L406-L427][vae], [edit.py#L382-L388][pack]). Diffusers runs it after the prompt; the two are
-//!    independent, and here it comes first and is only queued ([`StageClock::queue`]): the device computes it while
+//!    independent, and here it comes first and is only queued (`StageClock::queue`): the device computes it while
 //!    the host prepares the vision tower's patches and queues the text encoder, whose queueing is what bounds the
 //!    vision tower's time. Under a memory release or exact allocations after every stage it is awaited as the
 //!    other stages are.

@@ -7,7 +7,7 @@
 //! [`edit`](QwenImageEditPipeline::edit), with a device synchronization at the end of each stage), then each part
 //! alone with a synchronization after it, and reports medians. `pipeline_bench --stages` prints and saves it.
 //! Each stage is measured on its own, in this order: the edit queues image encoding ahead of prompt encoding
-//! without waiting ([`StageClock::queue`](crate::progress::StageClock::queue)), so there the two overlap, which
+//! without waiting (`StageClock::queue`), so there the two overlap, which
 //! shows as an edit faster than the sum of its stages here.
 //! The denoising loop is left out (the DiT benchmark and the edit's own report cover it); decoding starts from the
 //! initial noise, which costs what final latents cost.

@@ -18,7 +18,7 @@ impl<B: QwenBackend> Linear<B> {
     }
 
     /// The layer with `pad` output features of zero weight (and zero bias) appended; unchanged when it cannot be
-    /// padded ([`Linear::paddable`]) or `pad` is 0.
+    /// padded (`Linear::paddable`) or `pad` is 0.
     pub fn pad_outputs(self, pad: usize) -> Self {
         self.padded(pad, 0)
     }
