@@ -454,8 +454,7 @@ impl<B: QwenBackend> Qwen25VlTextEncoder<B> {
         let t = &self.config.text;
         let table = MropeTable::new(positions, t.head_dim(), t.rope_theta, t.mrope_section);
         let upload = |v: Vec<f32>| {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [n, t.head_dim()]), (&self.device, DType::F32))
-                .cast(self.dtype)
+            B::upload_activation::<2>(TensorData::new(v, [n, t.head_dim()]), &self.device).cast(self.dtype)
         };
         let rope = RopeCosSin { cos: upload(table.cos), sin: upload(table.sin) };
         let hidden = self.language.forward(embeds.unsqueeze_dim(0), &rope)?;

@@ -5,7 +5,7 @@
 //! pixel_values [P, 1176] ─ patch_embed ─ permute cells into windows ─ blocks ─ merger ─ undo permutation ─ [P/4, out]
 //! ```
 
-use burn::tensor::{activation, backend::Backend, DType, Tensor, TensorData};
+use burn::tensor::{activation, backend::Backend, Tensor, TensorData};
 
 use super::{
     config::VisionConfig, index_tensor, language::GatedMlp, vision_rope::VisionRopeTable,
@@ -214,8 +214,8 @@ impl<B: QwenBackend> VisionTower<B> {
         let table = VisionRopeTable::new(grids, cfg.spatial_merge_size, cfg.head_dim(), cfg.rope_theta)
             .permuted(&order);
         let shape = [table.len(), table.head_dim];
-        let upload =
-            |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, shape), (&device, DType::F32));
+        // Activations made on the host while the device may still run earlier work (the queued VAE encode).
+        let upload = |v: Vec<f32>| B::upload_activation::<2>(TensorData::new(v, shape), &device);
         let rope = VisionRope { cos: upload(table.cos), sin: upload(table.sin) };
 
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x, &rope, &layout));
