@@ -202,7 +202,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     ) -> Result<EditInputs<B>> {
         let sizes = EditSizes::new(req, self.variant())?;
         let images = sizes.resize(&req.images)?;
-        let grids = self.vision_grids(&images.vision)?;
+        let grids = self.image_processor.grids(&images.vision)?;
         let prompt_ids = self.tokenize(&req.prompt, &grids)?;
         let negative_ids = match &req.negative_prompt {
             Some(negative) if req.true_cfg() => Some(self.tokenize(negative, &grids)?),
@@ -223,15 +223,6 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         };
         self.check_schedule(req, schedule, &inputs)?;
         Ok(inputs)
-    }
-
-    /// The image processor's patch grid of each vision-language image (what its patches will be, without making
-    /// them).
-    pub(crate) fn vision_grids(&self, images: &[RgbImage]) -> Result<Vec<GridThw>> {
-        Ok(images
-            .iter()
-            .map(|i| self.image_processor.grid(i.width(), i.height()))
-            .collect::<Result<_, _>>()?)
     }
 
     /// The token ids of `prompt` in the variant's template, with the placeholders of the condition images, whose
@@ -307,8 +298,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         reuse: &mut dyn ImageReuse<B>,
         counts: &mut ReuseCounts,
     ) -> Result<EncodedPrompts<B>> {
-        let vision = &inputs.images.vision;
-        let image_embeds = self.vision_embeds_reused(vision, &inputs.grids, pixels, reuse, counts)?;
+        let image_embeds = self.vision_embeds_reused(&inputs.images.vision, pixels, reuse, counts)?;
         self.encode_prompts(inputs, &image_embeds)
     }
 
@@ -326,24 +316,17 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
     }
 
     /// The vision tower's embeddings of the vision-language `images` (shared by the prompt and the negative
-    /// prompt): the image processor's patches (`ahead`, when made already), then the tower. `grids` are the patch
-    /// grids preprocessing computed for them.
+    /// prompt): the image processor's patches (`ahead`, when made already), then the tower.
     pub(crate) fn vision_embeds(
         &self,
         images: &[RgbImage],
-        grids: &[GridThw],
         ahead: Option<PixelValues>,
     ) -> Result<Tensor<B, 2>> {
         let pixels = match ahead {
-            Some(pixels) => checked_grids(pixels, grids)?,
-            None => self.pixel_values(images, grids)?,
+            Some(pixels) => pixels,
+            None => self.image_processor.preprocess_all(images)?,
         };
         Ok(self.text_encoder.vision_forward(self.upload_pixels(&pixels), &pixels.grid_thw())?)
-    }
-
-    /// The image processor's patches of the vision-language `images`, which must have the patch grids `grids`.
-    pub(crate) fn pixel_values(&self, images: &[RgbImage], grids: &[GridThw]) -> Result<PixelValues> {
-        checked_grids(self.image_processor.preprocess_all(images)?, grids)
     }
 
     /// The vision-language images' patches on the device in the text encoder's dtype (converted on the host: no
@@ -552,18 +535,6 @@ pub(crate) fn prompt_conditioning<B: Backend>(
 /// A tensor's values as f32 (read back in its own dtype, converted on the host: the values of an f32 cast).
 fn to_f32<B: Backend>(t: Tensor<B, 3>) -> Result<Vec<f32>> {
     read_f32(t).map_err(|e| PipelineError::Device(e.to_string()))
-}
-
-/// `pixels` if the image processor made the patch grids `grids` that preprocessing expected (the tokens of the
-/// prompt hold one placeholder per merged patch of them).
-fn checked_grids(pixels: PixelValues, grids: &[GridThw]) -> Result<PixelValues> {
-    if pixels.grids != grids {
-        return Err(PipelineError::invalid(format!(
-            "the image processor made patch grids {:?}, preprocessing expected {grids:?}",
-            pixels.grids
-        )));
-    }
-    Ok(pixels)
 }
 
 /// The patches an image-processor thread made ahead, if one was started (its panic, if any, goes on here).

@@ -153,11 +153,7 @@ impl PlanShape {
         let sizes = EditSizes::new(req, variant)?;
         let images = sizes.resize(&req.images)?;
         let (tokenizer, processor) = crate::load::load_processor(snapshot)?;
-        let grids = images
-            .vision
-            .iter()
-            .map(|i| processor.grid(i.width(), i.height()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let grids = processor.grids(&images.vision)?;
         let template = match variant {
             crate::Variant::Edit => PromptTemplate::Edit,
             crate::Variant::EditPlus => PromptTemplate::EditPlus,

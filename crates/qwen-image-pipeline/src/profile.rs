@@ -6,9 +6,9 @@
 //! preprocessing, prompt-encoding, image-encoding and decoding stages of a request `reps` times (the same code as
 //! [`edit`](QwenImageEditPipeline::edit), with a device synchronization at the end of each stage), then each part
 //! alone with a synchronization after it, and reports medians. `pipeline_bench --stages` prints and saves it.
-//! Each stage is measured on its own, in this order: the edit queues image encoding ahead of prompt encoding
-//! without waiting (`StageClock::queue`), so there the two overlap, which
-//! shows as an edit faster than the sum of its stages here.
+//! Each stage is measured on its own, in this order; the edit queues image encoding ahead of prompt encoding
+//! without waiting (`StageClock::queue`), so there the two overlap: [`EditProfile::encodings_seconds`] times them
+//! as the edit runs them.
 //! The denoising loop is left out (the DiT benchmark and the edit's own report cover it); decoding starts from the
 //! initial noise, which costs what final latents cost.
 
@@ -216,7 +216,8 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         run.push((S, Sample::Whole(t)));
         let (images, t) = self.timed(|| EditSizes::new(req, self.variant())?.resize(&req.images))?;
         run.push((S, Sample::Part("sizes and resizing", false, t)));
-        let (_, t) = self.timed(|| self.tokenize(&req.prompt, &self.vision_grids(&images.vision)?))?;
+        let (_, t) =
+            self.timed(|| self.tokenize(&req.prompt, &self.image_processor.grids(&images.vision)?))?;
         run.push((S, Sample::Part("patch grids and tokenizer", false, t)));
         let (_, t) = self.timed(|| self.initial_noise(req, &inputs.sizes))?;
         run.push((S, Sample::Part("initial noise", false, t)));
@@ -228,7 +229,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let (_, t) =
             self.timed(|| self.encode_prompt_stage(inputs, None, &mut NoReuse, &mut ReuseCounts::default()))?;
         run.push((S, Sample::Whole(t)));
-        let (pixels, t) = self.timed(|| self.pixel_values(&inputs.images.vision, &inputs.grids))?;
+        let (pixels, t) = self.timed(|| Ok(self.image_processor.preprocess_all(&inputs.images.vision)?))?;
         run.push((S, Sample::Part("image processor", false, t)));
         let (pixels, t) = self.timed(|| Ok(self.upload_pixels(&pixels)))?;
         run.push((S, Sample::Part("upload pixels", false, t)));

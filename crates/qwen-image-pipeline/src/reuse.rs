@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use burn::tensor::{backend::Backend, Tensor};
 use qwen_image::{
     ops::QwenBackend,
-    processor::{GridThw, PixelValues, RgbImage},
+    processor::{PixelValues, RgbImage},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -227,18 +227,17 @@ impl<B: Backend> ImageReuse<B> for ReuseCache<B> {
 }
 
 impl<B: QwenBackend> QwenImageEditPipeline<B> {
-    /// The vision tower's embeddings of the condition images `images` (their patch grids `grids`), from `reuse` or
-    /// computed (the image processor's patches, or `ahead` when made already, then the tower) and offered to it.
+    /// The vision tower's embeddings of the condition images `images`, from `reuse` or computed (the image
+    /// processor's patches, or `ahead` when made already, then the tower) and offered to it.
     pub(crate) fn vision_embeds_reused(
         &self,
         images: &[RgbImage],
-        grids: &[GridThw],
         ahead: Option<PixelValues>,
         reuse: &mut dyn ImageReuse<B>,
         counts: &mut ReuseCounts,
     ) -> Result<Tensor<B, 2>> {
         if !reuse.enabled() {
-            return self.vision_embeds(images, grids, ahead);
+            return self.vision_embeds(images, ahead);
         }
         let key = ReuseKey::new(EncodingKind::VisionEmbeds, images);
         if let Some(Encoding::VisionEmbeds(t)) = reuse.get(&key) {
@@ -246,7 +245,7 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
             return Ok(t);
         }
         counts.misses += 1;
-        let t = self.vision_embeds(images, grids, ahead)?;
+        let t = self.vision_embeds(images, ahead)?;
         reuse.put(key, Encoding::VisionEmbeds(t.clone()));
         Ok(t)
     }

@@ -35,8 +35,8 @@ pub(crate) fn wrap<const D: usize>(t: Prim) -> Tensor<CudaBackend, D> {
 ///
 /// It asks burn's device thread: from any other thread a blocking round trip, so every operation this thread
 /// submitted before has been handed to the CUDA driver when it returns (the ordering in [`super::gpu::Gpu::begin`]
-/// relies on it). The fast operations run on that thread (`on_device_thread` in `cuda/mod.rs`), where the lookup is
-/// a direct call and everything queued before the operation has already run.
+/// relies on it). The fast operations run on that thread (`on_device_thread` in `cuda/registry.rs`), where the
+/// lookup is a direct call and everything queued before the operation has already run.
 pub(crate) fn ptr(t: &Prim) -> Result<u64, FastError> {
     let res = t
         .client

@@ -384,6 +384,12 @@ impl ImageProcessor {
         Ok(GridThw { t: 1, h: h as usize / p, w: w as usize / p })
     }
 
+    /// The grid of each of `images` (what [`preprocess_all`](Self::preprocess_all) makes, without making the
+    /// patches).
+    pub fn grids(&self, images: &[RgbImage]) -> Result<Vec<GridThw>> {
+        images.iter().map(|i| self.grid(i.width(), i.height())).collect()
+    }
+
     /// Resizes `image` to [`ImageProcessor::target_size`] with the configured filter and resampler.
     pub fn resize(&self, image: &RgbImage) -> Result<RgbImage> {
         let (w, h) = self.target_size(image.width(), image.height())?;
@@ -403,7 +409,7 @@ impl ImageProcessor {
         if images.is_empty() {
             return Err(ModelError::invalid("no image to preprocess"));
         }
-        let grids = images.iter().map(|i| self.grid(i.width(), i.height())).collect::<Result<Vec<_>>>()?;
+        let grids = self.grids(images)?;
         let patch_dim = self.config.patch_dim();
         // One zeroed allocation for all images (fresh pages, first touched by the parallel writers).
         let mut values = vec![0f32; grids.iter().map(|g| g.num_patches() * patch_dim).sum()];
