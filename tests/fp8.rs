@@ -316,6 +316,56 @@ fn bad_fp8_input_gives_clear_errors() {
     assert!(Fp8Options::parse_keep("img_in,,proj_out").unwrap_err().to_string().contains("empty entry"));
 }
 
+/// The pruning cache in 8 bits (`Fp8Options::cache`): a caching step's output does not change, the cache's K and V
+/// take a byte per value and a scale per token, and a step reusing them (the condition images as `cat` does, and a
+/// target subset whose other tokens come from the cache) stays close to the same step with the cache in the model's
+/// dtype, without being equal to it.
+#[test]
+fn an_fp8_cache_holds_a_byte_per_value_and_reused_steps_stay_close() {
+    use qwen_image_pruning::{
+        full_cache_plan, GroupAction, GroupPlan, LayerPlan, ReuseMode, StepPlan, TokenPruningCache,
+    };
+    let with_cache = |cache: bool| DitLoadOptions {
+        fp8: Some(Fp8Options { cache, ..Fp8Options::default() }),
+        ..Default::default()
+    };
+    let (dense, eight) =
+        (load(&plain(), DType::F32, &with_cache(false)), load(&plain(), DType::F32, &with_cache(true)));
+    assert!(eight.fp8_cache() && !dense.fp8_cache());
+    let file = TensorFile::open(&fixtures("dit/plain/inputs.safetensors")).unwrap();
+    let input = qwen_image_edit::reference::read_dit_input::<B>(&file, dense.device()).unwrap();
+    let layout = input.layout();
+    let (layers, n, t) = (dense.num_layers(), layout.condition_tokens.len(), layout.target_tokens);
+    let (mut dense_cache, mut eight_cache) = (TokenPruningCache::new(), TokenPruningCache::new());
+    let plan = full_cache_plan(layers, n);
+    let (a, _) = dense.forward_planned(&input, &plan, 0, &mut dense_cache).unwrap();
+    let (b, _) = eight.forward_planned(&input, &plan, 0, &mut eight_cache).unwrap();
+    assert_eq!(to_f32_vec(a), to_f32_vec(b), "caching changed the caching step's output");
+    // Per cached token: K and V at 4 bytes per value (f32) against 1 byte per value and a 4-byte scale each.
+    let inner = dense.config.inner_dim();
+    let cached_tokens = layers * (t + layout.condition_tokens.iter().sum::<usize>());
+    assert_eq!(
+        dense_cache.size_bytes() - eight_cache.size_bytes(),
+        cached_tokens * 2 * (4 * inner - (inner + 4)),
+    );
+    let cat =
+        StepPlan::new(vec![LayerPlan::with_conditions(n, GroupAction::Reuse(ReuseMode::KeyValue)); layers]);
+    let subset = StepPlan::new(vec![
+        LayerPlan {
+            target: GroupPlan::subset((0..t as u32).filter(|i| i % 2 == 0).collect(), ReuseMode::KeyValue),
+            ..LayerPlan::with_conditions(n, GroupAction::Reuse(ReuseMode::KeyValue))
+        };
+        layers
+    ]);
+    for (name, plan) in [("conditions reused", cat), ("a target subset", subset)] {
+        let (a, _) = dense.forward_planned(&input, &plan, 1, &mut dense_cache).unwrap();
+        let (b, _) = eight.forward_planned(&input, &plan, 1, &mut eight_cache).unwrap();
+        let err = rel_l2(&to_f32_vec(b), &to_f32_vec(a));
+        println!("{name}: velocity with the 8-bit cache vs the f32 cache, rel L2 {err:.2e}");
+        assert!(err > 1e-5 && err < 2e-2, "{name}: {err:.3e}");
+    }
+}
+
 /// The velocity error of FP8 against bf16 at the real width (D = 3072, K up to 12288) on two blocks with random
 /// weights: minutes on a CPU, so ignored by default (`cargo test --release --test fp8 -- --ignored --nocapture`).
 /// The full 60-block number needs the GPU override (docs/fp8.md).

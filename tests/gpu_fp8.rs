@@ -1,7 +1,7 @@
 //! GPU correctness of the FP8 operations (feature `cuda`; needs an NVIDIA GPU, so CI only compiles it): the e4m3
-//! quantization and GEMMs, the activations quantized once or by the adaLN kernel, and FP8 attention, each against
-//! its portable emulation (`qwen_image::quant`). Build and run as `gpu_fast_ops.rs` says; the full-size FP8 DiT is
-//! in `gpu_models.rs`.
+//! quantization and GEMMs, the activations quantized once or by the adaLN kernel, the pruning cache's 8-bit K/V
+//! restored, and FP8 attention, each against its portable emulation (`qwen_image::quant`). Build and run as
+//! `gpu_fast_ops.rs` says; the full-size FP8 DiT is in `gpu_models.rs`.
 #![cfg(feature = "cuda")]
 
 mod gpu_support;
@@ -130,6 +130,28 @@ fn fp8_activations_quantized_once_or_by_the_adaln_kernel_are_bit_identical() {
     }
     assert_fast(FP8, "fused FP8 adaLN, activation quantization and GEMMs");
     assert_fast(GLUE, "adaLN");
+}
+
+#[test]
+fn fp8_cached_keys_and_values_are_restored_as_on_the_host() {
+    let _g = setup();
+    reset_stats();
+    // The pruning cache's K/V of a 1024² condition image (one block's, fewer tokens), and rows of 8 values.
+    for (tokens, k) in [(1000, 3072), (37, 8)] {
+        let x = randn([2, tokens, k], 1.0).slice_assign(
+            [1..2, 3..4, 5..6],
+            Tensor::<G, 3>::full([1, 1, 1], 700.0, &dev()).cast(DType::BF16),
+        );
+        let q = G::quantize_activation_fp8(x.clone());
+        let got = G::dequantize_activation_fp8(&q);
+        let want = portable_run(|| portable::dequantize_activation(&q));
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_eq!(to_f32_vec(got.clone()), to_f32_vec(want), "{tokens}×{k}: kernel vs burn ops");
+        let err = rel_l2(&to_f32_vec(got), &to_f32_vec(x));
+        println!("{tokens}×{k}: restored K/V rel. L2 to the bf16 input {err:.2e}");
+        assert!(err > 1e-3 && err < 5e-2, "{tokens}×{k}: {err:.3e}");
+    }
+    assert_fast(FP8, "FP8 cache quantization and restoring");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

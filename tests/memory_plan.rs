@@ -37,11 +37,16 @@ fn the_planned_weights_are_the_loaded_weights_and_low_memory_edits_like_resident
     let root = demo::write_demo_snapshot(&tmp("tiny")).unwrap();
     let snapshot = Snapshot::open(&root).unwrap();
     let spec: ScheduleSpec = "cat".parse().unwrap();
-    let mut latents = Vec::new();
-    for (memory, dtype) in
-        [(MemoryMode::Resident, DType::F32), (MemoryMode::Low, DType::F32), (MemoryMode::Low, DType::BF16)]
-    {
-        let options = LoadOptions { memory, dtype, ..LoadOptions::default() };
+    let (mut latents, mut cache_bytes) = (Vec::new(), Vec::new());
+    for (memory, dtype, fp8_cache) in [
+        (MemoryMode::Resident, DType::F32, false),
+        (MemoryMode::Low, DType::F32, false),
+        (MemoryMode::Low, DType::BF16, false),
+        (MemoryMode::Low, DType::BF16, true),
+    ] {
+        // The last: the cache's K and V in 8 bits.
+        let fp8 = fp8_cache.then(|| Fp8Options { cache: true, ..Fp8Options::low_memory() });
+        let options = LoadOptions { memory, dtype, fp8, ..LoadOptions::default() };
         let planned = ComponentWeights::plan(&snapshot, &options.resolved().unwrap()).unwrap();
         let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(
             snapshot.clone(),
@@ -57,7 +62,8 @@ fn the_planned_weights_are_the_loaded_weights_and_low_memory_edits_like_resident
         assert!(plan.cache_bytes > 0, "cat caches the condition image");
         let out = pipe.edit(&request(), &spec, &mut NoProgress).unwrap();
         // cat keeps K and V only (it never reads block inputs): the plan's bytes are the cache's.
-        assert_eq!(plan.cache_bytes, out.report.cache_peak_bytes as u64, "{memory:?} {dtype:?}");
+        assert_eq!(plan.cache_bytes, out.report.cache_peak_bytes as u64, "{memory:?} {dtype:?} {fp8_cache}");
+        cache_bytes.push(plan.cache_bytes);
         if dtype == DType::F32 {
             latents.push(out.latents);
         }
@@ -70,6 +76,9 @@ fn the_planned_weights_are_the_loaded_weights_and_low_memory_edits_like_resident
     let resident = ComponentWeights::plan(&snapshot, &LoadOptions::default()).unwrap();
     assert!(low.transformer.device < resident.transformer.device);
     assert!(low.text_encoder.device < resident.text_encoder.device);
+    // bf16 K/V at 2 bytes per value against 1 byte and a 4-byte scale per token.
+    let inner = snapshot.dit_config().unwrap().inner_dim() as u64;
+    assert_eq!(cache_bytes[3] * 2 * inner, cache_bytes[2] * (inner + 4));
     let err = rel_l2(&latents[1], &latents[0]);
     println!("low-memory vs resident, tiny demo, f32, 3 steps `cat`: final latents rel. L2 {err:.3e}");
     assert!(err > 0.0 && err < 0.1, "{err}");

@@ -56,8 +56,15 @@ fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
 #[test]
 fn an_fp8_edit_reports_its_weights() {
     let dir = workdir("edit");
-    // With the joint attention in FP8 too (its host emulation on the CPU).
-    let args = ["--quantize", "fp8", "--quantize-keep", "default,transformer_blocks.0", "--fp8-attention"];
+    // With the joint attention in FP8 too (its host emulation on the CPU), and the pruning cache (`cat`) in 8 bits.
+    let args = [
+        "--quantize",
+        "fp8",
+        "--quantize-keep",
+        "default,transformer_blocks.0",
+        "--fp8-attention",
+        "--fp8-cache",
+    ];
     let (ok, out, err) = qwen_edit(&dir, &args);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("DiT weights: FP8"), "{out}");
@@ -74,6 +81,8 @@ fn an_fp8_edit_reports_its_weights() {
     assert_eq!(weights["keep"].as_array().unwrap().last().unwrap(), "transformer_blocks.0");
     assert_eq!(weights["fp8_attention"], true, "{weights}");
     assert!(out.contains("joint attention in 8 bits"), "{out}");
+    assert_eq!(weights["fp8_cache"], true, "{weights}");
+    assert!(out.contains("pruning cache's keys and values in 8 bits"), "{out}");
 }
 
 #[test]
@@ -82,6 +91,7 @@ fn bad_quantize_options_are_clear_errors() {
     for (args, expect) in [
         (&["--quantize-keep", "img_in"][..], "--quantize-keep applies to --quantize fp8"),
         (&["--fp8-attention"][..], "--fp8-attention applies to --quantize fp8"),
+        (&["--fp8-cache"][..], "--fp8-cache applies to --quantize fp8"),
         (
             &["--quantize", "fp8", "--quantize-keep", "img_in,img_out,to_z"],
             "names no layer of the model: img_out, to_z",

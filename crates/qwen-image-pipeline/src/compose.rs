@@ -1,16 +1,24 @@
 //! [`RequestSchedule`]: the schedule an edit runs — the caller's factory, fitted to the request's cache budget and
 //! guarded by its guardrail.
 
+use burn::tensor::DType;
 use qwen_image_pruning::{CacheBudget, Guardrail, PixelMask, PruneError, PruningSchedule, ScheduleFactory};
 
 use crate::{EditRequest, Result};
 
-/// Bytes one cached token takes under `schedule` on a DiT whose tokens take `token_bytes` (`inner_dim · dtype
-/// size`): K and V, and its block-input hidden state when the schedule reads it
-/// ([`PruningSchedule::needs_cached_hidden_states`]).
-pub fn cached_token_bytes(schedule: &dyn ScheduleFactory, token_bytes: u64) -> Result<u64> {
-    let parts = if schedule.build()?.needs_cached_hidden_states() { 3 } else { 2 };
-    Ok(parts * token_bytes)
+/// Bytes one cached token takes under `schedule` on a DiT of `inner_dim` features in `dtype`: its K and V
+/// (`inner_dim` values each in `dtype`, or with `fp8_kv` a byte per value and an f32 scale), and its block-input
+/// hidden state in `dtype` when the schedule reads it ([`PruningSchedule::needs_cached_hidden_states`]).
+pub fn cached_token_bytes(
+    schedule: &dyn ScheduleFactory,
+    inner_dim: usize,
+    dtype: DType,
+    fp8_kv: bool,
+) -> Result<u64> {
+    let dense = (inner_dim * dtype.size()) as u64;
+    let kv = if fp8_kv { inner_dim as u64 + DType::F32.size() as u64 } else { dense };
+    let hidden = if schedule.build()?.needs_cached_hidden_states() { dense } else { 0 };
+    Ok(2 * kv + hidden)
 }
 
 /// A factory wrapping the caller's: each schedule it builds is fitted to the request's

@@ -140,8 +140,13 @@ impl<B: QwenBackend> QwenImageEditPipeline<B> {
         let start = Instant::now();
         req.validate(self.variant())?;
         let mut counts = ReuseCounts::default();
-        let token_bytes = self.transformer.config.inner_dim() as u64 * self.transformer.dtype().size() as u64;
-        let per_token = crate::compose::cached_token_bytes(schedule, token_bytes)?;
+        let dit = &self.transformer;
+        let per_token = crate::compose::cached_token_bytes(
+            schedule,
+            dit.config.inner_dim(),
+            dit.dtype(),
+            dit.fp8_cache(),
+        )?;
         let budgeted;
         let req = match (req.cache_budget, self.options.default_cache_budget()) {
             (None, Some(budget)) => {

@@ -10,7 +10,8 @@
 //!   ([`QwenImageEditPipeline::weight_bytes`](crate::QwenImageEditPipeline::weight_bytes)); tests check both agree.
 //! - **Pruning cache**: the request's schedule (fitted to its cache budget) is dry-run on the request's token layout;
 //!   every (block, image) entry it ever caches holds K and V, and the block input when the schedule reads it
-//!   (`compose::cached_token_bytes`): `2` or `3 · tokens · inner_dim` values per CFG branch, in the model's dtype.
+//!   (`compose::cached_token_bytes`): `2` or `3 · tokens · inner_dim` values per CFG branch, in the model's dtype
+//!   (K and V at a byte per value and an f32 scale per token with [`Fp8Options::cache`](qwen_image::quant::Fp8Options)).
 //! - **Activations** are estimates of the live tensors at each stage's largest point, in the model's dtype, with the
 //!   CUDA fast path's kernels (flash attention: no score matrix, except the VAE's one-head attention, which runs as
 //!   two GEMMs per chunk of query rows):
@@ -165,8 +166,8 @@ impl PlanShape {
         let target = sizes.target().tokens();
         let mut budgeted = req.clone();
         budgeted.cache_budget = req.cache_budget.or(options.default_cache_budget());
-        let token_bytes = dit.inner_dim() as u64 * options.dtype.size() as u64;
-        let per_token = crate::compose::cached_token_bytes(schedule, token_bytes)?;
+        let fp8_kv = options.fp8.as_ref().is_some_and(|o| o.cache);
+        let per_token = crate::compose::cached_token_bytes(schedule, dit.inner_dim(), options.dtype, fp8_kv)?;
         let fitted = RequestSchedule::new(schedule, &budgeted, per_token);
         let n = req.num_steps.max(1);
         let sigmas: Vec<f32> = (0..=n).map(|i| 1.0 - i as f32 / n as f32).collect();

@@ -1,17 +1,55 @@
 //! [`TokenPruningCache`]: per block, what was cached of each condition image and of the target; and the target's
 //! last prediction.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
 
 use crate::{PruneError, StepPlan, TokenGroup, TokenLayout};
+
+/// Cached keys or values `[batch, tokens, heads·head_dim]`: as the block computed them, or in 8 bits (the model
+/// quantizes and restores them; this crate only holds them).
+#[derive(Clone, Debug)]
+pub enum CachedKv<B: Backend> {
+    /// In the model's dtype.
+    Dense(Tensor<B, 3>),
+    /// e4m3 bit patterns `[batch, tokens, heads·head_dim]` (an integer tensor of dtype `U8`) with one f32 scale per
+    /// token, `scales [batch, tokens]`; `dtype` is the model's dtype, which they are restored to.
+    Fp8 {
+        /// The e4m3 bit patterns.
+        bits: Tensor<B, 3, Int>,
+        /// One f32 scale per token.
+        scales: Tensor<B, 2>,
+        /// The dtype the values were quantized from.
+        dtype: DType,
+    },
+}
+
+impl<B: Backend> CachedKv<B> {
+    /// `[batch, tokens, heads·head_dim]`.
+    pub fn dims(&self) -> [usize; 3] {
+        match self {
+            CachedKv::Dense(t) => t.dims(),
+            CachedKv::Fp8 { bits, .. } => bits.dims(),
+        }
+    }
+
+    /// Bytes of device memory held (for 8 bits: one byte per value and four per token).
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            CachedKv::Dense(t) => t.shape().num_elements() * t.dtype().size(),
+            CachedKv::Fp8 { bits, scales, .. } => {
+                bits.shape().num_elements() + scales.shape().num_elements() * DType::F32.size()
+            }
+        }
+    }
+}
 
 /// What is cached of one token group (a condition image, or the whole target) at one block.
 #[derive(Clone, Debug)]
 pub struct CachedCondition<B: Backend> {
     /// Keys after QK-RMSNorm and RoPE, `[batch, tokens, heads·head_dim]`.
-    pub key: Tensor<B, 3>,
+    pub key: CachedKv<B>,
     /// Values, `[batch, tokens, heads·head_dim]`.
-    pub value: Tensor<B, 3>,
+    pub value: CachedKv<B>,
     /// The block's input hidden states of these tokens, `[batch, tokens, dim]`, when they were stored.
     pub hidden: Option<Tensor<B, 3>>,
     /// 0-based step at which the entry was written.
@@ -26,8 +64,8 @@ impl<B: Backend> CachedCondition<B> {
 
     /// Bytes of device memory held by the entry.
     pub fn size_bytes(&self) -> usize {
-        let bytes = |t: &Tensor<B, 3>| t.shape().num_elements() * t.dtype().size();
-        bytes(&self.key) + bytes(&self.value) + self.hidden.as_ref().map_or(0, bytes)
+        let hidden = self.hidden.as_ref().map_or(0, |t| t.shape().num_elements() * t.dtype().size());
+        self.key.size_bytes() + self.value.size_bytes() + hidden
     }
 }
 
@@ -255,7 +293,12 @@ mod tests {
     fn entry(tokens: usize, hidden: bool) -> CachedCondition<Flex> {
         let dev = Default::default();
         let t = || Tensor::<Flex, 3>::ones([1, tokens, 8], (&dev, DType::F32));
-        CachedCondition { key: t(), value: t(), hidden: hidden.then(t), step: 0 }
+        CachedCondition {
+            key: CachedKv::Dense(t()),
+            value: CachedKv::Dense(t()),
+            hidden: hidden.then(t),
+            step: 0,
+        }
     }
 
     #[test]
@@ -275,6 +318,19 @@ mod tests {
         assert!(cache.is_empty());
         assert_eq!(cache.size_bytes(), 0);
         assert_eq!(cache.stats(), CacheStats::default());
+    }
+
+    #[test]
+    fn eight_bit_keys_and_values_count_a_byte_per_value_and_a_scale_per_token() {
+        let dev = Default::default();
+        let fp8 = || CachedKv::<Flex>::Fp8 {
+            bits: Tensor::<Flex, 3, Int>::zeros([2, 5, 8], (&dev, DType::U8)),
+            scales: Tensor::<Flex, 2>::ones([2, 5], (&dev, DType::F32)),
+            dtype: DType::BF16,
+        };
+        let entry = CachedCondition { key: fp8(), value: fp8(), hidden: None, step: 0 };
+        assert_eq!((entry.tokens(), entry.key.dims()), (5, [2, 5, 8]));
+        assert_eq!(entry.size_bytes(), 2 * (2 * 5 * 8 + 2 * 5 * 4));
     }
 
     #[test]

@@ -68,7 +68,7 @@ mod stats;
 mod subset;
 
 pub use budget::{parse_bytes, BudgetFit, CacheBudget};
-pub use cache::{CacheStats, CachedCondition, TokenPruningCache};
+pub use cache::{CacheStats, CachedCondition, CachedKv, TokenPruningCache};
 pub use error::PruneError;
 pub use factory::{from_fn, FromFn, ScheduleFactory};
 pub use guard::{check_drift_threshold, full_cache_plan, Guardrail, DEFAULT_GUARDRAIL_DRIFT};

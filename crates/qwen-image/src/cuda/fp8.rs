@@ -90,6 +90,64 @@ pub(crate) fn quantize_rows_prim(x: Prim) -> Result<(Prim, Prim), FastError> {
     Ok((q, scale))
 }
 
+/// `Fp8DequantParams` of `fp8.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Fp8DequantParams {
+    q: u64,
+    scale: u64,
+    y: u64,
+    n8: i64,
+    k: i32,
+    pad: i32,
+}
+
+assert_layout!(Fp8DequantParams: size 40, align 8 { q @ 0, scale @ 8, y @ 16, n8 @ 24, k @ 32 });
+
+/// e4m3 rows back to bf16: `q` (u8 `[…, K]`) times one f32 scale per row (`scale`, the shape without the last
+/// axis), each product rounded once (`QwenBackend::dequantize_activation_fp8`). Needs `K` a multiple of 8.
+pub(crate) fn dequantize_rows_prim(q: Prim, scale: Prim) -> Result<Prim, FastError> {
+    let (shape, sd) = (dims(&q), dims(&scale));
+    require(q.dtype == DType::U8 && scale.dtype == DType::F32, || {
+        format!("dtypes {:?} / {:?}", q.dtype, scale.dtype)
+    })?;
+    let (lead, k) = match shape.split_last() {
+        Some((&k, lead)) if !lead.is_empty() && lead == sd.as_slice() => (lead.to_vec(), k),
+        _ => return Err(FastError::unsupported(format!("bits {shape:?}, scales {sd:?}"))),
+    };
+    let rows: usize = lead.iter().product();
+    let n8 = rows * k / 8;
+    require(k > 0 && k % 8 == 0 && rows > 0, || format!("shape {shape:?}"))?;
+    require(k < i32::MAX as usize && n8.div_ceil(THREADS as usize) < u32::MAX as usize, || {
+        "too large".into()
+    })?;
+    let (q, scale) = (dense(q), dense(scale));
+    let y = empty_like_device(&q, shape, DType::BF16);
+    let mut p = Fp8DequantParams {
+        q: ptr(&q)?,
+        scale: ptr(&scale)?,
+        y: ptr(&y)?,
+        n8: n8 as i64,
+        k: k as i32,
+        pad: 0,
+    };
+    require(p.q % 8 == 0 && p.y % 16 == 0, || "bits or output not aligned".into())?;
+    with_gpu(q.device.index, |dev| {
+        let f = dev.function(MODULE, kernels::FP8, "fp8_dequantize_rows", 0)?;
+        dev.begin(&q)?;
+        let blocks = n8.div_ceil(THREADS as usize) as u32;
+        let mut args = [&mut p as *mut Fp8DequantParams as *mut c_void];
+        // SAFETY: an `Fp8DequantParams` by value is the kernel's signature (layout checked on both sides at compile
+        // time). `q` is dense u8 `[rows, k]` (8-byte aligned), `scale` dense f32 `[rows]`, `y` a new dense bf16
+        // buffer of `rows·k` values (16-byte aligned); `k` is a multiple of 8, so each thread's 8 values lie in one
+        // row; threads past `n8` return. All are held until this function returns.
+        unsafe { dev.launch(f, (blocks, 1, 1), (THREADS, 1, 1), 0, &mut args) }?;
+        dev.end()
+    })?;
+    drop((q, scale));
+    Ok(y)
+}
+
 /// `x [batch, tokens, K] (bf16) · W[N, K]ᵀ` with W as e4m3 `bits` (u8 `[N, K]`) and f32 `scales` (`[N]`), per-token
 /// e4m3 activations, `+ bias[N]` (bf16) and GELU-tanh in the epilogue; returns bf16 `[batch, tokens, N]`.
 pub(crate) fn dense_fp8_prim(

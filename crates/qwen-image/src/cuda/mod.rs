@@ -216,6 +216,14 @@ impl QwenBackend for CudaBackend {
         fast_or(&x.device(), Kind::Fp8, x, fast, portable::quantize_activation)
     }
 
+    fn dequantize_activation_fp8(x: &Fp8Activation<Self>) -> Tensor<Self, 3> {
+        let fast = |x: &&Fp8Activation<Self>| {
+            require(x.dtype == DType::BF16, || format!("output dtype {:?}", x.dtype))?;
+            fp8::dequantize_rows_prim(x.bits.clone().into_primitive(), prim(x.scales.clone())).map(wrap)
+        };
+        fast_or(&x.bits.device(), Kind::Fp8, x, fast, portable::dequantize_activation)
+    }
+
     fn dense_fp8_quantized(
         x: &Fp8Activation<Self>,
         weight: &Fp8Weight<Self>,

@@ -3,8 +3,8 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 use qwen_image_pruning::{
-    CachedCondition, GroupAction, PruneError, ReuseMode, StepPlan, StepStats, TokenGroup, TokenLayout,
-    TokenPruningCache,
+    CachedCondition, CachedKv, GroupAction, PruneError, ReuseMode, StepPlan, StepStats, TokenGroup,
+    TokenLayout, TokenPruningCache,
 };
 
 use super::{
@@ -14,7 +14,7 @@ use super::{
     target_subset::TargetSubset,
     transformer::{DitInput, Prepared, QwenImageTransformer},
 };
-use crate::{ops::KvSegment, ops::QwenBackend, Result};
+use crate::{ops::KvSegment, ops::QwenBackend, quant::Fp8Activation, Result};
 
 /// The image tokens currently held: which images, in order, and their hidden states `[batch, tokens, dim]`.
 struct ImageState<B: Backend> {
@@ -234,6 +234,7 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             Some(rows) => t.select(1, rows.clone()),
             None => t,
         };
+        let restore = |kv: CachedKv<B>| restored_kv(kv, reuse.rows);
         let (key, value) = match reuse.action {
             GroupAction::Reuse(ReuseMode::RecomputeKeyValue) => {
                 let hidden =
@@ -243,8 +244,8 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
                 block.image_kv(select(hidden), m, reuse.rope, &runs)
             }
             _ => {
-                let heads = |t: Tensor<B, 3>| {
-                    select(t).reshape([pass.batch, tokens, block.attn.heads, block.attn.head_dim])
+                let heads = |kv: CachedKv<B>| {
+                    restore(kv).reshape([pass.batch, tokens, block.attn.heads, block.attn.head_dim])
                 };
                 (heads(reuse.entry.key), heads(reuse.entry.value))
             }
@@ -269,10 +270,12 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             let len = pass.len(i);
             if pass.action(layer, i) == GroupAction::ComputeAndCache {
                 let inner = block.attn.heads * block.attn.head_dim;
-                let flat = |t: Tensor<B, 4>| owned(t.narrow(1, start, len).reshape([pass.batch, len, inner]));
+                let kv = |t: Tensor<B, 4>| {
+                    self.cached_kv(t.narrow(1, start, len).reshape([pass.batch, len, inner]))
+                };
                 let entry = CachedCondition {
-                    key: flat(out.img_key.clone()),
-                    value: flat(out.img_value.clone()),
+                    key: kv(out.img_key.clone()),
+                    value: kv(out.img_value.clone()),
                     hidden: cache
                         .keeps_hidden_states()
                         .then(|| owned(input.hidden.clone().narrow(1, start, len))),
@@ -285,6 +288,18 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             start += len;
         }
         Ok(())
+    }
+
+    /// Keys or values `[batch, tokens, heads·head_dim]` as the cache holds them: in 8 bits with
+    /// [`fp8_cache`](Self::fp8_cache) (quantized per token, [`QwenBackend::quantize_activation_fp8`]), else a copy
+    /// in a buffer of their own.
+    fn cached_kv(&self, t: Tensor<B, 3>) -> CachedKv<B> {
+        if self.fp8_cache() {
+            let Fp8Activation { bits, scales, dtype } = B::quantize_activation_fp8(t);
+            CachedKv::Fp8 { bits, scales, dtype }
+        } else {
+            CachedKv::Dense(owned(t))
+        }
     }
 
     /// The output layer on the target's computed tokens and, with a subset, the other tokens' held prediction
@@ -338,6 +353,24 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
             }
         }
         Ok(ImageState { images: wanted.to_vec(), hidden: Tensor::cat(parts, 1) })
+    }
+}
+
+/// Cached keys or values in the model's dtype, only the tokens `rows` when given (selected before 8-bit ones are
+/// restored, [`QwenBackend::dequantize_activation_fp8`]).
+fn restored_kv<B: QwenBackend>(kv: CachedKv<B>, rows: Option<&Tensor<B, 1, Int>>) -> Tensor<B, 3> {
+    match kv {
+        CachedKv::Dense(t) => match rows {
+            Some(rows) => t.select(1, rows.clone()),
+            None => t,
+        },
+        CachedKv::Fp8 { bits, scales, dtype } => {
+            let (bits, scales) = match rows {
+                Some(rows) => (bits.select(1, rows.clone()), scales.select(1, rows.clone())),
+                None => (bits, scales),
+            };
+            B::dequantize_activation_fp8(&Fp8Activation { bits, scales, dtype })
+        }
     }
 }
 

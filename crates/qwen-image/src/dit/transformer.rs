@@ -243,6 +243,11 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         self.fp8.as_ref().is_some_and(|o| o.attention)
     }
 
+    /// Whether the pruning cache holds keys and values in 8 bits ([`Fp8Options::cache`]).
+    pub fn fp8_cache(&self) -> bool {
+        self.fp8.as_ref().is_some_and(|o| o.cache)
+    }
+
     /// Number of transformer blocks.
     pub fn num_layers(&self) -> usize {
         self.blocks.len()

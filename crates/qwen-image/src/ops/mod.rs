@@ -159,6 +159,14 @@ pub trait QwenBackend: Backend {
         portable::quantize_activation(x)
     }
 
+    /// An activation quantized per token ([`quantize_activation_fp8`](Self::quantize_activation_fp8)) back in its
+    /// original dtype: `bits`' e4m3 values times their token's scale, the product in f32 rounded once. What the
+    /// pruning cache stores in 8 bits is restored with it. An override must give the portable default's values
+    /// ([`portable::dequantize_activation`]) bit for bit.
+    fn dequantize_activation_fp8(x: &Fp8Activation<Self>) -> Tensor<Self, 3> {
+        portable::dequantize_activation(x)
+    }
+
     /// Steps 2–3 of [`dense_fp8`](Self::dense_fp8) from an activation quantized already, GELU-tanh before the
     /// rounding when `gelu_tanh` ([`dense_fp8_gelu_tanh`](Self::dense_fp8_gelu_tanh)); the result is in the
     /// activation's original dtype. `dense_fp8(x, …)` equals `dense_fp8_quantized(&quantize_activation_fp8(x), …)`

@@ -7,8 +7,8 @@ use burn::tensor::{
 };
 
 pub use crate::quant::portable::{
-    dense_fp8, dense_fp8_gelu_tanh, dense_fp8_quantized, layer_norm_modulate_fp8, quantize_activation,
-    quantize_fp8,
+    dense_fp8, dense_fp8_gelu_tanh, dense_fp8_quantized, dequantize_activation, layer_norm_modulate_fp8,
+    quantize_activation, quantize_fp8,
 };
 pub use crate::{
     nn::rms_norm,

@@ -38,6 +38,14 @@ pub fn quantize_activation<B: QwenBackend>(x: Tensor<B, 3>) -> Fp8Activation<B> 
     Fp8Activation { bits, scales, dtype }
 }
 
+/// [`QwenBackend::dequantize_activation_fp8`]'s default: `e4m3(bits[b, t, k]) · scales[b, t]` in f32 (every e4m3
+/// value is exact in f32), rounded once to the activation's dtype, with burn ops on its device.
+pub fn dequantize_activation<B: QwenBackend>(x: &Fp8Activation<B>) -> Tensor<B, 3> {
+    let [batch, tokens, k] = x.dims();
+    let values = e4m3_values(x.bits.clone().reshape([batch * tokens * k])).reshape([batch, tokens, k]);
+    (values * x.scales.clone().unsqueeze_dim(2)).cast(x.dtype)
+}
+
 /// [`QwenBackend::dense_fp8_quantized`]'s default: steps 2–3 of [`QwenBackend::dense_fp8`] in f32 with burn ops,
 /// from the quantized activation (see [`super::portable`]), GELU-tanh before the one rounding when asked.
 pub fn dense_fp8_quantized<B: QwenBackend>(
@@ -97,6 +105,28 @@ mod tests {
 
     fn host<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
         t.cast(DType::F32).into_data().iter::<f32>().collect()
+    }
+
+    #[test]
+    fn a_restored_activation_is_each_e4m3_value_times_its_token_scale_rounded_once() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::random([2, 5, 48], Distribution::Normal(0.0, 3.0), &device)
+            .slice_assign([1..2, 2..3, 7..8], Tensor::full([1, 1, 1], -900.0, &device));
+        for dtype in [DType::F32, DType::BF16] {
+            let q = quantize_activation(x.clone().cast(dtype));
+            let restored = dequantize_activation(&q);
+            assert_eq!(restored.dtype(), dtype);
+            // Written out: the e4m3 value times the token's scale in f32, then one rounding to the dtype.
+            let (bits, scales) =
+                (q.bits.clone().into_data().iter::<u8>().collect::<Vec<_>>(), host(q.scales));
+            let want: Vec<f32> =
+                bits.iter().enumerate().map(|(i, &b)| e4m3::decode(b) * scales[i / 48]).collect();
+            let want = host(Tensor::<Flex, 1>::from_floats(want.as_slice(), &device).cast(dtype));
+            assert_eq!(host(restored.clone()), want, "{dtype:?}");
+            // Close to what was quantized (3 mantissa bits), but not equal to it.
+            let err = rel_l2(&host(restored), &host(x.clone().cast(dtype)));
+            assert!(err > 1e-3 && err < 5e-2, "{dtype:?}: {err:.3e}");
+        }
     }
 
     #[test]

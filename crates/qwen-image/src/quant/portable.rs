@@ -15,7 +15,9 @@
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-pub use super::activation::{dense_fp8_quantized, layer_norm_modulate_fp8, quantize_activation};
+pub use super::activation::{
+    dense_fp8_quantized, dequantize_activation, layer_norm_modulate_fp8, quantize_activation,
+};
 use super::{e4m3, Fp8Weight};
 use crate::ops::QwenBackend;
 

@@ -29,6 +29,9 @@ pub struct LinearWeightSummary {
     /// Whether the joint attention runs in 8 bits too ([`Fp8Options::attention`](super::Fp8Options)).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fp8_attention: bool,
+    /// Whether the pruning cache holds its keys and values in 8 bits ([`Fp8Options::cache`](super::Fp8Options)).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fp8_cache: bool,
 }
 
 impl LinearWeightSummary {
@@ -59,6 +62,7 @@ impl LinearWeightSummary {
     pub fn set_fp8_options(&mut self, options: Option<&super::Fp8Options>) {
         self.keep = options.map(|o| o.keep.clone());
         self.fp8_attention = options.is_some_and(|o| o.attention);
+        self.fp8_cache = options.is_some_and(|o| o.cache);
     }
 
     /// Device bytes FP8 saves: [`fp8_unquantized_bytes`](Self::fp8_unquantized_bytes) − [`fp8_bytes`](Self::fp8_bytes).
@@ -96,6 +100,9 @@ impl LinearWeightSummary {
         }
         if self.fp8_attention {
             line.push_str("; joint attention in 8 bits (int8 Q·Kᵀ, e4m3 P·V)");
+        }
+        if self.fp8_cache {
+            line.push_str("; pruning cache's keys and values in 8 bits (e4m3, per-token scales)");
         }
         line
     }

@@ -57,3 +57,43 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_quantize_rows_v8(c
         q[i] = e4m3x8(v, s);
     }
 }
+
+// e4m3 bits as the f32 they stand for (exact: e4m3fn's normals and subnormals are f32 normals; no NaN is ever
+// written by the quantizers, which saturate).
+__device__ __forceinline__ float e4m3_to_f32(u32 b) {
+    const u32 e = (b >> 3) & 15u, m = b & 7u;
+    const float v = e == 0 ? (float)m * 0.001953125f : __uint_as_float(((e + 120u) << 23) | (m << 20));
+    return (b & 0x80u) ? -v : v;
+}
+
+struct Fp8DequantParams {
+    const unsigned char* q;  // [rows, K], dense, 8-byte aligned
+    const float* scale;      // [rows]
+    bf16_t* y;               // [rows, K], dense, 16-byte aligned
+    i64 n8;                  // rows·K / 8
+    int k;                   // K, a multiple of 8
+    int pad;
+};
+QI_ASSERT_LAYOUT(Fp8DequantParams, 40, 8);
+QI_ASSERT_OFFSET(Fp8DequantParams, q, 0);
+QI_ASSERT_OFFSET(Fp8DequantParams, scale, 8);
+QI_ASSERT_OFFSET(Fp8DequantParams, y, 16);
+QI_ASSERT_OFFSET(Fp8DequantParams, n8, 24);
+QI_ASSERT_OFFSET(Fp8DequantParams, k, 32);
+
+// y = bf16(e4m3(q) · scale[row]), one rounding of the f32 product (qwen_image::quant::activation::dequantize): eight
+// values per thread, 8-byte loads and 16-byte stores.
+extern "C" __global__ void __launch_bounds__(FP8_THREADS) fp8_dequantize_rows(const Fp8DequantParams p) {
+    const i64 i = (i64)blockIdx.x * FP8_THREADS + threadIdx.x;
+    if (i >= p.n8) return;
+    const float s = p.scale[(i * 8) / p.k];
+    const uint2 w = reinterpret_cast<const uint2*>(p.q)[i];
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        v[e] = e4m3_to_f32((w.x >> (8 * e)) & 0xffu) * s;
+        v[4 + e] = e4m3_to_f32((w.y >> (8 * e)) & 0xffu) * s;
+    }
+    reinterpret_cast<uint4*>(p.y)[i] =
+        make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+}
