@@ -135,6 +135,8 @@ if has modes; then
       fp8attn) flags=(--quantize fp8 --fp8-attention) ;;  # the joint attention in FP8 too
       # img_mlp.net.2 in FP8 too (kept by default, as the published ablations do; no proxy edit changed, docs/fp8.md)
       fp8net2) flags=(--quantize fp8 --quantize-keep img_in,txt_in,time_text_embed.timestep_embedder,norm_out.linear,proj_out,img_mod,txt_mod) ;;
+      fp8cache) flags=(--quantize fp8 --fp8-cache) ;;  # the pruning cache's K/V in 8 bits (half the cache)
+      lowcache) flags=(--low-memory --fp8-cache) ;;  # the 2 GiB budget then holds all 60 blocks instead of 42
       fp8release) flags=(--quantize fp8 --release-memory) ;;
       release) flags=(--release-memory) ;;
       lowmem) flags=(--low-memory) ;;

@@ -2,8 +2,8 @@
 //!
 //! Each cached (block, token group) entry holds `tokens × bytes_per_token` bytes (K and V: `2 · dim · dtype size` per
 //! token, 48 MiB per block for a 4096-token condition image at bf16; with the block input, for schedules that read it,
-//! `3 · …`, 72 MiB). Entries stay until
-//! they are replaced, so the cache's peak is the sum over every (block, group) a run ever caches. The fit, the same
+//! `3 · …`, 72 MiB; K and V in 8 bits, [`CachedKv::Fp8`](crate::CachedKv), `2 · (dim + 4)`, 24 MiB). Entries stay
+//! until they are replaced, so the cache's peak is the sum over every (block, group) a run ever caches. The fit, the same
 //! at every step because it depends on the token layout only:
 //!
 //! 1. **The target region first goes if it cannot fit**: a target subset needs the whole target cached at every
