@@ -4,7 +4,8 @@
 //! - the Qwen2.5-VL-7B text encoder at Edit v1's 1024² shapes: 1469 tokens holding a 74×74-patch image (1369
 //!   merged image tokens); the vision tower alone, the language model alone (precomputed image embeddings) and the
 //!   whole forward;
-//! - the VAE encoding a 1024² image and decoding its 128² latents (one frame);
+//! - the VAE encoding a 1024² image and decoding its 128² latents (one frame), whole and part by part
+//!   (`vae_parts`); for the text encoder and the VAE, the host's time until each call returns beside its wall time;
 //! - with `--load-dir DIR`: weight loading. A random bf16 DiT checkpoint in diffusers' layout (sharded
 //!   safetensors + index + config.json; 41 GB at 60 blocks) is written to `DIR/transformer` shard by shard, then
 //!   loaded to the GPU by the normal strict loader twice: cold (the files evicted from the page cache with
@@ -40,6 +41,7 @@
 //! ```
 
 mod common;
+mod vae_parts;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -239,13 +241,19 @@ fn vae(reps: usize) -> Value {
     let mem_encode = gpu_memory("after encoding");
     let z = randn([1, vae.z_dim(), 128, 128], 1.0);
     let (decode_ms, decode_first) = time_ms(reps, || drop(vae.decode(z.clone()).expect("decode")));
-    let out = vae.decode(z).expect("decode");
+    let queued = [
+        enqueue_ms(reps, || drop(vae.encode_mode(x.clone()).expect("encode"))),
+        enqueue_ms(reps, || drop(vae.decode(z.clone()).expect("decode"))),
+    ];
+    let out = vae.decode(z.clone()).expect("decode");
     assert_eq!(out.dims(), [1, 3, 1024, 1024]);
-    println!("encode 1024²: {encode_ms:8.1} ms  (first call {encode_first:.0} ms)");
-    println!("decode 1024²: {decode_ms:8.1} ms  (first call {decode_first:.0} ms)");
+    println!("encode 1024²: {encode_ms:8.1} ms  (first call {encode_first:.0} ms; host {:.1} ms)", queued[0]);
+    println!("decode 1024²: {decode_ms:8.1} ms  (first call {decode_first:.0} ms; host {:.1} ms)", queued[1]);
     let mem_decode = gpu_memory("after decoding");
+    let parts = vae_parts::vae_parts(&vae, x, z, &|f| time_ms(reps, f).0, &|f| enqueue_ms(reps, f));
     json!({
         "weights_bytes": store.total_bytes(), "encode_ms": encode_ms, "decode_ms": decode_ms,
+        "enqueue_ms": {"encode": queued[0], "decode": queued[1]}, "parts": parts,
         "first_call_ms": {"encode": encode_first, "decode": decode_first},
         "memory_with_model": mem_model, "memory_after_encode": mem_encode, "memory_after_decode": mem_decode,
     })
