@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Compares two `qwen-edit eval` reports of the same edits (e.g. without and with `--quantize fp8`): per schedule,
 edit success and PSNR against the ground truth in each, the per-edit PSNR change (mean / mean absolute / largest
-absolute) and how many edits changed their success. The rows of docs/fp8.md's proxy tables.
+absolute), how many edits changed their success, and the mean PSNR against the unpruned run in each. The rows of
+docs/fp8.md's proxy tables.
 
     python3 tools/proxy/compare_eval.py BASE/eval_report.json OTHER/eval_report.json [--names bf16,fp8]
 """
@@ -14,6 +15,12 @@ def records(path):
     with open(path) as f:
         report = json.load(f)
     return {(r["id"], r["schedule"]): r for r in report["records"]}
+
+
+def drift(report, keys):
+    """Mean PSNR of a schedule's edits against the same edits unpruned (`drift`; `none` has none): "–" without."""
+    values = [report[k]["drift"]["psnr_db"] for k in keys if report[k].get("drift")]
+    return f"{sum(values) / len(values):.2f} dB" if values else "–"
 
 
 def main():
@@ -34,8 +41,8 @@ def main():
         sys.exit("no schedule in both reports")
     a, b = args.names.split(",")
     print(f"| schedule | edits | success {a} → {b} | PSNR vs truth {a} → {b} | per-edit ΔPSNR: mean / mean abs. / "
-          f"max abs. | success changes |")
-    print("|---|---|---|---|---|---|")
+          f"max abs. | success changes | PSNR vs the unpruned run {a} → {b} |")
+    print("|---|---|---|---|---|---|---|")
     for schedule in schedules:  # the first report's order (`none` first)
         keys = [k for k in shared if k[1] == schedule]
         n = len(keys)
@@ -46,7 +53,8 @@ def main():
         d = [other[k]["truth"]["psnr_db"] - base[k]["truth"]["psnr_db"] for k in keys]
         changed = sum(base[k]["truth"]["success"] != other[k]["truth"]["success"] for k in keys)
         print(f"| {schedule} | {n} | {100 * sa:.1f} % → {100 * sb:.1f} % | {pa:.2f} → {pb:.2f} dB | "
-              f"{sum(d) / n:+.2f} / {sum(map(abs, d)) / n:.2f} / {max(map(abs, d)):.2f} dB | {changed} of {n} |")
+              f"{sum(d) / n:+.2f} / {sum(map(abs, d)) / n:.2f} / {max(map(abs, d)):.2f} dB | {changed} of {n} | "
+              f"{drift(base, keys)} → {drift(other, keys)} |")
 
 
 if __name__ == "__main__":
