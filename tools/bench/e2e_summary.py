@@ -1,5 +1,6 @@
 """One short block per `qwen-edit --compare --report FILE` report: the edits' totals and stage times, the DiT steps,
-and the memory (plan, after loading, after each edit, the driver's peak from gpu_run.sh's `NAME.peak` beside it).
+the pruning cache's peak (GiB) and the memory (plan, after loading, after each edit, the driver's peak from
+gpu_run.sh's `NAME.peak` beside it).
 Short enough to read several modes in one device call's output.
 
     python tools/bench/e2e_summary.py gpu_out/e2e_fp8.json gpu_out/e2e_lowmem.json …
@@ -40,7 +41,7 @@ def summarize(path):
                               f"{1e3 * s['seconds']:.1f}" for s in rep["stages"])
             steps = " ".join(f"{1e3 * s['seconds']:.0f}" for s in rep["steps"])
             print(f"  run {edit.get('run')} {rep['schedule']:<5} {rep['total_seconds']:.3f} s | {stages} | steps {steps}"
-                  f" | mem {memory(rep.get('memory'))}")
+                  f" | cache {gib(rep.get('cache_peak_bytes'))} | mem {memory(rep.get('memory'))}")
 
 
 if __name__ == "__main__":
