@@ -5,7 +5,7 @@
 //! through its own small pinned buffers as the DMA runs), and our stream first waits for everything queued before
 //! it, so the host stops queueing until the device has caught up. From page-locked memory the copy returns at once.
 //! Each buffer is reused once the copy that last read it has run (its event); there are at most [`MAX_BUFFERS`],
-//! kept for the process (a few tens of MB at 1024²).
+//! kept for the process (≈ 40 MB at 1024²: two of 16 MiB, the others 1 MiB).
 
 use std::ffi::c_void;
 
@@ -13,8 +13,11 @@ use cudarc::driver::sys;
 
 use super::{error::FastError, gpu::drv};
 
-/// Buffers kept at most; with all of them in flight the oldest copy is waited for.
-const MAX_BUFFERS: usize = 4;
+/// Buffers kept at most; with all of them in flight the smallest one's copy is waited for. A prompt stage makes up
+/// to six such uploads (the patches and the vision tower's two rotary tables, the language model's two and, under
+/// FP8, the token rows), each queued behind work the device has not reached yet, so fewer buffers would make the
+/// host wait in the middle of queueing, which is what staging avoids.
+const MAX_BUFFERS: usize = 8;
 /// The smallest buffer made (smaller uploads share it).
 const MIN_CAPACITY: usize = 1 << 20;
 
@@ -59,26 +62,44 @@ impl StagingBuffers {
         drv("cuEventRecord", unsafe { sys::cuEventRecord(b.done, stream).result() })
     }
 
-    /// The index of a buffer of at least `len` bytes that no copy reads any more: a free one that fits, a new one
-    /// while fewer than [`MAX_BUFFERS`] exist, else the smallest, waited for (and made larger if needed).
+    /// The index of a buffer of at least `len` bytes that no copy reads any more: the smallest free one that fits
+    /// (so that a small upload does not take the buffer a large one needs next), a new one while fewer than
+    /// [`MAX_BUFFERS`] exist, a free one too small (made larger), else the smallest, waited for (and made larger if
+    /// needed). Making a buffer costs a page-locked allocation (and freeing one may wait for the device), so after
+    /// the first edit of a size the same buffers serve every edit.
     fn free_buffer(&mut self, len: usize) -> Result<usize, FastError> {
+        let (mut fits, mut free_but_small) = (None::<usize>, None);
         for (i, b) in self.buffers.iter().enumerate() {
             // SAFETY: `done` is a live event of the bound context (never recorded yet counts as completed).
             let state = unsafe { sys::cuEventQuery(b.done) };
             match state {
-                sys::CUresult::CUDA_SUCCESS if b.capacity >= len => return Ok(i),
-                sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                sys::CUresult::CUDA_SUCCESS if b.capacity >= len => {
+                    if fits.is_none_or(|f| self.buffers[f].capacity > b.capacity) {
+                        fits = Some(i);
+                    }
+                }
+                sys::CUresult::CUDA_SUCCESS => free_but_small = Some(i),
+                sys::CUresult::CUDA_ERROR_NOT_READY => {}
                 err => drv("cuEventQuery", err.result())?,
             }
+        }
+        if let Some(i) = fits {
+            return Ok(i);
         }
         let capacity = len.max(MIN_CAPACITY).next_power_of_two();
         if self.buffers.len() < MAX_BUFFERS {
             self.buffers.push(Buffer::new(capacity)?);
             return Ok(self.buffers.len() - 1);
         }
-        let i = (0..self.buffers.len()).min_by_key(|&i| self.buffers[i].capacity).unwrap_or(0);
-        // SAFETY: a live event of the bound context.
-        drv("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.buffers[i].done).result() })?;
+        let i = match free_but_small {
+            Some(i) => i,
+            None => {
+                let i = (0..self.buffers.len()).min_by_key(|&i| self.buffers[i].capacity).unwrap_or(0);
+                // SAFETY: a live event of the bound context.
+                drv("cuEventSynchronize", unsafe { sys::cuEventSynchronize(self.buffers[i].done).result() })?;
+                i
+            }
+        };
         if self.buffers[i].capacity < len {
             let old = std::mem::replace(&mut self.buffers[i], Buffer::new(capacity)?);
             old.free()?;
