@@ -2,7 +2,8 @@
 //! GPU, so CI only compiles it). The fast operations one by one: `gpu_fast_ops.rs`.
 //!
 //! The tiny DiT and VAE fixtures run on the GPU and are compared with the CPU; the modulation table is compared bit
-//! for bit with rows computed per call; weights are uploaded straight from the memory-mapped checkpoint.
+//! for bit with rows computed per call; the full-size FP8 DiT against bf16, and its 8-bit pruning cache against the
+//! bf16 cache; weights are uploaded straight from the memory-mapped checkpoint.
 //! Build and run as `gpu_fast_ops.rs` says.
 #![cfg(feature = "cuda")]
 
@@ -158,6 +159,59 @@ fn fp8_dit_at_full_size_against_bf16() {
     let (err_a, err_fp8) = (rel_l2(&attention, &bf16), rel_l2(&attention, &fp8));
     println!("  with FP8 attention: vs bf16 {err_a:.3e}, vs FP8 GEMMs alone {err_fp8:.3e}");
     assert!(err_a < 0.2 && err_fp8 > 1e-4, "{err_a:.3e} / {err_fp8:.3e}");
+}
+
+/// The full-size number of the 8-bit pruning cache (`--fp8-cache`): a `cat` reuse step of the FP8 DiT (60 blocks,
+/// random weights, Edit v1 1024²) whose condition image's K/V come from the 8-bit cache, against the same step with
+/// the cache in bf16. The caching step before it is the same for both, bit for bit.
+#[test]
+fn fp8_cache_at_full_size_against_the_bf16_cache() {
+    use qwen_image_pruning::{
+        full_cache_plan, GroupAction, LayerPlan, ReuseMode, StepPlan, TokenPruningCache,
+    };
+    let _g = setup();
+    let config = DitConfig::default();
+    let input = DitInput {
+        hidden_states: randn([1, 8192, config.in_channels], 1.0),
+        encoder_hidden_states: randn([1, 512, config.joint_attention_dim], 1.0),
+        encoder_hidden_states_mask: None,
+        timestep: vec![0.75],
+        img_shapes: vec![ImageShape::new(64, 64), ImageShape::new(64, 64)],
+        modulation: None,
+    };
+    let layers = config.num_layers;
+    let reuse =
+        StepPlan::new(vec![LayerPlan::with_conditions(1, GroupAction::Reuse(ReuseMode::KeyValue)); layers]);
+    // (caching step, reuse step, cache bytes) with the cache in bf16 or in 8 bits.
+    let steps = |cache: bool| {
+        let options =
+            DitLoadOptions { fp8: Some(Fp8Options { cache, ..Default::default() }), ..Default::default() };
+        let mut store = WeightStore::random(DType::BF16, 11);
+        let model =
+            QwenImageTransformer::<G>::from_store_with(config.clone(), &mut store, &options, &dev()).unwrap();
+        let table = model.modulation_table(&[&input.timestep]).unwrap();
+        let input = DitInput { modulation: Some(table), ..input.clone() };
+        let mut kv = TokenPruningCache::new();
+        kv.keep_hidden_states(false);
+        let (first, _) = model.forward_planned(&input, &full_cache_plan(layers, 1), 0, &mut kv).unwrap();
+        let (second, _) = model.forward_planned(&input, &reuse, 1, &mut kv).unwrap();
+        (to_f32_vec(first), to_f32_vec(second), kv.size_bytes())
+    };
+    let (first, dense, dense_bytes) = steps(false);
+    reset_stats();
+    let (first8, eight, eight_bytes) = steps(true);
+    assert_fast(FP8, "8-bit cache: quantized and restored on the fast path");
+    assert_eq!(first8, first, "the caching step changed with the 8-bit cache");
+    assert!(eight.iter().all(|v| v.is_finite()), "non-finite outputs with the 8-bit cache");
+    let err = rel_l2(&eight, &dense);
+    println!(
+        "full-size FP8 DiT, random weights, Edit v1 1024²: `cat` reuse step with the 8-bit cache vs the bf16 cache, \
+         velocity rel L2 {err:.3e}; cache {:.2} → {:.2} GiB",
+        dense_bytes as f64 / (1u64 << 30) as f64,
+        eight_bytes as f64 / (1u64 << 30) as f64
+    );
+    assert!(err > 1e-4 && err < 0.05, "{err:.3e}");
+    assert!(eight_bytes * 19 < dense_bytes * 10, "{eight_bytes} / {dense_bytes} bytes");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
