@@ -367,6 +367,14 @@ pub struct Args {
     /// FP8 or not, weight bytes) and stop, without reading any weights.
     #[arg(long)]
     pub dry_run: bool,
+    /// Hold the first edit's memory plan against this much free device memory (e.g. 24GB, 22GiB) instead of what
+    /// the driver reports: with --dry-run, whether the edit would fit a card of that size and which memory mode
+    /// would. Before loading on a GPU, an edit whose plan exceeds the free memory is refused with the modes that fit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_budget)]
+    pub device_memory: Option<u64>,
+    /// Load and run even when the memory plan says the first edit will not fit the device's free memory.
+    #[arg(long)]
+    pub no_memory_check: bool,
     /// No progress bars.
     #[arg(long, short = 'q')]
     pub quiet: bool,

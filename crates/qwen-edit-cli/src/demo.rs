@@ -142,7 +142,8 @@ fn load_and_edit<B: QwenBackend>(
         .map_err(|e| format!("schedule `{}`: {e}", input.schedule))?;
     let options = args.quantize.apply(model.load_options(crate::dtype_for(args.dtype, args.device)))?;
     if args.dry_run {
-        return crate::run::dry_run(&snapshot, &options, 1, Some((&input.request, &input.schedule)), out);
+        let first = Some((&input.request, &input.schedule));
+        return crate::run::dry_run(&snapshot, &options, 1, first, args.device_memory, out);
     }
     let mut bars = Bars::new(args.quiet);
     let mut pipe = QwenImageEditPipeline::<B>::from_snapshot(snapshot, &options, device, &mut bars)?;

@@ -23,6 +23,7 @@ pub mod args;
 pub mod demo;
 pub mod eval;
 pub mod jobs;
+mod memory_check;
 pub mod output;
 pub mod progress;
 pub mod report;
@@ -104,6 +105,7 @@ pub(crate) fn on_device(device: Device, task: impl BackendTask) -> Result<(), Cl
                     let pool = qwen_image::cuda::pool_usage(&probe_device);
                     qwen_image_pipeline::MemoryReading {
                         device_used_bytes: qwen_image::cuda::device_memory_used(0),
+                        device_total_bytes: qwen_image::cuda::device_memory_total(0),
                         pool_in_use_bytes: pool.map(|p| p.0),
                         pool_reserved_bytes: pool.map(|p| p.1),
                         ..qwen_image_pipeline::MemoryReading::host()

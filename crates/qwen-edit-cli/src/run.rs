@@ -11,8 +11,8 @@ use qwen_image::{
     text_encoder::PositionMode,
 };
 use qwen_image_pipeline::{
-    demo, metrics, plan_request, Comparison, EditOutput, EditRequest, ImageAreas, LoadOptions, MemoryProbe,
-    QwenImageEditPipeline, SchedulerChoice, Snapshot,
+    demo, metrics, plan_request, Comparison, EditOutput, EditRequest, ImageAreas, LoadOptions, MemoryFit,
+    MemoryProbe, QwenImageEditPipeline, SchedulerChoice, Snapshot,
 };
 use qwen_image_pruning::ScheduleSpec;
 
@@ -21,7 +21,7 @@ use crate::jobs::{self, Job, JobSet};
 use crate::output::{self, timestamp, OutputNames};
 use crate::progress::Bars;
 use crate::report::{FailedJob, JobReport, Outputs, RunReport, Runs};
-use crate::{demo_size, CliError};
+use crate::{demo_size, memory_check, CliError};
 
 /// Runs `args` on backend `B` (device `device`), reading memory with `probe`.
 pub(crate) fn run_on<B: QwenBackend>(
@@ -65,10 +65,12 @@ fn run_model<B: QwenBackend>(
     let failed = accept_jobs(args, &set, out)?;
     announce(args, &set.jobs, out)?;
     let options = load_options(args)?;
+    let first = set.jobs.first().map(|j| (&j.request, &j.schedule));
+    let available = memory_check::available(args, &probe);
     if args.dry_run {
-        let first = set.jobs.first().map(|j| (&j.request, &j.schedule));
-        return dry_run(&snapshot, &options, set.jobs.len(), first, out);
+        return dry_run(&snapshot, &options, set.jobs.len(), first, available, out);
     }
+    memory_check::check(args, &snapshot, &options, first, available, out)?;
     let memory_plan = match set.jobs.first() {
         Some(job) => Some(plan_request(&snapshot, &job.request, &job.schedule, &options)?),
         None => None,
@@ -140,12 +142,13 @@ fn announce(args: &Args, jobs: &[Job], out: &mut dyn Write) -> Result<(), CliErr
 }
 
 /// `--dry-run`: what would be loaded (the DiT's layers and their weight bytes, from its config alone) and the memory
-/// plan of the first edit, after the edits were checked.
+/// plan of the first edit, after the edits were checked; with `available` free device memory, whether it fits.
 pub(crate) fn dry_run(
     snapshot: &Snapshot,
     options: &LoadOptions,
     edits: usize,
     first: Option<(&EditRequest, &ScheduleSpec)>,
+    available: Option<u64>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let options = &options.resolved()?;
@@ -161,6 +164,10 @@ pub(crate) fn dry_run(
     if let Some((request, schedule)) = first {
         let memory = plan_request(snapshot, request, schedule, options)?;
         writeln!(out, "First edit's {}", memory.describe())?;
+        if let Some(available) = available {
+            let fit = MemoryFit::check(snapshot, request, schedule, options, available)?;
+            writeln!(out, "Memory: {}", memory_check::verdict(&fit))?;
+        }
     }
     Ok(())
 }

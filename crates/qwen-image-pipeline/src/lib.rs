@@ -28,6 +28,7 @@ pub mod demo;
 pub mod denoise;
 pub mod edit;
 pub mod error;
+pub mod fit;
 pub mod latents;
 pub mod load;
 pub mod lora;
@@ -49,6 +50,7 @@ pub mod validate;
 
 pub use denoise::{denoise, denoise_with, true_cfg, DenoiseCaches, DenoiseInputs, TextConditioning};
 pub use error::{PipelineError, Result};
+pub use fit::{MemoryFit, SmallerMode};
 pub use load::{ExactAllocation, LoadOptions, LoraOption, MemoryMode, SchedulerChoice};
 pub use memory::{MemoryProbe, MemoryReading};
 pub use memory_plan::{plan_request, ComponentWeights, MemoryPlan, PlanShape};

@@ -66,6 +66,9 @@ pub struct MemoryReading {
     pub pool_in_use_bytes: Option<u64>,
     /// Bytes burn's pool holds from the driver (in use or cached for reuse).
     pub pool_reserved_bytes: Option<u64>,
+    /// The GPU's total memory, as the driver reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_total_bytes: Option<u64>,
 }
 
 fn gib(b: u64) -> String {
@@ -81,6 +84,11 @@ impl MemoryReading {
             host_peak_rss_bytes: m.map(|m| m.peak_rss),
             ..Default::default()
         }
+    }
+
+    /// The GPU's free memory (total − used), where both are known.
+    pub fn device_free_bytes(&self) -> Option<u64> {
+        Some(self.device_total_bytes?.saturating_sub(self.device_used_bytes?))
     }
 
     /// One line: `host RSS 1.20 GiB; GPU used 60.1 GiB, pool 58.0 GiB in use / 70.2 GiB reserved`.

@@ -529,10 +529,20 @@ pub fn pool_usage(device: &CudaDevice) -> Option<(u64, u64)> {
 
 /// Device memory in use on the whole GPU (`total − free` from the driver), for benchmarks.
 pub fn device_memory_used(index: usize) -> Option<u64> {
+    device_memory_info(index).map(|(free, total)| total - free)
+}
+
+/// The GPU's total memory (from the driver).
+pub fn device_memory_total(index: usize) -> Option<u64> {
+    device_memory_info(index).map(|(_, total)| total)
+}
+
+/// `(free, total)` bytes of GPU `index` (`cuMemGetInfo`).
+fn device_memory_info(index: usize) -> Option<(u64, u64)> {
     registry::with_gpu(index, |_| {
         let (free, total) = cudarc::driver::result::mem_get_info()
             .map_err(|e| FastError::cuda(format!("cuMemGetInfo: {e:?}")))?;
-        Ok((total - free) as u64)
+        Ok((free as u64, total as u64))
     })
     .ok()
 }

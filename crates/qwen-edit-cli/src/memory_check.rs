@@ -1,0 +1,105 @@
+//! The memory check before loading: the first edit's [memory plan](qwen_image_pipeline::memory_plan) against the
+//! device's free memory (`--device-memory`, else the driver's figure; nothing to check on the CPU). An edit that
+//! cannot fit is refused with the memory modes that would (unless `--no-memory-check`), a tight one warned about,
+//! and `--dry-run` prints the verdict ([`qwen_image_pipeline::MemoryFit`]).
+
+use std::io::Write;
+
+use qwen_image_pipeline::{EditRequest, LoadOptions, MemoryFit, MemoryProbe, SmallerMode, Snapshot};
+use qwen_image_pruning::ScheduleSpec;
+
+use crate::{args::Args, CliError};
+
+/// The free device memory to plan against: `--device-memory`, else what `probe` reads (none on the CPU).
+pub(crate) fn available(args: &Args, probe: &MemoryProbe) -> Option<u64> {
+    args.device_memory.or_else(|| probe.read().device_free_bytes())
+}
+
+/// Checks the first edit's plan against `available` bytes before loading: an error when it cannot fit and the
+/// arguments do not say to run anyway, a warning on `out` when it is tight or forced.
+pub(crate) fn check(
+    args: &Args,
+    snapshot: &Snapshot,
+    options: &LoadOptions,
+    first: Option<(&EditRequest, &ScheduleSpec)>,
+    available: Option<u64>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let (Some((request, schedule)), Some(available)) = (first, available) else { return Ok(()) };
+    let fit = MemoryFit::check(snapshot, request, schedule, options, available)?;
+    match (fit.fits(), args.no_memory_check) {
+        (false, false) => Err(format!("{}; --no-memory-check runs it anyway", verdict(&fit)).into()),
+        _ if fit.comfortable() => Ok(()),
+        _ => Ok(writeln!(out, "Warning: {}", verdict(&fit))?),
+    }
+}
+
+/// One sentence on `fit`: whether the plan fits the free memory, and what the smaller modes would need.
+pub(crate) fn verdict(fit: &MemoryFit) -> String {
+    let (peak, free) = (gib(fit.peak_bytes), gib(fit.available_bytes));
+    let head = if fit.comfortable() {
+        format!("the first edit's memory plan peaks at {peak} of {free} of free device memory: it fits")
+    } else if fit.fits() {
+        format!(
+            "the first edit's memory plan peaks at {peak} of {free} of free device memory, too close to be sure \
+             (measured peaks ran up to 3 GiB above the plan in the pooled modes, docs/memory.md)"
+        )
+    } else {
+        format!("the first edit needs about {peak} of device memory by its memory plan, and {free} are free")
+    };
+    let describe = |fits: bool| -> Vec<String> {
+        let modes = fit.smaller.iter().filter(|&&(_, peak)| (peak <= fit.available_bytes) == fits);
+        modes.map(|&(mode, peak)| format!("{} (about {})", flag(mode), gib(peak))).collect()
+    };
+    let (fitting, too_large) = (describe(true), describe(false));
+    let mut line = head;
+    if !fitting.is_empty() {
+        line.push_str(&format!(": use {}", fitting.join(" or ")));
+    }
+    match (fitting.is_empty(), too_large.is_empty()) {
+        (_, true) => {}
+        (false, false) => line.push_str(&format!("; {} would not fit", too_large.join(" or "))),
+        (true, false) => {
+            line.push_str(&format!("; the smaller modes would not fit either: {}", too_large.join(", ")))
+        }
+    }
+    line
+}
+
+/// The command-line flag of a memory mode.
+fn flag(mode: SmallerMode) -> &'static str {
+    match mode {
+        SmallerMode::Fp8 => "--quantize fp8",
+        SmallerMode::LowMemory => "--low-memory",
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verdict_names_the_modes_that_fit() {
+        const G: u64 = 1 << 30;
+        let fit = MemoryFit {
+            peak_bytes: 48 * G,
+            available_bytes: 22 * G,
+            smaller: vec![(SmallerMode::Fp8, 30 * G), (SmallerMode::LowMemory, 19 * G)],
+        };
+        assert_eq!(
+            verdict(&fit),
+            "the first edit needs about 48.00 GiB of device memory by its memory plan, and 22.00 GiB are free: use \
+             --low-memory (about 19.00 GiB); --quantize fp8 (about 30.00 GiB) would not fit"
+        );
+        let none = MemoryFit { available_bytes: 10 * G, ..fit };
+        assert!(verdict(&none).ends_with(
+            "the smaller modes would not fit either: --quantize fp8 (about 30.00 GiB), --low-memory (about 19.00 GiB)"
+        ));
+        let fits = MemoryFit { peak_bytes: 19 * G, available_bytes: 78 * G, smaller: vec![] };
+        assert!(verdict(&fits).ends_with("it fits"), "{}", verdict(&fits));
+    }
+}
