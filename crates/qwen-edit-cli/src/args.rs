@@ -372,7 +372,8 @@ pub struct Args {
     /// would. Before loading on a GPU, an edit whose plan exceeds the free memory is refused with the modes that fit.
     #[arg(long, value_name = "BYTES", value_parser = parse_budget)]
     pub device_memory: Option<u64>,
-    /// Load and run even when the memory plan says the first edit will not fit the device's free memory.
+    /// Skip the memory check: load and run even when the memory plan says the first edit will not fit the device's
+    /// free memory (the device is not asked).
     #[arg(long)]
     pub no_memory_check: bool,
     /// No progress bars.

@@ -1,7 +1,7 @@
 //! The memory check before loading: the first edit's [memory plan](qwen_image_pipeline::memory_plan) against the
 //! device's free memory (`--device-memory`, else the driver's figure; nothing to check on the CPU). An edit that
-//! cannot fit is refused with the memory modes that would (unless `--no-memory-check`), a tight one warned about,
-//! and `--dry-run` prints the verdict ([`qwen_image_pipeline::MemoryFit`]).
+//! cannot fit is refused with the memory modes that would, a tight one warned about, and `--dry-run` prints the
+//! verdict ([`qwen_image_pipeline::MemoryFit`]). `--no-memory-check` skips it (the device is not even asked).
 
 use std::io::Write;
 
@@ -10,15 +10,18 @@ use qwen_image_pruning::ScheduleSpec;
 
 use crate::{args::Args, CliError};
 
-/// The free device memory to plan against: `--device-memory`, else what `probe` reads (none on the CPU).
+/// The free device memory to plan against: `--device-memory`, else what `probe` reads (none on the CPU); none with
+/// `--no-memory-check` outside a dry run.
 pub(crate) fn available(args: &Args, probe: &MemoryProbe) -> Option<u64> {
+    if args.no_memory_check && !args.dry_run {
+        return None;
+    }
     args.device_memory.or_else(|| probe.read().device_free_bytes())
 }
 
-/// Checks the first edit's plan against `available` bytes before loading: an error when it cannot fit and the
-/// arguments do not say to run anyway, a warning on `out` when it is tight or forced.
+/// Checks the first edit's plan against `available` bytes before loading: an error when it cannot fit, a warning
+/// on `out` when it is tight.
 pub(crate) fn check(
-    args: &Args,
     snapshot: &Snapshot,
     options: &LoadOptions,
     first: Option<(&EditRequest, &ScheduleSpec)>,
@@ -27,11 +30,13 @@ pub(crate) fn check(
 ) -> Result<(), CliError> {
     let (Some((request, schedule)), Some(available)) = (first, available) else { return Ok(()) };
     let fit = MemoryFit::check(snapshot, request, schedule, options, available)?;
-    match (fit.fits(), args.no_memory_check) {
-        (false, false) => Err(format!("{}; --no-memory-check runs it anyway", verdict(&fit)).into()),
-        _ if fit.comfortable() => Ok(()),
-        _ => Ok(writeln!(out, "Warning: {}", verdict(&fit))?),
+    if !fit.fits() {
+        return Err(format!("{}; --no-memory-check runs it anyway", verdict(&fit)).into());
     }
+    if !fit.comfortable() {
+        writeln!(out, "Warning: {}", verdict(&fit))?;
+    }
+    Ok(())
 }
 
 /// One sentence on `fit`: whether the plan fits the free memory, and what the smaller modes would need.

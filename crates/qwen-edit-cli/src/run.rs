@@ -70,7 +70,7 @@ fn run_model<B: QwenBackend>(
     if args.dry_run {
         return dry_run(&snapshot, &options, set.jobs.len(), first, available, out);
     }
-    memory_check::check(args, &snapshot, &options, first, available, out)?;
+    memory_check::check(&snapshot, &options, first, available, out)?;
     let memory_plan = match set.jobs.first() {
         Some(job) => Some(plan_request(&snapshot, &job.request, &job.schedule, &options)?),
         None => None,

@@ -48,9 +48,10 @@ fn an_edit_that_cannot_fit_is_refused_before_loading_unless_forced() {
     assert!(err.contains("needs about") && err.contains("--no-memory-check runs it anyway"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.contains("Loaded") && !dir.join("outputs_pruning").exists(), "{out}");
+    // Skipped: the edit runs.
     let (ok, out, err) = qwen_edit(&dir, &["--device-memory", "2GiB", "--no-memory-check"]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("Warning: the first edit needs about"), "{out}");
+    assert!(!out.contains("the first edit needs about"), "{out}");
     assert!(dir.join("outputs_pruning").exists());
     // A bad byte count is a clear error.
     let (ok, _, err) = qwen_edit(&dir, &["--device-memory", "lots"]);
