@@ -5,7 +5,10 @@
 
 use std::io::Write;
 
-use qwen_image_pipeline::{EditRequest, LoadOptions, MemoryFit, MemoryProbe, SmallerMode, Snapshot};
+use qwen_image::processor::RgbImage;
+use qwen_image_pipeline::{
+    EditRequest, ImageAreas, LoadOptions, MemoryFit, MemoryProbe, SmallerMode, Snapshot,
+};
 use qwen_image_pruning::ScheduleSpec;
 
 use crate::{args::Args, CliError};
@@ -17,6 +20,34 @@ pub(crate) fn available(args: &Args, probe: &MemoryProbe) -> Option<u64> {
         return None;
     }
     args.device_memory.or_else(|| probe.read().device_free_bytes())
+}
+
+/// `qwen-edit serve`'s check before it loads: one image at the served `areas` with the default schedule and steps
+/// (requests vary; a typical one), against `available` bytes. An error when it cannot fit, a warning (logged) when
+/// it is tight.
+pub(crate) fn check_served(
+    snapshot: &Snapshot,
+    options: &LoadOptions,
+    areas: ImageAreas,
+    steps: usize,
+    schedule: &ScheduleSpec,
+    available: Option<u64>,
+) -> Result<(), CliError> {
+    let Some(available) = available else { return Ok(()) };
+    // A square image of about the VAE area (it is resized to that area whatever its size).
+    let side = f64::from(areas.vae).sqrt().round().max(16.0) as u32;
+    let mut request =
+        EditRequest::new(vec![RgbImage::new(side, side)], "Make the sky a deep orange at sunset");
+    (request.areas, request.num_steps) = (areas, steps);
+    let fit = MemoryFit::check(snapshot, &request, schedule, options, available)?;
+    let subject = format!("a typical request (one {side}×{side} image, `{schedule}`, {steps} steps)");
+    if !fit.fits() {
+        return Err(format!("{}; --no-memory-check serves anyway", verdict_for(&subject, &fit)).into());
+    }
+    if !fit.comfortable() {
+        tracing::warn!("{}", verdict_for(&subject, &fit));
+    }
+    Ok(())
 }
 
 /// Checks the first edit's plan against `available` bytes before loading: an error when it cannot fit, a warning
@@ -41,16 +72,21 @@ pub(crate) fn check(
 
 /// One sentence on `fit`: whether the plan fits the free memory, and what the smaller modes would need.
 pub(crate) fn verdict(fit: &MemoryFit) -> String {
+    verdict_for("the first edit", fit)
+}
+
+/// [`verdict`] for the edit `subject` names.
+fn verdict_for(subject: &str, fit: &MemoryFit) -> String {
     let (peak, free) = (gib(fit.peak_bytes), gib(fit.available_bytes));
     let head = if fit.comfortable() {
-        format!("the first edit's memory plan peaks at {peak} of {free} of free device memory: it fits")
+        format!("{subject}'s memory plan peaks at {peak} of {free} of free device memory: it fits")
     } else if fit.fits() {
         format!(
-            "the first edit's memory plan peaks at {peak} of {free} of free device memory, too close to be sure \
+            "{subject}'s memory plan peaks at {peak} of {free} of free device memory, too close to be sure \
              (measured peaks ran up to 3 GiB above the plan in the pooled modes, docs/memory.md)"
         )
     } else {
-        format!("the first edit needs about {peak} of device memory by its memory plan, and {free} are free")
+        format!("{subject} needs about {peak} of device memory by its memory plan, and {free} are free")
     };
     let describe = |fits: bool| -> Vec<String> {
         let modes = fit.smaller.iter().filter(|&&(_, peak)| (peak <= fit.available_bytes) == fits);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use qwen_image::ops::QwenBackend;
 use qwen_image_pipeline::{
-    ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline, SchedulerChoice, Variant,
+    ImageAreas, LoadOptions, MemoryProbe, QwenImageEditPipeline, SchedulerChoice, Snapshot, Variant,
 };
 use qwen_image_proxy::DemoModel;
 use qwen_image_pruning::ScheduleSpec;
@@ -102,6 +102,13 @@ pub struct ServeArgs {
     /// Logs as one JSON object per line.
     #[arg(long)]
     pub log_json: bool,
+    /// Hold the memory plan of a typical request (one image at the served area, the default schedule and steps)
+    /// against this much free device memory instead of what the driver reports, before loading.
+    #[arg(long, value_name = "BYTES", value_parser = |s: &str| qwen_image_pruning::parse_bytes(s).map_err(|e| e.to_string()))]
+    pub device_memory: Option<u64>,
+    /// Skip that check: load even when the plan says a typical request will not fit the device's free memory.
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 /// Installs the `tracing` subscriber of the server (stderr; `RUST_LOG`, default `info`); library `log` records
@@ -136,7 +143,12 @@ fn serve_on<B: QwenBackend>(args: &ServeArgs, device: B::Device, probe: MemoryPr
     let served = served_model(args)?;
     let model_name = args.model_name.clone().unwrap_or_else(|| default_model_name(args, &served.model));
     let config = http_config(args, model_name, &served)?;
-    let Served { model, options, demo_dir, .. } = served;
+    let Served { model, options, demo_dir, areas, steps } = served;
+    if !args.no_memory_check {
+        let available = args.device_memory.or_else(|| probe.read().device_free_bytes());
+        let snapshot = Snapshot::locate(&model)?;
+        crate::memory_check::check_served(&snapshot, &options, areas, steps, &args.schedule, available)?;
+    }
     let loader_dir = demo_dir.as_ref().map(|d| d.0.clone());
     let load = move || {
         let loaded =

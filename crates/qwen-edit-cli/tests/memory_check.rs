@@ -57,3 +57,32 @@ fn an_edit_that_cannot_fit_is_refused_before_loading_unless_forced() {
     let (ok, _, err) = qwen_edit(&dir, &["--device-memory", "lots"]);
     assert!(!ok && err.contains("is not a byte count"), "{err}");
 }
+
+#[test]
+fn a_server_whose_typical_request_cannot_fit_stops_before_loading() {
+    let dir = workdir("serve");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
+        .current_dir(&dir)
+        .args(["serve", "--demo", "--port", "0", "--device-memory", "2GiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must exit on its own; a server that started would listen until killed.
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the server started despite the memory check");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("a typical request (one ") && err.contains("image, `cat`, 4 steps) needs about"),
+        "{err}"
+    );
+    assert!(err.contains("--no-memory-check serves anyway") && !out.contains("listening"), "{out}\n{err}");
+}
