@@ -119,20 +119,25 @@ fn the_modulation_table_is_bit_identical_on_the_gpu() {
     }
 }
 
-/// Issue 13's FP8 quality number: the velocity of the full-size DiT (60 blocks, random weights) with FP8 weights
-/// (default keep list) against bf16, at Edit v1 1024² (4096 target + 4096 condition tokens, 512 text tokens).
-#[test]
-fn fp8_dit_at_full_size_against_bf16() {
-    let _g = setup();
-    let config = DitConfig::default();
-    let input = DitInput {
+/// Random inputs of the full-size DiT at Edit v1 1024²: 4096 target + 4096 condition tokens, 512 text tokens.
+fn full_size_input(config: &DitConfig) -> DitInput<G> {
+    DitInput {
         hidden_states: randn([1, 8192, config.in_channels], 1.0),
         encoder_hidden_states: randn([1, 512, config.joint_attention_dim], 1.0),
         encoder_hidden_states_mask: None,
         timestep: vec![0.75],
         img_shapes: vec![ImageShape::new(64, 64), ImageShape::new(64, 64)],
         modulation: None,
-    };
+    }
+}
+
+/// Issue 13's FP8 quality number: the velocity of the full-size DiT (60 blocks, random weights) with FP8 weights
+/// (default keep list) against bf16, at Edit v1 1024² (4096 target + 4096 condition tokens, 512 text tokens).
+#[test]
+fn fp8_dit_at_full_size_against_bf16() {
+    let _g = setup();
+    let config = DitConfig::default();
+    let input = full_size_input(&config);
     let velocity = |fp8: Option<Fp8Options>| {
         let options = DitLoadOptions { fp8, ..Default::default() };
         let mut store = WeightStore::random(DType::BF16, 11);
@@ -171,14 +176,7 @@ fn fp8_cache_at_full_size_against_the_bf16_cache() {
     };
     let _g = setup();
     let config = DitConfig::default();
-    let input = DitInput {
-        hidden_states: randn([1, 8192, config.in_channels], 1.0),
-        encoder_hidden_states: randn([1, 512, config.joint_attention_dim], 1.0),
-        encoder_hidden_states_mask: None,
-        timestep: vec![0.75],
-        img_shapes: vec![ImageShape::new(64, 64), ImageShape::new(64, 64)],
-        modulation: None,
-    };
+    let input = full_size_input(&config);
     let layers = config.num_layers;
     let reuse =
         StepPlan::new(vec![LayerPlan::with_conditions(1, GroupAction::Reuse(ReuseMode::KeyValue)); layers]);

@@ -1,40 +1,22 @@
 //! `--quantize fp8` end to end on the built-in tiny random-weight demo model: the dry run, an edit with its report,
 //! and the errors of the keep list.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
 use serde_json::Value;
-
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen-edit-fp8-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn qwen_edit(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let o: Output = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
-        .current_dir(dir)
-        .args(["--demo", "--size", "tiny", "-q"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (o.status.success(), text(&o.stdout), text(&o.stderr))
-}
+use support::{tiny_demo, workdir};
 
 #[test]
 fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
-    let dir = workdir("dry-run");
-    let (ok, out, err) = qwen_edit(&dir, &["--quantize", "fp8", "--dry-run"]);
+    let dir = workdir("fp8", "dry-run");
+    let (ok, out, err) = tiny_demo(&dir, &["--quantize", "fp8", "--dry-run"]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("Dry run: 1 edit(s) checked"), "{out}");
     assert!(out.contains("DiT weights: FP8 (e4m3, per-channel scales):") && out.contains("saved"), "{out}");
     assert!(out.contains("kept in F32: img_in, txt_in"), "{out}");
     assert!(out.contains("Text encoder weights: linear layers in FP8"), "{out}");
     // fp8-dit: the same DiT, the text encoder unquantized.
-    let (ok, dit_only, err) = qwen_edit(&dir, &["--quantize", "fp8-dit", "--dry-run"]);
+    let (ok, dit_only, err) = tiny_demo(&dir, &["--quantize", "fp8-dit", "--dry-run"]);
     assert!(ok, "{dit_only}\n{err}");
     assert!(
         dit_only.contains("DiT weights: FP8") && dit_only.contains("Text encoder weights: in F32"),
@@ -43,19 +25,19 @@ fn the_dry_run_says_what_fp8_quantizes_and_loads_nothing() {
     assert!(!out.contains("Loaded") && !dir.join("outputs_pruning").exists(), "{out}");
     // --low-memory quantizes img_mlp.net.2 too, unless the keep list is given.
     assert!(out.contains("img_mod, txt_mod, img_mlp.net.2"), "{out}");
-    let (ok, low, err) = qwen_edit(&dir, &["--low-memory", "--dry-run"]);
+    let (ok, low, err) = tiny_demo(&dir, &["--low-memory", "--dry-run"]);
     assert!(ok && low.contains("kept in F32: img_in") && !low.contains("img_mlp.net.2"), "{low}\n{err}");
-    let (ok, low, err) = qwen_edit(&dir, &["--low-memory", "--quantize-keep", "default", "--dry-run"]);
+    let (ok, low, err) = tiny_demo(&dir, &["--low-memory", "--quantize-keep", "default", "--dry-run"]);
     assert!(ok && low.contains("img_mod, txt_mod, img_mlp.net.2"), "{low}\n{err}");
     // Without --quantize the dry run says so too.
-    let (ok, out, _) = qwen_edit(&dir, &["--dry-run", "--dtype", "bf16"]);
+    let (ok, out, _) = tiny_demo(&dir, &["--dry-run", "--dtype", "bf16"]);
     assert!(ok && out.contains("DiT weights: no FP8 layers") && out.contains("in BF16"), "{out}");
     assert!(out.contains("Text encoder weights: in BF16"), "{out}");
 }
 
 #[test]
 fn an_fp8_edit_reports_its_weights() {
-    let dir = workdir("edit");
+    let dir = workdir("fp8", "edit");
     // With the joint attention in FP8 too (its host emulation on the CPU), and the pruning cache (`cat`) in 8 bits.
     let args = [
         "--quantize",
@@ -65,7 +47,7 @@ fn an_fp8_edit_reports_its_weights() {
         "--fp8-attention",
         "--fp8-cache",
     ];
-    let (ok, out, err) = qwen_edit(&dir, &args);
+    let (ok, out, err) = tiny_demo(&dir, &args);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("DiT weights: FP8"), "{out}");
     let reports = dir.join("outputs_pruning");
@@ -87,7 +69,7 @@ fn an_fp8_edit_reports_its_weights() {
 
 #[test]
 fn bad_quantize_options_are_clear_errors() {
-    let dir = workdir("errors");
+    let dir = workdir("fp8", "errors");
     for (args, expect) in [
         (&["--quantize-keep", "img_in"][..], "--quantize-keep applies to --quantize fp8"),
         (&["--fp8-attention"][..], "--fp8-attention applies to --quantize fp8"),
@@ -99,7 +81,7 @@ fn bad_quantize_options_are_clear_errors() {
         (&["--quantize", "fp8", "--quantize-keep", "img_in,,proj_out"], "empty entry"),
         (&["--quantize", "int4"], "invalid value 'int4'"),
     ] {
-        let (ok, out, err) = qwen_edit(&dir, args);
+        let (ok, out, err) = tiny_demo(&dir, args);
         assert!(!ok, "{args:?} succeeded: {out}");
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");

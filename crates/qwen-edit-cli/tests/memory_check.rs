@@ -1,31 +1,17 @@
 //! The memory check before loading (`--device-memory`, `--no-memory-check`) on the built-in tiny random-weight demo
-//! model: the dry run's verdict, an edit refused before anything is loaded or written, and the same edit forced.
+//! model: the dry run's verdict, an edit refused before anything is loaded or written, the same edit with the check
+//! skipped, and a server that stops before listening.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn workdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen-edit-memory-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::process::Command;
 
-fn qwen_edit(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let o: Output = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
-        .current_dir(dir)
-        .args(["--demo", "--size", "tiny", "-q"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (o.status.success(), text(&o.stdout), text(&o.stderr))
-}
+use support::{tiny_demo, workdir};
 
 #[test]
 fn the_dry_run_says_whether_the_edit_fits_the_given_memory() {
-    let dir = workdir("dry-run");
-    let (ok, out, err) = qwen_edit(&dir, &["--dry-run", "--device-memory", "24GB"]);
+    let dir = workdir("memory", "dry-run");
+    let (ok, out, err) = tiny_demo(&dir, &["--dry-run", "--device-memory", "24GB"]);
     assert!(ok, "{out}\n{err}");
     assert!(
         out.contains("Memory: the first edit's memory plan peaks at") && out.contains("it fits"),
@@ -33,7 +19,7 @@ fn the_dry_run_says_whether_the_edit_fits_the_given_memory() {
     );
     // The tiny model's plan is dominated by the 3 GiB runtime overhead: 2 GiB is too little, and no smaller mode
     // helps.
-    let (ok, out, err) = qwen_edit(&dir, &["--dry-run", "--device-memory", "2GiB"]);
+    let (ok, out, err) = tiny_demo(&dir, &["--dry-run", "--device-memory", "2GiB"]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("Memory: the first edit needs about") && out.contains("2.00 GiB are free"), "{out}");
     assert!(out.contains("the smaller modes would not fit either: --quantize fp8 (about"), "{out}");
@@ -42,25 +28,25 @@ fn the_dry_run_says_whether_the_edit_fits_the_given_memory() {
 
 #[test]
 fn an_edit_that_cannot_fit_is_refused_before_loading_unless_forced() {
-    let dir = workdir("refused");
-    let (ok, out, err) = qwen_edit(&dir, &["--device-memory", "2GiB"]);
+    let dir = workdir("memory", "refused");
+    let (ok, out, err) = tiny_demo(&dir, &["--device-memory", "2GiB"]);
     assert!(!ok, "ran: {out}");
     assert!(err.contains("needs about") && err.contains("--no-memory-check runs it anyway"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(!out.contains("Loaded") && !dir.join("outputs_pruning").exists(), "{out}");
     // Skipped: the edit runs.
-    let (ok, out, err) = qwen_edit(&dir, &["--device-memory", "2GiB", "--no-memory-check"]);
+    let (ok, out, err) = tiny_demo(&dir, &["--device-memory", "2GiB", "--no-memory-check"]);
     assert!(ok, "{out}\n{err}");
     assert!(!out.contains("the first edit needs about"), "{out}");
     assert!(dir.join("outputs_pruning").exists());
     // A bad byte count is a clear error.
-    let (ok, _, err) = qwen_edit(&dir, &["--device-memory", "lots"]);
+    let (ok, _, err) = tiny_demo(&dir, &["--device-memory", "lots"]);
     assert!(!ok && err.contains("is not a byte count"), "{err}");
 }
 
 #[test]
 fn a_server_whose_typical_request_cannot_fit_stops_before_loading() {
-    let dir = workdir("serve");
+    let dir = workdir("memory", "serve");
     let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
         .current_dir(&dir)
         .args(["serve", "--demo", "--port", "0", "--device-memory", "2GiB"])
