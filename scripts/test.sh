@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README): formatting, lints (also of the CUDA fast path, which compiles without a GPU),
-# and every test on the CPU (flex backend).
+# the API docs' links, and every test on the CPU (flex backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
@@ -8,6 +8,8 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 # The CUDA fast path (the library's, the CLI's, the GPU tests and benchmarks) is linted but never run here.
 # Separate target dir: the `cuda` feature changes burn's features, and sharing the dir would rebuild burn twice.
 CARGO_TARGET_DIR=target/cuda cargo clippy --locked --workspace --features cuda --all-targets -- -D warnings
+# The API docs: every intra-doc link resolves (library crates and the CLI's help texts alike).
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --workspace --no-deps
 cargo test --locked --workspace --all-targets
 cargo test --locked --workspace --doc
 # `qwen-edit serve` as clients see it (the binary the tests built): Python/curl clients, bad requests, a 200-request

@@ -267,7 +267,7 @@ pub struct Args {
     /// Scheduler config.
     #[arg(long, value_enum, default_value = "auto")]
     pub scheduler: SchedulerArg,
-    /// Pruning schedule: none | cat | reuse:S1,S2,… | region[:T,M,R] | mask:FILE | adaptive[:B], then
+    /// Pruning schedule: none | cat | reuse:S1,S2,… | `region[:T,M,R]` | mask:FILE | `adaptive[:B]`, then
     /// `[/kv|/recompute]` `[@LO-HI]` (docs/schedules.md); steps count from 1, blocks LO-HI from 0.
     #[arg(long, default_value = "cat")]
     pub schedule: ScheduleSpec,
