@@ -95,11 +95,11 @@ fn verdict_for(subject: &str, fit: &MemoryFit) -> String {
     let (fitting, too_large) = (describe(true), describe(false));
     let mut line = head;
     if !fitting.is_empty() {
-        line.push_str(&format!(": use {}", fitting.join(" or ")));
+        line.push_str(&format!(": use {}", or_list(&fitting)));
     }
     match (fitting.is_empty(), too_large.is_empty()) {
         (_, true) => {}
-        (false, false) => line.push_str(&format!("; {} would not fit", too_large.join(" or "))),
+        (false, false) => line.push_str(&format!("; {} would not fit", or_list(&too_large))),
         (true, false) => {
             line.push_str(&format!("; the smaller modes would not fit either: {}", too_large.join(", ")))
         }
@@ -107,10 +107,20 @@ fn verdict_for(subject: &str, fit: &MemoryFit) -> String {
     line
 }
 
+/// `a`, `a or b`, `a, b or c`.
+fn or_list(items: &[String]) -> String {
+    match items.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
 /// The command-line flag of a memory mode.
 fn flag(mode: SmallerMode) -> &'static str {
     match mode {
         SmallerMode::Fp8 => "--quantize fp8",
+        SmallerMode::Fp8Cache => "--quantize fp8 --fp8-cache",
         SmallerMode::LowMemory => "--low-memory",
     }
 }
@@ -139,6 +149,19 @@ mod tests {
         let none = MemoryFit { available_bytes: 10 * G, ..fit };
         assert!(verdict(&none).ends_with(
             "the smaller modes would not fit either: --quantize fp8 (about 30.00 GiB), --low-memory (about 19.00 GiB)"
+        ));
+        let three = MemoryFit {
+            peak_bytes: 48 * G,
+            available_bytes: 44 * G,
+            smaller: vec![
+                (SmallerMode::Fp8, 30 * G),
+                (SmallerMode::Fp8Cache, 28 * G),
+                (SmallerMode::LowMemory, 19 * G),
+            ],
+        };
+        assert!(verdict(&three).ends_with(
+            "use --quantize fp8 (about 30.00 GiB), --quantize fp8 --fp8-cache (about 28.00 GiB) or --low-memory \
+             (about 19.00 GiB)"
         ));
         let fits = MemoryFit { peak_bytes: 19 * G, available_bytes: 78 * G, smaller: vec![] };
         assert!(verdict(&fits).ends_with("it fits"), "{}", verdict(&fits));

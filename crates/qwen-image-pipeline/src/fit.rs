@@ -23,6 +23,8 @@ pub const TIGHT_FRACTION: f64 = 0.9;
 pub enum SmallerMode {
     /// FP8 weights for the DiT and the text encoder ([`LoadOptions::fp8`], [`LoadOptions::fp8_text_encoder`]).
     Fp8,
+    /// The same with the pruning cache's K and V in 8 bits ([`Fp8Options::cache`]).
+    Fp8Cache,
     /// [`MemoryMode::Low`].
     LowMemory,
 }
@@ -57,6 +59,16 @@ impl MemoryFit {
             let fp8 =
                 LoadOptions { fp8: Some(Fp8Options::default()), fp8_text_encoder: true, ..options.clone() };
             fit.smaller.push((SmallerMode::Fp8, plan_request(snapshot, req, schedule, &fp8)?.peak_bytes));
+        }
+        if options.memory != MemoryMode::Low && !options.fp8.as_ref().is_some_and(|o| o.cache) {
+            let fp8 = options.fp8.clone().unwrap_or_default();
+            let cached = LoadOptions {
+                fp8: Some(Fp8Options { cache: true, ..fp8 }),
+                fp8_text_encoder: true,
+                ..options.clone()
+            };
+            let peak = plan_request(snapshot, req, schedule, &cached)?.peak_bytes;
+            fit.smaller.push((SmallerMode::Fp8Cache, peak));
         }
         if options.memory != MemoryMode::Low {
             let low = LoadOptions { memory: MemoryMode::Low, ..options.clone() };
