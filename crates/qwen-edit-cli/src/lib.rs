@@ -103,9 +103,10 @@ pub(crate) fn on_device(device: Device, task: impl BackendTask) -> Result<(), Cl
                 let probe_device = device.clone();
                 let probe = MemoryProbe::new(move || {
                     let pool = qwen_image::cuda::pool_usage(&probe_device);
+                    let device = qwen_image::cuda::device_memory_info(0);
                     qwen_image_pipeline::MemoryReading {
-                        device_used_bytes: qwen_image::cuda::device_memory_used(0),
-                        device_total_bytes: qwen_image::cuda::device_memory_total(0),
+                        device_used_bytes: device.map(|(free, total)| total - free),
+                        device_total_bytes: device.map(|(_, total)| total),
                         pool_in_use_bytes: pool.map(|p| p.0),
                         pool_reserved_bytes: pool.map(|p| p.1),
                         ..qwen_image_pipeline::MemoryReading::host()

@@ -7,7 +7,8 @@ use std::io::Write;
 
 use qwen_image::processor::RgbImage;
 use qwen_image_pipeline::{
-    EditRequest, ImageAreas, LoadOptions, MemoryFit, MemoryProbe, SmallerMode, Snapshot,
+    plan_request, EditRequest, ImageAreas, LoadOptions, MemoryFit, MemoryPlan, MemoryProbe, SmallerMode,
+    Snapshot,
 };
 use qwen_image_pruning::ScheduleSpec;
 
@@ -39,35 +40,40 @@ pub(crate) fn check_served(
     let mut request =
         EditRequest::new(vec![RgbImage::new(side, side)], "Make the sky a deep orange at sunset");
     (request.areas, request.num_steps) = (areas, steps);
-    let fit = MemoryFit::check(snapshot, &request, schedule, options, available)?;
+    let plan = plan_request(snapshot, &request, schedule, options)?;
+    let fit = MemoryFit::check(&plan, snapshot, &request, schedule, options, available)?;
     let subject = format!("a typical request (one {side}×{side} image, `{schedule}`, {steps} steps)");
-    if !fit.fits() {
-        return Err(format!("{}; --no-memory-check serves anyway", verdict_for(&subject, &fit)).into());
-    }
-    if !fit.comfortable() {
-        tracing::warn!("{}", verdict_for(&subject, &fit));
+    if let Some(warning) = judge(&subject, &fit, "serves anyway")? {
+        tracing::warn!("{warning}");
     }
     Ok(())
 }
 
-/// Checks the first edit's plan against `available` bytes before loading: an error when it cannot fit, a warning
+/// Checks the first edit's `plan` against `available` bytes before loading: an error when it cannot fit, a warning
 /// on `out` when it is tight.
 pub(crate) fn check(
+    plan: &MemoryPlan,
     snapshot: &Snapshot,
     options: &LoadOptions,
-    first: Option<(&EditRequest, &ScheduleSpec)>,
+    (request, schedule): (&EditRequest, &ScheduleSpec),
     available: Option<u64>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let (Some((request, schedule)), Some(available)) = (first, available) else { return Ok(()) };
-    let fit = MemoryFit::check(snapshot, request, schedule, options, available)?;
-    if !fit.fits() {
-        return Err(format!("{}; --no-memory-check runs it anyway", verdict(&fit)).into());
-    }
-    if !fit.comfortable() {
-        writeln!(out, "Warning: {}", verdict(&fit))?;
+    let Some(available) = available else { return Ok(()) };
+    let fit = MemoryFit::check(plan, snapshot, request, schedule, options, available)?;
+    if let Some(warning) = judge("the first edit", &fit, "runs it anyway")? {
+        writeln!(out, "Warning: {warning}")?;
     }
     Ok(())
+}
+
+/// An error when `fit` says `subject` cannot fit (with what `--no-memory-check` then does, `anyway`), the warning
+/// to give when it is tight, else nothing.
+fn judge(subject: &str, fit: &MemoryFit, anyway: &str) -> Result<Option<String>, CliError> {
+    if !fit.fits() {
+        return Err(format!("{}; --no-memory-check {anyway}", verdict_for(subject, fit)).into());
+    }
+    Ok((!fit.comfortable()).then(|| verdict_for(subject, fit)))
 }
 
 /// One sentence on `fit`: whether the plan fits the free memory, and what the smaller modes would need.

@@ -70,9 +70,12 @@ fn run_model<B: QwenBackend>(
     if args.dry_run {
         return dry_run(&snapshot, &options, set.jobs.len(), first, available, out);
     }
-    memory_check::check(&snapshot, &options, first, available, out)?;
-    let memory_plan = match set.jobs.first() {
-        Some(job) => Some(plan_request(&snapshot, &job.request, &job.schedule, &options)?),
+    let memory_plan = match first {
+        Some((request, schedule)) => {
+            let plan = plan_request(&snapshot, request, schedule, &options)?;
+            memory_check::check(&plan, &snapshot, &options, (request, schedule), available, out)?;
+            Some(plan)
+        }
         None => None,
     };
     let mut bars = Bars::new(args.quiet);
@@ -165,7 +168,7 @@ pub(crate) fn dry_run(
         let memory = plan_request(snapshot, request, schedule, options)?;
         writeln!(out, "First edit's {}", memory.describe())?;
         if let Some(available) = available {
-            let fit = MemoryFit::check(snapshot, request, schedule, options, available)?;
+            let fit = MemoryFit::check(&memory, snapshot, request, schedule, options, available)?;
             writeln!(out, "Memory: {}", memory_check::verdict(&fit))?;
         }
     }

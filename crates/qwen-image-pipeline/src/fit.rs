@@ -11,7 +11,7 @@ use qwen_image::quant::Fp8Options;
 use qwen_image_pruning::ScheduleFactory;
 use serde::Serialize;
 
-use crate::{memory_plan::plan_request, EditRequest, LoadOptions, MemoryMode, Result, Snapshot};
+use crate::{memory_plan::plan_request, EditRequest, LoadOptions, MemoryMode, MemoryPlan, Result, Snapshot};
 
 /// A plan above this fraction of the free memory is tight: the pooled modes' measured peaks ran up to 3 GiB over
 /// their plans.
@@ -41,17 +41,18 @@ pub struct MemoryFit {
 }
 
 impl MemoryFit {
-    /// The plan of `req` under `schedule` with `options` on `snapshot`, against `available_bytes`, and the plans of
-    /// the smaller modes when it does not fit comfortably (they are not computed otherwise).
+    /// `plan`, the [plan](plan_request) of `req` under `schedule` with `options` on `snapshot`, against
+    /// `available_bytes`, and the plans of the smaller modes when it does not fit comfortably (they are not computed
+    /// otherwise).
     pub fn check(
+        plan: &MemoryPlan,
         snapshot: &Snapshot,
         req: &EditRequest,
         schedule: &dyn ScheduleFactory,
         options: &LoadOptions,
         available_bytes: u64,
     ) -> Result<Self> {
-        let peak_bytes = plan_request(snapshot, req, schedule, options)?.peak_bytes;
-        let mut fit = MemoryFit { peak_bytes, available_bytes, smaller: Vec::new() };
+        let mut fit = MemoryFit { peak_bytes: plan.peak_bytes, available_bytes, smaller: Vec::new() };
         if fit.comfortable() {
             return Ok(fit);
         }

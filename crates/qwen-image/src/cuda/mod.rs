@@ -532,13 +532,8 @@ pub fn device_memory_used(index: usize) -> Option<u64> {
     device_memory_info(index).map(|(free, total)| total - free)
 }
 
-/// The GPU's total memory (from the driver).
-pub fn device_memory_total(index: usize) -> Option<u64> {
-    device_memory_info(index).map(|(_, total)| total)
-}
-
 /// `(free, total)` bytes of GPU `index` (`cuMemGetInfo`).
-fn device_memory_info(index: usize) -> Option<(u64, u64)> {
+pub fn device_memory_info(index: usize) -> Option<(u64, u64)> {
     registry::with_gpu(index, |_| {
         let (free, total) = cudarc::driver::result::mem_get_info()
             .map_err(|e| FastError::cuda(format!("cuMemGetInfo: {e:?}")))?;
