@@ -1,7 +1,7 @@
 //! The forward pass driven by a pruning plan: condition images are computed, cached or reused per block; the target
 //! is computed whole, cached, or computed on a token subset with the rest reused.
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, BasicOps, Element, Int, Tensor};
 use qwen_image_pruning::{
     CachedCondition, CachedKv, GroupAction, PruneError, ReuseMode, StepPlan, StepStats, TokenGroup,
     TokenLayout, TokenPruningCache,
@@ -230,22 +230,22 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
         let block = &self.blocks[layer];
         let tokens = reuse.tokens;
         stats.reused_tokens += tokens;
-        let select = |t: Tensor<B, 3>| match reuse.rows {
-            Some(rows) => t.select(1, rows.clone()),
-            None => t,
-        };
-        let restore = |kv: CachedKv<B>| restored_kv(kv, reuse.rows);
         let (key, value) = match reuse.action {
             GroupAction::Reuse(ReuseMode::RecomputeKeyValue) => {
                 let hidden =
                     reuse.entry.hidden.ok_or(PruneError::HiddenNotCached { layer, group: reuse.group })?;
                 stats.recomputed_kv_tokens += tokens;
                 let runs = ModRuns::new([(tokens, reuse.row)]);
-                block.image_kv(select(hidden), m, reuse.rope, &runs)
+                block.image_kv(token_rows(hidden, reuse.rows), m, reuse.rope, &runs)
             }
             _ => {
                 let heads = |kv: CachedKv<B>| {
-                    restore(kv).reshape([pass.batch, tokens, block.attn.heads, block.attn.head_dim])
+                    restored_kv(kv, reuse.rows).reshape([
+                        pass.batch,
+                        tokens,
+                        block.attn.heads,
+                        block.attn.head_dim,
+                    ])
                 };
                 (heads(reuse.entry.key), heads(reuse.entry.value))
             }
@@ -360,17 +360,27 @@ impl<B: QwenBackend> QwenImageTransformer<B> {
 /// restored, [`QwenBackend::dequantize_activation_fp8`]).
 fn restored_kv<B: QwenBackend>(kv: CachedKv<B>, rows: Option<&Tensor<B, 1, Int>>) -> Tensor<B, 3> {
     match kv {
-        CachedKv::Dense(t) => match rows {
-            Some(rows) => t.select(1, rows.clone()),
-            None => t,
-        },
-        CachedKv::Fp8 { bits, scales, dtype } => {
-            let (bits, scales) = match rows {
-                Some(rows) => (bits.select(1, rows.clone()), scales.select(1, rows.clone())),
-                None => (bits, scales),
-            };
-            B::dequantize_activation_fp8(&Fp8Activation { bits, scales, dtype })
-        }
+        CachedKv::Dense(t) => token_rows(t, rows),
+        CachedKv::Fp8 { bits, scales, dtype } => B::dequantize_activation_fp8(&Fp8Activation {
+            bits: token_rows(bits, rows),
+            scales: token_rows(scales, rows),
+            dtype,
+        }),
+    }
+}
+
+/// The tokens `rows` of `t` (its axis 1), all of them without.
+fn token_rows<B: Backend, const D: usize, K>(
+    t: Tensor<B, D, K>,
+    rows: Option<&Tensor<B, 1, Int>>,
+) -> Tensor<B, D, K>
+where
+    K: BasicOps<B>,
+    K::Elem: Element,
+{
+    match rows {
+        Some(rows) => t.select(1, rows.clone()),
+        None => t,
     }
 }
 
